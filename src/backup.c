@@ -1,0 +1,640 @@
+/* Backup: sqlite3_backup_* with the guarantees SQLite leaves to its caller.
+ *
+ * SQLite does not stop the destination connection being used, or closed,
+ * during a backup (sqlite3_close(dest) returns OK and leaves a dangling
+ * backup).  So the Backup holds both connections, locks the destination
+ * (dest->locked_by) until it is finished, and every path that ends a
+ * connection finishes its backups first.
+ *
+ * A failed step leaves "not an error" in the destination's error message,
+ * so step errors are described from the step's own result code.
+ */
+#include "apsw_backup.h"
+
+static int
+backup_check(Backup *self)
+{
+    if (self->backup == NULL) {
+        PyErr_SetString(self->state->ConnectionClosedError,
+                        "The backup is finished");
+        return -1;
+    }
+    if (self->inuse) {
+        PyErr_SetString(self->state->ThreadingViolationError,
+                        "The backup is in use by a call that has not returned "
+                        "(in another thread, or re-entrantly from a callback "
+                        "running inside step()); wait for that call to finish");
+        return -1;
+    }
+    return 0;
+}
+
+#define BACKUP_GUARD(self)              \
+    do {                                \
+        if (backup_check(self) < 0) {   \
+            return NULL;                \
+        }                               \
+    } while (0)
+
+/* A one-row PRAGMA on schema of db, as an int (-1 when it fails) and, if
+ * text is given, as lower-case text. */
+static int
+pragma_value(sqlite3 *db, const char *schema, const char *pragma, char *text,
+             size_t textsize)
+{
+    char *sql = sqlite3_mprintf("PRAGMA \"%w\".%s", schema, pragma);
+    int value = -1;
+    if (sql == NULL) {
+        return -1;
+    }
+    if (text != NULL) {
+        text[0] = '\0';
+    }
+    Py_BEGIN_ALLOW_THREADS
+    sqlite3_stmt *stmt = NULL;
+    if (sqlite3_prepare_v2(db, sql, -1, &stmt, NULL) == SQLITE_OK
+        && stmt != NULL && sqlite3_step(stmt) == SQLITE_ROW) {
+        value = sqlite3_column_int(stmt, 0);
+        const unsigned char *t = sqlite3_column_text(stmt, 0);
+        for (size_t i = 0; text != NULL && t != NULL && i + 1 < textsize && t[i]; i++) {
+            text[i] = (char)(t[i] >= 'A' && t[i] <= 'Z' ? t[i] + 32 : t[i]);
+            text[i + 1] = '\0';
+        }
+    }
+    sqlite3_finalize(stmt);
+    Py_END_ALLOW_THREADS
+    sqlite3_free(sql);
+    return value;
+}
+
+static void
+link_source(Backup *self, Connection *source)
+{
+    self->src_prev = NULL;
+    self->src_next = source->sources;
+    if (source->sources != NULL) {
+        source->sources->src_prev = self;
+    }
+    source->sources = self;
+}
+
+static void
+unlink_source(Backup *self, Connection *source)
+{
+    if (self->src_prev != NULL) {
+        self->src_prev->src_next = self->src_next;
+    }
+    else {
+        source->sources = self->src_next;
+    }
+    if (self->src_next != NULL) {
+        self->src_next->src_prev = self->src_prev;
+    }
+    self->src_prev = self->src_next = NULL;
+}
+
+PyObject *
+backup_create(Connection *dest, PyObject *dest_name, Connection *source,
+              PyObject *source_name)
+{
+    ModuleState *st = dest->state;
+    const char *dname = PyUnicode_AsUTF8AndSize(dest_name, NULL);
+    const char *sname = PyUnicode_AsUTF8AndSize(source_name, NULL);
+    char journal_mode[16];
+    sqlite3_backup *backup;
+
+    if (dname == NULL || sname == NULL) {
+        return NULL;
+    }
+    PyObject *memory = PyUnicode_FromString(":memory:");
+    if (memory == NULL) {
+        return NULL;
+    }
+    allocfunc alloc = (allocfunc)PyType_GetSlot(st->BackupType, Py_tp_alloc);
+    Backup *self = (Backup *)alloc(st->BackupType, 0);
+    if (self == NULL) {
+        Py_DECREF(memory);
+        return NULL;
+    }
+    self->state = st;
+    self->dest_name = Py_NewRef(dest_name);
+    self->source_name = Py_NewRef(source_name);
+    self->repr_names = PyUnicode_FromFormat(
+        "%R of %R -> %R of %R", source_name,
+        PyUnicode_GetLength(source->filename) ? source->filename : memory,
+        dest_name, PyUnicode_GetLength(dest->filename) ? dest->filename : memory);
+    Py_DECREF(memory);
+    if (self->repr_names == NULL) {
+        Py_DECREF(self);
+        return NULL;
+    }
+
+    dest->inuse++;
+    source->inuse++;
+    /* Recorded now, while the destination may still be queried, to explain
+     * SQLITE_READONLY from a step into a WAL or in-memory database. */
+    self->dest_page_size = pragma_value(dest->db, dname, "page_size", NULL, 0);
+    pragma_value(dest->db, dname, "journal_mode", journal_mode,
+                 sizeof(journal_mode));
+    self->dest_is_wal = strcmp(journal_mode, "wal") == 0;
+    const char *fn = sqlite3_db_filename(dest->db, dname);
+    self->dest_is_memory = fn == NULL || fn[0] == '\0';
+    Py_BEGIN_ALLOW_THREADS
+    backup = sqlite3_backup_init(dest->db, dname, source->db, sname);
+    Py_END_ALLOW_THREADS
+    if (backup == NULL) {
+        /* sqlite3_backup_init leaves its error on the destination. */
+        raise_db_error(st, dest->db, sqlite3_extended_errcode(dest->db));
+    }
+    dest->inuse--;
+    source->inuse--;
+    if (backup == NULL) {
+        Py_DECREF(self);
+        return NULL;
+    }
+    self->backup = backup;
+    self->dest = (Connection *)Py_NewRef(dest);
+    self->source = (Connection *)Py_NewRef(source);
+    dest->locked_by = self;
+    link_source(self, source);
+    return (PyObject *)self;
+}
+
+/* The message for a failed step, built from the step's own code. */
+static PyObject *
+step_error_message(Backup *self, int rc)
+{
+    const char *sname = PyUnicode_AsUTF8AndSize(self->source_name, NULL);
+    int primary = rc & 0xff;
+
+    if (sname == NULL) {
+        return NULL;
+    }
+    if (primary == SQLITE_BUSY) {
+#if SQLITE_VERSION_NUMBER >= 3034000
+        int own_write = sqlite3_txn_state(self->source->db, sname) == SQLITE_TXN_WRITE;
+#else
+        int own_write = !sqlite3_get_autocommit(self->source->db);
+#endif
+        if (own_write) {
+            return PyUnicode_FromFormat(
+                "The source connection has its own open write transaction "
+                "on %R: SQLite refuses to copy from it (every step would be "
+                "BUSY) until that transaction ends. Commit or roll back the "
+                "source's transaction (source.execute(\"COMMIT\") or "
+                "\"ROLLBACK\"), then step again",
+                self->source_name);
+        }
+        return PyUnicode_FromFormat(
+            "backup step: the database is locked (SQLITE_BUSY): another "
+            "connection holds a lock on the source %R or the destination %R. "
+            "The backup is still usable: call step() again later",
+            self->source_name, self->dest_name);
+    }
+    if (primary == SQLITE_LOCKED) {
+        return PyUnicode_FromFormat(
+            "backup step: a table is locked (SQLITE_LOCKED) by another "
+            "connection sharing the cache. The backup is still usable: call "
+            "step() again later");
+    }
+    if (primary == SQLITE_READONLY && (self->dest_is_wal || self->dest_is_memory)) {
+        int source_size = pragma_value(self->source->db, sname, "page_size",
+                                       NULL, 0);
+        if (source_size > 0 && source_size != self->dest_page_size) {
+            return PyUnicode_FromFormat(
+                "cannot copy into %R: the destination is %s and its page "
+                "size (%d) differs from the source's page size (%d); SQLite "
+                "cannot change the page size of such a database. Give the "
+                "destination page_size %d before the backup (%s), or copy "
+                "into a file database in rollback-journal mode",
+                self->dest_name,
+                self->dest_is_wal ? "in WAL mode" : "an in-memory or temp database",
+                self->dest_page_size, source_size, source_size,
+                self->dest_is_wal ? "PRAGMA journal_mode=DELETE, then "
+                                    "PRAGMA page_size and VACUUM"
+                                  : "PRAGMA page_size on the empty database");
+        }
+    }
+    return PyUnicode_FromFormat(
+        "backup step from %R into %R failed: %s (the backup cannot continue; "
+        "finish() rolls the destination back)",
+        self->source_name, self->dest_name, sqlite3_errstr(rc));
+}
+
+static PyObject *
+raise_step_error(Backup *self, int rc)
+{
+    PyObject *msg = step_error_message(self, rc);
+    if (msg == NULL) {
+        return NULL;
+    }
+    raise_error_object(self->state, rc, msg);
+    int primary = rc & 0xff;
+    if (primary != SQLITE_BUSY && primary != SQLITE_LOCKED) {
+        self->sticky_rc = rc;
+        REPLACE_REF(self->sticky_msg, msg);
+    }
+    else {
+        Py_DECREF(msg);
+    }
+    return NULL;
+}
+
+/* npages from step()'s one optional argument (positional or keyword). */
+static int
+parse_npages(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,
+             int *npages)
+{
+    Py_ssize_t nkw = kwnames ? PyTuple_Size(kwnames) : 0;
+    PyObject *value = NULL;
+    if (nargs + nkw > 1) {
+        PyErr_Format(PyExc_TypeError,
+                     "step() takes at most 1 argument (npages), %zd given",
+                     nargs + nkw);
+        return -1;
+    }
+    if (nargs == 1) {
+        value = args[0];
+    }
+    else if (nkw == 1) {
+        PyObject *key = PyTuple_GetItem(kwnames, 0);
+        if (key == NULL || PyUnicode_CompareWithASCIIString(key, "npages") != 0) {
+            PyErr_Format(PyExc_TypeError,
+                         "step() got an unexpected keyword argument %R", key);
+            return -1;
+        }
+        value = args[0];
+    }
+    if (value == NULL) {
+        *npages = -1;
+        return 0;
+    }
+    if (!PyLong_Check(value)) {
+        PyErr_Format(PyExc_TypeError, "npages must be an int, not %R",
+                     (PyObject *)Py_TYPE(value));
+        return -1;
+    }
+    int overflow;
+    long v = PyLong_AsLongAndOverflow(value, &overflow);
+    if (v == -1 && PyErr_Occurred()) {
+        return -1;
+    }
+    if (overflow || v > INT_MAX || v < INT_MIN) {
+        PyErr_Format(PyExc_OverflowError,
+                     "npages %R is out of range: it must fit a C int "
+                     "(negative copies every remaining page)", value);
+        return -1;
+    }
+    *npages = (int)v;
+    return 0;
+}
+
+static PyObject *
+backup_step(Backup *self, PyObject *const *args, Py_ssize_t nargs,
+            PyObject *kwnames)
+{
+    int npages, rc, remaining, page_count;
+
+    BACKUP_GUARD(self);
+    if (parse_npages(args, nargs, kwnames, &npages) < 0) {
+        return NULL;
+    }
+    if (self->sticky_rc != SQLITE_OK) {
+        return raise_error_object(self->state, self->sticky_rc, self->sticky_msg);
+    }
+    if (self->done) {
+        Py_RETURN_TRUE;
+    }
+    Connection *source = self->source, *dest = self->dest;
+    if (connection_check(source, CHECK_OPEN) < 0) {
+        return NULL;
+    }
+    long before = self->page_count - self->remaining;
+    self->inuse++;
+    source->inuse++;
+    dest->inuse++;
+    Py_BEGIN_ALLOW_THREADS
+    rc = sqlite3_backup_step(self->backup, npages);
+    remaining = sqlite3_backup_remaining(self->backup);
+    page_count = sqlite3_backup_pagecount(self->backup);
+    Py_END_ALLOW_THREADS
+
+    PyObject *result = NULL;
+    if (PyErr_Occurred()) {
+        /* A callback (busy handler) raised: that is what the user sees. */
+        goto done;
+    }
+    if (rc == SQLITE_OK || rc == SQLITE_DONE) {
+        long after = page_count - remaining;
+        long expected = npages < 0 ? page_count : before + npages;
+        if (expected > page_count) {
+            expected = page_count;
+        }
+        /* The copy can only move forward unless another connection changed
+         * the source and SQLite started again from page 1. */
+        if (rc == SQLITE_OK && after < expected) {
+            self->restarts++;
+        }
+        self->remaining = remaining;
+        self->page_count = page_count;
+        self->done = rc == SQLITE_DONE;
+        result = Py_NewRef(self->done ? Py_True : Py_False);
+        goto done;
+    }
+    raise_step_error(self, rc);
+done:
+    self->inuse--;
+    source->inuse--;
+    dest->inuse--;
+    return result;
+}
+
+/* Message for a failed sqlite3_backup_finish. */
+static PyObject *
+finish_error_message(Backup *self, int rc)
+{
+    if (rc == self->sticky_rc && self->sticky_msg != NULL) {
+        return Py_NewRef(self->sticky_msg);
+    }
+    if ((rc & 0xff) == SQLITE_BUSY || (rc & 0xff) == SQLITE_LOCKED) {
+        return PyUnicode_FromFormat(
+            "the backup from %R into %R was finished after its last step "
+            "failed with %s, before every page was copied: the destination "
+            "was rolled back to its previous content",
+            self->source_name, self->dest_name, sqlite3_errstr(rc));
+    }
+    return PyUnicode_FromFormat(
+        "finishing the backup from %R into %R failed: %s; the destination "
+        "was rolled back", self->source_name, self->dest_name,
+        sqlite3_errstr(rc));
+}
+
+/* Finish unconditionally (waiting for a connection busy in another thread
+ * if need be: SQLite's mutex serializes, with the GIL released).  Unlocks
+ * the destination and drops both references.  -1 with the error set when
+ * SQLite reported one. */
+int
+backup_finish_internal(Backup *self)
+{
+    if (self->backup == NULL) {
+        return 0;
+    }
+    sqlite3_backup *backup = self->backup;
+    Connection *source = self->source, *dest = self->dest;
+    int rc;
+
+    self->inuse++;
+    source->inuse++;
+    dest->inuse++;
+    Py_BEGIN_ALLOW_THREADS
+    rc = sqlite3_backup_finish(backup);
+    Py_END_ALLOW_THREADS
+    self->backup = NULL;
+    self->inuse--;
+    source->inuse--;
+    dest->inuse--;
+    dest->locked_by = NULL;
+    unlink_source(self, source);
+    self->remaining = 0;
+    self->page_count = 0;
+
+    if (rc != SQLITE_OK) {
+        PyObject *msg = finish_error_message(self, rc);
+        if (msg != NULL) {
+            raise_error_object(self->state, rc, msg);
+            Py_DECREF(msg);
+        }
+    }
+    self->source = NULL;
+    self->dest = NULL;
+    Py_DECREF(source);
+    Py_DECREF(dest);
+    return rc == SQLITE_OK ? 0 : -1;
+}
+
+static PyObject *
+backup_finish(Backup *self, PyObject *Py_UNUSED(ignored))
+{
+    if (self->backup == NULL) {
+        Py_RETURN_NONE;
+    }
+    BACKUP_GUARD(self);
+    if (connection_check(self->source, CHECK_OPEN) < 0
+        || backup_finish_internal(self) < 0) {
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+backup_close(Backup *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"force", NULL};
+    PyObject *force_obj = Py_False;
+
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|O:close", kwlist, &force_obj)) {
+        return NULL;
+    }
+    if (!PyLong_Check(force_obj)) {
+        PyErr_Format(PyExc_TypeError, "force must be a bool, not %R",
+                     (PyObject *)Py_TYPE(force_obj));
+        return NULL;
+    }
+    int force = PyObject_IsTrue(force_obj);
+    if (self->backup == NULL) {
+        Py_RETURN_NONE;
+    }
+    BACKUP_GUARD(self);
+    if (connection_check(self->source, CHECK_OPEN) < 0) {
+        return NULL;
+    }
+    if (backup_finish_internal(self) < 0) {
+        if (!force) {
+            return NULL;
+        }
+        PyErr_Clear();
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+backup_enter(Backup *self, PyObject *Py_UNUSED(ignored))
+{
+    BACKUP_GUARD(self);
+    return Py_NewRef(self);
+}
+
+static PyObject *
+backup_exit(Backup *self, PyObject *args)
+{
+    PyObject *etype, *evalue, *etb;
+
+    if (!PyArg_ParseTuple(args, "OOO:__exit__", &etype, &evalue, &etb)) {
+        return NULL;
+    }
+    if (self->backup == NULL) {
+        Py_RETURN_FALSE;
+    }
+    if (backup_check(self) < 0
+        || connection_check(self->source, CHECK_OPEN) < 0
+        || backup_finish_internal(self) < 0) {
+        if (etype == Py_None) {
+            return NULL;
+        }
+        /* The body's exception is the one that comes out. */
+        PyErr_Clear();
+    }
+    Py_RETURN_FALSE;
+}
+
+/* Finish from garbage collection or dealloc: nobody can be told, so an
+ * error goes to sys.unraisablehook. */
+static void
+finish_unraisable(Backup *self)
+{
+    if (self->backup == NULL) {
+        return;
+    }
+    PyObject *et, *ev, *tb;
+    PyErr_Fetch(&et, &ev, &tb);
+    if (backup_finish_internal(self) < 0) {
+        PyErr_WriteUnraisable(self->repr_names);
+    }
+    PyErr_Restore(et, ev, tb);
+}
+
+static int
+backup_traverse(Backup *self, visitproc visit, void *arg)
+{
+    Py_VISIT(Py_TYPE(self));
+    Py_VISIT(self->dest);
+    Py_VISIT(self->source);
+    return 0;
+}
+
+static int
+backup_clear(Backup *self)
+{
+    finish_unraisable(self);
+    return 0;
+}
+
+static void
+backup_dealloc(Backup *self)
+{
+    PyTypeObject *tp = Py_TYPE(self);
+    PyObject_GC_UnTrack(self);
+    finish_unraisable(self);
+    Py_CLEAR(self->dest_name);
+    Py_CLEAR(self->source_name);
+    Py_CLEAR(self->repr_names);
+    Py_CLEAR(self->sticky_msg);
+    freefunc tp_free = (freefunc)PyType_GetSlot(tp, Py_tp_free);
+    tp_free(self);
+    Py_DECREF(tp);
+}
+
+static int
+backup_bool(Backup *self)
+{
+    return self->backup != NULL;
+}
+
+static PyObject *
+backup_repr(Backup *self)
+{
+    if (self->backup == NULL) {
+        return PyUnicode_FromFormat("<apsw_backup.Backup %U: finished%s>",
+                                    self->repr_names,
+                                    self->done ? " (complete)" : "");
+    }
+    return PyUnicode_FromFormat(
+        "<apsw_backup.Backup %U: %d of %d pages copied, %d remaining, "
+        "%ld restarts%s>", self->repr_names,
+        self->page_count - self->remaining, self->page_count, self->remaining,
+        self->restarts, self->done ? ", done" : "");
+}
+
+static PyObject *
+backup_get_done(Backup *self, void *Py_UNUSED(closure))
+{
+    return PyBool_FromLong(self->done);
+}
+
+static PyObject *
+backup_get_remaining(Backup *self, void *Py_UNUSED(closure))
+{
+    return PyLong_FromLong(self->remaining);
+}
+
+static PyObject *
+backup_get_page_count(Backup *self, void *Py_UNUSED(closure))
+{
+    return PyLong_FromLong(self->page_count);
+}
+
+static PyObject *
+backup_get_restarts(Backup *self, void *Py_UNUSED(closure))
+{
+    return PyLong_FromLong(self->restarts);
+}
+
+static PyMethodDef backup_methods[] = {
+    {"step", (PyCFunction)(void (*)(void))backup_step,
+     METH_FASTCALL | METH_KEYWORDS,
+     "step(npages=-1) -> bool\n\nCopy up to npages pages (negative: all "
+     "that remain; 0: none, but fill in remaining and page_count).  Returns "
+     "True once the copy is complete.  BusyError and LockedError leave the "
+     "backup usable; other errors are final and finish() reports them "
+     "again."},
+    {"finish", (PyCFunction)backup_finish, METH_NOARGS,
+     "finish() -> None\n\nEnd the backup: the copy is kept if it completed, "
+     "otherwise the destination is rolled back.  It always ends the backup, "
+     "even when it raises; calling it again does nothing."},
+    {"close", (PyCFunction)(void (*)(void))backup_close,
+     METH_VARARGS | METH_KEYWORDS,
+     "close(force=False) -> None\n\nfinish(); with force=True errors are "
+     "ignored."},
+    {"__enter__", (PyCFunction)backup_enter, METH_NOARGS,
+     "Return the backup."},
+    {"__exit__", (PyCFunction)backup_exit, METH_VARARGS,
+     "finish(); its error is raised only if the block did not raise."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef backup_getset[] = {
+    {"done", (getter)backup_get_done, NULL,
+     "True once every page has been copied.", NULL},
+    {"remaining", (getter)backup_get_remaining, NULL,
+     "Pages still to copy, as of the last step (0 before the first step and "
+     "after finishing).", NULL},
+    {"page_count", (getter)backup_get_page_count, NULL,
+     "Pages in the source, as of the last step (0 before the first step "
+     "and after finishing).", NULL},
+    {"pagecount", (getter)backup_get_page_count, NULL,
+     "Alias of page_count (APSW's name).", NULL},
+    {"restarts", (getter)backup_get_restarts, NULL,
+     "How many times the copy started again from the first page because "
+     "another connection changed the source.", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyType_Slot backup_slots[] = {
+    {Py_tp_doc, "An online backup: made by Connection.backup()."},
+    {Py_tp_dealloc, backup_dealloc},
+    {Py_tp_traverse, backup_traverse},
+    {Py_tp_clear, backup_clear},
+    {Py_tp_repr, backup_repr},
+    {Py_nb_bool, backup_bool},
+    {Py_tp_methods, backup_methods},
+    {Py_tp_getset, backup_getset},
+    {0, NULL},
+};
+
+PyType_Spec backup_spec = {
+    .name = "apsw_backup.Backup",
+    .basicsize = sizeof(Backup),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC
+             | Py_TPFLAGS_DISALLOW_INSTANTIATION | Py_TPFLAGS_IMMUTABLETYPE,
+    .slots = backup_slots,
+};

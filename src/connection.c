@@ -1,0 +1,787 @@
+/* Connection: an SQLite database handle, the subset needed to make, use and
+ * verify a backup.
+ *
+ * Threading model: SQLite is opened in serialized mode, and `inuse` is set
+ * for the whole of any call that touches the handle (the GIL is released
+ * around the SQLite calls inside it).  A second thread, or a callback running
+ * inside that call, therefore gets ThreadingViolationError instead of racing
+ * the first one.  `locked_by` is the same idea for a backup destination:
+ * SQLite does not protect it, so we refuse every use until the Backup ends.
+ */
+#include "apsw_backup.h"
+#include <structmember.h>
+
+#define DEFAULT_FLAGS (SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE)
+
+PyObject *
+connection_locked_message(Connection *self)
+{
+    Backup *b = self->locked_by;
+    return PyUnicode_FromFormat(
+        "This connection is the destination of an unfinished Backup "
+        "(%U); it cannot be used until the backup is finished: "
+        "call backup.finish() or backup.close(), or leave its with-block "
+        "(close(force=True) on this connection finishes the backup, rolling "
+        "the partial copy back, and closes it)",
+        b->repr_names);
+}
+
+/* The one guard at the top of every Connection method. */
+int
+connection_check(Connection *self, int what)
+{
+    ModuleState *st = self->state;
+    if (self->db == NULL) {
+        PyErr_SetString(st->ConnectionClosedError, "The connection is closed");
+        return -1;
+    }
+    if (self->inuse) {
+        PyErr_SetString(st->ThreadingViolationError,
+                        "The connection is in use by a call that has not "
+                        "returned (in another thread, or re-entrantly from a "
+                        "callback); wait for that call to finish");
+        return -1;
+    }
+    if ((what & CHECK_UNLOCKED) && self->locked_by != NULL) {
+        PyObject *msg = connection_locked_message(self);
+        if (msg != NULL) {
+            PyErr_SetObject(st->ThreadingViolationError, msg);
+            Py_DECREF(msg);
+        }
+        return -1;
+    }
+    return 0;
+}
+
+#define GUARD(self, what)                                   \
+    do {                                                    \
+        if (connection_check((self), (what)) < 0) {         \
+            return NULL;                                    \
+        }                                                   \
+    } while (0)
+#define GUARD_ALL(self) GUARD((self), CHECK_OPEN | CHECK_UNLOCKED)
+
+/* Run SQL with no results and no bindings (savepoints). */
+static int
+connection_exec(Connection *self, const char *sql)
+{
+    int rc;
+    self->inuse++;
+    Py_BEGIN_ALLOW_THREADS
+    rc = sqlite3_exec(self->db, sql, NULL, NULL, NULL);
+    Py_END_ALLOW_THREADS
+    if (rc != SQLITE_OK) {
+        raise_db_error(self->state, self->db, rc);
+    }
+    self->inuse--;
+    return rc == SQLITE_OK ? 0 : -1;
+}
+
+static PyObject *
+connection_new(PyTypeObject *type, PyObject *Py_UNUSED(args),
+               PyObject *Py_UNUSED(kwds))
+{
+    ModuleState *st = state_from_type(type);
+    if (st == NULL) {
+        return NULL;
+    }
+    allocfunc alloc = (allocfunc)PyType_GetSlot(type, Py_tp_alloc);
+    Connection *self = (Connection *)alloc(type, 0);
+    if (self == NULL) {
+        return NULL;
+    }
+    self->state = st;
+    return (PyObject *)self;
+}
+
+/* filename as UTF-8 bytes, from str, bytes or os.PathLike. */
+static PyObject *
+filename_bytes(PyObject *filename)
+{
+    PyObject *path = PyOS_FSPath(filename);
+    if (path == NULL) {
+        return NULL;
+    }
+    PyObject *encoded = path;
+    if (PyUnicode_Check(path)) {
+        encoded = PyUnicode_AsUTF8String(path);
+        Py_DECREF(path);
+        if (encoded == NULL) {
+            return NULL;
+        }
+    }
+    if ((size_t)PyBytes_Size(encoded) != strlen(PyBytes_AsString(encoded))) {
+        PyErr_SetString(PyExc_ValueError, "filename contains a NUL character");
+        Py_DECREF(encoded);
+        return NULL;
+    }
+    return encoded;
+}
+
+static int
+connection_init(Connection *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"filename", "flags", "vfs", NULL};
+    ModuleState *st = self->state;
+    PyObject *filename;
+    int flags = DEFAULT_FLAGS;
+    const char *vfs = NULL;
+    sqlite3 *db = NULL;
+    int rc;
+
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|iz:Connection", kwlist,
+                                     &filename, &flags, &vfs)) {
+        return -1;
+    }
+    if (self->db != NULL) {
+        PyErr_SetString(st->Error, "The connection is already open; make a "
+                                   "new Connection to open another database");
+        return -1;
+    }
+    if (flags & SQLITE_OPEN_NOMUTEX) {
+        /* Our threading guarantees (interrupt(), finishing a backup from a
+         * collected object) rely on SQLite's per-connection mutex. */
+        PyErr_SetString(PyExc_ValueError,
+                        "SQLITE_OPEN_NOMUTEX is not supported: apsw_backup "
+                        "needs SQLite's per-connection mutex; leave it out");
+        return -1;
+    }
+    PyObject *name = filename_bytes(filename);
+    if (name == NULL) {
+        return -1;
+    }
+    const char *cname = PyBytes_AsString(name);
+    Py_BEGIN_ALLOW_THREADS
+    rc = sqlite3_open_v2(cname, &db, flags | SQLITE_OPEN_FULLMUTEX, vfs);
+    if (rc == SQLITE_OK) {
+        sqlite3_extended_result_codes(db, 1);
+    }
+    Py_END_ALLOW_THREADS
+    Py_DECREF(name);
+    if (rc != SQLITE_OK) {
+        if (db == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        raise_db_error(st, db, rc);
+        Py_BEGIN_ALLOW_THREADS
+        sqlite3_close(db);
+        Py_END_ALLOW_THREADS
+        return -1;
+    }
+
+    const char *fn = sqlite3_db_filename(db, "main");
+    sqlite3_vfs *v = sqlite3_vfs_find(vfs);
+    REPLACE_REF(self->filename, PyUnicode_DecodeFSDefault(fn ? fn : ""));
+    REPLACE_REF(self->open_vfs, PyUnicode_FromString(v ? v->zName : (vfs ? vfs : "")));
+    if (self->filename == NULL || self->open_vfs == NULL) {
+        Py_BEGIN_ALLOW_THREADS
+        sqlite3_close(db);
+        Py_END_ALLOW_THREADS
+        return -1;
+    }
+    self->open_flags = flags;
+    self->db = db;
+    return 0;
+}
+
+/* Finish every backup reading from us.  Returns -1 with the first error set
+ * if one failed (every backup is finished regardless). */
+static int
+finish_source_backups(Connection *self)
+{
+    PyObject *et = NULL, *ev = NULL, *tb = NULL;
+    while (self->sources != NULL) {
+        if (backup_finish_internal(self->sources) < 0) {
+            if (et == NULL) {
+                PyErr_Fetch(&et, &ev, &tb);
+            }
+            else {
+                PyErr_Clear();
+            }
+        }
+    }
+    if (et != NULL) {
+        PyErr_Restore(et, ev, tb);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *
+connection_close(Connection *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"force", NULL};
+    ModuleState *st = self->state;
+    int force = 0;
+    int rc;
+
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|p:close", kwlist, &force)) {
+        return NULL;
+    }
+    if (self->db == NULL) {
+        Py_RETURN_NONE;
+    }
+    GUARD(self, force ? CHECK_OPEN : CHECK_OPEN | CHECK_UNLOCKED);
+    if (self->locked_by != NULL) {
+        /* force=True: the partial copy is rolled back; errors swallowed. */
+        if (backup_finish_internal(self->locked_by) < 0) {
+            PyErr_Clear();
+        }
+    }
+    if (finish_source_backups(self) < 0) {
+        if (!force) {
+            return NULL;
+        }
+        PyErr_Clear();
+    }
+    while (self->cursors != NULL) {
+        cursor_close_internal(self->cursors);
+    }
+    sqlite3 *db = self->db;
+    self->inuse++;
+    Py_BEGIN_ALLOW_THREADS
+    rc = sqlite3_close(db);
+    Py_END_ALLOW_THREADS
+    if (rc != SQLITE_OK) {
+        if (!force) {
+            raise_db_error(st, db, rc);
+            self->inuse--;
+            return NULL;
+        }
+        Py_BEGIN_ALLOW_THREADS
+        sqlite3_close_v2(db);
+        Py_END_ALLOW_THREADS
+    }
+    self->db = NULL;
+    self->inuse--;
+    Py_CLEAR(self->busy_handler);
+    Py_RETURN_NONE;
+}
+
+static int
+connection_traverse(Connection *self, visitproc visit, void *arg)
+{
+    Py_VISIT(Py_TYPE(self));
+    Py_VISIT(self->busy_handler);
+    return 0;
+}
+
+static int
+connection_clear(Connection *self)
+{
+    Py_CLEAR(self->busy_handler);
+    return 0;
+}
+
+static void
+connection_dealloc(Connection *self)
+{
+    PyTypeObject *tp = Py_TYPE(self);
+    PyObject_GC_UnTrack(self);
+    if (self->weakreflist != NULL) {
+        PyObject_ClearWeakRefs((PyObject *)self);
+    }
+    /* Cursors and backups hold strong references to us, so none is left. */
+    if (self->db != NULL) {
+        sqlite3 *db = self->db;
+        self->db = NULL;
+        Py_BEGIN_ALLOW_THREADS
+        sqlite3_close_v2(db);
+        Py_END_ALLOW_THREADS
+    }
+    connection_clear(self);
+    Py_CLEAR(self->filename);
+    Py_CLEAR(self->open_vfs);
+    freefunc tp_free = (freefunc)PyType_GetSlot(tp, Py_tp_free);
+    tp_free(self);
+    Py_DECREF(tp);
+}
+
+static PyObject *
+connection_cursor(Connection *self, PyObject *Py_UNUSED(ignored))
+{
+    GUARD_ALL(self);
+    return (PyObject *)cursor_new(self);
+}
+
+static PyObject *
+connection_execute(Connection *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"statements", "bindings", NULL};
+    PyObject *statements, *bindings = Py_None;
+
+    GUARD_ALL(self);
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|O:execute", kwlist,
+                                     &statements, &bindings)) {
+        return NULL;
+    }
+    Cursor *cursor = cursor_new(self);
+    if (cursor == NULL) {
+        return NULL;
+    }
+    if (cursor_execute(cursor, statements, bindings, NULL) < 0) {
+        Py_DECREF(cursor);
+        return NULL;
+    }
+    return (PyObject *)cursor;
+}
+
+static PyObject *
+connection_executemany(Connection *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"statements", "sequenceofbindings", NULL};
+    PyObject *statements, *seq;
+
+    GUARD_ALL(self);
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO:executemany", kwlist,
+                                     &statements, &seq)) {
+        return NULL;
+    }
+    Cursor *cursor = cursor_new(self);
+    if (cursor == NULL) {
+        return NULL;
+    }
+    if (cursor_execute(cursor, statements, NULL, seq) < 0) {
+        Py_DECREF(cursor);
+        return NULL;
+    }
+    return (PyObject *)cursor;
+}
+
+/* A str argument as UTF-8 with no NUL; what names the argument. */
+static const char *
+name_argument(PyObject *value, const char *what)
+{
+    Py_ssize_t size;
+    const char *utf8 = PyUnicode_AsUTF8AndSize(value, &size);
+    if (utf8 != NULL && (size_t)size != strlen(utf8)) {
+        PyErr_Format(PyExc_ValueError, "%s contains a NUL character", what);
+        return NULL;
+    }
+    return utf8;
+}
+
+static PyObject *
+connection_backup(Connection *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"databasename", "sourceconnection",
+                             "sourcedatabasename", NULL};
+    ModuleState *st = self->state;
+    PyObject *dest_name, *source_name, *source_obj;
+
+    /* The checks run in the order SPEC 3.1 gives. */
+    GUARD(self, 0);
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "UOU:backup", kwlist,
+                                     &dest_name, &source_obj, &source_name)) {
+        return NULL;
+    }
+    if (name_argument(dest_name, "databasename") == NULL
+        || name_argument(source_name, "sourcedatabasename") == NULL) {
+        return NULL;
+    }
+    if (!PyObject_TypeCheck(source_obj, st->ConnectionType)) {
+        PyErr_Format(PyExc_TypeError,
+                     "sourceconnection must be an apsw_backup.Connection, "
+                     "not %R", (PyObject *)Py_TYPE(source_obj));
+        return NULL;
+    }
+    Connection *source = (Connection *)source_obj;
+    if (source->db == NULL) {
+        PyErr_SetString(st->ConnectionClosedError,
+                        "The source connection is closed");
+        return NULL;
+    }
+    if (source == self) {
+        PyErr_SetString(PyExc_ValueError,
+                        "The source and destination of a backup must be "
+                        "different connections; open the database again to "
+                        "get a second connection");
+        return NULL;
+    }
+    if (self->locked_by != NULL) {
+        PyErr_SetString(st->ThreadingViolationError,
+                        "The destination connection already has an unfinished "
+                        "Backup; finish it (backup.finish() or close()) "
+                        "before starting another");
+        return NULL;
+    }
+    if (connection_check(self, CHECK_OPEN | CHECK_UNLOCKED) < 0
+        || connection_check(source, CHECK_OPEN | CHECK_UNLOCKED) < 0) {
+        return NULL;
+    }
+    return backup_create(self, dest_name, source, source_name);
+}
+
+static PyObject *
+connection_set_busy_timeout(Connection *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"milliseconds", NULL};
+    int ms;
+
+    GUARD_ALL(self);
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "i:set_busy_timeout", kwlist,
+                                     &ms)) {
+        return NULL;
+    }
+    int rc = sqlite3_busy_timeout(self->db, ms);
+    if (rc != SQLITE_OK) {
+        return raise_db_error(self->state, self->db, rc);
+    }
+    /* SQLite replaced any busy handler we had installed. */
+    Py_CLEAR(self->busy_handler);
+    Py_RETURN_NONE;
+}
+
+/* Runs inside a SQLite call with the GIL released.  An exception from the
+ * handler stays set and makes SQLite give up, so it comes out of the call
+ * that was waiting instead of a BusyError. */
+static int
+busy_trampoline(void *context, int count)
+{
+    Connection *self = (Connection *)context;
+    int retry = 0;
+    PyGILState_STATE gil = PyGILState_Ensure();
+    PyObject *handler = self->busy_handler;
+    if (handler != NULL && !PyErr_Occurred()) {
+        Py_INCREF(handler);
+        PyObject *result = PyObject_CallFunction(handler, "i", count);
+        Py_DECREF(handler);
+        if (result != NULL) {
+            retry = PyObject_IsTrue(result);
+            Py_DECREF(result);
+            if (retry < 0) {
+                retry = 0;
+            }
+        }
+    }
+    PyGILState_Release(gil);
+    return retry;
+}
+
+static PyObject *
+connection_set_busy_handler(Connection *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"callable", NULL};
+    PyObject *callable;
+    int rc;
+
+    GUARD_ALL(self);
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O:set_busy_handler", kwlist,
+                                     &callable)) {
+        return NULL;
+    }
+    if (callable != Py_None && !PyCallable_Check(callable)) {
+        PyErr_Format(PyExc_TypeError,
+                     "set_busy_handler() takes a callable or None, not %R",
+                     (PyObject *)Py_TYPE(callable));
+        return NULL;
+    }
+    if (callable == Py_None) {
+        rc = sqlite3_busy_handler(self->db, NULL, NULL);
+    }
+    else {
+        rc = sqlite3_busy_handler(self->db, busy_trampoline, self);
+    }
+    if (rc != SQLITE_OK) {
+        return raise_db_error(self->state, self->db, rc);
+    }
+    Py_XINCREF(callable == Py_None ? NULL : callable);
+    REPLACE_REF(self->busy_handler, callable == Py_None ? NULL : callable);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+connection_changes(Connection *self, PyObject *Py_UNUSED(ignored))
+{
+    GUARD_ALL(self);
+#if SQLITE_VERSION_NUMBER >= 3037000
+    return PyLong_FromLongLong(sqlite3_changes64(self->db));
+#else
+    return PyLong_FromLong(sqlite3_changes(self->db));
+#endif
+}
+
+static PyObject *
+connection_total_changes(Connection *self, PyObject *Py_UNUSED(ignored))
+{
+    GUARD_ALL(self);
+#if SQLITE_VERSION_NUMBER >= 3037000
+    return PyLong_FromLongLong(sqlite3_total_changes64(self->db));
+#else
+    return PyLong_FromLong(sqlite3_total_changes(self->db));
+#endif
+}
+
+static PyObject *
+connection_last_insert_rowid(Connection *self, PyObject *Py_UNUSED(ignored))
+{
+    GUARD_ALL(self);
+    return PyLong_FromLongLong(sqlite3_last_insert_rowid(self->db));
+}
+
+static PyObject *
+connection_get_autocommit(Connection *self, PyObject *Py_UNUSED(ignored))
+{
+    GUARD_ALL(self);
+    return PyBool_FromLong(sqlite3_get_autocommit(self->db));
+}
+
+static PyObject *
+connection_in_transaction(Connection *self, void *Py_UNUSED(closure))
+{
+    GUARD_ALL(self);
+    return PyBool_FromLong(!sqlite3_get_autocommit(self->db));
+}
+
+static PyObject *
+connection_db_names(Connection *self, PyObject *Py_UNUSED(ignored))
+{
+    GUARD_ALL(self);
+    Cursor *cursor = cursor_new(self);
+    if (cursor == NULL) {
+        return NULL;
+    }
+    PyObject *names = NULL;
+    PyObject *sql = PyUnicode_FromString("PRAGMA database_list");
+    if (sql == NULL || cursor_execute(cursor, sql, Py_None, NULL) < 0) {
+        goto done;
+    }
+    names = PyList_New(0);
+    PyObject *row;
+    while (names != NULL && (row = PyIter_Next((PyObject *)cursor)) != NULL) {
+        PyObject *name = PyTuple_GetItem(row, 1);
+        if (name == NULL || PyList_Append(names, name) < 0) {
+            Py_CLEAR(names);
+        }
+        Py_DECREF(row);
+    }
+    if (PyErr_Occurred()) {
+        Py_CLEAR(names);
+    }
+    /* The pragma omits temp until it is first used; SQLite always has it
+     * at index 1, and it is a valid backup source or destination. */
+    PyObject *temp = PyUnicode_FromString("temp");
+    if (names != NULL && (temp == NULL || (PySequence_Contains(names, temp) == 0
+                                           && PyList_Insert(names, 1, temp) < 0))) {
+        Py_CLEAR(names);
+    }
+    Py_XDECREF(temp);
+done:
+    Py_XDECREF(sql);
+    cursor_close_internal(cursor);
+    Py_DECREF(cursor);
+    return names;
+}
+
+static PyObject *
+connection_readonly(Connection *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"name", NULL};
+    PyObject *name;
+
+    GUARD_ALL(self);
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "U:readonly", kwlist, &name)) {
+        return NULL;
+    }
+    const char *cname = name_argument(name, "name");
+    if (cname == NULL) {
+        return NULL;
+    }
+    int res = sqlite3_db_readonly(self->db, cname);
+    if (res < 0) {
+        PyObject *msg = PyUnicode_FromFormat(
+            "unknown database %R: db_names() lists the attached ones", name);
+        if (msg != NULL) {
+            raise_error_object(self->state, SQLITE_ERROR, msg);
+            Py_DECREF(msg);
+        }
+        return NULL;
+    }
+    return PyBool_FromLong(res);
+}
+
+static PyObject *
+connection_interrupt(Connection *self, PyObject *Py_UNUSED(ignored))
+{
+    /* No in-use check: stopping a call running in another thread is the
+     * point.  sqlite3_interrupt() is safe from any thread. */
+    if (self->db == NULL) {
+        PyErr_SetString(self->state->ConnectionClosedError,
+                        "The connection is closed");
+        return NULL;
+    }
+    sqlite3_interrupt(self->db);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+connection_enter(Connection *self, PyObject *Py_UNUSED(ignored))
+{
+    char sql[96];
+    GUARD_ALL(self);
+    PyOS_snprintf(sql, sizeof(sql), "SAVEPOINT \"apsw_backup-%ld\"",
+                  self->savepoint_level);
+    if (connection_exec(self, sql) < 0) {
+        return NULL;
+    }
+    self->savepoint_level++;
+    return Py_NewRef(self);
+}
+
+static PyObject *
+connection_exit(Connection *self, PyObject *args)
+{
+    PyObject *etype, *evalue, *etb;
+    char release[96], rollback[128];
+
+    if (!PyArg_ParseTuple(args, "OOO:__exit__", &etype, &evalue, &etb)) {
+        return NULL;
+    }
+    GUARD_ALL(self);
+    if (self->savepoint_level == 0) {
+        PyErr_SetString(PyExc_RuntimeError,
+                        "__exit__ called without a matching __enter__");
+        return NULL;
+    }
+    long level = --self->savepoint_level;
+    PyOS_snprintf(release, sizeof(release),
+                  "RELEASE SAVEPOINT \"apsw_backup-%ld\"", level);
+    PyOS_snprintf(rollback, sizeof(rollback),
+                  "ROLLBACK TO SAVEPOINT \"apsw_backup-%ld\"; "
+                  "RELEASE SAVEPOINT \"apsw_backup-%ld\"", level, level);
+    if (etype == Py_None) {
+        if (connection_exec(self, release) == 0) {
+            Py_RETURN_FALSE;
+        }
+        /* The release failed (e.g. a deferred constraint): roll back so
+         * the transaction is not left open, and report the failure. */
+        PyObject *et, *ev, *tb;
+        PyErr_Fetch(&et, &ev, &tb);
+        if (connection_exec(self, rollback) < 0) {
+            PyErr_Clear();
+        }
+        PyErr_Restore(et, ev, tb);
+        return NULL;
+    }
+    if (connection_exec(self, rollback) < 0) {
+        /* The body's exception is the one the user needs to see. */
+        PyErr_WriteUnraisable((PyObject *)self);
+    }
+    Py_RETURN_FALSE;
+}
+
+static PyObject *
+connection_get_filename(Connection *self, void *Py_UNUSED(closure))
+{
+    return Py_NewRef(self->filename ? self->filename : Py_None);
+}
+
+static PyObject *
+connection_get_open_flags(Connection *self, void *Py_UNUSED(closure))
+{
+    return PyLong_FromLong(self->open_flags);
+}
+
+static PyObject *
+connection_get_open_vfs(Connection *self, void *Py_UNUSED(closure))
+{
+    return Py_NewRef(self->open_vfs ? self->open_vfs : Py_None);
+}
+
+static PyMethodDef connection_methods[] = {
+    {"cursor", (PyCFunction)connection_cursor, METH_NOARGS,
+     "cursor() -> Cursor\n\nA new cursor on this connection."},
+    {"execute", (PyCFunction)(void (*)(void))connection_execute,
+     METH_VARARGS | METH_KEYWORDS,
+     "execute(statements, bindings=None) -> Cursor\n\nRun the statements "
+     "on a new cursor; rows are read by iterating it."},
+    {"executemany", (PyCFunction)(void (*)(void))connection_executemany,
+     METH_VARARGS | METH_KEYWORDS,
+     "executemany(statements, sequenceofbindings) -> Cursor\n\nRun the "
+     "statements once for each item of sequenceofbindings."},
+    {"close", (PyCFunction)(void (*)(void))connection_close,
+     METH_VARARGS | METH_KEYWORDS,
+     "close(force=False) -> None\n\nClose the connection, its cursors and "
+     "the backups it takes part in.  Calling it again does nothing.  A "
+     "backup writing into this connection blocks close() unless force is "
+     "true, which rolls the partial copy back.  A backup reading from it "
+     "is finished first; if that fails and force is false the error is "
+     "raised and the connection stays open."},
+    {"backup", (PyCFunction)(void (*)(void))connection_backup,
+     METH_VARARGS | METH_KEYWORDS,
+     "backup(databasename, sourceconnection, sourcedatabasename) -> Backup"
+     "\n\nStart copying sourcedatabasename of sourceconnection into "
+     "databasename of this connection.  This connection is locked until the "
+     "Backup is finished."},
+    {"set_busy_timeout", (PyCFunction)(void (*)(void))connection_set_busy_timeout,
+     METH_VARARGS | METH_KEYWORDS,
+     "set_busy_timeout(milliseconds) -> None\n\nRetry for up to this long "
+     "when the database is locked (replaces any busy handler)."},
+    {"set_busy_handler", (PyCFunction)(void (*)(void))connection_set_busy_handler,
+     METH_VARARGS | METH_KEYWORDS,
+     "set_busy_handler(callable) -> None\n\ncallable(retries) is called "
+     "when the database is locked; return true to retry.  None removes it."},
+    {"changes", (PyCFunction)connection_changes, METH_NOARGS,
+     "changes() -> int\n\nRows changed by the last INSERT/UPDATE/DELETE."},
+    {"total_changes", (PyCFunction)connection_total_changes, METH_NOARGS,
+     "total_changes() -> int\n\nRows changed since the connection opened."},
+    {"last_insert_rowid", (PyCFunction)connection_last_insert_rowid,
+     METH_NOARGS, "last_insert_rowid() -> int"},
+    {"get_autocommit", (PyCFunction)connection_get_autocommit, METH_NOARGS,
+     "get_autocommit() -> bool\n\nTrue when no transaction is open."},
+    {"db_names", (PyCFunction)connection_db_names, METH_NOARGS,
+     "db_names() -> list[str]\n\nThe schema names: main, temp, attached."},
+    {"readonly", (PyCFunction)(void (*)(void))connection_readonly,
+     METH_VARARGS | METH_KEYWORDS,
+     "readonly(name) -> bool\n\nWhether schema name is read-only."},
+    {"interrupt", (PyCFunction)connection_interrupt, METH_NOARGS,
+     "interrupt() -> None\n\nMake the statement running on this connection "
+     "(in any thread) stop with InterruptError."},
+    {"__enter__", (PyCFunction)connection_enter, METH_NOARGS,
+     "Start a transaction (a SAVEPOINT)."},
+    {"__exit__", (PyCFunction)connection_exit, METH_VARARGS,
+     "Release the SAVEPOINT, or roll it back if the block raised."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef connection_getset[] = {
+    {"filename", (getter)connection_get_filename, NULL,
+     "Full path of the main database as SQLite reports it (\"\" when in "
+     "memory).", NULL},
+    {"open_flags", (getter)connection_get_open_flags, NULL,
+     "The flags passed when opening.", NULL},
+    {"open_vfs", (getter)connection_get_open_vfs, NULL,
+     "Name of the VFS used.", NULL},
+    {"in_transaction", (getter)connection_in_transaction, NULL,
+     "True while a transaction is open.", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyMemberDef connection_members[] = {
+    {"__weaklistoffset__", T_PYSSIZET, offsetof(Connection, weakreflist),
+     READONLY, NULL},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyType_Slot connection_slots[] = {
+    {Py_tp_doc,
+     "Connection(filename, flags=SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE, "
+     "vfs=None)\n\nA connection to an SQLite database."},
+    {Py_tp_new, connection_new},
+    {Py_tp_init, connection_init},
+    {Py_tp_dealloc, connection_dealloc},
+    {Py_tp_traverse, connection_traverse},
+    {Py_tp_clear, connection_clear},
+    {Py_tp_methods, connection_methods},
+    {Py_tp_getset, connection_getset},
+    {Py_tp_members, connection_members},
+    {0, NULL},
+};
+
+PyType_Spec connection_spec = {
+    .name = "apsw_backup.Connection",
+    .basicsize = sizeof(Connection),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .slots = connection_slots,
+};

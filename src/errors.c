@@ -1,0 +1,167 @@
+/* SQLite result code -> Python exception.
+ *
+ * Every SQLite failure in the extension is raised through one of the
+ * raise_* helpers here, so the class, the message and the result /
+ * extendedresult attributes are always filled in the same way.
+ */
+#include "apsw_backup.h"
+
+static const struct {
+    int code;
+    const char *name;
+} code_classes[] = {
+    {SQLITE_ERROR, "SQLError"},         {SQLITE_INTERNAL, "InternalError"},
+    {SQLITE_PERM, "PermissionsError"},  {SQLITE_ABORT, "AbortError"},
+    {SQLITE_BUSY, "BusyError"},         {SQLITE_LOCKED, "LockedError"},
+    {SQLITE_NOMEM, "NoMemError"},       {SQLITE_READONLY, "ReadOnlyError"},
+    {SQLITE_INTERRUPT, "InterruptError"}, {SQLITE_IOERR, "IOError"},
+    {SQLITE_CORRUPT, "CorruptError"},   {SQLITE_NOTFOUND, "NotFoundError"},
+    {SQLITE_FULL, "FullError"},         {SQLITE_CANTOPEN, "CantOpenError"},
+    {SQLITE_PROTOCOL, "ProtocolError"}, {SQLITE_EMPTY, "EmptyError"},
+    {SQLITE_SCHEMA, "SchemaChangeError"}, {SQLITE_TOOBIG, "TooBigError"},
+    {SQLITE_CONSTRAINT, "ConstraintError"}, {SQLITE_MISMATCH, "MismatchError"},
+    {SQLITE_MISUSE, "MisuseError"},     {SQLITE_NOLFS, "NoLFSError"},
+    {SQLITE_AUTH, "AuthError"},         {SQLITE_FORMAT, "FormatError"},
+    {SQLITE_RANGE, "RangeError"},       {SQLITE_NOTADB, "NotADBError"},
+};
+
+static const struct {
+    const char *name;
+    const char *doc;
+} library_errors[] = {
+    {"ThreadingViolationError",
+     "An object was used while it is busy in another thread, re-entrantly "
+     "from a callback, or while an unfinished Backup locks it."},
+    {"ConnectionClosedError",
+     "The connection (or the backup) is closed or finished."},
+    {"CursorClosedError", "The cursor is closed."},
+    {"BindingsError",
+     "The bindings do not match the parameters of the statement."},
+};
+
+static PyObject *
+new_exception(PyObject *module, const char *name, PyObject *base,
+              const char *doc)
+{
+    char qualname[128];
+    PyOS_snprintf(qualname, sizeof(qualname), "apsw_backup.%s", name);
+    PyObject *cls = PyErr_NewExceptionWithDoc(qualname, doc, base, NULL);
+    if (cls == NULL) {
+        return NULL;
+    }
+    if (PyModule_AddObjectRef(module, name, cls) < 0) {
+        Py_DECREF(cls);
+        return NULL;
+    }
+    return cls;
+}
+
+int
+add_exceptions(PyObject *module, ModuleState *st)
+{
+    PyObject *dict = Py_BuildValue("{s:O,s:O}", "result", Py_None,
+                                   "extendedresult", Py_None);
+    if (dict == NULL) {
+        return -1;
+    }
+    st->Error = PyErr_NewExceptionWithDoc(
+        "apsw_backup.Error",
+        "Base class of every apsw_backup error. SQLite failures carry the "
+        "primary code in result and the extended code in extendedresult.",
+        NULL, dict);
+    Py_DECREF(dict);
+    if (st->Error == NULL || PyModule_AddObjectRef(module, "Error", st->Error) < 0) {
+        return -1;
+    }
+    PyObject **lib_slots[] = {&st->ThreadingViolationError,
+                              &st->ConnectionClosedError,
+                              &st->CursorClosedError, &st->BindingsError};
+    for (size_t i = 0; i < sizeof(library_errors) / sizeof(library_errors[0]); i++) {
+        *lib_slots[i] = new_exception(module, library_errors[i].name,
+                                      st->Error, library_errors[i].doc);
+        if (*lib_slots[i] == NULL) {
+            return -1;
+        }
+    }
+    for (size_t i = 0; i < sizeof(code_classes) / sizeof(code_classes[0]); i++) {
+        int code = code_classes[i].code;
+        PyObject *base = st->Error;
+        PyObject *bases = NULL;
+        if (code == SQLITE_NOMEM) {
+            /* So `except MemoryError` also catches SQLite running out. */
+            bases = PyTuple_Pack(2, st->Error, PyExc_MemoryError);
+            if (bases == NULL) {
+                return -1;
+            }
+            base = bases;
+        }
+        st->code_errors[code] = new_exception(
+            module, code_classes[i].name, base, "SQLite result code error.");
+        Py_XDECREF(bases);
+        if (st->code_errors[code] == NULL) {
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* Raise the class mapped from rc, with message msg (a str). */
+PyObject *
+raise_error_object(ModuleState *st, int rc, PyObject *msg)
+{
+    if (PyErr_Occurred()) {
+        /* A callback raised inside the SQLite call: that exception is the
+         * one the user needs, not SQLite's consequence of it. */
+        return NULL;
+    }
+    int primary = rc & 0xff;
+    PyObject *cls = (primary > 0 && primary < N_CODE_ERRORS)
+                        ? st->code_errors[primary] : st->Error;
+    PyObject *exc = PyObject_CallFunctionObjArgs(cls, msg, NULL);
+    if (exc == NULL) {
+        return NULL;
+    }
+    PyObject *result = PyLong_FromLong(primary);
+    PyObject *extended = PyLong_FromLong(rc);
+    if (result == NULL || extended == NULL
+        || PyObject_SetAttrString(exc, "result", result) < 0
+        || PyObject_SetAttrString(exc, "extendedresult", extended) < 0) {
+        Py_XDECREF(result);
+        Py_XDECREF(extended);
+        Py_DECREF(exc);
+        return NULL;
+    }
+    Py_DECREF(result);
+    Py_DECREF(extended);
+    PyErr_SetObject(cls, exc);
+    Py_DECREF(exc);
+    return NULL;
+}
+
+PyObject *
+raise_sqlite_error(ModuleState *st, int rc, const char *msg)
+{
+    if (msg == NULL) {
+        msg = sqlite3_errstr(rc);
+    }
+    PyObject *text = PyUnicode_DecodeUTF8(msg, (Py_ssize_t)strlen(msg), "replace");
+    if (text == NULL) {
+        return NULL;
+    }
+    raise_error_object(st, rc, text);
+    Py_DECREF(text);
+    return NULL;
+}
+
+/* The failure rc just returned by a call on db; the message is db's own.
+ * Callers hold db exclusively (the connection's inuse flag), so nothing
+ * else can have replaced the message in between. */
+PyObject *
+raise_db_error(ModuleState *st, sqlite3 *db, int rc)
+{
+    if (db != NULL && (rc & 0xff) == rc
+        && (sqlite3_extended_errcode(db) & 0xff) == rc) {
+        rc = sqlite3_extended_errcode(db);
+    }
+    return raise_sqlite_error(st, rc, db ? sqlite3_errmsg(db) : NULL);
+}
