@@ -602,6 +602,47 @@ connection_readonly(Connection *self, PyObject *args, PyObject *kwds)
 }
 
 static PyObject *
+connection_txn_state(Connection *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"schema", NULL};
+    PyObject *schema = Py_None;
+    const char *cschema = NULL;
+
+    GUARD_ALL(self);
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|O:txn_state", kwlist,
+                                     &schema)) {
+        return NULL;
+    }
+    if (schema != Py_None) {
+        if (!PyUnicode_Check(schema)) {
+            PyErr_Format(PyExc_TypeError, "schema must be a str or None, not %R",
+                         (PyObject *)Py_TYPE(schema));
+            return NULL;
+        }
+        cschema = name_argument(schema, "schema");
+        if (cschema == NULL) {
+            return NULL;
+        }
+    }
+#if SQLITE_VERSION_NUMBER >= 3034000
+    int state = sqlite3_txn_state(self->db, cschema);
+    if (state < 0) {
+        PyObject *msg = PyUnicode_FromFormat(
+            "unknown database %R: db_names() lists the attached ones", schema);
+        if (msg != NULL) {
+            raise_error_object(self->state, SQLITE_ERROR, msg);
+            Py_DECREF(msg);
+        }
+        return NULL;
+    }
+#else
+    /* Before 3.34 SQLite cannot tell a read from a write transaction. */
+    int state = sqlite3_get_autocommit(self->db) ? 0 : 2;
+#endif
+    return PyLong_FromLong(state);
+}
+
+static PyObject *
 connection_interrupt(Connection *self, PyObject *Py_UNUSED(ignored))
 {
     /* No in-use check: stopping a call running in another thread is the
@@ -735,6 +776,11 @@ static PyMethodDef connection_methods[] = {
     {"readonly", (PyCFunction)(void (*)(void))connection_readonly,
      METH_VARARGS | METH_KEYWORDS,
      "readonly(name) -> bool\n\nWhether schema name is read-only."},
+    {"txn_state", (PyCFunction)(void (*)(void))connection_txn_state,
+     METH_VARARGS | METH_KEYWORDS,
+     "txn_state(schema=None) -> int\n\nSQLITE_TXN_NONE, SQLITE_TXN_READ or "
+     "SQLITE_TXN_WRITE: the transaction open on schema (None: the highest "
+     "over all schemas)."},
     {"interrupt", (PyCFunction)connection_interrupt, METH_NOARGS,
      "interrupt() -> None\n\nMake the statement running on this connection "
      "(in any thread) stop with InterruptError."},

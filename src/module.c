@@ -77,6 +77,8 @@ static const struct {
     CONSTANT(SQLITE_AUTH), CONSTANT(SQLITE_FORMAT), CONSTANT(SQLITE_RANGE),
     CONSTANT(SQLITE_NOTADB), CONSTANT(SQLITE_NOTICE), CONSTANT(SQLITE_WARNING),
     CONSTANT(SQLITE_ROW), CONSTANT(SQLITE_DONE),
+    /* sqlite3_txn_state() values (defined here for SQLite before 3.34). */
+    {"SQLITE_TXN_NONE", 0}, {"SQLITE_TXN_READ", 1}, {"SQLITE_TXN_WRITE", 2},
 };
 
 static int
