@@ -561,12 +561,14 @@ connection_db_names(Connection *self, PyObject *Py_UNUSED(ignored))
     }
     /* The pragma omits temp until it is first used; SQLite always has it
      * at index 1, and it is a valid backup source or destination. */
-    PyObject *temp = PyUnicode_FromString("temp");
-    if (names != NULL && (temp == NULL || (PySequence_Contains(names, temp) == 0
-                                           && PyList_Insert(names, 1, temp) < 0))) {
-        Py_CLEAR(names);
+    if (names != NULL) {
+        PyObject *temp = PyUnicode_FromString("temp");
+        int has = temp ? PySequence_Contains(names, temp) : -1;
+        if (has < 0 || (has == 0 && PyList_Insert(names, 1, temp) < 0)) {
+            Py_CLEAR(names);
+        }
+        Py_XDECREF(temp);
     }
-    Py_XDECREF(temp);
 done:
     Py_XDECREF(sql);
     cursor_close_internal(cursor);
