@@ -1,11 +1,11 @@
 """Module-level items (SPEC §0, §1) and the exception classes (SPEC §5)."""
 
-import importlib.metadata
 import re
 import shutil
 import sqlite3
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -141,8 +141,11 @@ def test_version_is_a_str():
     assert apsw_backup.__version__
 
 
-def test_version_matches_the_installed_distribution():
-    assert apsw_backup.__version__ == importlib.metadata.version("apsw_backup")
+def test_version_matches_pyproject():
+    pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
+    declared = re.search(r'^version = "([^"]+)"', pyproject.read_text(), re.M)
+    assert declared is not None
+    assert apsw_backup.__version__ == declared.group(1)
 
 
 def test_error_is_an_exception():
