@@ -93,9 +93,6 @@ struct Backup {
     int remaining;
     int page_count;
     long restarts;
-    int dest_page_size;       /* recorded at init, for the WAL/memory trap */
-    int dest_is_wal;
-    int dest_is_memory;
     int sticky_rc;            /* a failed step's code, reported again */
     PyObject *sticky_msg;
 };

@@ -44,11 +44,11 @@ pragma_value(sqlite3 *db, const char *schema, const char *pragma, char *text,
 {
     char *sql = sqlite3_mprintf("PRAGMA \"%w\".%s", schema, pragma);
     int value = -1;
-    if (sql == NULL) {
-        return -1;
-    }
     if (text != NULL) {
         text[0] = '\0';
+    }
+    if (sql == NULL) {
+        return -1;
     }
     Py_BEGIN_ALLOW_THREADS
     sqlite3_stmt *stmt = NULL;
@@ -100,7 +100,6 @@ backup_create(Connection *dest, PyObject *dest_name, Connection *source,
     ModuleState *st = dest->state;
     const char *dname = PyUnicode_AsUTF8AndSize(dest_name, NULL);
     const char *sname = PyUnicode_AsUTF8AndSize(source_name, NULL);
-    char journal_mode[16];
     sqlite3_backup *backup;
 
     if (dname == NULL || sname == NULL) {
@@ -131,14 +130,6 @@ backup_create(Connection *dest, PyObject *dest_name, Connection *source,
 
     dest->inuse++;
     source->inuse++;
-    /* Recorded now, while the destination may still be queried, to explain
-     * SQLITE_READONLY from a step into a WAL or in-memory database. */
-    self->dest_page_size = pragma_value(dest->db, dname, "page_size", NULL, 0);
-    pragma_value(dest->db, dname, "journal_mode", journal_mode,
-                 sizeof(journal_mode));
-    self->dest_is_wal = strcmp(journal_mode, "wal") == 0;
-    const char *fn = sqlite3_db_filename(dest->db, dname);
-    self->dest_is_memory = fn == NULL || fn[0] == '\0';
     Py_BEGIN_ALLOW_THREADS
     backup = sqlite3_backup_init(dest->db, dname, source->db, sname);
     Py_END_ALLOW_THREADS
@@ -158,6 +149,51 @@ backup_create(Connection *dest, PyObject *dest_name, Connection *source,
     dest->locked_by = self;
     link_source(self, source);
     return (PyObject *)self;
+}
+
+/* SQLITE_READONLY from a step into a WAL, in-memory or temp destination
+ * whose page size differs from the source's: SQLite cannot change such a
+ * page size.  The message for that case, or None when it is not that.
+ *
+ * The destination is only queried once the backup holds its write
+ * transaction (the trap is checked after SQLite takes it), so the PRAGMAs
+ * need no lock and cannot wait on a busy handler. */
+static PyObject *
+page_size_trap_message(Backup *self, const char *sname)
+{
+    sqlite3 *dest = self->dest->db;
+    const char *dname = PyUnicode_AsUTF8AndSize(self->dest_name, NULL);
+    char journal_mode[16] = "";
+
+    if (dname == NULL) {
+        return NULL;
+    }
+#if SQLITE_VERSION_NUMBER >= 3034000
+    if (sqlite3_txn_state(dest, dname) != SQLITE_TXN_WRITE) {
+        Py_RETURN_NONE; /* a read-only destination, not the trap */
+    }
+#endif
+    const char *fn = sqlite3_db_filename(dest, dname);
+    int in_memory = fn == NULL || fn[0] == '\0';
+    pragma_value(dest, dname, "journal_mode", journal_mode, sizeof(journal_mode));
+    int wal = strcmp(journal_mode, "wal") == 0;
+    int dest_size = pragma_value(dest, dname, "page_size", NULL, 0);
+    int source_size = pragma_value(self->source->db, sname, "page_size", NULL, 0);
+    if (!(wal || in_memory) || source_size <= 0 || dest_size <= 0
+        || source_size == dest_size) {
+        Py_RETURN_NONE;
+    }
+    return PyUnicode_FromFormat(
+        "cannot copy into %R: the destination is %s and its page size (%d) "
+        "differs from the source's page size (%d); SQLite cannot change the "
+        "page size of such a database. Give the destination page_size %d "
+        "before the backup (%s), or copy into a file database in "
+        "rollback-journal mode",
+        self->dest_name,
+        wal ? "in WAL mode" : "an in-memory or temp database",
+        dest_size, source_size, source_size,
+        wal ? "PRAGMA journal_mode=DELETE, then PRAGMA page_size and VACUUM"
+            : "PRAGMA page_size on the empty database");
 }
 
 /* The message for a failed step, built from the step's own code. */
@@ -197,23 +233,12 @@ step_error_message(Backup *self, int rc)
             "connection sharing the cache. The backup is still usable: call "
             "step() again later");
     }
-    if (primary == SQLITE_READONLY && (self->dest_is_wal || self->dest_is_memory)) {
-        int source_size = pragma_value(self->source->db, sname, "page_size",
-                                       NULL, 0);
-        if (source_size > 0 && source_size != self->dest_page_size) {
-            return PyUnicode_FromFormat(
-                "cannot copy into %R: the destination is %s and its page "
-                "size (%d) differs from the source's page size (%d); SQLite "
-                "cannot change the page size of such a database. Give the "
-                "destination page_size %d before the backup (%s), or copy "
-                "into a file database in rollback-journal mode",
-                self->dest_name,
-                self->dest_is_wal ? "in WAL mode" : "an in-memory or temp database",
-                self->dest_page_size, source_size, source_size,
-                self->dest_is_wal ? "PRAGMA journal_mode=DELETE, then "
-                                    "PRAGMA page_size and VACUUM"
-                                  : "PRAGMA page_size on the empty database");
+    if (primary == SQLITE_READONLY) {
+        PyObject *msg = page_size_trap_message(self, sname);
+        if (msg != Py_None) {
+            return msg;
         }
+        Py_DECREF(msg);
     }
     return PyUnicode_FromFormat(
         "backup step from %R into %R failed: %s (the backup cannot continue; "
