@@ -1,0 +1,466 @@
+"""The apsw-backup command (SPEC 4), run as a real process.
+
+Every run goes through ``sys.executable -m apsw_backup`` (the console script
+is the same main()) with a timeout.  Databases are built and checked with the
+standard library's sqlite3.
+"""
+
+import hashlib
+import json
+import os
+import pty
+import re
+import select
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+TIMEOUT = 60  # seconds any one command may take before it counts as a hang
+
+
+def make_db(path, rows=300, blob=400, journal="delete"):
+    db = sqlite3.connect(str(path), isolation_level=None)
+    try:
+        db.execute(f"PRAGMA journal_mode={journal}")
+        db.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, data BLOB)")
+        db.execute("CREATE TABLE w(id INTEGER PRIMARY KEY, n INTEGER)")
+        db.execute(
+            "WITH RECURSIVE c(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM c "
+            f"WHERE i < {rows}) INSERT INTO t(data) SELECT randomblob({blob}) FROM c"
+        )
+    finally:
+        db.close()
+    return path
+
+
+def make_old(path):
+    db = sqlite3.connect(str(path), isolation_level=None)
+    db.execute("CREATE TABLE old(note TEXT)")
+    db.execute("INSERT INTO old VALUES ('old content')")
+    db.close()
+    return path
+
+
+def query(path, sql):
+    db = sqlite3.connect(str(path))
+    try:
+        return db.execute(sql).fetchall()
+    finally:
+        db.close()
+
+
+def digest(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def command(*args):
+    return [sys.executable, "-m", "apsw_backup", *map(str, args)]
+
+
+def run(*args, text=True, **kwargs):
+    return subprocess.run(
+        command(*args),
+        capture_output=True,
+        text=text,
+        timeout=TIMEOUT,
+        check=False,
+        **kwargs,
+    )
+
+
+@pytest.fixture
+def source(tmp_path):
+    return make_db(tmp_path / "source.db")
+
+
+def test_backup_prints_one_summary_line_and_copies(source, tmp_path):
+    dest = tmp_path / "dest.db"
+    proc = run("--pages", "20", source, dest)
+
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""  # stderr is not a terminal: no progress line
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 1
+    pages = query(source, "PRAGMA page_count")[0][0]
+    assert re.fullmatch(
+        rf"apsw-backup: copied .*source\.db -> .*dest\.db: {pages} pages "
+        r"\(\d+\.\d MB\) in \d+\.\d\d s, 2 steps, 0 restarts; integrity_check ok",
+        lines[0],
+    )
+    sql = "SELECT * FROM t ORDER BY id"
+    assert query(dest, sql) == query(source, sql)
+
+
+def test_json_prints_one_object_with_the_summary_fields(source, tmp_path):
+    dest = tmp_path / "dest.db"
+    proc = run("--json", "--pages", "7", source, dest)
+
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    pages = query(source, "PRAGMA page_count")[0][0]
+    page_size = query(source, "PRAGMA page_size")[0][0]
+    assert summary["source"] == str(source)
+    assert summary["dest"] == str(dest)
+    assert summary["schema"] == "main"
+    assert summary["pages"] == pages
+    assert summary["page_size"] == page_size
+    assert summary["bytes"] == pages * page_size
+    assert summary["steps"] == -(-pages // 7)
+    assert summary["restarts"] == 0
+    assert summary["waits"] == 0
+    assert summary["snapshot"] is False
+    assert 0 < summary["elapsed"] < TIMEOUT
+    assert summary["verified"] is True
+    assert summary["integrity"] == ["ok"]
+
+
+def test_no_verify_reports_verified_null(source, tmp_path):
+    proc = run("--json", "--no-verify", source, tmp_path / "dest.db")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["verified"] is None
+
+
+def test_progress_flag_draws_percent_pages_rate_eta_on_stderr(source, tmp_path):
+    proc = run("--progress", "--pages", "5", source, tmp_path / "dest.db", text=False)
+
+    assert proc.returncode == 0, proc.stderr
+    stderr = proc.stderr.decode()
+    assert stderr.startswith("\r")  # redrawn in place
+    assert stderr.endswith("\n")
+    assert stderr.count("\n") == 1
+    last = stderr.rstrip("\n").split("\r")[-1]
+    pages = query(source, "PRAGMA page_count")[0][0]
+    assert re.match(rf"100\.0%  {pages}/{pages} pages  \d+\.\d MB/s  ETA 0:00", last)
+
+
+def run_on_terminal(*args):
+    """Run the command with stderr on a pseudo-terminal; (code, stderr)."""
+    primary, secondary = pty.openpty()
+    proc = subprocess.Popen(command(*args), stdout=subprocess.DEVNULL, stderr=secondary)
+    os.close(secondary)
+    chunks, deadline = [], time.monotonic() + TIMEOUT
+    try:
+        while time.monotonic() < deadline:
+            if select.select([primary], [], [], 0.1)[0]:
+                try:
+                    chunk = os.read(primary, 65536)
+                except OSError:  # EIO: the command closed the terminal
+                    break
+                if not chunk:
+                    break
+                chunks.append(chunk)
+        return proc.wait(TIMEOUT), b"".join(chunks).decode()
+    finally:
+        proc.kill()
+        proc.wait(TIMEOUT)
+        os.close(primary)
+
+
+@pytest.mark.parametrize(("flag", "shown"), [(None, True), ("--no-progress", False)])
+def test_progress_is_on_by_default_only_when_stderr_is_a_terminal(
+    source, tmp_path, flag, shown
+):
+    code, stderr = run_on_terminal(*filter(None, [flag, source, tmp_path / "dest.db"]))
+    assert code == 0
+    assert ("100.0%" in stderr) is shown
+
+
+def test_refuses_non_empty_dest_without_overwrite_and_leaves_it_untouched(
+    source, tmp_path
+):
+    dest = make_old(tmp_path / "dest.db")
+    before = digest(dest)
+    proc = run(source, dest)
+
+    assert proc.returncode == 2
+    assert "--overwrite" in proc.stderr
+    assert str(dest) in proc.stderr
+    assert digest(dest) == before
+    assert proc.stdout == ""
+
+
+def test_overwrite_replaces_non_empty_dest(source, tmp_path):
+    dest = make_old(tmp_path / "dest.db")
+    proc = run("--overwrite", source, dest)
+
+    assert proc.returncode == 0, proc.stderr
+    assert query(dest, "SELECT count(*) FROM t") == [(300,)]
+    assert "old" not in [r[0] for r in query(dest, "SELECT name FROM sqlite_master")]
+
+
+def test_empty_existing_dest_is_written_without_overwrite(source, tmp_path):
+    dest = tmp_path / "dest.db"
+    dest.touch()
+    proc = run(source, dest)
+    assert proc.returncode == 0, proc.stderr
+    assert query(dest, "SELECT count(*) FROM t") == [(300,)]
+
+
+def test_refuses_dest_that_is_the_source(source):
+    before = digest(source)
+    proc = run("--overwrite", source, source)
+    assert proc.returncode == 2
+    assert "same file" in proc.stderr
+    assert digest(source) == before
+
+
+def test_missing_source_exits_1_naming_it_and_creates_no_file(tmp_path):
+    missing, dest = tmp_path / "missing.db", tmp_path / "dest.db"
+    proc = run(missing, dest)
+
+    assert proc.returncode == 1
+    assert str(missing) in proc.stderr
+    assert "CantOpenError" in proc.stderr
+    assert "no such file" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not missing.exists()
+    assert sorted(os.listdir(tmp_path)) == []
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        [],
+        ["only-source.db"],
+        ["--demo", "extra.db"],
+        ["--sleep", "-1", "a.db", "b.db"],
+        ["--timeout", "soon", "a.db", "b.db"],
+        ["--pages", "many", "a.db", "b.db"],
+    ],
+)
+def test_usage_errors_exit_2(tmp_path, args):
+    proc = run(*args, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "usage: apsw-backup" in proc.stderr
+    assert os.listdir(tmp_path) == []
+
+
+def make_corrupt(path):
+    """A database that opens and reads, but whose index disagrees with its
+    table: the schema says DESC, the index was built ascending."""
+    db = sqlite3.connect(str(path), isolation_level=None)
+    db.execute("CREATE TABLE t(x)")
+    db.execute("CREATE INDEX ix ON t(x)")
+    db.executemany("INSERT INTO t VALUES (?)", [(i,) for i in range(50)])
+    db.execute("PRAGMA writable_schema=ON")
+    db.execute(
+        "UPDATE sqlite_master SET sql='CREATE INDEX ix ON t(x DESC)' WHERE name='ix'"
+    )
+    db.close()
+    assert query(path, "SELECT count(*) FROM t") == [(50,)]
+    return path
+
+
+def test_verification_failure_exits_3_and_says_so(tmp_path):
+    source = make_corrupt(tmp_path / "corrupt.db")
+    dest = tmp_path / "dest.db"
+    proc = run("--json", source, dest)
+
+    assert proc.returncode == 3
+    assert "verification failed" in proc.stderr
+    assert "missing from index ix" in proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["verified"] is False
+    assert any("missing from index ix" in line for line in summary["integrity"])
+    assert dest.exists()  # kept for inspection
+
+
+def test_no_verify_skips_the_check_of_a_damaged_copy(tmp_path):
+    source = make_corrupt(tmp_path / "corrupt.db")
+    proc = run("--no-verify", source, tmp_path / "dest.db")
+    assert proc.returncode == 0, proc.stderr
+    assert "not verified" in proc.stdout
+
+
+def full_pipe():
+    """A pipe whose buffer is already full: the first write to it blocks."""
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    try:
+        while True:
+            os.write(write_end, b"x" * 4096)
+    except BlockingIOError:
+        pass
+    os.set_blocking(write_end, True)
+    return read_end, write_end
+
+
+def wait_for(predicate, what):
+    deadline = time.monotonic() + TIMEOUT
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def interrupt(proc, read_end):
+    """SIGINT proc, then drain its stderr (read_end) until it exits."""
+    proc.send_signal(signal.SIGINT)
+    chunks = []
+    while chunk := os.read(read_end, 65536):
+        chunks.append(chunk)
+    proc.wait(TIMEOUT)
+    return b"".join(chunks).decode(errors="replace")
+
+
+@pytest.mark.parametrize("dest_exists", [True, False])
+def test_sigint_mid_copy_exits_130_and_leaves_dest_as_it_was(tmp_path, dest_exists):
+    # The progress line goes to a pipe that is already full, so the command
+    # stops in its first progress call: after the first step has copied
+    # pages into DEST's open transaction, before the copy is complete.
+    source = make_db(tmp_path / "source.db", rows=400, blob=1000)
+    dest = tmp_path / "dest.db"
+    if dest_exists:
+        make_old(dest)
+        before = digest(dest)
+    journal = tmp_path / "dest.db-journal"
+    read_end, write_end = full_pipe()
+    try:
+        proc = subprocess.Popen(
+            command("--progress", "--overwrite", "--pages", "10", source, dest),
+            stdout=subprocess.DEVNULL,
+            stderr=write_end,
+        )
+        os.close(write_end)
+        try:
+            wait_for(journal.exists, "the first step to open DEST's transaction")
+            time.sleep(0.1)
+            stderr = interrupt(proc, read_end)
+        finally:
+            proc.kill()
+            proc.wait(TIMEOUT)
+    finally:
+        os.close(read_end)
+
+    assert proc.returncode == 130
+    assert "interrupted" in stderr
+    assert "Traceback" not in stderr
+    assert not journal.exists()
+    if dest_exists:
+        assert digest(dest) == before
+        assert query(dest, "SELECT note FROM old") == [("old content",)]
+    else:
+        assert not dest.exists()
+
+
+def test_sigint_while_waiting_for_a_locked_source_removes_new_dest(tmp_path):
+    source = make_db(tmp_path / "source.db")
+    dest = tmp_path / "dest.db"
+    locker = sqlite3.connect(str(source), isolation_level=None)
+    locker.execute("BEGIN EXCLUSIVE")
+    try:
+        proc = subprocess.Popen(
+            command("--sleep", "0.05", source, dest),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            wait_for(dest.exists, "DEST to be opened")
+            time.sleep(0.3)  # a few retries
+            proc.send_signal(signal.SIGINT)
+            stdout, stderr = proc.communicate(timeout=TIMEOUT)
+        finally:
+            proc.kill()
+            proc.wait(TIMEOUT)
+    finally:
+        locker.execute("COMMIT")
+        locker.close()
+
+    assert proc.returncode == 130
+    assert "interrupted" in stderr
+    assert stdout == ""
+    assert not dest.exists()
+
+
+def test_timeout_on_a_locked_source_exits_1_and_removes_new_dest(tmp_path):
+    source = make_db(tmp_path / "source.db")
+    dest = tmp_path / "dest.db"
+    locker = sqlite3.connect(str(source), isolation_level=None)
+    locker.execute("BEGIN EXCLUSIVE")
+    try:
+        proc = run("--sleep", "0.05", "--timeout", "0.3", source, dest)
+    finally:
+        locker.execute("COMMIT")
+        locker.close()
+
+    assert proc.returncode == 1
+    assert "BusyError" in proc.stderr
+    assert "gave up after" in proc.stderr
+    assert not dest.exists()
+
+
+WRITER = r"""
+import sqlite3, sys, time, pathlib
+path, started, stop = sys.argv[1], pathlib.Path(sys.argv[2]), pathlib.Path(sys.argv[3])
+db = sqlite3.connect(path, timeout=30, isolation_level=None)
+deadline = time.monotonic() + 60
+n = 0
+while not stop.exists() and time.monotonic() < deadline:
+    n += 1
+    db.execute("INSERT INTO w(n) VALUES (?)", (n,))
+    if n == 1:
+        started.touch()
+    time.sleep(0.002)
+db.close()
+print(n)
+"""
+
+
+@pytest.mark.parametrize("journal", ["delete", "wal"])
+def test_backup_of_a_source_another_process_is_writing_to(tmp_path, journal):
+    source = make_db(tmp_path / "live.db", rows=2000, blob=1000, journal=journal)
+    dest = tmp_path / "dest.db"
+    started, stop = tmp_path / "started", tmp_path / "stop"
+    writer = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(source), str(started), str(stop)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for(started.exists, "the writer's first commit")
+        proc = run("--json", "--pages", "5", "--sleep", "0.01", source, dest)
+        before_stop = query(source, "SELECT count(*) FROM w")[0][0]
+    finally:
+        stop.touch()
+        commits = int(writer.communicate(timeout=TIMEOUT)[0])
+
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["verified"] is True
+    copied = query(dest, "SELECT count(*) FROM w")[0][0]
+    assert 1 <= copied < before_stop <= commits  # it kept writing during the copy
+    assert query(dest, "SELECT count(*) FROM t") == [(2000,)]
+
+
+def test_demo_backs_up_a_live_sample_and_verifies_it(tmp_path):
+    proc = run("--demo", "--progress", cwd=tmp_path)
+
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(r"copied .*live\.db -> .*copy\.db: \d+ pages", proc.stdout)
+    assert "integrity_check ok" in proc.stdout
+    assert "100.0%" in proc.stderr
+    assert re.search(r"the writer committed [1-9]\d* times", proc.stderr)
+    assert os.listdir(tmp_path) == []  # everything lived in a temporary folder
+
+
+def test_console_script_runs_the_same_command(source, tmp_path):
+    script = shutil.which("apsw-backup") or shutil.which(
+        "apsw-backup", path=os.path.dirname(sys.executable)
+    )
+    if script is None:
+        pytest.skip("the apsw-backup console script is not installed")
+    proc = subprocess.run(
+        [script, "--json", source, tmp_path / "dest.db"],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["verified"] is True
