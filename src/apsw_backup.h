@@ -110,6 +110,7 @@ int add_exceptions(PyObject *module, ModuleState *st);
 extern PyType_Spec connection_spec;
 enum { CHECK_OPEN = 1, CHECK_UNLOCKED = 2 };
 int connection_check(Connection *self, int what);
+int parse_force(PyObject *args, PyObject *kwds, int *force);
 PyObject *connection_locked_message(Connection *self);
 
 /* cursor.c */

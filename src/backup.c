@@ -196,6 +196,27 @@ page_size_trap_message(Backup *self, const char *sname)
             : "PRAGMA page_size on the empty database");
 }
 
+/* " (OS error: ...)" for a failed read or write, else "".  SQLite's own
+ * text for those ("disk I/O error") does not say what the system said. */
+static const char *
+os_error(Backup *self, int primary)
+{
+    static char text[160];
+    if (primary != SQLITE_IOERR && primary != SQLITE_FULL
+        && primary != SQLITE_CANTOPEN) {
+        return "";
+    }
+    int err = sqlite3_system_errno(self->dest->db);
+    if (err == 0) {
+        err = sqlite3_system_errno(self->source->db);
+    }
+    if (err == 0) {
+        return "";
+    }
+    PyOS_snprintf(text, sizeof(text), " (OS error: %s)", strerror(err));
+    return text;
+}
+
 /* The message for a failed step, built from the step's own code. */
 static PyObject *
 step_error_message(Backup *self, int rc)
@@ -212,6 +233,14 @@ step_error_message(Backup *self, int rc)
 #else
         int own_write = !sqlite3_get_autocommit(self->source->db);
 #endif
+        if (self->source->locked_by != NULL) {
+            return PyUnicode_FromFormat(
+                "The source connection is itself the destination of an "
+                "unfinished Backup (%U), which holds its write transaction: "
+                "SQLite refuses to copy from it until that backup is "
+                "finished. Finish that backup first, then step again",
+                self->source->locked_by->repr_names);
+        }
         if (own_write) {
             return PyUnicode_FromFormat(
                 "The source connection has its own open write transaction "
@@ -222,16 +251,16 @@ step_error_message(Backup *self, int rc)
                 self->source_name);
         }
         return PyUnicode_FromFormat(
-            "backup step: the database is locked (SQLITE_BUSY): another "
-            "connection holds a lock on the source %R or the destination %R. "
-            "The backup is still usable: call step() again later",
-            self->source_name, self->dest_name);
+            "backup step (%U): the database is locked (SQLITE_BUSY): another "
+            "connection holds a lock on the source or the destination. The "
+            "backup is still usable: call step() again later",
+            self->repr_names);
     }
     if (primary == SQLITE_LOCKED) {
         return PyUnicode_FromFormat(
-            "backup step: a table is locked (SQLITE_LOCKED) by another "
+            "backup step (%U): a table is locked (SQLITE_LOCKED) by another "
             "connection sharing the cache. The backup is still usable: call "
-            "step() again later");
+            "step() again later", self->repr_names);
     }
     if (primary == SQLITE_READONLY) {
         PyObject *msg = page_size_trap_message(self, sname);
@@ -241,9 +270,9 @@ step_error_message(Backup *self, int rc)
         Py_DECREF(msg);
     }
     return PyUnicode_FromFormat(
-        "backup step from %R into %R failed: %s (the backup cannot continue; "
-        "finish() rolls the destination back)",
-        self->source_name, self->dest_name, sqlite3_errstr(rc));
+        "backup step (%U) failed: %s%s (the backup cannot continue; finish() "
+        "rolls the destination back)",
+        self->repr_names, sqlite3_errstr(rc), os_error(self, primary));
 }
 
 static PyObject *
@@ -454,18 +483,11 @@ backup_finish(Backup *self, PyObject *Py_UNUSED(ignored))
 static PyObject *
 backup_close(Backup *self, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"force", NULL};
-    PyObject *force_obj = Py_False;
+    int force;
 
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|O:close", kwlist, &force_obj)) {
+    if (parse_force(args, kwds, &force) < 0) {
         return NULL;
     }
-    if (!PyLong_Check(force_obj)) {
-        PyErr_Format(PyExc_TypeError, "force must be a bool, not %R",
-                     (PyObject *)Py_TYPE(force_obj));
-        return NULL;
-    }
-    int force = PyObject_IsTrue(force_obj);
     if (self->backup == NULL) {
         Py_RETURN_NONE;
     }

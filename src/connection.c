@@ -104,7 +104,8 @@ filename_bytes(PyObject *filename)
     }
     PyObject *encoded = path;
     if (PyUnicode_Check(path)) {
-        encoded = PyUnicode_AsUTF8String(path);
+        /* As os.fsencode(): round-trips with the filename attribute. */
+        encoded = PyUnicode_EncodeFSDefault(path);
         Py_DECREF(path);
         if (encoded == NULL) {
             return NULL;
@@ -146,8 +147,21 @@ connection_init(Connection *self, PyObject *args, PyObject *kwds)
                         "needs SQLite's per-connection mutex; leave it out");
         return -1;
     }
+    if (!(flags & (SQLITE_OPEN_READONLY | SQLITE_OPEN_READWRITE))) {
+        raise_sqlite_error(st, SQLITE_MISUSE,
+                           "flags must include SQLITE_OPEN_READONLY or "
+                           "SQLITE_OPEN_READWRITE (usually with "
+                           "SQLITE_OPEN_CREATE)");
+        return -1;
+    }
     PyObject *name = filename_bytes(filename);
     if (name == NULL) {
+        return -1;
+    }
+    if (self->db != NULL) { /* __fspath__ opened us meanwhile */
+        Py_DECREF(name);
+        PyErr_SetString(st->Error, "The connection is already open; make a "
+                                   "new Connection to open another database");
         return -1;
     }
     const char *cname = PyBytes_AsString(name);
@@ -208,21 +222,33 @@ finish_source_backups(Connection *self)
     return 0;
 }
 
-static PyObject *
-connection_close(Connection *self, PyObject *args, PyObject *kwds)
+/* close()'s force argument, for every type: a bool (or int), so that a
+ * stray value such as close("no") is an error rather than a forced close. */
+int
+parse_force(PyObject *args, PyObject *kwds, int *force)
 {
     static char *kwlist[] = {"force", NULL};
-    ModuleState *st = self->state;
-    int force = 0;
-    int rc;
+    PyObject *value = Py_False;
 
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|p:close", kwlist, &force)) {
-        return NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|O:close", kwlist, &value)) {
+        return -1;
     }
-    if (self->db == NULL) {
-        Py_RETURN_NONE;
+    if (!PyLong_Check(value)) {
+        PyErr_Format(PyExc_TypeError, "force must be a bool, not %R",
+                     (PyObject *)Py_TYPE(value));
+        return -1;
     }
-    GUARD(self, force ? CHECK_OPEN : CHECK_OPEN | CHECK_UNLOCKED);
+    *force = PyObject_IsTrue(value);
+    return *force < 0 ? -1 : 0;
+}
+
+/* Finish the backups, close the cursors, close the handle.  Called with
+ * inuse held, so Python code run from here (a binding's __del__) cannot
+ * re-enter the connection half-way. */
+static int
+close_everything(Connection *self, int force)
+{
+    int rc;
     if (self->locked_by != NULL) {
         /* force=True: the partial copy is rolled back; errors swallowed. */
         if (backup_finish_internal(self->locked_by) < 0) {
@@ -231,7 +257,7 @@ connection_close(Connection *self, PyObject *args, PyObject *kwds)
     }
     if (finish_source_backups(self) < 0) {
         if (!force) {
-            return NULL;
+            return -1;
         }
         PyErr_Clear();
     }
@@ -239,22 +265,40 @@ connection_close(Connection *self, PyObject *args, PyObject *kwds)
         cursor_close_internal(self->cursors);
     }
     sqlite3 *db = self->db;
-    self->inuse++;
     Py_BEGIN_ALLOW_THREADS
     rc = sqlite3_close(db);
     Py_END_ALLOW_THREADS
     if (rc != SQLITE_OK) {
         if (!force) {
-            raise_db_error(st, db, rc);
-            self->inuse--;
-            return NULL;
+            raise_db_error(self->state, db, rc);
+            return -1;
         }
         Py_BEGIN_ALLOW_THREADS
         sqlite3_close_v2(db);
         Py_END_ALLOW_THREADS
     }
     self->db = NULL;
+    return 0;
+}
+
+static PyObject *
+connection_close(Connection *self, PyObject *args, PyObject *kwds)
+{
+    int force;
+
+    if (parse_force(args, kwds, &force) < 0) {
+        return NULL;
+    }
+    if (self->db == NULL) {
+        Py_RETURN_NONE;
+    }
+    GUARD(self, force ? CHECK_OPEN : CHECK_OPEN | CHECK_UNLOCKED);
+    self->inuse++;
+    int res = close_everything(self, force);
     self->inuse--;
+    if (res < 0) {
+        return NULL;
+    }
     Py_CLEAR(self->busy_handler);
     Py_RETURN_NONE;
 }
@@ -717,7 +761,10 @@ connection_exit(Connection *self, PyObject *args)
 static PyObject *
 connection_get_filename(Connection *self, void *Py_UNUSED(closure))
 {
-    return Py_NewRef(self->filename ? self->filename : Py_None);
+    if (self->filename == NULL) {
+        return PyUnicode_FromString("");
+    }
+    return Py_NewRef(self->filename);
 }
 
 static PyObject *
@@ -729,7 +776,10 @@ connection_get_open_flags(Connection *self, void *Py_UNUSED(closure))
 static PyObject *
 connection_get_open_vfs(Connection *self, void *Py_UNUSED(closure))
 {
-    return Py_NewRef(self->open_vfs ? self->open_vfs : Py_None);
+    if (self->open_vfs == NULL) {
+        return PyUnicode_FromString("");
+    }
+    return Py_NewRef(self->open_vfs);
 }
 
 static PyMethodDef connection_methods[] = {

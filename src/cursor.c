@@ -289,6 +289,9 @@ prepare_next(Cursor *self)
             raise_db_error(conn->state, conn->db, rc);
             return -1;
         }
+        if (stmt == NULL && tail <= self->tail) {
+            break; /* cannot happen without a NUL, which execute refuses */
+        }
         self->tail = tail;
         if (stmt == NULL) {
             continue; /* only a comment or white space */
@@ -427,6 +430,49 @@ cursor_advance(Cursor *self)
     return res;
 }
 
+/* Set up the statements and bindings, then run to the first row. */
+static int
+start_execute(Cursor *self, PyObject *statements, PyObject *bindings,
+              PyObject *many)
+{
+    Py_ssize_t size;
+    const char *utf8 = PyUnicode_AsUTF8AndSize(statements, &size);
+    if (utf8 == NULL) {
+        return -1;
+    }
+    if ((size_t)size != strlen(utf8)) {
+        /* SQLite stops reading at a NUL, so what follows would be lost. */
+        PyErr_SetString(PyExc_ValueError,
+                        "statements contain a NUL character; remove it (bind "
+                        "values that contain NUL instead of writing them "
+                        "into the SQL)");
+        return -1;
+    }
+    finalize_statement(self);
+    reset_state(self);
+    self->sql = PyBytes_FromStringAndSize(utf8, size);
+    if (self->sql == NULL) {
+        return -1;
+    }
+    self->tail = PyBytes_AsString(self->sql);
+    if (many != NULL) {
+        self->many = PyObject_GetIter(many);
+        int res = self->many ? next_many(self) : -1;
+        if (res <= 0) {
+            reset_state(self);
+            return res;
+        }
+    }
+    else if (set_bindings(self, bindings) < 0) {
+        reset_state(self);
+        return -1;
+    }
+    return cursor_advance(self);
+}
+
+/* The connection stays marked in use throughout: converting the bindings
+ * runs Python code (__len__, __getitem__, __iter__, __fspath__...), which
+ * must not be able to close or re-enter the connection under us. */
 int
 cursor_execute(Cursor *self, PyObject *statements, PyObject *bindings,
                PyObject *many)
@@ -439,30 +485,11 @@ cursor_execute(Cursor *self, PyObject *statements, PyObject *bindings,
                      (PyObject *)Py_TYPE(statements));
         return -1;
     }
-    finalize_statement(self);
-    reset_state(self);
-    self->sql = PyUnicode_AsUTF8String(statements);
-    if (self->sql == NULL) {
-        return -1;
-    }
-    self->tail = PyBytes_AsString(self->sql);
-    if (many != NULL) {
-        self->many = PyObject_GetIter(many);
-        if (self->many == NULL) {
-            reset_state(self);
-            return -1;
-        }
-        int res = next_many(self);
-        if (res <= 0) {
-            reset_state(self);
-            return res;
-        }
-    }
-    else if (set_bindings(self, bindings) < 0) {
-        reset_state(self);
-        return -1;
-    }
-    return cursor_advance(self);
+    Connection *conn = self->connection;
+    conn->inuse++;
+    int res = start_execute(self, statements, bindings, many);
+    conn->inuse--;
+    return res;
 }
 
 static PyObject *
@@ -594,10 +621,9 @@ cursor_fetchall(Cursor *self, PyObject *Py_UNUSED(ignored))
 static PyObject *
 cursor_close(Cursor *self, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"force", NULL};
-    int force = 0;
+    int force;
 
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|p:close", kwlist, &force)) {
+    if (parse_force(args, kwds, &force) < 0) {
         return NULL;
     }
     /* Finalizing a statement another thread is stepping would free it

@@ -381,3 +381,22 @@ def test_wal_destination_with_same_page_size_copies(connect, wal_dest, src):
         assert b.step(-1) is True
     assert dump(wal_dest) == dump(src)
     assert dump_path(connect.path("wal.db")) == (dump(src), OK)
+
+
+def test_source_locked_as_destination_of_another_backup_says_finish_that_one():
+    a, b, c = (apsw_backup.Connection(":memory:") for _ in range(3))
+    a.execute("CREATE TABLE t(x); INSERT INTO t VALUES (1)")
+    b.execute("CREATE TABLE u(x); INSERT INTO u VALUES (2)")
+    reading_b = c.backup("main", b, "main")
+    writing_b = b.backup("main", a, "main")
+    writing_b.step(0)  # takes b's write transaction and keeps it
+    with pytest.raises(apsw_backup.BusyError) as info:
+        reading_b.step(1)
+    message = str(info.value)
+    assert "destination of an unfinished Backup" in message
+    assert "Finish that backup first" in message
+    assert "COMMIT" not in message
+    writing_b.finish()
+    assert reading_b.step(-1) is True
+    reading_b.finish()
+    assert c.execute("SELECT x FROM u").fetchall() == [(2,)]

@@ -454,3 +454,14 @@ def test_unique_violation_is_constraint_error_with_extended_code(conn):
     assert excinfo.value.result == 19
     assert excinfo.value.extendedresult == 2067
     assert "UNIQUE" in str(excinfo.value)
+
+
+def test_undecodable_filename_round_trips_like_os_fsencode(tmp_path):
+    name = tmp_path / "caf\udce9.db"  # b"caf\xe9.db": not UTF-8
+    conn = apsw_backup.Connection(name)
+    try:
+        conn.execute("CREATE TABLE t(x)")
+        assert conn.filename == str(name)
+        assert os.path.exists(os.fsencode(name))
+    finally:
+        conn.close()
