@@ -27,8 +27,10 @@ def main(paths):
                 ours.append((error.findtext("kind"), stack))
             else:
                 others += 1
-    print(f"valgrind: {len(paths)} processes, {len(ours)} errors through "
-          f"{OURS}, {others} elsewhere (interpreter/libc, not counted)")
+    print(
+        f"valgrind: {len(paths)} processes, {len(ours)} errors through "
+        f"{OURS}, {others} elsewhere (interpreter/libc, not counted)"
+    )
     for kind, stack in ours:
         print(f"\n{kind}:")
         for fn, obj in stack[:25]:

@@ -3,9 +3,9 @@
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
-from typing import Any, Final, Literal, Union
+from typing import Any, Final, Literal, TypeAlias, Union
 
-from typing_extensions import Buffer, Self, TypeAlias
+from typing_extensions import Buffer, Self
 
 __version__: Final[str]
 SQLITE_VERSION_NUMBER: Final[int]
@@ -66,9 +66,9 @@ SQLITE_SCHEMA: Final[int]
 SQLITE_TOOBIG: Final[int]
 SQLITE_WARNING: Final[int]
 
-SQLiteValue: TypeAlias = Union[None, int, float, str, bytes]
-Bindable: TypeAlias = Union[None, int, float, str, Buffer]
-Bindings: TypeAlias = Union[Sequence[Bindable], Mapping[str, Bindable]]
+SQLiteValue: TypeAlias = None | int | float | str | bytes
+Bindable: TypeAlias = None | int | float | str | Buffer
+Bindings: TypeAlias = Sequence[Bindable] | Mapping[str, Bindable]
 
 def sqlite_lib_version() -> str: ...
 

@@ -18,11 +18,11 @@
 
 /* Py_XSETREF is not in the Limited API: store value in dst, then drop the
  * old reference (after, so a destructor never sees a half-updated object). */
-#define REPLACE_REF(dst, value)                 \
-    do {                                        \
-        PyObject *old_ = (PyObject *)(dst);     \
-        (dst) = (value);                        \
-        Py_XDECREF(old_);                       \
+#define REPLACE_REF(dst, value)             \
+    do {                                    \
+        PyObject *old_ = (PyObject *)(dst); \
+        (dst) = (value);                    \
+        Py_XDECREF(old_);                   \
     } while (0)
 
 /* Primary result codes run from 1 (SQLITE_ERROR) to 26 (SQLITE_NOTADB). */
@@ -47,13 +47,13 @@ typedef struct {
 struct Connection {
     PyObject_HEAD
     ModuleState *state;
-    sqlite3 *db;              /* NULL before __init__ and once closed */
-    int inuse;                /* calls inside SQLite now (GIL released); a
-                               * count, as a collected Backup may finish
-                               * while another thread uses the source */
-    Backup *locked_by;        /* unfinished backup writing into us */
-    Cursor *cursors;          /* open cursors (borrowed, intrusive list) */
-    Backup *sources;          /* unfinished backups reading from us */
+    sqlite3 *db;       /* NULL before __init__ and once closed */
+    int inuse;         /* calls inside SQLite now (GIL released); a
+                        * count, as a collected Backup may finish
+                        * while another thread uses the source */
+    Backup *locked_by; /* unfinished backup writing into us */
+    Cursor *cursors;   /* open cursors (borrowed, intrusive list) */
+    Backup *sources;   /* unfinished backups reading from us */
     PyObject *busy_handler;
     PyObject *filename;
     PyObject *open_vfs;
@@ -64,16 +64,16 @@ struct Connection {
 
 struct Cursor {
     PyObject_HEAD
-    Connection *connection;   /* strong; NULL once closed */
-    Cursor *prev, *next;      /* links in connection->cursors */
-    sqlite3_stmt *stmt;       /* current statement, kept after it ends */
-    PyObject *sql;            /* UTF-8 bytes of all the statements */
-    const char *tail;         /* next statement inside sql */
-    PyObject *bindings;       /* tuple or mapping, or NULL */
+    Connection *connection; /* strong; NULL once closed */
+    Cursor *prev, *next;    /* links in connection->cursors */
+    sqlite3_stmt *stmt;     /* current statement, kept after it ends */
+    PyObject *sql;          /* UTF-8 bytes of all the statements */
+    const char *tail;       /* next statement inside sql */
+    PyObject *bindings;     /* tuple or mapping, or NULL */
     Py_ssize_t bindings_offset;
-    int prepared;             /* statements prepared since tail was reset */
-    PyObject *many;           /* executemany: iterator of bindings */
-    int status;               /* CURSOR_* below */
+    int prepared;   /* statements prepared since tail was reset */
+    PyObject *many; /* executemany: iterator of bindings */
+    int status;     /* CURSOR_* below */
 };
 
 enum { CURSOR_DONE = 0, CURSOR_NEED_STEP, CURSOR_ROW };
@@ -81,19 +81,19 @@ enum { CURSOR_DONE = 0, CURSOR_NEED_STEP, CURSOR_ROW };
 struct Backup {
     PyObject_HEAD
     ModuleState *state;
-    sqlite3_backup *backup;   /* NULL once finished */
-    Connection *dest;         /* strong; NULL once finished */
-    Connection *source;       /* strong; NULL once finished */
+    sqlite3_backup *backup;      /* NULL once finished */
+    Connection *dest;            /* strong; NULL once finished */
+    Connection *source;          /* strong; NULL once finished */
     Backup *src_prev, *src_next; /* links in source->sources */
     PyObject *dest_name;
     PyObject *source_name;
-    PyObject *repr_names;     /* "source -> dest" text kept for repr */
+    PyObject *repr_names; /* "source -> dest" text kept for repr */
     int inuse;
     int done;
     int remaining;
     int page_count;
     long restarts;
-    int sticky_rc;            /* a failed step's code, reported again */
+    int sticky_rc; /* a failed step's code, reported again */
     PyObject *sticky_msg;
 };
 
@@ -125,6 +125,5 @@ extern PyType_Spec backup_spec;
 PyObject *backup_create(Connection *dest, PyObject *dest_name,
                         Connection *source, PyObject *source_name);
 int backup_finish_internal(Backup *self);
-
 
 #endif /* APSW_BACKUP_H */

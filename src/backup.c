@@ -20,20 +20,21 @@ backup_check(Backup *self)
         return -1;
     }
     if (self->inuse) {
-        PyErr_SetString(self->state->ThreadingViolationError,
-                        "The backup is in use by a call that has not returned "
-                        "(in another thread, or re-entrantly from a callback "
-                        "running inside step()); wait for that call to finish");
+        PyErr_SetString(
+            self->state->ThreadingViolationError,
+            "The backup is in use by a call that has not returned "
+            "(in another thread, or re-entrantly from a callback "
+            "running inside step()); wait for that call to finish");
         return -1;
     }
     return 0;
 }
 
-#define BACKUP_GUARD(self)              \
-    do {                                \
-        if (backup_check(self) < 0) {   \
-            return NULL;                \
-        }                               \
+#define BACKUP_GUARD(self)            \
+    do {                              \
+        if (backup_check(self) < 0) { \
+            return NULL;              \
+        }                             \
     } while (0)
 
 /* A one-row PRAGMA on schema of db, as an int (-1 when it fails) and, if
@@ -56,7 +57,8 @@ pragma_value(sqlite3 *db, const char *schema, const char *pragma, char *text,
         && stmt != NULL && sqlite3_step(stmt) == SQLITE_ROW) {
         value = sqlite3_column_int(stmt, 0);
         const unsigned char *t = sqlite3_column_text(stmt, 0);
-        for (size_t i = 0; text != NULL && t != NULL && i + 1 < textsize && t[i]; i++) {
+        for (size_t i = 0;
+             text != NULL && t != NULL && i + 1 < textsize && t[i]; i++) {
             text[i] = (char)(t[i] >= 'A' && t[i] <= 'Z' ? t[i] + 32 : t[i]);
             text[i + 1] = '\0';
         }
@@ -121,7 +123,8 @@ backup_create(Connection *dest, PyObject *dest_name, Connection *source,
     self->repr_names = PyUnicode_FromFormat(
         "%R of %R -> %R of %R", source_name,
         PyUnicode_GetLength(source->filename) ? source->filename : memory,
-        dest_name, PyUnicode_GetLength(dest->filename) ? dest->filename : memory);
+        dest_name,
+        PyUnicode_GetLength(dest->filename) ? dest->filename : memory);
     Py_DECREF(memory);
     if (self->repr_names == NULL) {
         Py_DECREF(self);
@@ -175,10 +178,12 @@ page_size_trap_message(Backup *self, const char *sname)
 #endif
     const char *fn = sqlite3_db_filename(dest, dname);
     int in_memory = fn == NULL || fn[0] == '\0';
-    pragma_value(dest, dname, "journal_mode", journal_mode, sizeof(journal_mode));
+    pragma_value(dest, dname, "journal_mode", journal_mode,
+                 sizeof(journal_mode));
     int wal = strcmp(journal_mode, "wal") == 0;
     int dest_size = pragma_value(dest, dname, "page_size", NULL, 0);
-    int source_size = pragma_value(self->source->db, sname, "page_size", NULL, 0);
+    int source_size =
+        pragma_value(self->source->db, sname, "page_size", NULL, 0);
     if (!(wal || in_memory) || source_size <= 0 || dest_size <= 0
         || source_size == dest_size) {
         Py_RETURN_NONE;
@@ -189,8 +194,7 @@ page_size_trap_message(Backup *self, const char *sname)
         "page size of such a database. Give the destination page_size %d "
         "before the backup (%s), or copy into a file database in "
         "rollback-journal mode",
-        self->dest_name,
-        wal ? "in WAL mode" : "an in-memory or temp database",
+        self->dest_name, wal ? "in WAL mode" : "an in-memory or temp database",
         dest_size, source_size, source_size,
         wal ? "PRAGMA journal_mode=DELETE, then PRAGMA page_size and VACUUM"
             : "PRAGMA page_size on the empty database");
@@ -229,7 +233,8 @@ step_error_message(Backup *self, int rc)
     }
     if (primary == SQLITE_BUSY) {
 #if SQLITE_VERSION_NUMBER >= 3034000
-        int own_write = sqlite3_txn_state(self->source->db, sname) == SQLITE_TXN_WRITE;
+        int own_write =
+            sqlite3_txn_state(self->source->db, sname) == SQLITE_TXN_WRITE;
 #else
         int own_write = !sqlite3_get_autocommit(self->source->db);
 #endif
@@ -260,7 +265,8 @@ step_error_message(Backup *self, int rc)
         return PyUnicode_FromFormat(
             "backup step (%U): a table is locked (SQLITE_LOCKED) by another "
             "connection sharing the cache. The backup is still usable: call "
-            "step() again later", self->repr_names);
+            "step() again later",
+            self->repr_names);
     }
     if (primary == SQLITE_READONLY) {
         PyObject *msg = page_size_trap_message(self, sname);
@@ -312,7 +318,8 @@ parse_npages(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,
     }
     else if (nkw == 1) {
         PyObject *key = PyTuple_GetItem(kwnames, 0);
-        if (key == NULL || PyUnicode_CompareWithASCIIString(key, "npages") != 0) {
+        if (key == NULL
+            || PyUnicode_CompareWithASCIIString(key, "npages") != 0) {
             PyErr_Format(PyExc_TypeError,
                          "step() got an unexpected keyword argument %R", key);
             return -1;
@@ -336,7 +343,8 @@ parse_npages(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,
     if (overflow || v > INT_MAX || v < INT_MIN) {
         PyErr_Format(PyExc_OverflowError,
                      "npages %R is out of range: it must fit a C int "
-                     "(negative copies every remaining page)", value);
+                     "(negative copies every remaining page)",
+                     value);
         return -1;
     }
     *npages = (int)v;
@@ -354,7 +362,8 @@ backup_step(Backup *self, PyObject *const *args, Py_ssize_t nargs,
         return NULL;
     }
     if (self->sticky_rc != SQLITE_OK) {
-        return raise_error_object(self->state, self->sticky_rc, self->sticky_msg);
+        return raise_error_object(self->state, self->sticky_rc,
+                                  self->sticky_msg);
     }
     if (self->done) {
         Py_RETURN_TRUE;
@@ -419,8 +428,8 @@ finish_error_message(Backup *self, int rc)
     }
     return PyUnicode_FromFormat(
         "finishing the backup from %R into %R failed: %s; the destination "
-        "was rolled back", self->source_name, self->dest_name,
-        sqlite3_errstr(rc));
+        "was rolled back",
+        self->source_name, self->dest_name, sqlite3_errstr(rc));
 }
 
 /* Finish unconditionally (waiting for a connection busy in another thread
@@ -597,9 +606,9 @@ backup_repr(Backup *self)
     }
     return PyUnicode_FromFormat(
         "<apsw_backup.Backup %U: %d of %d pages copied, %d remaining, "
-        "%ld restarts%s>", self->repr_names,
-        self->page_count - self->remaining, self->page_count, self->remaining,
-        self->restarts, self->done ? ", done" : "");
+        "%ld restarts%s>",
+        self->repr_names, self->page_count - self->remaining, self->page_count,
+        self->remaining, self->restarts, self->done ? ", done" : "");
 }
 
 static PyObject *
@@ -654,15 +663,18 @@ static PyGetSetDef backup_getset[] = {
      "True once every page has been copied.", NULL},
     {"remaining", (getter)backup_get_remaining, NULL,
      "Pages still to copy, as of the last step (0 before the first step and "
-     "after finishing).", NULL},
+     "after finishing).",
+     NULL},
     {"page_count", (getter)backup_get_page_count, NULL,
      "Pages in the source, as of the last step (0 before the first step "
-     "and after finishing).", NULL},
+     "and after finishing).",
+     NULL},
     {"pagecount", (getter)backup_get_page_count, NULL,
      "Alias of page_count (APSW's name).", NULL},
     {"restarts", (getter)backup_get_restarts, NULL,
      "How many times the copy started again from the first page because "
-     "another connection changed the source.", NULL},
+     "another connection changed the source.",
+     NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 

@@ -53,11 +53,11 @@ connection_check(Connection *self, int what)
     return 0;
 }
 
-#define GUARD(self, what)                                   \
-    do {                                                    \
-        if (connection_check((self), (what)) < 0) {         \
-            return NULL;                                    \
-        }                                                   \
+#define GUARD(self, what)                           \
+    do {                                            \
+        if (connection_check((self), (what)) < 0) { \
+            return NULL;                            \
+        }                                           \
     } while (0)
 #define GUARD_ALL(self) GUARD((self), CHECK_OPEN | CHECK_UNLOCKED)
 
@@ -187,7 +187,8 @@ connection_init(Connection *self, PyObject *args, PyObject *kwds)
     const char *fn = sqlite3_db_filename(db, "main");
     sqlite3_vfs *v = sqlite3_vfs_find(vfs);
     REPLACE_REF(self->filename, PyUnicode_DecodeFSDefault(fn ? fn : ""));
-    REPLACE_REF(self->open_vfs, PyUnicode_FromString(v ? v->zName : (vfs ? vfs : "")));
+    REPLACE_REF(self->open_vfs,
+                PyUnicode_FromString(v ? v->zName : (vfs ? vfs : "")));
     if (self->filename == NULL || self->open_vfs == NULL) {
         Py_BEGIN_ALLOW_THREADS
         sqlite3_close(db);
@@ -427,7 +428,8 @@ connection_backup(Connection *self, PyObject *args, PyObject *kwds)
     if (!PyObject_TypeCheck(source_obj, st->ConnectionType)) {
         PyErr_Format(PyExc_TypeError,
                      "sourceconnection must be an apsw_backup.Connection, "
-                     "not %R", (PyObject *)Py_TYPE(source_obj));
+                     "not %R",
+                     (PyObject *)Py_TYPE(source_obj));
         return NULL;
     }
     Connection *source = (Connection *)source_obj;
@@ -627,7 +629,8 @@ connection_readonly(Connection *self, PyObject *args, PyObject *kwds)
     PyObject *name;
 
     GUARD_ALL(self);
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "U:readonly", kwlist, &name)) {
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "U:readonly", kwlist,
+                                     &name)) {
         return NULL;
     }
     const char *cname = name_argument(name, "name");
@@ -661,7 +664,8 @@ connection_txn_state(Connection *self, PyObject *args, PyObject *kwds)
     }
     if (schema != Py_None) {
         if (!PyUnicode_Check(schema)) {
-            PyErr_Format(PyExc_TypeError, "schema must be a str or None, not %R",
+            PyErr_Format(PyExc_TypeError,
+                         "schema must be a str or None, not %R",
                          (PyObject *)Py_TYPE(schema));
             return NULL;
         }
@@ -736,7 +740,8 @@ connection_exit(Connection *self, PyObject *args)
                   "RELEASE SAVEPOINT \"apsw_backup-%ld\"", level);
     PyOS_snprintf(rollback, sizeof(rollback),
                   "ROLLBACK TO SAVEPOINT \"apsw_backup-%ld\"; "
-                  "RELEASE SAVEPOINT \"apsw_backup-%ld\"", level, level);
+                  "RELEASE SAVEPOINT \"apsw_backup-%ld\"",
+                  level, level);
     if (etype == Py_None) {
         if (connection_exec(self, release) == 0) {
             Py_RETURN_FALSE;
@@ -807,11 +812,13 @@ static PyMethodDef connection_methods[] = {
      "\n\nStart copying sourcedatabasename of sourceconnection into "
      "databasename of this connection.  This connection is locked until the "
      "Backup is finished."},
-    {"set_busy_timeout", (PyCFunction)(void (*)(void))connection_set_busy_timeout,
+    {"set_busy_timeout",
+     (PyCFunction)(void (*)(void))connection_set_busy_timeout,
      METH_VARARGS | METH_KEYWORDS,
      "set_busy_timeout(milliseconds) -> None\n\nRetry for up to this long "
      "when the database is locked (replaces any busy handler)."},
-    {"set_busy_handler", (PyCFunction)(void (*)(void))connection_set_busy_handler,
+    {"set_busy_handler",
+     (PyCFunction)(void (*)(void))connection_set_busy_handler,
      METH_VARARGS | METH_KEYWORDS,
      "set_busy_handler(callable) -> None\n\ncallable(retries) is called "
      "when the database is locked; return true to retry.  None removes it."},
@@ -846,7 +853,8 @@ static PyMethodDef connection_methods[] = {
 static PyGetSetDef connection_getset[] = {
     {"filename", (getter)connection_get_filename, NULL,
      "Full path of the main database as SQLite reports it (\"\" when in "
-     "memory).", NULL},
+     "memory).",
+     NULL},
     {"open_flags", (getter)connection_get_open_flags, NULL,
      "The flags passed when opening.", NULL},
     {"open_vfs", (getter)connection_get_open_vfs, NULL,

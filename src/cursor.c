@@ -19,11 +19,11 @@ cursor_check(Cursor *self)
     return connection_check(self->connection, CHECK_OPEN | CHECK_UNLOCKED);
 }
 
-#define CURSOR_GUARD(self)              \
-    do {                                \
-        if (cursor_check(self) < 0) {   \
-            return NULL;                \
-        }                               \
+#define CURSOR_GUARD(self)            \
+    do {                              \
+        if (cursor_check(self) < 0) { \
+            return NULL;              \
+        }                             \
     } while (0)
 
 static void
@@ -97,8 +97,8 @@ static int
 only_trivia(const char *p, const char *end)
 {
     while (p < end) {
-        if (*p == ' ' || *p == '\t' || *p == '\n' || *p == '\r'
-            || *p == '\f' || *p == ';') {
+        if (*p == ' ' || *p == '\t' || *p == '\n' || *p == '\r' || *p == '\f'
+            || *p == ';') {
             p++;
         }
         else if (p + 1 < end && p[0] == '-' && p[1] == '-') {
@@ -136,7 +136,8 @@ bind_value(Cursor *self, int i, PyObject *value)
                 PyErr_Format(PyExc_OverflowError,
                              "binding %d: int %R does not fit a SQLite "
                              "INTEGER (64-bit signed); bind it as str or "
-                             "float", i, value);
+                             "float",
+                             i, value);
             }
             return -1;
         }
@@ -204,7 +205,8 @@ bind_mapping(Cursor *self, int count)
             PyErr_Format(st->BindingsError,
                          "parameter %d has no name (it is '?'), so it cannot "
                          "be bound from a dict; use a sequence, or name it "
-                         "(:name)", i);
+                         "(:name)",
+                         i);
             return -1;
         }
         PyObject *value = PyMapping_GetItemString(self->bindings, name + 1);
@@ -212,7 +214,8 @@ bind_mapping(Cursor *self, int count)
             if (PyErr_ExceptionMatches(PyExc_KeyError)) {
                 PyErr_Format(st->BindingsError,
                              "no binding for parameter %s: the dict has no "
-                             "key '%s'", name, name + 1);
+                             "key '%s'",
+                             name, name + 1);
             }
             return -1;
         }
@@ -234,19 +237,20 @@ bind_sequence(Cursor *self, int count, int is_last)
     if (count > left) {
         PyErr_Format(st->BindingsError,
                      "too few bindings: the statement needs %d and only %zd "
-                     "%s left of the %zd supplied", count, left,
-                     left == 1 ? "is" : "are", have);
+                     "%s left of the %zd supplied",
+                     count, left, left == 1 ? "is" : "are", have);
         return -1;
     }
     if (is_last && count < left) {
         PyErr_Format(st->BindingsError,
                      "too many bindings: %zd supplied, but the statements "
-                     "use only %zd", have, self->bindings_offset + count);
+                     "use only %zd",
+                     have, self->bindings_offset + count);
         return -1;
     }
     for (int i = 1; i <= count; i++) {
-        PyObject *value = PyTuple_GetItem(self->bindings,
-                                          self->bindings_offset + i - 1);
+        PyObject *value =
+            PyTuple_GetItem(self->bindings, self->bindings_offset + i - 1);
         if (value == NULL || bind_value(self, i, value) < 0) {
             return -1;
         }
@@ -308,8 +312,8 @@ prepare_next(Cursor *self)
         && self->bindings_offset < PyTuple_Size(self->bindings)) {
         PyErr_Format(conn->state->BindingsError,
                      "too many bindings: %zd supplied, but the statements "
-                     "use only %zd", PyTuple_Size(self->bindings),
-                     self->bindings_offset);
+                     "use only %zd",
+                     PyTuple_Size(self->bindings), self->bindings_offset);
         return -1;
     }
     return 0;
@@ -334,7 +338,8 @@ set_bindings(Cursor *self, PyObject *bindings)
         || PyByteArray_Check(bindings) || !PySequence_Check(bindings)) {
         PyErr_Format(PyExc_TypeError,
                      "bindings must be a sequence (tuple, list) or a dict, "
-                     "not %R", (PyObject *)Py_TYPE(bindings));
+                     "not %R",
+                     (PyObject *)Py_TYPE(bindings));
         return -1;
     }
     PyObject *tuple = PySequence_Tuple(bindings);
@@ -730,7 +735,8 @@ static PyGetSetDef cursor_getset[] = {
     {"description", (getter)cursor_get_description, NULL,
      "DB-API description of the current statement's columns: (name, "
      "declared type, None, None, None, None, None) each; None when there "
-     "is no statement.", NULL},
+     "is no statement.",
+     NULL},
     {"connection", (getter)cursor_get_connection, NULL,
      "The Connection this cursor belongs to.", NULL},
     {NULL, NULL, NULL, NULL, NULL},

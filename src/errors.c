@@ -10,19 +10,32 @@ static const struct {
     int code;
     const char *name;
 } code_classes[] = {
-    {SQLITE_ERROR, "SQLError"},         {SQLITE_INTERNAL, "InternalError"},
-    {SQLITE_PERM, "PermissionsError"},  {SQLITE_ABORT, "AbortError"},
-    {SQLITE_BUSY, "BusyError"},         {SQLITE_LOCKED, "LockedError"},
-    {SQLITE_NOMEM, "NoMemError"},       {SQLITE_READONLY, "ReadOnlyError"},
-    {SQLITE_INTERRUPT, "InterruptError"}, {SQLITE_IOERR, "IOError"},
-    {SQLITE_CORRUPT, "CorruptError"},   {SQLITE_NOTFOUND, "NotFoundError"},
-    {SQLITE_FULL, "FullError"},         {SQLITE_CANTOPEN, "CantOpenError"},
-    {SQLITE_PROTOCOL, "ProtocolError"}, {SQLITE_EMPTY, "EmptyError"},
-    {SQLITE_SCHEMA, "SchemaChangeError"}, {SQLITE_TOOBIG, "TooBigError"},
-    {SQLITE_CONSTRAINT, "ConstraintError"}, {SQLITE_MISMATCH, "MismatchError"},
-    {SQLITE_MISUSE, "MisuseError"},     {SQLITE_NOLFS, "NoLFSError"},
-    {SQLITE_AUTH, "AuthError"},         {SQLITE_FORMAT, "FormatError"},
-    {SQLITE_RANGE, "RangeError"},       {SQLITE_NOTADB, "NotADBError"},
+    {SQLITE_ERROR, "SQLError"},
+    {SQLITE_INTERNAL, "InternalError"},
+    {SQLITE_PERM, "PermissionsError"},
+    {SQLITE_ABORT, "AbortError"},
+    {SQLITE_BUSY, "BusyError"},
+    {SQLITE_LOCKED, "LockedError"},
+    {SQLITE_NOMEM, "NoMemError"},
+    {SQLITE_READONLY, "ReadOnlyError"},
+    {SQLITE_INTERRUPT, "InterruptError"},
+    {SQLITE_IOERR, "IOError"},
+    {SQLITE_CORRUPT, "CorruptError"},
+    {SQLITE_NOTFOUND, "NotFoundError"},
+    {SQLITE_FULL, "FullError"},
+    {SQLITE_CANTOPEN, "CantOpenError"},
+    {SQLITE_PROTOCOL, "ProtocolError"},
+    {SQLITE_EMPTY, "EmptyError"},
+    {SQLITE_SCHEMA, "SchemaChangeError"},
+    {SQLITE_TOOBIG, "TooBigError"},
+    {SQLITE_CONSTRAINT, "ConstraintError"},
+    {SQLITE_MISMATCH, "MismatchError"},
+    {SQLITE_MISUSE, "MisuseError"},
+    {SQLITE_NOLFS, "NoLFSError"},
+    {SQLITE_AUTH, "AuthError"},
+    {SQLITE_FORMAT, "FormatError"},
+    {SQLITE_RANGE, "RangeError"},
+    {SQLITE_NOTADB, "NotADBError"},
 };
 
 static const struct {
@@ -70,20 +83,23 @@ add_exceptions(PyObject *module, ModuleState *st)
         "primary code in result and the extended code in extendedresult.",
         NULL, dict);
     Py_DECREF(dict);
-    if (st->Error == NULL || PyModule_AddObjectRef(module, "Error", st->Error) < 0) {
+    if (st->Error == NULL
+        || PyModule_AddObjectRef(module, "Error", st->Error) < 0) {
         return -1;
     }
     PyObject **lib_slots[] = {&st->ThreadingViolationError,
                               &st->ConnectionClosedError,
                               &st->CursorClosedError, &st->BindingsError};
-    for (size_t i = 0; i < sizeof(library_errors) / sizeof(library_errors[0]); i++) {
+    for (size_t i = 0; i < sizeof(library_errors) / sizeof(library_errors[0]);
+         i++) {
         *lib_slots[i] = new_exception(module, library_errors[i].name,
                                       st->Error, library_errors[i].doc);
         if (*lib_slots[i] == NULL) {
             return -1;
         }
     }
-    for (size_t i = 0; i < sizeof(code_classes) / sizeof(code_classes[0]); i++) {
+    for (size_t i = 0; i < sizeof(code_classes) / sizeof(code_classes[0]);
+         i++) {
         int code = code_classes[i].code;
         PyObject *base = st->Error;
         PyObject *bases = NULL;
@@ -116,7 +132,8 @@ raise_error_object(ModuleState *st, int rc, PyObject *msg)
     }
     int primary = rc & 0xff;
     PyObject *cls = (primary > 0 && primary < N_CODE_ERRORS)
-                        ? st->code_errors[primary] : st->Error;
+                        ? st->code_errors[primary]
+                        : st->Error;
     PyObject *exc = PyObject_CallFunctionObjArgs(cls, msg, NULL);
     if (exc == NULL) {
         return NULL;
@@ -144,7 +161,8 @@ raise_sqlite_error(ModuleState *st, int rc, const char *msg)
     if (msg == NULL) {
         msg = sqlite3_errstr(rc);
     }
-    PyObject *text = PyUnicode_DecodeUTF8(msg, (Py_ssize_t)strlen(msg), "replace");
+    PyObject *text =
+        PyUnicode_DecodeUTF8(msg, (Py_ssize_t)strlen(msg), "replace");
     if (text == NULL) {
         return NULL;
     }

@@ -218,7 +218,7 @@ class BackupMachine(RuleBasedStateMachine):
     @initialize(rows=st.lists(st.integers(0, 12), min_size=3, max_size=3))
     def fill(self, rows):
         """Give each database a table of a few pages (or none) to copy."""
-        for slot, count in zip(self.slots, rows):
+        for slot, count in zip(self.slots, rows, strict=False):
             if count:
                 self.write(self.slots.index(slot), "t", "create", [0])
                 self.write(self.slots.index(slot), "t", "insert", list(range(count)))
