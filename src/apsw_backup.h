@@ -14,6 +14,51 @@
 #error "apsw_backup needs the headers of SQLite 3.26 or newer"
 #endif
 
+/* SQLite functions newer than the 3.26 minimum.  Built against older
+ * headers (a manylinux_2_28 image has 3.26) they are declared here as weak
+ * references to the library loaded at run time -- NULL where it lacks them
+ * -- so such a build still uses them on a newer system SQLite. */
+#if SQLITE_VERSION_NUMBER < 3034000
+#define SQLITE_TXN_NONE 0
+#define SQLITE_TXN_READ 1
+#define SQLITE_TXN_WRITE 2
+#if defined(__GNUC__)
+extern int sqlite3_txn_state(sqlite3 *, const char *) __attribute__((weak));
+#define HAVE_TXN_STATE (sqlite3_txn_state != NULL)
+#else
+#define HAVE_TXN_STATE 0
+#define sqlite3_txn_state(db, schema) (-1)
+#endif
+#else
+#define HAVE_TXN_STATE 1
+#endif
+
+#if SQLITE_VERSION_NUMBER < 3037000
+#if defined(__GNUC__)
+extern sqlite3_int64 sqlite3_changes64(sqlite3 *) __attribute__((weak));
+extern sqlite3_int64 sqlite3_total_changes64(sqlite3 *) __attribute__((weak));
+#define HAVE_CHANGES64 (sqlite3_changes64 != NULL)
+#else
+#define HAVE_CHANGES64 0
+#define sqlite3_changes64(db) 0
+#define sqlite3_total_changes64(db) 0
+#endif
+#else
+#define HAVE_CHANGES64 1
+#endif
+
+/* The transaction open on schema (None: all) of db; -1 for an unknown
+ * schema.  Where SQLite cannot tell (before 3.34) an open transaction is
+ * taken to be a write transaction. */
+static inline int
+db_txn_state(sqlite3 *db, const char *schema)
+{
+    if (!HAVE_TXN_STATE) {
+        return sqlite3_get_autocommit(db) ? SQLITE_TXN_NONE : SQLITE_TXN_WRITE;
+    }
+    return sqlite3_txn_state(db, schema);
+}
+
 #define APSW_BACKUP_VERSION "0.1.0"
 
 /* Py_XSETREF is not in the Limited API: store value in dst, then drop the

@@ -171,11 +171,9 @@ page_size_trap_message(Backup *self, const char *sname)
     if (dname == NULL) {
         return NULL;
     }
-#if SQLITE_VERSION_NUMBER >= 3034000
-    if (sqlite3_txn_state(dest, dname) != SQLITE_TXN_WRITE) {
+    if (db_txn_state(dest, dname) != SQLITE_TXN_WRITE) {
         Py_RETURN_NONE; /* a read-only destination, not the trap */
     }
-#endif
     const char *fn = sqlite3_db_filename(dest, dname);
     int in_memory = fn == NULL || fn[0] == '\0';
     pragma_value(dest, dname, "journal_mode", journal_mode,
@@ -232,12 +230,8 @@ step_error_message(Backup *self, int rc)
         return NULL;
     }
     if (primary == SQLITE_BUSY) {
-#if SQLITE_VERSION_NUMBER >= 3034000
         int own_write =
-            sqlite3_txn_state(self->source->db, sname) == SQLITE_TXN_WRITE;
-#else
-        int own_write = !sqlite3_get_autocommit(self->source->db);
-#endif
+            db_txn_state(self->source->db, sname) == SQLITE_TXN_WRITE;
         if (self->source->locked_by != NULL) {
             return PyUnicode_FromFormat(
                 "The source connection is itself the destination of an "

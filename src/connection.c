@@ -541,22 +541,20 @@ static PyObject *
 connection_changes(Connection *self, PyObject *Py_UNUSED(ignored))
 {
     GUARD_ALL(self);
-#if SQLITE_VERSION_NUMBER >= 3037000
-    return PyLong_FromLongLong(sqlite3_changes64(self->db));
-#else
+    if (HAVE_CHANGES64) {
+        return PyLong_FromLongLong(sqlite3_changes64(self->db));
+    }
     return PyLong_FromLong(sqlite3_changes(self->db));
-#endif
 }
 
 static PyObject *
 connection_total_changes(Connection *self, PyObject *Py_UNUSED(ignored))
 {
     GUARD_ALL(self);
-#if SQLITE_VERSION_NUMBER >= 3037000
-    return PyLong_FromLongLong(sqlite3_total_changes64(self->db));
-#else
+    if (HAVE_CHANGES64) {
+        return PyLong_FromLongLong(sqlite3_total_changes64(self->db));
+    }
     return PyLong_FromLong(sqlite3_total_changes(self->db));
-#endif
 }
 
 static PyObject *
@@ -674,8 +672,7 @@ connection_txn_state(Connection *self, PyObject *args, PyObject *kwds)
             return NULL;
         }
     }
-#if SQLITE_VERSION_NUMBER >= 3034000
-    int state = sqlite3_txn_state(self->db, cschema);
+    int state = db_txn_state(self->db, cschema);
     if (state < 0) {
         PyObject *msg = PyUnicode_FromFormat(
             "unknown database %R: db_names() lists the attached ones", schema);
@@ -685,10 +682,6 @@ connection_txn_state(Connection *self, PyObject *args, PyObject *kwds)
         }
         return NULL;
     }
-#else
-    /* Before 3.34 SQLite cannot tell a read from a write transaction. */
-    int state = sqlite3_get_autocommit(self->db) ? 0 : 2;
-#endif
     return PyLong_FromLong(state);
 }
 

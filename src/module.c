@@ -106,10 +106,9 @@ static const struct {
     CONSTANT(SQLITE_WARNING),
     CONSTANT(SQLITE_ROW),
     CONSTANT(SQLITE_DONE),
-    /* sqlite3_txn_state() values (defined here for SQLite before 3.34). */
-    {"SQLITE_TXN_NONE", 0},
-    {"SQLITE_TXN_READ", 1},
-    {"SQLITE_TXN_WRITE", 2},
+    CONSTANT(SQLITE_TXN_NONE),
+    CONSTANT(SQLITE_TXN_READ),
+    CONSTANT(SQLITE_TXN_WRITE),
 };
 
 static int
