@@ -9,8 +9,11 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
+# Every such build is also the warnings check: -Wall -Wextra -Werror.
+# ISOLATED_API=limited builds against the Limited API, as the wheels are.
 isolated_build() {
-  local cflags=$1 ldflags=$2
+  local cflags="$1 -Wall -Wextra -Werror" ldflags=$2 full=1
+  [ "${ISOLATED_API:-full}" = limited ] && full=0
   ${PYTHON:-python3} -m venv "$work/venv"
   python="$work/venv/bin/python"
   "$python" -m pip install -q --disable-pip-version-check \
@@ -18,7 +21,7 @@ isolated_build() {
   mkdir -p "$work/pkg"
   cp -r "$root/apsw_backup" "$work/pkg/"
   rm -f "$work"/pkg/apsw_backup/*.so
-  (cd "$root" && CFLAGS="$cflags" LDFLAGS="$ldflags" APSW_BACKUP_FULL_API=1 \
+  (cd "$root" && CFLAGS="$cflags" LDFLAGS="$ldflags" APSW_BACKUP_FULL_API=$full \
      "$python" setup.py -q build_ext -b "$work/build" -t "$work/obj") \
      >"$work/build.log" 2>&1 || { cat "$work/build.log"; return 1; }
   cp "$work"/build/apsw_backup/_apsw_backup*.so "$work/pkg/apsw_backup/"
