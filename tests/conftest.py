@@ -8,6 +8,7 @@ fixture never depends on the code under test working.
 import sqlite3
 
 import pytest
+from backup_helpers import Opener, build_file, make_old_content
 
 import apsw_backup
 
@@ -73,3 +74,29 @@ def open_connection():
     yield _open
     for connection in reversed(opened):
         connection.close()
+
+
+# -- backups: a source file with content and a destination with old content --
+
+
+@pytest.fixture
+def connect(tmp_path):
+    """Opener: connect("name.db") opens tmp_path/name.db; all closed at the end."""
+    opener = Opener(tmp_path)
+    yield opener
+    opener.close_all()
+
+
+@pytest.fixture
+def src(connect):
+    """The backup source: src.db built by backup_helpers.build_file."""
+    build_file(connect.path("src.db"))
+    return connect("src.db")
+
+
+@pytest.fixture
+def dest(connect):
+    """The backup destination: dest.db holding the old content (OLD rows)."""
+    conn = connect("dest.db")
+    make_old_content(conn)
+    return conn

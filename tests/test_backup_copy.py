@@ -9,7 +9,6 @@ import os
 
 import pytest
 from backup_helpers import (
-    Opener,
     build_file,
     dump,
     dump_path,
@@ -23,13 +22,6 @@ from backup_helpers import (
 import apsw_backup
 
 OK = [("ok",)]
-
-
-@pytest.fixture
-def connect(tmp_path):
-    opener = Opener(tmp_path)
-    yield opener
-    opener.close_all()
 
 
 def assert_progress_is_sane(seen):

@@ -8,7 +8,6 @@ import weakref
 import pytest
 from backup_helpers import (
     LOCK_WORDS,
-    Opener,
     build_file,
     dump,
     dump_path,
@@ -22,26 +21,6 @@ import apsw_backup
 OK = [("ok",)]
 OLD = [(0,), (1,), (2,)]
 OLD_DUMP = {"old": OLD}
-
-
-@pytest.fixture
-def connect(tmp_path):
-    opener = Opener(tmp_path)
-    yield opener
-    opener.close_all()
-
-
-@pytest.fixture
-def src(connect):
-    build_file(connect.path("src.db"))
-    return connect("src.db")
-
-
-@pytest.fixture
-def dest(connect):
-    conn = connect("dest.db")
-    make_old_content(conn)
-    return conn
 
 
 def old_rows(conn):

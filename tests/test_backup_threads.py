@@ -16,40 +16,18 @@ import time
 
 import pytest
 from backup_helpers import (
-    Opener,
     build_file,
     dump,
     dump_path,
     exclusive_lock,
     in_thread,
     integrity,
-    make_old_content,
 )
 
 import apsw_backup
 
 OK = [("ok",)]
 OLD = [(0,), (1,), (2,)]
-
-
-@pytest.fixture
-def connect(tmp_path):
-    opener = Opener(tmp_path)
-    yield opener
-    opener.close_all()
-
-
-@pytest.fixture
-def src(connect):
-    build_file(connect.path("src.db"))
-    return connect("src.db")
-
-
-@pytest.fixture
-def dest(connect):
-    conn = connect("dest.db")
-    make_old_content(conn)
-    return conn
 
 
 class Sides:

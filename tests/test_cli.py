@@ -20,39 +20,9 @@ import time
 from pathlib import Path
 
 import pytest
+from copy_helpers import make_source, make_target, query
 
 TIMEOUT = 60  # seconds any one command may take before it counts as a hang
-
-
-def make_db(path, rows=300, blob=400, journal="delete"):
-    db = sqlite3.connect(str(path), isolation_level=None)
-    try:
-        db.execute(f"PRAGMA journal_mode={journal}")
-        db.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, data BLOB)")
-        db.execute("CREATE TABLE w(id INTEGER PRIMARY KEY, n INTEGER)")
-        db.execute(
-            "WITH RECURSIVE c(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM c "
-            f"WHERE i < {rows}) INSERT INTO t(data) SELECT randomblob({blob}) FROM c"
-        )
-    finally:
-        db.close()
-    return path
-
-
-def make_old(path):
-    db = sqlite3.connect(str(path), isolation_level=None)
-    db.execute("CREATE TABLE old(note TEXT)")
-    db.execute("INSERT INTO old VALUES ('old content')")
-    db.close()
-    return path
-
-
-def query(path, sql):
-    db = sqlite3.connect(str(path))
-    try:
-        return db.execute(sql).fetchall()
-    finally:
-        db.close()
 
 
 def digest(path):
@@ -76,7 +46,7 @@ def run(*args, text=True, **kwargs):
 
 @pytest.fixture
 def source(tmp_path):
-    return make_db(tmp_path / "source.db")
+    return make_source(tmp_path / "source.db")
 
 
 def test_backup_prints_one_summary_line_and_copies(source, tmp_path):
@@ -174,7 +144,7 @@ def test_progress_is_on_by_default_only_when_stderr_is_a_terminal(
 def test_refuses_non_empty_dest_without_overwrite_and_leaves_it_untouched(
     source, tmp_path
 ):
-    dest = make_old(tmp_path / "dest.db")
+    dest = make_target(tmp_path / "dest.db")
     before = digest(dest)
     proc = run(source, dest)
 
@@ -186,7 +156,7 @@ def test_refuses_non_empty_dest_without_overwrite_and_leaves_it_untouched(
 
 
 def test_overwrite_replaces_non_empty_dest(source, tmp_path):
-    dest = make_old(tmp_path / "dest.db")
+    dest = make_target(tmp_path / "dest.db")
     proc = run("--overwrite", source, dest)
 
     assert proc.returncode == 0, proc.stderr
@@ -313,10 +283,10 @@ def test_sigint_mid_copy_exits_130_and_leaves_dest_as_it_was(tmp_path, dest_exis
     # The progress line goes to a pipe that is already full, so the command
     # stops in its first progress call: after the first step has copied
     # pages into DEST's open transaction, before the copy is complete.
-    source = make_db(tmp_path / "source.db", rows=400, blob=1000)
+    source = make_source(tmp_path / "source.db", rows=400, blob=1000)
     dest = tmp_path / "dest.db"
     if dest_exists:
-        make_old(dest)
+        make_target(dest)
         before = digest(dest)
     journal = tmp_path / "dest.db-journal"
     read_end, write_end = full_pipe()
@@ -349,7 +319,7 @@ def test_sigint_mid_copy_exits_130_and_leaves_dest_as_it_was(tmp_path, dest_exis
 
 
 def test_sigint_while_waiting_for_a_locked_source_removes_new_dest(tmp_path):
-    source = make_db(tmp_path / "source.db")
+    source = make_source(tmp_path / "source.db")
     dest = tmp_path / "dest.db"
     locker = sqlite3.connect(str(source), isolation_level=None)
     locker.execute("BEGIN EXCLUSIVE")
@@ -379,7 +349,7 @@ def test_sigint_while_waiting_for_a_locked_source_removes_new_dest(tmp_path):
 
 
 def test_timeout_on_a_locked_source_exits_1_and_removes_new_dest(tmp_path):
-    source = make_db(tmp_path / "source.db")
+    source = make_source(tmp_path / "source.db")
     dest = tmp_path / "dest.db"
     locker = sqlite3.connect(str(source), isolation_level=None)
     locker.execute("BEGIN EXCLUSIVE")
@@ -414,7 +384,7 @@ print(n)
 
 @pytest.mark.parametrize("journal", ["delete", "wal"])
 def test_backup_of_a_source_another_process_is_writing_to(tmp_path, journal):
-    source = make_db(tmp_path / "live.db", rows=2000, blob=1000, journal=journal)
+    source = make_source(tmp_path / "live.db", rows=2000, blob=1000, journal=journal)
     dest = tmp_path / "dest.db"
     started, stop = tmp_path / "started", tmp_path / "stop"
     writer = subprocess.Popen(

@@ -16,45 +16,13 @@ import threading
 import time
 
 import pytest
+from copy_helpers import make_source, make_target, query
 
 import apsw_backup
 from apsw_backup import CopyResult, acopy, copy
 
 OK, DONE, BUSY = apsw_backup.SQLITE_OK, apsw_backup.SQLITE_DONE, apsw_backup.SQLITE_BUSY
 BOUND = 20  # seconds any copy in these tests may take before it counts as a hang
-
-
-def make_source(path, rows=300, blob=400, journal="delete"):
-    """A database with table t(id, data) of ``rows`` random blobs."""
-    db = sqlite3.connect(str(path), isolation_level=None)
-    try:
-        db.execute(f"PRAGMA journal_mode={journal}")
-        db.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, data BLOB)")
-        db.execute("CREATE TABLE w(id INTEGER PRIMARY KEY, at REAL)")
-        db.execute(
-            "WITH RECURSIVE c(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM c "
-            f"WHERE i < {rows}) INSERT INTO t(data) SELECT randomblob({blob}) FROM c"
-        )
-    finally:
-        db.close()
-    return path
-
-
-def make_target(path):
-    """A database holding only table old(note) = 'old content'."""
-    db = sqlite3.connect(str(path), isolation_level=None)
-    db.execute("CREATE TABLE old(note TEXT)")
-    db.execute("INSERT INTO old VALUES ('old content')")
-    db.close()
-    return path
-
-
-def query(path, sql):
-    db = sqlite3.connect(str(path))
-    try:
-        return db.execute(sql).fetchall()
-    finally:
-        db.close()
 
 
 def tables(path):
