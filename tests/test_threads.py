@@ -84,9 +84,6 @@ def run_in_thread(target):
     return outcome["value"], outcome["error"]
 
 
-# valgrind runs one thread at a time, so the ticker cannot tick while the
-# statement runs there: a test of real parallelism, left out of .ci/valgrind.
-@pytest.mark.heavy
 def test_long_statement_lets_other_python_threads_run(long_statement):
     stop = threading.Event()
     ticks = [0]
