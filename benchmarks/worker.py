@@ -31,11 +31,10 @@ def maxrss_kb() -> int:
 # -- backup: one timed backup, init .. finish, like raw_backup.c -------------
 
 
-def backup_apsw_backup(source: str, dest: str, pages: int, sync: str) -> dict:
-    import apsw_backup
-
-    src = apsw_backup.Connection(source, apsw_backup.SQLITE_OPEN_READONLY)
-    dst = apsw_backup.Connection(dest)
+def _backup_apsw_style(module, source: str, dest: str, pages: int, sync: str) -> dict:
+    """The user's loop on an APSW-style API (apsw_backup and APSW share it)."""
+    src = module.Connection(source, module.SQLITE_OPEN_READONLY)
+    dst = module.Connection(dest)
     dst.execute(f"PRAGMA synchronous={sync}").fetchall()
     rss0 = maxrss_kb()
     start, cpu = time.perf_counter(), time.process_time()
@@ -48,7 +47,13 @@ def backup_apsw_backup(source: str, dest: str, pages: int, sync: str) -> dict:
     elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
     dst.close()
     src.close()
-    return _result(elapsed, cpu, total, pages, rss0, apsw_backup.sqlite_lib_version())
+    return _result(elapsed, cpu, total, pages, rss0, module.sqlite_lib_version())
+
+
+def backup_apsw_backup(source: str, dest: str, pages: int, sync: str) -> dict:
+    import apsw_backup
+
+    return _backup_apsw_style(apsw_backup, source, dest, pages, sync)
 
 
 def backup_stdlib(source: str, dest: str, pages: int, sync: str) -> dict:
@@ -73,21 +78,7 @@ def backup_stdlib(source: str, dest: str, pages: int, sync: str) -> dict:
 def backup_apsw(source: str, dest: str, pages: int, sync: str) -> dict:
     import apsw
 
-    src = apsw.Connection(source, flags=apsw.SQLITE_OPEN_READONLY)
-    dst = apsw.Connection(dest)
-    dst.execute(f"PRAGMA synchronous={sync}")
-    rss0 = maxrss_kb()
-    start, cpu = time.perf_counter(), time.process_time()
-    b = dst.backup("main", src, "main")
-    step = b.step
-    while not step(pages):
-        pass
-    total = b.page_count
-    b.finish()
-    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
-    dst.close()
-    src.close()
-    return _result(elapsed, cpu, total, pages, rss0, apsw.sqlite_lib_version())
+    return _backup_apsw_style(apsw, source, dest, pages, sync)
 
 
 def _result(elapsed, cpu, total, pages, rss0, version) -> dict:
