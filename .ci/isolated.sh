@@ -38,15 +38,23 @@ check_loaded() {
   esac
 }
 
-# pytest from outside the checkout; relative test paths are taken from root.
+# pytest from outside the checkout; relative test paths are taken from root,
+# and with no test path at all it runs tests/.
 # Usage: run_pytest [launcher args...] -- [pytest args...]
 run_pytest() {
   local launcher=() args=() a
   while [ $# -gt 0 ] && [ "$1" != "--" ]; do launcher+=("$1"); shift; done
   [ $# -gt 0 ] && shift
+  local paths=0
   for a in "$@"; do
-    case "$a" in -*|/*) args+=("$a") ;; *) if [ -e "$root/$a" ]; then args+=("$root/$a"); else args+=("$a"); fi ;; esac
+    case "$a" in
+      -*) args+=("$a") ;;
+      /*) args+=("$a"); [ -e "${a%%::*}" ] && paths=1 ;;
+      *) if [ -e "$root/${a%%::*}" ]; then args+=("$root/$a"); paths=1; else args+=("$a"); fi ;;
+    esac
   done
+  # Options only (say -m "not heavy"): the whole suite.
+  [ "$paths" = 1 ] || args+=("$root/tests")
   (cd "$work" && "${launcher[@]}" "$python" -m pytest -q -p no:cacheprovider \
      --rootdir "$root" -c "$root/pyproject.toml" "${args[@]}")
 }
