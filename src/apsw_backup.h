@@ -149,6 +149,7 @@ ModuleState *state_from_type(PyTypeObject *type);
 PyObject *raise_sqlite_error(ModuleState *st, int rc, const char *msg);
 PyObject *raise_db_error(ModuleState *st, sqlite3 *db, int rc);
 PyObject *raise_error_object(ModuleState *st, int rc, PyObject *msg);
+PyObject *raise_error_format(ModuleState *st, int rc, const char *format, ...);
 int add_exceptions(PyObject *module, ModuleState *st);
 
 /* connection.c */

@@ -452,7 +452,8 @@ connection_backup(Connection *self, PyObject *args, PyObject *kwds)
                         "before starting another");
         return NULL;
     }
-    if (connection_check(self, CHECK_OPEN | CHECK_UNLOCKED) < 0
+    /* The destination's lock was checked just above, with its own message. */
+    if (connection_check(self, CHECK_OPEN) < 0
         || connection_check(source, CHECK_OPEN | CHECK_UNLOCKED) < 0) {
         return NULL;
     }
@@ -621,6 +622,14 @@ done:
 }
 
 static PyObject *
+raise_unknown_schema(Connection *self, PyObject *name)
+{
+    return raise_error_format(
+        self->state, SQLITE_ERROR,
+        "unknown database %R: db_names() lists the attached ones", name);
+}
+
+static PyObject *
 connection_readonly(Connection *self, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"name", NULL};
@@ -637,13 +646,7 @@ connection_readonly(Connection *self, PyObject *args, PyObject *kwds)
     }
     int res = sqlite3_db_readonly(self->db, cname);
     if (res < 0) {
-        PyObject *msg = PyUnicode_FromFormat(
-            "unknown database %R: db_names() lists the attached ones", name);
-        if (msg != NULL) {
-            raise_error_object(self->state, SQLITE_ERROR, msg);
-            Py_DECREF(msg);
-        }
-        return NULL;
+        return raise_unknown_schema(self, name);
     }
     return PyBool_FromLong(res);
 }
@@ -674,13 +677,7 @@ connection_txn_state(Connection *self, PyObject *args, PyObject *kwds)
     }
     int state = db_txn_state(self->db, cschema);
     if (state < 0) {
-        PyObject *msg = PyUnicode_FromFormat(
-            "unknown database %R: db_names() lists the attached ones", schema);
-        if (msg != NULL) {
-            raise_error_object(self->state, SQLITE_ERROR, msg);
-            Py_DECREF(msg);
-        }
-        return NULL;
+        return raise_unknown_schema(self, schema);
     }
     return PyLong_FromLong(state);
 }

@@ -5,6 +5,7 @@
  * extendedresult attributes are always filled in the same way.
  */
 #include "apsw_backup.h"
+#include <stdarg.h>
 
 static const struct {
     int code;
@@ -152,6 +153,21 @@ raise_error_object(ModuleState *st, int rc, PyObject *msg)
     Py_DECREF(extended);
     PyErr_SetObject(cls, exc);
     Py_DECREF(exc);
+    return NULL;
+}
+
+/* raise_error_object with a PyUnicode_FromFormat message. */
+PyObject *
+raise_error_format(ModuleState *st, int rc, const char *format, ...)
+{
+    va_list vargs;
+    va_start(vargs, format);
+    PyObject *msg = PyUnicode_FromFormatV(format, vargs);
+    va_end(vargs);
+    if (msg != NULL) {
+        raise_error_object(st, rc, msg);
+        Py_DECREF(msg);
+    }
     return NULL;
 }
 
