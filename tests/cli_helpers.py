@@ -1,0 +1,131 @@
+"""Running the apsw-backup command as a real process, for the test_cli*.py
+files: every run goes through ``sys.executable -m apsw_backup`` with a
+timeout (the console script is the same main(), checked in test_cli.py)."""
+
+import fcntl
+import hashlib
+import json
+import os
+import pty
+import select
+import signal
+import struct
+import subprocess
+import sys
+import termios
+import time
+from pathlib import Path
+
+TIMEOUT = 60  # seconds any one command may take before it counts as a hang
+PAUSE = "APSW_BACKUP_TEST_PAUSE"  # the command's test-only pause hook
+
+
+def command(*args):
+    return [sys.executable, "-m", "apsw_backup", *map(str, args)]
+
+
+def run(*args, text=True, env=None, **kwargs):
+    return subprocess.run(
+        command(*args),
+        capture_output=True,
+        text=text,
+        timeout=TIMEOUT,
+        check=False,
+        env=env,
+        **kwargs,
+    )
+
+
+def digest(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def wait_for(predicate, what, timeout=TIMEOUT):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.005)
+
+
+def paused_env(phase, marker):
+    """The environment that makes the command stop in `phase`: it creates
+    `marker` there and waits for a signal."""
+    return {**os.environ, PAUSE: f"{phase}:{marker}"}
+
+
+def interrupt_in(phase, args, tmp_path, signum=signal.SIGINT):
+    """Run the command until it reaches `phase`, send it `signum` there;
+    (returncode, stdout, stderr)."""
+    marker = tmp_path / f"reached-{phase}"
+    proc = subprocess.Popen(
+        command(*args),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=paused_env(phase, marker),
+    )
+    try:
+        wait_for(lambda: marker.exists() or proc.poll() is not None, phase)
+        assert marker.exists(), f"never reached {phase}: {proc.communicate()}"
+        proc.send_signal(signum)
+        stdout, stderr = proc.communicate(timeout=TIMEOUT)
+    finally:
+        proc.kill()
+        proc.wait(TIMEOUT)
+    return proc.returncode, stdout, stderr
+
+
+def leftovers(folder, keep=()):
+    """Files in folder other than `keep` (names)."""
+    return sorted(set(os.listdir(folder)) - set(keep))
+
+
+def json_of(proc):
+    """The one JSON object the command printed on stdout."""
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 1, proc.stdout
+    return json.loads(lines[0])
+
+
+class Terminal:
+    """The command with stderr on a pseudo-terminal of a given width."""
+
+    def __init__(self, args, columns=80, env=None):
+        self.primary, secondary = pty.openpty()
+        fcntl.ioctl(
+            secondary, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0)
+        )
+        environ = {k: v for k, v in (env or os.environ).items() if k != "COLUMNS"}
+        self.proc = subprocess.Popen(
+            command(*args), stdout=subprocess.PIPE, stderr=secondary, env=environ
+        )
+        os.close(secondary)
+        self.chunks = []
+
+    def read_until_exit(self):
+        """(returncode, everything written to the terminal)."""
+        deadline = time.monotonic() + TIMEOUT
+        try:
+            while time.monotonic() < deadline:
+                if select.select([self.primary], [], [], 0.05)[0]:
+                    try:
+                        chunk = os.read(self.primary, 65536)
+                    except OSError:  # EIO: the command closed the terminal
+                        break
+                    if not chunk:
+                        break
+                    self.chunks.append(chunk)
+                elif self.proc.poll() is not None:
+                    break
+            self.proc.stdout.read()
+            return self.proc.wait(TIMEOUT), b"".join(self.chunks).decode()
+        finally:
+            self.proc.kill()
+            self.proc.wait(TIMEOUT)
+            self.proc.stdout.close()
+            os.close(self.primary)
+
+
+def redraws(screen_text):
+    """The successive states of the progress line: each \\r starts one."""
+    return [part for part in screen_text.replace("\n", "\r").split("\r") if part]
