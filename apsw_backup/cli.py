@@ -1350,8 +1350,10 @@ def _demo(args: argparse.Namespace, interrupts: Interrupts) -> int:
     The files are made in a new folder in the current one (or the temporary
     folder, if the current one is not writable) and left there.
     """
-    base = "." if os.access(".", os.W_OK) else None
-    folder = tempfile.mkdtemp(prefix="apsw-backup-demo-", dir=base)
+    if os.access(".", os.W_OK):
+        folder = os.path.relpath(tempfile.mkdtemp(prefix="apsw-backup-demo-", dir="."))
+    else:
+        folder = tempfile.mkdtemp(prefix="apsw-backup-demo-")
     source = os.path.join(folder, "live.db")
     make_sample(source)
     args.source, args.dest = source, os.path.join(folder, "backups") + os.sep

@@ -56,7 +56,7 @@ def paused_env(phase, marker):
 def interrupt_in(phase, args, tmp_path, signum=signal.SIGINT):
     """Run the command until it reaches `phase`, send it `signum` there;
     (returncode, stdout, stderr)."""
-    marker = tmp_path / f"reached-{phase}"
+    marker = marker_path(tmp_path, phase)
     proc = subprocess.Popen(
         command(*args),
         stdout=subprocess.PIPE,
@@ -75,9 +75,20 @@ def interrupt_in(phase, args, tmp_path, signum=signal.SIGINT):
     return proc.returncode, stdout, stderr
 
 
+def marker_path(tmp_path, phase):
+    """Where the pause hook marks `phase` reached: in a folder of its own,
+    which leftovers() does not count."""
+    folder = tmp_path / MARKERS
+    folder.mkdir(exist_ok=True)
+    return folder / f"reached-{phase}"
+
+
+MARKERS = "markers"
+
+
 def leftovers(folder, keep=()):
-    """Files in folder other than `keep` (names)."""
-    return sorted(set(os.listdir(folder)) - set(keep))
+    """Files in folder other than `keep` (names) and the markers folder."""
+    return sorted(set(os.listdir(folder)) - {*keep, MARKERS})
 
 
 def json_of(proc):
