@@ -446,7 +446,7 @@ def _plan(args: argparse.Namespace) -> Job:
     folder = None
     if os.path.isdir(dest) or dest.endswith(("/", os.sep)):
         folder = dest
-        _check_folder(folder, f"DEST folder {_q(folder)}")
+        _check_folder(folder, "DEST folder")
         dest = backup_name(folder, source)
         existed = False
     elif args.keep is not None:
@@ -457,9 +457,12 @@ def _plan(args: argparse.Namespace) -> Job:
             UsageError("--keep"),
         )
     else:
+        _check_side_file_name(dest)
         existed = os.path.lexists(dest)
         if existed:
             _check_existing_dest(dest, args.overwrite)
+        else:
+            _check_stale_side_files(dest)
         _check_folder(os.path.dirname(os.path.abspath(dest)), "DEST's folder")
     return Job(
         source=source,
@@ -484,6 +487,37 @@ def _same_file_message(source: str, dest: str) -> str:
         f"DEST {_q(dest)} is {what}: a copy written there would be lost and "
         f"could damage SOURCE {_q(source)}. Choose another DEST"
     )
+
+
+def _check_side_file_name(dest: str) -> None:
+    """Refuse DEST named as another database's side file (other.db-wal):
+    opening that database would apply the copy to it, or delete it."""
+    for suffix in files.SIDE_FILES:
+        owner = dest[: -len(suffix)]
+        if dest.endswith(suffix) and os.path.isfile(owner):
+            raise Failure(
+                EXIT_USAGE,
+                f"DEST {_q(dest)} is the {suffix} file name of the database "
+                f"{_q(owner)}: SQLite would take the copy for part of that "
+                "database. Choose another DEST",
+                UsageError("DEST"),
+            )
+
+
+def _check_stale_side_files(dest: str) -> None:
+    """Refuse a new DEST whose -journal or -wal is already there: the next
+    open of the copy would apply it (a hot journal or a WAL of another
+    database) and corrupt the copy."""
+    for suffix in ("-journal", "-wal"):
+        if os.path.lexists(dest + suffix):
+            raise Failure(
+                EXIT_USAGE,
+                f"DEST {_q(dest)} does not exist, but {_q(dest + suffix)} is "
+                "there (left by a crash, or by another database of that name): "
+                "SQLite would apply it to the new copy and corrupt it. Move it "
+                "away once you know it is not needed, or choose another DEST",
+                UsageError("DEST"),
+            )
 
 
 def _same_path(a: str, b: str) -> bool:
@@ -590,7 +624,9 @@ def _check_folder(folder: str, role: str) -> None:
     if not stat.S_ISDIR(info.st_mode):
         error = NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), path)
         raise Failure(
-            EXIT_ERROR, f"{role} {_q(path)} is a file, not a folder (ENOTDIR)", error
+            EXIT_ERROR,
+            f"{role} {_q(path)} is a file, not a folder (ENOTDIR): check the path",
+            error,
         )
     _check_writable(path, role)
 

@@ -8,6 +8,7 @@ import json
 import os
 import pty
 import select
+import shutil
 import signal
 import struct
 import subprocess
@@ -140,3 +141,57 @@ class Terminal:
 def redraws(screen_text):
     """The successive states of the progress line: each \\r starts one."""
     return [part for part in screen_text.replace("\n", "\r").split("\r") if part]
+
+
+def without_preload():
+    """The environment for unshare/setpriv/sh: a sanitizer runtime preloaded
+    for the tests is handed on to the Python child only (see in_mount)."""
+    env = dict(os.environ)
+    env["CHILD_PRELOAD"] = env.pop("LD_PRELOAD", "")
+    return env
+
+
+# Mount a tmpfs ("$1", options "$2") in a private mount namespace, then run
+# the rest of the arguments there.
+MOUNT_AND_RUN = r"""
+set -e
+mount -t tmpfs -o "$2" tmpfs "$1"
+folder=$1; shift 2
+if [ -n "$SETUP" ]; then eval "$SETUP"; fi
+if [ -n "$REMOUNT" ]; then mount -o "remount,$REMOUNT" "$folder"; fi
+LD_PRELOAD=$CHILD_PRELOAD exec "$@"
+"""
+
+
+def can_mount(probe):
+    """Whether a tmpfs can be mounted in a private mount namespace here."""
+    if shutil.which("unshare") is None:
+        return False
+    proc = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+         f'mount -t tmpfs -o size=64k tmpfs "{probe}"'],
+        capture_output=True, env=without_preload(), timeout=TIMEOUT, check=False,
+    )  # fmt: skip
+    return proc.returncode == 0
+
+
+def in_mount(folder, options, args, setup="", remount=""):
+    """Run the command with a tmpfs (mount options) on folder, in a private
+    mount namespace; `setup` is shell run there first (before `remount`)."""
+    env = {**without_preload(), "SETUP": setup, "REMOUNT": remount}
+    return subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+         MOUNT_AND_RUN, "sh", str(folder), options, *command(*args)],
+        capture_output=True, text=True, env=env, timeout=TIMEOUT, check=False,
+    )  # fmt: skip
+
+
+def without_privileges(args):
+    """Run the command as root without the capabilities that let root read
+    and write any file, so that file permissions apply to it."""
+    return subprocess.run(
+        ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "sh", "-c",
+         'LD_PRELOAD=$CHILD_PRELOAD exec "$@"', "sh", *command(*args)],
+        capture_output=True, text=True, env=without_preload(), timeout=TIMEOUT,
+        check=False,
+    )  # fmt: skip
