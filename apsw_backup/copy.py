@@ -29,17 +29,17 @@ import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal, TypeVar, Union
+from typing import Literal, TypeVar
 
 from apsw_backup import _apsw_backup as _c
 from apsw_backup import files
 
-Database = Union[_c.Connection, str, "os.PathLike[str]"]
-Source = Union[Database, sqlite3.Connection]
+Database = _c.Connection | str | os.PathLike[str]
+Source = Database | sqlite3.Connection
 Progress = Callable[[int, int, int], object]
 Verify = Callable[[str], object]
-Snapshot = Union[bool, Literal["auto"]]
-Outcome = Union[int, _c.Error]
+Snapshot = bool | Literal["auto"]
+Outcome = int | _c.Error
 T = TypeVar("T")
 
 # With snapshot="auto", the number of restarts after which the source is
@@ -137,7 +137,9 @@ class _Options:
                 f"keep_wal must be True or False, not {type(self.keep_wal).__name__}"
             )
         if self.verify is not None and not callable(self.verify):
-            raise TypeError("verify must be callable (it is given the copy's path) or None")
+            raise TypeError(
+                "verify must be callable (it is given the copy's path) or None"
+            )
 
     @property
     def step_pages(self) -> int:
@@ -214,9 +216,7 @@ def _schema_files(conn: _c.Connection | sqlite3.Connection) -> dict[str, str]:
     return {str(row[1]).casefold(): str(row[2] or "") for row in rows}
 
 
-def _schema_file(
-    conn: _c.Connection | sqlite3.Connection, name: str, role: str
-) -> str:
+def _schema_file(conn: _c.Connection | sqlite3.Connection, name: str, role: str) -> str:
     """The file of schema `name` of conn; SQLError if it has no such schema."""
     found = _schema_files(conn)
     if name.casefold() == "temp":
@@ -374,7 +374,7 @@ class _SourceSide:
             if conn is None:
                 continue
             try:
-                if conn.txn_state() == _c.SQLITE_TXN_READ:
+                if not conn.get_autocommit():
                     conn.execute("ROLLBACK")
             except _c.ConnectionClosedError:
                 pass  # closing it ended the transaction
@@ -437,6 +437,7 @@ class _TargetSide:
 
     def __init__(self, target: Source, options: _Options) -> None:
         self.conn: _c.Connection | None = None
+        self.user: _c.Connection | None = None
         self.new: files.NewFile | None = None
         self.was_wal = False
         self.schema = options.target_name
@@ -495,7 +496,9 @@ class _TargetSide:
                 self.new.create()
             except OSError as exc:
                 self.new = None
-                raise _cannot("target's folder", os.path.dirname(self.file), exc) from exc
+                raise _cannot(
+                    "target's folder", os.path.dirname(self.file), exc
+                ) from exc
             path = self.new.path
             flags = _c.SQLITE_OPEN_READWRITE
         else:
