@@ -973,7 +973,25 @@ def _explain(exc: BaseException, job: Job, args: argparse.Namespace) -> str:
         )
     if isinstance(exc, OSError):
         return f"file system error on {_q(exc.filename or job.dest)}: {_os_cause(exc)}"
-    return f"{type(exc).__name__}: {exc}"
+    return f"{type(exc).__name__}: {in_cli_terms(str(exc))}"
+
+
+# copy()'s words for what the command calls SOURCE and DEST, longest first.
+CLI_TERMS = [
+    ("copy()", "the backup"),
+    ("finish()", "finishing the backup"),
+    ("the new target", "DEST"),
+    ("the target", "DEST"),
+    ("the source", "SOURCE"),
+    ("target", "DEST"),
+]
+
+
+def in_cli_terms(text: str) -> str:
+    """A message of copy() or SQLite in the command's terms (SOURCE, DEST)."""
+    for words, ours in CLI_TERMS:
+        text = text.replace(words, ours)
+    return text
 
 
 def _path_problem(job: Job) -> str | None:
@@ -1003,10 +1021,14 @@ def _timeout_text(job: Job, timeout: float, elapsed: float) -> str:
             "connections wrote to SOURCE"
         )
     cause = "; ".join(causes) or "the time limit passed before the copy was complete"
+    copied = (
+        f"{job.copied} of {job.total} pages copied"
+        if job.total
+        else "no page copied yet"
+    )
     return (
         f"BusyError: gave up after {elapsed:.2f} s (--timeout {timeout:g}) with "
-        f"{job.copied} of {job.total} pages copied: {cause}. Retry later, or with "
-        "a longer --timeout"
+        f"{copied}: {cause}. Retry later, or with a longer --timeout"
     )
 
 
@@ -1327,6 +1349,8 @@ class ProgressLine:
         }.get(self._phase, "copying")
         if job.restarts:
             phase += f" (restarted {_count(job.restarts, 'time')})"
+        if not job.total and not done:
+            return [phase]  # no step has got far enough to count the pages
         parts = [phase, f"{percent:.1f}%", f"{job.copied}/{job.total} pages"]
         if self._phase == "waiting":
             return parts
@@ -1352,6 +1376,8 @@ class ProgressLine:
     def stopped_parts(self, why: str) -> list[str]:
         """The final line of a backup that failed or was interrupted."""
         job = self._job
+        if not job.total:
+            return [f"stopped: {why}"]
         return [f"stopped: {why}", f"{job.copied}/{job.total} pages"]
 
     def _draw(self, parts: list[str]) -> None:

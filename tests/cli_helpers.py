@@ -113,6 +113,19 @@ class Terminal:
         )
         os.close(secondary)
         self.chunks = []
+        self.stdout = ""
+
+    def read_until(self, predicate, what):
+        """Read until predicate(everything written so far) holds."""
+        deadline = time.monotonic() + TIMEOUT
+        while not predicate(self.text()):
+            assert time.monotonic() < deadline, f"timed out waiting for {what}"
+            assert self.proc.poll() is None, f"exited before {what}: {self.text()}"
+            if select.select([self.primary], [], [], 0.05)[0]:
+                self.chunks.append(os.read(self.primary, 65536))
+
+    def text(self):
+        return b"".join(self.chunks).decode()
 
     def read_until_exit(self):
         """(returncode, everything written to the terminal)."""
@@ -129,8 +142,8 @@ class Terminal:
                     self.chunks.append(chunk)
                 elif self.proc.poll() is not None:
                     break
-            self.proc.stdout.read()
-            return self.proc.wait(TIMEOUT), b"".join(self.chunks).decode()
+            self.stdout = self.proc.stdout.read().decode()
+            return self.proc.wait(TIMEOUT), self.text()
         finally:
             self.proc.kill()
             self.proc.wait(TIMEOUT)
@@ -195,3 +208,10 @@ def without_privileges(args):
         capture_output=True, text=True, env=without_preload(), timeout=TIMEOUT,
         check=False,
     )  # fmt: skip
+
+
+def resize(terminal, columns):
+    """Make the terminal `columns` wide, as a user dragging its edge does."""
+    fcntl.ioctl(
+        terminal.primary, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0)
+    )
