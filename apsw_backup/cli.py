@@ -80,7 +80,8 @@ exit codes (the message, and "dest_state" in --json, say what DEST holds):
   2    usage error or refusal: nothing was written
   3    verification failed: a new DEST was not created; an existing DEST
        holds the copy that failed verification
-  130  interrupted by Ctrl-C (143: SIGTERM); the message says which holds:
+  130  interrupted by Ctrl-C (SIGINT), 143 by SIGTERM; then DEST holds what
+       the message says:
        "DEST was not created" / "DEST was left as it was" (nothing changed),
        "DEST holds the complete copy, but it was not verified",
        "DEST holds the complete, verified copy"
@@ -89,7 +90,7 @@ apsw-backup verify [--json] FILE... checks existing backups (exit 0, 1, 3)."""
 
 VERIFY_EPILOG = """\
 exit codes: 0 every FILE passed, 1 a FILE could not be read, 3 a FILE failed
-verification (the highest applies), 130 interrupted (143: SIGTERM)."""
+verification (the highest applies), 130 interrupted (SIGINT), 143 SIGTERM."""
 
 
 class Failure(Exception):
@@ -145,7 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args = _parse(argv)
             if args.demo:
                 return _demo(args, interrupts)
-            return _backup_command(_plan(args), args, interrupts)
+            return _backup_command(_planned(args), args, interrupts)
         except _Exit as done:  # --help, --version
             return done.code
         except Failure as failure:
@@ -432,6 +433,19 @@ def _q(path: str) -> str:
 
 def _locked(status: int) -> bool:
     return status & 0xFF in (apsw_backup.SQLITE_BUSY, apsw_backup.SQLITE_LOCKED)
+
+
+def _planned(args: argparse.Namespace) -> Job:
+    """_plan(args); a refusal reports SOURCE, DEST and that DEST is as it was."""
+    try:
+        return _plan(args)
+    except Failure as failure:
+        failure.fields.update(
+            source=args.source,
+            dest=args.dest,
+            dest_state="unchanged" if os.path.lexists(args.dest) else "not created",
+        )
+        raise
 
 
 def _plan(args: argparse.Namespace) -> Job:

@@ -343,3 +343,48 @@ def test_console_script_runs_the_same_command(source, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["verified"] is True
+
+
+STATES = [
+    "DEST was not created",
+    "DEST was left as it was",
+    "DEST holds the complete copy, but it was not verified",
+    "DEST holds the complete, verified copy",
+]
+
+
+def test_exit_codes_and_dest_states_are_documented_in_help_docstring_and_readme():
+    from pathlib import Path
+
+    import apsw_backup.cli
+
+    help_text = run("--help").stdout
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    docstring = apsw_backup.cli.__doc__
+    for text in (help_text, docstring):
+        flat = " ".join(text.split())
+        for code in ("0 ", "1 ", "2 ", "3 ", "130 ", "143"):
+            assert f"\n  {code}" in text or f" {code}" in flat
+        for state in STATES:
+            assert state in flat, state
+    for code in ("`0`", "`1`", "`2`", "`3`", "`130`", "`143`"):
+        assert code in readme
+    for state in (
+        "was not created",
+        "was left as it was",
+        "not verified",
+        "complete, verified copy",
+    ):
+        assert state in readme
+
+
+def test_python_m_and_the_console_script_share_main():
+    # python -m apsw_backup runs apsw_backup.cli.main, the console script's
+    # entry point: the same arguments, output and exit codes.
+    from pathlib import Path
+
+    main = (Path(__file__).parent.parent / "apsw_backup" / "__main__.py").read_text()
+    assert "from apsw_backup.cli import main" in main
+    assert "raise SystemExit(main())" in main
+    pyproject = (Path(__file__).parent.parent / "pyproject.toml").read_text()
+    assert 'apsw-backup = "apsw_backup.cli:main"' in pyproject
