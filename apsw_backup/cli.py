@@ -1291,9 +1291,16 @@ def terminal_columns(stream: TextIO) -> int:
     return max(columns, 1)
 
 
-def fit(parts: list[str], width: int) -> str:
-    """parts joined by two spaces, the last ones left out until the line is
-    shorter than width (a line as long as the terminal may wrap)."""
+def fit(forms: list[list[str]], width: int) -> str:
+    """The first of forms (the same parts, each form terser than the one
+    before) whose parts, joined by two spaces, make a line shorter than
+    width (a line as long as the terminal may wrap); else the tersest form
+    with its last parts left out, cut at the width at worst."""
+    for parts in forms:
+        text = "  ".join(parts)
+        if len(text) < width:
+            return text
+    parts = forms[-1]
     while len(parts) > 1 and len("  ".join(parts)) >= width:
         parts = parts[:-1]
     text = "  ".join(parts)
@@ -1366,8 +1373,26 @@ class ProgressLine:
         if not job.total and not done:
             return [phase]  # no step has got far enough to count the pages
         parts = [phase, f"{percent:.1f}%", f"{job.copied}/{job.total} pages"]
-        if self._phase == "waiting":
-            return parts
+        if self._phase != "waiting":
+            parts += self._speed(now)
+        return parts
+
+    def terse(self, parts: list[str]) -> list[str]:
+        """parts in fewer words, for a narrow terminal."""
+        words = {" (restarted ": ", ", " times)": " restarts", " time)": " restart"}
+        terse = []
+        for part in parts:
+            for long, short in words.items():
+                part = part.replace(long, short)
+            terse.append(part.removesuffix(" pages"))
+        if terse and terse[0].startswith("waiting for a lock "):
+            terse[0] = "locked: " + terse[0].removeprefix("waiting for a lock ")
+        return terse
+
+    def _speed(self, now: float) -> list[str]:
+        job = self._job
+        done = self._phase == "copied"
+        parts = []
         elapsed = now - self._start
         # Too early to tell a rate (or an ETA) from one step.
         rate = job.written / elapsed if elapsed >= REDRAW_EVERY else 0.0
@@ -1397,7 +1422,7 @@ class ProgressLine:
     def _draw(self, parts: list[str]) -> None:
         self._drawn_at = self._clock()
         width = terminal_columns(self._stream)
-        line = fit(parts, width)
+        line = fit([parts, self.terse(parts)], width)
         # Blank out what is left of a longer previous line, within the width.
         self._stream.write("\r" + line.ljust(min(self._width, width - 1)))
         self._stream.flush()
@@ -1438,10 +1463,10 @@ def _demo(args: argparse.Namespace, interrupts: Interrupts) -> int:
         args.pages = 48  # small steps, so that the copy is seen to move
     job = _plan(args)
     _say(
-        f"backing up {source} (WAL mode, {os.path.getsize(source) / 1e6:.1f} MB) "
-        f"into {args.dest} while another connection commits a small write every "
-        f"few milliseconds (the demo waits {DEMO_PAUSE * 1000:.0f} ms after each "
-        f"step of {args.pages} pages, so that you can watch)"
+        f"backing up {source} (WAL, {os.path.getsize(source) / 1e6:.1f} MB) into "
+        f"{args.dest} while another connection commits every 2 ms; it pauses "
+        f"{DEMO_PAUSE * 1000:.0f} ms after each step of {args.pages} pages so "
+        "that you can watch"
     )
     writer = Writer(source)
     writer.start()
