@@ -15,7 +15,6 @@ and recover locks (bytes 120..122 of the -shm file) and leaves the
 wal-index header invalid, so every reader must wait for the recovery.
 """
 
-import os
 import subprocess
 import sys
 import threading
