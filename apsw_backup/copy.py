@@ -452,6 +452,7 @@ class _TargetSide:
         if isinstance(target, _c.Connection):
             self.kind, self.user = "connection", target
             self.file = _schema_file(target, options.target_name, "target")
+            self.given = self.file
             if options.verify is not None and not self.file:
                 raise ValueError(
                     "verify needs the copy's file, but the target database "
@@ -484,7 +485,7 @@ class _TargetSide:
                 f"os.PathLike), not {type(target).__name__}"
             )
         self.user = None
-        self.file = os.path.abspath(path)
+        self.given = self.file = os.path.abspath(path)
         self.kind = _check_target_path(self.file)
         if self.kind == "new":
             self.file = os.path.realpath(self.file)  # a dangling link: its file
@@ -627,7 +628,7 @@ class _Copy:
         # Every argument and path is checked before anything is created.
         self._src = _SourceSide(source, options)
         self._dst = _TargetSide(target, options)
-        files.check_distinct(self._src.file, self._dst.file)
+        files.check_distinct(self._src.file, self._dst.given)
         self._src.open()
         try:
             self._dst.open()
