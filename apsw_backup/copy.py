@@ -51,8 +51,11 @@ AUTO_SNAPSHOT_AFTER = 3
 IN_USE_RETRIES = 10
 
 # The first wait after a locked step; each further locked step in a row
-# doubles it, up to `sleep`.
+# doubles it, up to SHORT_WAIT_MAX, until the lock has lasted LONG_LOCK
+# seconds; then the wait is `sleep` (see _Copy._pause).
 FIRST_WAIT = 0.001
+SHORT_WAIT_MAX = 0.016
+LONG_LOCK = 1.0
 
 _C_INT_MAX = 2**31 - 1
 _HEADER = b"SQLite format 3\x00"
@@ -623,6 +626,7 @@ class _Copy:
         self._steps = self._waits = self._pages = self._page_size = 0
         self._restarts = 0  # of Backups replaced before the current one
         self._locked_in_a_row = self._in_use_in_a_row = 0
+        self._locked_since = 0.0  # when the current run of locked steps began
         self._backup: _c.Backup | None = None
         self._backup_source: _c.Connection | None = None
         # Every argument and path is checked before anything is created.
@@ -758,7 +762,7 @@ class _Copy:
                 f"give copy() a path so it uses a connection of its own. ({error})"
             ) from error
         self._waits += 1
-        self._locked_in_a_row += 1
+        self._count_locked()
 
     def settle(self) -> None:
         """Put the complete copy in its final journal mode and close it."""
@@ -811,7 +815,7 @@ class _Copy:
         if own_write == _c.SQLITE_TXN_WRITE:
             raise error
         self._waits += 1
-        self._locked_in_a_row += 1
+        self._count_locked()
 
     def _final(self, error: _c.Error) -> _c.Error:
         """A final step error, in copy()'s terms where the OS cause is known."""
@@ -850,8 +854,8 @@ class _Copy:
         if self._waits:
             causes.append(
                 f"the database was locked by another connection {_times(self._waits)} "
-                f"(retried after waits growing from {FIRST_WAIT * 1000:g} ms to "
-                f"{self._opts.sleep} s)"
+                f"(retried after waits growing from {FIRST_WAIT * 1000:g} ms, every "
+                f"{self._opts.sleep} s once a lock lasted {LONG_LOCK:g} s)"
             )
             cures.insert(0, "end the other connection's long transaction")
         if restarts:
@@ -873,13 +877,29 @@ class _Copy:
             f"To finish it: {', or '.join(cures)}"
         )
 
+    def _count_locked(self) -> None:
+        if not self._locked_in_a_row:
+            self._locked_since = time.monotonic()
+        self._locked_in_a_row += 1
+
     def _pause(self) -> float:
-        """Seconds to wait before the next step: none after a step that
-        copied, else 1 ms doubling per locked step in a row, at most `sleep`,
-        cut at the deadline."""
+        """Seconds to wait before the next step, cut at the deadline.
+
+        None after a step that copied.  After a locked step: 1 ms, doubling
+        per locked step in a row up to SHORT_WAIT_MAX, for as long as the
+        lock has lasted less than LONG_LOCK -- another connection's commit
+        holds it for milliseconds, and a coarse wait would miss the moment
+        it is free (a copy under a writer committing every 2 ms then takes
+        seconds instead of milliseconds).  A lock that lasts longer is a long
+        transaction: then the wait is `sleep`.  Never more than `sleep`.
+        """
         if not self._locked_in_a_row:
             return 0.0
-        wait = min(self._opts.sleep, FIRST_WAIT * 2.0 ** (self._locked_in_a_row - 1))
+        if time.monotonic() - self._locked_since < LONG_LOCK:
+            grown = FIRST_WAIT * 2.0 ** min(self._locked_in_a_row - 1, 30)
+            wait = min(self._opts.sleep, grown, SHORT_WAIT_MAX)
+        else:
+            wait = self._opts.sleep
         if self._opts.timeout is not None:
             wait = min(wait, self._opts.timeout - self._elapsed())
         return max(0.0, wait)
