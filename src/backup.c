@@ -27,7 +27,7 @@ backup_forked(Backup *self)
 static int
 backup_check(Backup *self)
 {
-    if (self->backup == NULL) {
+    if (self->backup == NULL && !self->finishing) {
         PyErr_SetString(self->state->ConnectionClosedError,
                         "The backup is finished");
         return -1;
@@ -78,6 +78,24 @@ unlink_source(Backup *self, Connection *source)
         self->src_next->src_prev = self->src_prev;
     }
     self->src_prev = self->src_next = NULL;
+}
+
+/* The end of every finish, once the sqlite3_backup is gone: unlock the
+ * destination, leave the source's list, drop both references (last: their
+ * destructors may run any code). */
+static void
+let_go(Backup *self)
+{
+    Connection *source = self->source, *dest = self->dest;
+    dest->locked_by = NULL;
+    unlink_source(self, source);
+    self->remaining = 0;
+    self->page_count = 0;
+    self->source = NULL;
+    self->dest = NULL;
+    self->finishing = 0;
+    Py_DECREF(source);
+    Py_DECREF(dest);
 }
 
 /* The sqlite3_file SQLite reads schema `name` of db through, or NULL.
@@ -464,6 +482,89 @@ parse_npages(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,
     return 0;
 }
 
+/* An extended BUSY or LOCKED code (SQLITE_BUSY_RECOVERY while another
+ * connection recovers the WAL, BUSY_SNAPSHOT, BUSY_TIMEOUT,
+ * LOCKED_SHAREDCACHE...).  SQLite's step retries only the exact codes: any
+ * other answer is kept as the backup's error, and every later step returns
+ * it without trying again -- a retry loop would spin for ever on a lock
+ * that is long gone. */
+static int
+sticky_lock_code(int rc)
+{
+    int primary = rc & 0xff;
+    return (primary == SQLITE_BUSY || primary == SQLITE_LOCKED) && rc != primary;
+}
+
+static const char *
+lock_code_cause(int rc)
+{
+    switch (rc) {
+    case SQLITE_BUSY | (1 << 8):
+        return "another connection is recovering the write-ahead log";
+    case SQLITE_BUSY | (2 << 8):
+        return "a read snapshot is out of date";
+    case SQLITE_BUSY | (3 << 8):
+        return "a blocking lock timed out";
+    case SQLITE_LOCKED | (1 << 8):
+        return "a table is locked by a connection sharing the cache";
+    default:
+        return "the database is locked";
+    }
+}
+
+/* Start the copy again on a fresh sqlite3_backup after a sticky lock code
+ * -- what SQLite itself does when another connection changes the source:
+ * the destination is rolled back and the next step starts from page 1.
+ * Raises the step's BusyError/LockedError (still retryable) on success.
+ * If a fresh backup cannot be made (out of memory), the backup is finished
+ * (self->backup NULL; the caller lets go of the connections) and that
+ * error is raised. */
+static void
+restart_backup(Backup *self, int rc)
+{
+    const char *dname = PyUnicode_AsUTF8AndSize(self->dest_name, NULL);
+    const char *sname = PyUnicode_AsUTF8AndSize(self->source_name, NULL);
+    sqlite3 *ddb = self->dest->db, *sdb = self->source->db;
+    sqlite3_backup *old = self->backup, *fresh = NULL;
+    int init_rc = SQLITE_OK;
+
+    if (dname == NULL || sname == NULL) {
+        return; /* cannot happen: both are kept as UTF-8 already */
+    }
+    self->backup = NULL; /* claimed, as by a finish: others wait */
+    self->finishing = 1;
+    Py_BEGIN_ALLOW_THREADS
+    sqlite3_backup_finish(old); /* answers the sticky code again: known */
+    fresh = sqlite3_backup_init(ddb, dname, sdb, sname);
+    if (fresh == NULL) {
+        init_rc = sqlite3_extended_errcode(ddb);
+    }
+    Py_END_ALLOW_THREADS
+    self->finishing = 0;
+    self->remaining = 0;
+    self->page_count = 0;
+    if (fresh == NULL) {
+        raise_error_format(self->state, init_rc,
+                           "backup step (%U): SQLite answered %s (%s) and "
+                           "keeps that answer for the rest of a backup; "
+                           "starting the copy again failed: %s. The backup is "
+                           "finished and the destination was rolled back",
+                           self->repr_names, sqlite3_errstr(rc),
+                           lock_code_cause(rc), sqlite3_errstr(init_rc));
+        return;
+    }
+    self->backup = fresh;
+    self->restarts++;
+    raise_error_format(self->state, rc,
+                       "backup step (%U): the database is locked (%s; extended "
+                       "code %d). SQLite keeps such an answer for the rest of a "
+                       "backup, so the copy was started again on a fresh "
+                       "backup (the destination rolled back to its previous "
+                       "content). The backup is still usable: call step() "
+                       "again later",
+                       self->repr_names, lock_code_cause(rc), rc);
+}
+
 static PyObject *
 backup_step(Backup *self, PyObject *const *args, Py_ssize_t nargs,
             PyObject *kwnames)
@@ -526,11 +627,18 @@ backup_step(Backup *self, PyObject *const *args, Py_ssize_t nargs,
         result = Py_NewRef(self->done ? Py_True : Py_False);
         goto done;
     }
+    if (sticky_lock_code(rc)) {
+        restart_backup(self, rc); /* raises either way */
+        goto done;
+    }
     raise_step_error(self, rc);
 done:
     call_leave(&dest->inuse);
     call_leave(&source->inuse);
     call_leave(&self->inuse);
+    if (self->backup == NULL && self->source != NULL) {
+        let_go(self); /* the restart failed: finished; let go after leaving */
+    }
     return result;
 }
 
@@ -605,10 +713,6 @@ backup_finish_internal(Backup *self)
     call_leave(&dest->inuse);
     call_leave(&source->inuse);
     call_leave(&self->inuse);
-    dest->locked_by = NULL;
-    unlink_source(self, source);
-    self->remaining = 0;
-    self->page_count = 0;
 
     if (rc != SQLITE_OK) {
         PyObject *msg = finish_error_message(self, rc);
@@ -617,11 +721,10 @@ backup_finish_internal(Backup *self)
             Py_DECREF(msg);
         }
     }
-    self->source = NULL;
-    self->dest = NULL;
-    self->finishing = 0;
-    Py_DECREF(source);
-    Py_DECREF(dest);
+    else if (PyErr_Occurred()) {
+        rc = SQLITE_ERROR; /* a busy handler raised: report that */
+    }
+    let_go(self);
     return rc == SQLITE_OK ? 0 : -1;
 }
 

@@ -74,11 +74,13 @@ connection_exec(Connection *self, const char *sql)
     Py_BEGIN_ALLOW_THREADS
     rc = sqlite3_exec(self->db, sql, NULL, NULL, NULL);
     Py_END_ALLOW_THREADS
-    if (rc != SQLITE_OK) {
+    /* A busy handler's exception comes out even if SQLite got on. */
+    int failed = rc != SQLITE_OK || PyErr_Occurred() != NULL;
+    if (failed) {
         raise_db_error(self->state, self->db, rc);
     }
     call_leave(&self->inuse);
-    return rc == SQLITE_OK ? 0 : -1;
+    return failed ? -1 : 0;
 }
 
 static PyObject *

@@ -308,7 +308,12 @@ prepare_next(Cursor *self)
         rc = sqlite3_prepare_v3(conn->db, tail, (int)(end - tail), 0, &stmt,
                                 &tail);
         Py_END_ALLOW_THREADS
-        if (rc != SQLITE_OK) {
+        if (rc != SQLITE_OK || PyErr_Occurred()) {
+            /* A busy handler that raised while the schema was read: its
+             * exception comes out, even if SQLite got on without it. */
+            if (stmt != NULL) {
+                sqlite3_finalize(stmt);
+            }
             raise_db_error(conn->state, conn->db, rc);
             return -1;
         }
@@ -423,6 +428,13 @@ step_until_row(Cursor *self)
         Py_BEGIN_ALLOW_THREADS
         rc = sqlite3_step(stmt);
         Py_END_ALLOW_THREADS
+        if (PyErr_Occurred()) {
+            /* The busy handler raised; SQLite may still have answered a row
+             * (PRAGMA wal_checkpoint reports a declined wait as busy=1). */
+            self->status = CURSOR_DONE;
+            sqlite3_reset(stmt);
+            return -1;
+        }
         if (rc == SQLITE_ROW) {
             self->status = CURSOR_ROW;
             return 0;
