@@ -46,9 +46,16 @@ T = TypeVar("T")
 # held in a read transaction: a few restarts are cheap, more is a livelock.
 AUTO_SNAPSHOT_AFTER = 3
 
+# Answers in a row of a connection in use by another call, after which
+# copy() gives up (with the growing waits: about 0.75 s at sleep=0.25).
+IN_USE_RETRIES = 10
+
 # The first wait after a locked step; each further locked step in a row
-# doubles it, up to `sleep`.
+# doubles it, up to SHORT_WAIT_MAX, until the lock has lasted LONG_LOCK
+# seconds; then the wait is `sleep` (see _Copy._pause).
 FIRST_WAIT = 0.001
+SHORT_WAIT_MAX = 0.016
+LONG_LOCK = 1.0
 
 _C_INT_MAX = 2**31 - 1
 _HEADER = b"SQLite format 3\x00"
@@ -218,9 +225,13 @@ def _schema_files(conn: _c.Connection | sqlite3.Connection) -> dict[str, str]:
 
 def _schema_file(conn: _c.Connection | sqlite3.Connection, name: str, role: str) -> str:
     """The file of schema `name` of conn; SQLError if it has no such schema."""
-    found = _schema_files(conn)
     if name.casefold() == "temp":
-        return found.get("temp", "")
+        return ""
+    if isinstance(conn, _c.Connection) and name.casefold() == "main":
+        # The attribute needs no call into the connection, which another
+        # thread may be using right now.
+        return conn.filename
+    found = _schema_files(conn)
     if name.casefold() not in found:
         error = _c.SQLError(
             f"the {role} connection has no database named {name!r} (it has "
@@ -444,6 +455,7 @@ class _TargetSide:
         if isinstance(target, _c.Connection):
             self.kind, self.user = "connection", target
             self.file = _schema_file(target, options.target_name, "target")
+            self.given = self.file
             if options.verify is not None and not self.file:
                 raise ValueError(
                     "verify needs the copy's file, but the target database "
@@ -476,7 +488,7 @@ class _TargetSide:
                 f"os.PathLike), not {type(target).__name__}"
             )
         self.user = None
-        self.file = os.path.abspath(path)
+        self.given = self.file = os.path.abspath(path)
         self.kind = _check_target_path(self.file)
         if self.kind == "new":
             self.file = os.path.realpath(self.file)  # a dangling link: its file
@@ -613,17 +625,18 @@ class _Copy:
         self._start = time.monotonic()
         self._steps = self._waits = self._pages = self._page_size = 0
         self._restarts = 0  # of Backups replaced before the current one
-        self._locked_in_a_row = 0
+        self._locked_in_a_row = self._in_use_in_a_row = 0
+        self._locked_since = 0.0  # when the current run of locked steps began
         self._backup: _c.Backup | None = None
+        self._backup_source: _c.Connection | None = None
         # Every argument and path is checked before anything is created.
         self._src = _SourceSide(source, options)
         self._dst = _TargetSide(target, options)
-        files.check_distinct(self._src.file, self._dst.file)
+        files.check_distinct(self._src.file, self._dst.given)
         self._src.open()
         try:
             self._dst.open()
             self._wal_start = self._wal_max = _file_size(self._src.wal_path)
-            self._backup = self._new_backup()
         except BaseException:
             self.close()
             raise
@@ -638,7 +651,9 @@ class _Copy:
 
     def _replace_backup(self, restart: bool) -> None:
         """Finish the Backup (the target rolled back) and begin a fresh one
-        from the source side's current connection; `restart`: count it."""
+        from the source side's current connection; `restart`: count it.
+        Should that fail (the source in use by another thread), the next
+        step begins it."""
         old = self._backup
         assert old is not None
         self._restarts += old.restarts + (1 if restart else 0)
@@ -660,18 +675,27 @@ class _Copy:
     def step(self) -> Outcome:
         """Take the snapshot if it is due, then copy the next pages.
 
-        Returns SQLITE_OK, SQLITE_DONE, or the SQLite error the step raised.
+        Returns SQLITE_OK, SQLITE_DONE, the SQLite error the step raised, or
+        the ThreadingViolationError of a source connection that another
+        thread is using right now (the first step also begins the Backup).
         """
-        if self._backup is None or not self._backup:
-            raise _c.ConnectionClosedError(FINISHED_OUTSIDE)
-        if self._snapshot_due():
-            self._src.take_snapshot()
-            if self._src.conn is not self._backup_source:
-                # Pages copied from the other connection are copied again.
-                self._replace_backup(restart=self._backup.page_count > 0)
+        try:
+            if self._backup is None:
+                self._backup = self._new_backup()
+            elif not self._backup:
+                raise _c.ConnectionClosedError(FINISHED_OUTSIDE)
+            if self._snapshot_due():
+                self._src.take_snapshot()
+                if self._src.conn is not self._backup_source:
+                    # Pages copied from the other connection are copied again.
+                    self._replace_backup(restart=self._backup.page_count > 0)
+        except _c.ThreadingViolationError as exc:
+            return exc
         self._steps += 1
         try:
             done = self._backup.step(self._opts.step_pages)
+        except _c.ThreadingViolationError as exc:
+            return exc
         except _c.Error as exc:
             if exc.result is None:
                 raise
@@ -686,6 +710,12 @@ class _Copy:
         Raises when the copy must stop: a final error, the source's own write
         transaction, or the timeout.
         """
+        if isinstance(outcome, _c.ThreadingViolationError):
+            # Not a step SQLite ran: no progress call, a wait.
+            self._check_in_use(outcome)
+            self._check_deadline(outcome)
+            return self._pause()
+        self._in_use_in_a_row = 0
         backup = self._backup
         assert backup is not None
         status = outcome if isinstance(outcome, int) else _status(outcome)
@@ -708,11 +738,31 @@ class _Copy:
         if isinstance(outcome, _c.Error):
             self._check_retryable(outcome)
             if _is_sticky(outcome):
-                self._replace_backup(restart=True)
+                try:
+                    self._replace_backup(restart=True)
+                except _c.ThreadingViolationError:
+                    pass  # the source is in use: the next step begins it
         else:
             self._locked_in_a_row = 0
         self._check_deadline(outcome)
         return self._pause()
+
+    def _check_in_use(self, error: _c.ThreadingViolationError) -> None:
+        """Another thread's call on the source (or target) connection is
+        waited for like a lock, but only IN_USE_RETRIES times in a row: the
+        same error also means a call copy() itself runs inside (copy()
+        called from a callback of that connection), which never ends."""
+        self._in_use_in_a_row += 1
+        if self._in_use_in_a_row > IN_USE_RETRIES:
+            raise _c.ThreadingViolationError(
+                f"copy() gave up: {_times(IN_USE_RETRIES)} in a row the source or "
+                "target connection was in use by a call that had not returned "
+                "(another thread's, or one that copy() was called from, e.g. in "
+                f"a callback); {self._left_as()}. Let that call finish first, or "
+                f"give copy() a path so it uses a connection of its own. ({error})"
+            ) from error
+        self._waits += 1
+        self._count_locked()
 
     def settle(self) -> None:
         """Put the complete copy in its final journal mode and close it."""
@@ -758,10 +808,14 @@ class _Copy:
         if not isinstance(error, (_c.BusyError, _c.LockedError)):
             raise self._final(error)
         # The step's message already names the transaction and the cure.
-        if self._src.conn.txn_state(self._src.schema) == _c.SQLITE_TXN_WRITE:
+        try:
+            own_write = self._src.conn.txn_state(self._src.schema)
+        except _c.ThreadingViolationError:
+            own_write = None  # another thread's call: asked again next time
+        if own_write == _c.SQLITE_TXN_WRITE:
             raise error
         self._waits += 1
-        self._locked_in_a_row += 1
+        self._count_locked()
 
     def _final(self, error: _c.Error) -> _c.Error:
         """A final step error, in copy()'s terms where the OS cause is known."""
@@ -793,15 +847,15 @@ class _Copy:
 
     def _timeout_message(self) -> str:
         backup = self._backup
-        assert backup is not None
-        total, restarts = backup.page_count, self._restarts_so_far()
-        copied = total - backup.remaining
+        total = backup.page_count if backup is not None else 0
+        copied = total - backup.remaining if backup is not None else 0
+        restarts = self._restarts_so_far()
         causes, cures = [], ["retry later or with a longer timeout (or None)"]
         if self._waits:
             causes.append(
                 f"the database was locked by another connection {_times(self._waits)} "
-                f"(retried after waits growing from {FIRST_WAIT * 1000:g} ms to "
-                f"{self._opts.sleep} s)"
+                f"(retried after waits growing from {FIRST_WAIT * 1000:g} ms, every "
+                f"{self._opts.sleep} s once a lock lasted {LONG_LOCK:g} s)"
             )
             cures.insert(0, "end the other connection's long transaction")
         if restarts:
@@ -823,13 +877,29 @@ class _Copy:
             f"To finish it: {', or '.join(cures)}"
         )
 
+    def _count_locked(self) -> None:
+        if not self._locked_in_a_row:
+            self._locked_since = time.monotonic()
+        self._locked_in_a_row += 1
+
     def _pause(self) -> float:
-        """Seconds to wait before the next step: none after a step that
-        copied, else 1 ms doubling per locked step in a row, at most `sleep`,
-        cut at the deadline."""
+        """Seconds to wait before the next step, cut at the deadline.
+
+        None after a step that copied.  After a locked step: 1 ms, doubling
+        per locked step in a row up to SHORT_WAIT_MAX, for as long as the
+        lock has lasted less than LONG_LOCK -- another connection's commit
+        holds it for milliseconds, and a coarse wait would miss the moment
+        it is free (a copy under a writer committing every 2 ms then takes
+        seconds instead of milliseconds).  A lock that lasts longer is a long
+        transaction: then the wait is `sleep`.  Never more than `sleep`.
+        """
         if not self._locked_in_a_row:
             return 0.0
-        wait = min(self._opts.sleep, FIRST_WAIT * 2.0 ** (self._locked_in_a_row - 1))
+        if time.monotonic() - self._locked_since < LONG_LOCK:
+            grown = FIRST_WAIT * 2.0 ** min(self._locked_in_a_row - 1, 30)
+            wait = min(self._opts.sleep, grown, SHORT_WAIT_MAX)
+        else:
+            wait = self._opts.sleep
         if self._opts.timeout is not None:
             wait = min(wait, self._opts.timeout - self._elapsed())
         return max(0.0, wait)
