@@ -1329,9 +1329,12 @@ class ProgressLine:
         self._phase = "starting"
         self._since = self._start  # when the phase began
         self._label = "verifying"
+        self._copying_since = 0.0  # when the first pages were copied
 
     def step(self, status: int) -> None:
         """After a step: redraw (the job has taken the step in)."""
+        if not self._copying_since and self._job.copied:
+            self._copying_since = self._clock()
         if status == apsw_backup.SQLITE_DONE:
             self._set("copied")
         elif _locked(status):
@@ -1386,15 +1389,16 @@ class ProgressLine:
                 part = part.replace(long, short)
             terse.append(part.removesuffix(" pages"))
         if terse and terse[0].startswith("waiting for a lock "):
-            terse[0] = "locked: " + terse[0].removeprefix("waiting for a lock ")
+            terse[0] = "lock wait " + terse[0].removeprefix("waiting for a lock ")
         return terse
 
     def _speed(self, now: float) -> list[str]:
         job = self._job
         done = self._phase == "copied"
         parts = []
-        elapsed = now - self._start
-        # Too early to tell a rate (or an ETA) from one step.
+        # The rate since the first pages were copied (a lock wait before
+        # them would make it look slow); too early to tell from one step.
+        elapsed = now - (self._copying_since or now)
         rate = job.written / elapsed if elapsed >= REDRAW_EVERY else 0.0
         if job.page_size and rate:
             parts.append(f"{rate * job.page_size / 1e6:.1f} MB/s")
@@ -1407,9 +1411,9 @@ class ProgressLine:
         """The final line of a backup that succeeded."""
         return [
             f"done: {result.pages} pages ({result.bytes / 1e6:.1f} MB)",
+            "verified" if self._job.verify else "not verified",
             f"{result.elapsed:.2f} s",
             _count(result.restarts, "restart"),
-            "verified" if self._job.verify else "not verified",
         ]
 
     def stopped_parts(self, why: str) -> list[str]:

@@ -97,7 +97,7 @@ def test_progress_flag_draws_phase_percent_pages_rate_eta_on_stderr(source, tmp_
     )
     assert re.fullmatch(r"verifying \d+\.\d s", states[-2])
     assert re.fullmatch(
-        rf"done: {pages} pages \(\d+\.\d MB\)  \d+\.\d\d s  0 restarts  verified",
+        rf"done: {pages} pages \(\d+\.\d MB\)  verified  \d+\.\d\d s  0 restarts",
         states[-1],
     )
 
