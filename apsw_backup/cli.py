@@ -1208,49 +1208,49 @@ def _verify_command(args: argparse.Namespace, interrupts: Interrupts) -> int:
 def _verify_one(
     path: str, args: argparse.Namespace, interrupts: Interrupts
 ) -> tuple[dict[str, Any], int]:
-    item: dict[str, Any] = {"file": path, "verified": None, "integrity": None}
-    line = None
-    if args.progress if args.progress is not None else sys.stderr.isatty():
-        line = ProgressLine(sys.stderr, Job(path, path, True, True))
+    """Check one FILE, report it; (its --json item, its exit code)."""
+    line = _progress_line(args.progress, Job(path, path, True, True))
+    if line is not None:
         line.verifying(f"verifying {path}")
+    code, message, error, problems = _outcome_of_check(path, interrupts, line)
+    if line is not None:
+        line.end([f"verified {path}: ok"] if not code else [f"stopped: {path}"])
+    if code:
+        print(f"{PROG}: {message}", file=sys.stderr)
+    elif not args.json:
+        print(f"{PROG}: {message}")
+    item = {
+        "file": path,
+        "exit_code": code,
+        "verified": None if problems is None else not problems,
+        "integrity": None if problems is None else problems or ["ok"],
+        "error": _error_object(error, message) if code else None,
+    }
+    return item, code
+
+
+def _outcome_of_check(
+    path: str, interrupts: Interrupts, line: ProgressLine | None
+) -> tuple[int, str, BaseException | None, list[str] | None]:
+    """(exit code, message, error, problems found or None if not checked)."""
     try:
         _check_file(path)
         problems = integrity_problems(path, interrupts, line.tick if line else None)
     except Failure as failure:
-        code, message, error = failure.code, failure.message, failure.error
+        return failure.code, failure.message, failure.error, None
     except Interrupted as stop:
-        code, message, error = (
-            128 + stop.signum,
-            f"interrupted while verifying {_q(path)}",
-            stop,
-        )
+        return 128 + stop.signum, f"interrupted while verifying {_q(path)}", stop, None
     except apsw_backup.Error as exc:
-        code, error = EXIT_ERROR, exc
         message = f"cannot verify FILE {_q(path)}: {type(exc).__name__}: {exc}"
-    else:
-        item["verified"] = not problems
-        item["integrity"] = problems or ["ok"]
-        if line is not None:
-            line.end([f"verified {path}", "ok" if not problems else "FAILED"])
-        if not problems:
-            if not args.json:
-                size = os.path.getsize(path)
-                print(f"{PROG}: {path}: integrity_check ok ({size / 1e6:.1f} MB)")
-            item["error"] = None
-            item["exit_code"] = EXIT_OK
-            return item, EXIT_OK
-        code, error = EXIT_VERIFY, VerificationFailed(problems)
+        return EXIT_ERROR, message, exc, None
+    if problems:
         message = (
             f"verification failed: PRAGMA integrity_check of {_q(path)} reported "
             f"{_problems_text(problems)}"
         )
-        line = None
-    if line is not None:
-        line.end([f"stopped: {message}"])
-    print(f"{PROG}: {message}", file=sys.stderr)
-    item["error"] = _error_object(error, message)
-    item["exit_code"] = code
-    return item, code
+        return EXIT_VERIFY, message, VerificationFailed(problems), problems
+    size = os.path.getsize(path) / 1e6
+    return EXIT_OK, f"{path}: integrity_check ok ({size:.1f} MB)", None, []
 
 
 def _check_file(path: str) -> None:
