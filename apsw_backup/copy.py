@@ -267,6 +267,11 @@ class _SourceSide:
     def __init__(self, source: Source, options: _Options) -> None:
         self.user: _c.Connection | None = None
         self.schema = options.name
+        self.closed = False
+        self.own: _c.Connection | None = None
+        self.snapshot_conn: _c.Connection | None = None
+        self.began = False
+        self.side_existed = True
         if isinstance(source, _c.Connection):
             self.user = source
             self.file = _schema_file(source, options.name, "source")
@@ -297,9 +302,6 @@ class _SourceSide:
 
     def open(self) -> None:
         """Open what copy() reads from (no file is created by this)."""
-        self.own: _c.Connection | None = None
-        self.snapshot_conn: _c.Connection | None = None
-        self.began = False
         self.snapshot = False  # a read transaction holds the copy's view
         self.snapshot_done = False  # held, or not needed
         if self.user is not None:
@@ -387,6 +389,9 @@ class _SourceSide:
     def close(self) -> None:
         """End the snapshot, close what was opened here, and leave nothing
         beside a source file that had no side files before."""
+        if self.closed:
+            return
+        self.closed = True
         try:
             self.end_snapshot()
         finally:
@@ -628,8 +633,8 @@ class _Copy:
         self._src = _SourceSide(source, options)
         self._dst = _TargetSide(target, options)
         files.check_distinct(self._src.file, self._dst.given)
-        self._src.open()
         try:
+            self._src.open()
             self._dst.open()
             self._wal_start = self._wal_max = _file_size(self._src.wal_path)
         except BaseException:
