@@ -46,9 +46,9 @@ T = TypeVar("T")
 # held in a read transaction: a few restarts are cheap, more is a livelock.
 AUTO_SNAPSHOT_AFTER = 3
 
-# Answers in a row of a connection in use by another call, after which
-# copy() gives up (with the growing waits: about 0.75 s at sleep=0.25).
-IN_USE_RETRIES = 10
+# Seconds a connection may stay in use by another call (another thread's)
+# before copy() gives up: it may be a call copy() runs inside, never ending.
+IN_USE_LIMIT = 5.0
 
 # The first wait after a locked step; each further locked step in a row
 # doubles it, up to SHORT_WAIT_MAX, until the lock has lasted LONG_LOCK
@@ -73,11 +73,12 @@ class CopyResult:
 
     pages: pages in the copy (the source's page count when it completed);
     steps: Backup.step() calls, including the ones that found a lock;
-    restarts: times the copy started again from the first page: SQLite's
-    own restarts (another connection changed the source) plus the times
-    copy() began a fresh Backup (to take a snapshot on a connection of its
-    own, or because SQLite had made the Backup fail for good on a transient
-    lock such as SQLITE_BUSY_RECOVERY);
+    restarts: times the copy started again from the first page: the
+    Backups' own restarts (another connection changed the source, or
+    Backup.step() began afresh after an extended lock code such as
+    SQLITE_BUSY_RECOVERY, which sqlite3_backup_step never retries) plus the
+    times copy() began a fresh Backup to take its snapshot on a connection
+    of its own after pages were copied;
     elapsed: seconds copy() took;
     page_size, bytes: the copy's page size and size in bytes;
     waits: steps that found the database locked (BUSY/LOCKED) and were retried;
@@ -201,22 +202,6 @@ def _cannot(role: str, path: str, exc: OSError) -> _c.Error:
     return _with_codes(error, _c.SQLITE_CANTOPEN)
 
 
-def _is_sticky(error: _c.Error) -> bool:
-    """A BUSY or LOCKED that SQLite made the backup's permanent error.
-
-    sqlite3_backup_step() retries only the exact codes SQLITE_BUSY and
-    SQLITE_LOCKED; any other code it meets, extended ones included
-    (SQLITE_BUSY_RECOVERY while another connection recovers a WAL,
-    SQLITE_BUSY_SNAPSHOT, ...), is stored as the backup's error and
-    returned by every later step without trying again.  Retrying that
-    Backup can never succeed; a fresh Backup can.
-    """
-    primary = error.result
-    return primary in (_c.SQLITE_BUSY, _c.SQLITE_LOCKED) and (
-        error.extendedresult not in (None, primary)
-    )
-
-
 def _schema_files(conn: _c.Connection | sqlite3.Connection) -> dict[str, str]:
     """{schema name (case folded): file ("" in memory)} of a connection."""
     rows = conn.execute("PRAGMA database_list").fetchall()
@@ -282,6 +267,11 @@ class _SourceSide:
     def __init__(self, source: Source, options: _Options) -> None:
         self.user: _c.Connection | None = None
         self.schema = options.name
+        self.closed = False
+        self.own: _c.Connection | None = None
+        self.snapshot_conn: _c.Connection | None = None
+        self.began = False
+        self.side_existed = True
         if isinstance(source, _c.Connection):
             self.user = source
             self.file = _schema_file(source, options.name, "source")
@@ -312,9 +302,6 @@ class _SourceSide:
 
     def open(self) -> None:
         """Open what copy() reads from (no file is created by this)."""
-        self.own: _c.Connection | None = None
-        self.snapshot_conn: _c.Connection | None = None
-        self.began = False
         self.snapshot = False  # a read transaction holds the copy's view
         self.snapshot_done = False  # held, or not needed
         if self.user is not None:
@@ -344,7 +331,7 @@ class _SourceSide:
         again before the next step.  A transaction the backup's source
         connection already has is the snapshot, left as it is.
         """
-        if not self.conn.get_autocommit():
+        if self._in_transaction(self.conn):
             self.snapshot = self.snapshot_done = True
         elif self.conn is self.own:
             self.snapshot = self.snapshot_done = self._begin(self.conn, self.schema)
@@ -360,6 +347,15 @@ class _SourceSide:
             if self._begin(self.snapshot_conn, "main"):
                 self.conn, self.schema = self.snapshot_conn, "main"
                 self.snapshot = self.snapshot_done = True
+
+    @staticmethod
+    def _in_transaction(conn: _c.Connection) -> bool:
+        try:
+            return not conn.get_autocommit()
+        except _c.ThreadingViolationError:
+            # Another thread's call on the caller's connection: copy from a
+            # snapshot of copy()'s own rather than wait for it.
+            return False
 
     def _begin(self, conn: _c.Connection, schema: str) -> bool:
         conn.execute("BEGIN")
@@ -393,6 +389,9 @@ class _SourceSide:
     def close(self) -> None:
         """End the snapshot, close what was opened here, and leave nothing
         beside a source file that had no side files before."""
+        if self.closed:
+            return
+        self.closed = True
         try:
             self.end_snapshot()
         finally:
@@ -627,14 +626,15 @@ class _Copy:
         self._restarts = 0  # of Backups replaced before the current one
         self._locked_in_a_row = self._in_use_in_a_row = 0
         self._locked_since = 0.0  # when the current run of locked steps began
+        self._in_use_since = 0.0
         self._backup: _c.Backup | None = None
         self._backup_source: _c.Connection | None = None
         # Every argument and path is checked before anything is created.
         self._src = _SourceSide(source, options)
         self._dst = _TargetSide(target, options)
         files.check_distinct(self._src.file, self._dst.given)
-        self._src.open()
         try:
+            self._src.open()
             self._dst.open()
             self._wal_start = self._wal_max = _file_size(self._src.wal_path)
         except BaseException:
@@ -651,9 +651,7 @@ class _Copy:
 
     def _replace_backup(self, restart: bool) -> None:
         """Finish the Backup (the target rolled back) and begin a fresh one
-        from the source side's current connection; `restart`: count it.
-        Should that fail (the source in use by another thread), the next
-        step begins it."""
+        from the source side's current connection; `restart`: count it."""
         old = self._backup
         assert old is not None
         self._restarts += old.restarts + (1 if restart else 0)
@@ -737,11 +735,6 @@ class _Copy:
             raise _c.ConnectionClosedError(FINISHED_OUTSIDE)
         if isinstance(outcome, _c.Error):
             self._check_retryable(outcome)
-            if _is_sticky(outcome):
-                try:
-                    self._replace_backup(restart=True)
-                except _c.ThreadingViolationError:
-                    pass  # the source is in use: the next step begins it
         else:
             self._locked_in_a_row = 0
         self._check_deadline(outcome)
@@ -749,16 +742,18 @@ class _Copy:
 
     def _check_in_use(self, error: _c.ThreadingViolationError) -> None:
         """Another thread's call on the source (or target) connection is
-        waited for like a lock, but only IN_USE_RETRIES times in a row: the
+        waited for like a lock, but for IN_USE_LIMIT seconds at most: the
         same error also means a call copy() itself runs inside (copy()
         called from a callback of that connection), which never ends."""
+        if not self._in_use_in_a_row:
+            self._in_use_since = time.monotonic()
         self._in_use_in_a_row += 1
-        if self._in_use_in_a_row > IN_USE_RETRIES:
+        if time.monotonic() - self._in_use_since > IN_USE_LIMIT:
             raise _c.ThreadingViolationError(
-                f"copy() gave up: {_times(IN_USE_RETRIES)} in a row the source or "
-                "target connection was in use by a call that had not returned "
-                "(another thread's, or one that copy() was called from, e.g. in "
-                f"a callback); {self._left_as()}. Let that call finish first, or "
+                f"copy() gave up: for {IN_USE_LIMIT:g} s the source or target "
+                "connection was in use by a call that had not returned (another "
+                "thread's, or one that copy() was called from, e.g. in a "
+                f"callback); {self._left_as()}. Let that call finish first, or "
                 f"give copy() a path so it uses a connection of its own. ({error})"
             ) from error
         self._waits += 1
@@ -989,11 +984,10 @@ def copy(
     the OS refuses raises CantOpenError naming the cause and the cure.
 
     Raises BusyError at once, naming the transaction and the cure, if the
-    source connection has its own open write transaction.  Other errors of
-    Backup.step() are final, except that a lock SQLite has made permanent
-    for the Backup (such as SQLITE_BUSY_RECOVERY, which sqlite3_backup_step
-    never retries) is retried with a fresh Backup, counted as a restart.
-    In every case the backup is finished first.  A successful copy leaves
+    source connection has its own open write transaction.  Every BUSY or
+    LOCKED answer, extended codes included (SQLITE_BUSY_RECOVERY: Backup.step
+    itself begins afresh), is retried after the growing waits; other errors
+    of Backup.step() are final.  In every case the backup is finished first.  A successful copy leaves
     nothing beside the target or a path source (no -wal, -shm, -journal, no
     temporary files).
     """

@@ -23,7 +23,6 @@ import fcntl
 import os
 import re
 import secrets
-import stat
 import time
 
 SIDE_FILES = ("-wal", "-shm", "-journal")
@@ -89,23 +88,18 @@ def _stat(path: str) -> os.stat_result | None:
         return None
 
 
-def check_distinct(source_path: str, target_path: str) -> None:
-    """Raise ValueError, naming both, if target_path is the source's database
-    file (same device and inode: through links and other names) or one of
-    its side files (-wal, -shm, -journal: through links, existing or not).
-
-    source_path is the file of the source database; "" (in memory) is
-    distinct from everything.
-    """
+def side_file_of(source_path: str, target_path: str) -> str | None:
+    """What target_path is to the source database file source_path: ""
+    for the file itself (same device and inode: through links and other
+    names), "-wal", "-shm" or "-journal" for one of its side files (by
+    name through links, existing or not, or by inode), None for neither.
+    source_path "" (in memory) is distinct from everything."""
     if not source_path:
-        return
+        return None
     source_stat, target_stat = _stat(source_path), _stat(target_path)
     if source_stat is not None and target_stat is not None:
         if _same_file(source_stat, target_stat):
-            raise ValueError(
-                f"the target {target_path!r} is the source database "
-                f"{source_path!r} itself (the same file): copy it to another file"
-            )
+            return ""
     # SQLite names side files after the path it opened, which newer versions
     # resolve through symbolic links: either name may be in use.
     target_real = os.path.realpath(target_path)
@@ -113,18 +107,31 @@ def check_distinct(source_path: str, target_path: str) -> None:
     for base in sorted(bases):
         for suffix in SIDE_FILES:
             side = base + suffix
+            if os.path.realpath(side) == target_real:
+                return suffix
             side_stat = _stat(side)
-            if os.path.realpath(side) == target_real or (
-                side_stat is not None
-                and target_stat is not None
-                and _same_file(side_stat, target_stat)
-            ):
-                raise ValueError(
-                    f"the target {target_path!r} is the source's {suffix[1:]} "
-                    f"file {side!r} (source {source_path!r}): SQLite owns that "
-                    "file and deletes or rewrites it, so a copy there would be "
-                    "lost; give the target another name"
-                )
+            if side_stat is not None and target_stat is not None:
+                if _same_file(side_stat, target_stat):
+                    return suffix
+    return None
+
+
+def check_distinct(source_path: str, target_path: str) -> None:
+    """Raise ValueError, naming both, if target_path is the source's database
+    file or one of its side files (see side_file_of)."""
+    found = side_file_of(source_path, target_path)
+    if found == "":
+        raise ValueError(
+            f"the target {target_path!r} is the source database "
+            f"{source_path!r} itself (the same file): copy it to another file"
+        )
+    if found is not None:
+        raise ValueError(
+            f"the target {target_path!r} is the source's {found[1:]} file "
+            f"{source_path + found!r} (source {source_path!r}): SQLite owns "
+            "that file and deletes or rewrites it, so a copy there would be "
+            "lost; give the target another name"
+        )
 
 
 def side_paths(path: str) -> list[str]:
@@ -263,9 +270,3 @@ class NewFile:
         if self._fd >= 0:
             fd, self._fd = self._fd, -1
             os.close(fd)
-
-
-def is_regular_or_missing(path: str) -> bool:
-    """True if path names a regular file (through links) or nothing."""
-    st = _stat(path)
-    return st is None or stat.S_ISREG(st.st_mode)

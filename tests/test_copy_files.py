@@ -502,3 +502,30 @@ def test_timeout_zero_with_nothing_locked_says_the_deadline_passed(tmp_path, sou
     assert "locked by another connection" not in message
     assert "new target was not created" in message
     assert listing(tmp_path) == ["source.db"]
+
+
+# Issue 13 item 3: the source's WAL growth during the copy.
+
+
+def test_wal_growth_reports_bytes_the_source_wal_grew_during_the_copy(tmp_path):
+    source = make_source(tmp_path / "live.db", rows=600, journal="wal")
+    writer = apsw_backup.Connection(str(source))
+    writer.execute("PRAGMA wal_autocheckpoint=0").fetchall()
+    writer.execute("INSERT INTO w(at) VALUES (0)")
+    before = os.path.getsize(str(source) + "-wal")
+
+    def progress(status, remaining, total):
+        if status == apsw_backup.SQLITE_OK:
+            writer.execute("INSERT INTO w(at, n) VALUES (1, ?)", (remaining,))
+
+    try:
+        result = copy(source, tmp_path / "copy.db", pages=20, progress=progress)
+        after = os.path.getsize(str(source) + "-wal")
+    finally:
+        writer.close()
+    assert after > before
+    assert result.wal_growth == after - before
+
+
+def test_wal_growth_is_zero_for_a_rollback_journal_source(tmp_path, source):
+    assert copy(source, tmp_path / "copy.db").wal_growth == 0
