@@ -93,14 +93,14 @@ typedef struct {
 struct Connection {
     PyObject_HEAD
     ModuleState *state;
-    sqlite3 *db;       /* NULL before __init__ and once closed */
-    int inuse;         /* calls inside SQLite now (GIL released); a
-                        * count, as a collected Backup may finish
-                        * while another thread uses the source */
+    sqlite3 *db;                   /* NULL before __init__ and once closed */
+    int inuse;                     /* calls inside SQLite now (GIL released); a
+                                    * count, as a collected Backup may finish
+                                    * while another thread uses the source */
     unsigned long fork_generation; /* fork_generation when opened */
-    Backup *locked_by; /* unfinished backup writing into us */
-    Cursor *cursors;   /* open cursors (borrowed, intrusive list) */
-    Backup *sources;   /* unfinished backups reading from us */
+    Backup *locked_by;             /* unfinished backup writing into us */
+    Cursor *cursors; /* open cursors (borrowed, intrusive list) */
+    Backup *sources; /* unfinished backups reading from us */
     PyObject *busy_handler;
     PyObject *filename;
     PyObject *open_vfs;

@@ -153,7 +153,8 @@ pragma_int(sqlite3 *db, const char *schema, const char *pragma)
     char *sql = sqlite3_mprintf("PRAGMA \"%w\".%s", schema, pragma);
     int value = -1;
     sqlite3_stmt *stmt = NULL;
-    if (sql != NULL && sqlite3_prepare_v2(db, sql, -1, &stmt, NULL) == SQLITE_OK
+    if (sql != NULL
+        && sqlite3_prepare_v2(db, sql, -1, &stmt, NULL) == SQLITE_OK
         && stmt != NULL && sqlite3_step(stmt) == SQLITE_ROW) {
         value = sqlite3_column_int(stmt, 0);
     }
@@ -313,9 +314,10 @@ page_size_trap_message(Backup *self, const char *sname)
     if (source_size <= 0 || source_size == self->dest_page_size) {
         Py_RETURN_NONE;
     }
-    PyObject *dest_size = self->dest_page_size > 0
-                              ? PyUnicode_FromFormat("%d", self->dest_page_size)
-                              : PyUnicode_FromString("another size");
+    PyObject *dest_size =
+        self->dest_page_size > 0
+            ? PyUnicode_FromFormat("%d", self->dest_page_size)
+            : PyUnicode_FromString("another size");
     if (dest_size == NULL) {
         return NULL;
     }
@@ -492,7 +494,8 @@ static int
 sticky_lock_code(int rc)
 {
     int primary = rc & 0xff;
-    return (primary == SQLITE_BUSY || primary == SQLITE_LOCKED) && rc != primary;
+    return (primary == SQLITE_BUSY || primary == SQLITE_LOCKED)
+           && rc != primary;
 }
 
 static const char *
@@ -555,14 +558,15 @@ restart_backup(Backup *self, int rc)
     }
     self->backup = fresh;
     self->restarts++;
-    raise_error_format(self->state, rc,
-                       "backup step (%U): the database is locked (%s; extended "
-                       "code %d). SQLite keeps such an answer for the rest of a "
-                       "backup, so the copy was started again on a fresh "
-                       "backup (the destination rolled back to its previous "
-                       "content). The backup is still usable: call step() "
-                       "again later",
-                       self->repr_names, lock_code_cause(rc), rc);
+    raise_error_format(
+        self->state, rc,
+        "backup step (%U): the database is locked (%s; extended "
+        "code %d). SQLite keeps such an answer for the rest of a "
+        "backup, so the copy was started again on a fresh "
+        "backup (the destination rolled back to its previous "
+        "content). The backup is still usable: call step() "
+        "again later",
+        self->repr_names, lock_code_cause(rc), rc);
 }
 
 static PyObject *
@@ -781,7 +785,8 @@ backup_close(Backup *self, PyObject *args, PyObject *kwds)
     if (finish_when_free(self) < 0) {
         /* A refusal is not an error of the finish: force does not hide
          * that the backup is still open. */
-        if (!force || PyErr_ExceptionMatches(self->state->ThreadingViolationError)) {
+        if (!force
+            || PyErr_ExceptionMatches(self->state->ThreadingViolationError)) {
             return NULL;
         }
         PyErr_Clear();

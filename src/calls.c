@@ -100,12 +100,13 @@ install_fork_handler(void)
 PyObject *
 raise_forked(ModuleState *st, const char *what)
 {
-    PyErr_Format(st->ForkingViolationError,
-                 "This %s was opened before os.fork() and belongs to the "
-                 "parent process: using its SQLite state in the child would "
-                 "corrupt the parent's databases. Open a new Connection in the "
-                 "child (objects inherited this way are left alone, never "
-                 "closed or finished, when the child exits)",
-                 what);
+    PyErr_Format(
+        st->ForkingViolationError,
+        "This %s was opened before os.fork() and belongs to the "
+        "parent process: using its SQLite state in the child would "
+        "corrupt the parent's databases. Open a new Connection in the "
+        "child (objects inherited this way are left alone, never "
+        "closed or finished, when the child exits)",
+        what);
     return NULL;
 }

@@ -666,8 +666,7 @@ cursor_close(Cursor *self, PyObject *args, PyObject *kwds)
     /* Finalizing a statement another thread is stepping would free it
      * under that thread.  Inherited through fork(), force lets go without
      * calling SQLite. */
-    if (self->connection != NULL
-        && !(force && FORKED(self->connection))
+    if (self->connection != NULL && !(force && FORKED(self->connection))
         && connection_check(self->connection, CHECK_OPEN) < 0) {
         return NULL;
     }
