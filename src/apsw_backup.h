@@ -164,6 +164,8 @@ void call_enter(void *object, int *inuse);
 void call_leave(int *inuse);
 int in_call_here(const void *object);
 int in_any_call_here(void);
+int call_depth_here(void);
+int calls_here_count(const void *object);
 /* Sleep about `*wait_us` microseconds with the GIL released, then double
  * it (capped at 5 ms): the wait for another thread's call to end. */
 void wait_a_little(long *wait_us);
@@ -200,7 +202,7 @@ extern PyType_Spec backup_spec;
 PyObject *backup_create(Connection *dest, PyObject *dest_name,
                         Connection *source, PyObject *source_name);
 int backup_finish_internal(Backup *self);
-int backup_claimable(Backup *self);
-int backup_refuse_reentrant(Backup *self);
+int backup_finish_allowed(Backup *self, Connection *closing);
+void backup_forget(Backup *self);
 
 #endif /* APSW_BACKUP_H */

@@ -61,6 +61,25 @@ in_any_call_here(void)
     return call_depth > 0;
 }
 
+int
+call_depth_here(void)
+{
+    return call_depth;
+}
+
+int
+calls_here_count(const void *object)
+{
+    int count = 0;
+    if (object == NULL) {
+        return 0;
+    }
+    for (int i = 0; i < call_depth && i < MAX_CALL_DEPTH; i++) {
+        count += calls_here[i] == object;
+    }
+    return call_depth > MAX_CALL_DEPTH ? count + 1 : count;
+}
+
 void
 wait_a_little(long *wait_us)
 {
