@@ -1,0 +1,126 @@
+"""Attack review of issue 10 (branch `attack`): SPEC 3.7 / 4.1 -- a backup
+whose source and destination are one database must be refused, never hang.
+
+A4: the destination connection has ATTACHed the source's shared cache under
+another schema name: `step()` self-deadlocks inside SQLite (no CPU,
+interrupt() cannot help) -- the check compares only the two named schemas.
+A5: the memdb VFS shares a database between connections by name
+(`file:/name?vfs=memdb`): no file, so the inode check cannot see it; every
+step is BUSY, and copy() with the default timeout=None retries for ever.
+
+See /work/notes/attack-findings.md.  Hang-prone cases run in a subprocess.
+"""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import apsw_backup as ab
+
+URI = ab.SQLITE_OPEN_READWRITE | ab.SQLITE_OPEN_CREATE | ab.SQLITE_OPEN_URI
+
+
+def run_child(code, timeout=20):
+    try:
+        return subprocess.run(
+            [sys.executable, "-c", textwrap.dedent(code)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"hung for {timeout} s: {exc.stdout!r}")
+
+
+@pytest.mark.xfail(strict=True, reason="A4: dest ATTACHes the source's shared cache: step() self-deadlocks")
+def test_destination_attached_source_shared_cache_refused():
+    proc = run_child(
+        """
+        import apsw_backup as ab
+        F = ab.SQLITE_OPEN_READWRITE | ab.SQLITE_OPEN_CREATE | ab.SQLITE_OPEN_URI
+        s = ab.Connection("file:attack_a4?mode=memory&cache=shared", F)
+        s.execute("CREATE TABLE t(x); INSERT INTO t VALUES (1)")
+        d = ab.Connection(":memory:", F)
+        d.execute("ATTACH 'file:attack_a4?mode=memory&cache=shared' AS aux")
+        try:
+            b = d.backup("main", s, "main")
+        except ValueError as exc:
+            print("REFUSED", exc)
+        else:
+            print("STEP", b.step(-1), flush=True)   # the defect: never returns
+            b.finish()
+        """,
+        timeout=15,
+    )
+    assert "REFUSED" in proc.stdout and "cache" in proc.stdout, proc.stdout + proc.stderr
+
+
+@pytest.mark.xfail(strict=True, reason="A5: memdb database shared by name is not seen as the same database")
+def test_memdb_same_database_backup_refused():
+    s = ab.Connection("file:/attack_a5?vfs=memdb", URI)
+    d = ab.Connection("file:/attack_a5?vfs=memdb", URI)
+    try:
+        s.execute("CREATE TABLE t(x); INSERT INTO t VALUES (1)")
+        with pytest.raises(ValueError, match="same database"):
+            d.backup("main", s, "main").close(force=True)
+    finally:
+        d.close(force=True)
+        s.close(force=True)
+
+
+@pytest.mark.xfail(strict=True, reason="A5: copy() between two connections of one memdb database retries for ever")
+def test_memdb_same_database_copy_does_not_spin():
+    proc = run_child(
+        """
+        import apsw_backup as ab
+        F = ab.SQLITE_OPEN_READWRITE | ab.SQLITE_OPEN_CREATE | ab.SQLITE_OPEN_URI
+        s = ab.Connection("file:/attack_a5c?vfs=memdb", F)
+        s.execute("CREATE TABLE t(x); INSERT INTO t VALUES (1)")
+        d = ab.Connection("file:/attack_a5c?vfs=memdb", F)
+        try:
+            ab.copy(s, d)        # timeout=None: the defect spins for ever
+        except ValueError as exc:
+            print("REFUSED", exc)
+        """,
+        timeout=15,
+    )
+    assert "REFUSED" in proc.stdout, proc.stdout + proc.stderr
+
+
+@pytest.mark.xfail(strict=True, reason="A14: same-file check stats names at backup time: a renamed source file is missed")
+def test_renamed_source_file_opened_as_destination_refused(tmp_path):
+    import os
+
+    s = ab.Connection(str(tmp_path / "a.db"))
+    s.execute("CREATE TABLE t(x); INSERT INTO t VALUES (1)")
+    os.rename(tmp_path / "a.db", tmp_path / "b.db")  # s still has the file open
+    d = ab.Connection(str(tmp_path / "b.db"))  # the same file, another name
+    try:
+        with pytest.raises(ValueError, match="same database file"):
+            d.backup("main", s, "main").close(force=True)
+    finally:
+        d.close(force=True)
+        s.close(force=True)
+
+
+@pytest.mark.xfail(strict=True, reason="A14: same-file check stats names at backup time: a replaced file is refused wrongly")
+def test_replaced_source_path_is_not_the_same_file(tmp_path):
+    import os
+
+    s = ab.Connection(str(tmp_path / "c.db"))
+    s.execute("CREATE TABLE t(x); INSERT INTO t VALUES (2)")
+    o = ab.Connection(str(tmp_path / "other.db"))
+    o.execute("CREATE TABLE o(x)")
+    o.close()
+    os.rename(tmp_path / "other.db", tmp_path / "c.db")  # s keeps the old file
+    d = ab.Connection(str(tmp_path / "c.db"))  # another file under s's name
+    try:
+        b = d.backup("main", s, "main")
+        assert b.step(-1) is True
+        b.finish()
+        assert d.execute("SELECT x FROM t").fetchall() == [(2,)]
+    finally:
+        d.close(force=True)
+        s.close(force=True)
