@@ -98,9 +98,14 @@ struct Connection {
                                     * count, as a collected Backup may finish
                                     * while another thread uses the source */
     unsigned long fork_generation; /* fork_generation when opened */
-    Backup *locked_by;             /* unfinished backup writing into us */
-    Cursor *cursors; /* open cursors (borrowed, intrusive list) */
-    Backup *sources; /* unfinished backups reading from us */
+    /* Device and inode of the main database file, taken when it was
+     * opened: the file the handle uses, whatever later becomes of its
+     * name (renamed, replaced).  main_known is 0 for memory databases. */
+    int main_known;
+    unsigned long long main_dev, main_ino;
+    Backup *locked_by; /* unfinished backup writing into us */
+    Cursor *cursors;   /* open cursors (borrowed, intrusive list) */
+    Backup *sources;   /* unfinished backups reading from us */
     PyObject *busy_handler;
     PyObject *filename;
     PyObject *open_vfs;

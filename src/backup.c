@@ -112,16 +112,37 @@ schema_file(sqlite3 *db, const char *name)
     return file;
 }
 
-/* Whether two database file names are one file (device and inode). */
+/* Device and inode of schema `name` of c: for main, as recorded when the
+ * connection opened its file (a connection keeps the file it opened,
+ * whatever later happens to the name); for others, of the name now. */
 static int
-same_file(const char *a, const char *b)
+schema_file_id(Connection *c, const char *name, unsigned long long *dev,
+               unsigned long long *ino)
 {
-    struct stat sa, sb;
-    if (a == NULL || b == NULL || !a[0] || !b[0] || stat(a, &sa) != 0
-        || stat(b, &sb) != 0) {
+    struct stat st;
+    if (strcmp(name, "main") == 0 && c->main_known) {
+        *dev = c->main_dev;
+        *ino = c->main_ino;
+        return 1;
+    }
+    const char *fn = sqlite3_db_filename(c->db, name);
+    if (fn == NULL || !fn[0] || stat(fn, &st) != 0) {
         return 0;
     }
-    return sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino;
+    *dev = (unsigned long long)st.st_dev;
+    *ino = (unsigned long long)st.st_ino;
+    return 1;
+}
+
+/* Whether two schemas are one file (device and inode). */
+static int
+same_file(Connection *dest, const char *dname, Connection *source,
+          const char *sname)
+{
+    unsigned long long ddev, dino, sdev, sino;
+    return schema_file_id(dest, dname, &ddev, &dino)
+           && schema_file_id(source, sname, &sdev, &sino) && ddev == sdev
+           && dino == sino;
 }
 
 /* Page size and WAL flag from a database file's 100-byte header (read
@@ -182,9 +203,9 @@ dest_shares_pager(sqlite3 *dest, sqlite3_file *file)
 {
     sqlite3_stmt *stmt = NULL;
     int shared = 0;
-    if (file == NULL || sqlite3_prepare_v2(dest, "PRAGMA database_list", -1,
-                                           &stmt, NULL)
-                            != SQLITE_OK) {
+    if (file == NULL
+        || sqlite3_prepare_v2(dest, "PRAGMA database_list", -1, &stmt, NULL)
+               != SQLITE_OK) {
         return 0;
     }
     while (!shared && sqlite3_step(stmt) == SQLITE_ROW) {
@@ -242,9 +263,10 @@ dest_statement_running(sqlite3 *dest)
  * or for the file system), before sqlite3_backup_init: whether the pair
  * can work at all, and what the page-size message may need later. */
 static int
-check_pair(Backup *self, sqlite3 *dest, const char *dname, sqlite3 *source,
-           const char *sname)
+check_pair(Backup *self, Connection *dconn, const char *dname,
+           Connection *sconn, const char *sname)
 {
+    sqlite3 *dest = dconn->db, *source = sconn->db;
     sqlite3_file *df = schema_file(dest, dname);
     sqlite3_file *sf = schema_file(source, sname);
     if (df != NULL && df == sf) {
@@ -256,7 +278,7 @@ check_pair(Backup *self, sqlite3 *dest, const char *dname, sqlite3 *source,
     }
     const char *dfn = sqlite3_db_filename(dest, dname);
     const char *sfn = sqlite3_db_filename(source, sname);
-    if (same_file(dfn, sfn)) {
+    if (same_file(dconn, dname, sconn, sname)) {
         return PAIR_SAME_FILE;
     }
     if (same_named_database(dest, dname, dfn, source, sname, sfn)) {
@@ -310,7 +332,8 @@ refuse_pair(Backup *self, int pair)
             self->state, SQLITE_ERROR,
             "destination database is in use: a statement of the destination "
             "connection is still running (a cursor that was not read to the "
-            "end); when it ends, SQLite would commit the backup's partial copy. "
+            "end); when it ends, SQLite would commit the backup's partial "
+            "copy. "
             "Read the cursor to the end or close it, then start the backup "
             "(%U)",
             self->repr_names);
@@ -360,7 +383,7 @@ backup_create(Connection *dest, PyObject *dest_name, Connection *source,
     call_enter(dest, &dest->inuse);
     call_enter(source, &source->inuse);
     Py_BEGIN_ALLOW_THREADS
-    pair = check_pair(self, dest->db, dname, source->db, sname);
+    pair = check_pair(self, dest, dname, source, sname);
     if (pair == PAIR_OK) {
         backup = sqlite3_backup_init(dest->db, dname, source->db, sname);
     }
@@ -709,7 +732,9 @@ backup_step(Backup *self, PyObject *const *args, Py_ssize_t nargs,
     if (backup_forked(self)) {
         /* A busy handler forked and this is the child: nothing more of the
          * parent's SQLite state may be touched. */
-        raise_forked(self->state, "backup");
+        if (!PyErr_Occurred()) {
+            raise_forked(self->state, "backup");
+        }
         goto done;
     }
 
@@ -828,13 +853,14 @@ backup_finish_allowed(Backup *self, Connection *closing)
     if (in_callback
         && (busy_here || source->inuse > (source == closing)
             || dest->inuse > (dest == closing))) {
-        PyErr_Format(st->ThreadingViolationError,
-                     "cannot finish the backup (%U) from a callback (a busy "
-                     "handler, say) while another thread is inside it or its "
-                     "connections: it would wait for that thread, which may be "
-                     "waiting for this one. Finish it after the callback "
-                     "returns",
-                     self->repr_names);
+        PyErr_Format(
+            st->ThreadingViolationError,
+            "cannot finish the backup (%U) from a callback (a busy "
+            "handler, say) while another thread is inside it or its "
+            "connections: it would wait for that thread, which may be "
+            "waiting for this one. Finish it after the callback "
+            "returns",
+            self->repr_names);
         return -1;
     }
     return busy_here ? 1 : 0;
@@ -1049,7 +1075,7 @@ backup_repr(Backup *self)
 {
     if (self->backup == NULL && self->finishing) {
         return PyUnicode_FromFormat(
-            "<apsw_backup.Backup %U: being finished by another call>",
+            "<apsw_backup.Backup %U: finishing in another call>",
             self->repr_names);
     }
     if (self->backup == NULL) {

@@ -10,6 +10,7 @@
  */
 #include "apsw_backup.h"
 #include <structmember.h>
+#include <sys/stat.h>
 
 #define DEFAULT_FLAGS (SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE)
 
@@ -76,7 +77,9 @@ connection_exec(Connection *self, const char *sql)
     Py_END_ALLOW_THREADS
     if (FORKED(self)) { /* a busy handler forked: the child's way out */
         call_leave(&self->inuse);
-        raise_forked(self->state, "connection");
+        if (!PyErr_Occurred()) {
+            raise_forked(self->state, "connection");
+        }
         return -1;
     }
     /* A busy handler's exception comes out even if SQLite got on. */
@@ -218,6 +221,12 @@ connection_init(Connection *self, PyObject *args, PyObject *kwds)
     self->open_flags = flags;
     self->savepoint_level = 0;
     self->fork_generation = fork_generation;
+    struct stat main_stat;
+    self->main_known = fn != NULL && fn[0] && stat(fn, &main_stat) == 0;
+    self->main_dev =
+        self->main_known ? (unsigned long long)main_stat.st_dev : 0;
+    self->main_ino =
+        self->main_known ? (unsigned long long)main_stat.st_ino : 0;
     self->db = db;
     return 0;
 }

@@ -319,7 +319,9 @@ prepare_next(Cursor *self)
         if (FORKED(conn)) {
             /* A busy handler forked: this is the child, and the handle,
              * its mutex held by a thread of the parent, is not ours. */
-            raise_forked(conn->state, "connection");
+            if (!PyErr_Occurred()) { /* the callback's own, if any, first */
+                raise_forked(conn->state, "connection");
+            }
             return -1;
         }
         if (rc != SQLITE_OK || PyErr_Occurred()) {
@@ -445,7 +447,9 @@ step_until_row(Cursor *self)
         if (FORKED(conn)) {
             self->stmt = NULL; /* the parent's: never reset or finalized */
             self->status = CURSOR_DONE;
-            raise_forked(conn->state, "connection");
+            if (!PyErr_Occurred()) {
+                raise_forked(conn->state, "connection");
+            }
             return -1;
         }
         if (PyErr_Occurred()) {

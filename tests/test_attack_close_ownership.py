@@ -35,11 +35,14 @@ print("SURVIVED")
 """
 
 
-@pytest.mark.xfail(strict=True, reason="A9: close() follows a borrowed Cursor across its finalize's GIL release: use after free")
 def test_cursor_dropped_while_connection_close_finalizes_it():
     env = dict(os.environ, PYTHONMALLOC="debug")
     proc = subprocess.run(
-        [sys.executable, "-c", UAF], capture_output=True, text=True, timeout=120, env=env
+        [sys.executable, "-c", UAF],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
     )
     assert proc.returncode == 0 and "SURVIVED" in proc.stdout, (
         proc.returncode,
@@ -72,7 +75,6 @@ print("SURVIVED")
 
 
 @pytest.mark.skipif(shutil.which("valgrind") is None, reason="needs valgrind")
-@pytest.mark.xfail(strict=True, reason="A11: interrupt() writes into the sqlite3 that close() is freeing (use after free)")
 def test_interrupt_while_close_frees_the_handle():
     # The write happens inside libsqlite3, which ASan does not instrument:
     # valgrind sees it.
