@@ -11,8 +11,6 @@ during restart_backup.  See /work/notes/attack-findings.md.
 import threading
 import time
 
-import pytest
-
 import apsw_backup as ab
 
 LONG = (
