@@ -261,10 +261,10 @@ def run_json(cmd: list[str], timeout: float) -> dict:
     return json.loads(run_cmd(cmd, timeout).splitlines()[-1])
 
 
-def child(scenario: str, function: str, timeout: float, **kwargs) -> dict:
+def child(scenario: str, function: str, kill_after: float, **kwargs) -> dict:
     """scenarios.<scenario>.<function>(**kwargs) in a fresh process (child.py)."""
     cmd = [sys.executable, str(HERE / "child.py"), scenario, function]
-    return run_json(cmd + [json.dumps(kwargs)], timeout)
+    return run_json(cmd + [json.dumps(kwargs)], kill_after)
 
 
 # -- statistics ---------------------------------------------------------------

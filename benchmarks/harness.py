@@ -131,7 +131,9 @@ class CWriter(threading.Thread):
         # The hook replaces sqlite3_wal_autocheckpoint's own (one per db).
         self._hook = WAL_HOOK(self._wal_hook)
         _lib.sqlite3_wal_hook(self.db, self._hook, None)
-        self._sql = b"INSERT INTO bench_log(at, note) VALUES (1.0, '" + b"x" * 100 + b"')"
+        self._sql = (
+            b"INSERT INTO bench_log(at, note) VALUES (1.0, '" + b"x" * 100 + b"')"
+        )
 
     def exec(self, sql: str | bytes) -> int:
         if isinstance(sql, str):

@@ -156,7 +156,9 @@ def all_targets(results: dict) -> list[dict]:
 
 
 def draw(a: argparse.Namespace, results: dict) -> None:
-    if a.no_chart or not any(k in results for k in ("s1", "s2", "s3", "s4", "s5", "s6")):
+    if a.no_chart or not any(
+        k in results for k in ("s1", "s2", "s3", "s4", "s5", "s6")
+    ):
         return
     import charts
 

@@ -19,6 +19,11 @@ ORDER = (
     "s5_rss",
     "s6_copy_under_writes",
     "live_copy",
+    "wal_writer_latency",
+    "disk_gentle",
+    "journal_stall",
+    "wal_growth",
+    "cli_vs_shell",
 )
 
 

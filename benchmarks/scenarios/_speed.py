@@ -81,13 +81,17 @@ def targets(key: str, s: dict) -> list[dict]:
         ratio = ab["elapsed"]["paired_ratio_to_raw_c"]
         if ratio is None:
             ratio = ab["elapsed"]["ratio_to_raw_c"]
-        t = target(f"{key}: apsw_backup / raw C <= 1.05", round(ratio, 3), ratio <= 1.05)
+        t = target(
+            f"{key}: apsw_backup / raw C <= 1.05", round(ratio, 3), ratio <= 1.05
+        )
         t["ratio_of_medians"] = round(ab["elapsed"]["ratio_to_raw_c"], 3)
         out.append(t)
     for other in ("stdlib", "apsw"):
         if other in c:
             ratio, verdict = verdict_no_slower(ab["elapsed"], c[other]["elapsed"])
-            t = target(f"{key}: apsw_backup no slower than {other}", round(ratio, 3), True)
+            t = target(
+                f"{key}: apsw_backup no slower than {other}", round(ratio, 3), True
+            )
             t["verdict"] = verdict
             out.append(t)
     return out

@@ -28,8 +28,12 @@ LIMITS = {"journal": (0.2, 0.5), "wal": (0.1, 0.1)}  # median, worst
 def run(ctx: Context) -> dict:
     mb = 2 if ctx.quick else 10
     rounds = ctx.rounds(10, 2)
-    result = {"title": f"copy()/acopy() of a {mb} MB database, writer every 2 ms",
-              "rounds": rounds, "modes": {}, "errors": {}}
+    result = {
+        "title": f"copy()/acopy() of a {mb} MB database, writer every 2 ms",
+        "rounds": rounds,
+        "modes": {},
+        "errors": {},
+    }
     runs: dict[str, dict[str, list]] = {}
     for mode, journal in (("journal", "delete"), ("wal", "wal")):
         source = ctx.database("live_copy", mb, journal)
@@ -64,7 +68,7 @@ def run(ctx: Context) -> dict:
                 "waits_max": max((o.get("waits") or 0 for o in outs), default=0),
                 "restarts_max": max((o.get("restarts") or 0 for o in outs), default=0),
                 "snapshots": sum(bool(o.get("snapshot")) for o in outs),
-                "writer_stall_ms": max((o.get("writer_stall_ms", 0) for o in outs)),
+                "writer_stall_ms": max(o.get("writer_stall_ms", 0) for o in outs),
             }
     return result
 
@@ -74,8 +78,9 @@ def measure(source: str, target: str, cases: list) -> list[dict]:
     import asyncio
     import time
 
-    import apsw_backup
     from harness import CWriter, remove_db, result_fields
+
+    import apsw_backup
 
     out = []
     for api, pages in cases:
@@ -112,7 +117,11 @@ def targets(s: dict) -> list[dict]:
             if not r or r["median_s"] is None:
                 continue
             ok = r["median_s"] < med and r["worst_s"] < worst and not r["failed"]
-            limit = f"< {med} s median, < {worst} s worst" if mode == "journal" else f"< {worst} s"
+            limit = (
+                f"< {med} s median, < {worst} s worst"
+                if mode == "journal"
+                else f"< {worst} s"
+            )
             out.append(
                 target(
                     f"live_copy {mode}: {api}(pages={pages}) {limit}",

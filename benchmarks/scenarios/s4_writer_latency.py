@@ -101,7 +101,9 @@ def targets(s: dict) -> list[dict]:
         if r is None or not config.startswith("apsw_backup"):
             continue
         out.append(
-            target(f"s4: WAL writer p99 with {config} <= 2x no backup", round(r, 2), r <= 2)
+            target(
+                f"s4: WAL writer p99 with {config} <= 2x no backup", round(r, 2), r <= 2
+            )
         )
     return out
 

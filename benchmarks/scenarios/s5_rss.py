@@ -77,7 +77,9 @@ def table(s: dict) -> list[str]:
         f"[s5] {s['title']} (ru_maxrss of the whole process; 'before' = after "
         "imports and opening, before the backup)"
     )
-    w(f"  {'database':>9} {'contender':22} {'peak MB':>8} {'before MB':>9} {'median s':>9}")
+    w(
+        f"  {'database':>9} {'contender':22} {'peak MB':>8} {'before MB':>9} {'median s':>9}"
+    )
     for size in s["sizes"].values():
         for key, c in size["contenders"].items():
             before = c["maxrss_kb_before_backup"]

@@ -115,7 +115,9 @@ def table(s: dict) -> list[str]:
                 continue
             e = r["elapsed"]
             if e:
-                times = f"{fmt_s(e['median']):>9} {fmt_s(e['min']):>7} {fmt_s(e['max']):>7}"
+                times = (
+                    f"{fmt_s(e['median']):>9} {fmt_s(e['min']):>7} {fmt_s(e['max']):>7}"
+                )
             else:
                 times = f"did not finish in {s['cap_seconds']:g} s".rjust(25)
             restarts = "/".join(str(x) for x in r["restarts"])
