@@ -4,7 +4,8 @@ A 10 MB database (quick: 2 MB), rollback journal and WAL; another
 connection (harness.CWriter, synchronous=NORMAL, 5 s busy timeout) commits a
 small row every 2 ms; `copy(SOURCE_PATH, NEW_TARGET_PATH, pages=P)` and the
 same through `acopy()`, for P = 1, 100 and -1, all other arguments the
-defaults.  10 runs of each (quick: 2); each round is one fresh process per
+defaults but timeout=20 s
+(a run that times out is counted as failed).  10 runs of each (quick: 2); each round is one fresh process per
 journal mode, running the six (api, pages) cases in a rotated order, each
 with a fresh writer thread and a fresh target.  Reported: the median and
 worst time of the call, its steps, lock waits, restarts and whether it took
@@ -23,6 +24,7 @@ from bench import Context, child, rotated, target
 KEY = "live_copy"
 CASES = [(api, pages) for api in ("copy", "acopy") for pages in (1, 100, -1)]
 LIMITS = {"journal": (0.2, 0.5), "wal": (0.1, 0.1)}  # median, worst
+GIVE_UP = 20.0  # copy()'s timeout: a copy that never finishes is a failed run
 
 
 def run(ctx: Context) -> dict:
@@ -44,7 +46,7 @@ def run(ctx: Context) -> dict:
                 out = child(
                     KEY,
                     "measure",
-                    120,
+                    600,
                     source=source["path"],
                     target=ctx.dest,
                     cases=rotated(CASES, r),
@@ -93,9 +95,11 @@ def measure(source: str, target: str, cases: list) -> list[dict]:
         start = time.perf_counter()
         try:
             if api == "copy":
-                res = apsw_backup.copy(source, target, pages=pages)
+                res = apsw_backup.copy(source, target, pages=pages, timeout=GIVE_UP)
             else:
-                res = asyncio.run(apsw_backup.acopy(source, target, pages=pages))
+                res = asyncio.run(
+                    apsw_backup.acopy(source, target, pages=pages, timeout=GIVE_UP)
+                )
             row["elapsed"] = time.perf_counter() - start
             row |= result_fields(res)
         except apsw_backup.Error as exc:
