@@ -29,22 +29,26 @@ import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal, TypeVar, Union
+from typing import Literal, TypeVar
 
 from apsw_backup import _apsw_backup as _c
 from apsw_backup import files
 
-Database = Union[_c.Connection, str, "os.PathLike[str]"]
-Source = Union[Database, sqlite3.Connection]
+Database = _c.Connection | str | os.PathLike[str]
+Source = Database | sqlite3.Connection
 Progress = Callable[[int, int, int], object]
 Verify = Callable[[str], object]
-Snapshot = Union[bool, Literal["auto"]]
-Outcome = Union[int, _c.Error]
+Snapshot = bool | Literal["auto"]
+Outcome = int | _c.Error
 T = TypeVar("T")
 
 # With snapshot="auto", the number of restarts after which the source is
 # held in a read transaction: a few restarts are cheap, more is a livelock.
 AUTO_SNAPSHOT_AFTER = 3
+
+# Answers in a row of a connection in use by another call, after which
+# copy() gives up (with the growing waits: about 0.75 s at sleep=0.25).
+IN_USE_RETRIES = 10
 
 # The first wait after a locked step; each further locked step in a row
 # doubles it, up to `sleep`.
@@ -137,7 +141,9 @@ class _Options:
                 f"keep_wal must be True or False, not {type(self.keep_wal).__name__}"
             )
         if self.verify is not None and not callable(self.verify):
-            raise TypeError("verify must be callable (it is given the copy's path) or None")
+            raise TypeError(
+                "verify must be callable (it is given the copy's path) or None"
+            )
 
     @property
     def step_pages(self) -> int:
@@ -214,13 +220,15 @@ def _schema_files(conn: _c.Connection | sqlite3.Connection) -> dict[str, str]:
     return {str(row[1]).casefold(): str(row[2] or "") for row in rows}
 
 
-def _schema_file(
-    conn: _c.Connection | sqlite3.Connection, name: str, role: str
-) -> str:
+def _schema_file(conn: _c.Connection | sqlite3.Connection, name: str, role: str) -> str:
     """The file of schema `name` of conn; SQLError if it has no such schema."""
-    found = _schema_files(conn)
     if name.casefold() == "temp":
-        return found.get("temp", "")
+        return ""
+    if isinstance(conn, _c.Connection) and name.casefold() == "main":
+        # The attribute needs no call into the connection, which another
+        # thread may be using right now.
+        return conn.filename
+    found = _schema_files(conn)
     if name.casefold() not in found:
         error = _c.SQLError(
             f"the {role} connection has no database named {name!r} (it has "
@@ -374,7 +382,7 @@ class _SourceSide:
             if conn is None:
                 continue
             try:
-                if conn.txn_state() == _c.SQLITE_TXN_READ:
+                if not conn.get_autocommit():
                     conn.execute("ROLLBACK")
             except _c.ConnectionClosedError:
                 pass  # closing it ended the transaction
@@ -437,6 +445,7 @@ class _TargetSide:
 
     def __init__(self, target: Source, options: _Options) -> None:
         self.conn: _c.Connection | None = None
+        self.user: _c.Connection | None = None
         self.new: files.NewFile | None = None
         self.was_wal = False
         self.schema = options.target_name
@@ -495,7 +504,9 @@ class _TargetSide:
                 self.new.create()
             except OSError as exc:
                 self.new = None
-                raise _cannot("target's folder", os.path.dirname(self.file), exc) from exc
+                raise _cannot(
+                    "target's folder", os.path.dirname(self.file), exc
+                ) from exc
             path = self.new.path
             flags = _c.SQLITE_OPEN_READWRITE
         else:
@@ -610,8 +621,9 @@ class _Copy:
         self._start = time.monotonic()
         self._steps = self._waits = self._pages = self._page_size = 0
         self._restarts = 0  # of Backups replaced before the current one
-        self._locked_in_a_row = 0
+        self._locked_in_a_row = self._in_use_in_a_row = 0
         self._backup: _c.Backup | None = None
+        self._backup_source: _c.Connection | None = None
         # Every argument and path is checked before anything is created.
         self._src = _SourceSide(source, options)
         self._dst = _TargetSide(target, options)
@@ -620,7 +632,6 @@ class _Copy:
         try:
             self._dst.open()
             self._wal_start = self._wal_max = _file_size(self._src.wal_path)
-            self._backup = self._new_backup()
         except BaseException:
             self.close()
             raise
@@ -635,7 +646,9 @@ class _Copy:
 
     def _replace_backup(self, restart: bool) -> None:
         """Finish the Backup (the target rolled back) and begin a fresh one
-        from the source side's current connection; `restart`: count it."""
+        from the source side's current connection; `restart`: count it.
+        Should that fail (the source in use by another thread), the next
+        step begins it."""
         old = self._backup
         assert old is not None
         self._restarts += old.restarts + (1 if restart else 0)
@@ -657,18 +670,27 @@ class _Copy:
     def step(self) -> Outcome:
         """Take the snapshot if it is due, then copy the next pages.
 
-        Returns SQLITE_OK, SQLITE_DONE, or the SQLite error the step raised.
+        Returns SQLITE_OK, SQLITE_DONE, the SQLite error the step raised, or
+        the ThreadingViolationError of a source connection that another
+        thread is using right now (the first step also begins the Backup).
         """
-        if self._backup is None or not self._backup:
-            raise _c.ConnectionClosedError(FINISHED_OUTSIDE)
-        if self._snapshot_due():
-            self._src.take_snapshot()
-            if self._src.conn is not self._backup_source:
-                # Pages copied from the other connection are copied again.
-                self._replace_backup(restart=self._backup.page_count > 0)
+        try:
+            if self._backup is None:
+                self._backup = self._new_backup()
+            elif not self._backup:
+                raise _c.ConnectionClosedError(FINISHED_OUTSIDE)
+            if self._snapshot_due():
+                self._src.take_snapshot()
+                if self._src.conn is not self._backup_source:
+                    # Pages copied from the other connection are copied again.
+                    self._replace_backup(restart=self._backup.page_count > 0)
+        except _c.ThreadingViolationError as exc:
+            return exc
         self._steps += 1
         try:
             done = self._backup.step(self._opts.step_pages)
+        except _c.ThreadingViolationError as exc:
+            return exc
         except _c.Error as exc:
             if exc.result is None:
                 raise
@@ -683,6 +705,12 @@ class _Copy:
         Raises when the copy must stop: a final error, the source's own write
         transaction, or the timeout.
         """
+        if isinstance(outcome, _c.ThreadingViolationError):
+            # Not a step SQLite ran: no progress call, a wait.
+            self._check_in_use(outcome)
+            self._check_deadline(outcome)
+            return self._pause()
+        self._in_use_in_a_row = 0
         backup = self._backup
         assert backup is not None
         status = outcome if isinstance(outcome, int) else _status(outcome)
@@ -705,11 +733,31 @@ class _Copy:
         if isinstance(outcome, _c.Error):
             self._check_retryable(outcome)
             if _is_sticky(outcome):
-                self._replace_backup(restart=True)
+                try:
+                    self._replace_backup(restart=True)
+                except _c.ThreadingViolationError:
+                    pass  # the source is in use: the next step begins it
         else:
             self._locked_in_a_row = 0
         self._check_deadline(outcome)
         return self._pause()
+
+    def _check_in_use(self, error: _c.ThreadingViolationError) -> None:
+        """Another thread's call on the source (or target) connection is
+        waited for like a lock, but only IN_USE_RETRIES times in a row: the
+        same error also means a call copy() itself runs inside (copy()
+        called from a callback of that connection), which never ends."""
+        self._in_use_in_a_row += 1
+        if self._in_use_in_a_row > IN_USE_RETRIES:
+            raise _c.ThreadingViolationError(
+                f"copy() gave up: {_times(IN_USE_RETRIES)} in a row the source or "
+                "target connection was in use by a call that had not returned "
+                "(another thread's, or one that copy() was called from, e.g. in "
+                f"a callback); {self._left_as()}. Let that call finish first, or "
+                f"give copy() a path so it uses a connection of its own. ({error})"
+            ) from error
+        self._waits += 1
+        self._locked_in_a_row += 1
 
     def settle(self) -> None:
         """Put the complete copy in its final journal mode and close it."""
@@ -755,7 +803,11 @@ class _Copy:
         if not isinstance(error, (_c.BusyError, _c.LockedError)):
             raise self._final(error)
         # The step's message already names the transaction and the cure.
-        if self._src.conn.txn_state(self._src.schema) == _c.SQLITE_TXN_WRITE:
+        try:
+            own_write = self._src.conn.txn_state(self._src.schema)
+        except _c.ThreadingViolationError:
+            own_write = None  # another thread's call: asked again next time
+        if own_write == _c.SQLITE_TXN_WRITE:
             raise error
         self._waits += 1
         self._locked_in_a_row += 1
@@ -790,9 +842,9 @@ class _Copy:
 
     def _timeout_message(self) -> str:
         backup = self._backup
-        assert backup is not None
-        total, restarts = backup.page_count, self._restarts_so_far()
-        copied = total - backup.remaining
+        total = backup.page_count if backup is not None else 0
+        copied = total - backup.remaining if backup is not None else 0
+        restarts = self._restarts_so_far()
         causes, cures = [], ["retry later or with a longer timeout (or None)"]
         if self._waits:
             causes.append(

@@ -44,7 +44,10 @@ _CAUSES = {
     errno.ENOTDIR: ("has a part that is not a folder", "check the path"),
     errno.EISDIR: ("is a folder", "give the path of a database file"),
     errno.EACCES: ("is not accessible (permission denied)", "check its permissions"),
-    errno.EPERM: ("is not accessible (operation not permitted)", "check its permissions"),
+    errno.EPERM: (
+        "is not accessible (operation not permitted)",
+        "check its permissions",
+    ),
     errno.EROFS: ("is on a read-only file system", "use a writable place"),
     errno.ENOSPC: ("is on a full file system (no space left)", "free some space"),
     errno.ENAMETOOLONG: ("has a name that is too long", "give a shorter name"),
