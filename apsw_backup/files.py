@@ -238,6 +238,11 @@ class NewFile:
             self.discard()
             raise
 
+    @property
+    def fd(self) -> int:
+        """The temporary file's descriptor (-1 once closed)."""
+        return self._fd
+
     def publish(self) -> None:
         os.fsync(self._fd)
         try:
@@ -270,3 +275,75 @@ class NewFile:
         if self._fd >= 0:
             fd, self._fd = self._fd, -1
             os.close(fd)
+
+
+class Flusher:
+    """fdatasync() a file each time it has grown by `every` bytes.
+
+    Given the descriptor to sync, or -- for a file other connections of this
+    process may have open -- borrowing() one that is already open on it:
+    closing a descriptor of our own would drop every POSIX lock this process
+    holds on the file, SQLite's included.  A borrowed descriptor is checked
+    (device and inode) before each use; one closed and reused meanwhile by
+    an unrelated file is looked up again (at worst that other file was
+    synced, harmless).  Without /proc/self/fd (not Linux), nothing to borrow:
+    flush_if_grown() does nothing.
+
+    A failed fdatasync raises OSError: the error is reported once per open
+    file, so it must fail the copy here, or SQLite's own fsync of the same
+    file could succeed on data that never reached the disk.
+    """
+
+    def __init__(self, fd: int, every: int, ident: tuple[int, int] | None = None):
+        self._fd, self._every, self._ident = fd, every, ident
+        self.flushed = self._size() if fd >= 0 else 0
+        self.flushes = 0
+
+    @classmethod
+    def borrowing(cls, path: str, every: int) -> Flusher:
+        try:
+            info = os.stat(path)
+        except OSError:
+            return cls(-1, every)
+        ident = (info.st_dev, info.st_ino)
+        return cls(_open_descriptor_of(ident), every, ident)
+
+    def _size(self) -> int:
+        return os.fstat(self._fd).st_size
+
+    def _still_ours(self) -> bool:
+        if self._ident is None:
+            return self._fd >= 0
+        if self._fd >= 0 and _identity(self._fd) == self._ident:
+            return True
+        self._fd = _open_descriptor_of(self._ident)
+        return self._fd >= 0
+
+    def flush_if_grown(self) -> None:
+        if not self._still_ours():
+            return
+        size = self._size()
+        if size - self.flushed >= self._every:
+            os.fdatasync(self._fd)
+            self.flushes += 1
+            self.flushed = size
+
+
+def _identity(fd: int) -> tuple[int, int] | None:
+    try:
+        info = os.fstat(fd)
+    except OSError:
+        return None
+    return (info.st_dev, info.st_ino)
+
+
+def _open_descriptor_of(ident: tuple[int, int]) -> int:
+    """A descriptor this process already has open on the file, or -1."""
+    try:
+        names = os.listdir("/proc/self/fd")
+    except OSError:
+        return -1
+    for name in names:
+        if name.isdigit() and _identity(int(name)) == ident:
+            return int(name)
+    return -1
