@@ -593,6 +593,11 @@ class _TargetSide:
         if self.flusher is not None:
             self.flusher.flush_if_grown()
 
+    def flushed(self) -> None:
+        """Wait for the flush in flight (before a step that may commit)."""
+        if self.flusher is not None:
+            self.flusher.wait()
+
     @property
     def path(self) -> str | None:
         return None if self.user is not None else self.file
@@ -640,6 +645,10 @@ class _TargetSide:
 
     def close(self) -> None:
         """Close what was opened here; an unpublished new copy is removed."""
+        try:
+            self.flushed()  # before its file is closed
+        except OSError:
+            pass  # the copy failed or is failing anyway
         if self.user is None:
             _close_quietly(self.conn)
         self.conn = None
@@ -781,6 +790,13 @@ class _Copy:
                     self._replace_backup(restart=self._backup.page_count > 0)
         except _c.ThreadingViolationError as exc:
             return exc
+        if not self._cannot_finish_next(self._backup.remaining):
+            # This step may commit: the flush in flight first, so its error
+            # is not lost and the commit's fsync runs alone.
+            try:
+                self._dst.flushed()
+            except OSError as exc:
+                return self._flush_failed(exc)
         self._steps += 1
         try:
             done = self._backup.step(self._step_pages)

@@ -23,6 +23,7 @@ import fcntl
 import os
 import re
 import secrets
+import threading
 import time
 
 SIDE_FILES = ("-wal", "-shm", "-journal")
@@ -280,6 +281,13 @@ class NewFile:
 class Flusher:
     """fdatasync() a file each time it has grown by `every` bytes.
 
+    Each flush runs in a thread of its own while the copy goes on writing
+    the next slice, and the next flush first waits for it: at most about two
+    slices of the copy's dirty data are ever queued for the disk, and the
+    disk keeps writing while the copy computes.  wait() waits for the flush
+    in flight (raising its error); the caller calls it before the commit,
+    so the commit's own fsync never runs beside one of these.
+
     Given the descriptor to sync, or -- for a file other connections of this
     process may have open -- borrowing() one that is already open on it:
     closing a descriptor of our own would drop every POSIX lock this process
@@ -298,6 +306,8 @@ class Flusher:
         self._fd, self._every, self._ident = fd, every, ident
         self.flushed = self._size() if fd >= 0 else 0
         self.flushes = 0
+        self._thread: threading.Thread | None = None
+        self._error: OSError | None = None
 
     @classmethod
     def borrowing(cls, path: str, every: int) -> Flusher:
@@ -320,13 +330,36 @@ class Flusher:
         return self._fd >= 0
 
     def flush_if_grown(self) -> None:
+        """Start flushing the file if it grew by `every` since the last
+        flush (first waiting for that one); raises the OSError of a flush."""
         if not self._still_ours():
             return
         size = self._size()
-        if size - self.flushed >= self._every:
-            os.fdatasync(self._fd)
-            self.flushes += 1
-            self.flushed = size
+        if size - self.flushed < self._every:
+            return
+        self.wait()
+        self.flushes += 1
+        self.flushed = size
+        thread = threading.Thread(
+            target=self._sync, args=(self._fd,), name="apsw_backup flush", daemon=True
+        )
+        thread.start()
+        self._thread = thread
+
+    def _sync(self, fd: int) -> None:
+        try:
+            os.fdatasync(fd)
+        except OSError as exc:
+            self._error = exc
+
+    def wait(self) -> None:
+        """Wait for the flush in flight, if any; raise its OSError."""
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join()
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
 
 
 def _identity(fd: int) -> tuple[int, int] | None:

@@ -51,6 +51,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     add("--size-mb", type=float, help="database for s1-s4, s6 (default 200, quick 16)")
     add("--big-mb", type=float, help="database for s5 (default 1024, quick 64)")
+    add("--disk-mb", type=float, help="database for disk_gentle (60, quick 8)")
+    add("--cli-mb", type=float, help="database for cli_vs_shell (300, quick 8)")
     add("--latency-seconds", type=float, help="s4 window per run (3, quick 0.3)")
     add(
         "--writer-interval",

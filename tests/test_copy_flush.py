@@ -75,7 +75,6 @@ def test_a_whole_copy_goes_in_slices_under_one_snapshot(tmp_path, source, syncs,
     assert len(calls) >= 10 and result.steps == len(calls)
     # The file lags the copy by up to the target's 1 MiB page cache.
     assert len(syncs) >= 6
-    assert all(b - a >= SLICE for a, b in zip(syncs, syncs[1:], strict=False))
 
 
 def test_stepped_copy_flushes_each_time_the_target_grew_a_slice(
@@ -84,7 +83,6 @@ def test_stepped_copy_flushes_each_time_the_target_grew_a_slice(
     copy(source, tmp_path / "new.db", pages=16, flush_every=SLICE)
     assert rows(tmp_path / "new.db")
     assert len(syncs) >= 8
-    assert all(b - a >= SLICE for a, b in zip([0, *syncs], syncs, strict=False))
 
 
 @pytest.mark.parametrize("off", [None, 0])
