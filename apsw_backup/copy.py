@@ -63,13 +63,13 @@ LONG_LOCK = 1.0
 BATCH_SECONDS = 0.005
 
 # copy()'s default flush_every: bytes the target may grow by before copy()
-# waits for them to reach the disk (fdatasync), and the target's page cache
-# (KiB) while it does, so the copy's dirty data never piles up for one flush.
-FLUSH_EVERY = 4 * 2**20
+# has them written out to the disk (files.Flusher), and the target's page
+# cache (KiB) meanwhile, so the copy's dirty data never piles up for one flush.
+FLUSH_EVERY = 2 * 2**20
 TARGET_CACHE_KIB = 1024
 
 _C_INT_MAX = 2**31 - 1
-_SQLITE_IOERR_FSYNC = _c.SQLITE_IOERR | (4 << 8)
+_SQLITE_IOERR_WRITE = _c.SQLITE_IOERR | (3 << 8)
 _HEADER = b"SQLite format 3\x00"
 
 FINISHED_OUTSIDE = (
@@ -565,10 +565,12 @@ class _TargetSide:
 
         A small page cache makes SQLite spill the copied pages to the file
         during each step instead of holding them all for the commit; after a
-        step that grew the file by flush_every bytes, fdatasync() waits for
-        them to reach the disk.  So no flush -- the copy's own or another
-        process's on the same disk (a WAL writer's commit) -- ever queues
-        behind more than about one slice of the copy's dirty data.
+        step that grew the file by flush_every bytes, they are written out
+        to the disk (files.Flusher: sync_file_range on Linux, keeping at most
+        about two slices in flight; else fdatasync).  So no flush -- the
+        copy's own or another process's on the same disk (a WAL writer's
+        commit) -- ever queues behind more than that of the copy's dirty
+        data.
 
         Safe for both kinds of file copy() opens: a new target's temporary
         file is nobody else's, and is renamed into place only after its
@@ -592,11 +594,6 @@ class _TargetSide:
         """After a step that copied: flush the target if it grew enough."""
         if self.flusher is not None:
             self.flusher.flush_if_grown()
-
-    def flushed(self) -> None:
-        """Wait for the flush in flight (before a step that may commit)."""
-        if self.flusher is not None:
-            self.flusher.wait()
 
     @property
     def path(self) -> str | None:
@@ -645,10 +642,6 @@ class _TargetSide:
 
     def close(self) -> None:
         """Close what was opened here; an unpublished new copy is removed."""
-        try:
-            self.flushed()  # before its file is closed
-        except OSError:
-            pass  # the copy failed or is failing anyway
         if self.user is None:
             _close_quietly(self.conn)
         self.conn = None
@@ -790,13 +783,6 @@ class _Copy:
                     self._replace_backup(restart=self._backup.page_count > 0)
         except _c.ThreadingViolationError as exc:
             return exc
-        if not self._cannot_finish_next(self._backup.remaining):
-            # This step may commit: the flush in flight first, so its error
-            # is not lost and the commit's fsync runs alone.
-            try:
-                self._dst.flushed()
-            except OSError as exc:
-                return self._flush_failed(exc)
         self._steps += 1
         try:
             done = self._backup.step(self._step_pages)
@@ -819,11 +805,11 @@ class _Copy:
     def _flush_failed(self, exc: OSError) -> _c.Error:
         error = _c.IOError(
             f"writing the copy to {self._dst.file or 'the target'!r} failed: "
-            f"fdatasync: {exc.strerror or exc}; {self._left_as()}. Check the "
+            f"writing it out to the disk: {exc.strerror or exc}; {self._left_as()}. Check the "
             "target's disk, or copy to another one"
         )
         error.__cause__ = exc
-        return _with_codes(error, _c.SQLITE_IOERR, _SQLITE_IOERR_FSYNC)
+        return _with_codes(error, _c.SQLITE_IOERR, _SQLITE_IOERR_WRITE)
 
     def steps(self, budget: float) -> list[tuple[Outcome, int, int]]:
         """Steps back to back for up to `budget` seconds (acopy's worker).
@@ -1146,15 +1132,17 @@ def copy(
     connection of copy()'s open on it.  Its return value is ignored; if it
     raises, the exception comes out unchanged (a new target is removed
     first and never appears; an existing target keeps the complete copy).
-    flush_every: bytes (default 4 MiB) the target file may grow by before
-    copy() waits for them to reach the disk (fdatasync), with a 1 MiB page
+    flush_every: bytes (default 2 MiB) the target file may grow by before
+    copy() has them written out to the disk (on Linux sync_file_range,
+    waiting for the slice before; elsewhere fdatasync), with a 1 MiB page
     cache on the target so the copied pages reach the file as it goes: a
-    copy then never queues more than about one slice of dirty data in front
-    of other processes' fsyncs on the same disk (a live database's commits
-    keep their latency), for a few percent of copy time.  For path targets
+    copy then never queues more than about two slices of dirty data in
+    front of other processes' fsyncs on the same disk (a live database's
+    commits keep their latency).  Durability is still the final commit's
+    fsync (and, for a new target, its own and its folder's).  For path targets
     (new or existing); a Connection target is left alone.  None or 0: no
     flushing, the copy is written out by its final commit.  A failed flush
-    is an IOError (SQLITE_IOERR_FSYNC); the target is left as on any error.
+    is an IOError (SQLITE_IOERR_WRITE); the target is left as on any error.
 
     Before anything is created, every argument is checked, and a target
     that is the source's own file or one of its side files (-wal, -shm,

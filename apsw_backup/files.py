@@ -23,8 +23,9 @@ import fcntl
 import os
 import re
 import secrets
-import threading
+import sys
 import time
+from typing import Any
 
 SIDE_FILES = ("-wal", "-shm", "-journal")
 
@@ -279,35 +280,36 @@ class NewFile:
 
 
 class Flusher:
-    """fdatasync() a file each time it has grown by `every` bytes.
+    """Write a file out to the disk each time it has grown by `every` bytes.
 
-    Each flush runs in a thread of its own while the copy goes on writing
-    the next slice, and the next flush first waits for it: at most about two
-    slices of the copy's dirty data are ever queued for the disk, and the
-    disk keeps writing while the copy computes.  wait() waits for the flush
-    in flight (raising its error); the caller calls it before the commit,
-    so the commit's own fsync never runs beside one of these.
+    On Linux, sync_file_range(): start writing the newest slice, then wait
+    for the one before it to be written -- the disk keeps writing while the
+    copy goes on, and at most about two slices of the copy's dirty data are
+    ever queued in front of another process's fsync.  It issues no journal
+    commit and no device cache flush (fdatasync() issues both: ~5 ms each,
+    doubling a 300 MB copy's time): the durability of the copy is still the
+    final commit's fsync, this only keeps the dirty data small.  Elsewhere
+    (or if the call is refused), fdatasync() of the whole file.
 
-    Given the descriptor to sync, or -- for a file other connections of this
-    process may have open -- borrowing() one that is already open on it:
-    closing a descriptor of our own would drop every POSIX lock this process
-    holds on the file, SQLite's included.  A borrowed descriptor is checked
-    (device and inode) before each use; one closed and reused meanwhile by
-    an unrelated file is looked up again (at worst that other file was
-    synced, harmless).  Without /proc/self/fd (not Linux), nothing to borrow:
-    flush_if_grown() does nothing.
+    Given the descriptor to write out, or -- for a file other connections of
+    this process may have open -- borrowing() one that is already open on
+    it: closing a descriptor of our own would drop every POSIX lock this
+    process holds on the file, SQLite's included.  A borrowed descriptor is
+    checked (device and inode) before each use; one closed and reused
+    meanwhile by an unrelated file is looked up again (at worst that other
+    file was written out early, harmless).  Without /proc/self/fd (not
+    Linux), nothing to borrow: flush_if_grown() does nothing.
 
-    A failed fdatasync raises OSError: the error is reported once per open
-    file, so it must fail the copy here, or SQLite's own fsync of the same
-    file could succeed on data that never reached the disk.
+    An error raises OSError: waiting for writeback reports a write error
+    once per open file, so it must fail the copy here, or SQLite's own fsync
+    of the same file could succeed on data that never reached the disk.
     """
 
     def __init__(self, fd: int, every: int, ident: tuple[int, int] | None = None):
         self._fd, self._every, self._ident = fd, every, ident
         self.flushed = self._size() if fd >= 0 else 0
+        self._started = self.flushed  # slice [flushed, started) in flight
         self.flushes = 0
-        self._thread: threading.Thread | None = None
-        self._error: OSError | None = None
 
     @classmethod
     def borrowing(cls, path: str, every: int) -> Flusher:
@@ -330,36 +332,59 @@ class Flusher:
         return self._fd >= 0
 
     def flush_if_grown(self) -> None:
-        """Start flushing the file if it grew by `every` since the last
-        flush (first waiting for that one); raises the OSError of a flush."""
+        """Write out what the file grew by, once that is `every` bytes or
+        more; raises the OSError of a failed write."""
         if not self._still_ours():
             return
         size = self._size()
-        if size - self.flushed < self._every:
+        if size - self._started < self._every:
             return
-        self.wait()
         self.flushes += 1
-        self.flushed = size
-        thread = threading.Thread(
-            target=self._sync, args=(self._fd,), name="apsw_backup flush", daemon=True
-        )
-        thread.start()
-        self._thread = thread
+        if not _write_range(self._fd, self._started, size - self._started, start=True):
+            os.fdatasync(self._fd)
+            self.flushed = self._started = size
+            return
+        if self._started > self.flushed:
+            _write_range(self._fd, self.flushed, self._started - self.flushed)
+        self.flushed, self._started = self._started, size
 
-    def _sync(self, fd: int) -> None:
-        try:
-            os.fdatasync(fd)
-        except OSError as exc:
-            self._error = exc
 
-    def wait(self) -> None:
-        """Wait for the flush in flight, if any; raise its OSError."""
-        thread, self._thread = self._thread, None
-        if thread is not None:
-            thread.join()
-        error, self._error = self._error, None
-        if error is not None:
-            raise error
+_SYNC_FILE_RANGE: Any = None  # the libc function, False where there is none
+_WAIT_BEFORE, _WRITE, _WAIT_AFTER = 1, 2, 4
+
+
+def _write_range(fd: int, offset: int, length: int, start: bool = False) -> bool:
+    """sync_file_range(2): start writing the range (start=True) or write it
+    and wait until written; False where there is no such call."""
+    global _SYNC_FILE_RANGE
+    if _SYNC_FILE_RANGE is None:
+        _SYNC_FILE_RANGE = _load_sync_file_range()
+    if _SYNC_FILE_RANGE is False:
+        return False
+    flags = _WRITE if start else _WAIT_BEFORE | _WRITE | _WAIT_AFTER
+    if _SYNC_FILE_RANGE(fd, offset, length, flags) == 0:
+        return True
+    import ctypes
+
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.ESPIPE, errno.EOPNOTSUPP):
+        _SYNC_FILE_RANGE = False  # refused here: fdatasync from now on
+        return False
+    raise OSError(code, os.strerror(code))
+
+
+def _load_sync_file_range() -> Any:
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        func = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (ImportError, OSError, AttributeError):
+        return False
+    func.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
+    func.restype = ctypes.c_int
+    return func
 
 
 def _identity(fd: int) -> tuple[int, int] | None:

@@ -11,7 +11,7 @@ import pytest
 from copy_helpers import make_source, make_target, query
 
 import apsw_backup
-from apsw_backup import acopy, copy
+from apsw_backup import acopy, copy, files
 
 DONE, OK = apsw_backup.SQLITE_DONE, apsw_backup.SQLITE_OK
 SLICE = 256 * 1024
@@ -23,16 +23,26 @@ def source(tmp_path):
     return make_source(tmp_path / "source.db", rows=3000, blob=1000)
 
 
-@pytest.fixture
-def syncs(monkeypatch):
-    """Every os.fdatasync(): (size of the file then)."""
+@pytest.fixture(params=["sync_file_range", "fdatasync"])
+def syncs(request, monkeypatch):
+    """Every write-out of the target: (size of the file then).  Both ways:
+    Linux's sync_file_range, and fdatasync where there is none."""
     seen = []
-    real = os.fdatasync
+    if request.param == "fdatasync":
+        monkeypatch.setattr(files, "_SYNC_FILE_RANGE", False)
+    real_range, real_sync = files._write_range, os.fdatasync
+
+    def write_range(fd, offset, length, start=False):
+        done = real_range(fd, offset, length, start)
+        if done and start:
+            seen.append(os.fstat(fd).st_size)
+        return done
 
     def fdatasync(fd):
         seen.append(os.fstat(fd).st_size)
-        real(fd)
+        real_sync(fd)
 
+    monkeypatch.setattr(files, "_write_range", write_range)
     monkeypatch.setattr(os, "fdatasync", fdatasync)
     return seen
 
@@ -139,12 +149,13 @@ def test_a_failed_flush_is_an_ioerror_and_leaves_the_target_as_it_was(
     if kind == "existing":
         make_target(target)
 
-    def fdatasync(fd):
+    def fails(*args, **kwargs):
         raise OSError(errno.EIO, os.strerror(errno.EIO))
 
-    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    monkeypatch.setattr(files, "_write_range", fails)
+    monkeypatch.setattr(os, "fdatasync", fails)
     statuses = []
-    with pytest.raises(apsw_backup.IOError, match="fdatasync") as info:
+    with pytest.raises(apsw_backup.IOError, match="writing it out") as info:
         copy(
             source,
             target,
@@ -152,7 +163,7 @@ def test_a_failed_flush_is_an_ioerror_and_leaves_the_target_as_it_was(
             flush_every=SLICE,
             progress=lambda s, r, t: statuses.append(s),
         )
-    assert info.value.extendedresult == apsw_backup.SQLITE_IOERR | (4 << 8)
+    assert info.value.extendedresult == apsw_backup.SQLITE_IOERR | (3 << 8)
     assert statuses[-1] == info.value.extendedresult
     if kind == "new":
         assert os.listdir(tmp_path) == ["source.db"]
