@@ -21,7 +21,6 @@ This module is that loop, with the traps of a live database handled:
 
 from __future__ import annotations
 
-import asyncio
 import math
 import os
 import sqlite3
@@ -29,10 +28,13 @@ import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal, TypeVar
+from typing import TYPE_CHECKING, Literal, TypeVar
 
 from apsw_backup import _apsw_backup as _c
 from apsw_backup import files
+
+if TYPE_CHECKING:
+    import asyncio
 
 Database = _c.Connection | str | os.PathLike[str]
 Source = Database | sqlite3.Connection
@@ -1209,6 +1211,8 @@ async def acopy(
     a new target, while it was being renamed into place).  Never a partial
     copy.
     """
+    import asyncio  # here: importing it costs a CLI run ~25 ms
+
     options = _Options(
         pages,
         progress,
@@ -1249,6 +1253,8 @@ async def acopy(
 def _cancel_requested() -> bool:
     """Whether the current task may have a cancellation waiting (True when
     unsure: the caller then yields once to let it arrive)."""
+    import asyncio
+
     task = asyncio.current_task()
     if task is None:
         return False
@@ -1260,6 +1266,8 @@ def _cancel_requested() -> bool:
 
 async def _off_loop(func: Callable[[], T]) -> T:
     """func() in the default executor; cancelled, it lets func end first."""
+    import asyncio
+
     future = asyncio.get_running_loop().run_in_executor(None, func)
     try:
         return await asyncio.shield(future)
@@ -1270,6 +1278,8 @@ async def _off_loop(func: Callable[[], T]) -> T:
 
 async def _wait_out(future: asyncio.Future[T]) -> None:
     """Wait until future is done, whatever further cancellations arrive."""
+    import asyncio
+
     while not future.done():
         try:
             await asyncio.wait({future})
