@@ -21,7 +21,6 @@ This module is that loop, with the traps of a live database handled:
 
 from __future__ import annotations
 
-import asyncio
 import math
 import os
 import sqlite3
@@ -29,10 +28,13 @@ import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal, TypeVar
+from typing import TYPE_CHECKING, Literal, TypeVar
 
 from apsw_backup import _apsw_backup as _c
 from apsw_backup import files
+
+if TYPE_CHECKING:
+    import asyncio
 
 Database = _c.Connection | str | os.PathLike[str]
 Source = Database | sqlite3.Connection
@@ -57,7 +59,19 @@ FIRST_WAIT = 0.001
 SHORT_WAIT_MAX = 0.016
 LONG_LOCK = 1.0
 
+# acopy() runs steps back to back in one executor call for up to this many
+# seconds (a hop to a worker thread and back costs ~50 us, as much as a
+# one-page step), then reports each of them in the loop's thread.
+BATCH_SECONDS = 0.005
+
+# copy()'s default flush_every: bytes the target may grow by before copy()
+# has them written out to the disk (files.Flusher), and the target's page
+# cache (KiB) meanwhile, so the copy's dirty data never piles up for one flush.
+FLUSH_EVERY = 2 * 2**20
+TARGET_CACHE_KIB = 1024
+
 _C_INT_MAX = 2**31 - 1
+_SQLITE_IOERR_WRITE = _c.SQLITE_IOERR | (3 << 8)
 _HEADER = b"SQLite format 3\x00"
 
 FINISHED_OUTSIDE = (
@@ -113,6 +127,7 @@ class _Options:
     snapshot: Snapshot
     keep_wal: bool
     verify: Verify | None
+    flush_every: int | None = FLUSH_EVERY
 
     def __post_init__(self) -> None:
         if not isinstance(self.pages, int) or isinstance(self.pages, bool):
@@ -147,6 +162,17 @@ class _Options:
         if self.verify is not None and not callable(self.verify):
             raise TypeError(
                 "verify must be callable (it is given the copy's path) or None"
+            )
+        flush = self.flush_every
+        if flush is not None and (
+            not isinstance(flush, int) or isinstance(flush, bool)
+        ):
+            raise TypeError(
+                f"flush_every must be an int (bytes) or None, not {type(flush).__name__}"
+            )
+        if flush is not None and flush < 0:
+            raise ValueError(
+                f"flush_every must be >= 0 bytes (0 or None: no flushing), not {flush}"
             )
 
     @property
@@ -235,6 +261,19 @@ def _is_wal_file(path: str) -> bool:
     except OSError:
         return False
     return header.startswith(_HEADER) and len(header) == 20 and header[18] == 2
+
+
+def _header_page_size(path: str) -> int:
+    """The page size a database file's header gives (0: unknown)."""
+    try:
+        with open(path, "rb") as file:
+            header = file.read(18)
+    except OSError:
+        return 0
+    if len(header) < 18 or not header.startswith(_HEADER):
+        return 0
+    size = int.from_bytes(header[16:18], "big")
+    return 65536 if size == 1 else size
 
 
 def _file_size(path: str) -> int:
@@ -449,6 +488,8 @@ class _TargetSide:
         self.conn: _c.Connection | None = None
         self.user: _c.Connection | None = None
         self.new: files.NewFile | None = None
+        self.flusher: files.Flusher | None = None
+        self.flush_every = options.flush_every or 0
         self.was_wal = False
         self.schema = options.target_name
         if isinstance(target, _c.Connection):
@@ -518,6 +559,43 @@ class _TargetSide:
             self.conn = _c.Connection(path, flags)
         except _c.CantOpenError as exc:
             raise _renamed(exc, f"cannot open the target {self.file!r}: {exc}") from exc
+        if self.flush_every:
+            self._start_flushing()
+
+    def _start_flushing(self) -> None:
+        """Write the copy out in slices as it goes (flush_every).
+
+        A small page cache makes SQLite spill the copied pages to the file
+        during each step instead of holding them all for the commit; after a
+        step that grew the file by flush_every bytes, they are written out
+        to the disk (files.Flusher: sync_file_range on Linux, keeping at most
+        about two slices in flight; else fdatasync).  So no flush -- the
+        copy's own or another process's on the same disk (a WAL writer's
+        commit) -- ever queues behind more than that of the copy's dirty
+        data.
+
+        Safe for both kinds of file copy() opens: a new target's temporary
+        file is nobody else's, and is renamed into place only after its
+        final fsync.  In an existing target, SQLite writes a page into the
+        database file mid-transaction only once the rollback journal holding
+        its old content is synced (a cache spill), so making those writes
+        durable early changes nothing a crash could leave: recovery rolls
+        them back from the journal either way.  (An existing target in WAL
+        mode spills into its -wal file: flushing the database file then
+        finds nothing, harmless.)  A Connection target is the caller's: its
+        cache is left alone and it is not flushed.
+        """
+        assert self.conn is not None
+        self.conn.execute(f"PRAGMA main.cache_size=-{TARGET_CACHE_KIB}").fetchall()
+        if self.new is not None:
+            self.flusher = files.Flusher(self.new.fd, self.flush_every)
+        else:
+            self.flusher = files.Flusher.borrowing(self.file, self.flush_every)
+
+    def flush(self) -> None:
+        """After a step that copied: flush the target if it grew enough."""
+        if self.flusher is not None:
+            self.flusher.flush_if_grown()
 
     @property
     def path(self) -> str | None:
@@ -637,9 +715,27 @@ class _Copy:
             self._src.open()
             self._dst.open()
             self._wal_start = self._wal_max = _file_size(self._src.wal_path)
+            self._step_pages, self._sliced = self._choose_step()
         except BaseException:
             self.close()
             raise
+
+    def _choose_step(self) -> tuple[int, bool]:
+        """(pages per step, whether a whole-copy step is cut into slices).
+
+        pages <= 0 asks for the whole copy in one step: one read of the
+        source, which cannot restart.  When the target is flushed as the
+        copy goes, that one step would leave all of it for the final flush;
+        so it is cut into slices of flush_every bytes, read under a snapshot
+        held from the first slice to the last -- the same single read of the
+        source, just written out in slices.  With snapshot=False (no read
+        transaction may be held) it stays one step.
+        """
+        pages = self._opts.step_pages
+        if pages > 0 or self._dst.flusher is None or self._opts.snapshot is False:
+            return pages, False
+        page_size = _header_page_size(self._src.file) or 4096
+        return max(1, self._dst.flush_every // page_size), True
 
     def _new_backup(self) -> _c.Backup:
         assert self._dst.conn is not None
@@ -691,7 +787,7 @@ class _Copy:
             return exc
         self._steps += 1
         try:
-            done = self._backup.step(self._opts.step_pages)
+            done = self._backup.step(self._step_pages)
         except _c.ThreadingViolationError as exc:
             return exc
         except _c.Error as exc:
@@ -700,11 +796,63 @@ class _Copy:
             return exc
         finally:
             self._wal_max = max(self._wal_max, _file_size(self._src.wal_path))
-        return _c.SQLITE_DONE if done else _c.SQLITE_OK
+        if done:
+            return _c.SQLITE_DONE
+        try:
+            self._dst.flush()
+        except OSError as exc:
+            return self._flush_failed(exc)
+        return _c.SQLITE_OK
 
-    def react(self, outcome: Outcome) -> float | None:
+    def _flush_failed(self, exc: OSError) -> _c.Error:
+        error = _c.IOError(
+            f"writing the copy to {self._dst.file or 'the target'!r} failed: "
+            f"writing it out to the disk: {exc.strerror or exc}; {self._left_as()}. Check the "
+            "target's disk, or copy to another one"
+        )
+        error.__cause__ = exc
+        return _with_codes(error, _c.SQLITE_IOERR, _SQLITE_IOERR_WRITE)
+
+    def steps(self, budget: float) -> list[tuple[Outcome, int, int]]:
+        """Steps back to back for up to `budget` seconds (acopy's worker).
+
+        Returns (outcome, remaining, total) of each, as react() would have
+        read them right after it.  Stops after a step that did not return
+        SQLITE_OK, and before a step that might be the last one: so a step
+        that completes the copy is always the first of its batch, run only
+        once every earlier step was reported -- a progress callback that
+        raises, or a cancellation, finds the target as copy() would.
+        """
+        until = time.monotonic() + budget
+        ran: list[tuple[Outcome, int, int]] = []
+        while True:
+            outcome = self.step()
+            backup = self._backup
+            remaining = backup.remaining if backup is not None else 0
+            total = backup.page_count if backup is not None else 0
+            ran.append((outcome, remaining, total))
+            if (
+                not (isinstance(outcome, int) and outcome == _c.SQLITE_OK)
+                or not self._cannot_finish_next(remaining)
+                or time.monotonic() >= until
+            ):
+                return ran
+
+    def _cannot_finish_next(self, remaining: int) -> bool:
+        """Whether the next step, copying _step_pages, leaves pages to copy.
+
+        (The source growing only adds pages; shrinking needs a write through
+        the backup's own source connection, which waits for the step.)"""
+        pages = self._step_pages
+        return pages > 0 and remaining > pages and bool(self._backup)
+
+    def react(
+        self, outcome: Outcome, counts: tuple[int, int] | None = None
+    ) -> float | None:
         """Report a step; None once the copy is complete, else seconds to wait.
 
+        counts: (remaining, total) right after the step, if it was not the
+        last one run (a batch of steps); else they are read now.
         Raises when the copy must stop: a final error, the source's own write
         transaction, or the timeout.
         """
@@ -717,7 +865,9 @@ class _Copy:
         backup = self._backup
         assert backup is not None
         status = outcome if isinstance(outcome, int) else _status(outcome)
-        remaining, total = backup.remaining, backup.page_count
+        if counts is None:
+            counts = backup.remaining, backup.page_count
+        remaining, total = counts
         if status == _c.SQLITE_DONE:
             # The last step committed the copy.  The backup and the snapshot
             # end before the callback, so whatever it does to the source (or
@@ -903,7 +1053,9 @@ class _Copy:
         mode = self._opts.snapshot
         if mode is False or self._src.snapshot_done:
             return False
-        return mode is True or self._restarts_so_far() >= AUTO_SNAPSHOT_AFTER
+        if mode is True or self._sliced:
+            return True
+        return self._restarts_so_far() >= AUTO_SNAPSHOT_AFTER
 
 
 def copy(
@@ -919,6 +1071,7 @@ def copy(
     snapshot: Snapshot = "auto",
     keep_wal: bool = False,
     verify: Verify | None = None,
+    flush_every: int | None = FLUSH_EVERY,
 ) -> CopyResult:
     """Copy database `name` of `source` into `target_name` of `target`, online.
 
@@ -938,7 +1091,11 @@ def copy(
     exists (a path or a Connection) is written through SQLite's own
     transaction: other connections may have it open.  Connections are left
     open; what copy() opened it closes.
-    pages: pages per step; <= 0 copies everything in one step.
+    pages: pages per step; <= 0 copies everything in one read of the
+    source: one step, or -- when the target is flushed as the copy goes
+    (flush_every) and snapshot is not False -- slices of flush_every bytes
+    read under a snapshot held from the first to the last, each reported to
+    progress like a step.
     progress: called as progress(status, remaining, total) after every step,
     as sqlite3.Connection.backup calls it: status is SQLITE_OK (0), SQLITE_DONE
     (101) for the last step, or the code of a step that found the database
@@ -977,6 +1134,17 @@ def copy(
     connection of copy()'s open on it.  Its return value is ignored; if it
     raises, the exception comes out unchanged (a new target is removed
     first and never appears; an existing target keeps the complete copy).
+    flush_every: bytes (default 2 MiB) the target file may grow by before
+    copy() has them written out to the disk (on Linux sync_file_range,
+    waiting for the slice before; elsewhere fdatasync), with a 1 MiB page
+    cache on the target so the copied pages reach the file as it goes: a
+    copy then never queues more than about two slices of dirty data in
+    front of other processes' fsyncs on the same disk (a live database's
+    commits keep their latency).  Durability is still the final commit's
+    fsync (and, for a new target, its own and its folder's).  For path targets
+    (new or existing); a Connection target is left alone.  None or 0: no
+    flushing, the copy is written out by its final commit.  A failed flush
+    is an IOError (SQLITE_IOERR_WRITE); the target is left as on any error.
 
     Before anything is created, every argument is checked, and a target
     that is the source's own file or one of its side files (-wal, -shm,
@@ -992,7 +1160,16 @@ def copy(
     temporary files).
     """
     options = _Options(
-        pages, progress, name, target_name, sleep, timeout, snapshot, keep_wal, verify
+        pages,
+        progress,
+        name,
+        target_name,
+        sleep,
+        timeout,
+        snapshot,
+        keep_wal,
+        verify,
+        flush_every,
     )
     job = _Copy(source, target, options)
     try:
@@ -1020,6 +1197,7 @@ async def acopy(
     snapshot: Snapshot = "auto",
     keep_wal: bool = False,
     verify: Verify | None = None,
+    flush_every: int | None = FLUSH_EVERY,
 ) -> CopyResult:
     """copy() as a coroutine: the same arguments, behaviour and result.
 
@@ -1033,12 +1211,36 @@ async def acopy(
     a new target, while it was being renamed into place).  Never a partial
     copy.
     """
+    import asyncio  # here: importing it costs a CLI run ~25 ms
+
     options = _Options(
-        pages, progress, name, target_name, sleep, timeout, snapshot, keep_wal, verify
+        pages,
+        progress,
+        name,
+        target_name,
+        sleep,
+        timeout,
+        snapshot,
+        keep_wal,
+        verify,
+        flush_every,
     )
     job = _Copy(source, target, options)
     try:
-        while (wait := job.react(await _off_loop(job.step))) is not None:
+        while True:
+            # Steps run in batches of a few ms in the worker (see
+            # _Copy.steps); each is reported here, in order, as copy() would.
+            batch = await _off_loop(lambda: job.steps(BATCH_SECONDS))
+            for i, (outcome, remaining, total) in enumerate(batch):
+                if i and _cancel_requested():
+                    # Met here, as unbatched it would be met before the
+                    # next step: the steps after it are never reported.
+                    await asyncio.sleep(0)
+                wait = job.react(outcome, (remaining, total))
+                if wait is None:
+                    break
+            if wait is None:
+                break
             await asyncio.sleep(wait)
         job.settle()
         await _off_loop(job.verify)
@@ -1048,8 +1250,24 @@ async def acopy(
         job.close()
 
 
+def _cancel_requested() -> bool:
+    """Whether the current task may have a cancellation waiting (True when
+    unsure: the caller then yields once to let it arrive)."""
+    import asyncio
+
+    task = asyncio.current_task()
+    if task is None:
+        return False
+    cancelling = getattr(task, "cancelling", None)  # Python 3.11+
+    if cancelling is not None:
+        return bool(cancelling())
+    return bool(getattr(task, "_must_cancel", True))  # 3.10's Task
+
+
 async def _off_loop(func: Callable[[], T]) -> T:
     """func() in the default executor; cancelled, it lets func end first."""
+    import asyncio
+
     future = asyncio.get_running_loop().run_in_executor(None, func)
     try:
         return await asyncio.shield(future)
@@ -1060,6 +1278,8 @@ async def _off_loop(func: Callable[[], T]) -> T:
 
 async def _wait_out(future: asyncio.Future[T]) -> None:
     """Wait until future is done, whatever further cancellations arrive."""
+    import asyncio
+
     while not future.done():
         try:
             await asyncio.wait({future})

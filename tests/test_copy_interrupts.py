@@ -208,13 +208,16 @@ def test_acopy_cancelled_at_each_await(tmp_path, source, at, kind, monkeypatch):
         locker = apsw_backup.Connection(str(source))
         locker.execute("BEGIN EXCLUSIVE")
     steps = []
+    reported = []
     armed = {}
 
     def make_coro(arm):
         armed["arm"] = arm
 
         def progress(status, remaining, total):  # the loop's thread
-            if at == "wait after step" and status == OK and len(steps) == 3:
+            reported.append(status)
+            # Counted in progress calls: steps run in batches, ahead of them.
+            if at == "wait after step" and status == OK and len(reported) == 3:
                 arm()
             if at == "locked wait" and status == BUSY:
                 locker.execute("ROLLBACK")
@@ -266,3 +269,123 @@ def test_acopy_cancelled_at_each_await(tmp_path, source, at, kind, monkeypatch):
     assert_clean(tmp_path, source, src)
     assert_target_unlocked(target_conn)
     src.close()
+
+
+# acopy() runs steps in batches in a worker (copy.BATCH_SECONDS) and reports
+# them afterwards: the reports, the interruptions and the target must be
+# exactly what copy() gives.
+
+
+def record_batches(monkeypatch):
+    """Make every batch as long as it may be; return the batches' sizes."""
+    sizes = []
+    real_steps = COPY_MODULE._Copy.steps
+
+    def steps(self, budget):
+        ran = real_steps(self, 60.0)
+        sizes.append(len(ran))
+        return ran
+
+    monkeypatch.setattr(COPY_MODULE._Copy, "steps", steps)
+    return sizes
+
+
+@pytest.mark.parametrize("flush_every", [None, 4096])
+@pytest.mark.parametrize("pages", [1, 3, 7, -1])
+def test_acopy_reports_the_same_progress_as_copy(
+    tmp_path, source, pages, flush_every, monkeypatch
+):
+    sizes = record_batches(monkeypatch)
+    by_copy, by_acopy = [], []
+
+    def recorder(calls):
+        return lambda *args: calls.append(args)
+
+    copy(
+        source,
+        tmp_path / "a.db",
+        pages=pages,
+        progress=recorder(by_copy),
+        flush_every=flush_every,
+    )
+    asyncio.run(
+        acopy(
+            source,
+            tmp_path / "b.db",
+            pages=pages,
+            progress=recorder(by_acopy),
+            flush_every=flush_every,
+        )
+    )
+    assert by_acopy == by_copy
+    assert by_copy[-1][0] == DONE
+    assert state(tmp_path / "b.db") == "complete"
+    # Batched indeed, and the step that completes the copy runs alone.
+    assert sizes[-1] == 1
+    if len(by_copy) > 3:
+        assert max(sizes) > 1
+    assert sum(sizes) == len(by_copy)
+
+
+@pytest.mark.parametrize("exc_type", [Boom, KeyboardInterrupt])
+@pytest.mark.parametrize("at", ["first", "middle", "busy", "before done", "done"])
+@pytest.mark.parametrize("kind", ["new", "existing", "connection"])
+def test_acopy_progress_raising_in_a_batch(
+    tmp_path, source, exc_type, at, kind, monkeypatch
+):
+    sizes = record_batches(monkeypatch)
+    target, path, target_conn = targets(tmp_path, kind)
+    src = apsw_backup.Connection(str(source))
+    locker = None
+    if at == "busy":
+        locker = apsw_backup.Connection(str(source))
+        locker.execute("BEGIN EXCLUSIVE")
+    calls = []
+
+    def progress(status, remaining, total):
+        calls.append(status)
+        hit = {
+            "first": len(calls) == 1,
+            "middle": len(calls) == 5,
+            "busy": status == BUSY,
+            "before done": status == OK and 0 < remaining <= 3,
+            "done": status == DONE,
+        }[at]
+        if hit:
+            raise exc_type("stop")
+
+    try:
+        with pytest.raises(exc_type):
+            asyncio.run(acopy(src, target, pages=3, snapshot=True, progress=progress))
+    finally:
+        if locker is not None:
+            locker.execute("ROLLBACK")
+            locker.close()
+    assert state(path) == expected(kind, at == "done")
+    if at in ("first", "middle"):
+        assert max(sizes) > len(calls)  # steps ran that were never reported
+    assert_clean(tmp_path, source, src)
+    assert_target_unlocked(target_conn)
+    src.close()
+
+
+def test_acopy_cancel_from_progress_mid_batch_stops_the_reports(
+    tmp_path, source, monkeypatch
+):
+    sizes = record_batches(monkeypatch)
+    calls = []
+
+    def progress(status, remaining, total):
+        calls.append(status)
+        if len(calls) == 4:
+            asyncio.current_task().cancel()
+
+    async def main():
+        with pytest.raises(asyncio.CancelledError):
+            await acopy(source, tmp_path / "new.db", pages=3, progress=progress)
+
+    asyncio.run(asyncio.wait_for(main(), BOUND))
+    assert calls == [OK] * 4
+    assert sizes[0] > 4  # the batch held steps after the cancelling one
+    assert state(tmp_path / "new.db") == "missing"
+    assert_clean(tmp_path, source)
