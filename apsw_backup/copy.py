@@ -586,7 +586,14 @@ class _TargetSide:
         cache is left alone and it is not flushed.
         """
         assert self.conn is not None
-        self.conn.execute(f"PRAGMA main.cache_size=-{TARGET_CACHE_KIB}").fetchall()
+        try:
+            # Needs the schema: an existing target another connection holds
+            # locked answers BUSY.  Then the copy waits for that lock as any
+            # step would, only with SQLite's default cache (fewer, larger
+            # write-outs); it must not fail for it.
+            self.conn.execute(f"PRAGMA main.cache_size=-{TARGET_CACHE_KIB}").fetchall()
+        except (_c.BusyError, _c.LockedError):
+            pass
         if self.new is not None:
             self.flusher = files.Flusher(self.new.fd, self.flush_every)
         else:
@@ -728,7 +735,9 @@ class _Copy:
         copy goes, that one step would leave all of it for the final flush;
         so it is cut into slices of flush_every bytes, read under a snapshot
         held from the first slice to the last -- the same single read of the
-        source, just written out in slices.  With snapshot=False (no read
+        source, just written out in slices.  The slices are invisible: they
+        are not reported to progress nor counted in CopyResult.steps, so
+        pages <= 0 still reports as one step, as the standard library does.  With snapshot=False (no read
         transaction may be held) it stays one step.
         """
         pages = self._opts.step_pages
@@ -796,6 +805,10 @@ class _Copy:
             return exc
         finally:
             self._wal_max = max(self._wal_max, _file_size(self._src.wal_path))
+        if self._sliced and not done:
+            # A slice of the one whole-copy step pages <= 0 asked for: not
+            # a step of the caller's (see _choose_step).
+            self._steps -= 1
         if done:
             return _c.SQLITE_DONE
         try:
@@ -879,7 +892,10 @@ class _Copy:
             if self._opts.progress is not None:
                 self._opts.progress(status, remaining, total)
             return None
-        if self._opts.progress is not None:
+        # The slices of a whole-copy step are not reported: pages <= 0 gets
+        # the one call the standard library makes (plus any lock waits).
+        sliced_ok = self._sliced and status == _c.SQLITE_OK
+        if self._opts.progress is not None and not sliced_ok:
             self._opts.progress(status, remaining, total)
         if not backup:
             raise _c.ConnectionClosedError(FINISHED_OUTSIDE)

@@ -137,6 +137,7 @@ struct Backup {
     Connection *dest;            /* strong; NULL once finished */
     Connection *source;          /* strong; NULL once finished */
     Backup *src_prev, *src_next; /* links in source->sources */
+    Backup *pending_next;        /* in the list of deferred finishes */
     PyObject *dest_name;
     PyObject *source_name;
     PyObject *repr_names; /* "source -> dest" text kept for repr */
@@ -209,5 +210,7 @@ PyObject *backup_create(Connection *dest, PyObject *dest_name,
 int backup_finish_internal(Backup *self);
 int backup_finish_allowed(Backup *self, Connection *closing);
 void backup_forget(Backup *self);
+extern Backup *pending_finishes;
+void backup_finish_pending(void);
 
 #endif /* APSW_BACKUP_H */

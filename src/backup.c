@@ -1015,18 +1015,115 @@ backup_exit(Backup *self, PyObject *args)
     Py_RETURN_FALSE;
 }
 
+/* Deferred finishes (GIL-protected): Backups collected while a call was
+ * inside their source or destination.  Finishing then could wait for that
+ * call's SQLite mutex -- from a callback holding another one, or while the
+ * call's thread waits for the GIL: a deadlock -- so a stand-in Backup takes
+ * over the sqlite3_backup, the destination lock and the place in the
+ * source's list, and is finished once no call of ours is inside either
+ * connection (backup_finish_pending(), from call_leave()). */
+Backup *pending_finishes;
+
+static int
+defer_finish(Backup *self)
+{
+    ModuleState *st = self->state;
+    allocfunc alloc = (allocfunc)PyType_GetSlot(st->BackupType, Py_tp_alloc);
+    Backup *g = (Backup *)alloc(st->BackupType, 0);
+    if (g == NULL) {
+        return -1;
+    }
+    g->state = st;
+    g->backup = self->backup;
+    g->dest = self->dest;
+    g->source = self->source;
+    g->dest_name = Py_NewRef(self->dest_name);
+    g->source_name = Py_NewRef(self->source_name);
+    g->repr_names = Py_NewRef(self->repr_names);
+    g->sticky_rc = self->sticky_rc;
+    g->sticky_msg = self->sticky_msg ? Py_NewRef(self->sticky_msg) : NULL;
+    g->done = self->done;
+    g->restarts = self->restarts;
+    g->dest_in_memory = self->dest_in_memory;
+    g->dest_wal = self->dest_wal;
+    g->dest_page_size = self->dest_page_size;
+    g->dest->locked_by = g;
+    g->src_prev = self->src_prev;
+    g->src_next = self->src_next;
+    if (g->src_prev != NULL) {
+        g->src_prev->src_next = g;
+    }
+    else {
+        g->source->sources = g;
+    }
+    if (g->src_next != NULL) {
+        g->src_next->src_prev = g;
+    }
+    self->backup = NULL;
+    self->dest = self->source = NULL;
+    self->src_prev = self->src_next = NULL;
+    g->pending_next = pending_finishes; /* the list owns g's reference */
+    pending_finishes = g;
+    return 0;
+}
+
+void
+backup_finish_pending(void)
+{
+    static int draining;
+    if (draining) {
+        return;
+    }
+    draining = 1;
+    Backup **link = &pending_finishes;
+    while (*link != NULL) {
+        Backup *g = *link;
+        int finished = g->backup == NULL && !g->finishing;
+        if (!finished && (g->inuse || g->finishing || g->source->inuse
+                          || g->dest->inuse || backup_forked(g))) {
+            link = &g->pending_next; /* not yet (a forked child: never) */
+            continue;
+        }
+        *link = g->pending_next;
+        g->pending_next = NULL;
+        if (!finished) {
+            PyObject *et, *ev, *tb;
+            PyErr_Fetch(&et, &ev, &tb);
+            if (backup_finish_internal(g) < 0) {
+                PyErr_WriteUnraisable(g->repr_names);
+            }
+            PyErr_Restore(et, ev, tb);
+        }
+        Py_DECREF(g);
+        link = &pending_finishes; /* the GIL was released: read afresh */
+    }
+    draining = 0;
+}
+
 /* Finish from garbage collection or dealloc: nobody can be told, so an
  * error goes to sys.unraisablehook.  Nothing can be inside a call on self
- * here (a call owns a reference), and a forked child lets go of the
- * parent's backup without calling SQLite. */
+ * (a call owns a reference); if a call is inside one of its connections,
+ * the finish is deferred (above).  A forked child lets go of the parent's
+ * backup without calling SQLite. */
 static void
 finish_unraisable(Backup *self)
 {
     if (self->backup == NULL) {
         return;
     }
+    if (backup_forked(self)) {
+        backup_forget(self);
+        return;
+    }
     PyObject *et, *ev, *tb;
     PyErr_Fetch(&et, &ev, &tb);
+    if (self->source->inuse || self->dest->inuse) {
+        if (defer_finish(self) == 0) {
+            PyErr_Restore(et, ev, tb);
+            return;
+        }
+        PyErr_Clear(); /* no memory for the stand-in: finish now */
+    }
     if (backup_finish_internal(self) < 0) {
         PyErr_WriteUnraisable(self->repr_names);
     }

@@ -36,6 +36,11 @@ call_leave(int *inuse)
 {
     (*inuse)--;
     call_depth--;
+    if (call_depth == 0 && pending_finishes != NULL) {
+        /* This thread is in none of our calls now: a finish deferred while
+         * its connections were busy may be due. */
+        backup_finish_pending();
+    }
 }
 
 int

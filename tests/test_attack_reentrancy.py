@@ -209,10 +209,6 @@ print("ALIVE", [t.is_alive() for t in (tt, tu, tv)], flush=True)
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="A13: sqlite3_errmsg with the GIL held waits for a mutex held by an unchecked finish: whole interpreter deadlocks",
-)
 def test_error_message_with_gil_cannot_deadlock_against_collected_backup(tmp_path):
     # The interleaving is the scheduler's: on the defect about 3 runs in 4
     # freeze; three clean runs in a row are needed.

@@ -324,7 +324,10 @@ def test_acopy_reports_the_same_progress_as_copy(
     assert sizes[-1] == 1
     if len(by_copy) > 3:
         assert max(sizes) > 1
-    assert sum(sizes) == len(by_copy)
+    if pages > 0:
+        assert sum(sizes) == len(by_copy)
+    else:  # the slices of one whole-copy step are not reported
+        assert by_copy == [(DONE, 0, by_copy[-1][2])]
 
 
 @pytest.mark.parametrize("exc_type", [Boom, KeyboardInterrupt])
