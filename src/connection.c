@@ -345,6 +345,13 @@ close_everything(Connection *self, int force)
     while (self->cursors != NULL) {
         cursor_close_internal(self->cursors);
     }
+    /* A cursor another thread let go of finalizes its statement outside
+     * our call (it left the list first): wait for it, or SQLite would find
+     * the statement unfinalized. */
+    long wait_us = 50;
+    while (self->inuse > 1) {
+        wait_a_little(&wait_us);
+    }
     /* Taken out first: interrupt() from another thread (allowed on a busy
      * connection) must never reach a handle being freed. */
     sqlite3 *db = self->db;
