@@ -882,14 +882,27 @@ def test_every_gil_release_point_in_the_c_code_is_covered():
     src = os.path.join(os.path.dirname(__file__), "..", "src")
     covered = {
         "backup.c": {
-            "pragma_value",
-            "backup_create",
-            "backup_step",
-            "backup_finish_internal",
+            "pragma_value",  # race page_size_trap (its PRAGMAs, before the fix)
+            "page_size_trap_message",  # race page_size_trap
+            "backup_create",  # race backup_init
+            "backup_step",  # windows step_source_locked, step_dest_locked
+            "backup_finish_internal",  # windows *_finish, finish_waits
         },
+        "calls.c": {"wait_a_little"},  # every finish-type action that waits
         "connection.c": {"connection_exec", "connection_init", "close_everything"},
-        "cursor.c": {"finalize_statement", "prepare_next", "step_until_row"},
+        "cursor.c": {
+            "finalize_statement",
+            "cursor_close_internal",  # window cursor_finalize, race cursor_close
+            "prepare_next",
+            "step_until_row",
+        },
     }
+    # Not held open here (say why, and where it is tested instead):
+    # restart_backup runs only after a step answered an extended BUSY/LOCKED
+    # code (SQLITE_BUSY_RECOVERY ...), which no test here can produce on
+    # demand; tests/test_backup_sticky_lock.py covers it without a hostile
+    # thread.
+    covered["backup.c"].add("restart_backup")
     found = {}
     for name in sorted(os.listdir(src)):
         if not name.endswith(".c"):
