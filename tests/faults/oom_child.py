@@ -25,6 +25,25 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+
+def summary(text):
+    """`oom_child.py --summary JSON`: the figures of a report, for .ci/faults
+    (first line: points runs failures)."""
+    report = json.loads(text)
+    print(report["points"], report["runs"], len(report["problems"]))
+    print(
+        f"oom {report['case']:8} SQLite {report['sqlite']}: {report['points']} "
+        f"allocation points, {report['runs']} runs, outcomes "
+        f"{report['outcomes']}, failures {len(report['problems'])}"
+    )
+    for problem in report["problems"][:10]:
+        print("    " + problem)
+
+
+if sys.argv[1] == "--summary":
+    summary(sys.argv[2])
+    sys.exit(0)
+
 from faults.shim import SQLITE_OK, Shim  # noqa: E402  (no sqlite3 import)
 
 shim = Shim(Path(sys.argv[1]))
