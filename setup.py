@@ -65,7 +65,10 @@ setup(
             libraries=["sqlite3"],
             define_macros=macros,
             py_limited_api=limited,
-            extra_compile_args=["-Wall", "-Wextra"],
+            # -pthread: pthread_atfork (src/calls.c) lives in libpthread
+            # before glibc 2.34, as on the manylinux_2_28 image.
+            extra_compile_args=["-Wall", "-Wextra", "-pthread"],
+            extra_link_args=["-pthread"],
         )
     ],
     options={"bdist_wheel": {"py_limited_api": "cp310"}} if limited else {},

@@ -86,6 +86,7 @@ typedef struct {
     PyObject *ConnectionClosedError;
     PyObject *CursorClosedError;
     PyObject *BindingsError;
+    PyObject *ForkingViolationError;
     PyObject *code_errors[N_CODE_ERRORS]; /* by primary code; [0] unused */
 } ModuleState;
 
@@ -96,6 +97,7 @@ struct Connection {
     int inuse;         /* calls inside SQLite now (GIL released); a
                         * count, as a collected Backup may finish
                         * while another thread uses the source */
+    unsigned long fork_generation; /* fork_generation when opened */
     Backup *locked_by; /* unfinished backup writing into us */
     Cursor *cursors;   /* open cursors (borrowed, intrusive list) */
     Backup *sources;   /* unfinished backups reading from us */
@@ -134,16 +136,43 @@ struct Backup {
     PyObject *source_name;
     PyObject *repr_names; /* "source -> dest" text kept for repr */
     int inuse;
+    int finishing; /* claimed by a finisher that has released the GIL */
     int done;
     int remaining;
     int page_count;
     long restarts;
     int sticky_rc; /* a failed step's code, reported again */
+    /* What the page-size message needs, read before sqlite3_backup_init:
+     * afterwards no SQL may run on the destination (it could commit the
+     * backup's write transaction: a partial copy). */
+    int dest_in_memory; /* in-memory or temp */
+    int dest_wal;       /* the file's header says WAL */
+    int dest_page_size; /* 0 when unknown */
     PyObject *sticky_msg;
 };
 
 /* module.c */
 ModuleState *state_from_type(PyTypeObject *type);
+
+/* calls.c: who is inside a call, and fork.
+ *
+ * call_enter()/call_leave() bracket every call that releases the GIL or runs
+ * Python code on behalf of a Connection or Backup: they count the object's
+ * `inuse` (what other threads see) and record it for this thread, so a
+ * callback can be told from another thread (in_call_here()).  They nest. */
+void call_enter(void *object, int *inuse);
+void call_leave(int *inuse);
+int in_call_here(const void *object);
+int in_any_call_here(void);
+/* Sleep about `*wait_us` microseconds with the GIL released, then double
+ * it (capped at 5 ms): the wait for another thread's call to end. */
+void wait_a_little(long *wait_us);
+/* Bumped in a forked child: objects opened before the fork belong to the
+ * parent's SQLite state and must not call into it. */
+extern volatile unsigned long fork_generation;
+int install_fork_handler(void);
+PyObject *raise_forked(ModuleState *st, const char *what);
+#define FORKED(conn) ((conn)->fork_generation != fork_generation)
 
 /* errors.c */
 PyObject *raise_sqlite_error(ModuleState *st, int rc, const char *msg);
@@ -171,5 +200,7 @@ extern PyType_Spec backup_spec;
 PyObject *backup_create(Connection *dest, PyObject *dest_name,
                         Connection *source, PyObject *source_name);
 int backup_finish_internal(Backup *self);
+int backup_claimable(Backup *self);
+int backup_refuse_reentrant(Backup *self);
 
 #endif /* APSW_BACKUP_H */

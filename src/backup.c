@@ -8,15 +8,32 @@
  *
  * A failed step leaves "not an error" in the destination's error message,
  * so step errors are described from the step's own result code.
+ *
+ * Who owns what while the GIL is released, and why a finish can never run
+ * twice, is written down in src/README.md ("Ownership"): keep it true.
  */
 #include "apsw_backup.h"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+static int
+backup_forked(Backup *self)
+{
+    return FORKED(self->source) || FORKED(self->dest);
+}
 
 static int
 backup_check(Backup *self)
 {
-    if (self->backup == NULL) {
+    if (self->backup == NULL && !self->finishing) {
         PyErr_SetString(self->state->ConnectionClosedError,
                         "The backup is finished");
+        return -1;
+    }
+    if (backup_forked(self)) {
+        raise_forked(self->state, "backup");
         return -1;
     }
     if (self->inuse) {
@@ -36,38 +53,6 @@ backup_check(Backup *self)
             return NULL;              \
         }                             \
     } while (0)
-
-/* A one-row PRAGMA on schema of db, as an int (-1 when it fails) and, if
- * text is given, as lower-case text. */
-static int
-pragma_value(sqlite3 *db, const char *schema, const char *pragma, char *text,
-             size_t textsize)
-{
-    char *sql = sqlite3_mprintf("PRAGMA \"%w\".%s", schema, pragma);
-    int value = -1;
-    if (text != NULL) {
-        text[0] = '\0';
-    }
-    if (sql == NULL) {
-        return -1;
-    }
-    Py_BEGIN_ALLOW_THREADS
-    sqlite3_stmt *stmt = NULL;
-    if (sqlite3_prepare_v2(db, sql, -1, &stmt, NULL) == SQLITE_OK
-        && stmt != NULL && sqlite3_step(stmt) == SQLITE_ROW) {
-        value = sqlite3_column_int(stmt, 0);
-        const unsigned char *t = sqlite3_column_text(stmt, 0);
-        for (size_t i = 0;
-             text != NULL && t != NULL && i + 1 < textsize && t[i]; i++) {
-            text[i] = (char)(t[i] >= 'A' && t[i] <= 'Z' ? t[i] + 32 : t[i]);
-            text[i + 1] = '\0';
-        }
-    }
-    sqlite3_finalize(stmt);
-    Py_END_ALLOW_THREADS
-    sqlite3_free(sql);
-    return value;
-}
 
 static void
 link_source(Backup *self, Connection *source)
@@ -95,6 +80,141 @@ unlink_source(Backup *self, Connection *source)
     self->src_prev = self->src_next = NULL;
 }
 
+/* The end of every finish, once the sqlite3_backup is gone: unlock the
+ * destination, leave the source's list, drop both references (last: their
+ * destructors may run any code). */
+static void
+let_go(Backup *self)
+{
+    Connection *source = self->source, *dest = self->dest;
+    dest->locked_by = NULL;
+    unlink_source(self, source);
+    self->remaining = 0;
+    self->page_count = 0;
+    self->source = NULL;
+    self->dest = NULL;
+    self->finishing = 0;
+    Py_DECREF(source);
+    Py_DECREF(dest);
+}
+
+/* The sqlite3_file SQLite reads schema `name` of db through, or NULL.
+ * Connections that share one cache (shared-cache mode) share the pager and
+ * so this pointer. */
+static sqlite3_file *
+schema_file(sqlite3 *db, const char *name)
+{
+    sqlite3_file *file = NULL;
+    if (sqlite3_file_control(db, name, SQLITE_FCNTL_FILE_POINTER, &file)
+        != SQLITE_OK) {
+        return NULL;
+    }
+    return file;
+}
+
+/* Whether two database file names are one file (device and inode). */
+static int
+same_file(const char *a, const char *b)
+{
+    struct stat sa, sb;
+    if (a == NULL || b == NULL || !a[0] || !b[0] || stat(a, &sa) != 0
+        || stat(b, &sb) != 0) {
+        return 0;
+    }
+    return sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino;
+}
+
+/* Page size and WAL flag from a database file's 100-byte header (read
+ * from the file, not through SQLite); 0 if it cannot be read. */
+static int
+header_page_size(const char *path, int *wal)
+{
+    unsigned char h[100];
+    *wal = 0;
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) {
+        return 0;
+    }
+    ssize_t n = pread(fd, h, sizeof(h), 0);
+    close(fd);
+    if (n != (ssize_t)sizeof(h) || memcmp(h, "SQLite format 3", 16) != 0) {
+        return 0;
+    }
+    int size = (h[16] << 8) | h[17];
+    *wal = h[18] == 2 && h[19] == 2;
+    return size == 1 ? 65536 : size;
+}
+
+/* An int PRAGMA on schema of db (-1 when it fails).  The caller releases
+ * the GIL. */
+static int
+pragma_int(sqlite3 *db, const char *schema, const char *pragma)
+{
+    char *sql = sqlite3_mprintf("PRAGMA \"%w\".%s", schema, pragma);
+    int value = -1;
+    sqlite3_stmt *stmt = NULL;
+    if (sql != NULL && sqlite3_prepare_v2(db, sql, -1, &stmt, NULL) == SQLITE_OK
+        && stmt != NULL && sqlite3_step(stmt) == SQLITE_ROW) {
+        value = sqlite3_column_int(stmt, 0);
+    }
+    sqlite3_finalize(stmt);
+    sqlite3_free(sql);
+    return value;
+}
+
+enum { PAIR_OK, PAIR_SHARED_CACHE, PAIR_SAME_FILE };
+
+/* Checks made with the GIL released (they may wait for SQLite's mutexes,
+ * or for the file system), before sqlite3_backup_init: whether the pair
+ * can work at all, and what the page-size message may need later. */
+static int
+check_pair(Backup *self, sqlite3 *dest, const char *dname, sqlite3 *source,
+           const char *sname)
+{
+    sqlite3_file *df = schema_file(dest, dname);
+    if (df != NULL && df == schema_file(source, sname)) {
+        /* One pager: SQLite's step would wait on itself, forever. */
+        return PAIR_SHARED_CACHE;
+    }
+    const char *dfn = sqlite3_db_filename(dest, dname);
+    if (same_file(dfn, sqlite3_db_filename(source, sname))) {
+        return PAIR_SAME_FILE;
+    }
+    self->dest_in_memory = dfn == NULL || dfn[0] == '\0';
+    if (self->dest_in_memory) {
+        /* Private to the connection (no file lock to wait for), and not yet
+         * a backup's destination: this read cannot end any transaction. */
+        self->dest_page_size = pragma_int(dest, dname, "page_size");
+    }
+    else {
+        self->dest_page_size = header_page_size(dfn, &self->dest_wal);
+    }
+    return PAIR_OK;
+}
+
+static PyObject *
+refuse_pair(Backup *self, int pair)
+{
+    if (pair == PAIR_SHARED_CACHE) {
+        PyErr_Format(PyExc_ValueError,
+                     "cannot back up %U: the source and destination "
+                     "connections share one SQLite cache (shared-cache mode, "
+                     "e.g. cache=shared in a URI), so they are the same "
+                     "database and the copy could never run. Open the "
+                     "destination without shared cache, or back up into "
+                     "another database",
+                     self->repr_names);
+    }
+    else {
+        PyErr_Format(PyExc_ValueError,
+                     "cannot back up %U: the source and destination are the "
+                     "same database file, so the copy could never finish. "
+                     "Back up into another file",
+                     self->repr_names);
+    }
+    return NULL;
+}
+
 PyObject *
 backup_create(Connection *dest, PyObject *dest_name, Connection *source,
               PyObject *source_name)
@@ -102,7 +222,8 @@ backup_create(Connection *dest, PyObject *dest_name, Connection *source,
     ModuleState *st = dest->state;
     const char *dname = PyUnicode_AsUTF8AndSize(dest_name, NULL);
     const char *sname = PyUnicode_AsUTF8AndSize(source_name, NULL);
-    sqlite3_backup *backup;
+    sqlite3_backup *backup = NULL;
+    int pair;
 
     if (dname == NULL || sname == NULL) {
         return NULL;
@@ -131,17 +252,25 @@ backup_create(Connection *dest, PyObject *dest_name, Connection *source,
         return NULL;
     }
 
-    dest->inuse++;
-    source->inuse++;
+    /* Both connections are marked in use (and owned by our caller) while
+     * the GIL is released: no other thread can close them meanwhile. */
+    call_enter(dest, &dest->inuse);
+    call_enter(source, &source->inuse);
     Py_BEGIN_ALLOW_THREADS
-    backup = sqlite3_backup_init(dest->db, dname, source->db, sname);
+    pair = check_pair(self, dest->db, dname, source->db, sname);
+    if (pair == PAIR_OK) {
+        backup = sqlite3_backup_init(dest->db, dname, source->db, sname);
+    }
     Py_END_ALLOW_THREADS
-    if (backup == NULL) {
+    if (pair == PAIR_OK && backup == NULL) {
         /* sqlite3_backup_init leaves its error on the destination. */
         raise_db_error(st, dest->db, sqlite3_extended_errcode(dest->db));
     }
-    dest->inuse--;
-    source->inuse--;
+    call_leave(&source->inuse);
+    call_leave(&dest->inuse);
+    if (pair != PAIR_OK) {
+        refuse_pair(self, pair);
+    }
     if (backup == NULL) {
         Py_DECREF(self);
         return NULL;
@@ -158,44 +287,52 @@ backup_create(Connection *dest, PyObject *dest_name, Connection *source,
  * whose page size differs from the source's: SQLite cannot change such a
  * page size.  The message for that case, or None when it is not that.
  *
- * The destination is only queried once the backup holds its write
- * transaction (the trap is checked after SQLite takes it), so the PRAGMAs
- * need no lock and cannot wait on a busy handler. */
+ * No SQL runs on the destination here: the backup holds its write
+ * transaction, and a statement could commit it (a partial copy).  What is
+ * known of the destination was read before sqlite3_backup_init; the
+ * source's page size is asked of the source. */
 static PyObject *
 page_size_trap_message(Backup *self, const char *sname)
 {
-    sqlite3 *dest = self->dest->db;
     const char *dname = PyUnicode_AsUTF8AndSize(self->dest_name, NULL);
-    char journal_mode[16] = "";
+    sqlite3 *source = self->source->db;
+    int source_size;
 
     if (dname == NULL) {
         return NULL;
     }
-    if (db_txn_state(dest, dname) != SQLITE_TXN_WRITE) {
-        Py_RETURN_NONE; /* a read-only destination, not the trap */
-    }
-    const char *fn = sqlite3_db_filename(dest, dname);
-    int in_memory = fn == NULL || fn[0] == '\0';
-    pragma_value(dest, dname, "journal_mode", journal_mode,
-                 sizeof(journal_mode));
-    int wal = strcmp(journal_mode, "wal") == 0;
-    int dest_size = pragma_value(dest, dname, "page_size", NULL, 0);
-    int source_size =
-        pragma_value(self->source->db, sname, "page_size", NULL, 0);
-    if (!(wal || in_memory) || source_size <= 0 || dest_size <= 0
-        || source_size == dest_size) {
+    if (!(self->dest_wal || self->dest_in_memory)
+        || sqlite3_db_readonly(self->dest->db, dname) != 0) {
         Py_RETURN_NONE;
     }
-    return PyUnicode_FromFormat(
-        "cannot copy into %R: the destination is %s and its page size (%d) "
+    call_enter(self->source, &self->source->inuse);
+    Py_BEGIN_ALLOW_THREADS
+    source_size = pragma_int(source, sname, "page_size");
+    Py_END_ALLOW_THREADS
+    call_leave(&self->source->inuse);
+    if (source_size <= 0 || source_size == self->dest_page_size) {
+        Py_RETURN_NONE;
+    }
+    PyObject *dest_size = self->dest_page_size > 0
+                              ? PyUnicode_FromFormat("%d", self->dest_page_size)
+                              : PyUnicode_FromString("another size");
+    if (dest_size == NULL) {
+        return NULL;
+    }
+    PyObject *msg = PyUnicode_FromFormat(
+        "cannot copy into %R: the destination is %s and its page size (%U) "
         "differs from the source's page size (%d); SQLite cannot change the "
         "page size of such a database. Give the destination page_size %d "
         "before the backup (%s), or copy into a file database in "
-        "rollback-journal mode",
-        self->dest_name, wal ? "in WAL mode" : "an in-memory or temp database",
+        "rollback-journal mode. The destination was not changed",
+        self->dest_name,
+        self->dest_wal ? "in WAL mode" : "an in-memory or temp database",
         dest_size, source_size, source_size,
-        wal ? "PRAGMA journal_mode=DELETE, then PRAGMA page_size and VACUUM"
+        self->dest_wal
+            ? "PRAGMA journal_mode=DELETE, then PRAGMA page_size and VACUUM"
             : "PRAGMA page_size on the empty database");
+    Py_DECREF(dest_size);
+    return msg;
 }
 
 /* " (OS error: ...)" for a failed read or write, else "".  SQLite's own
@@ -345,6 +482,89 @@ parse_npages(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,
     return 0;
 }
 
+/* An extended BUSY or LOCKED code (SQLITE_BUSY_RECOVERY while another
+ * connection recovers the WAL, BUSY_SNAPSHOT, BUSY_TIMEOUT,
+ * LOCKED_SHAREDCACHE...).  SQLite's step retries only the exact codes: any
+ * other answer is kept as the backup's error, and every later step returns
+ * it without trying again -- a retry loop would spin for ever on a lock
+ * that is long gone. */
+static int
+sticky_lock_code(int rc)
+{
+    int primary = rc & 0xff;
+    return (primary == SQLITE_BUSY || primary == SQLITE_LOCKED) && rc != primary;
+}
+
+static const char *
+lock_code_cause(int rc)
+{
+    switch (rc) {
+    case SQLITE_BUSY | (1 << 8):
+        return "another connection is recovering the write-ahead log";
+    case SQLITE_BUSY | (2 << 8):
+        return "a read snapshot is out of date";
+    case SQLITE_BUSY | (3 << 8):
+        return "a blocking lock timed out";
+    case SQLITE_LOCKED | (1 << 8):
+        return "a table is locked by a connection sharing the cache";
+    default:
+        return "the database is locked";
+    }
+}
+
+/* Start the copy again on a fresh sqlite3_backup after a sticky lock code
+ * -- what SQLite itself does when another connection changes the source:
+ * the destination is rolled back and the next step starts from page 1.
+ * Raises the step's BusyError/LockedError (still retryable) on success.
+ * If a fresh backup cannot be made (out of memory), the backup is finished
+ * (self->backup NULL; the caller lets go of the connections) and that
+ * error is raised. */
+static void
+restart_backup(Backup *self, int rc)
+{
+    const char *dname = PyUnicode_AsUTF8AndSize(self->dest_name, NULL);
+    const char *sname = PyUnicode_AsUTF8AndSize(self->source_name, NULL);
+    sqlite3 *ddb = self->dest->db, *sdb = self->source->db;
+    sqlite3_backup *old = self->backup, *fresh = NULL;
+    int init_rc = SQLITE_OK;
+
+    if (dname == NULL || sname == NULL) {
+        return; /* cannot happen: both are kept as UTF-8 already */
+    }
+    self->backup = NULL; /* claimed, as by a finish: others wait */
+    self->finishing = 1;
+    Py_BEGIN_ALLOW_THREADS
+    sqlite3_backup_finish(old); /* answers the sticky code again: known */
+    fresh = sqlite3_backup_init(ddb, dname, sdb, sname);
+    if (fresh == NULL) {
+        init_rc = sqlite3_extended_errcode(ddb);
+    }
+    Py_END_ALLOW_THREADS
+    self->finishing = 0;
+    self->remaining = 0;
+    self->page_count = 0;
+    if (fresh == NULL) {
+        raise_error_format(self->state, init_rc,
+                           "backup step (%U): SQLite answered %s (%s) and "
+                           "keeps that answer for the rest of a backup; "
+                           "starting the copy again failed: %s. The backup is "
+                           "finished and the destination was rolled back",
+                           self->repr_names, sqlite3_errstr(rc),
+                           lock_code_cause(rc), sqlite3_errstr(init_rc));
+        return;
+    }
+    self->backup = fresh;
+    self->restarts++;
+    raise_error_format(self->state, rc,
+                       "backup step (%U): the database is locked (%s; extended "
+                       "code %d). SQLite keeps such an answer for the rest of a "
+                       "backup, so the copy was started again on a fresh "
+                       "backup (the destination rolled back to its previous "
+                       "content). The backup is still usable: call step() "
+                       "again later",
+                       self->repr_names, lock_code_cause(rc), rc);
+}
+
 static PyObject *
 backup_step(Backup *self, PyObject *const *args, Py_ssize_t nargs,
             PyObject *kwnames)
@@ -367,13 +587,16 @@ backup_step(Backup *self, PyObject *const *args, Py_ssize_t nargs,
         return NULL;
     }
     long before = self->page_count - self->remaining;
-    self->inuse++;
-    source->inuse++;
-    dest->inuse++;
+    sqlite3_backup *backup = self->backup;
+    /* In use, self cannot be finished (nor its references dropped) by any
+     * other thread until we leave; our caller owns self. */
+    call_enter(self, &self->inuse);
+    call_enter(source, &source->inuse);
+    call_enter(dest, &dest->inuse);
     Py_BEGIN_ALLOW_THREADS
-    rc = sqlite3_backup_step(self->backup, npages);
-    remaining = sqlite3_backup_remaining(self->backup);
-    page_count = sqlite3_backup_pagecount(self->backup);
+    rc = sqlite3_backup_step(backup, npages);
+    remaining = sqlite3_backup_remaining(backup);
+    page_count = sqlite3_backup_pagecount(backup);
     Py_END_ALLOW_THREADS
 
     PyObject *result = NULL;
@@ -382,6 +605,12 @@ backup_step(Backup *self, PyObject *const *args, Py_ssize_t nargs,
         goto done;
     }
     if (rc == SQLITE_OK || rc == SQLITE_DONE) {
+        /* SQLite can answer remaining = -1 when another backup through the
+         * same connection shrank the source under this one (its count runs
+         * past the new end): what is left is nothing. */
+        if (remaining < 0 || rc == SQLITE_DONE) {
+            remaining = 0;
+        }
         long after = page_count - remaining;
         long expected = npages < 0 ? page_count : before + npages;
         if (expected > page_count) {
@@ -398,11 +627,18 @@ backup_step(Backup *self, PyObject *const *args, Py_ssize_t nargs,
         result = Py_NewRef(self->done ? Py_True : Py_False);
         goto done;
     }
+    if (sticky_lock_code(rc)) {
+        restart_backup(self, rc); /* raises either way */
+        goto done;
+    }
     raise_step_error(self, rc);
 done:
-    self->inuse--;
-    source->inuse--;
-    dest->inuse--;
+    call_leave(&dest->inuse);
+    call_leave(&source->inuse);
+    call_leave(&self->inuse);
+    if (self->backup == NULL && self->source != NULL) {
+        let_go(self); /* the restart failed: finished; let go after leaving */
+    }
     return result;
 }
 
@@ -426,10 +662,33 @@ finish_error_message(Backup *self, int rc)
         self->source_name, self->dest_name, sqlite3_errstr(rc));
 }
 
-/* Finish unconditionally (waiting for a connection busy in another thread
- * if need be: SQLite's mutex serializes, with the GIL released).  Unlocks
- * the destination and drops both references.  -1 with the error set when
- * SQLite reported one. */
+int
+backup_claimable(Backup *self)
+{
+    return self->backup != NULL && !self->finishing && !self->inuse;
+}
+
+int
+backup_refuse_reentrant(Backup *self)
+{
+    PyErr_Format(self->state->ThreadingViolationError,
+                 "cannot finish the backup (%U) from a callback running "
+                 "inside a call on it or on its connections (a busy handler, "
+                 "say): that call is still using them. Finish it after the "
+                 "call returns",
+                 self->repr_names);
+    return -1;
+}
+
+/* Finish now.  The caller owns self (a reference, or it is self's dealloc)
+ * and has made sure no call is inside it (backup_claimable).  Waits for a
+ * connection busy in another thread if need be: SQLite's mutex serializes,
+ * with the GIL released.  Unlocks the destination and drops both
+ * references.  -1 with the error set when SQLite reported one.
+ *
+ * The sqlite3_backup is claimed -- taken out of self -- before the GIL is
+ * released, so no other path can finish it a second time; until the end,
+ * `finishing` tells others to wait, and the destination stays locked. */
 int
 backup_finish_internal(Backup *self)
 {
@@ -438,22 +697,22 @@ backup_finish_internal(Backup *self)
     }
     sqlite3_backup *backup = self->backup;
     Connection *source = self->source, *dest = self->dest;
-    int rc;
+    int rc = SQLITE_OK;
 
-    self->inuse++;
-    source->inuse++;
-    dest->inuse++;
-    Py_BEGIN_ALLOW_THREADS
-    rc = sqlite3_backup_finish(backup);
-    Py_END_ALLOW_THREADS
     self->backup = NULL;
-    self->inuse--;
-    source->inuse--;
-    dest->inuse--;
-    dest->locked_by = NULL;
-    unlink_source(self, source);
-    self->remaining = 0;
-    self->page_count = 0;
+    self->finishing = 1;
+    call_enter(self, &self->inuse);
+    call_enter(source, &source->inuse);
+    call_enter(dest, &dest->inuse);
+    if (!backup_forked(self)) {
+        Py_BEGIN_ALLOW_THREADS
+        rc = sqlite3_backup_finish(backup);
+        Py_END_ALLOW_THREADS
+    }
+    /* else: the parent's SQLite state, never touched in a forked child. */
+    call_leave(&dest->inuse);
+    call_leave(&source->inuse);
+    call_leave(&self->inuse);
 
     if (rc != SQLITE_OK) {
         PyObject *msg = finish_error_message(self, rc);
@@ -462,22 +721,43 @@ backup_finish_internal(Backup *self)
             Py_DECREF(msg);
         }
     }
-    self->source = NULL;
-    self->dest = NULL;
-    Py_DECREF(source);
-    Py_DECREF(dest);
+    else if (PyErr_Occurred()) {
+        rc = SQLITE_ERROR; /* a busy handler raised: report that */
+    }
+    let_go(self);
     return rc == SQLITE_OK ? 0 : -1;
+}
+
+/* finish() for a caller that owns self: waits for a call another thread
+ * is making on it (a step) or for another thread's finish to end, refuses
+ * a callback running inside a call on it or its connections, then
+ * finishes.  0 once finished (by whichever thread), -1 with the error. */
+static int
+finish_when_free(Backup *self)
+{
+    long wait_us = 50;
+    for (;;) {
+        if (self->backup == NULL && !self->finishing) {
+            return 0;
+        }
+        if (in_call_here(self) || in_call_here(self->source)
+            || in_call_here(self->dest)) {
+            return backup_refuse_reentrant(self);
+        }
+        if (backup_claimable(self)) {
+            return backup_finish_internal(self);
+        }
+        wait_a_little(&wait_us);
+    }
 }
 
 static PyObject *
 backup_finish(Backup *self, PyObject *Py_UNUSED(ignored))
 {
-    if (self->backup == NULL) {
-        Py_RETURN_NONE;
+    if (self->backup != NULL && backup_forked(self)) {
+        return raise_forked(self->state, "backup");
     }
-    BACKUP_GUARD(self);
-    if (connection_check(self->source, CHECK_OPEN) < 0
-        || backup_finish_internal(self) < 0) {
+    if (finish_when_free(self) < 0) {
         return NULL;
     }
     Py_RETURN_NONE;
@@ -491,15 +771,17 @@ backup_close(Backup *self, PyObject *args, PyObject *kwds)
     if (parse_force(args, kwds, &force) < 0) {
         return NULL;
     }
-    if (self->backup == NULL) {
+    if (self->backup != NULL && backup_forked(self)) {
+        if (!force) {
+            return raise_forked(self->state, "backup");
+        }
+        backup_finish_internal(self); /* lets go without calling SQLite */
         Py_RETURN_NONE;
     }
-    BACKUP_GUARD(self);
-    if (connection_check(self->source, CHECK_OPEN) < 0) {
-        return NULL;
-    }
-    if (backup_finish_internal(self) < 0) {
-        if (!force) {
+    if (finish_when_free(self) < 0) {
+        /* A refusal is not an error of the finish: force does not hide
+         * that the backup is still open. */
+        if (!force || PyErr_ExceptionMatches(self->state->ThreadingViolationError)) {
             return NULL;
         }
         PyErr_Clear();
@@ -522,12 +804,10 @@ backup_exit(Backup *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "OOO:__exit__", &etype, &evalue, &etb)) {
         return NULL;
     }
-    if (self->backup == NULL) {
-        Py_RETURN_FALSE;
-    }
-    if (backup_check(self) < 0
-        || connection_check(self->source, CHECK_OPEN) < 0
-        || backup_finish_internal(self) < 0) {
+    int res = self->backup != NULL && backup_forked(self)
+                  ? (raise_forked(self->state, "backup"), -1)
+                  : finish_when_free(self);
+    if (res < 0) {
         if (etype == Py_None) {
             return NULL;
         }
@@ -538,7 +818,9 @@ backup_exit(Backup *self, PyObject *args)
 }
 
 /* Finish from garbage collection or dealloc: nobody can be told, so an
- * error goes to sys.unraisablehook. */
+ * error goes to sys.unraisablehook.  Nothing can be inside a call on self
+ * here (a call owns a reference), and a forked child lets go of the
+ * parent's backup without calling SQLite. */
 static void
 finish_unraisable(Backup *self)
 {
@@ -587,7 +869,7 @@ backup_dealloc(Backup *self)
 static int
 backup_bool(Backup *self)
 {
-    return self->backup != NULL;
+    return self->backup != NULL || self->finishing;
 }
 
 static PyObject *

@@ -35,6 +35,10 @@ connection_check(Connection *self, int what)
         PyErr_SetString(st->ConnectionClosedError, "The connection is closed");
         return -1;
     }
+    if (FORKED(self)) {
+        raise_forked(st, "connection");
+        return -1;
+    }
     if (self->inuse) {
         PyErr_SetString(st->ThreadingViolationError,
                         "The connection is in use by a call that has not "
@@ -66,15 +70,17 @@ static int
 connection_exec(Connection *self, const char *sql)
 {
     int rc;
-    self->inuse++;
+    call_enter(self, &self->inuse);
     Py_BEGIN_ALLOW_THREADS
     rc = sqlite3_exec(self->db, sql, NULL, NULL, NULL);
     Py_END_ALLOW_THREADS
-    if (rc != SQLITE_OK) {
+    /* A busy handler's exception comes out even if SQLite got on. */
+    int failed = rc != SQLITE_OK || PyErr_Occurred() != NULL;
+    if (failed) {
         raise_db_error(self->state, self->db, rc);
     }
-    self->inuse--;
-    return rc == SQLITE_OK ? 0 : -1;
+    call_leave(&self->inuse);
+    return failed ? -1 : 0;
 }
 
 static PyObject *
@@ -172,6 +178,15 @@ connection_init(Connection *self, PyObject *args, PyObject *kwds)
     }
     Py_END_ALLOW_THREADS
     Py_DECREF(name);
+    if (rc == SQLITE_OK && self->db != NULL) {
+        /* Another thread's __init__ opened us while the GIL was released. */
+        Py_BEGIN_ALLOW_THREADS
+        sqlite3_close(db);
+        Py_END_ALLOW_THREADS
+        PyErr_SetString(st->Error, "The connection is already open; make a "
+                                   "new Connection to open another database");
+        return -1;
+    }
     if (rc != SQLITE_OK) {
         if (db == NULL) {
             PyErr_NoMemory();
@@ -196,18 +211,40 @@ connection_init(Connection *self, PyObject *args, PyObject *kwds)
         return -1;
     }
     self->open_flags = flags;
+    self->fork_generation = fork_generation;
     self->db = db;
     return 0;
 }
 
 /* Finish every backup reading from us.  Returns -1 with the first error set
- * if one failed (every backup is finished regardless). */
+ * if one failed (every backup is finished regardless); -2 if a callback
+ * running inside one of them called us (nothing is finished then).
+ *
+ * The list holds borrowed pointers, and finishing releases the GIL, so the
+ * list is read afresh after every wait or finish: a backup another thread
+ * is finishing (or stepping) is waited for -- it unlinks itself when done --
+ * and one that is free to finish is owned (a new reference) while it is. */
 static int
 finish_source_backups(Connection *self)
 {
     PyObject *et = NULL, *ev = NULL, *tb = NULL;
+    long wait_us = 50;
     while (self->sources != NULL) {
-        if (backup_finish_internal(self->sources) < 0) {
+        Backup *b = self->sources;
+        while (b != NULL && !backup_claimable(b)) {
+            if (in_call_here(b)) {
+                /* Unreachable past close()'s guard; never swallowed. */
+                backup_refuse_reentrant(b);
+                return -2;
+            }
+            b = b->src_next;
+        }
+        if (b == NULL) {
+            wait_a_little(&wait_us);
+            continue;
+        }
+        Py_INCREF(b);
+        if (backup_finish_internal(b) < 0) {
             if (et == NULL) {
                 PyErr_Fetch(&et, &ev, &tb);
             }
@@ -215,10 +252,36 @@ finish_source_backups(Connection *self)
                 PyErr_Clear();
             }
         }
+        Py_DECREF(b);
     }
     if (et != NULL) {
         PyErr_Restore(et, ev, tb);
         return -1;
+    }
+    return 0;
+}
+
+/* Finish the backup writing into us, if any (its errors are swallowed: the
+ * partial copy is rolled back whatever they say).  Waits, as above, for one
+ * another thread is finishing. */
+static int
+finish_locking_backup(Connection *self)
+{
+    long wait_us = 50;
+    while (self->locked_by != NULL) {
+        Backup *b = self->locked_by;
+        if (in_call_here(b)) {
+            return backup_refuse_reentrant(b);
+        }
+        if (!backup_claimable(b)) {
+            wait_a_little(&wait_us);
+            continue;
+        }
+        Py_INCREF(b);
+        if (backup_finish_internal(b) < 0) {
+            PyErr_Clear();
+        }
+        Py_DECREF(b);
     }
     return 0;
 }
@@ -250,16 +313,15 @@ static int
 close_everything(Connection *self, int force)
 {
     int rc;
-    if (self->locked_by != NULL) {
-        /* force=True: the partial copy is rolled back; errors swallowed. */
-        if (backup_finish_internal(self->locked_by) < 0) {
-            PyErr_Clear();
-        }
+    /* Only force=True gets here with a backup writing into us. */
+    if (finish_locking_backup(self) < 0) {
+        return -1;
     }
-    if (finish_source_backups(self) < 0) {
-        if (!force) {
-            return -1;
-        }
+    int res = finish_source_backups(self);
+    if (res == -2 || (res < 0 && !force)) {
+        return -1;
+    }
+    if (res < 0) {
         PyErr_Clear();
     }
     while (self->cursors != NULL) {
@@ -293,10 +355,15 @@ connection_close(Connection *self, PyObject *args, PyObject *kwds)
     if (self->db == NULL) {
         Py_RETURN_NONE;
     }
+    if (FORKED(self) && force) {
+        /* The handle is the parent's: forget it without calling SQLite. */
+        self->db = NULL;
+        Py_RETURN_NONE;
+    }
     GUARD(self, force ? CHECK_OPEN : CHECK_OPEN | CHECK_UNLOCKED);
-    self->inuse++;
+    call_enter(self, &self->inuse);
     int res = close_everything(self, force);
-    self->inuse--;
+    call_leave(&self->inuse);
     if (res < 0) {
         return NULL;
     }
@@ -327,8 +394,9 @@ connection_dealloc(Connection *self)
     if (self->weakreflist != NULL) {
         PyObject_ClearWeakRefs((PyObject *)self);
     }
-    /* Cursors and backups hold strong references to us, so none is left. */
-    if (self->db != NULL) {
+    /* Cursors and backups hold strong references to us, so none is left.
+     * A connection inherited through fork() is the parent's: left alone. */
+    if (self->db != NULL && !FORKED(self)) {
         sqlite3 *db = self->db;
         self->db = NULL;
         Py_BEGIN_ALLOW_THREADS
@@ -691,6 +759,9 @@ connection_interrupt(Connection *self, PyObject *Py_UNUSED(ignored))
         PyErr_SetString(self->state->ConnectionClosedError,
                         "The connection is closed");
         return NULL;
+    }
+    if (FORKED(self)) {
+        return raise_forked(self->state, "connection");
     }
     sqlite3_interrupt(self->db);
     Py_RETURN_NONE;

@@ -33,7 +33,8 @@ finalize_statement(Cursor *self)
     self->stmt = NULL;
     if (stmt != NULL) {
         /* May wait for the connection's mutex if another thread is inside
-         * SQLite on it (a backup step reading from it): not with the GIL. */
+         * SQLite on it (a backup step reading from it): not with the GIL.
+         * The caller has the connection marked in use. */
         Py_BEGIN_ALLOW_THREADS
         sqlite3_finalize(stmt);
         Py_END_ALLOW_THREADS
@@ -52,26 +53,44 @@ reset_state(Cursor *self)
     self->status = CURSOR_DONE;
 }
 
+/* Close: called by close(), by dealloc and GC, and by the connection's
+ * close through its list of (borrowed) cursors.  So the cursor is first
+ * taken out of that list and its statement out of the cursor, with the GIL
+ * held: once the GIL is released to finalize, no other path can reach
+ * either.  The connection is owned (the cursor's reference, taken over)
+ * and marked in use until the statement is finalized, so it cannot be
+ * closed under it; the Python objects are let go last, as their
+ * destructors may run any code. */
 void
 cursor_close_internal(Cursor *self)
 {
-    finalize_statement(self);
-    reset_state(self);
     Connection *connection = self->connection;
-    if (connection != NULL) {
-        if (self->prev != NULL) {
-            self->prev->next = self->next;
-        }
-        else {
-            connection->cursors = self->next;
-        }
-        if (self->next != NULL) {
-            self->next->prev = self->prev;
-        }
-        self->prev = self->next = NULL;
-        self->connection = NULL;
-        Py_DECREF(connection);
+    sqlite3_stmt *stmt = self->stmt;
+    self->stmt = NULL;
+    if (connection == NULL) {
+        reset_state(self);
+        return;
     }
+    if (self->prev != NULL) {
+        self->prev->next = self->next;
+    }
+    else {
+        connection->cursors = self->next;
+    }
+    if (self->next != NULL) {
+        self->next->prev = self->prev;
+    }
+    self->prev = self->next = NULL;
+    self->connection = NULL;
+    if (stmt != NULL && !FORKED(connection)) {
+        call_enter(connection, &connection->inuse);
+        Py_BEGIN_ALLOW_THREADS
+        sqlite3_finalize(stmt);
+        Py_END_ALLOW_THREADS
+        call_leave(&connection->inuse);
+    }
+    reset_state(self);
+    Py_DECREF(connection);
 }
 
 Cursor *
@@ -289,7 +308,12 @@ prepare_next(Cursor *self)
         rc = sqlite3_prepare_v3(conn->db, tail, (int)(end - tail), 0, &stmt,
                                 &tail);
         Py_END_ALLOW_THREADS
-        if (rc != SQLITE_OK) {
+        if (rc != SQLITE_OK || PyErr_Occurred()) {
+            /* A busy handler that raised while the schema was read: its
+             * exception comes out, even if SQLite got on without it. */
+            if (stmt != NULL) {
+                sqlite3_finalize(stmt);
+            }
             raise_db_error(conn->state, conn->db, rc);
             return -1;
         }
@@ -404,6 +428,13 @@ step_until_row(Cursor *self)
         Py_BEGIN_ALLOW_THREADS
         rc = sqlite3_step(stmt);
         Py_END_ALLOW_THREADS
+        if (PyErr_Occurred()) {
+            /* The busy handler raised; SQLite may still have answered a row
+             * (PRAGMA wal_checkpoint reports a declined wait as busy=1). */
+            self->status = CURSOR_DONE;
+            sqlite3_reset(stmt);
+            return -1;
+        }
         if (rc == SQLITE_ROW) {
             self->status = CURSOR_ROW;
             return 0;
@@ -423,7 +454,7 @@ static int
 cursor_advance(Cursor *self)
 {
     Connection *conn = self->connection;
-    conn->inuse++;
+    call_enter(conn, &conn->inuse);
     int res = step_until_row(self);
     if (res < 0) {
         if (self->stmt != NULL) {
@@ -431,7 +462,7 @@ cursor_advance(Cursor *self)
         }
         reset_state(self);
     }
-    conn->inuse--;
+    call_leave(&conn->inuse);
     return res;
 }
 
@@ -491,9 +522,9 @@ cursor_execute(Cursor *self, PyObject *statements, PyObject *bindings,
         return -1;
     }
     Connection *conn = self->connection;
-    conn->inuse++;
+    call_enter(conn, &conn->inuse);
     int res = start_execute(self, statements, bindings, many);
-    conn->inuse--;
+    call_leave(&conn->inuse);
     return res;
 }
 
@@ -556,9 +587,10 @@ cursor_next(Cursor *self)
     if (self->status != CURSOR_ROW) {
         return NULL;
     }
-    self->connection->inuse++;
+    Connection *conn = self->connection;
+    call_enter(conn, &conn->inuse);
     PyObject *row = row_tuple(self);
-    self->connection->inuse--;
+    call_leave(&conn->inuse);
     if (row != NULL) {
         self->status = CURSOR_NEED_STEP;
     }
@@ -632,8 +664,10 @@ cursor_close(Cursor *self, PyObject *args, PyObject *kwds)
         return NULL;
     }
     /* Finalizing a statement another thread is stepping would free it
-     * under that thread. */
+     * under that thread.  Inherited through fork(), force lets go without
+     * calling SQLite. */
     if (self->connection != NULL
+        && !(force && FORKED(self->connection))
         && connection_check(self->connection, CHECK_OPEN) < 0) {
         return NULL;
     }

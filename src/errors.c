@@ -51,6 +51,10 @@ static const struct {
     {"CursorClosedError", "The cursor is closed."},
     {"BindingsError",
      "The bindings do not match the parameters of the statement."},
+    {"ForkingViolationError",
+     "An object made before os.fork() was used in the child process: its "
+     "SQLite state belongs to the parent. Open new connections in the "
+     "child."},
 };
 
 static PyObject *
@@ -90,7 +94,8 @@ add_exceptions(PyObject *module, ModuleState *st)
     }
     PyObject **lib_slots[] = {&st->ThreadingViolationError,
                               &st->ConnectionClosedError,
-                              &st->CursorClosedError, &st->BindingsError};
+                              &st->CursorClosedError, &st->BindingsError,
+                              &st->ForkingViolationError};
     for (size_t i = 0; i < sizeof(library_errors) / sizeof(library_errors[0]);
          i++) {
         *lib_slots[i] = new_exception(module, library_errors[i].name,

@@ -133,7 +133,7 @@ module_exec(PyObject *module)
                      sqlite3_libversion());
         return -1;
     }
-    if (add_exceptions(module, st) < 0
+    if (install_fork_handler() < 0 || add_exceptions(module, st) < 0
         || add_type(module, &connection_spec, &st->ConnectionType) < 0
         || add_type(module, &cursor_spec, &st->CursorType) < 0
         || add_type(module, &backup_spec, &st->BackupType) < 0) {
@@ -169,6 +169,7 @@ module_traverse(PyObject *module, visitproc visit, void *arg)
     Py_VISIT(st->ConnectionClosedError);
     Py_VISIT(st->CursorClosedError);
     Py_VISIT(st->BindingsError);
+    Py_VISIT(st->ForkingViolationError);
     for (int i = 0; i < N_CODE_ERRORS; i++) {
         Py_VISIT(st->code_errors[i]);
     }
@@ -187,6 +188,7 @@ module_clear(PyObject *module)
     Py_CLEAR(st->ConnectionClosedError);
     Py_CLEAR(st->CursorClosedError);
     Py_CLEAR(st->BindingsError);
+    Py_CLEAR(st->ForkingViolationError);
     for (int i = 0; i < N_CODE_ERRORS; i++) {
         Py_CLEAR(st->code_errors[i]);
     }

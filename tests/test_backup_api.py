@@ -573,3 +573,26 @@ def test_backup_cannot_be_subclassed():
 
         class MyBackup(apsw_backup.Backup):
             pass
+
+
+def test_remaining_is_never_negative_when_another_backup_shrinks_the_source(tmp_path):
+    """Found by the state machine: a backup writing into this backup's
+    source connection truncates the source under it; SQLite then answers
+    remaining == -1 on the last step.  The copy still matches the source."""
+    empty = apsw_backup.Connection(str(tmp_path / "a.db"))
+    memory = apsw_backup.Connection(":memory:")
+    c = apsw_backup.Connection(str(tmp_path / "c.db"))
+    c.execute("CREATE TABLE t(x, pad)").fetchall()
+    for v in range(3):
+        c.execute("INSERT INTO t VALUES (?, zeroblob(1500))", (v,)).fetchall()
+    first = memory.backup("main", c, "main")
+    assert first.step(2) is False
+    second = c.backup("main", empty, "main")
+    assert second.step(-1) is True
+    second.finish()
+    assert first.step(-1) is True
+    assert first.remaining == 0 and first.page_count >= 0
+    first.finish()
+    assert memory.execute("SELECT name FROM sqlite_master").fetchall() == []
+    for conn in (c, memory, empty):
+        conn.close()

@@ -232,14 +232,14 @@ def test_source_and_backup_from_another_thread_during_step_are_threading_violati
     sides,
 ):
     """The busy handler runs while step() is inside SQLite; another thread
-    calling into the source or the backup at that moment is refused."""
+    calling into the source, the destination or step() at that moment is
+    refused."""
     b = sides.start("source")
     seen = {}
 
     def from_other_thread(count):
         seen["source"] = in_thread(lambda: sides.src.execute("SELECT 1").fetchall())
         seen["step"] = in_thread(lambda: b.step(1))
-        seen["finish"] = in_thread(b.finish)
         seen["dest"] = in_thread(lambda: sides.dest.execute("SELECT 1"))
         seen["remaining"] = in_thread(lambda: b.remaining)
         return False
@@ -248,12 +248,55 @@ def test_source_and_backup_from_another_thread_during_step_are_threading_violati
     with sides.lock("source"), pytest.raises(apsw_backup.BusyError):
         b.step(5)
 
-    for name in ("source", "step", "finish", "dest"):
+    for name in ("source", "step", "dest"):
         assert type(seen[name]) is apsw_backup.ThreadingViolationError, name
     assert seen["remaining"] is None
     assert b.step(-1) is True
     b.finish()
     assert sides.src.execute("SELECT count(*) FROM t").fetchall() == [(400,)]
+
+
+def test_finish_from_another_thread_during_step_waits_for_the_step(sides):
+    """SPEC 3.7: finish() from another thread waits for the step in flight,
+    then finishes (the partial copy rolled back, the destination unlocked)."""
+    before = dump(sides.dest)
+    b = sides.start("source")
+    outcome = {}
+    finisher = None
+
+    def start_finisher(count):
+        nonlocal finisher
+        if finisher is None:
+
+            def run():
+                try:
+                    b.finish()
+                    outcome["finished"] = True
+                except BaseException as exc:  # noqa: BLE001 - handed back
+                    outcome["exc"] = exc
+
+            finisher = threading.Thread(target=run, daemon=True)
+            finisher.start()
+            time.sleep(0.2)  # it is waiting for this step now
+            outcome["during_step"] = dict(outcome)
+        return False
+
+    sides.actions["source"] = start_finisher
+    with sides.lock("source"), pytest.raises(apsw_backup.BusyError):
+        b.step(5)
+    finisher.join(10)
+    assert not finisher.is_alive(), "finish() in the other thread never returned"
+    assert outcome["during_step"] == {}, "finish() did not wait for the step"
+    # SQLite 3.40's finish answers BUSY after an abandoned BUSY step (the
+    # README's version notes); the backup is finished either way.
+    if "exc" in outcome:
+        assert type(outcome["exc"]) is apsw_backup.BusyError
+        assert "rolled back" in str(outcome["exc"])
+    else:
+        assert outcome["finished"] is True
+    assert not b
+    assert dump(sides.dest) == before
+    sides.dest.execute("SELECT 1").fetchall()  # unlocked
 
 
 # -- item 11: the GIL is released during a large step ------------------------------

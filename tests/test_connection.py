@@ -465,3 +465,26 @@ def test_undecodable_filename_round_trips_like_os_fsencode(tmp_path):
         assert os.path.exists(os.fsencode(name))
     finally:
         conn.close()
+
+
+def test_busy_handler_exception_comes_out_even_when_sqlite_gets_on(tmp_path):
+    """A declined wait does not always fail the statement: PRAGMA
+    wal_checkpoint answers a row (busy=1).  The handler's exception must
+    still come out (before: SystemError, a result with an exception set)."""
+    path = str(tmp_path / "w.db")
+    a = apsw_backup.Connection(path)
+    a.execute("PRAGMA journal_mode=WAL").fetchall()
+    a.execute("CREATE TABLE t(x); INSERT INTO t VALUES (1)").fetchall()
+    reader = apsw_backup.Connection(path)
+    reader.execute("BEGIN; SELECT * FROM t").fetchall()
+
+    def handler(count):
+        raise KeyError("from the busy handler")
+
+    a.set_busy_handler(handler)
+    with pytest.raises(KeyError, match="from the busy handler"):
+        a.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+    a.set_busy_handler(None)
+    assert a.execute("SELECT x FROM t").fetchall() == [(1,)]
+    reader.close()
+    a.close()

@@ -91,6 +91,7 @@ LIBRARY_ERRORS = [
     "ConnectionClosedError",
     "CursorClosedError",
     "BindingsError",
+    "ForkingViolationError",
 ]
 
 

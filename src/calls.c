@@ -1,0 +1,111 @@
+/* Who is inside a call, and fork: the bookkeeping behind the threading and
+ * ownership rules of src/README.md.
+ *
+ * `inuse` on a Connection or Backup counts the calls inside it across all
+ * threads; that is what makes a second thread get ThreadingViolationError.
+ * But finish() must tell two callers apart that both see `inuse`: another
+ * thread (wait for its call to end, then finish) and a callback running
+ * inside a call on the same objects in this very thread (waiting would
+ * wait for itself: refuse).  So each thread also keeps the stack of the
+ * objects it is inside.  Calls nest strictly per thread, so a stack works.
+ */
+#include "apsw_backup.h"
+
+#include <pthread.h>
+#include <time.h>
+
+/* Deeper nesting than this needs callbacks calling back into callbacks
+ * 16 deep; past it in_call_here() answers yes, which only ever refuses. */
+#define MAX_CALL_DEPTH 16
+
+static _Thread_local const void *calls_here[MAX_CALL_DEPTH];
+static _Thread_local int call_depth;
+
+void
+call_enter(void *object, int *inuse)
+{
+    (*inuse)++;
+    if (call_depth < MAX_CALL_DEPTH) {
+        calls_here[call_depth] = object;
+    }
+    call_depth++;
+}
+
+void
+call_leave(int *inuse)
+{
+    (*inuse)--;
+    call_depth--;
+}
+
+int
+in_call_here(const void *object)
+{
+    if (object == NULL) {
+        return 0;
+    }
+    if (call_depth > MAX_CALL_DEPTH) {
+        return 1;
+    }
+    for (int i = 0; i < call_depth; i++) {
+        if (calls_here[i] == object) {
+            return 1;
+        }
+    }
+    return 0;
+}
+
+int
+in_any_call_here(void)
+{
+    return call_depth > 0;
+}
+
+void
+wait_a_little(long *wait_us)
+{
+    struct timespec ts = {0, *wait_us * 1000};
+    Py_BEGIN_ALLOW_THREADS
+    nanosleep(&ts, NULL);
+    Py_END_ALLOW_THREADS
+    *wait_us = *wait_us * 2 > 5000 ? 5000 : *wait_us * 2;
+}
+
+volatile unsigned long fork_generation;
+
+static void
+after_fork_in_child(void)
+{
+    fork_generation++;
+}
+
+int
+install_fork_handler(void)
+{
+    /* Once per process, however many interpreters import the module. */
+    static int installed;
+    if (installed) {
+        return 0;
+    }
+    int err = pthread_atfork(NULL, NULL, after_fork_in_child);
+    if (err != 0) {
+        errno = err;
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    installed = 1;
+    return 0;
+}
+
+PyObject *
+raise_forked(ModuleState *st, const char *what)
+{
+    PyErr_Format(st->ForkingViolationError,
+                 "This %s was opened before os.fork() and belongs to the "
+                 "parent process: using its SQLite state in the child would "
+                 "corrupt the parent's databases. Open a new Connection in the "
+                 "child (objects inherited this way are left alone, never "
+                 "closed or finished, when the child exits)",
+                 what);
+    return NULL;
+}

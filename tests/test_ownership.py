@@ -1,0 +1,420 @@
+"""SPEC 3.7: ownership while the GIL is released; finish() waits, not refuses;
+source and destination that are one database are refused, never hung.
+
+The crash cases run in a subprocess: before the fix they died with SIGSEGV
+(double finish / use after free), which would take pytest down with them.
+Each subprocess is bounded in time, so a hang fails the test instead.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+from backup_helpers import build_file, dump
+
+import apsw_backup
+
+TIMEOUT = 60
+
+# Opens src (a populated file) and dst (old content), starts a backup, and
+# runs a query on src in thread C long enough for the other threads to act
+# while it holds src's SQLite mutex with the GIL released.
+PRELUDE = """
+import gc, os, sys, threading, time
+import apsw_backup as ab
+d = sys.argv[1]
+src = ab.Connection(os.path.join(d, "s.db"))
+src.execute("CREATE TABLE t(x); INSERT INTO t VALUES (1)")
+dst = ab.Connection(os.path.join(d, "d.db"))
+dst.execute("CREATE TABLE old(n); INSERT INTO old VALUES (7)")
+b = dst.backup("main", src, "main")
+b.step(1)
+
+def busy(c):
+    # True while c is busy in another thread (or already closed by it).
+    try:
+        c.get_autocommit()
+    except (ab.ThreadingViolationError, ab.ConnectionClosedError):
+        return True
+    return False
+
+LONG = ("WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i+1 FROM n "
+        "WHERE i<3000000) SELECT count(*) FROM n")
+tc = threading.Thread(target=lambda: src.execute(LONG).fetchall())
+tc.start()
+while not busy(src) and tc.is_alive():
+    time.sleep(0.001)
+"""
+
+EPILOGUE = """
+tc.join(30)
+assert not tc.is_alive()
+check = ab.Connection(os.path.join(d, "d.db"))
+assert check.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+assert check.execute("SELECT n FROM old").fetchall() == [(7,)], "not rolled back"
+print("survived")
+"""
+
+
+def run_script(tmp_path, body):
+    script = PRELUDE + textwrap.dedent(body) + EPILOGUE
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-3000:])
+    assert "survived" in proc.stdout
+    return proc
+
+
+def test_backup_dropped_while_dest_force_close_waits_is_not_finished_twice(tmp_path):
+    """Issue 10 defect 1: SIGSEGV 3 of 3 runs before the fix."""
+    run_script(
+        tmp_path,
+        """
+        ta = threading.Thread(target=lambda: dst.close(force=True))
+        ta.start()
+        while not busy(dst) and ta.is_alive():
+            time.sleep(0.001)
+        del b
+        gc.collect()
+        ta.join(30)
+        assert not ta.is_alive()
+        """,
+    )
+
+
+def test_backup_collected_in_a_cycle_while_dest_force_close_waits(tmp_path):
+    run_script(
+        tmp_path,
+        """
+        holder = [b]
+        holder.append(holder)  # a cycle: freed by the collector (tp_clear)
+        ta = threading.Thread(target=lambda: dst.close(force=True))
+        ta.start()
+        while not busy(dst) and ta.is_alive():
+            time.sleep(0.001)
+        del b, holder
+        gc.collect()
+        ta.join(30)
+        assert not ta.is_alive()
+        """,
+    )
+
+
+def test_backup_dropped_while_its_finish_waits_in_another_thread(tmp_path):
+    run_script(
+        tmp_path,
+        """
+        finish = b.finish
+        ta = threading.Thread(target=finish)
+        ta.start()
+        while not busy(dst) and ta.is_alive():
+            time.sleep(0.001)
+        del b, finish
+        gc.collect()
+        ta.join(30)
+        assert not ta.is_alive()
+        """,
+    )
+
+
+def test_backup_dropped_while_source_close_finishes_it(tmp_path):
+    """source.close() finishes the backups reading from it (GIL released);
+    dropping the last reference meanwhile must not finish it again."""
+    run_script(
+        tmp_path,
+        """
+        tc.join(30)  # source.close() needs the source free
+        b2 = ab.Connection(os.path.join(d, "d2.db"))
+        b2b = b2.backup("main", src, "main")
+        tc = threading.Thread(target=lambda: b2.close(force=True))
+        ta = threading.Thread(target=lambda: src.close())
+        ta.start()
+        del b, b2b
+        gc.collect()
+        ta.join(30)
+        tc.start()
+        assert not ta.is_alive()
+        """,
+    )
+
+
+def test_cursor_dropped_in_another_thread_while_its_connection_is_busy(tmp_path):
+    """Cursors too: a cursor finalized by its dealloc (GIL released, waiting
+    for the connection's mutex) is out of the connection's list, so
+    close() never finalizes or releases it a second time."""
+    run_script(
+        tmp_path,
+        """
+        tc.join(30)
+        b.close(True)
+        c = ab.Connection(os.path.join(d, "c.db"))
+        cursors = [c.execute("SELECT 1") for _ in range(20)]
+        def long_query():
+            try:
+                c.execute(LONG).fetchall()
+            except ab.ThreadingViolationError:
+                pass  # fetchall() met a cursor being finalized: refused
+        t1 = threading.Thread(target=long_query)
+        t1.start()
+        while not busy(c) and t1.is_alive():
+            time.sleep(0.001)
+        def drop():
+            cursors.clear()
+            gc.collect()
+        t2 = threading.Thread(target=drop)
+        t2.start()
+        t1.join(30)
+        for _ in range(2000):
+            try:
+                c.close()
+                break
+            except ab.ThreadingViolationError:
+                time.sleep(0.005)
+        t2.join(30)
+        assert not t1.is_alive() and not t2.is_alive()
+        c.close()
+        """,
+    )
+
+
+# -- defect 4: finish(), close() and __exit__ wait for another thread ---------
+
+
+class BusySource:
+    """Runs a long query on a connection in another thread until stopped."""
+
+    QUERY = (
+        "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i+1 FROM n "
+        "WHERE i<1500000) SELECT count(*) FROM n"
+    )
+
+    def __init__(self, conn):
+        self.conn = conn
+        self.errors = []
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        try:
+            self.conn.execute(self.QUERY).fetchall()
+        except apsw_backup.Error as exc:  # the interrupt, or a later refusal
+            self.errors.append(exc)
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                self.conn.get_autocommit()
+            except apsw_backup.ThreadingViolationError:
+                return self
+            time.sleep(0.001)
+        raise AssertionError("the query never started")
+
+    def __exit__(self, *exc):
+        self.thread.join(30)
+        assert not self.thread.is_alive()
+
+
+@pytest.fixture
+def pair(connect, src, dest):
+    return src, dest, dump(dest)
+
+
+@pytest.mark.parametrize("how", ["finish", "close", "close_force", "exit"])
+def test_finish_while_source_busy_in_another_thread_waits_and_finishes(pair, how):
+    """Issue 10 defect 4: before, ThreadingViolationError and no finish."""
+    src, dest, before = pair
+    b = dest.backup("main", src, "main")
+    b.step(3)
+    with BusySource(src):
+        if how == "finish":
+            b.finish()
+        elif how == "close":
+            b.close()
+        elif how == "close_force":
+            b.close(force=True)
+        else:
+            b.__exit__(None, None, None)
+        assert not b
+    assert dump(dest) == before
+
+
+def test_with_block_left_by_exception_while_source_busy_unlocks(pair):
+    src, dest, before = pair
+    busy = BusySource(src)
+    with pytest.raises(KeyError):
+        with dest.backup("main", src, "main") as b:
+            b.step(3)
+            busy.__enter__()  # still running when the block's exit finishes
+            raise KeyError("body")
+    busy.__exit__(None, None, None)
+    assert not b
+    assert dump(dest) == before
+
+
+def test_copy_progress_error_while_source_busy_keeps_its_exception(pair):
+    """The callback's KeyError comes out of copy(), and the target is
+    unlocked -- not a ThreadingViolationError with the target still locked."""
+    src, dest, before = pair
+    busy = BusySource(src)
+
+    def progress(status, remaining, total):
+        busy.__enter__()
+        raise KeyError("from progress")
+
+    with pytest.raises(KeyError, match="from progress"):
+        apsw_backup.copy(src, dest, pages=2, progress=progress)
+    busy.__exit__(None, None, None)
+    assert dump(dest) == before
+
+
+def test_finish_from_busy_handler_inside_step_is_refused(connect, src, dest):
+    """Only a re-entrant call is refused: the step that runs the handler is
+    still inside the backup."""
+    b = dest.backup("main", src, "main")
+    b.step(3)
+    seen = []
+
+    def handler(count):
+        for call in (b.finish, b.close, lambda: b.close(True)):
+            try:
+                call()
+            except apsw_backup.ThreadingViolationError as exc:
+                seen.append(str(exc))
+        return False
+
+    src.set_busy_handler(handler)
+    locker = connect("src.db")
+    locker.execute("BEGIN EXCLUSIVE").fetchall()
+    with pytest.raises(apsw_backup.BusyError):
+        b.step(3)
+    locker.execute("ROLLBACK").fetchall()
+    assert len(seen) == 3
+    assert all("callback" in m for m in seen)
+    assert b, "a refused finish must leave the backup open"
+    assert b.step(-1) is True
+    b.finish()
+
+
+def test_exit_refused_from_a_callback_still_raises_the_body_exception(
+    connect, src, dest
+):
+    b = dest.backup("main", src, "main")
+    b.step(3)
+    out = []
+
+    def handler(count):
+        out.append(b.__exit__(KeyError, KeyError("x"), None))
+        return False
+
+    src.set_busy_handler(handler)
+    locker = connect("src.db")
+    locker.execute("BEGIN EXCLUSIVE").fetchall()
+    with pytest.raises(apsw_backup.BusyError):
+        b.step(3)
+    locker.execute("ROLLBACK").fetchall()
+    assert out == [False]
+    assert b
+    b.close(True)
+
+
+# -- defect 7: one database on both sides is refused, never hung ----------------
+
+
+def run_bounded(code, tmp_path, timeout=20):
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.mark.parametrize(
+    "uri",
+    ["file:memdb1?mode=memory&cache=shared", "file:{d}/shared.db?cache=shared"],
+)
+def test_backup_between_connections_sharing_a_cache_is_refused(tmp_path, uri):
+    """Issue 10 defect 7: step(-1) hung for ever (no CPU, deaf to
+    interrupt()) before the fix."""
+    proc = run_bounded(
+        f"""
+        import sys, apsw_backup as ab
+        d = sys.argv[1]
+        flags = ab.SQLITE_OPEN_READWRITE | ab.SQLITE_OPEN_CREATE | ab.SQLITE_OPEN_URI
+        uri = {uri!r}.format(d=d)
+        a = ab.Connection(uri, flags)
+        a.execute("CREATE TABLE t(x); INSERT INTO t VALUES (1)")
+        b = ab.Connection(uri, flags)
+        try:
+            b.backup("main", a, "main").step(-1)
+        except ValueError as exc:
+            print("refused:", exc)
+        """,
+        tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "refused:" in proc.stdout
+    assert "share one SQLite cache" in proc.stdout
+
+
+def test_backup_between_two_connections_of_one_file_is_refused(connect, src):
+    other = connect("src.db")
+    with pytest.raises(ValueError, match="same database file"):
+        other.backup("main", src, "main")
+    other.execute("SELECT 1").fetchall()  # nothing locked
+
+
+def test_backup_into_one_file_attached_elsewhere_is_refused(connect, src, tmp_path):
+    other = connect("other.db")
+    other.execute(f"ATTACH '{tmp_path / 'src.db'}' AS aux").fetchall()
+    with pytest.raises(ValueError, match="same database file"):
+        other.backup("aux", src, "main")
+    assert other.backup("main", src, "main").step(-1) is True
+
+
+def test_shared_cache_pair_on_other_schemas_still_works(tmp_path):
+    """Two connections sharing a cache may still copy between *different*
+    databases: only the same pager is refused."""
+    flags = (
+        apsw_backup.SQLITE_OPEN_READWRITE
+        | apsw_backup.SQLITE_OPEN_CREATE
+        | apsw_backup.SQLITE_OPEN_URI
+    )
+    uri = "file:memdb_other?mode=memory&cache=shared"
+    a = apsw_backup.Connection(uri, flags)
+    b = apsw_backup.Connection(uri, flags)
+    build_file(tmp_path / "s.db")
+    b.execute(f"ATTACH '{tmp_path / 's.db'}' AS s").fetchall()
+    bk = a.backup("main", b, "s")
+    assert bk.step(-1) is True
+    bk.finish()
+    assert a.execute("SELECT count(*) FROM t").fetchall() == [(400,)]
+    b.close()
+    a.close()
+
+
+def test_ownership_note_lists_every_gil_release():
+    """src/README.md names every function that releases the GIL."""
+    root = os.path.join(os.path.dirname(__file__), "..", "src")
+    note = open(os.path.join(root, "README.md"), encoding="utf-8").read()
+    missing = []
+    for name in sorted(os.listdir(root)):
+        if not name.endswith(".c"):
+            continue
+        text = open(os.path.join(root, name), encoding="utf-8").read()
+        function = None
+        for line in text.splitlines():
+            if line and line[0].isalpha() and "(" in line and not line.endswith(";"):
+                function = line.split("(")[0].split()[-1].lstrip("*")
+            if "Py_BEGIN_ALLOW_THREADS" in line and f"`{function}`" not in note:
+                missing.append(f"{name}:{function}")
+    assert not missing, f"src/README.md does not cover {sorted(set(missing))}"
