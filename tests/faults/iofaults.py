@@ -19,6 +19,9 @@ starting files with the Nth call failing, once (transient) or from then on
 - the destination, opened afresh once the fault is gone (a hot journal is
   rolled back then), holds its old content or the complete copy, and
   passes integrity_check;
+- copy() and the CLI leave nothing beside DEST: no temporary or side
+  file after a success, not even DEST after a failure into a new one, and
+  for an existing DEST only SQLite's own files for rolling it back;
 - no lock is left: other connections can take an exclusive lock on the
   source and the destination while the run's connections are still open,
   and again after they are closed;
@@ -327,7 +330,11 @@ sys.exit(main(sys.argv[3:]))
 # - the CLI calls a failed read during its integrity_check "verification
 #   failed ... SOURCE is damaged too" (exit 3) instead of an I/O error.
 KNOWN_CLI_VERIFY = "known: CLI reports a read error while verifying as corruption"
-KNOWN = (KNOWN_CLI_VERIFY,)
+# - copy() switches a copy of a WAL source back to rollback-journal mode;
+#   when deleting DEST-wal then fails, SQLite carries on and copy() reports
+#   success with a stale DEST-wal beside DEST (SPEC 4.1: nothing beside it).
+KNOWN_STALE_WAL = "known: a stale DEST-wal is left after a successful copy"
+KNOWN = (KNOWN_CLI_VERIFY, KNOWN_STALE_WAL)
 
 
 def lock_problems(paths):
@@ -400,6 +407,31 @@ def _class_for(result):
     if name is None:
         return None
     return getattr(apsw_backup, name)
+
+
+def leftover_problems(run):
+    """What copy() or the CLI left beside DEST (SPEC 4.1): nothing after a
+    success; after a failure into a new DEST not even DEST, and for an
+    existing DEST only SQLite's own files for rolling it back."""
+    if run.route not in ("copy-path", "cli"):
+        return []
+    succeeded = run.error is None and (run.cli is None or run.cli["returncode"] == 0)
+    names = {n for n in os.listdir(run.folder) if not n.startswith("src.db")}
+    if succeeded:
+        allowed = {"dest.db"}
+        if run.case == "wal-dest":
+            # A DEST that was in WAL mode stays so (copy() leaves it as other
+            # connections use it); its close-time checkpoint can fail.
+            allowed |= {"dest.db-wal", "dest.db-shm"}
+    elif run.case == "new":
+        allowed = set()
+    else:
+        allowed = {"dest.db", "dest.db-journal", "dest.db-wal", "dest.db-shm"}
+    extra = sorted(names - allowed)
+    if succeeded and extra == ["dest.db-wal"]:
+        return [KNOWN_STALE_WAL]
+    outcome = "success" if succeeded else "failure"
+    return [f"left beside DEST after a {outcome}: {extra}"] if extra else []
 
 
 def content_problems(run, expected):
@@ -492,6 +524,7 @@ class Harness:
         if route == "cli":
             calls, injected = run.cli["calls"] or {}, run.cli["injected"] or 0
         problems = error_problems(run, fault)
+        problems += leftover_problems(run)
         if fault == "unlock":
             # A failed unlock leaves the OS lock with the connection that
             # held it (SQLite cannot retry it): its next statement must
