@@ -46,11 +46,11 @@ q = ("WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i+1 FROM n "
      "WHERE i<30000000) SELECT count(*) FROM n")
 tc = threading.Thread(target=lambda: src.execute(q).fetchall())
 tc.start()
-while not busy(src):
+while not busy(src) and tc.is_alive():
     time.sleep(0.001)
 ta = threading.Thread(target=b.finish)  # waits in sqlite3_backup_finish
 ta.start()
-while not busy(dst):
+while not busy(dst) and ta.is_alive():
     time.sleep(0.001)
 pid = os.fork()
 if pid == 0:
@@ -70,9 +70,12 @@ if pid == 0:
     os._exit(0)
 _, status = os.waitpid(pid, 0)
 print("CHILD", os.waitstatus_to_exitcode(status))
-src.interrupt()
+# An interrupt that lands before the query's first step is forgotten by
+# SQLite when the step begins: keep interrupting until it has stopped.
+while tc.is_alive():
+    src.interrupt()
+    tc.join(0.05)
 ta.join()
-tc.join()
 """
 
 

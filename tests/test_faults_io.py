@@ -70,12 +70,6 @@ def _one(harness, case, route, fault, nth, persistent=True):
     return harness.one(case, route, fault, nth, persistent)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known defect: src/backup.c os_error() reads sqlite3_system_errno(), "
-    "which sqlite3_backup_step() never sets, so a failed step never names "
-    "the OS error (SQLITE_FCNTL_LAST_ERRNO on the files would)",
-)
 def test_a_failed_step_names_the_os_error(harness):
     # The tenth write of the copy into an existing file fails with EIO.
     _, injected, problems, failed, gap = _one(harness, "existing", "step", "write", 10)
@@ -83,11 +77,6 @@ def test_a_failed_step_names_the_os_error(harness):
     assert gap is None, gap
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known defect: Connection() reports a failed open as SQLite's "
-    "'unable to open database file' without the OS error",
-)
 def test_a_failed_open_names_the_os_error(harness):
     _, injected, problems, failed, gap = _one(harness, "existing", "step", "open", 1)
     assert injected and failed and problems == []
@@ -116,9 +105,11 @@ def test_cli_read_error_while_verifying_is_reported_as_an_io_error(harness):
 
 @pytest.mark.xfail(
     strict=True,
-    reason="known defect: when deleting DEST-wal fails as copy() switches a "
-    "copy of a WAL source back to rollback-journal mode, SQLite carries on "
-    "and copy() reports success with a stale DEST-wal beside DEST",
+    reason="known defect: when deleting DEST-wal fails as copy() switches an "
+    "EXISTING target that became a copy of a WAL source back to "
+    "rollback-journal mode, SQLite carries on and copy() reports success "
+    "with a stale DEST-wal beside DEST (other connections may have DEST "
+    "open, so copy() does not remove it; a new target's is removed)",
 )
 def test_a_successful_copy_leaves_no_wal_beside_dest_when_its_delete_fails(harness):
     # The second xDelete of the run is the one of DEST-wal.

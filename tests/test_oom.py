@@ -55,13 +55,6 @@ def probe(shim_path, when):
     return run_child(["-c", PROBE, str(shim_path), tests, when]).strip()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known defect: apsw_backup/copy.py imports the standard sqlite3 "
-    "module at import time, whose init initialises SQLite (and a Python "
-    "built without _sqlite3 cannot import apsw_backup at all); "
-    "sys.modules.get('sqlite3') would do for the isinstance check",
-)
 def test_importing_apsw_backup_does_not_initialise_sqlite(shim_path):
     assert probe(shim_path, "import") == "0"
 
