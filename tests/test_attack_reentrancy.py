@@ -11,13 +11,15 @@ import sys
 import textwrap
 
 import pytest
+from attack_helpers import child_env
 
 import apsw_backup as ab
 
 
-def run_child(code, timeout=30):
+def run_child(code, tmp_path, timeout=30):
     return subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)],
+        env=child_env(tmp_path),
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -25,7 +27,7 @@ def run_child(code, timeout=30):
 
 
 @pytest.mark.xfail(strict=True, reason="A1: set_busy_timeout guards before __index__ runs: SIGSEGV")
-def test_set_busy_timeout_index_closes_connection():
+def test_set_busy_timeout_index_closes_connection(tmp_path):
     proc = run_child(
         """
         import apsw_backup as ab
@@ -40,7 +42,8 @@ def test_set_busy_timeout_index_closes_connection():
             print("REFUSED", exc)
         else:
             print("NO ERROR")
-        """
+        """,
+        tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "REFUSED" in proc.stdout and "closed" in proc.stdout
@@ -161,6 +164,7 @@ os._exit(0)
 def test_finish_from_busy_handler_cannot_deadlock(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-c", DEADLOCK, str(tmp_path)],
+        env=child_env(tmp_path),
         capture_output=True,
         text=True,
         timeout=60,
@@ -220,6 +224,7 @@ def test_error_message_with_gil_cannot_deadlock_against_collected_backup(tmp_pat
         try:
             proc = subprocess.run(
                 [sys.executable, "-c", GIL_DEADLOCK, str(folder)],
+                env=child_env(tmp_path),
                 capture_output=True,
                 text=True,
                 timeout=20,

@@ -16,16 +16,18 @@ import sys
 import textwrap
 
 import pytest
+from attack_helpers import child_env
 
 import apsw_backup as ab
 
 URI = ab.SQLITE_OPEN_READWRITE | ab.SQLITE_OPEN_CREATE | ab.SQLITE_OPEN_URI
 
 
-def run_child(code, timeout=20):
+def run_child(code, tmp_path, timeout=20):
     try:
         return subprocess.run(
             [sys.executable, "-c", textwrap.dedent(code)],
+            env=child_env(tmp_path),
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -35,7 +37,7 @@ def run_child(code, timeout=20):
 
 
 @pytest.mark.xfail(strict=True, reason="A4: dest ATTACHes the source's shared cache: step() self-deadlocks")
-def test_destination_attached_source_shared_cache_refused():
+def test_destination_attached_source_shared_cache_refused(tmp_path):
     proc = run_child(
         """
         import apsw_backup as ab
@@ -52,6 +54,7 @@ def test_destination_attached_source_shared_cache_refused():
             print("STEP", b.step(-1), flush=True)   # the defect: never returns
             b.finish()
         """,
+        tmp_path,
         timeout=15,
     )
     assert "REFUSED" in proc.stdout and "cache" in proc.stdout, proc.stdout + proc.stderr
@@ -71,7 +74,7 @@ def test_memdb_same_database_backup_refused():
 
 
 @pytest.mark.xfail(strict=True, reason="A5: copy() between two connections of one memdb database retries for ever")
-def test_memdb_same_database_copy_does_not_spin():
+def test_memdb_same_database_copy_does_not_spin(tmp_path):
     proc = run_child(
         """
         import apsw_backup as ab
@@ -84,6 +87,7 @@ def test_memdb_same_database_copy_does_not_spin():
         except ValueError as exc:
             print("REFUSED", exc)
         """,
+        tmp_path,
         timeout=15,
     )
     assert "REFUSED" in proc.stdout, proc.stdout + proc.stderr
