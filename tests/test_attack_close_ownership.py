@@ -20,7 +20,7 @@ from attack_helpers import child_env, under_asan
 
 UAF = r"""
 import threading, apsw_backup as ab
-for i in range(300):
+for i in range(3000):
     conn = ab.Connection(":memory:")
     holder = [conn.execute("SELECT 1 UNION ALL SELECT 2")]  # live statement
     ev = threading.Event()
@@ -62,7 +62,7 @@ def hammer():
 t = threading.Thread(target=hammer)
 t.start()
 try:
-    for i in range(100):
+    for i in range(300):
         c = ab.Connection(":memory:")
         box[0] = c
         c.close()      # sqlite3_close frees the handle, GIL released; db still set
