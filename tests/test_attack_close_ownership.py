@@ -36,12 +36,23 @@ print("SURVIVED")
 """
 
 
-@pytest.mark.xfail(strict=True, reason="A9: close() follows a borrowed Cursor across its finalize's GIL release: use after free")
+@pytest.mark.xfail(
+    strict=True,
+    reason="A9: close() follows a borrowed Cursor across its finalize's GIL release: use after free",
+)
 def test_cursor_dropped_while_connection_close_finalizes_it(tmp_path):
     # Under the ASan build, ASan's allocator takes the place of debug malloc.
-    env = child_env(tmp_path) if under_asan() else child_env(tmp_path, PYTHONMALLOC="debug")
+    env = (
+        child_env(tmp_path)
+        if under_asan()
+        else child_env(tmp_path, PYTHONMALLOC="debug")
+    )
     proc = subprocess.run(
-        [sys.executable, "-c", UAF], capture_output=True, text=True, timeout=120, env=env
+        [sys.executable, "-c", UAF],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
     )
     assert proc.returncode == 0 and "SURVIVED" in proc.stdout, (
         proc.returncode,
@@ -77,7 +88,10 @@ print("SURVIVED")
     shutil.which("valgrind") is None or under_asan(),
     reason="needs valgrind (and not the ASan build)",
 )
-@pytest.mark.xfail(strict=True, reason="A11: interrupt() writes into the sqlite3 that close() is freeing (use after free)")
+@pytest.mark.xfail(
+    strict=True,
+    reason="A11: interrupt() writes into the sqlite3 that close() is freeing (use after free)",
+)
 def test_interrupt_while_close_frees_the_handle():
     # The write happens inside libsqlite3, which ASan does not instrument:
     # valgrind sees it.

@@ -80,7 +80,10 @@ tc.join()
 """
 
 
-@pytest.mark.xfail(strict=True, reason="A2: claimed Backup inherited through fork: child waits for ever")
+@pytest.mark.xfail(
+    strict=True,
+    reason="A2: claimed Backup inherited through fork: child waits for ever",
+)
 @pytest.mark.parametrize("action", ["close_force", "finish", "exit"])
 def test_fork_while_other_thread_finishes(tmp_path, action):
     proc = run_child(FORK_DURING_FINISH, (tmp_path, action))
@@ -132,7 +135,10 @@ print("ROWS", check.execute("SELECT count(*) FROM t").fetchall()[0][0])
 """
 
 
-@pytest.mark.xfail(strict=True, reason="A3: __init__ on a force-closed inherited Connection revives the parent's objects")
+@pytest.mark.xfail(
+    strict=True,
+    reason="A3: __init__ on a force-closed inherited Connection revives the parent's objects",
+)
 def test_reopened_connection_in_child_does_not_revive_parent_objects(tmp_path):
     proc = run_child(REOPEN_IN_CHILD, tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
@@ -177,7 +183,10 @@ else:
 """
 
 
-@pytest.mark.xfail(strict=True, reason="A10: child forked in a busy handler calls sqlite3_reset/errmsg on the parent's state and hangs")
+@pytest.mark.xfail(
+    strict=True,
+    reason="A10: child forked in a busy handler calls sqlite3_reset/errmsg on the parent's state and hangs",
+)
 def test_child_forked_in_busy_handler_exits(tmp_path):
     proc = run_child(FORK_IN_BUSY_HANDLER, tmp_path)
     assert "CHILD 0" in proc.stdout, proc.stdout + proc.stderr[-2000:]
