@@ -5,30 +5,41 @@ This module is that loop, with the traps of a live database handled:
 
 - progress is reported after every step exactly as the standard library's
   `sqlite3.Connection.backup(pages=N, progress=...)` reports it;
-- a locked database (BUSY/LOCKED) is retried every `sleep` seconds, and
-  `timeout` bounds the whole copy, so it never hangs;
+- a locked database (BUSY/LOCKED) is retried after short waits that grow
+  (1 ms, doubling, at most `sleep`), and `timeout` bounds the whole copy;
 - the source connection's own write transaction (SQLite answers BUSY forever)
   is reported at once;
 - a copy that keeps restarting because other connections write to the source
-  is made to finish by holding a read transaction (a snapshot) on the source;
+  is made to finish by holding a read transaction (a snapshot) on the source,
+  always on a read-only connection of copy()'s own, so no write of the
+  application can ever be caught in it;
+- a new target file is written under a temporary name and renamed into place
+  only once complete (files.NewFile): its name never holds a partial copy;
 - whatever goes wrong, the backup is finished before copy() returns, so the
   target holds either the complete copy or its previous content.
 """
 
 from __future__ import annotations
 
-import asyncio
+import math
 import os
+import sqlite3
+import stat
 import time
 from collections.abc import Callable
-from contextlib import ExitStack, closing
 from dataclasses import dataclass
-from typing import Literal, TypeVar
+from typing import TYPE_CHECKING, Literal, TypeVar
 
 from apsw_backup import _apsw_backup as _c
+from apsw_backup import files
+
+if TYPE_CHECKING:
+    import asyncio
 
 Database = _c.Connection | str | os.PathLike[str]
+Source = Database | sqlite3.Connection
 Progress = Callable[[int, int, int], object]
+Verify = Callable[[str], object]
 Snapshot = bool | Literal["auto"]
 Outcome = int | _c.Error
 T = TypeVar("T")
@@ -36,6 +47,32 @@ T = TypeVar("T")
 # With snapshot="auto", the number of restarts after which the source is
 # held in a read transaction: a few restarts are cheap, more is a livelock.
 AUTO_SNAPSHOT_AFTER = 3
+
+# Seconds a connection may stay in use by another call (another thread's)
+# before copy() gives up: it may be a call copy() runs inside, never ending.
+IN_USE_LIMIT = 5.0
+
+# The first wait after a locked step; each further locked step in a row
+# doubles it, up to SHORT_WAIT_MAX, until the lock has lasted LONG_LOCK
+# seconds; then the wait is `sleep` (see _Copy._pause).
+FIRST_WAIT = 0.001
+SHORT_WAIT_MAX = 0.016
+LONG_LOCK = 1.0
+
+# acopy() runs steps back to back in one executor call for up to this many
+# seconds (a hop to a worker thread and back costs ~50 us, as much as a
+# one-page step), then reports each of them in the loop's thread.
+BATCH_SECONDS = 0.005
+
+# copy()'s default flush_every: bytes the target may grow by before copy()
+# has them written out to the disk (files.Flusher), and the target's page
+# cache (KiB) meanwhile, so the copy's dirty data never piles up for one flush.
+FLUSH_EVERY = 2 * 2**20
+TARGET_CACHE_KIB = 1024
+
+_C_INT_MAX = 2**31 - 1
+_SQLITE_IOERR_WRITE = _c.SQLITE_IOERR | (3 << 8)
+_HEADER = b"SQLite format 3\x00"
 
 FINISHED_OUTSIDE = (
     "the backup was finished outside copy(): the progress callback or another "
@@ -50,12 +87,19 @@ class CopyResult:
 
     pages: pages in the copy (the source's page count when it completed);
     steps: Backup.step() calls, including the ones that found a lock;
-    restarts: times SQLite started the copy again from the first page because
-    another connection changed the source;
+    restarts: times the copy started again from the first page: the
+    Backups' own restarts (another connection changed the source, or
+    Backup.step() began afresh after an extended lock code such as
+    SQLITE_BUSY_RECOVERY, which sqlite3_backup_step never retries) plus the
+    times copy() began a fresh Backup to take its snapshot on a connection
+    of its own after pages were copied;
     elapsed: seconds copy() took;
     page_size, bytes: the copy's page size and size in bytes;
     waits: steps that found the database locked (BUSY/LOCKED) and were retried;
-    snapshot: whether copy() held a read transaction on the source.
+    snapshot: whether copy() held a read transaction on the source;
+    wal_growth: bytes the source's -wal file grew during the copy (0 when
+    the source is not in WAL mode);
+    path: the target's file when the target was a path, else None.
     """
 
     pages: int
@@ -66,6 +110,8 @@ class CopyResult:
     bytes: int = 0
     waits: int = 0
     snapshot: bool = False
+    wal_growth: int = 0
+    path: str | None = None
 
 
 @dataclass(frozen=True)
@@ -79,14 +125,24 @@ class _Options:
     sleep: float
     timeout: float | None
     snapshot: Snapshot
+    keep_wal: bool
+    verify: Verify | None
+    flush_every: int | None = FLUSH_EVERY
 
     def __post_init__(self) -> None:
         if not isinstance(self.pages, int) or isinstance(self.pages, bool):
             raise TypeError(f"pages must be an int, not {type(self.pages).__name__}")
+        if self.pages > _C_INT_MAX:
+            raise OverflowError(
+                f"pages must be at most {_C_INT_MAX} (pages per step; <= 0 copies "
+                f"everything in one step), not {self.pages}"
+            )
         if self.progress is not None and not callable(self.progress):
             raise TypeError("progress must be callable or None")
-        if not _is_number(self.sleep) or not self.sleep >= 0:
-            raise ValueError(f"sleep must be a number >= 0, not {self.sleep!r}")
+        for argument in ("name", "target_name"):
+            _check_schema_name(argument, getattr(self, argument))
+        if not _is_number(self.sleep) or not 0 <= self.sleep < math.inf:
+            raise ValueError(f"sleep must be a finite number >= 0, not {self.sleep!r}")
         if self.timeout is not None and (
             not _is_number(self.timeout) or not self.timeout >= 0
         ):
@@ -99,11 +155,37 @@ class _Options:
             raise ValueError(
                 f"snapshot must be True, False or 'auto', not {self.snapshot!r}"
             )
+        if not isinstance(self.keep_wal, bool):
+            raise TypeError(
+                f"keep_wal must be True or False, not {type(self.keep_wal).__name__}"
+            )
+        if self.verify is not None and not callable(self.verify):
+            raise TypeError(
+                "verify must be callable (it is given the copy's path) or None"
+            )
+        flush = self.flush_every
+        if flush is not None and (
+            not isinstance(flush, int) or isinstance(flush, bool)
+        ):
+            raise TypeError(
+                f"flush_every must be an int (bytes) or None, not {type(flush).__name__}"
+            )
+        if flush is not None and flush < 0:
+            raise ValueError(
+                f"flush_every must be >= 0 bytes (0 or None: no flushing), not {flush}"
+            )
 
     @property
     def step_pages(self) -> int:
         """Pages per step: like the standard library, <= 0 copies all at once."""
         return self.pages if self.pages > 0 else -1
+
+
+def _check_schema_name(argument: str, value: object) -> None:
+    if not isinstance(value, str):
+        raise TypeError(f"{argument} must be a str, not {type(value).__name__}")
+    if "\0" in value:
+        raise ValueError(f"{argument} must not contain a NUL character")
 
 
 def _is_number(value: object) -> bool:
@@ -125,6 +207,12 @@ def _status(error: _c.Error) -> int:
     return error.result if error.result is not None else _c.SQLITE_ERROR
 
 
+def _with_codes(error: _c.Error, result: int, extended: int | None = None) -> _c.Error:
+    error.result = result
+    error.extendedresult = result if extended is None else extended
+    return error
+
+
 def _renamed(error: _c.Error, message: str) -> _c.Error:
     """An error of the same class and codes as `error`, with a better message."""
     better = type(error)(message)
@@ -132,18 +220,478 @@ def _renamed(error: _c.Error, message: str) -> _c.Error:
     return better
 
 
-def _open(database: Database, flags: int, role: str) -> _c.Connection:
-    """`database` itself if it is a Connection, else the file opened with flags."""
-    if isinstance(database, _c.Connection):
-        return database
-    path = os.fspath(database)
+def _cannot(role: str, path: str, exc: OSError) -> _c.Error:
+    """CantOpenError for a path the OS refused, naming the cause and cure."""
+    error = _c.CantOpenError(
+        f"cannot use the {role} {path!r}: it {files.os_cause(exc)}"
+    )
+    return _with_codes(error, _c.SQLITE_CANTOPEN)
+
+
+def _schema_files(conn: _c.Connection | sqlite3.Connection) -> dict[str, str]:
+    """{schema name (case folded): file ("" in memory)} of a connection."""
+    rows = conn.execute("PRAGMA database_list").fetchall()
+    return {str(row[1]).casefold(): str(row[2] or "") for row in rows}
+
+
+def _schema_file(conn: _c.Connection | sqlite3.Connection, name: str, role: str) -> str:
+    """The file of schema `name` of conn; SQLError if it has no such schema."""
+    if name.casefold() == "temp":
+        return ""
+    if isinstance(conn, _c.Connection) and name.casefold() == "main":
+        # The attribute needs no call into the connection, which another
+        # thread may be using right now.
+        return conn.filename
+    found = _schema_files(conn)
+    if name.casefold() not in found:
+        error = _c.SQLError(
+            f"the {role} connection has no database named {name!r} (it has "
+            f"{', '.join(sorted(found))}): give the schema name of an attached "
+            "database"
+        )
+        raise _with_codes(error, _c.SQLITE_ERROR)
+    return found[name.casefold()]
+
+
+def _is_wal_file(path: str) -> bool:
+    """Whether the database file's header says WAL mode."""
     try:
-        return _c.Connection(path, flags)
-    except _c.CantOpenError as exc:
-        missing = " (no such file)" if not os.path.exists(path) else ""
-        raise _renamed(
-            exc, f"cannot open the {role} database {path!r}{missing}: {exc}"
-        ) from exc
+        with open(path, "rb") as file:
+            header = file.read(20)
+    except OSError:
+        return False
+    return header.startswith(_HEADER) and len(header) == 20 and header[18] == 2
+
+
+def _header_page_size(path: str) -> int:
+    """The page size a database file's header gives (0: unknown)."""
+    try:
+        with open(path, "rb") as file:
+            header = file.read(18)
+    except OSError:
+        return 0
+    if len(header) < 18 or not header.startswith(_HEADER):
+        return 0
+    size = int.from_bytes(header[16:18], "big")
+    return 65536 if size == 1 else size
+
+
+def _file_size(path: str) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return 0
+
+
+def _close_quietly(conn: _c.Connection | None) -> None:
+    if conn is not None:
+        try:
+            conn.close(True)
+        except _c.Error:
+            pass
+
+
+class _SourceSide:
+    """The connection the backup reads from, and the snapshot.
+
+    A path (or a standard-library connection's file) is opened read-only
+    here.  The snapshot -- a read transaction that stops the copy restarting
+    -- is only ever begun on a read-only connection this object opened:
+    the path's own, or, for a Connection the caller passed, a second one on
+    the same file.  The caller's connection is never put into a transaction
+    by copy(), so none of its writes can be caught in one and rolled back
+    (or committed early): they go on as if copy() were another connection.
+    """
+
+    def __init__(self, source: Source, options: _Options) -> None:
+        self.user: _c.Connection | None = None
+        self.schema = options.name
+        self.closed = False
+        self.own: _c.Connection | None = None
+        self.snapshot_conn: _c.Connection | None = None
+        self.began = False
+        self.side_existed = True
+        if isinstance(source, _c.Connection):
+            self.user = source
+            self.file = _schema_file(source, options.name, "source")
+            self.vfs: str | None = source.open_vfs
+            return
+        if isinstance(source, sqlite3.Connection):
+            self.file = _schema_file(source, options.name, "source")
+            if not self.file:
+                raise TypeError(
+                    "the source is a standard-library sqlite3.Connection of a "
+                    "database in memory, which no other connection can open: "
+                    "copy it with its own backup() method (source.backup(dest)), "
+                    "or pass an apsw_backup.Connection or the path of a file"
+                )
+            self.schema = "main"
+        elif isinstance(source, (str, os.PathLike)):
+            self.file = os.fspath(source)
+            if not isinstance(self.file, str):
+                raise TypeError("a source path must be a str or os.PathLike of str")
+        else:
+            raise TypeError(
+                "source must be an apsw_backup.Connection, a sqlite3.Connection of "
+                "a file database, or a path (str or os.PathLike), not "
+                f"{type(source).__name__}"
+            )
+        self.vfs = None
+        _check_source_file(self.file)
+
+    def open(self) -> None:
+        """Open what copy() reads from (no file is created by this)."""
+        self.snapshot = False  # a read transaction holds the copy's view
+        self.snapshot_done = False  # held, or not needed
+        if self.user is not None:
+            self.conn = self.user
+            self.side_existed = True  # beside the caller's file: not ours
+            return
+        try:
+            self.own = _c.Connection(self.file, _c.SQLITE_OPEN_READONLY)
+        except _c.CantOpenError as exc:
+            raise _renamed(
+                exc, f"cannot open the source database {self.file!r}: {exc}"
+            ) from exc
+        self.conn = self.own
+        _schema_file(self.own, self.schema, "source")
+        # SQLite names side files after the full path it reports.
+        self.file = self.own.filename or self.file
+        self.side_existed = any(map(os.path.lexists, files.side_paths(self.file)))
+
+    @property
+    def wal_path(self) -> str:
+        return self.file + "-wal" if self.file else ""
+
+    def take_snapshot(self) -> None:
+        """Begin the snapshot, switching self.conn to the connection it is on.
+
+        A lock that stops the snapshot being read now leaves it to be tried
+        again before the next step.  A transaction the backup's source
+        connection already has is the snapshot, left as it is.
+        """
+        if self._in_transaction(self.conn):
+            self.snapshot = self.snapshot_done = True
+        elif self.conn is self.own:
+            self.snapshot = self.snapshot_done = self._begin(self.conn, self.schema)
+        elif not self.file:
+            # In memory or temp: no other connection can change it, so the
+            # copy cannot restart and needs no snapshot.
+            self.snapshot_done = True
+        else:
+            if self.snapshot_conn is None:
+                self.snapshot_conn = _c.Connection(
+                    self.file, _c.SQLITE_OPEN_READONLY, self.vfs
+                )
+            if self._begin(self.snapshot_conn, "main"):
+                self.conn, self.schema = self.snapshot_conn, "main"
+                self.snapshot = self.snapshot_done = True
+
+    @staticmethod
+    def _in_transaction(conn: _c.Connection) -> bool:
+        try:
+            return not conn.get_autocommit()
+        except _c.ThreadingViolationError:
+            # Another thread's call on the caller's connection: copy from a
+            # snapshot of copy()'s own rather than wait for it.
+            return False
+
+    def _begin(self, conn: _c.Connection, schema: str) -> bool:
+        conn.execute("BEGIN")
+        self.began = True
+        sql = f"SELECT count(*) FROM {_quoted(schema)}.sqlite_master"
+        try:
+            conn.execute(sql).fetchall()
+        except (_c.BusyError, _c.LockedError):
+            self.end_snapshot()
+            return False
+        return True
+
+    def end_snapshot(self) -> None:
+        """End the snapshot if copy() began it.
+
+        Safe to ROLLBACK: it was begun on a connection opened read-only here,
+        which nothing but copy() can use, so it holds no write.
+        """
+        if not self.began:
+            return
+        self.began = False
+        for conn in (self.own, self.snapshot_conn):
+            if conn is None:
+                continue
+            try:
+                if not conn.get_autocommit():
+                    conn.execute("ROLLBACK")
+            except _c.ConnectionClosedError:
+                pass  # closing it ended the transaction
+
+    def close(self) -> None:
+        """End the snapshot, close what was opened here, and leave nothing
+        beside a source file that had no side files before."""
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self.end_snapshot()
+        finally:
+            _close_quietly(self.snapshot_conn)
+            _close_quietly(self.own)
+            self.snapshot_conn = self.own = None
+            self._leave_no_side_files()
+
+    def _leave_no_side_files(self) -> None:
+        """A read-only connection cannot checkpoint, so closing the last one
+        on a WAL database leaves -wal and -shm beside it.  If they were not
+        there before, a read-write connection opened and closed now removes
+        them -- only when it is the last connection, as SQLite decides under
+        its own locks; otherwise they belong to the connections still open."""
+        if self.side_existed or not _is_wal_file(self.file):
+            return
+        if not any(os.path.lexists(p) for p in files.side_paths(self.file)):
+            return
+        try:
+            conn = _c.Connection(self.file, _c.SQLITE_OPEN_READWRITE)
+        except _c.Error:
+            return
+        try:
+            conn.execute("PRAGMA schema_version").fetchall()
+        except _c.Error:
+            pass
+        finally:
+            _close_quietly(conn)
+
+
+def _check_source_file(path: str) -> None:
+    """A path source must be an existing, readable database file."""
+    try:
+        info = os.stat(path)
+    except OSError as exc:
+        raise _cannot("source database", path, exc) from exc
+    if stat.S_ISDIR(info.st_mode):
+        raise _cannot("source database", path, IsADirectoryError(21, "", path))
+    if not os.access(path, os.R_OK):
+        raise _cannot("source database", path, PermissionError(13, "", path))
+
+
+class _TargetSide:
+    """Where the copy goes.
+
+    kind "connection": the caller's Connection, used as it is.
+    kind "existing": a file that exists, opened here and written through
+    SQLite's own transaction (other connections may have it open; a rename
+    would strand them on the old file).
+    kind "new": a path that does not exist: the copy is written to a
+    temporary file beside it (files.NewFile) and put in place when complete.
+    """
+
+    def __init__(self, target: Source, options: _Options) -> None:
+        self.conn: _c.Connection | None = None
+        self.user: _c.Connection | None = None
+        self.new: files.NewFile | None = None
+        self.flusher: files.Flusher | None = None
+        self.flush_every = options.flush_every or 0
+        self.was_wal = False
+        self.schema = options.target_name
+        if isinstance(target, _c.Connection):
+            self.kind, self.user = "connection", target
+            self.file = _schema_file(target, options.target_name, "target")
+            self.given = self.file
+            if options.verify is not None and not self.file:
+                raise ValueError(
+                    "verify needs the copy's file, but the target database "
+                    f"{options.target_name!r} is in memory: verify it yourself, "
+                    "or copy into a file"
+                )
+            return
+        if isinstance(target, sqlite3.Connection):
+            path = _schema_file(target, options.target_name, "target")
+            if not path:
+                raise TypeError(
+                    "the target is a standard-library sqlite3.Connection of a "
+                    "database in memory, which no other connection can open: use "
+                    "the source's backup into it, or pass an apsw_backup.Connection "
+                    "or the path of a file"
+                )
+            self.schema = "main"
+        elif isinstance(target, (str, os.PathLike)):
+            path = os.fspath(target)
+            if not isinstance(path, str):
+                raise TypeError("a target path must be a str or os.PathLike of str")
+            if options.target_name.casefold() != "main":
+                raise ValueError(
+                    f"target_name must be 'main' when the target is a path (a file "
+                    f"holds one database), not {options.target_name!r}"
+                )
+        else:
+            raise TypeError(
+                "target must be an apsw_backup.Connection or a path (str or "
+                f"os.PathLike), not {type(target).__name__}"
+            )
+        self.user = None
+        self.given = self.file = os.path.abspath(path)
+        self.kind = _check_target_path(self.file)
+        if self.kind == "new":
+            self.file = os.path.realpath(self.file)  # a dangling link: its file
+        else:
+            self.was_wal = _is_wal_file(self.file)
+
+    def open(self) -> None:
+        """Open the target; a new one is created under a temporary name."""
+        if self.user is not None:
+            self.conn = self.user
+            return
+        path = self.file
+        if self.kind == "new":
+            files.remove_stale(os.path.dirname(self.file))
+            self.new = files.NewFile(self.file)
+            try:
+                self.new.create()
+            except OSError as exc:
+                self.new = None
+                raise _cannot(
+                    "target's folder", os.path.dirname(self.file), exc
+                ) from exc
+            path = self.new.path
+            flags = _c.SQLITE_OPEN_READWRITE
+        else:
+            flags = _c.SQLITE_OPEN_READWRITE
+        try:
+            self.conn = _c.Connection(path, flags)
+        except _c.CantOpenError as exc:
+            raise _renamed(exc, f"cannot open the target {self.file!r}: {exc}") from exc
+        if self.flush_every:
+            self._start_flushing()
+
+    def _start_flushing(self) -> None:
+        """Write the copy out in slices as it goes (flush_every).
+
+        A small page cache makes SQLite spill the copied pages to the file
+        during each step instead of holding them all for the commit; after a
+        step that grew the file by flush_every bytes, they are written out
+        to the disk (files.Flusher: sync_file_range on Linux, keeping at most
+        about two slices in flight; else fdatasync).  So no flush -- the
+        copy's own or another process's on the same disk (a WAL writer's
+        commit) -- ever queues behind more than that of the copy's dirty
+        data.
+
+        Safe for both kinds of file copy() opens: a new target's temporary
+        file is nobody else's, and is renamed into place only after its
+        final fsync.  In an existing target, SQLite writes a page into the
+        database file mid-transaction only once the rollback journal holding
+        its old content is synced (a cache spill), so making those writes
+        durable early changes nothing a crash could leave: recovery rolls
+        them back from the journal either way.  (An existing target in WAL
+        mode spills into its -wal file: flushing the database file then
+        finds nothing, harmless.)  A Connection target is the caller's: its
+        cache is left alone and it is not flushed.
+        """
+        assert self.conn is not None
+        try:
+            # Needs the schema: an existing target another connection holds
+            # locked answers BUSY.  Then the copy waits for that lock as any
+            # step would, only with SQLite's default cache (fewer, larger
+            # write-outs); it must not fail for it.
+            self.conn.execute(f"PRAGMA main.cache_size=-{TARGET_CACHE_KIB}").fetchall()
+        except (_c.BusyError, _c.LockedError):
+            pass
+        if self.new is not None:
+            self.flusher = files.Flusher(self.new.fd, self.flush_every)
+        else:
+            self.flusher = files.Flusher.borrowing(self.file, self.flush_every)
+
+    def flush(self) -> None:
+        """After a step that copied: flush the target if it grew enough."""
+        if self.flusher is not None:
+            self.flusher.flush_if_grown()
+
+    @property
+    def path(self) -> str | None:
+        return None if self.user is not None else self.file
+
+    @property
+    def work_file(self) -> str:
+        """The file the copy is being written to."""
+        return self.new.path if self.new is not None else self.file
+
+    def settle(self, keep_wal: bool) -> None:
+        """Leave the complete copy in its final journal mode and close it."""
+        if self.user is not None or self.conn is None:
+            return
+        if not keep_wal and not self.was_wal:
+            self._to_rollback_journal()
+        conn, self.conn = self.conn, None
+        conn.close()
+
+    def _to_rollback_journal(self) -> None:
+        """A copy of a WAL source is a WAL database (the mode is in the
+        header SQLite copied); switch it back so it is one file alone.  An
+        existing target that other connections now read in WAL mode cannot
+        switch (SQLITE_BUSY): it stays in WAL mode, as it is theirs too."""
+        assert self.conn is not None
+        mode = f"PRAGMA {_quoted(self.schema)}.journal_mode"
+        try:
+            if str(self.conn.execute(mode).fetchall()[0][0]).lower() == "wal":
+                self.conn.execute(mode + "=DELETE").fetchall()
+        except (_c.BusyError, _c.LockedError):
+            if self.new is not None:
+                raise
+
+    def publish(self) -> None:
+        if self.new is not None:
+            try:
+                self.new.publish()
+            except FileExistsError as exc:
+                raise FileExistsError(
+                    exc.errno,
+                    f"the target {self.file!r} was created by someone else while "
+                    "the copy was made: the copy was not put in its place (nothing "
+                    "was overwritten); remove that file or choose another target",
+                    self.file,
+                ) from exc
+
+    def close(self) -> None:
+        """Close what was opened here; an unpublished new copy is removed."""
+        if self.user is None:
+            _close_quietly(self.conn)
+        self.conn = None
+        if self.new is not None:
+            self.new.discard()
+
+
+def _check_target_path(path: str) -> str:
+    """'existing' or 'new', or CantOpenError naming the OS cause and cure."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise _cannot("target", path, exc) from exc
+    else:
+        if stat.S_ISDIR(info.st_mode):
+            raise _cannot("target", path, IsADirectoryError(21, "", path))
+        _check_writable("target", path)
+        _check_writable("target's folder", os.path.dirname(path))
+        return "existing"
+    folder = os.path.dirname(os.path.realpath(path))
+    try:
+        info = os.stat(folder)
+    except OSError as exc:
+        raise _cannot("target's folder", folder, exc) from exc
+    if not stat.S_ISDIR(info.st_mode):
+        raise _cannot("target's folder", folder, NotADirectoryError(20, "", folder))
+    _check_writable("target's folder", folder)
+    return "new"
+
+
+def _check_writable(role: str, path: str) -> None:
+    try:
+        read_only = bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except (OSError, AttributeError):
+        read_only = False
+    if read_only:
+        raise _cannot(role, path, OSError(30, "", path))
+    if not os.access(path, os.W_OK):
+        raise _cannot(role, path, PermissionError(13, "", path))
 
 
 class _Copy:
@@ -151,99 +699,301 @@ class _Copy:
 
     step() does the blocking work (acopy runs it in a worker thread); react()
     reports the step to the progress callback and decides what comes next;
-    close() finishes the backup (an incomplete copy is rolled back), ends the
-    snapshot if this copy began it and closes the connections it opened.
+    settle(), verify() and publish() complete it; close() finishes whatever
+    is left (an incomplete copy is rolled back, a new one removed), ends the
+    snapshot and closes the connections it opened.
     """
 
-    def __init__(self, source: Database, target: Database, options: _Options) -> None:
+    def __init__(self, source: Source, target: Source, options: _Options) -> None:
         self._opts = options
         self._start = time.monotonic()
-        self._steps = self._waits = self._pages = 0
-        self._began = False  # this copy began the source's read transaction
-        self._held = False  # the source is in a read transaction for the copy
-        self._stack = ExitStack()
-        with self._stack:
-            self._source = self._own(source, _c.SQLITE_OPEN_READONLY, "source")
-            flags = _c.SQLITE_OPEN_READWRITE | _c.SQLITE_OPEN_CREATE
-            self._target = self._own(target, flags, "target")
-            self._stack.callback(self._end_snapshot)
-            self._backup = self._target.backup(
-                options.target_name, self._source, options.name
-            )
-            self._stack.callback(self._backup.close, True)
-            self._stack = self._stack.pop_all()
+        self._steps = self._waits = self._pages = self._page_size = 0
+        self._restarts = 0  # of Backups replaced before the current one
+        self._locked_in_a_row = self._in_use_in_a_row = 0
+        self._locked_since = 0.0  # when the current run of locked steps began
+        self._in_use_since = 0.0
+        self._backup: _c.Backup | None = None
+        self._backup_source: _c.Connection | None = None
+        # Every argument and path is checked before anything is created.
+        self._src = _SourceSide(source, options)
+        self._dst = _TargetSide(target, options)
+        files.check_distinct(self._src.file, self._dst.given)
+        try:
+            self._src.open()
+            self._dst.open()
+            self._wal_start = self._wal_max = _file_size(self._src.wal_path)
+            self._step_pages, self._sliced = self._choose_step()
+        except BaseException:
+            self.close()
+            raise
 
-    def _own(self, database: Database, flags: int, role: str) -> _c.Connection:
-        conn = _open(database, flags, role)
-        if conn is not database:
-            self._stack.callback(conn.close)
-        return conn
+    def _choose_step(self) -> tuple[int, bool]:
+        """(pages per step, whether a whole-copy step is cut into slices).
+
+        pages <= 0 asks for the whole copy in one step: one read of the
+        source, which cannot restart.  When the target is flushed as the
+        copy goes, that one step would leave all of it for the final flush;
+        so it is cut into slices of flush_every bytes, read under a snapshot
+        held from the first slice to the last -- the same single read of the
+        source, just written out in slices.  The slices are invisible: they
+        are not reported to progress nor counted in CopyResult.steps, so
+        pages <= 0 still reports as one step, as the standard library does.  With snapshot=False (no read
+        transaction may be held) it stays one step.
+        """
+        pages = self._opts.step_pages
+        if pages > 0 or self._dst.flusher is None or self._opts.snapshot is False:
+            return pages, False
+        page_size = _header_page_size(self._src.file) or 4096
+        return max(1, self._dst.flush_every // page_size), True
+
+    def _new_backup(self) -> _c.Backup:
+        assert self._dst.conn is not None
+        backup = self._dst.conn.backup(
+            self._dst.schema, self._src.conn, self._src.schema
+        )
+        self._backup_source = self._src.conn
+        return backup
+
+    def _replace_backup(self, restart: bool) -> None:
+        """Finish the Backup (the target rolled back) and begin a fresh one
+        from the source side's current connection; `restart`: count it."""
+        old = self._backup
+        assert old is not None
+        self._restarts += old.restarts + (1 if restart else 0)
+        self._backup = None
+        old.close(True)
+        self._backup = self._new_backup()
 
     def close(self) -> None:
         """Finish the backup, end the snapshot, close what was opened here."""
-        self._stack.close()
+        try:
+            if self._backup is not None:
+                self._backup.close(True)
+        finally:
+            try:
+                self._src.close()
+            finally:
+                self._dst.close()
 
     def step(self) -> Outcome:
         """Take the snapshot if it is due, then copy the next pages.
 
-        Returns SQLITE_OK, SQLITE_DONE, or the SQLite error the step raised.
+        Returns SQLITE_OK, SQLITE_DONE, the SQLite error the step raised, or
+        the ThreadingViolationError of a source connection that another
+        thread is using right now (the first step also begins the Backup).
         """
-        if not self._backup:
-            raise _c.ConnectionClosedError(FINISHED_OUTSIDE)
-        if self._snapshot_due():
-            self._take_snapshot()
+        try:
+            if self._backup is None:
+                self._backup = self._new_backup()
+            elif not self._backup:
+                raise _c.ConnectionClosedError(FINISHED_OUTSIDE)
+            if self._snapshot_due():
+                self._src.take_snapshot()
+                if self._src.conn is not self._backup_source:
+                    # Pages copied from the other connection are copied again.
+                    self._replace_backup(restart=self._backup.page_count > 0)
+        except _c.ThreadingViolationError as exc:
+            return exc
         self._steps += 1
         try:
-            done = self._backup.step(self._opts.step_pages)
+            done = self._backup.step(self._step_pages)
+        except _c.ThreadingViolationError as exc:
+            return exc
         except _c.Error as exc:
             if exc.result is None:
                 raise
             return exc
-        return _c.SQLITE_DONE if done else _c.SQLITE_OK
+        finally:
+            self._wal_max = max(self._wal_max, _file_size(self._src.wal_path))
+        if self._sliced and not done:
+            # A slice of the one whole-copy step pages <= 0 asked for: not
+            # a step of the caller's (see _choose_step).
+            self._steps -= 1
+        if done:
+            return _c.SQLITE_DONE
+        try:
+            self._dst.flush()
+        except OSError as exc:
+            return self._flush_failed(exc)
+        return _c.SQLITE_OK
 
-    def react(self, outcome: Outcome) -> float | None:
+    def _flush_failed(self, exc: OSError) -> _c.Error:
+        error = _c.IOError(
+            f"writing the copy to {self._dst.file or 'the target'!r} failed: "
+            f"writing it out to the disk: {exc.strerror or exc}; {self._left_as()}. Check the "
+            "target's disk, or copy to another one"
+        )
+        error.__cause__ = exc
+        return _with_codes(error, _c.SQLITE_IOERR, _SQLITE_IOERR_WRITE)
+
+    def steps(self, budget: float) -> list[tuple[Outcome, int, int]]:
+        """Steps back to back for up to `budget` seconds (acopy's worker).
+
+        Returns (outcome, remaining, total) of each, as react() would have
+        read them right after it.  Stops after a step that did not return
+        SQLITE_OK, and before a step that might be the last one: so a step
+        that completes the copy is always the first of its batch, run only
+        once every earlier step was reported -- a progress callback that
+        raises, or a cancellation, finds the target as copy() would.
+        """
+        until = time.monotonic() + budget
+        ran: list[tuple[Outcome, int, int]] = []
+        while True:
+            outcome = self.step()
+            backup = self._backup
+            remaining = backup.remaining if backup is not None else 0
+            total = backup.page_count if backup is not None else 0
+            ran.append((outcome, remaining, total))
+            if (
+                not (isinstance(outcome, int) and outcome == _c.SQLITE_OK)
+                or not self._cannot_finish_next(remaining)
+                or time.monotonic() >= until
+            ):
+                return ran
+
+    def _cannot_finish_next(self, remaining: int) -> bool:
+        """Whether the next step, copying _step_pages, leaves pages to copy.
+
+        (The source growing only adds pages; shrinking needs a write through
+        the backup's own source connection, which waits for the step.)"""
+        pages = self._step_pages
+        return pages > 0 and remaining > pages and bool(self._backup)
+
+    def react(
+        self, outcome: Outcome, counts: tuple[int, int] | None = None
+    ) -> float | None:
         """Report a step; None once the copy is complete, else seconds to wait.
 
+        counts: (remaining, total) right after the step, if it was not the
+        last one run (a batch of steps); else they are read now.
         Raises when the copy must stop: a final error, the source's own write
         transaction, or the timeout.
         """
+        if isinstance(outcome, _c.ThreadingViolationError):
+            # Not a step SQLite ran: no progress call, a wait.
+            self._check_in_use(outcome)
+            self._check_deadline(outcome)
+            return self._pause()
+        self._in_use_in_a_row = 0
+        backup = self._backup
+        assert backup is not None
         status = outcome if isinstance(outcome, int) else _status(outcome)
-        remaining, total = self._backup.remaining, self._backup.page_count
-        if self._opts.progress is not None:
-            self._opts.progress(status, remaining, total)
+        if counts is None:
+            counts = backup.remaining, backup.page_count
+        remaining, total = counts
         if status == _c.SQLITE_DONE:
+            # The last step committed the copy.  The backup and the snapshot
+            # end before the callback, so whatever it does to the source (or
+            # the target) is its own.
             self._pages = total
-            self._backup.finish()
+            backup.finish()
+            self._src.end_snapshot()
+            self._page_size = self._read_page_size()
+            if self._opts.progress is not None:
+                self._opts.progress(status, remaining, total)
             return None
-        if not self._backup:
+        # The slices of a whole-copy step are not reported: pages <= 0 gets
+        # the one call the standard library makes (plus any lock waits).
+        sliced_ok = self._sliced and status == _c.SQLITE_OK
+        if self._opts.progress is not None and not sliced_ok:
+            self._opts.progress(status, remaining, total)
+        if not backup:
             raise _c.ConnectionClosedError(FINISHED_OUTSIDE)
         if isinstance(outcome, _c.Error):
             self._check_retryable(outcome)
+        else:
+            self._locked_in_a_row = 0
         self._check_deadline(outcome)
-        return 0.0 if isinstance(outcome, int) else self._pause()
+        return self._pause()
+
+    def _check_in_use(self, error: _c.ThreadingViolationError) -> None:
+        """Another thread's call on the source (or target) connection is
+        waited for like a lock, but for IN_USE_LIMIT seconds at most: the
+        same error also means a call copy() itself runs inside (copy()
+        called from a callback of that connection), which never ends."""
+        if not self._in_use_in_a_row:
+            self._in_use_since = time.monotonic()
+        self._in_use_in_a_row += 1
+        if time.monotonic() - self._in_use_since > IN_USE_LIMIT:
+            raise _c.ThreadingViolationError(
+                f"copy() gave up: for {IN_USE_LIMIT:g} s the source or target "
+                "connection was in use by a call that had not returned (another "
+                "thread's, or one that copy() was called from, e.g. in a "
+                f"callback); {self._left_as()}. Let that call finish first, or "
+                f"give copy() a path so it uses a connection of its own. ({error})"
+            ) from error
+        self._waits += 1
+        self._count_locked()
+
+    def settle(self) -> None:
+        """Put the complete copy in its final journal mode and close it."""
+        self._dst.settle(self._opts.keep_wal)
+        self._src.close()
+
+    def verify(self) -> None:
+        """Hand the finished copy's path to the verify callable, if any."""
+        if self._opts.verify is not None:
+            self._opts.verify(self._dst.work_file)
+
+    def publish(self) -> None:
+        """Put a new copy in place under the target's name."""
+        self._dst.publish()
 
     def result(self) -> CopyResult:
         """The result of the completed copy."""
-        sql = f"PRAGMA {_quoted(self._opts.target_name)}.page_size"
-        page_size = int(self._target.execute(sql).fetchall()[0][0] or 0)
         return CopyResult(
             pages=self._pages,
             steps=self._steps,
-            restarts=self._backup.restarts,
+            restarts=self._restarts_so_far(),
             elapsed=time.monotonic() - self._start,
-            page_size=page_size,
-            bytes=self._pages * page_size,
+            page_size=self._page_size,
+            bytes=self._pages * self._page_size,
             waits=self._waits,
-            snapshot=self._held,
+            snapshot=self._src.snapshot,
+            wal_growth=max(0, self._wal_max - self._wal_start),
+            path=self._dst.path,
         )
+
+    def _read_page_size(self) -> int:
+        conn = self._dst.conn
+        if conn is None:
+            return 0
+        sql = f"PRAGMA {_quoted(self._dst.schema)}.page_size"
+        return int(conn.execute(sql).fetchall()[0][0] or 0)
+
+    def _restarts_so_far(self) -> int:
+        current = self._backup.restarts if self._backup is not None else 0
+        return self._restarts + current
 
     def _check_retryable(self, error: _c.Error) -> None:
         if not isinstance(error, (_c.BusyError, _c.LockedError)):
-            raise error
+            raise self._final(error)
         # The step's message already names the transaction and the cure.
-        if self._source.txn_state(self._opts.name) == _c.SQLITE_TXN_WRITE:
+        try:
+            own_write = self._src.conn.txn_state(self._src.schema)
+        except _c.ThreadingViolationError:
+            own_write = None  # another thread's call: asked again next time
+        if own_write == _c.SQLITE_TXN_WRITE:
             raise error
         self._waits += 1
+        self._count_locked()
+
+    def _final(self, error: _c.Error) -> _c.Error:
+        """A final step error, in copy()'s terms where the OS cause is known."""
+        if isinstance(error, _c.FullError):
+            return _renamed(
+                error,
+                f"the copy into {self._dst.file or 'the target'!r} ran out of space "
+                "(the target's disk is full, ENOSPC, or it reached its "
+                "max_page_count): free some space or copy to another disk; "
+                f"{self._left_as()}. SQLite said: {error}",
+            )
+        return error
+
+    def _left_as(self) -> str:
+        if self._dst.new is not None:
+            return "the new target was not created"
+        return "the target was rolled back to its previous content"
 
     def _elapsed(self) -> float:
         return time.monotonic() - self._start
@@ -254,17 +1004,19 @@ class _Copy:
             return
         last = outcome if isinstance(outcome, _c.Error) else None
         error = _c.BusyError(self._timeout_message())
-        error.result = error.extendedresult = _c.SQLITE_BUSY
-        raise error from last
+        raise _with_codes(error, _c.SQLITE_BUSY) from last
 
     def _timeout_message(self) -> str:
-        total, restarts = self._backup.page_count, self._backup.restarts
-        copied = total - self._backup.remaining
-        causes, cures = [], ["retry later or with a longer timeout"]
+        backup = self._backup
+        total = backup.page_count if backup is not None else 0
+        copied = total - backup.remaining if backup is not None else 0
+        restarts = self._restarts_so_far()
+        causes, cures = [], ["retry later or with a longer timeout (or None)"]
         if self._waits:
             causes.append(
                 f"the database was locked by another connection {_times(self._waits)} "
-                f"(retried every {self._opts.sleep} s)"
+                f"(retried after waits growing from {FIRST_WAIT * 1000:g} ms, every "
+                f"{self._opts.sleep} s once a lock lasted {LONG_LOCK:g} s)"
             )
             cures.insert(0, "end the other connection's long transaction")
         if restarts:
@@ -274,58 +1026,57 @@ class _Copy:
             )
             if self._opts.snapshot is False:
                 cures.insert(0, "use snapshot='auto' or True so it cannot restart")
+        if not causes:
+            causes.append(
+                "nothing was locked and the copy did not restart: it needed more "
+                "time than the timeout gave it"
+            )
         return (
-            f"copy() gave up after {self._elapsed():.2f} s (timeout="
-            f"{self._opts.timeout} s) with {copied} of {total} pages copied, and "
-            f"rolled the target back: {'; '.join(causes) or 'it was not finished'}. "
+            f"copy() gave up after {self._elapsed():.2f} s: its deadline passed "
+            f"(timeout={self._opts.timeout} s) with {copied} of {total} pages "
+            f"copied, and {self._left_as()}; {'; '.join(causes)}. "
             f"To finish it: {', or '.join(cures)}"
         )
 
+    def _count_locked(self) -> None:
+        if not self._locked_in_a_row:
+            self._locked_since = time.monotonic()
+        self._locked_in_a_row += 1
+
     def _pause(self) -> float:
-        """Seconds to sleep after a locked step: `sleep`, cut at the deadline."""
-        if self._opts.timeout is None:
-            return self._opts.sleep
-        return max(0.0, min(self._opts.sleep, self._opts.timeout - self._elapsed()))
+        """Seconds to wait before the next step, cut at the deadline.
+
+        None after a step that copied.  After a locked step: 1 ms, doubling
+        per locked step in a row up to SHORT_WAIT_MAX, for as long as the
+        lock has lasted less than LONG_LOCK -- another connection's commit
+        holds it for milliseconds, and a coarse wait would miss the moment
+        it is free (a copy under a writer committing every 2 ms then takes
+        seconds instead of milliseconds).  A lock that lasts longer is a long
+        transaction: then the wait is `sleep`.  Never more than `sleep`.
+        """
+        if not self._locked_in_a_row:
+            return 0.0
+        if time.monotonic() - self._locked_since < LONG_LOCK:
+            grown = FIRST_WAIT * 2.0 ** min(self._locked_in_a_row - 1, 30)
+            wait = min(self._opts.sleep, grown, SHORT_WAIT_MAX)
+        else:
+            wait = self._opts.sleep
+        if self._opts.timeout is not None:
+            wait = min(wait, self._opts.timeout - self._elapsed())
+        return max(0.0, wait)
 
     def _snapshot_due(self) -> bool:
         mode = self._opts.snapshot
-        if self._held or mode is False:
+        if mode is False or self._src.snapshot_done:
             return False
-        return mode is True or self._backup.restarts >= AUTO_SNAPSHOT_AFTER
-
-    def _take_snapshot(self) -> None:
-        """Hold a read transaction on the source so the copy cannot restart.
-
-        A transaction the source already has is left alone.  A lock that stops
-        the snapshot being read now is retried before the next step.
-        """
-        if not self._source.get_autocommit():
-            self._held = True
-            return
-        self._source.execute("BEGIN")
-        self._began = True
-        sql = f"SELECT count(*) FROM {_quoted(self._opts.name)}.sqlite_master"
-        try:
-            self._source.execute(sql).fetchall()
-        except (_c.BusyError, _c.LockedError):
-            self._end_snapshot()
-            return
-        self._held = True
-
-    def _end_snapshot(self) -> None:
-        if not self._began:
-            return
-        self._began = self._held = False
-        try:
-            if not self._source.get_autocommit():
-                self._source.execute("ROLLBACK")
-        except _c.ConnectionClosedError:
-            pass  # closing the source ended the transaction
+        if mode is True or self._sliced:
+            return True
+        return self._restarts_so_far() >= AUTO_SNAPSHOT_AFTER
 
 
 def copy(
-    source: Database,
-    target: Database,
+    source: Source,
+    target: Source,
     *,
     pages: int = -1,
     progress: Progress | None = None,
@@ -334,46 +1085,124 @@ def copy(
     sleep: float = 0.25,
     timeout: float | None = None,
     snapshot: Snapshot = "auto",
+    keep_wal: bool = False,
+    verify: Verify | None = None,
+    flush_every: int | None = FLUSH_EVERY,
 ) -> CopyResult:
     """Copy database `name` of `source` into `target_name` of `target`, online.
 
-    source, target: a Connection, or a path; a path source is opened read-only
-    and must exist, a path target is created if need be; paths are opened and
-    closed here, Connections are left open.
-    pages: pages per step; <= 0 copies everything in one step.
+    source: an apsw_backup.Connection, a path, or a standard-library
+    sqlite3.Connection of a file database (copied from its file through a
+    connection of copy()'s own: its uncommitted changes are not in the copy,
+    and its own open transaction locks the copy out as any other
+    connection's would; one in memory raises TypeError).  A path source is
+    opened read-only and must exist.
+    target: an apsw_backup.Connection or a path (or a sqlite3.Connection of
+    a file, taken as that file's path).  A path that does not exist is
+    written to a temporary file beside it (``<name>.apsw-backup-<pid>-
+    <token>.partial``) and renamed into place once complete, verified and
+    fsynced (the folder too): the target either does not exist or is the
+    complete copy, even if the process is killed; a killed run's temporary
+    files are removed by the next copy into that folder.  A target that
+    exists (a path or a Connection) is written through SQLite's own
+    transaction: other connections may have it open.  Connections are left
+    open; what copy() opened it closes.
+    pages: pages per step; <= 0 copies everything in one read of the
+    source: one step, or -- when the target is flushed as the copy goes
+    (flush_every) and snapshot is not False -- slices of flush_every bytes
+    read under a snapshot held from the first to the last, each reported to
+    progress like a step.
     progress: called as progress(status, remaining, total) after every step,
     as sqlite3.Connection.backup calls it: status is SQLITE_OK (0), SQLITE_DONE
     (101) for the last step, or the code of a step that found the database
-    locked (SQLITE_BUSY, SQLITE_LOCKED) or failed.  If it raises, the backup is
-    finished -- the target rolled back, unless the call was the last one
-    (SQLITE_DONE): the copy is complete by then -- and the exception comes out
-    unchanged.
-    sleep: seconds to wait before retrying a locked step.
+    locked (SQLITE_BUSY, SQLITE_LOCKED or an extended code of theirs) or
+    failed.  If it raises, the backup is finished -- the target rolled back,
+    unless the call was the last one (SQLITE_DONE): the copy is complete by
+    then; a new target is removed in every case -- and the exception comes
+    out unchanged.  By the SQLITE_DONE call the backup and the snapshot have
+    ended, so the callback may use both connections.
+    sleep: the longest wait before retrying a locked step.  Unlike the
+    standard library (which sleeps `sleep` after every locked step), copy()
+    waits 1 ms after the first locked step in a row and doubles the wait
+    after each further one, up to `sleep`, so it takes the lock soon after
+    it is free.
     timeout: seconds the whole copy may take (None: no limit).  Past it the
-    copy gives up with BusyError, whose message says why (a lock, restarts);
-    the target is rolled back.
+    copy gives up with BusyError, whose message says the deadline passed and
+    why (a lock, restarts, or neither); the target is rolled back.
     snapshot: "auto" holds a read transaction on the source once the copy has
     restarted AUTO_SNAPSHOT_AFTER (3) times, True from the start, False never.
     The snapshot stops the copy restarting, so it finishes; in WAL mode other
     connections keep committing meanwhile, in rollback-journal mode their
-    commits wait for it (give them a busy timeout).  A transaction the source
+    commits wait for it (give them a busy timeout; a write from the progress
+    callback cannot wait and fails with BusyError).  The snapshot is always
+    taken on a read-only connection of copy()'s own (for a Connection
+    source, a second connection to its file, from which the copy then
+    continues), never on the caller's connection: its writes are never
+    caught in copy()'s transaction.  A read transaction the source
     connection already has is used as it is and left open.
+    keep_wal: a copy of a WAL source is itself a WAL database; by default a
+    target copy() opened itself is switched back to rollback-journal mode so
+    the copy is one self-contained file (an existing target that was in WAL
+    mode before stays in WAL mode).  keep_wal=True leaves it in WAL mode.  A
+    Connection target is left as SQLite leaves it.
+    verify: called as verify(path) with the finished copy's file -- for a new
+    target the temporary file, before it is renamed into place -- with no
+    connection of copy()'s open on it.  Its return value is ignored; if it
+    raises, the exception comes out unchanged (a new target is removed
+    first and never appears; an existing target keeps the complete copy).
+    flush_every: bytes (default 2 MiB) the target file may grow by before
+    copy() has them written out to the disk (on Linux sync_file_range,
+    waiting for the slice before; elsewhere fdatasync), with a 1 MiB page
+    cache on the target so the copied pages reach the file as it goes: a
+    copy then never queues more than about two slices of dirty data in
+    front of other processes' fsyncs on the same disk (a live database's
+    commits keep their latency).  Durability is still the final commit's
+    fsync (and, for a new target, its own and its folder's).  For path targets
+    (new or existing); a Connection target is left alone.  None or 0: no
+    flushing, the copy is written out by its final commit.  A failed flush
+    is an IOError (SQLITE_IOERR_WRITE); the target is left as on any error.
+
+    Before anything is created, every argument is checked, and a target
+    that is the source's own file or one of its side files (-wal, -shm,
+    -journal) is refused with ValueError (files.check_distinct).  A path
+    the OS refuses raises CantOpenError naming the cause and the cure.
 
     Raises BusyError at once, naming the transaction and the cure, if the
-    source connection has its own open write transaction.  Other errors of
-    Backup.step() are final.  In every case the backup is finished first.
+    source connection has its own open write transaction.  Every BUSY or
+    LOCKED answer, extended codes included (SQLITE_BUSY_RECOVERY: Backup.step
+    itself begins afresh), is retried after the growing waits; other errors
+    of Backup.step() are final.  In every case the backup is finished first.  A successful copy leaves
+    nothing beside the target or a path source (no -wal, -shm, -journal, no
+    temporary files).
     """
-    options = _Options(pages, progress, name, target_name, sleep, timeout, snapshot)
-    with closing(_Copy(source, target, options)) as job:
+    options = _Options(
+        pages,
+        progress,
+        name,
+        target_name,
+        sleep,
+        timeout,
+        snapshot,
+        keep_wal,
+        verify,
+        flush_every,
+    )
+    job = _Copy(source, target, options)
+    try:
         while (wait := job.react(job.step())) is not None:
             if wait:
                 time.sleep(wait)
+        job.settle()
+        job.verify()
+        job.publish()
         return job.result()
+    finally:
+        job.close()
 
 
 async def acopy(
-    source: Database,
-    target: Database,
+    source: Source,
+    target: Source,
     *,
     pages: int = -1,
     progress: Progress | None = None,
@@ -382,23 +1211,79 @@ async def acopy(
     sleep: float = 0.25,
     timeout: float | None = None,
     snapshot: Snapshot = "auto",
+    keep_wal: bool = False,
+    verify: Verify | None = None,
+    flush_every: int | None = FLUSH_EVERY,
 ) -> CopyResult:
     """copy() as a coroutine: the same arguments, behaviour and result.
 
-    Steps run in the event loop's default executor, so the loop stays free;
-    progress is called in the loop's thread.  A cancelled task waits for the
-    step in flight (it holds the backup), finishes the backup -- the target
-    rolled back -- and re-raises CancelledError.
+    Steps, verify and the final fsync and rename run in the event loop's
+    default executor, so the loop stays free; progress is called in the
+    loop's thread.  A cancelled task waits for the call in flight (a step,
+    verify, or the rename), then finishes the backup and re-raises
+    CancelledError.  The target then holds its old content (a new target
+    does not exist), or the complete copy when the cancellation arrived
+    while or after the last step completed and the target existed (or, for
+    a new target, while it was being renamed into place).  Never a partial
+    copy.
     """
-    options = _Options(pages, progress, name, target_name, sleep, timeout, snapshot)
-    with closing(_Copy(source, target, options)) as job:
-        while (wait := job.react(await _off_loop(job.step))) is not None:
+    import asyncio  # here: importing it costs a CLI run ~25 ms
+
+    options = _Options(
+        pages,
+        progress,
+        name,
+        target_name,
+        sleep,
+        timeout,
+        snapshot,
+        keep_wal,
+        verify,
+        flush_every,
+    )
+    job = _Copy(source, target, options)
+    try:
+        while True:
+            # Steps run in batches of a few ms in the worker (see
+            # _Copy.steps); each is reported here, in order, as copy() would.
+            batch = await _off_loop(lambda: job.steps(BATCH_SECONDS))
+            for i, (outcome, remaining, total) in enumerate(batch):
+                if i and _cancel_requested():
+                    # Met here, as unbatched it would be met before the
+                    # next step: the steps after it are never reported.
+                    await asyncio.sleep(0)
+                wait = job.react(outcome, (remaining, total))
+                if wait is None:
+                    break
+            if wait is None:
+                break
             await asyncio.sleep(wait)
+        job.settle()
+        await _off_loop(job.verify)
+        await _off_loop(job.publish)
         return job.result()
+    finally:
+        job.close()
+
+
+def _cancel_requested() -> bool:
+    """Whether the current task may have a cancellation waiting (True when
+    unsure: the caller then yields once to let it arrive)."""
+    import asyncio
+
+    task = asyncio.current_task()
+    if task is None:
+        return False
+    cancelling = getattr(task, "cancelling", None)  # Python 3.11+
+    if cancelling is not None:
+        return bool(cancelling())
+    return bool(getattr(task, "_must_cancel", True))  # 3.10's Task
 
 
 async def _off_loop(func: Callable[[], T]) -> T:
     """func() in the default executor; cancelled, it lets func end first."""
+    import asyncio
+
     future = asyncio.get_running_loop().run_in_executor(None, func)
     try:
         return await asyncio.shield(future)
@@ -409,6 +1294,8 @@ async def _off_loop(func: Callable[[], T]) -> T:
 
 async def _wait_out(future: asyncio.Future[T]) -> None:
     """Wait until future is done, whatever further cancellations arrive."""
+    import asyncio
+
     while not future.done():
         try:
             await asyncio.wait({future})

@@ -93,11 +93,16 @@ typedef struct {
 struct Connection {
     PyObject_HEAD
     ModuleState *state;
-    sqlite3 *db;       /* NULL before __init__ and once closed */
-    int inuse;         /* calls inside SQLite now (GIL released); a
-                        * count, as a collected Backup may finish
-                        * while another thread uses the source */
+    sqlite3 *db;                   /* NULL before __init__ and once closed */
+    int inuse;                     /* calls inside SQLite now (GIL released); a
+                                    * count, as a collected Backup may finish
+                                    * while another thread uses the source */
     unsigned long fork_generation; /* fork_generation when opened */
+    /* Device and inode of the main database file, taken when it was
+     * opened: the file the handle uses, whatever later becomes of its
+     * name (renamed, replaced).  main_known is 0 for memory databases. */
+    int main_known;
+    unsigned long long main_dev, main_ino;
     Backup *locked_by; /* unfinished backup writing into us */
     Cursor *cursors;   /* open cursors (borrowed, intrusive list) */
     Backup *sources;   /* unfinished backups reading from us */
@@ -132,6 +137,7 @@ struct Backup {
     Connection *dest;            /* strong; NULL once finished */
     Connection *source;          /* strong; NULL once finished */
     Backup *src_prev, *src_next; /* links in source->sources */
+    Backup *pending_next;        /* in the list of deferred finishes */
     PyObject *dest_name;
     PyObject *source_name;
     PyObject *repr_names; /* "source -> dest" text kept for repr */
@@ -164,6 +170,8 @@ void call_enter(void *object, int *inuse);
 void call_leave(int *inuse);
 int in_call_here(const void *object);
 int in_any_call_here(void);
+int call_depth_here(void);
+int calls_here_count(const void *object);
 /* Sleep about `*wait_us` microseconds with the GIL released, then double
  * it (capped at 5 ms): the wait for another thread's call to end. */
 void wait_a_little(long *wait_us);
@@ -200,7 +208,9 @@ extern PyType_Spec backup_spec;
 PyObject *backup_create(Connection *dest, PyObject *dest_name,
                         Connection *source, PyObject *source_name);
 int backup_finish_internal(Backup *self);
-int backup_claimable(Backup *self);
-int backup_refuse_reentrant(Backup *self);
+int backup_finish_allowed(Backup *self, Connection *closing);
+void backup_forget(Backup *self);
+extern Backup *pending_finishes;
+void backup_finish_pending(void);
 
 #endif /* APSW_BACKUP_H */

@@ -112,16 +112,37 @@ schema_file(sqlite3 *db, const char *name)
     return file;
 }
 
-/* Whether two database file names are one file (device and inode). */
+/* Device and inode of schema `name` of c: for main, as recorded when the
+ * connection opened its file (a connection keeps the file it opened,
+ * whatever later happens to the name); for others, of the name now. */
 static int
-same_file(const char *a, const char *b)
+schema_file_id(Connection *c, const char *name, unsigned long long *dev,
+               unsigned long long *ino)
 {
-    struct stat sa, sb;
-    if (a == NULL || b == NULL || !a[0] || !b[0] || stat(a, &sa) != 0
-        || stat(b, &sb) != 0) {
+    struct stat st;
+    if (strcmp(name, "main") == 0 && c->main_known) {
+        *dev = c->main_dev;
+        *ino = c->main_ino;
+        return 1;
+    }
+    const char *fn = sqlite3_db_filename(c->db, name);
+    if (fn == NULL || !fn[0] || stat(fn, &st) != 0) {
         return 0;
     }
-    return sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino;
+    *dev = (unsigned long long)st.st_dev;
+    *ino = (unsigned long long)st.st_ino;
+    return 1;
+}
+
+/* Whether two schemas are one file (device and inode). */
+static int
+same_file(Connection *dest, const char *dname, Connection *source,
+          const char *sname)
+{
+    unsigned long long ddev, dino, sdev, sino;
+    return schema_file_id(dest, dname, &ddev, &dino)
+           && schema_file_id(source, sname, &sdev, &sino) && ddev == sdev
+           && dino == sino;
 }
 
 /* Page size and WAL flag from a database file's 100-byte header (read
@@ -153,7 +174,8 @@ pragma_int(sqlite3 *db, const char *schema, const char *pragma)
     char *sql = sqlite3_mprintf("PRAGMA \"%w\".%s", schema, pragma);
     int value = -1;
     sqlite3_stmt *stmt = NULL;
-    if (sql != NULL && sqlite3_prepare_v2(db, sql, -1, &stmt, NULL) == SQLITE_OK
+    if (sql != NULL
+        && sqlite3_prepare_v2(db, sql, -1, &stmt, NULL) == SQLITE_OK
         && stmt != NULL && sqlite3_step(stmt) == SQLITE_ROW) {
         value = sqlite3_column_int(stmt, 0);
     }
@@ -162,23 +184,108 @@ pragma_int(sqlite3 *db, const char *schema, const char *pragma)
     return value;
 }
 
-enum { PAIR_OK, PAIR_SHARED_CACHE, PAIR_SAME_FILE };
+enum {
+    PAIR_OK,
+    PAIR_SHARED_CACHE,
+    PAIR_SAME_FILE,
+    PAIR_SAME_NAME,
+    PAIR_DEST_STATEMENT
+};
+
+/* Whether any schema of dest reads through `file` (the source's pager):
+ * an attached shared cache too -- at the end of a copy SQLite resets every
+ * schema of the destination, entering each one's BtShared mutex, and the
+ * source's is held by the step itself (a self-deadlock).  The schemas are
+ * listed by PRAGMA database_list: dest is not yet a backup's destination,
+ * and the pragma takes no lock and ends no transaction. */
+static int
+dest_shares_pager(sqlite3 *dest, sqlite3_file *file)
+{
+    sqlite3_stmt *stmt = NULL;
+    int shared = 0;
+    if (file == NULL
+        || sqlite3_prepare_v2(dest, "PRAGMA database_list", -1, &stmt, NULL)
+               != SQLITE_OK) {
+        return 0;
+    }
+    while (!shared && sqlite3_step(stmt) == SQLITE_ROW) {
+        const char *name = (const char *)sqlite3_column_text(stmt, 1);
+        shared = name != NULL && schema_file(dest, name) == file;
+    }
+    sqlite3_finalize(stmt);
+    return shared;
+}
+
+/* The VFS a schema of db uses, or NULL. */
+static sqlite3_vfs *
+schema_vfs(sqlite3 *db, const char *name)
+{
+    sqlite3_vfs *vfs = NULL;
+    if (sqlite3_file_control(db, name, SQLITE_FCNTL_VFS_POINTER, &vfs)
+        != SQLITE_OK) {
+        return NULL;
+    }
+    return vfs;
+}
+
+/* Two schemas with one name in one VFS that names no file (the memdb VFS
+ * shares "/name" between connections): one database. */
+static int
+same_named_database(sqlite3 *dest, const char *dname, const char *dfn,
+                    sqlite3 *source, const char *sname, const char *sfn)
+{
+    struct stat st;
+    if (dfn == NULL || sfn == NULL || !dfn[0] || strcmp(dfn, sfn) != 0
+        || stat(dfn, &st) == 0) {
+        return 0;
+    }
+    sqlite3_vfs *vfs = schema_vfs(dest, dname);
+    return vfs != NULL && vfs == schema_vfs(source, sname);
+}
+
+/* A statement of dest still running (a cursor not read to the end): when
+ * it is finalized -- close() or garbage collection of its cursor, which the
+ * destination lock cannot stop -- SQLite, in autocommit mode, commits every
+ * schema with a write transaction: the backup's partial copy too. */
+static int
+dest_statement_running(sqlite3 *dest)
+{
+    for (sqlite3_stmt *stmt = sqlite3_next_stmt(dest, NULL); stmt != NULL;
+         stmt = sqlite3_next_stmt(dest, stmt)) {
+        if (sqlite3_stmt_busy(stmt)) {
+            return 1;
+        }
+    }
+    return 0;
+}
 
 /* Checks made with the GIL released (they may wait for SQLite's mutexes,
  * or for the file system), before sqlite3_backup_init: whether the pair
  * can work at all, and what the page-size message may need later. */
 static int
-check_pair(Backup *self, sqlite3 *dest, const char *dname, sqlite3 *source,
-           const char *sname)
+check_pair(Backup *self, Connection *dconn, const char *dname,
+           Connection *sconn, const char *sname)
 {
+    sqlite3 *dest = dconn->db, *source = sconn->db;
     sqlite3_file *df = schema_file(dest, dname);
-    if (df != NULL && df == schema_file(source, sname)) {
+    sqlite3_file *sf = schema_file(source, sname);
+    if (df != NULL && df == sf) {
         /* One pager: SQLite's step would wait on itself, forever. */
         return PAIR_SHARED_CACHE;
     }
+    if (dest_shares_pager(dest, sf)) {
+        return PAIR_SHARED_CACHE;
+    }
     const char *dfn = sqlite3_db_filename(dest, dname);
-    if (same_file(dfn, sqlite3_db_filename(source, sname))) {
+    const char *sfn = sqlite3_db_filename(source, sname);
+    if (same_file(dconn, dname, sconn, sname)) {
         return PAIR_SAME_FILE;
+    }
+    if (same_named_database(dest, dname, dfn, source, sname, sfn)) {
+        return PAIR_SAME_NAME;
+    }
+    if (dest_statement_running(dest)) {
+        return PAIR_DEST_STATEMENT;
     }
     self->dest_in_memory = dfn == NULL || dfn[0] == '\0';
     if (self->dest_in_memory) {
@@ -205,12 +312,31 @@ refuse_pair(Backup *self, int pair)
                      "another database",
                      self->repr_names);
     }
-    else {
+    else if (pair == PAIR_SAME_FILE) {
         PyErr_Format(PyExc_ValueError,
                      "cannot back up %U: the source and destination are the "
                      "same database file, so the copy could never finish. "
                      "Back up into another file",
                      self->repr_names);
+    }
+    else if (pair == PAIR_SAME_NAME) {
+        PyErr_Format(PyExc_ValueError,
+                     "cannot back up %U: the source and destination are the "
+                     "same database (one name in one VFS, as the memdb VFS "
+                     "shares it between connections), so the copy could never "
+                     "finish. Back up into another database",
+                     self->repr_names);
+    }
+    else {
+        raise_error_format(
+            self->state, SQLITE_ERROR,
+            "destination database is in use: a statement of the destination "
+            "connection is still running (a cursor that was not read to the "
+            "end); when it ends, SQLite would commit the backup's partial "
+            "copy. "
+            "Read the cursor to the end or close it, then start the backup "
+            "(%U)",
+            self->repr_names);
     }
     return NULL;
 }
@@ -257,7 +383,7 @@ backup_create(Connection *dest, PyObject *dest_name, Connection *source,
     call_enter(dest, &dest->inuse);
     call_enter(source, &source->inuse);
     Py_BEGIN_ALLOW_THREADS
-    pair = check_pair(self, dest->db, dname, source->db, sname);
+    pair = check_pair(self, dest, dname, source, sname);
     if (pair == PAIR_OK) {
         backup = sqlite3_backup_init(dest->db, dname, source->db, sname);
     }
@@ -313,9 +439,10 @@ page_size_trap_message(Backup *self, const char *sname)
     if (source_size <= 0 || source_size == self->dest_page_size) {
         Py_RETURN_NONE;
     }
-    PyObject *dest_size = self->dest_page_size > 0
-                              ? PyUnicode_FromFormat("%d", self->dest_page_size)
-                              : PyUnicode_FromString("another size");
+    PyObject *dest_size =
+        self->dest_page_size > 0
+            ? PyUnicode_FromFormat("%d", self->dest_page_size)
+            : PyUnicode_FromString("another size");
     if (dest_size == NULL) {
         return NULL;
     }
@@ -492,7 +619,8 @@ static int
 sticky_lock_code(int rc)
 {
     int primary = rc & 0xff;
-    return (primary == SQLITE_BUSY || primary == SQLITE_LOCKED) && rc != primary;
+    return (primary == SQLITE_BUSY || primary == SQLITE_LOCKED)
+           && rc != primary;
 }
 
 static const char *
@@ -555,14 +683,15 @@ restart_backup(Backup *self, int rc)
     }
     self->backup = fresh;
     self->restarts++;
-    raise_error_format(self->state, rc,
-                       "backup step (%U): the database is locked (%s; extended "
-                       "code %d). SQLite keeps such an answer for the rest of a "
-                       "backup, so the copy was started again on a fresh "
-                       "backup (the destination rolled back to its previous "
-                       "content). The backup is still usable: call step() "
-                       "again later",
-                       self->repr_names, lock_code_cause(rc), rc);
+    raise_error_format(
+        self->state, rc,
+        "backup step (%U): the database is locked (%s; extended "
+        "code %d). SQLite keeps such an answer for the rest of a "
+        "backup, so the copy was started again on a fresh "
+        "backup (the destination rolled back to its previous "
+        "content). The backup is still usable: call step() "
+        "again later",
+        self->repr_names, lock_code_cause(rc), rc);
 }
 
 static PyObject *
@@ -600,6 +729,15 @@ backup_step(Backup *self, PyObject *const *args, Py_ssize_t nargs,
     Py_END_ALLOW_THREADS
 
     PyObject *result = NULL;
+    if (backup_forked(self)) {
+        /* A busy handler forked and this is the child: nothing more of the
+         * parent's SQLite state may be touched. */
+        if (!PyErr_Occurred()) {
+            raise_forked(self->state, "backup");
+        }
+        goto done;
+    }
+
     if (PyErr_Occurred()) {
         /* A callback (busy handler) raised: that is what the user sees. */
         goto done;
@@ -662,26 +800,74 @@ finish_error_message(Backup *self, int rc)
         self->source_name, self->dest_name, sqlite3_errstr(rc));
 }
 
-int
-backup_claimable(Backup *self)
+/* In a forked child: let go of a backup without calling SQLite, whatever
+ * state a vanished thread of the parent left it in (claimed, in use). */
+void
+backup_forget(Backup *self)
 {
-    return self->backup != NULL && !self->finishing && !self->inuse;
+    if (self->source != NULL) {
+        self->backup = NULL;
+        let_go(self);
+    }
 }
 
-int
-backup_refuse_reentrant(Backup *self)
+/* This thread's calls inside c, less the one call of `closing` (the
+ * Connection.close() asking, if any). */
+static int
+own_calls(Connection *c, Connection *closing)
 {
-    PyErr_Format(self->state->ThreadingViolationError,
-                 "cannot finish the backup (%U) from a callback running "
-                 "inside a call on it or on its connections (a busy handler, "
-                 "say): that call is still using them. Finish it after the "
-                 "call returns",
-                 self->repr_names);
-    return -1;
+    return calls_here_count(c) - (c != NULL && c == closing);
+}
+
+/* Whether this thread may finish self now -- the one rule for finish(),
+ * close(), __exit__ and both connections' close():
+ *   0: yes (nothing is inside self);
+ *   1: not yet: another thread is inside self (a step) or finishing it;
+ *      wait, then ask again;
+ *  -1: refused, ThreadingViolationError set: a callback of ours (a busy
+ *      handler, a destructor run by one of our calls) is asking while this
+ *      thread is inside self or one of its connections -- that call is
+ *      still using them -- or while it would have to wait for another
+ *      thread's call: a callback holds the SQLite mutex of the connection
+ *      whose callback it is, and the other thread may be waiting for it.
+ * `closing` is the connection whose close() asks (its own call is not a
+ * callback), or NULL. */
+int
+backup_finish_allowed(Backup *self, Connection *closing)
+{
+    ModuleState *st = self->state;
+    Connection *source = self->source, *dest = self->dest;
+
+    if (in_call_here(self) || own_calls(source, closing) > 0
+        || own_calls(dest, closing) > 0) {
+        PyErr_Format(st->ThreadingViolationError,
+                     "cannot finish the backup (%U) from a callback running "
+                     "inside a call on it or on its connections (a busy "
+                     "handler, say): that call is still using them. Finish it "
+                     "after the call returns",
+                     self->repr_names);
+        return -1;
+    }
+    int busy_here = self->inuse || self->finishing;
+    int in_callback = call_depth_here() > (closing != NULL);
+    if (in_callback
+        && (busy_here || source->inuse > (source == closing)
+            || dest->inuse > (dest == closing))) {
+        PyErr_Format(
+            st->ThreadingViolationError,
+            "cannot finish the backup (%U) from a callback (a busy "
+            "handler, say) while another thread is inside it or its "
+            "connections: it would wait for that thread, which may be "
+            "waiting for this one. Finish it after the callback "
+            "returns",
+            self->repr_names);
+        return -1;
+    }
+    return busy_here ? 1 : 0;
 }
 
 /* Finish now.  The caller owns self (a reference, or it is self's dealloc)
- * and has made sure no call is inside it (backup_claimable).  Waits for a
+ * and has made sure it may (backup_finish_allowed() answered 0).  Waits for a
  * connection busy in another thread if need be: SQLite's mutex serializes,
  * with the GIL released.  Unlocks the destination and drops both
  * references.  -1 with the error set when SQLite reported one.
@@ -740,21 +926,32 @@ finish_when_free(Backup *self)
         if (self->backup == NULL && !self->finishing) {
             return 0;
         }
-        if (in_call_here(self) || in_call_here(self->source)
-            || in_call_here(self->dest)) {
-            return backup_refuse_reentrant(self);
+        if (backup_forked(self)) {
+            /* A thread of the parent claimed it and is gone: never wait. */
+            return raise_forked(self->state, "backup"), -1;
         }
-        if (backup_claimable(self)) {
+        int allowed = backup_finish_allowed(self, NULL);
+        if (allowed < 0) {
+            return -1;
+        }
+        if (allowed == 0) {
             return backup_finish_internal(self);
         }
         wait_a_little(&wait_us);
     }
 }
 
+/* Unfinished (or being finished) and inherited through fork(). */
+static int
+backup_forked_open(Backup *self)
+{
+    return self->source != NULL && backup_forked(self);
+}
+
 static PyObject *
 backup_finish(Backup *self, PyObject *Py_UNUSED(ignored))
 {
-    if (self->backup != NULL && backup_forked(self)) {
+    if (backup_forked_open(self)) {
         return raise_forked(self->state, "backup");
     }
     if (finish_when_free(self) < 0) {
@@ -771,17 +968,18 @@ backup_close(Backup *self, PyObject *args, PyObject *kwds)
     if (parse_force(args, kwds, &force) < 0) {
         return NULL;
     }
-    if (self->backup != NULL && backup_forked(self)) {
+    if (backup_forked_open(self)) {
         if (!force) {
             return raise_forked(self->state, "backup");
         }
-        backup_finish_internal(self); /* lets go without calling SQLite */
+        backup_forget(self); /* lets go without calling SQLite */
         Py_RETURN_NONE;
     }
     if (finish_when_free(self) < 0) {
         /* A refusal is not an error of the finish: force does not hide
          * that the backup is still open. */
-        if (!force || PyErr_ExceptionMatches(self->state->ThreadingViolationError)) {
+        if (!force
+            || PyErr_ExceptionMatches(self->state->ThreadingViolationError)) {
             return NULL;
         }
         PyErr_Clear();
@@ -804,7 +1002,7 @@ backup_exit(Backup *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "OOO:__exit__", &etype, &evalue, &etb)) {
         return NULL;
     }
-    int res = self->backup != NULL && backup_forked(self)
+    int res = backup_forked_open(self)
                   ? (raise_forked(self->state, "backup"), -1)
                   : finish_when_free(self);
     if (res < 0) {
@@ -817,18 +1015,115 @@ backup_exit(Backup *self, PyObject *args)
     Py_RETURN_FALSE;
 }
 
+/* Deferred finishes (GIL-protected): Backups collected while a call was
+ * inside their source or destination.  Finishing then could wait for that
+ * call's SQLite mutex -- from a callback holding another one, or while the
+ * call's thread waits for the GIL: a deadlock -- so a stand-in Backup takes
+ * over the sqlite3_backup, the destination lock and the place in the
+ * source's list, and is finished once no call of ours is inside either
+ * connection (backup_finish_pending(), from call_leave()). */
+Backup *pending_finishes;
+
+static int
+defer_finish(Backup *self)
+{
+    ModuleState *st = self->state;
+    allocfunc alloc = (allocfunc)PyType_GetSlot(st->BackupType, Py_tp_alloc);
+    Backup *g = (Backup *)alloc(st->BackupType, 0);
+    if (g == NULL) {
+        return -1;
+    }
+    g->state = st;
+    g->backup = self->backup;
+    g->dest = self->dest;
+    g->source = self->source;
+    g->dest_name = Py_NewRef(self->dest_name);
+    g->source_name = Py_NewRef(self->source_name);
+    g->repr_names = Py_NewRef(self->repr_names);
+    g->sticky_rc = self->sticky_rc;
+    g->sticky_msg = self->sticky_msg ? Py_NewRef(self->sticky_msg) : NULL;
+    g->done = self->done;
+    g->restarts = self->restarts;
+    g->dest_in_memory = self->dest_in_memory;
+    g->dest_wal = self->dest_wal;
+    g->dest_page_size = self->dest_page_size;
+    g->dest->locked_by = g;
+    g->src_prev = self->src_prev;
+    g->src_next = self->src_next;
+    if (g->src_prev != NULL) {
+        g->src_prev->src_next = g;
+    }
+    else {
+        g->source->sources = g;
+    }
+    if (g->src_next != NULL) {
+        g->src_next->src_prev = g;
+    }
+    self->backup = NULL;
+    self->dest = self->source = NULL;
+    self->src_prev = self->src_next = NULL;
+    g->pending_next = pending_finishes; /* the list owns g's reference */
+    pending_finishes = g;
+    return 0;
+}
+
+void
+backup_finish_pending(void)
+{
+    static int draining;
+    if (draining) {
+        return;
+    }
+    draining = 1;
+    Backup **link = &pending_finishes;
+    while (*link != NULL) {
+        Backup *g = *link;
+        int finished = g->backup == NULL && !g->finishing;
+        if (!finished && (g->inuse || g->finishing || g->source->inuse
+                          || g->dest->inuse || backup_forked(g))) {
+            link = &g->pending_next; /* not yet (a forked child: never) */
+            continue;
+        }
+        *link = g->pending_next;
+        g->pending_next = NULL;
+        if (!finished) {
+            PyObject *et, *ev, *tb;
+            PyErr_Fetch(&et, &ev, &tb);
+            if (backup_finish_internal(g) < 0) {
+                PyErr_WriteUnraisable(g->repr_names);
+            }
+            PyErr_Restore(et, ev, tb);
+        }
+        Py_DECREF(g);
+        link = &pending_finishes; /* the GIL was released: read afresh */
+    }
+    draining = 0;
+}
+
 /* Finish from garbage collection or dealloc: nobody can be told, so an
  * error goes to sys.unraisablehook.  Nothing can be inside a call on self
- * here (a call owns a reference), and a forked child lets go of the
- * parent's backup without calling SQLite. */
+ * (a call owns a reference); if a call is inside one of its connections,
+ * the finish is deferred (above).  A forked child lets go of the parent's
+ * backup without calling SQLite. */
 static void
 finish_unraisable(Backup *self)
 {
     if (self->backup == NULL) {
         return;
     }
+    if (backup_forked(self)) {
+        backup_forget(self);
+        return;
+    }
     PyObject *et, *ev, *tb;
     PyErr_Fetch(&et, &ev, &tb);
+    if (self->source->inuse || self->dest->inuse) {
+        if (defer_finish(self) == 0) {
+            PyErr_Restore(et, ev, tb);
+            return;
+        }
+        PyErr_Clear(); /* no memory for the stand-in: finish now */
+    }
     if (backup_finish_internal(self) < 0) {
         PyErr_WriteUnraisable(self->repr_names);
     }
@@ -875,6 +1170,11 @@ backup_bool(Backup *self)
 static PyObject *
 backup_repr(Backup *self)
 {
+    if (self->backup == NULL && self->finishing) {
+        return PyUnicode_FromFormat(
+            "<apsw_backup.Backup %U: finishing in another call>",
+            self->repr_names);
+    }
     if (self->backup == NULL) {
         return PyUnicode_FromFormat("<apsw_backup.Backup %U: finished%s>",
                                     self->repr_names,

@@ -36,6 +36,11 @@ call_leave(int *inuse)
 {
     (*inuse)--;
     call_depth--;
+    if (call_depth == 0 && pending_finishes != NULL) {
+        /* This thread is in none of our calls now: a finish deferred while
+         * its connections were busy may be due. */
+        backup_finish_pending();
+    }
 }
 
 int
@@ -59,6 +64,25 @@ int
 in_any_call_here(void)
 {
     return call_depth > 0;
+}
+
+int
+call_depth_here(void)
+{
+    return call_depth;
+}
+
+int
+calls_here_count(const void *object)
+{
+    int count = 0;
+    if (object == NULL) {
+        return 0;
+    }
+    for (int i = 0; i < call_depth && i < MAX_CALL_DEPTH; i++) {
+        count += calls_here[i] == object;
+    }
+    return call_depth > MAX_CALL_DEPTH ? count + 1 : count;
 }
 
 void
@@ -100,12 +124,13 @@ install_fork_handler(void)
 PyObject *
 raise_forked(ModuleState *st, const char *what)
 {
-    PyErr_Format(st->ForkingViolationError,
-                 "This %s was opened before os.fork() and belongs to the "
-                 "parent process: using its SQLite state in the child would "
-                 "corrupt the parent's databases. Open a new Connection in the "
-                 "child (objects inherited this way are left alone, never "
-                 "closed or finished, when the child exits)",
-                 what);
+    PyErr_Format(
+        st->ForkingViolationError,
+        "This %s was opened before os.fork() and belongs to the "
+        "parent process: using its SQLite state in the child would "
+        "corrupt the parent's databases. Open a new Connection in the "
+        "child (objects inherited this way are left alone, never "
+        "closed or finished, when the child exits)",
+        what);
     return NULL;
 }

@@ -10,6 +10,7 @@
  */
 #include "apsw_backup.h"
 #include <structmember.h>
+#include <sys/stat.h>
 
 #define DEFAULT_FLAGS (SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE)
 
@@ -74,6 +75,13 @@ connection_exec(Connection *self, const char *sql)
     Py_BEGIN_ALLOW_THREADS
     rc = sqlite3_exec(self->db, sql, NULL, NULL, NULL);
     Py_END_ALLOW_THREADS
+    if (FORKED(self)) { /* a busy handler forked: the child's way out */
+        call_leave(&self->inuse);
+        if (!PyErr_Occurred()) {
+            raise_forked(self->state, "connection");
+        }
+        return -1;
+    }
     /* A busy handler's exception comes out even if SQLite got on. */
     int failed = rc != SQLITE_OK || PyErr_Occurred() != NULL;
     if (failed) {
@@ -211,7 +219,14 @@ connection_init(Connection *self, PyObject *args, PyObject *kwds)
         return -1;
     }
     self->open_flags = flags;
+    self->savepoint_level = 0;
     self->fork_generation = fork_generation;
+    struct stat main_stat;
+    self->main_known = fn != NULL && fn[0] && stat(fn, &main_stat) == 0;
+    self->main_dev =
+        self->main_known ? (unsigned long long)main_stat.st_dev : 0;
+    self->main_ino =
+        self->main_known ? (unsigned long long)main_stat.st_ino : 0;
     self->db = db;
     return 0;
 }
@@ -231,13 +246,15 @@ finish_source_backups(Connection *self)
     long wait_us = 50;
     while (self->sources != NULL) {
         Backup *b = self->sources;
-        while (b != NULL && !backup_claimable(b)) {
-            if (in_call_here(b)) {
-                /* Unreachable past close()'s guard; never swallowed. */
-                backup_refuse_reentrant(b);
-                return -2;
+        int allowed = 1;
+        for (; b != NULL; b = b->src_next) {
+            allowed = backup_finish_allowed(b, self);
+            if (allowed < 0) {
+                return -2; /* a refusal is never swallowed */
             }
-            b = b->src_next;
+            if (allowed == 0) {
+                break;
+            }
         }
         if (b == NULL) {
             wait_a_little(&wait_us);
@@ -270,10 +287,11 @@ finish_locking_backup(Connection *self)
     long wait_us = 50;
     while (self->locked_by != NULL) {
         Backup *b = self->locked_by;
-        if (in_call_here(b)) {
-            return backup_refuse_reentrant(b);
+        int allowed = backup_finish_allowed(b, self);
+        if (allowed < 0) {
+            return -1;
         }
-        if (!backup_claimable(b)) {
+        if (allowed > 0) {
             wait_a_little(&wait_us);
             continue;
         }
@@ -327,21 +345,48 @@ close_everything(Connection *self, int force)
     while (self->cursors != NULL) {
         cursor_close_internal(self->cursors);
     }
+    /* A cursor another thread let go of finalizes its statement outside
+     * our call (it left the list first): wait for it, or SQLite would find
+     * the statement unfinalized. */
+    long wait_us = 50;
+    while (self->inuse > 1) {
+        wait_a_little(&wait_us);
+    }
+    /* Taken out first: interrupt() from another thread (allowed on a busy
+     * connection) must never reach a handle being freed. */
     sqlite3 *db = self->db;
+    self->db = NULL;
     Py_BEGIN_ALLOW_THREADS
     rc = sqlite3_close(db);
     Py_END_ALLOW_THREADS
     if (rc != SQLITE_OK) {
         if (!force) {
             raise_db_error(self->state, db, rc);
+            self->db = db; /* still open */
             return -1;
         }
         Py_BEGIN_ALLOW_THREADS
         sqlite3_close_v2(db);
         Py_END_ALLOW_THREADS
     }
-    self->db = NULL;
     return 0;
+}
+
+/* In a forked child: let go of the parent's backups and cursors (none of
+ * them calls SQLite once forked), then of the handle. */
+static void
+forget_forked(Connection *self)
+{
+    while (self->locked_by != NULL) {
+        backup_forget(self->locked_by);
+    }
+    while (self->sources != NULL) {
+        backup_forget(self->sources);
+    }
+    while (self->cursors != NULL) {
+        cursor_close_internal(self->cursors);
+    }
+    self->db = NULL;
 }
 
 static PyObject *
@@ -356,8 +401,10 @@ connection_close(Connection *self, PyObject *args, PyObject *kwds)
         Py_RETURN_NONE;
     }
     if (FORKED(self) && force) {
-        /* The handle is the parent's: forget it without calling SQLite. */
-        self->db = NULL;
+        /* The handle is the parent's: forget it, and everything it owns,
+         * without calling SQLite -- nothing of the parent's may survive a
+         * later __init__ on this object. */
+        forget_forked(self);
         Py_RETURN_NONE;
     }
     GUARD(self, force ? CHECK_OPEN : CHECK_OPEN | CHECK_UNLOCKED);
@@ -539,6 +586,8 @@ connection_set_busy_timeout(Connection *self, PyObject *args, PyObject *kwds)
                                      &ms)) {
         return NULL;
     }
+    /* Converting "i" ran __index__, which may have closed or locked us. */
+    GUARD_ALL(self);
     int rc = sqlite3_busy_timeout(self->db, ms);
     if (rc != SQLITE_OK) {
         return raise_db_error(self->state, self->db, rc);

@@ -82,6 +82,12 @@ cursor_close_internal(Cursor *self)
     }
     self->prev = self->next = NULL;
     self->connection = NULL;
+    /* Nothing of self is touched once the GIL is released: a caller that
+     * reached us through the connection's list holds no reference, and
+     * another thread may free the cursor meanwhile. */
+    PyObject *sql = self->sql, *bindings = self->bindings, *many = self->many;
+    self->sql = self->bindings = self->many = NULL;
+    reset_state(self);
     if (stmt != NULL && !FORKED(connection)) {
         call_enter(connection, &connection->inuse);
         Py_BEGIN_ALLOW_THREADS
@@ -89,7 +95,9 @@ cursor_close_internal(Cursor *self)
         Py_END_ALLOW_THREADS
         call_leave(&connection->inuse);
     }
-    reset_state(self);
+    Py_XDECREF(sql);
+    Py_XDECREF(bindings);
+    Py_XDECREF(many);
     Py_DECREF(connection);
 }
 
@@ -308,6 +316,14 @@ prepare_next(Cursor *self)
         rc = sqlite3_prepare_v3(conn->db, tail, (int)(end - tail), 0, &stmt,
                                 &tail);
         Py_END_ALLOW_THREADS
+        if (FORKED(conn)) {
+            /* A busy handler forked: this is the child, and the handle,
+             * its mutex held by a thread of the parent, is not ours. */
+            if (!PyErr_Occurred()) { /* the callback's own, if any, first */
+                raise_forked(conn->state, "connection");
+            }
+            return -1;
+        }
         if (rc != SQLITE_OK || PyErr_Occurred()) {
             /* A busy handler that raised while the schema was read: its
              * exception comes out, even if SQLite got on without it. */
@@ -428,6 +444,14 @@ step_until_row(Cursor *self)
         Py_BEGIN_ALLOW_THREADS
         rc = sqlite3_step(stmt);
         Py_END_ALLOW_THREADS
+        if (FORKED(conn)) {
+            self->stmt = NULL; /* the parent's: never reset or finalized */
+            self->status = CURSOR_DONE;
+            if (!PyErr_Occurred()) {
+                raise_forked(conn->state, "connection");
+            }
+            return -1;
+        }
         if (PyErr_Occurred()) {
             /* The busy handler raised; SQLite may still have answered a row
              * (PRAGMA wal_checkpoint reports a declined wait as busy=1). */
@@ -457,7 +481,7 @@ cursor_advance(Cursor *self)
     call_enter(conn, &conn->inuse);
     int res = step_until_row(self);
     if (res < 0) {
-        if (self->stmt != NULL) {
+        if (self->stmt != NULL && !FORKED(conn)) {
             sqlite3_reset(self->stmt);
         }
         reset_state(self);
@@ -666,8 +690,7 @@ cursor_close(Cursor *self, PyObject *args, PyObject *kwds)
     /* Finalizing a statement another thread is stepping would free it
      * under that thread.  Inherited through fork(), force lets go without
      * calling SQLite. */
-    if (self->connection != NULL
-        && !(force && FORKED(self->connection))
+    if (self->connection != NULL && !(force && FORKED(self->connection))
         && connection_check(self->connection, CHECK_OPEN) < 0) {
         return NULL;
     }

@@ -36,10 +36,6 @@ print("SURVIVED")
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="A9: close() follows a borrowed Cursor across its finalize's GIL release: use after free",
-)
 def test_cursor_dropped_while_connection_close_finalizes_it(tmp_path):
     # Under the ASan build, ASan's allocator takes the place of debug malloc.
     env = (
@@ -87,10 +83,6 @@ print("SURVIVED")
 @pytest.mark.skipif(
     shutil.which("valgrind") is None or under_asan(),
     reason="needs valgrind (and not the ASan build)",
-)
-@pytest.mark.xfail(
-    strict=True,
-    reason="A11: interrupt() writes into the sqlite3 that close() is freeing (use after free)",
 )
 def test_interrupt_while_close_frees_the_handle():
     # The write happens inside libsqlite3, which ASan does not instrument:

@@ -32,10 +32,6 @@ def make(tmp_path):
     return s, d
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="A8: finalizing a destination cursor's live statement commits the partial copy",
-)
 @pytest.mark.parametrize("how", ["close", "del"])
 def test_destination_cursor_finalized_during_backup_keeps_old_content(tmp_path, how):
     s, d = make(tmp_path)

@@ -11,8 +11,6 @@ during restart_backup.  See /work/notes/attack-findings.md.
 import threading
 import time
 
-import pytest
-
 import apsw_backup as ab
 
 LONG = (
@@ -36,10 +34,6 @@ def wait_until(pred, bound=10):
         time.sleep(0.001)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="A12: repr says 'finished' while bool is True during a claimed finish",
-)
 def test_repr_and_bool_agree_during_another_threads_finish(tmp_path):
     src = ab.Connection(str(tmp_path / "s.db"))
     src.execute("CREATE TABLE t(x); INSERT INTO t VALUES (1)")

@@ -26,9 +26,6 @@ def run_child(code, tmp_path, timeout=30):
     )
 
 
-@pytest.mark.xfail(
-    strict=True, reason="A1: set_busy_timeout guards before __index__ runs: SIGSEGV"
-)
 def test_set_busy_timeout_index_closes_connection(tmp_path):
     proc = run_child(
         """
@@ -51,10 +48,6 @@ def test_set_busy_timeout_index_closes_connection(tmp_path):
     assert "REFUSED" in proc.stdout and "closed" in proc.stdout
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="A1: set_busy_timeout guards before __index__ runs: lock bypassed",
-)
 def test_set_busy_timeout_index_locks_connection(tmp_path):
     src = ab.Connection(str(tmp_path / "s.db"))
     src.execute("CREATE TABLE t(x); INSERT INTO t VALUES (1)")
@@ -76,10 +69,6 @@ def test_set_busy_timeout_index_locks_connection(tmp_path):
         src.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="A6: dest.close(force=True) from the source's busy handler finishes inside the source's call",
-)
 def test_close_force_of_destination_from_source_busy_handler_refused(tmp_path):
     sp = str(tmp_path / "s.db")
     s = ab.Connection(sp)
@@ -171,10 +160,6 @@ os._exit(0)
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="A7: finish from a busy handler waits for a mutex another thread holds while waiting for ours: deadlock",
-)
 def test_finish_from_busy_handler_cannot_deadlock(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-c", DEADLOCK, str(tmp_path)],
@@ -228,10 +213,6 @@ print("ALIVE", [t.is_alive() for t in (tt, tu, tv)], flush=True)
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="A13: sqlite3_errmsg with the GIL held waits for a mutex held by an unchecked finish: whole interpreter deadlocks",
-)
 def test_error_message_with_gil_cannot_deadlock_against_collected_backup(tmp_path):
     # The interleaving is the scheduler's: on the defect about 3 runs in 4
     # freeze; three clean runs in a row are needed.

@@ -36,10 +36,6 @@ def run_child(code, tmp_path, timeout=20):
         pytest.fail(f"hung for {timeout} s: {exc.stdout!r}")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="A4: dest ATTACHes the source's shared cache: step() self-deadlocks",
-)
 def test_destination_attached_source_shared_cache_refused(tmp_path):
     proc = run_child(
         """
@@ -65,10 +61,6 @@ def test_destination_attached_source_shared_cache_refused(tmp_path):
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="A5: memdb database shared by name is not seen as the same database",
-)
 def test_memdb_same_database_backup_refused():
     s = ab.Connection("file:/attack_a5?vfs=memdb", URI)
     d = ab.Connection("file:/attack_a5?vfs=memdb", URI)
@@ -81,10 +73,6 @@ def test_memdb_same_database_backup_refused():
         s.close(force=True)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="A5: copy() between two connections of one memdb database retries for ever",
-)
 def test_memdb_same_database_copy_does_not_spin(tmp_path):
     proc = run_child(
         """
@@ -104,10 +92,6 @@ def test_memdb_same_database_copy_does_not_spin(tmp_path):
     assert "REFUSED" in proc.stdout, proc.stdout + proc.stderr
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="A14: same-file check stats names at backup time: a renamed source file is missed",
-)
 def test_renamed_source_file_opened_as_destination_refused(tmp_path):
     import os
 
@@ -123,10 +107,6 @@ def test_renamed_source_file_opened_as_destination_refused(tmp_path):
         s.close(force=True)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="A14: same-file check stats names at backup time: a replaced file is refused wrongly",
-)
 def test_replaced_source_path_is_not_the_same_file(tmp_path):
     import os
 

@@ -63,9 +63,7 @@ class Recovery:
         self.proc.wait(BOUND)
 
 
-def test_step_after_busy_recovery_is_retryable_and_then_completes(
-    wal_source, tmp_path
-):
+def test_step_after_busy_recovery_is_retryable_and_then_completes(wal_source, tmp_path):
     src = apsw_backup.Connection(str(wal_source), apsw_backup.SQLITE_OPEN_READONLY)
     dst = apsw_backup.Connection(str(tmp_path / "dest.db"))
     recovery = Recovery(wal_source)

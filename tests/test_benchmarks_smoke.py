@@ -1,4 +1,4 @@
-"""The benchmark script runs end to end (benchmarks/run.py --quick).
+"""The benchmark runner runs every scenario end to end (run.py --quick).
 
 It checks that every scenario produces results, not how fast anything is:
 timing targets are judged by a full run on a quiet machine (see
@@ -13,7 +13,20 @@ from pathlib import Path
 import pytest
 
 RUN = Path(__file__).resolve().parents[1] / "benchmarks" / "run.py"
-SCENARIOS = {"s1", "s2", "s3", "s4", "s5", "s6"}
+SCENARIOS = {
+    "s1",
+    "s2",
+    "s3",
+    "s4",
+    "s5",
+    "s6",
+    "live_copy",
+    "wal_writer_latency",
+    "disk_gentle",
+    "journal_stall",
+    "wal_growth",
+    "cli_vs_shell",
+}
 
 
 @pytest.mark.heavy
@@ -42,9 +55,25 @@ def test_quick_benchmark_reports_every_scenario(tmp_path):
     for key in ("s1", "s2", "s3"):
         assert scenarios[key]["errors"] == {}
         assert {"apsw_backup", "stdlib"} <= set(scenarios[key]["contenders"])
+    s6 = scenarios["s6"]
     for mode in ("journal", "wal"):
         assert {"none", "apsw_backup"} <= set(scenarios["s4"]["modes"][mode])
         for contender in ("apsw_backup", "stdlib"):
+            assert contender in s6["modes"][mode], s6["errors"]
             assert scenarios["s6"]["modes"][mode][contender]["runs"] == 1
     assert scenarios["s5"]["errors"] == {}
+    for key in SCENARIOS - {"s1", "s2", "s3", "s4", "s5", "s6"}:
+        assert scenarios[key]["errors"] == {}, key
+    for mode in ("journal", "wal"):
+        cases = scenarios["live_copy"]["modes"][mode]
+        assert cases["copy pages=-1"]["runs"] == 1
+        assert cases["acopy pages=100"]["runs"] == 1
+    latency = scenarios["wal_writer_latency"]["cases"]
+    assert latency["none"]["commits"] > 0
+    assert latency["copy() defaults"]["copy_median_s"] > 0
+    assert scenarios["disk_gentle"]["cases"]["cp + fsync"]["commits"] >= 0
+    assert (
+        scenarios["journal_stall"]["cases"]["copy() defaults (pages=-1)"]["runs"] == 1
+    )
+    assert scenarios["cli_vs_shell"]["checks"]["integrity_check"]["median"] > 0
     assert "Targets" in proc.stdout

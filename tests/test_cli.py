@@ -5,43 +5,25 @@ is the same main()) with a timeout.  Databases are built and checked with the
 standard library's sqlite3.
 """
 
-import hashlib
 import json
 import os
-import pty
 import re
-import select
 import shutil
-import signal
 import sqlite3
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
+from cli_helpers import (
+    TIMEOUT,
+    Terminal,
+    digest,
+    json_of,
+    leftovers,
+    run,
+    wait_for,
+)
 from copy_helpers import make_source, make_target, query
-
-TIMEOUT = 60  # seconds any one command may take before it counts as a hang
-
-
-def digest(path):
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def command(*args):
-    return [sys.executable, "-m", "apsw_backup", *map(str, args)]
-
-
-def run(*args, text=True, **kwargs):
-    return subprocess.run(
-        command(*args),
-        capture_output=True,
-        text=text,
-        timeout=TIMEOUT,
-        check=False,
-        **kwargs,
-    )
 
 
 @pytest.fixture
@@ -96,7 +78,7 @@ def test_no_verify_reports_verified_null(source, tmp_path):
     assert json.loads(proc.stdout)["verified"] is None
 
 
-def test_progress_flag_draws_percent_pages_rate_eta_on_stderr(source, tmp_path):
+def test_progress_flag_draws_phase_percent_pages_rate_eta_on_stderr(source, tmp_path):
     proc = run("--progress", "--pages", "5", source, tmp_path / "dest.db", text=False)
 
     assert proc.returncode == 0, proc.stderr
@@ -104,32 +86,25 @@ def test_progress_flag_draws_percent_pages_rate_eta_on_stderr(source, tmp_path):
     assert stderr.startswith("\r")  # redrawn in place
     assert stderr.endswith("\n")
     assert stderr.count("\n") == 1
-    last = stderr.rstrip("\n").split("\r")[-1]
+    states = [s.strip() for s in stderr.rstrip("\n").split("\r")[1:]]
     pages = query(source, "PRAGMA page_count")[0][0]
-    assert re.match(rf"100\.0%  {pages}/{pages} pages  \d+\.\d MB/s  ETA 0:00", last)
+    assert re.fullmatch(
+        rf"copying  \d+\.\d%  5/{pages} pages(  \d+\.\d MB/s)?  ETA (\d+:\d\d|--)",
+        states[0],
+    )
+    assert re.fullmatch(
+        rf"copied  100\.0%  {pages}/{pages} pages(  \d+\.\d MB/s)?", states[-3]
+    )
+    assert re.fullmatch(r"verifying \d+\.\d s", states[-2])
+    assert re.fullmatch(
+        rf"done: {pages} pages \(\d+\.\d MB\)  verified  \d+\.\d\d s  0 restarts",
+        states[-1],
+    )
 
 
 def run_on_terminal(*args):
     """Run the command with stderr on a pseudo-terminal; (code, stderr)."""
-    primary, secondary = pty.openpty()
-    proc = subprocess.Popen(command(*args), stdout=subprocess.DEVNULL, stderr=secondary)
-    os.close(secondary)
-    chunks, deadline = [], time.monotonic() + TIMEOUT
-    try:
-        while time.monotonic() < deadline:
-            if select.select([primary], [], [], 0.1)[0]:
-                try:
-                    chunk = os.read(primary, 65536)
-                except OSError:  # EIO: the command closed the terminal
-                    break
-                if not chunk:
-                    break
-                chunks.append(chunk)
-        return proc.wait(TIMEOUT), b"".join(chunks).decode()
-    finally:
-        proc.kill()
-        proc.wait(TIMEOUT)
-        os.close(primary)
+    return Terminal(args).read_until_exit()
 
 
 @pytest.mark.parametrize(("flag", "shown"), [(None, True), ("--no-progress", False)])
@@ -176,7 +151,7 @@ def test_refuses_dest_that_is_the_source(source):
     before = digest(source)
     proc = run("--overwrite", source, source)
     assert proc.returncode == 2
-    assert "same file" in proc.stderr
+    assert "is SOURCE itself" in proc.stderr
     assert digest(source) == before
 
 
@@ -186,8 +161,7 @@ def test_missing_source_exits_1_naming_it_and_creates_no_file(tmp_path):
 
     assert proc.returncode == 1
     assert str(missing) in proc.stderr
-    assert "CantOpenError" in proc.stderr
-    assert "no such file" in proc.stderr
+    assert "no such file or directory (ENOENT)" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not missing.exists()
     assert sorted(os.listdir(tmp_path)) == []
@@ -227,7 +201,7 @@ def make_corrupt(path):
     return path
 
 
-def test_verification_failure_exits_3_and_says_so(tmp_path):
+def test_verification_failure_of_a_new_dest_exits_3_and_dest_never_appears(tmp_path):
     source = make_corrupt(tmp_path / "corrupt.db")
     dest = tmp_path / "dest.db"
     proc = run("--json", source, dest)
@@ -235,10 +209,27 @@ def test_verification_failure_exits_3_and_says_so(tmp_path):
     assert proc.returncode == 3
     assert "verification failed" in proc.stderr
     assert "missing from index ix" in proc.stderr
-    summary = json.loads(proc.stdout)
-    assert summary["verified"] is False
+    assert f"DEST '{dest}' was not created" in proc.stderr
+    assert "apsw-backup verify" in proc.stderr  # how to check SOURCE
+    summary = json_of(proc)
+    assert summary["exit_code"] == 3
+    assert summary["dest_state"] == "not created"
     assert any("missing from index ix" in line for line in summary["integrity"])
-    assert dest.exists()  # kept for inspection
+    assert not dest.exists()
+    assert leftovers(tmp_path) == ["corrupt.db"]
+
+
+def test_verification_failure_of_an_existing_dest_says_it_holds_the_failed_copy(
+    tmp_path,
+):
+    source = make_corrupt(tmp_path / "corrupt.db")
+    dest = make_target(tmp_path / "dest.db")
+    proc = run("--json", "--overwrite", source, dest)
+
+    assert proc.returncode == 3
+    assert f"DEST '{dest}' holds the copy that failed verification" in proc.stderr
+    assert json_of(proc)["dest_state"] == "failed verification"
+    assert query(dest, "SELECT count(*) FROM t") == [(50,)]  # the copy is there
 
 
 def test_no_verify_skips_the_check_of_a_damaged_copy(tmp_path):
@@ -246,106 +237,6 @@ def test_no_verify_skips_the_check_of_a_damaged_copy(tmp_path):
     proc = run("--no-verify", source, tmp_path / "dest.db")
     assert proc.returncode == 0, proc.stderr
     assert "not verified" in proc.stdout
-
-
-def full_pipe():
-    """A pipe whose buffer is already full: the first write to it blocks."""
-    read_end, write_end = os.pipe()
-    os.set_blocking(write_end, False)
-    try:
-        while True:
-            os.write(write_end, b"x" * 4096)
-    except BlockingIOError:
-        pass
-    os.set_blocking(write_end, True)
-    return read_end, write_end
-
-
-def wait_for(predicate, what):
-    deadline = time.monotonic() + TIMEOUT
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
-
-
-def interrupt(proc, read_end):
-    """SIGINT proc, then drain its stderr (read_end) until it exits."""
-    proc.send_signal(signal.SIGINT)
-    chunks = []
-    while chunk := os.read(read_end, 65536):
-        chunks.append(chunk)
-    proc.wait(TIMEOUT)
-    return b"".join(chunks).decode(errors="replace")
-
-
-@pytest.mark.parametrize("dest_exists", [True, False])
-def test_sigint_mid_copy_exits_130_and_leaves_dest_as_it_was(tmp_path, dest_exists):
-    # The progress line goes to a pipe that is already full, so the command
-    # stops in its first progress call: after the first step has copied
-    # pages into DEST's open transaction, before the copy is complete.
-    source = make_source(tmp_path / "source.db", rows=400, blob=1000)
-    dest = tmp_path / "dest.db"
-    if dest_exists:
-        make_target(dest)
-        before = digest(dest)
-    journal = tmp_path / "dest.db-journal"
-    read_end, write_end = full_pipe()
-    try:
-        proc = subprocess.Popen(
-            command("--progress", "--overwrite", "--pages", "10", source, dest),
-            stdout=subprocess.DEVNULL,
-            stderr=write_end,
-        )
-        os.close(write_end)
-        try:
-            wait_for(journal.exists, "the first step to open DEST's transaction")
-            time.sleep(0.1)
-            stderr = interrupt(proc, read_end)
-        finally:
-            proc.kill()
-            proc.wait(TIMEOUT)
-    finally:
-        os.close(read_end)
-
-    assert proc.returncode == 130
-    assert "interrupted" in stderr
-    assert "Traceback" not in stderr
-    assert not journal.exists()
-    if dest_exists:
-        assert digest(dest) == before
-        assert query(dest, "SELECT note FROM old") == [("old content",)]
-    else:
-        assert not dest.exists()
-
-
-def test_sigint_while_waiting_for_a_locked_source_removes_new_dest(tmp_path):
-    source = make_source(tmp_path / "source.db")
-    dest = tmp_path / "dest.db"
-    locker = sqlite3.connect(str(source), isolation_level=None)
-    locker.execute("BEGIN EXCLUSIVE")
-    try:
-        proc = subprocess.Popen(
-            command("--sleep", "0.05", source, dest),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        try:
-            wait_for(dest.exists, "DEST to be opened")
-            time.sleep(0.3)  # a few retries
-            proc.send_signal(signal.SIGINT)
-            stdout, stderr = proc.communicate(timeout=TIMEOUT)
-        finally:
-            proc.kill()
-            proc.wait(TIMEOUT)
-    finally:
-        locker.execute("COMMIT")
-        locker.close()
-
-    assert proc.returncode == 130
-    assert "interrupted" in stderr
-    assert stdout == ""
-    assert not dest.exists()
 
 
 def test_timeout_on_a_locked_source_exits_1_and_removes_new_dest(tmp_path):
@@ -362,7 +253,11 @@ def test_timeout_on_a_locked_source_exits_1_and_removes_new_dest(tmp_path):
     assert proc.returncode == 1
     assert "BusyError" in proc.stderr
     assert "gave up after" in proc.stderr
+    assert "SOURCE was locked by another connection" in proc.stderr
+    assert f"DEST '{dest}' was not created" in proc.stderr
+    assert "copy()" not in proc.stderr and "target" not in proc.stderr
     assert not dest.exists()
+    assert leftovers(tmp_path) == ["source.db"]
 
 
 WRITER = r"""
@@ -408,15 +303,29 @@ def test_backup_of_a_source_another_process_is_writing_to(tmp_path, journal):
     assert query(dest, "SELECT count(*) FROM t") == [(2000,)]
 
 
-def test_demo_backs_up_a_live_sample_and_verifies_it(tmp_path):
+def test_demo_backs_up_a_live_sample_shows_its_phases_and_keeps_its_files(tmp_path):
     proc = run("--demo", "--progress", cwd=tmp_path)
 
     assert proc.returncode == 0, proc.stderr
-    assert re.search(r"copied .*live\.db -> .*copy\.db: \d+ pages", proc.stdout)
+    found = re.search(
+        r"copied (\S+live\.db) -> (\S+live-\S+Z\.db): \d+ pages", proc.stdout
+    )
+    assert found, proc.stdout
     assert "integrity_check ok" in proc.stdout
-    assert "100.0%" in proc.stderr
     assert re.search(r"the writer committed [1-9]\d* times", proc.stderr)
-    assert os.listdir(tmp_path) == []  # everything lived in a temporary folder
+    # (text=True reads each \r, which begins a redraw, as a line end.)
+    states = [s.strip() for s in proc.stderr.splitlines()]
+    assert any(s.startswith("copying (restarted ") for s in states)
+    assert any(s.startswith("verifying ") for s in states)
+    assert any(s.startswith("done: ") for s in states)
+    # Every path it prints is there after it exits, in the folder it names.
+    source, backup = (tmp_path / found[1], tmp_path / found[2])
+    assert source.is_file() and backup.is_file()
+    (folder,) = os.listdir(tmp_path)
+    assert folder.startswith("apsw-backup-demo-")
+    assert str(folder) in proc.stderr
+    assert f"apsw-backup verify {backup.relative_to(tmp_path)}" in proc.stderr
+    assert run("verify", backup).returncode == 0
 
 
 def test_console_script_runs_the_same_command(source, tmp_path):
@@ -434,3 +343,48 @@ def test_console_script_runs_the_same_command(source, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["verified"] is True
+
+
+STATES = [
+    "DEST was not created",
+    "DEST was left as it was",
+    "DEST holds the complete copy, but it was not verified",
+    "DEST holds the complete, verified copy",
+]
+
+
+def test_exit_codes_and_dest_states_are_documented_in_help_docstring_and_readme():
+    from pathlib import Path
+
+    import apsw_backup.cli
+
+    help_text = run("--help").stdout
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    docstring = apsw_backup.cli.__doc__
+    for text in (help_text, docstring):
+        flat = " ".join(text.split())
+        for code in ("0 ", "1 ", "2 ", "3 ", "130 ", "143"):
+            assert f"\n  {code}" in text or f" {code}" in flat
+        for state in STATES:
+            assert state in flat, state
+    for code in ("`0`", "`1`", "`2`", "`3`", "`130`", "`143`"):
+        assert code in readme
+    for state in (
+        "was not created",
+        "was left as it was",
+        "not verified",
+        "complete, verified copy",
+    ):
+        assert state in readme
+
+
+def test_python_m_and_the_console_script_share_main():
+    # python -m apsw_backup runs apsw_backup.cli.main, the console script's
+    # entry point: the same arguments, output and exit codes.
+    from pathlib import Path
+
+    main = (Path(__file__).parent.parent / "apsw_backup" / "__main__.py").read_text()
+    assert "from apsw_backup.cli import main" in main
+    assert "raise SystemExit(main())" in main
+    pyproject = (Path(__file__).parent.parent / "pyproject.toml").read_text()
+    assert 'apsw-backup = "apsw_backup.cli:main"' in pyproject

@@ -349,7 +349,9 @@ def locked(source):
     locker.close()
 
 
-def test_locked_source_is_retried_every_sleep_until_released(source, tmp_path, locked):
+def test_locked_source_is_retried_after_growing_waits_then_every_sleep(
+    source, tmp_path, locked
+):
     dest = tmp_path / "dest.db"
     busy_times = []
 
@@ -358,22 +360,29 @@ def test_locked_source_is_retried_every_sleep_until_released(source, tmp_path, l
             busy_times.append(time.monotonic())
 
     def release_later():
-        time.sleep(0.5)
+        time.sleep(1.6)
         locked.execute("COMMIT")
 
     releaser = threading.Thread(target=release_later)
     releaser.start()
     try:
         result = bounded(
-            lambda: copy(source, dest, pages=50, sleep=0.05, progress=progress)
+            lambda: copy(source, dest, pages=50, sleep=0.15, progress=progress)
         )
     finally:
         releaser.join(BOUND)
 
     assert_same_rows(source, dest)
-    assert 5 <= len(busy_times) == result.waits
-    gaps = sorted(b - a for a, b in itertools.pairwise(busy_times))
-    assert 0.045 <= gaps[len(gaps) // 2] < 0.15
+    assert len(busy_times) == result.waits
+    start = busy_times[0]
+    gaps = [(a - start, b - a) for a, b in itertools.pairwise(busy_times)]
+    short = [gap for at, gap in gaps if at < 0.9]
+    long = [gap for at, gap in gaps if at > 1.1]
+    assert short[0] < 0.01  # 1 ms, then doubling...
+    assert short[:5] == sorted(short[:5])
+    assert sorted(short)[len(short) // 2] < 0.016 + 0.01  # ...to 16 ms while young
+    assert long
+    assert all(0.14 <= gap < 0.15 + 0.15 for gap in long)  # then every sleep
 
 
 def test_locked_source_with_timeout_gives_up_with_busy_error_after_about_timeout(

@@ -418,3 +418,24 @@ def test_ownership_note_lists_every_gil_release():
             if "Py_BEGIN_ALLOW_THREADS" in line and f"`{function}`" not in note:
                 missing.append(f"{name}:{function}")
     assert not missing, f"src/README.md does not cover {sorted(set(missing))}"
+
+
+def test_backup_collected_while_source_busy_is_finished_when_the_call_ends(pair):
+    """A collected Backup whose source is inside another thread's call is not
+    finished under that call (that could deadlock on SQLite's mutexes): a
+    stand-in keeps the destination locked and finishes it -- rolled back,
+    unlocked -- as soon as the call ends."""
+    import gc
+
+    src, dest, before = pair
+    b = dest.backup("main", src, "main")
+    b.step(3)
+    with BusySource(src) as busy:
+        start = time.monotonic()
+        del b
+        gc.collect()
+        assert time.monotonic() - start < 0.5, "the collection waited for the call"
+        with pytest.raises(apsw_backup.ThreadingViolationError):
+            dest.execute("SELECT 1")  # still locked: the copy is not yet undone
+        busy.thread.join(30)
+    assert dump(dest) == before

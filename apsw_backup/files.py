@@ -1,0 +1,406 @@
+"""Files around a backup: refusals, OS causes, and the atomic new copy.
+
+Shared by copy() and the command line:
+
+- check_distinct() refuses a target that is the source's own file or one of
+  its side files (SQLite owns those: it deletes or overwrites them);
+- os_cause() turns an OSError into words that name the cause and the cure;
+- NewFile writes a new target under a temporary name in the target's folder
+  and puts it in place only once it is complete, so the target's name never
+  holds a partial file, whatever happens to the process;
+- remove_stale() deletes the temporary files of runs that were killed.
+
+A temporary file is named ``<target name>.apsw-backup-<pid>-<token>.partial``
+(SQLite may add ``-journal``, ``-wal``, ``-shm``), so a person sees what it
+is, and no backup name pattern (``*.db``) matches it.  A live run holds a
+flock() on it: a file whose lock can be taken belongs to a dead run.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import re
+import sys
+import time
+from typing import Any
+
+SIDE_FILES = ("-wal", "-shm", "-journal")
+
+_TEMPORARY = re.compile(
+    r"\.apsw-backup-(?P<pid>[0-9]+)-[0-9a-f]{8}\.partial(?P<side>-wal|-shm|-journal)?\Z"
+)
+# Room for the marker within NAME_MAX (255 bytes) whatever the target's name.
+_NAME_KEPT = 100
+
+# Seconds after its creation during which an unlocked temporary file of a
+# process that exists is still taken for a live run's (see remove_stale).
+_LOCK_GRACE = 5.0
+
+# What each OS cause means for a database path, and what to do about it.
+_CAUSES = {
+    errno.ENOENT: ("does not exist (no such file or folder)", "check the path"),
+    errno.ENOTDIR: ("has a part that is not a folder", "check the path"),
+    errno.EISDIR: ("is a folder", "give the path of a database file"),
+    errno.EACCES: ("is not accessible (permission denied)", "check its permissions"),
+    errno.EPERM: (
+        "is not accessible (operation not permitted)",
+        "check its permissions",
+    ),
+    errno.EROFS: ("is on a read-only file system", "use a writable place"),
+    errno.ENOSPC: ("is on a full file system (no space left)", "free some space"),
+    errno.ENAMETOOLONG: ("has a name that is too long", "give a shorter name"),
+    errno.ELOOP: ("has too many levels of symbolic links", "check the links"),
+}
+
+
+def os_cause(exc: OSError) -> str:
+    """'is a folder (EISDIR): give the path of a database file' for exc."""
+    code = exc.errno if exc.errno is not None else 0
+    name = errno.errorcode.get(code, str(code))
+    what, cure = _CAUSES.get(code, (exc.strerror or "cannot be used", "check it"))
+    return f"{what} ({name}): {cure}"
+
+
+def is_temporary_name(filename: str) -> bool:
+    """Whether filename (a path or a base name) is a temporary file of ours,
+    or one of its side files, live or left by a killed run."""
+    return _TEMPORARY.search(os.path.basename(filename)) is not None
+
+
+def temporary_path(final: str) -> str:
+    """A fresh temporary name for final, in final's folder."""
+    folder, name = os.path.split(final)
+    token = os.urandom(4).hex()  # not secrets: importing it costs ~4 ms
+    return os.path.join(
+        folder, f"{name[:_NAME_KEPT]}.apsw-backup-{os.getpid()}-{token}.partial"
+    )
+
+
+def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def _stat(path: str) -> os.stat_result | None:
+    try:
+        return os.stat(path)
+    except OSError:
+        return None
+
+
+def side_file_of(source_path: str, target_path: str) -> str | None:
+    """What target_path is to the source database file source_path: ""
+    for the file itself (same device and inode: through links and other
+    names), "-wal", "-shm" or "-journal" for one of its side files (by
+    name through links, existing or not, or by inode), None for neither.
+    source_path "" (in memory) is distinct from everything."""
+    if not source_path:
+        return None
+    source_stat, target_stat = _stat(source_path), _stat(target_path)
+    if source_stat is not None and target_stat is not None:
+        if _same_file(source_stat, target_stat):
+            return ""
+    # SQLite names side files after the path it opened, which newer versions
+    # resolve through symbolic links: either name may be in use.
+    target_real = os.path.realpath(target_path)
+    bases = {os.path.abspath(source_path), os.path.realpath(source_path)}
+    for base in sorted(bases):
+        for suffix in SIDE_FILES:
+            side = base + suffix
+            if os.path.realpath(side) == target_real:
+                return suffix
+            side_stat = _stat(side)
+            if side_stat is not None and target_stat is not None:
+                if _same_file(side_stat, target_stat):
+                    return suffix
+    return None
+
+
+def check_distinct(source_path: str, target_path: str) -> None:
+    """Raise ValueError, naming both, if target_path is the source's database
+    file or one of its side files (see side_file_of)."""
+    found = side_file_of(source_path, target_path)
+    if found == "":
+        raise ValueError(
+            f"the target {target_path!r} is the source database "
+            f"{source_path!r} itself (the same file): copy it to another file"
+        )
+    if found is not None:
+        raise ValueError(
+            f"the target {target_path!r} is the source's {found[1:]} file "
+            f"{source_path + found!r} (source {source_path!r}): SQLite owns "
+            "that file and deletes or rewrites it, so a copy there would be "
+            "lost; give the target another name"
+        )
+
+
+def side_paths(path: str) -> list[str]:
+    return [path + suffix for suffix in SIDE_FILES]
+
+
+def remove_quietly(path: str) -> None:
+    """Remove path if it exists; never raises (used while failing)."""
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
+def fsync_folder(folder: str) -> None:
+    """Make a rename or a removal in folder durable."""
+    fd = os.open(folder or ".", os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # it exists, and is someone else's
+    return True
+
+
+def _belongs_to_a_live_run(path: str, pid: int) -> bool:
+    """A run takes its lock a moment after creating the file: a file that is
+    unlocked but young, of a process that exists, may be in that moment."""
+    try:
+        young = time.time() - os.stat(path).st_mtime < _LOCK_GRACE
+    except OSError:
+        return True  # gone, or not ours to judge: leave it
+    if young and _process_exists(pid):
+        return True
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return True  # gone, or not ours to judge: leave it
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        # Closing drops this process's POSIX locks on the file: harmless, the
+        # file is a dead run's (or a live one in this process: skipped above).
+        os.close(fd)
+    return False
+
+
+def remove_stale(folder: str) -> list[str]:
+    """Remove the temporary files (and their side files) that killed runs
+    left in folder; returns the paths removed.  A live run's file (its lock
+    is held, or it belongs to this process) is never touched."""
+    try:
+        names = os.listdir(folder or ".")
+    except OSError:
+        return []
+    removed = []
+    for name in sorted(names):
+        match = _TEMPORARY.search(name)
+        if match is None:
+            continue
+        path = os.path.join(folder, name)
+        base = path[: len(path) - len(match["side"] or "")]
+        if int(match["pid"]) == os.getpid():
+            continue  # maybe a copy running in another thread of this process
+        if os.path.exists(base) and _belongs_to_a_live_run(base, int(match["pid"])):
+            continue
+        remove_quietly(path)
+        removed.append(path)
+    return removed
+
+
+class NewFile:
+    """A new target written under a temporary name and put in place at once.
+
+    create() makes the temporary file (exclusively) and holds a flock() on it
+    for as long as this object lives, so remove_stale() of another run leaves
+    it alone.  publish() fsyncs it, links it to the final name (failing if
+    that name appeared meanwhile: never overwrites), removes the temporary
+    name and fsyncs the folder.  discard() removes it and its side files.
+    Until publish() returns, the final name does not exist.
+    """
+
+    def __init__(self, final: str) -> None:
+        self.final = final
+        self.path = temporary_path(final)
+        self._fd = -1
+
+    def create(self) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
+        self._fd = fd
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.discard()
+            raise
+
+    @property
+    def fd(self) -> int:
+        """The temporary file's descriptor (-1 once closed)."""
+        return self._fd
+
+    def publish(self) -> None:
+        os.fsync(self._fd)
+        try:
+            os.link(self.path, self.final)
+        except FileExistsError:
+            raise
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP):
+                raise
+            # No hard links here (some network or FAT file systems): a rename,
+            # after a last look so an existing file is not replaced.
+            if os.path.lexists(self.final):
+                raise FileExistsError(
+                    errno.EEXIST, os.strerror(errno.EEXIST), self.final
+                ) from exc
+            os.rename(self.path, self.final)
+        else:
+            os.remove(self.path)
+        fsync_folder(os.path.dirname(self.final))
+        self._close()
+
+    def discard(self) -> None:
+        for path in (self.path, *side_paths(self.path)):
+            remove_quietly(path)
+        self._close()
+
+    def _close(self) -> None:
+        # Only once SQLite has closed the file: closing any descriptor of a
+        # file drops the process's POSIX locks on it, SQLite's included.
+        if self._fd >= 0:
+            fd, self._fd = self._fd, -1
+            os.close(fd)
+
+
+class Flusher:
+    """Write a file out to the disk each time it has grown by `every` bytes.
+
+    On Linux, sync_file_range(): start writing the newest slice, then wait
+    for the one before it to be written -- the disk keeps writing while the
+    copy goes on, and at most about two slices of the copy's dirty data are
+    ever queued in front of another process's fsync.  It issues no journal
+    commit and no device cache flush (fdatasync() issues both: ~5 ms each,
+    doubling a 300 MB copy's time): the durability of the copy is still the
+    final commit's fsync, this only keeps the dirty data small.  Elsewhere
+    (or if the call is refused), fdatasync() of the whole file.
+
+    Given the descriptor to write out, or -- for a file other connections of
+    this process may have open -- borrowing() one that is already open on
+    it: closing a descriptor of our own would drop every POSIX lock this
+    process holds on the file, SQLite's included.  A borrowed descriptor is
+    checked (device and inode) before each use; one closed and reused
+    meanwhile by an unrelated file is looked up again (at worst that other
+    file was written out early, harmless).  Without /proc/self/fd (not
+    Linux), nothing to borrow: flush_if_grown() does nothing.
+
+    An error raises OSError: waiting for writeback reports a write error
+    once per open file, so it must fail the copy here, or SQLite's own fsync
+    of the same file could succeed on data that never reached the disk.
+    """
+
+    def __init__(self, fd: int, every: int, ident: tuple[int, int] | None = None):
+        self._fd, self._every, self._ident = fd, every, ident
+        self.flushed = self._size() if fd >= 0 else 0
+        self._started = self.flushed  # slice [flushed, started) in flight
+        self.flushes = 0
+
+    @classmethod
+    def borrowing(cls, path: str, every: int) -> Flusher:
+        try:
+            info = os.stat(path)
+        except OSError:
+            return cls(-1, every)
+        ident = (info.st_dev, info.st_ino)
+        return cls(_open_descriptor_of(ident), every, ident)
+
+    def _size(self) -> int:
+        return os.fstat(self._fd).st_size
+
+    def _still_ours(self) -> bool:
+        if self._ident is None:
+            return self._fd >= 0
+        if self._fd >= 0 and _identity(self._fd) == self._ident:
+            return True
+        self._fd = _open_descriptor_of(self._ident)
+        return self._fd >= 0
+
+    def flush_if_grown(self) -> None:
+        """Write out what the file grew by, once that is `every` bytes or
+        more; raises the OSError of a failed write."""
+        if not self._still_ours():
+            return
+        size = self._size()
+        if size - self._started < self._every:
+            return
+        self.flushes += 1
+        if not _write_range(self._fd, self._started, size - self._started, start=True):
+            os.fdatasync(self._fd)
+            self.flushed = self._started = size
+            return
+        if self._started > self.flushed:
+            _write_range(self._fd, self.flushed, self._started - self.flushed)
+        self.flushed, self._started = self._started, size
+
+
+_SYNC_FILE_RANGE: Any = None  # the libc function, False where there is none
+_WAIT_BEFORE, _WRITE, _WAIT_AFTER = 1, 2, 4
+
+
+def _write_range(fd: int, offset: int, length: int, start: bool = False) -> bool:
+    """sync_file_range(2): start writing the range (start=True) or write it
+    and wait until written; False where there is no such call."""
+    global _SYNC_FILE_RANGE
+    if _SYNC_FILE_RANGE is None:
+        _SYNC_FILE_RANGE = _load_sync_file_range()
+    if _SYNC_FILE_RANGE is False:
+        return False
+    flags = _WRITE if start else _WAIT_BEFORE | _WRITE | _WAIT_AFTER
+    if _SYNC_FILE_RANGE(fd, offset, length, flags) == 0:
+        return True
+    import ctypes
+
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.ESPIPE, errno.EOPNOTSUPP):
+        _SYNC_FILE_RANGE = False  # refused here: fdatasync from now on
+        return False
+    raise OSError(code, os.strerror(code))
+
+
+def _load_sync_file_range() -> Any:
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        func = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (ImportError, OSError, AttributeError):
+        return False
+    func.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
+    func.restype = ctypes.c_int
+    return func
+
+
+def _identity(fd: int) -> tuple[int, int] | None:
+    try:
+        info = os.fstat(fd)
+    except OSError:
+        return None
+    return (info.st_dev, info.st_ino)
+
+
+def _open_descriptor_of(ident: tuple[int, int]) -> int:
+    """A descriptor this process already has open on the file, or -1."""
+    try:
+        names = os.listdir("/proc/self/fd")
+    except OSError:
+        return -1
+    for name in names:
+        if name.isdigit() and _identity(int(name)) == ident:
+            return int(name)
+    return -1

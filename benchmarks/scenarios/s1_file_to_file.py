@@ -1,0 +1,26 @@
+"""Scenario 1: file -> file, step(-1), every contender against raw C.
+
+Measures the whole copy in one call: the wrapper should add nothing.
+Target: apsw_backup / raw C <= 1.05 (paired), and no slower than the
+standard library or APSW.  See _speed.py for the method.
+"""
+
+from __future__ import annotations
+
+from bench import Context
+
+from scenarios import _speed
+
+KEY = "s1"
+
+
+def run(ctx: Context) -> dict:
+    return _speed.measure(ctx, "file -> file, step(-1)", ctx.dest, -1)
+
+
+def table(result: dict) -> list[str]:
+    return _speed.table(KEY, result)
+
+
+def targets(result: dict) -> list[dict]:
+    return _speed.targets(KEY, result)
