@@ -125,3 +125,24 @@ def test_replaced_source_path_is_not_the_same_file(tmp_path):
     finally:
         d.close(force=True)
         s.close(force=True)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="A17: two private memdb databases with one name are refused as the same database",
+)
+def test_private_memdb_databases_with_one_name_can_be_copied():
+    # Without a leading "/", a memdb name is private to its connection:
+    # two connections opening "file:m?vfs=memdb" have two databases.
+    s = ab.Connection("file:attack_a17?vfs=memdb", URI)
+    d = ab.Connection("file:attack_a17?vfs=memdb", URI)
+    try:
+        s.execute("CREATE TABLE t(x); INSERT INTO t VALUES (1)")
+        assert d.execute("SELECT count(*) FROM sqlite_master").fetchall() == [(0,)]
+        b = d.backup("main", s, "main")
+        assert b.step(-1) is True
+        b.finish()
+        assert d.execute("SELECT x FROM t").fetchall() == [(1,)]
+    finally:
+        d.close(force=True)
+        s.close(force=True)
