@@ -16,11 +16,15 @@ import sys
 import textwrap
 
 import pytest
+from attack_helpers import child_env
 
 
-def run_child(code, *args, timeout=60):
+def run_child(code, args, timeout=60):
+    """args: the test's tmp_path, or (tmp_path, more...)."""
+    args = args if isinstance(args, tuple) else (args,)
     return subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code), *map(str, args)],
+        env=child_env(args[0]),
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -81,7 +85,7 @@ ta.join()
 
 @pytest.mark.parametrize("action", ["close_force", "finish", "exit"])
 def test_fork_while_other_thread_finishes(tmp_path, action):
-    proc = run_child(FORK_DURING_FINISH, tmp_path, action)
+    proc = run_child(FORK_DURING_FINISH, (tmp_path, action))
     assert "CHILD 0" in proc.stdout, proc.stdout + proc.stderr[-2000:]
     if action == "close_force":
         assert "RETURNED False" in proc.stdout

@@ -11,20 +11,22 @@ import sys
 import textwrap
 
 import pytest
+from attack_helpers import child_env
 
 import apsw_backup as ab
 
 
-def run_child(code, timeout=30):
+def run_child(code, tmp_path, timeout=30):
     return subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)],
+        env=child_env(tmp_path),
         capture_output=True,
         text=True,
         timeout=timeout,
     )
 
 
-def test_set_busy_timeout_index_closes_connection():
+def test_set_busy_timeout_index_closes_connection(tmp_path):
     proc = run_child(
         """
         import apsw_backup as ab
@@ -39,7 +41,8 @@ def test_set_busy_timeout_index_closes_connection():
             print("REFUSED", exc)
         else:
             print("NO ERROR")
-        """
+        """,
+        tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "REFUSED" in proc.stdout and "closed" in proc.stdout
@@ -160,6 +163,7 @@ os._exit(0)
 def test_finish_from_busy_handler_cannot_deadlock(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-c", DEADLOCK, str(tmp_path)],
+        env=child_env(tmp_path),
         capture_output=True,
         text=True,
         timeout=60,
@@ -218,6 +222,7 @@ def test_error_message_with_gil_cannot_deadlock_against_collected_backup(tmp_pat
         try:
             proc = subprocess.run(
                 [sys.executable, "-c", GIL_DEADLOCK, str(folder)],
+                env=child_env(tmp_path),
                 capture_output=True,
                 text=True,
                 timeout=20,
@@ -227,3 +232,71 @@ def test_error_message_with_gil_cannot_deadlock_against_collected_backup(tmp_pat
         assert "ALIVE [False, False, False]" in proc.stdout, (
             proc.stdout + proc.stderr[-2000:]
         )
+
+
+CURSOR_DEADLOCK = """
+import os, sys, threading, time
+import apsw_backup as ab
+d = sys.argv[1]
+P = lambda n: os.path.join(d, n)
+def mk(p):
+    c = ab.Connection(p)
+    c.execute("CREATE TABLE t(x); WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL "
+              "SELECT i+1 FROM n WHERE i<200) INSERT INTO t SELECT randomblob(500) FROM n")
+    return c
+s1, x = mk(P("s1.db")), mk(P("x.db"))
+d6, d7 = ab.Connection(P("d6.db")), ab.Connection(P("d7.db"))
+b6 = d6.backup("main", s1, "main")   # s1 -> d6: stepped by T
+holder = [x.execute("SELECT x FROM t")]   # a live statement of x: dropped in T's busy handler
+w = ab.Connection(P("s1.db"))
+w.execute("BEGIN EXCLUSIVE")         # b6's step calls s1's busy handler
+in_handler, u_started = threading.Event(), threading.Event()
+result = {}
+def handler(n):
+    if n == 0:
+        in_handler.set()
+        u_started.wait(5)
+        time.sleep(0.3)              # U now holds x's mutex, waits for s1's
+        holder.clear()               # cursor_dealloc: sqlite3_finalize on x
+        result["dropped"] = True
+    return False
+s1.set_busy_handler(handler)
+b5 = s1.backup("main", x, "main")    # x -> s1: stepped by U
+def T():
+    try:
+        b6.step(-1)
+    except ab.Error:
+        pass
+def U():
+    in_handler.wait(5)
+    u_started.set()
+    try:
+        b5.step(-1)
+    except ab.Error:
+        pass
+ts = [threading.Thread(target=T, daemon=True), threading.Thread(target=U, daemon=True)]
+for t in ts:
+    t.start()
+for t in ts:
+    t.join(10)
+print("ALIVE", [t.is_alive() for t in ts], result, flush=True)
+os._exit(0)
+"""
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="A16: a cursor dropped in a busy handler finalizes on a connection whose mutex another thread holds while waiting for ours: deadlock",
+)
+def test_cursor_dropped_in_busy_handler_cannot_deadlock(tmp_path):
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", CURSOR_DEADLOCK, str(tmp_path)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=child_env(tmp_path),
+        )
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"deadlocked: {exc.stdout!r}")
+    assert "ALIVE [False, False]" in proc.stdout, proc.stdout + proc.stderr[-2000:]
