@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import math
 import os
-import sqlite3
 import stat
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,11 +33,18 @@ from typing import TYPE_CHECKING, Literal, TypeVar
 from apsw_backup import _apsw_backup as _c
 from apsw_backup import files
 
+Database = _c.Connection | str | os.PathLike[str]
+
 if TYPE_CHECKING:
     import asyncio
+    import sqlite3
 
-Database = _c.Connection | str | os.PathLike[str]
-Source = Database | sqlite3.Connection
+    Source = Database | sqlite3.Connection
+else:
+    # Not imported here: importing the standard sqlite3 module initialises
+    # SQLite (and some Pythons are built without it).  An object can only
+    # be one of its connections once the program imported it.
+    Source = object
 Progress = Callable[[int, int, int], object]
 Verify = Callable[[str], object]
 Snapshot = bool | Literal["auto"]
@@ -228,6 +235,12 @@ def _cannot(role: str, path: str, exc: OSError) -> _c.Error:
     return _with_codes(error, _c.SQLITE_CANTOPEN)
 
 
+def _is_stdlib_connection(obj: object) -> bool:
+    """Whether obj is a standard-library sqlite3.Connection."""
+    module = sys.modules.get("sqlite3")
+    return module is not None and isinstance(obj, module.Connection)
+
+
 def _schema_files(conn: _c.Connection | sqlite3.Connection) -> dict[str, str]:
     """{schema name (case folded): file ("" in memory)} of a connection."""
     rows = conn.execute("PRAGMA database_list").fetchall()
@@ -316,7 +329,7 @@ class _SourceSide:
             self.file = _schema_file(source, options.name, "source")
             self.vfs: str | None = source.open_vfs
             return
-        if isinstance(source, sqlite3.Connection):
+        if _is_stdlib_connection(source):
             self.file = _schema_file(source, options.name, "source")
             if not self.file:
                 raise TypeError(
@@ -503,7 +516,7 @@ class _TargetSide:
                     "or copy into a file"
                 )
             return
-        if isinstance(target, sqlite3.Connection):
+        if _is_stdlib_connection(target):
             path = _schema_file(target, options.target_name, "target")
             if not path:
                 raise TypeError(
@@ -621,6 +634,15 @@ class _TargetSide:
             self._to_rollback_journal()
         conn, self.conn = self.conn, None
         conn.close()
+        if self.new is not None and not keep_wal:
+            # In rollback-journal mode, with its last connection closed, the
+            # copy needs no -wal or -shm: all is in the file.  SQLite carries
+            # on when it cannot delete them (a failed xDelete); then they are
+            # removed here -- and if that fails too, the copy fails: the
+            # result must be one file alone.
+            for side in ("-wal", "-shm"):
+                if os.path.lexists(self.new.path + side):
+                    os.remove(self.new.path + side)
 
     def _to_rollback_journal(self) -> None:
         """A copy of a WAL source is a WAL database (the mode is in the

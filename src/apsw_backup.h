@@ -54,12 +54,26 @@ static inline int
 db_txn_state(sqlite3 *db, const char *schema)
 {
     if (!HAVE_TXN_STATE) {
+        if (schema != NULL && sqlite3_db_filename(db, schema) == NULL) {
+            return -1; /* no such schema */
+        }
         return sqlite3_get_autocommit(db) ? SQLITE_TXN_NONE : SQLITE_TXN_WRITE;
     }
     return sqlite3_txn_state(db, schema);
 }
 
 #define APSW_BACKUP_VERSION "0.1.0"
+
+/* CPython 3.12 and 3.13.0 headers return None, True and False without a new
+ * reference even under the Limited API (immortal objects there); an abi3
+ * build made with them would then lose a reference per call on 3.10 and
+ * 3.11, which it also serves, until Python aborts.  Always take one. */
+#undef Py_RETURN_NONE
+#undef Py_RETURN_TRUE
+#undef Py_RETURN_FALSE
+#define Py_RETURN_NONE return Py_NewRef(Py_None)
+#define Py_RETURN_TRUE return Py_NewRef(Py_True)
+#define Py_RETURN_FALSE return Py_NewRef(Py_False)
 
 /* Py_XSETREF is not in the Limited API: store value in dst, then drop the
  * old reference (after, so a destructor never sees a half-updated object). */
@@ -147,7 +161,8 @@ struct Backup {
     int remaining;
     int page_count;
     long restarts;
-    int sticky_rc; /* a failed step's code, reported again */
+    int sticky_rc;  /* a failed step's code, reported again */
+    int last_errno; /* the OS error of a failed step's file, or 0 */
     /* What the page-size message needs, read before sqlite3_backup_init:
      * afterwards no SQL may run on the destination (it could commit the
      * backup's write transaction: a partial copy). */

@@ -235,7 +235,9 @@ same_named_database(sqlite3 *dest, const char *dname, const char *dfn,
                     sqlite3 *source, const char *sname, const char *sfn)
 {
     struct stat st;
-    if (dfn == NULL || sfn == NULL || !dfn[0] || strcmp(dfn, sfn) != 0
+    /* Only "/name" is shared (memdb): other names are private to each
+     * connection, whatever they are called. */
+    if (dfn == NULL || sfn == NULL || dfn[0] != '/' || strcmp(dfn, sfn) != 0
         || stat(dfn, &st) == 0) {
         return 0;
     }
@@ -472,10 +474,7 @@ os_error(Backup *self, int primary)
         && primary != SQLITE_CANTOPEN) {
         return "";
     }
-    int err = sqlite3_system_errno(self->dest->db);
-    if (err == 0) {
-        err = sqlite3_system_errno(self->source->db);
-    }
+    int err = self->last_errno;
     if (err == 0) {
         return "";
     }
@@ -694,6 +693,50 @@ restart_backup(Backup *self, int rc)
         self->repr_names, lock_code_cause(rc), rc);
 }
 
+static int
+is_os_failure(int rc)
+{
+    int primary = rc & 0xff;
+    return primary == SQLITE_IOERR || primary == SQLITE_FULL
+           || primary == SQLITE_CANTOPEN;
+}
+
+/* The OS error the destination's, else the source's, file last saw (the
+ * caller releases the GIL). */
+static int
+schema_errno(sqlite3 *db, const char *name)
+{
+    int err = 0;
+    if (sqlite3_file_control(db, name, SQLITE_FCNTL_LAST_ERRNO, &err)
+            == SQLITE_OK
+        && err != 0) {
+        return err;
+    }
+    /* The failing file may be the journal (or WAL) of that schema. */
+    sqlite3_file *journal = NULL;
+    err = 0;
+    if (sqlite3_file_control(db, name, SQLITE_FCNTL_JOURNAL_POINTER, &journal)
+            == SQLITE_OK
+        && journal != NULL
+        && journal->pMethods != NULL
+        /* an in-memory journal has no xFileControl */
+        && journal->pMethods->xFileControl != NULL
+        && journal->pMethods->xFileControl(journal, SQLITE_FCNTL_LAST_ERRNO,
+                                           &err)
+               == SQLITE_OK) {
+        return err;
+    }
+    return 0;
+}
+
+static int
+file_errno(sqlite3 *dest, const char *dname, sqlite3 *source,
+           const char *sname)
+{
+    int err = schema_errno(dest, dname);
+    return err != 0 ? err : schema_errno(source, sname);
+}
+
 static PyObject *
 backup_step(Backup *self, PyObject *const *args, Py_ssize_t nargs,
             PyObject *kwnames)
@@ -717,6 +760,11 @@ backup_step(Backup *self, PyObject *const *args, Py_ssize_t nargs,
     }
     long before = self->page_count - self->remaining;
     sqlite3_backup *backup = self->backup;
+    const char *dname = PyUnicode_AsUTF8AndSize(self->dest_name, NULL);
+    const char *sname = PyUnicode_AsUTF8AndSize(self->source_name, NULL);
+    if (dname == NULL || sname == NULL) {
+        return NULL;
+    }
     /* In use, self cannot be finished (nor its references dropped) by any
      * other thread until we leave; our caller owns self. */
     call_enter(self, &self->inuse);
@@ -726,6 +774,11 @@ backup_step(Backup *self, PyObject *const *args, Py_ssize_t nargs,
     rc = sqlite3_backup_step(backup, npages);
     remaining = sqlite3_backup_remaining(backup);
     page_count = sqlite3_backup_pagecount(backup);
+    if (is_os_failure(rc)) {
+        /* Read now, under the same release: sqlite3_backup_step sets no
+         * connection's system errno, but each file keeps its own. */
+        self->last_errno = file_errno(dest->db, dname, source->db, sname);
+    }
     Py_END_ALLOW_THREADS
 
     PyObject *result = NULL;
@@ -1079,8 +1132,9 @@ backup_finish_pending(void)
     while (*link != NULL) {
         Backup *g = *link;
         int finished = g->backup == NULL && !g->finishing;
-        if (!finished && (g->inuse || g->finishing || g->source->inuse
-                          || g->dest->inuse || backup_forked(g))) {
+        if (!finished
+            && (g->inuse || g->finishing || g->source->inuse || g->dest->inuse
+                || backup_forked(g))) {
             link = &g->pending_next; /* not yet (a forked child: never) */
             continue;
         }

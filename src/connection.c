@@ -200,7 +200,17 @@ connection_init(Connection *self, PyObject *args, PyObject *kwds)
             PyErr_NoMemory();
             return -1;
         }
-        raise_db_error(st, db, rc);
+        int err = sqlite3_system_errno(db);
+        if (((rc & 0xff) == SQLITE_CANTOPEN || (rc & 0xff) == SQLITE_IOERR)
+            && err != 0) {
+            /* SQLite's "unable to open database file" does not say why. */
+            raise_error_format(st, sqlite3_extended_errcode(db),
+                               "%s (OS error: %s)", sqlite3_errmsg(db),
+                               strerror(err));
+        }
+        else {
+            raise_db_error(st, db, rc);
+        }
         Py_BEGIN_ALLOW_THREADS
         sqlite3_close(db);
         Py_END_ALLOW_THREADS

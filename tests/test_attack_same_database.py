@@ -127,10 +127,6 @@ def test_replaced_source_path_is_not_the_same_file(tmp_path):
         s.close(force=True)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="A17: two private memdb databases with one name are refused as the same database",
-)
 def test_private_memdb_databases_with_one_name_can_be_copied():
     # Without a leading "/", a memdb name is private to its connection:
     # two connections opening "file:m?vfs=memdb" have two databases.
