@@ -217,6 +217,8 @@ Cursor *cursor_new(Connection *connection);
 int cursor_execute(Cursor *self, PyObject *statements, PyObject *bindings,
                    PyObject *many);
 void cursor_close_internal(Cursor *self);
+int statements_pending(void);
+void statements_finalize_pending(Connection *only);
 
 /* backup.c */
 extern PyType_Spec backup_spec;

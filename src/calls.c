@@ -36,10 +36,15 @@ call_leave(int *inuse)
 {
     (*inuse)--;
     call_depth--;
-    if (call_depth == 0 && pending_finishes != NULL) {
-        /* This thread is in none of our calls now: a finish deferred while
-         * its connections were busy may be due. */
-        backup_finish_pending();
+    if (call_depth == 0) {
+        /* This thread is in none of our calls now: a finish or finalize
+         * deferred while its connection was busy may be due. */
+        if (pending_finishes != NULL) {
+            backup_finish_pending();
+        }
+        if (statements_pending()) {
+            statements_finalize_pending(NULL);
+        }
     }
 }
 

@@ -355,6 +355,7 @@ close_everything(Connection *self, int force)
     while (self->cursors != NULL) {
         cursor_close_internal(self->cursors);
     }
+    statements_finalize_pending(self); /* deferred by a callback (cursor.c) */
     /* A cursor another thread let go of finalizes its statement outside
      * our call (it left the list first): wait for it, or SQLite would find
      * the statement unfinalized. */

@@ -53,6 +53,75 @@ reset_state(Cursor *self)
     self->status = CURSOR_DONE;
 }
 
+/* Statements of cursors let go of by a callback of ours (a busy handler,
+ * a destructor run inside one of our calls) while another thread is inside
+ * their connection.  Finalizing waits for that connection's SQLite mutex,
+ * and the callback holds another one that the other thread may be waiting
+ * for: a deadlock.  So they are finalized later, by statements_finalize_
+ * pending() from call_leave(), once this thread is in no call of ours; the
+ * connection is owned meanwhile, and its close() finalizes its own. */
+typedef struct PendingStatement {
+    sqlite3_stmt *stmt;
+    Connection *connection; /* strong */
+    struct PendingStatement *next;
+} PendingStatement;
+
+static PendingStatement *pending_statements;
+
+int
+statements_pending(void)
+{
+    return pending_statements != NULL;
+}
+
+static int
+defer_finalize(sqlite3_stmt *stmt, Connection *connection)
+{
+    PendingStatement *p = PyMem_Malloc(sizeof(*p));
+    if (p == NULL) {
+        return -1; /* finalize now, as before */
+    }
+    p->stmt = stmt;
+    p->connection = (Connection *)Py_NewRef(connection);
+    p->next = pending_statements;
+    pending_statements = p;
+    return 0;
+}
+
+/* Finalize the pending statements of `only` (NULL: of any connection no
+ * other call is inside). */
+void
+statements_finalize_pending(Connection *only)
+{
+    static int draining;
+    if (draining) {
+        return;
+    }
+    draining = 1;
+    PendingStatement **link = &pending_statements;
+    while (*link != NULL) {
+        PendingStatement *p = *link;
+        Connection *c = p->connection;
+        int due = only != NULL ? c == only : !c->inuse;
+        if (!due) {
+            link = &p->next;
+            continue;
+        }
+        *link = p->next;
+        if (!FORKED(c) && c->db != NULL) {
+            call_enter(c, &c->inuse);
+            Py_BEGIN_ALLOW_THREADS
+            sqlite3_finalize(p->stmt);
+            Py_END_ALLOW_THREADS
+            call_leave(&c->inuse);
+        }
+        PyMem_Free(p);
+        Py_DECREF(c);
+        link = &pending_statements; /* the GIL was released: read afresh */
+    }
+    draining = 0;
+}
+
 /* Close: called by close(), by dealloc and GC, and by the connection's
  * close through its list of (borrowed) cursors.  So the cursor is first
  * taken out of that list and its statement out of the cursor, with the GIL
@@ -88,6 +157,13 @@ cursor_close_internal(Cursor *self)
     PyObject *sql = self->sql, *bindings = self->bindings, *many = self->many;
     self->sql = self->bindings = self->many = NULL;
     reset_state(self);
+    if (stmt != NULL && !FORKED(connection)) {
+        if (in_any_call_here()
+            && connection->inuse > calls_here_count(connection)
+            && defer_finalize(stmt, connection) == 0) {
+            stmt = NULL; /* finalized once no call is inside it */
+        }
+    }
     if (stmt != NULL && !FORKED(connection)) {
         call_enter(connection, &connection->inuse);
         Py_BEGIN_ALLOW_THREADS

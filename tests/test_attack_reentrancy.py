@@ -284,10 +284,6 @@ os._exit(0)
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="A16: a cursor dropped in a busy handler finalizes on a connection whose mutex another thread holds while waiting for ours: deadlock",
-)
 def test_cursor_dropped_in_busy_handler_cannot_deadlock(tmp_path):
     try:
         proc = subprocess.run(
