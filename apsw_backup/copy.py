@@ -28,7 +28,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, TypeVar
+from typing import TYPE_CHECKING, Literal, TypeGuard, TypeVar, Union
 
 from apsw_backup import _apsw_backup as _c
 from apsw_backup import files
@@ -39,12 +39,10 @@ if TYPE_CHECKING:
     import asyncio
     import sqlite3
 
-    Source = Database | sqlite3.Connection
-else:
-    # Not imported here: importing the standard sqlite3 module initialises
-    # SQLite (and some Pythons are built without it).  An object can only
-    # be one of its connections once the program imported it.
-    Source = object
+# sqlite3 is not imported here: importing the standard sqlite3 module
+# initialises SQLite (and some Pythons are built without it).  An object can
+# only be one of its connections once the program imported it.
+Source = Union[Database, "sqlite3.Connection"]  # noqa: UP007 (forward ref)
 Progress = Callable[[int, int, int], object]
 Verify = Callable[[str], object]
 Snapshot = bool | Literal["auto"]
@@ -235,7 +233,7 @@ def _cannot(role: str, path: str, exc: OSError) -> _c.Error:
     return _with_codes(error, _c.SQLITE_CANTOPEN)
 
 
-def _is_stdlib_connection(obj: object) -> bool:
+def _is_stdlib_connection(obj: object) -> TypeGuard[sqlite3.Connection]:
     """Whether obj is a standard-library sqlite3.Connection."""
     module = sys.modules.get("sqlite3")
     return module is not None and isinstance(obj, module.Connection)

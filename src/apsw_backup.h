@@ -33,6 +33,18 @@ extern int sqlite3_txn_state(sqlite3 *, const char *) __attribute__((weak));
 #define HAVE_TXN_STATE 1
 #endif
 
+#if SQLITE_VERSION_NUMBER < 3039000
+#if defined(__GNUC__)
+extern const char *sqlite3_db_name(sqlite3 *, int) __attribute__((weak));
+#define HAVE_DB_NAME (sqlite3_db_name != NULL)
+#else
+#define HAVE_DB_NAME 0
+#define sqlite3_db_name(db, i) ((const char *)NULL)
+#endif
+#else
+#define HAVE_DB_NAME 1
+#endif
+
 #if SQLITE_VERSION_NUMBER < 3037000
 #if defined(__GNUC__)
 extern sqlite3_int64 sqlite3_changes64(sqlite3 *) __attribute__((weak));

@@ -196,24 +196,28 @@ enum {
  * an attached shared cache too -- at the end of a copy SQLite resets every
  * schema of the destination, entering each one's BtShared mutex, and the
  * source's is held by the step itself (a self-deadlock).  The schemas are
- * listed by PRAGMA database_list: dest is not yet a backup's destination,
- * and the pragma takes no lock and ends no transaction. */
+ * listed without SQL (a statement could wait on a lock and call the
+ * destination's busy handler): sqlite3_db_name(), from SQLite 3.39.  Before
+ * that only main and temp are checked here (README). */
 static int
 dest_shares_pager(sqlite3 *dest, sqlite3_file *file)
 {
-    sqlite3_stmt *stmt = NULL;
-    int shared = 0;
-    if (file == NULL
-        || sqlite3_prepare_v2(dest, "PRAGMA database_list", -1, &stmt, NULL)
-               != SQLITE_OK) {
+    if (file == NULL) {
         return 0;
     }
-    while (!shared && sqlite3_step(stmt) == SQLITE_ROW) {
-        const char *name = (const char *)sqlite3_column_text(stmt, 1);
-        shared = name != NULL && schema_file(dest, name) == file;
+    if (!HAVE_DB_NAME) {
+        return schema_file(dest, "main") == file
+               || schema_file(dest, "temp") == file;
     }
-    sqlite3_finalize(stmt);
-    return shared;
+    for (int i = 0;; i++) {
+        const char *name = sqlite3_db_name(dest, i);
+        if (name == NULL) {
+            return 0;
+        }
+        if (schema_file(dest, name) == file) {
+            return 1;
+        }
+    }
 }
 
 /* The VFS a schema of db uses, or NULL. */
