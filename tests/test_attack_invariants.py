@@ -54,10 +54,12 @@ def test_repr_and_bool_agree_during_another_threads_finish(tmp_path):
     tc.start()
     ta = None
     try:
-        wait_until(lambda: busy(src))
+        wait_until(lambda: busy(src) or not tc.is_alive())
         ta = threading.Thread(target=b.finish)  # waits for the source's mutex
         ta.start()
-        wait_until(lambda: busy(dst))
+        # The finish may end before it is seen (the query was between two
+        # statements): then both must say finished, which is checked too.
+        wait_until(lambda: busy(dst) or not ta.is_alive())
         alive, text = bool(b), repr(b)
     finally:
         # An interrupt before the query's first step is forgotten: repeat.
