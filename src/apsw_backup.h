@@ -166,6 +166,9 @@ struct Backup {
     Backup *pending_next;        /* in the list of deferred finishes */
     PyObject *dest_name;
     PyObject *source_name;
+    /* Their UTF-8, kept by the str objects above (owned): read once, not
+     * on every step. */
+    const char *dname, *sname;
     PyObject *repr_names; /* "source -> dest" text kept for repr */
     int inuse;
     int finishing; /* claimed by a finisher that has released the GIL */

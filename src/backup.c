@@ -373,6 +373,8 @@ backup_create(Connection *dest, PyObject *dest_name, Connection *source,
     self->state = st;
     self->dest_name = Py_NewRef(dest_name);
     self->source_name = Py_NewRef(source_name);
+    self->dname = dname;
+    self->sname = sname;
     self->repr_names = PyUnicode_FromFormat(
         "%R of %R -> %R of %R", source_name,
         PyUnicode_GetLength(source->filename) ? source->filename : memory,
@@ -426,13 +428,10 @@ backup_create(Connection *dest, PyObject *dest_name, Connection *source,
 static PyObject *
 page_size_trap_message(Backup *self, const char *sname)
 {
-    const char *dname = PyUnicode_AsUTF8AndSize(self->dest_name, NULL);
+    const char *dname = self->dname;
     sqlite3 *source = self->source->db;
     int source_size;
 
-    if (dname == NULL) {
-        return NULL;
-    }
     if (!(self->dest_wal || self->dest_in_memory)
         || sqlite3_db_readonly(self->dest->db, dname) != 0) {
         Py_RETURN_NONE;
@@ -490,12 +489,9 @@ os_error(Backup *self, int primary)
 static PyObject *
 step_error_message(Backup *self, int rc)
 {
-    const char *sname = PyUnicode_AsUTF8AndSize(self->source_name, NULL);
+    const char *sname = self->sname;
     int primary = rc & 0xff;
 
-    if (sname == NULL) {
-        return NULL;
-    }
     if (primary == SQLITE_BUSY) {
         int own_write =
             db_txn_state(self->source->db, sname) == SQLITE_TXN_WRITE;
@@ -653,15 +649,12 @@ lock_code_cause(int rc)
 static void
 restart_backup(Backup *self, int rc)
 {
-    const char *dname = PyUnicode_AsUTF8AndSize(self->dest_name, NULL);
-    const char *sname = PyUnicode_AsUTF8AndSize(self->source_name, NULL);
+    const char *dname = self->dname;
+    const char *sname = self->sname;
     sqlite3 *ddb = self->dest->db, *sdb = self->source->db;
     sqlite3_backup *old = self->backup, *fresh = NULL;
     int init_rc = SQLITE_OK;
 
-    if (dname == NULL || sname == NULL) {
-        return; /* cannot happen: both are kept as UTF-8 already */
-    }
     self->backup = NULL; /* claimed, as by a finish: others wait */
     self->finishing = 1;
     Py_BEGIN_ALLOW_THREADS
@@ -764,11 +757,8 @@ backup_step(Backup *self, PyObject *const *args, Py_ssize_t nargs,
     }
     long before = self->page_count - self->remaining;
     sqlite3_backup *backup = self->backup;
-    const char *dname = PyUnicode_AsUTF8AndSize(self->dest_name, NULL);
-    const char *sname = PyUnicode_AsUTF8AndSize(self->source_name, NULL);
-    if (dname == NULL || sname == NULL) {
-        return NULL;
-    }
+    const char *dname = self->dname;
+    const char *sname = self->sname;
     /* In use, self cannot be finished (nor its references dropped) by any
      * other thread until we leave; our caller owns self. */
     call_enter(self, &self->inuse);
@@ -1096,6 +1086,8 @@ defer_finish(Backup *self)
     g->source = self->source;
     g->dest_name = Py_NewRef(self->dest_name);
     g->source_name = Py_NewRef(self->source_name);
+    g->dname = self->dname;
+    g->sname = self->sname;
     g->repr_names = Py_NewRef(self->repr_names);
     g->sticky_rc = self->sticky_rc;
     g->sticky_msg = self->sticky_msg ? Py_NewRef(self->sticky_msg) : NULL;
