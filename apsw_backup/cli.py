@@ -922,7 +922,39 @@ def integrity_problems(
     if error is not None:
         raise error
     found = [str(row[0]) for row in outcome["rows"]]
+    _raise_read_failure(found)
     return [] if found == ["ok"] else found
+
+
+# integrity_check reports a page it could not read as a problem of the file
+# ("Page 3: unable to get the page. error code=266"), and the pages only it
+# led to as "never used".  An I/O error or out-of-memory there says nothing
+# about the file's content: it is a failure to check, not a damaged copy.
+_UNREADABLE_PAGE = re.compile(r"(Page \d+): unable to get the page\. error code=(\d+)")
+_READ_FAILURES = {
+    apsw_backup.SQLITE_IOERR: apsw_backup.IOError,
+    apsw_backup.SQLITE_NOMEM: apsw_backup.NoMemError,
+}
+
+
+def _raise_read_failure(found: list[str]) -> None:
+    """Raise IOError/NoMemError if integrity_check could not read a page."""
+    for problem in found:
+        for page, code in _UNREADABLE_PAGE.findall(problem):
+            extended = int(code)
+            cls = _READ_FAILURES.get(extended & 0xFF)
+            if cls is None:
+                continue
+            what = "ran out of memory" if cls is apsw_backup.NoMemError else "failed"
+            error = cls(
+                f"reading the file {what} during PRAGMA integrity_check ({page}: "
+                f"SQLite error code {extended}), so the check could not finish; this "
+                "says nothing about the file's content: check the disk and "
+                "verify it again"
+            )
+            error.result = extended & 0xFF
+            error.extendedresult = extended
+            raise error
 
 
 def _problems_text(problems: list[str]) -> str:

@@ -77,6 +77,7 @@ TARGET_CACHE_KIB = 1024
 
 _C_INT_MAX = 2**31 - 1
 _SQLITE_IOERR_WRITE = _c.SQLITE_IOERR | (3 << 8)
+_SQLITE_IOERR_DELETE = _c.SQLITE_IOERR | (10 << 8)
 _HEADER = b"SQLite format 3\x00"
 
 FINISHED_OUTSIDE = (
@@ -650,11 +651,48 @@ class _TargetSide:
         assert self.conn is not None
         mode = f"PRAGMA {_quoted(self.schema)}.journal_mode"
         try:
-            if str(self.conn.execute(mode).fetchall()[0][0]).lower() == "wal":
-                self.conn.execute(mode + "=DELETE").fetchall()
+            if str(self.conn.execute(mode).fetchall()[0][0]).lower() != "wal":
+                return
+            now = self.conn.execute(mode + "=DELETE").fetchall()[0][0]
         except (_c.BusyError, _c.LockedError):
             if self.new is not None:
                 raise
+            return
+        if self.new is None and str(now).lower() == "delete":
+            self._remove_stale_wal()
+
+    def _remove_stale_wal(self) -> None:
+        """Leaving WAL mode checkpointed every frame into the file, but
+        SQLite carries on when it cannot delete the -wal (a failed xDelete).
+        A -wal beside a rollback-journal database is not harmless: the next
+        connection to open the file finds it, goes back to WAL mode and
+        replays it over whatever was written since.  So it is removed here
+        (a new target's is removed once it is closed, see settle), under an
+        exclusive lock: no other connection is reading the file (one in WAL
+        mode would hold a shared lock all along) or can open it meanwhile.
+        If one took it first, it found the -wal and made it its own: then
+        it is left, as the WAL mode is (see _to_rollback_journal)."""
+        assert self.conn is not None
+        if not any(os.path.lexists(self.file + s) for s in ("-wal", "-shm")):
+            return
+        try:
+            self.conn.execute("BEGIN EXCLUSIVE").fetchall()
+        except (_c.BusyError, _c.LockedError):
+            return
+        try:
+            for side in ("-wal", "-shm"):
+                if os.path.lexists(self.file + side):
+                    os.remove(self.file + side)
+        except OSError as exc:
+            error = _c.IOError(
+                f"the copy in the target {self.file!r} is complete, but SQLite "
+                f"left its old {side} file beside it and removing that failed: "
+                f"{exc.strerror or exc}. Remove {self.file + side!r} before the "
+                "target is opened again: SQLite would replay it over the copy"
+            )
+            raise _with_codes(error, _c.SQLITE_IOERR, _SQLITE_IOERR_DELETE) from exc
+        finally:
+            self.conn.execute("COMMIT").fetchall()
 
     def publish(self) -> None:
         if self.new is not None:

@@ -25,6 +25,9 @@ from cli_helpers import (
 )
 from copy_helpers import make_source, make_target, query
 
+import apsw_backup
+from apsw_backup import cli
+
 
 @pytest.fixture
 def source(tmp_path):
@@ -230,6 +233,36 @@ def test_verification_failure_of_an_existing_dest_says_it_holds_the_failed_copy(
     assert f"DEST '{dest}' holds the copy that failed verification" in proc.stderr
     assert json_of(proc)["dest_state"] == "failed verification"
     assert query(dest, "SELECT count(*) FROM t") == [(50,)]  # the copy is there
+
+
+@pytest.mark.parametrize(
+    "code, cls",
+    [
+        (266, apsw_backup.IOError),  # SQLITE_IOERR_READ
+        (10, apsw_backup.IOError),
+        (7, apsw_backup.NoMemError),
+        (11, None),  # SQLITE_CORRUPT: the file's content, a real problem
+        (779, None),  # SQLITE_CORRUPT_PAGE
+    ],
+)
+def test_a_page_integrity_check_could_not_read_is_a_failure_to_check(code, cls):
+    """integrity_check lists a page it could not read among the file's
+    problems; an I/O error or out-of-memory there is not a damaged copy
+    (the fault sweep's CLI case shows it end to end)."""
+    found = [
+        "*** in database main ***\n"
+        f"Page 3: unable to get the page. error code={code}\n"
+        "Page 13 is never used"
+    ]
+    if cls is None:
+        cli._raise_read_failure(found)  # left to be reported as found
+        return
+    with pytest.raises(cls) as info:
+        cli._raise_read_failure(found)
+    assert info.value.extendedresult == code
+    assert info.value.result == code & 0xFF
+    assert "Page 3" in str(info.value)
+    assert "says nothing about the file's content" in str(info.value)
 
 
 def test_no_verify_skips_the_check_of_a_damaged_copy(tmp_path):

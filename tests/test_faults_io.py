@@ -89,33 +89,18 @@ def _last_read_of_cli(harness, case):
     return calls["read"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known defect: apsw_backup/cli.py calls a failed read during its "
-    "integrity_check 'verification failed ... SOURCE is damaged too' (exit 3)",
-)
 def test_cli_read_error_while_verifying_is_reported_as_an_io_error(harness):
     # The last read of the run is the verification's.
     last = _last_read_of_cli(harness, "existing")
     _, injected, problems, _, _ = harness.one("existing", "cli", "read", last, False)
     assert injected
-    assert iofaults.KNOWN_CLI_VERIFY not in problems
     assert problems == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known defect: when deleting DEST-wal fails as copy() switches an "
-    "EXISTING target that became a copy of a WAL source back to "
-    "rollback-journal mode, SQLite carries on and copy() reports success "
-    "with a stale DEST-wal beside DEST (other connections may have DEST "
-    "open, so copy() does not remove it; a new target's is removed)",
-)
 def test_a_successful_copy_leaves_no_wal_beside_dest_when_its_delete_fails(harness):
     # The second xDelete of the run is the one of DEST-wal.
     _, injected, problems, failed, _ = harness.one(
         "wal-source", "copy-path", "delete", 2, False
     )
     assert injected and not failed
-    assert iofaults.KNOWN_STALE_WAL not in problems
     assert problems == []
