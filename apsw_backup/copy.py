@@ -399,6 +399,16 @@ class _SourceSide:
                 self.conn, self.schema = self.snapshot_conn, "main"
                 self.snapshot = self.snapshot_done = True
 
+    def snapshot_moves(self) -> bool:
+        """Whether take_snapshot() would move the copy off the caller's
+        connection onto a snapshot connection of copy()'s own."""
+        return (
+            self.user is not None
+            and self.conn is self.user
+            and bool(self.file)
+            and not self._in_transaction(self.user)
+        )
+
     @staticmethod
     def _in_transaction(conn: _c.Connection) -> bool:
         try:
@@ -771,7 +781,6 @@ class _Copy:
         self._locked_since = 0.0  # when the current run of locked steps began
         self._in_use_since = 0.0
         self._backup: _c.Backup | None = None
-        self._backup_source: _c.Connection | None = None
         # Every argument and path is checked before anything is created.
         self._src = _SourceSide(source, options)
         self._dst = _TargetSide(target, options)
@@ -809,18 +818,16 @@ class _Copy:
         backup = self._dst.conn.backup(
             self._dst.schema, self._src.conn, self._src.schema
         )
-        self._backup_source = self._src.conn
         return backup
 
-    def _replace_backup(self, restart: bool) -> None:
-        """Finish the Backup (the target rolled back) and begin a fresh one
+    def _retire_backup(self, restart: bool) -> None:
+        """Finish the Backup (the target rolled back); the next one begins
         from the source side's current connection; `restart`: count it."""
         old = self._backup
         assert old is not None
         self._restarts += old.restarts + (1 if restart else 0)
         self._backup = None
         old.close(True)
-        self._backup = self._new_backup()
 
     def close(self) -> None:
         """Finish the backup, end the snapshot, close what was opened here."""
@@ -841,15 +848,20 @@ class _Copy:
         thread is using right now (the first step also begins the Backup).
         """
         try:
-            if self._backup is None:
-                self._backup = self._new_backup()
-            elif not self._backup:
+            if self._backup is not None and not self._backup:
                 raise _c.ConnectionClosedError(FINISHED_OUTSIDE)
             if self._snapshot_due():
+                if self._backup is not None and self._src.snapshot_moves():
+                    # The Backup reading through the caller's connection is
+                    # finished before the snapshot's read lock is taken:
+                    # finishing it waits for another thread's call on that
+                    # connection, which may be a write waiting for the very
+                    # lock the snapshot holds (a deadlock until its busy
+                    # timeout).  Its pages are copied again from the snapshot.
+                    self._retire_backup(restart=self._backup.page_count > 0)
                 self._src.take_snapshot()
-                if self._src.conn is not self._backup_source:
-                    # Pages copied from the other connection are copied again.
-                    self._replace_backup(restart=self._backup.page_count > 0)
+            if self._backup is None:
+                self._backup = self._new_backup()
         except _c.ThreadingViolationError as exc:
             return exc
         self._steps += 1

@@ -18,6 +18,7 @@ return and then vanish.
 """
 
 import sqlite3
+import sys
 import threading
 import time
 
@@ -26,6 +27,8 @@ from copy_helpers import make_source, query
 
 import apsw_backup
 from apsw_backup import copy
+
+copy_module = sys.modules["apsw_backup.copy"]
 
 OK, DONE, BUSY = apsw_backup.SQLITE_OK, apsw_backup.SQLITE_DONE, apsw_backup.SQLITE_BUSY
 BOUND = 20
@@ -39,6 +42,7 @@ class OtherWriter:
         self._path = str(path)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
+        self.error = None
 
     def _run(self):
         db = sqlite3.connect(self._path, timeout=BOUND, isolation_level=None)
@@ -46,6 +50,10 @@ class OtherWriter:
         try:
             while not self._stop.wait(0.002):
                 db.execute("INSERT INTO w(at) VALUES (-1)")
+        except sqlite3.Error as exc:
+            # With a busy timeout far longer than any copy here, a locked
+            # error means a lock was held for BOUND seconds: a deadlock.
+            self.error = exc
         finally:
             db.close()
 
@@ -57,6 +65,7 @@ class OtherWriter:
         self._stop.set()
         self._thread.join(BOUND)
         assert not self._thread.is_alive()
+        assert self.error is None, f"the other writer failed: {self.error!r}"
 
 
 def written(path):
@@ -172,7 +181,7 @@ def test_writes_from_another_thread_during_copy_are_never_lost(
     src = apsw_backup.Connection(str(live))
     src.set_busy_timeout(BOUND * 1000)
     thread_conn = src if source_kind == "connection" else None
-    recorded, refused = [], []
+    recorded, refused, failed = [], [], []
     stop = threading.Event()
 
     def write_all_along():
@@ -186,6 +195,12 @@ def test_writes_from_another_thread_during_copy_are_never_lost(
                     conn.execute("INSERT INTO w(n) VALUES (?)", (n,))
                 except apsw_backup.ThreadingViolationError:
                     refused.append(n)  # the source was busy in a step: told
+                except apsw_backup.Error as exc:
+                    # BusyError after a BOUND-second busy timeout: copy()
+                    # held the lock this write waited for while it waited
+                    # for this call (fixed: a deadlock, 1 run in 3).
+                    failed.append(exc)
+                    return
                 else:
                     recorded.append(n)
                 time.sleep(0.001)
@@ -214,6 +229,7 @@ def test_writes_from_another_thread_during_copy_are_never_lost(
         stop.set()
         src.close()
 
+    assert failed == []
     assert recorded
     assert set(recorded) <= written(live)
     assert not set(refused) & written(live)
@@ -241,3 +257,82 @@ def test_caller_connection_is_never_in_a_transaction_during_a_snapshot_copy(
     assert result.restarts == 0  # held from the first step
     assert states
     assert all(states)
+
+
+@pytest.mark.parametrize("snapshot", [True, "auto"])
+def test_a_write_on_the_callers_connection_waiting_for_the_snapshot_is_no_deadlock(
+    tmp_path, monkeypatch, snapshot
+):
+    """Another thread's write on the caller's source connection, begun just
+    as copy() takes its snapshot, waits for the snapshot's read lock to
+    commit.  copy() must not wait for that call meanwhile: it used to finish
+    the Backup reading through that connection only after taking the
+    snapshot, and finishing waits for the connection's call -- each waited
+    for the other until the write's busy timeout (BusyError)."""
+    live = make_source(tmp_path / "live.db", rows=300, journal="delete")
+    src = apsw_backup.Connection(str(live))
+    src.set_busy_timeout(3000)
+    outcome = {}
+
+    def write():
+        try:
+            src.execute("INSERT INTO w(n) VALUES (42)")
+            outcome["written"] = True
+        except apsw_backup.Error as exc:
+            outcome["error"] = exc
+
+    writer = threading.Thread(target=write, daemon=True)
+    real = copy_module._SourceSide.take_snapshot
+
+    def take_snapshot_then_write(self):
+        real(self)
+        if self.snapshot and not outcome.get("started"):
+            outcome["started"] = True
+            writer.start()
+            deadline = time.monotonic() + BOUND
+            while time.monotonic() < deadline:  # until the write is waiting
+                try:
+                    src.get_autocommit()
+                except apsw_backup.ThreadingViolationError:
+                    break
+                time.sleep(0.001)
+            time.sleep(0.05)  # at its commit, for the snapshot's lock
+
+    monkeypatch.setattr(
+        copy_module._SourceSide, "take_snapshot", take_snapshot_then_write
+    )
+    # "auto" takes its snapshot after restarts: a first step, then one by
+    # another connection's commit, make the Backup on `src` copy pages first.
+    progress_calls = []
+
+    def progress(status, remaining, total):
+        progress_calls.append(status)
+        if snapshot == "auto" and not outcome.get("started"):
+            other = sqlite3.connect(str(live), isolation_level=None)
+            other.execute("INSERT INTO w(n) VALUES (-1)")
+            other.close()
+
+    try:
+        started = time.monotonic()
+        result = copy(
+            src,
+            tmp_path / "dest.db",
+            pages=5,
+            snapshot=snapshot,
+            sleep=0.01,
+            progress=progress,
+        )
+        writer.join(BOUND)
+        elapsed = time.monotonic() - started
+    finally:
+        src.close()
+    assert outcome.get("started") and result.snapshot
+    assert not writer.is_alive()
+    assert outcome.get("error") is None, outcome
+    assert outcome.get("written")
+    assert elapsed < 2.5, (
+        f"the write waited for copy() and copy() for it: {elapsed:.1f} s"
+    )
+    assert query(live, "SELECT count(*) FROM w WHERE n = 42") == [(1,)]
+    assert query(tmp_path / "dest.db", "PRAGMA integrity_check") == [("ok",)]
+    assert query(tmp_path / "dest.db", "SELECT count(*) FROM t") == [(300,)]
