@@ -34,15 +34,26 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-import run as bench  # noqa: E402 (run.py sits beside this file)
+import bench  # noqa: E402 (bench.py sits beside this file)
 
 COLLECTED = re.compile(r"Collected : (\d+)")
+
+
+def _package_parent() -> str:
+    import apsw_backup
+
+    return os.path.dirname(os.path.dirname(os.path.abspath(apsw_backup.__file__)))
 
 
 def callgrind(cmd: list[str], out: Path) -> int:
     # A fixed hash seed makes the two runs of one contender do the same work
     # outside the backup, so that work cancels out in the difference.
-    env = dict(os.environ, PYTHONHASHSEED="0")
+    # The interpreter runs by its real path (valgrind follows no shim), which
+    # leaves any virtual environment: its import path is passed on instead.
+    # (An editable install is found through a .pth file, which PYTHONPATH
+    # does not read: the folder apsw_backup is imported from goes first.)
+    path = os.pathsep.join([_package_parent(), *(p for p in sys.path if p)])
+    env = dict(os.environ, PYTHONHASHSEED="0", PYTHONPATH=path)
     proc = subprocess.run(
         ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", *cmd],
         capture_output=True,

@@ -14,51 +14,36 @@
 #include <pthread.h>
 #include <time.h>
 
-/* Deeper nesting than this needs callbacks calling back into callbacks
- * 16 deep; past it in_call_here() answers yes, which only ever refuses. */
-#define MAX_CALL_DEPTH 16
-
-static _Thread_local const void *calls_here[MAX_CALL_DEPTH];
-static _Thread_local int call_depth;
+_Thread_local CallStack call_stack;
 
 void
-call_enter(void *object, int *inuse)
+calls_at_rest(void)
 {
-    (*inuse)++;
-    if (call_depth < MAX_CALL_DEPTH) {
-        calls_here[call_depth] = object;
+    /* This thread is in none of our calls now: a finish or finalize
+     * deferred while its connection was busy may be due. */
+    if (pending_finishes != NULL) {
+        backup_finish_pending();
     }
-    call_depth++;
-}
-
-void
-call_leave(int *inuse)
-{
-    (*inuse)--;
-    call_depth--;
-    if (call_depth == 0) {
-        /* This thread is in none of our calls now: a finish or finalize
-         * deferred while its connection was busy may be due. */
-        if (pending_finishes != NULL) {
-            backup_finish_pending();
-        }
-        if (statements_pending()) {
-            statements_finalize_pending(NULL);
-        }
+    if (statements_pending()) {
+        statements_finalize_pending(NULL);
     }
 }
 
+/* Deeper nesting than MAX_CALL_DEPTH needs callbacks calling back into
+ * callbacks 16 deep; past it in_call_here() answers yes, which only ever
+ * refuses. */
 int
 in_call_here(const void *object)
 {
+    const CallStack *here = &call_stack;
     if (object == NULL) {
         return 0;
     }
-    if (call_depth > MAX_CALL_DEPTH) {
+    if (here->depth > MAX_CALL_DEPTH) {
         return 1;
     }
-    for (int i = 0; i < call_depth; i++) {
-        if (calls_here[i] == object) {
+    for (int i = 0; i < here->depth; i++) {
+        if (here->objects[i] == object) {
             return 1;
         }
     }
@@ -68,26 +53,27 @@ in_call_here(const void *object)
 int
 in_any_call_here(void)
 {
-    return call_depth > 0;
+    return call_stack.depth > 0;
 }
 
 int
 call_depth_here(void)
 {
-    return call_depth;
+    return call_stack.depth;
 }
 
 int
 calls_here_count(const void *object)
 {
+    const CallStack *here = &call_stack;
     int count = 0;
     if (object == NULL) {
         return 0;
     }
-    for (int i = 0; i < call_depth && i < MAX_CALL_DEPTH; i++) {
-        count += calls_here[i] == object;
+    for (int i = 0; i < here->depth && i < MAX_CALL_DEPTH; i++) {
+        count += here->objects[i] == object;
     }
-    return call_depth > MAX_CALL_DEPTH ? count + 1 : count;
+    return here->depth > MAX_CALL_DEPTH ? count + 1 : count;
 }
 
 void

@@ -216,12 +216,17 @@ def targets(s: dict) -> list[dict]:
         )
     for name, c in s["cases"].items():
         if "pause" in name and "p99_vs_none" in c and "copy_vs_defaults" in c:
+            # A pacing copy() could adopt: it would have to keep the copy
+            # within 1.2x of the defaults.  Not the default (which needs
+            # none), so reported, not judged.
+            paced_ok = c["p99_vs_none"] <= 1.3 and c["copy_vs_defaults"] <= 1.2
             out.append(
                 target(
-                    f"wal_writer_latency: {name}: p99 <= 1.3x none, copy <= 1.2x "
-                    "defaults",
+                    f"wal_writer_latency: {name} (pacing, not the default): "
+                    "p99 <= 1.3x none, copy <= 1.2x defaults",
                     f"{c['p99_vs_none']:.2f}x, {c['copy_vs_defaults']:.2f}x",
-                    c["p99_vs_none"] <= 1.3 and c["copy_vs_defaults"] <= 1.2,
+                    None,
+                    "would qualify" if paced_ok else "would not qualify",
                 )
             )
     return out
