@@ -440,10 +440,18 @@ def _planned(args: argparse.Namespace) -> Job:
     try:
         return _plan(args)
     except Failure as failure:
+        existed = os.path.lexists(args.dest)
         failure.fields.update(
             source=args.source,
             dest=args.dest,
-            dest_state="unchanged" if os.path.lexists(args.dest) else "not created",
+            dest_state="unchanged" if existed else "not created",
+        )
+        # Nothing was written: the message ends by saying so, as every
+        # failure's does.
+        failure.message = failure.message.rstrip(".") + (
+            f". DEST {_q(args.dest)} was left as it was"
+            if existed
+            else f". DEST {_q(args.dest)} was not created"
         )
         raise
 
@@ -921,9 +929,19 @@ def integrity_problems(
         return [str(error)]
     if error is not None:
         raise error
-    found = [str(row[0]) for row in outcome["rows"]]
-    _raise_read_failure(found)
-    return [] if found == ["ok"] else found
+    # Some SQLite versions answer the whole list as one row, one problem a
+    # line ("*** in database main ***" heads it): count problems, not rows.
+    rows = [str(row[0]) for row in outcome["rows"]]
+    if rows == ["ok"]:
+        return []
+    found = [
+        line
+        for row in rows
+        for line in row.splitlines()
+        if line.strip() and not line.startswith("*** in database ")
+    ]
+    _raise_read_failure(found or rows)
+    return found or rows
 
 
 # integrity_check reports a page it could not read as a problem of the file
@@ -1459,8 +1477,9 @@ class ProgressLine:
         self._drawn_at = self._clock()
         width = terminal_columns(self._stream)
         line = fit([parts, self.terse(parts)], width)
-        # Blank out what is left of a longer previous line, within the width.
-        self._stream.write("\r" + line.ljust(min(self._width, width - 1)))
+        # Blank out what is left of a longer previous line, within the width,
+        # and the two columns after it, where the terminal echoes "^C".
+        self._stream.write("\r" + line.ljust(min(self._width + 2, width - 1)))
         self._stream.flush()
         self._width = len(line)
 

@@ -246,3 +246,42 @@ def test_non_empty_dest_refusal_with_json(source, tmp_path):
     assert_failed(proc, 2, "pass --overwrite")
     assert json_of(proc)["exit_code"] == 2
     assert query(dest, "SELECT note FROM old") == [("old content",)]
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "source missing",
+        "source a folder",
+        "source not a database",
+        "dest folder missing",
+    ],
+)
+def test_a_failed_check_before_anything_is_written_ends_saying_dest_was_not_created(
+    tmp_path, case
+):
+    source = tmp_path / "source.db"
+    dest = tmp_path / "dest.db"
+    if case == "source a folder":
+        source.mkdir()
+    elif case == "source not a database":
+        source.write_bytes(os.urandom(8192))
+    elif case == "dest folder missing":
+        make_source(source)
+        dest = tmp_path / "nowhere" / "dest.db"
+    proc = run("--json", source, dest)
+    assert proc.returncode in (1, 2), proc.stderr
+    assert proc.stderr.rstrip().endswith(f"DEST '{dest}' was not created"), proc.stderr
+    assert json_of(proc)["error"]["message"].endswith("was not created")
+    assert json_of(proc)["dest_state"] == "not created"
+    assert not dest.exists()
+
+
+def test_a_refusal_of_an_existing_dest_ends_saying_it_was_left_as_it_was(
+    source, tmp_path
+):
+    dest = make_target(tmp_path / "dest.db")
+    proc = run(source, dest)
+    assert_failed(proc, 2, "pass --overwrite")
+    assert proc.stderr.rstrip().endswith(f"DEST '{dest}' was left as it was")
+    assert query(dest, "SELECT note FROM old") == [("old content",)]
