@@ -13,6 +13,12 @@ rotated, 7 rounds (quick 1):
 Then, on one copy, the verification on its own, in a fresh process each:
 `PRAGMA integrity_check` and the cheaper `PRAGMA quick_check` (which skips
 checking that every index matches its table), 3 runs each (quick 1).
+
+The shell is the system's: when it cannot start against the SQLite this
+process loads (.ci/sqlite-versions points LD_LIBRARY_PATH at another build,
+which may lack symbols the system shell links to), it is reported as
+unusable here, with its error, and the ratio is not measured.  Both SQLite
+versions are recorded, since the ratio compares the two builds.
 Target (SPEC 6): apsw-backup --no-verify <= 1.1x the shell (paired median).
 """
 
@@ -27,6 +33,7 @@ from pathlib import Path
 from bench import Context, child, paired, remove_db, rotated, summary, target
 
 KEY = "cli_vs_shell"
+SHELL = "sqlite3 shell .backup"
 
 
 def commands(source: str, dest: str) -> dict[str, list[str] | None]:
@@ -43,17 +50,45 @@ def commands(source: str, dest: str) -> dict[str, list[str] | None]:
     }
 
 
+def shell_sqlite_version(shell: str) -> tuple[str | None, str | None]:
+    """(the shell's SQLite version, None) or (None, why it cannot run here)."""
+    proc = subprocess.run(
+        [shell, ":memory:", "SELECT sqlite_version()"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    if proc.returncode != 0:
+        return None, (proc.stderr or proc.stdout).strip()[-300:]
+    return proc.stdout.strip(), None
+
+
 def run(ctx: Context) -> dict:
+    import apsw_backup
+
     mb = getattr(ctx.a, "cli_mb", None) or (8 if ctx.quick else 300)
     source = ctx.database("cli", mb, "delete")
     rounds = ctx.rounds(7, 1)
     cmds = {k: v for k, v in commands(source["path"], ctx.dest).items() if v}
+    unusable = {}
+    shell_version = None
+    if SHELL in cmds:
+        shell_version, why = shell_sqlite_version(cmds[SHELL][0])
+        if why is not None:
+            unusable[SHELL] = why
+            del cmds[SHELL]
     result = {
         "title": "whole-process backup to a new file",
         "source": source,
         "rounds": rounds,
+        "sqlite": {
+            "apsw-backup": apsw_backup.sqlite_lib_version(),
+            SHELL: shell_version,
+        },
         "commands": {k: " ".join(v) for k, v in cmds.items()},
         "missing": [k for k, v in commands("S", "D").items() if not v],
+        "unusable": unusable,
         "runs": {k: [] for k in cmds},
         "errors": {},
     }
@@ -112,8 +147,15 @@ def targets(s: dict) -> list[dict]:
                 r["paired_vs_shell"] <= 1.1,
             )
         )
-    elif "sqlite3 shell .backup" in s["missing"]:
+    elif SHELL in s["missing"]:
         out.append(target("cli_vs_shell: no sqlite3 shell on PATH", "-", None))
+    elif SHELL in s.get("unusable", {}):
+        why = s["unusable"][SHELL].splitlines()[-1]
+        out.append(
+            target(
+                f"cli_vs_shell: the sqlite3 shell cannot run here ({why})", "-", None
+            )
+        )
     ic = s["checks"]["integrity_check"]["median"]
     qc = s["checks"]["quick_check"]["median"]
     out.append(
@@ -143,8 +185,13 @@ def table(s: dict) -> list[str]:
         w(f"  PRAGMA {name:25} {c['median']:>9.3f} {c['min']:>7.3f} {c['max']:>7.3f}")
     for name, cmd in s["commands"].items():
         w(f"  {name}: {cmd}")
+    for name, version in s.get("sqlite", {}).items():
+        if version:
+            w(f"  {name}: SQLite {version}")
     for name in s["missing"]:
         w(f"  {name}: not available")
+    for name, why in s.get("unusable", {}).items():
+        w(f"  {name}: cannot run against the SQLite loaded here: {why}")
     for name, err in s["errors"].items():
         w(f"  {name}: ERROR {err}")
     return lines
