@@ -945,10 +945,14 @@ def integrity_problems(
 
 
 # integrity_check reports a page it could not read as a problem of the file
-# ("Page 3: unable to get the page. error code=266"), and the pages only it
-# led to as "never used".  An I/O error or out-of-memory there says nothing
-# about the file's content: it is a failure to check, not a damaged copy.
-_UNREADABLE_PAGE = re.compile(r"(Page \d+): unable to get the page\. error code=(\d+)")
+# ("Page 3: unable to get the page. error code=266" before SQLite 3.46, "Tree 2
+# page 3: ..." from 3.46 on), and the pages or index entries only it led to
+# as "never used" or "wrong # of entries".  An I/O error or out-of-memory
+# there says nothing about the file's content: it is a failure to check, not
+# a damaged copy.
+_UNREADABLE_PAGE = re.compile(
+    r"((?:Tree \d+ page|Page) \d+): unable to get the page\. error code=(\d+)"
+)
 _READ_FAILURES = {
     apsw_backup.SQLITE_IOERR: apsw_backup.IOError,
     apsw_backup.SQLITE_NOMEM: apsw_backup.NoMemError,

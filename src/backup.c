@@ -232,13 +232,51 @@ schema_vfs(sqlite3 *db, const char *name)
     return vfs;
 }
 
+/* The memdb VFS names a schema's store in SQLITE_FCNTL_VFSNAME as
+ * "memdb(<address of its content>,<size>)": connections sharing one store
+ * ("/name") show one address.  Copies "memdb(<address>" into id (the size
+ * may differ between the two answers); 0 when the schema is not memdb or
+ * its store holds nothing yet (no address to tell two stores apart). */
+static int
+memdb_store_id(sqlite3 *db, const char *name, char *id, size_t size)
+{
+    char *vfsname = NULL;
+    int found = 0;
+    if (sqlite3_file_control(db, name, SQLITE_FCNTL_VFSNAME, &vfsname)
+            != SQLITE_OK
+        || vfsname == NULL) {
+        goto done;
+    }
+    const char *comma = strchr(vfsname, ',');
+    size_t length = comma == NULL ? 0 : (size_t)(comma - vfsname);
+    if (strncmp(vfsname, "memdb(", 6) != 0 || length <= 6 || length >= size
+        || strncmp(vfsname + 6, "(nil)", 5) == 0
+        || strncmp(vfsname + 6, "0x0,", 4) == 0) {
+        goto done;
+    }
+    memcpy(id, vfsname, length);
+    id[length] = '\0';
+    found = 1;
+done:
+    sqlite3_free(vfsname);
+    return found;
+}
+
 /* Two schemas with one name in one VFS that names no file (the memdb VFS
- * shares "/name" between connections): one database. */
+ * shares "/name" between connections): one database.  SQLite 3.40 reports
+ * that name as the schema's filename, 3.46 and later report "": so the
+ * store itself is compared first. */
 static int
 same_named_database(sqlite3 *dest, const char *dname, const char *dfn,
                     sqlite3 *source, const char *sname, const char *sfn)
 {
     struct stat st;
+    char did[64], sid[64];
+    if (memdb_store_id(dest, dname, did, sizeof(did))
+        && memdb_store_id(source, sname, sid, sizeof(sid))
+        && strcmp(did, sid) == 0) {
+        return 1;
+    }
     /* Only "/name" is shared (memdb): other names are private to each
      * connection, whatever they are called. */
     if (dfn == NULL || sfn == NULL || dfn[0] != '/' || strcmp(dfn, sfn) != 0
