@@ -6,6 +6,7 @@
  */
 #include "apsw_backup.h"
 #include <stdarg.h>
+#include <string.h>
 
 static const struct {
     int code;
@@ -202,5 +203,17 @@ raise_db_error(ModuleState *st, sqlite3 *db, int rc)
         && (sqlite3_extended_errcode(db) & 0xff) == rc) {
         rc = sqlite3_extended_errcode(db);
     }
-    return raise_sqlite_error(st, rc, db ? sqlite3_errmsg(db) : NULL);
+    const char *msg = db ? sqlite3_errmsg(db) : NULL;
+    /* SQLite's "disk I/O error" and "unable to open database file" do not
+     * say why; the OS error it kept for this failure does. */
+    int err = db ? sqlite3_system_errno(db) : 0;
+    if (err != 0 && msg != NULL
+        && ((rc & 0xff) == SQLITE_IOERR || (rc & 0xff) == SQLITE_CANTOPEN)
+        && strstr(msg, "OS error") == NULL) {
+        char text[1024];
+        PyOS_snprintf(text, sizeof(text), "%s (OS error: %s)", msg,
+                      strerror(err));
+        return raise_sqlite_error(st, rc, text);
+    }
+    return raise_sqlite_error(st, rc, msg);
 }

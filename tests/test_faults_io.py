@@ -104,3 +104,14 @@ def test_a_successful_copy_leaves_no_wal_beside_dest_when_its_delete_fails(harne
     )
     assert injected and not failed
     assert problems == []
+
+
+def test_a_failed_statement_names_the_os_error(harness):
+    # copy() into an existing file runs statements of its own (the target's
+    # pragmas, the journal-mode switch, the check); an I/O error from one of
+    # them carries the OS error SQLite kept (sqlite3_system_errno), not a
+    # bare "disk I/O error".  Failed steps name it through their own file.
+    report = harness.sweep("existing", "copy-path", ["read", "write"], iofaults.every)
+    assert report.problems == []
+    bare = [g for g in report.message_gaps if g.rstrip().endswith("disk I/O error")]
+    assert bare == []
