@@ -413,18 +413,21 @@ class Job:
 
     def says(self) -> str:
         """state() as a sentence."""
-        dest = _q(self.dest)
-        return {
-            "not created": f"DEST {dest} was not created",
-            "unchanged": f"DEST {dest} was left as it was",
-            "verified": f"DEST {dest} holds the complete, verified copy",
-            "failed verification": f"DEST {dest} holds the copy that failed "
-            "verification",
-            "unverified": f"DEST {dest} holds the complete copy, but it was not "
-            f"verified: check it with {PROG} verify {shlex.quote(self.dest)}",
-            "complete": f"DEST {dest} holds the complete copy (not verified: "
-            "--no-verify)",
-        }[self.state()]
+        return dest_says(self.dest, self.state())
+
+
+def dest_says(dest: str, state: str) -> str:
+    """What DEST holds, as a sentence, for a "dest_state" of --json."""
+    q = _q(dest)
+    return {
+        "not created": f"DEST {q} was not created",
+        "unchanged": f"DEST {q} was left as it was",
+        "verified": f"DEST {q} holds the complete, verified copy",
+        "failed verification": f"DEST {q} holds the copy that failed verification",
+        "unverified": f"DEST {q} holds the complete copy, but it was not "
+        f"verified: check it with {PROG} verify {shlex.quote(dest)}",
+        "complete": f"DEST {q} holds the complete copy (not verified: --no-verify)",
+    }[state]
 
 
 def _q(path: str) -> str:
@@ -440,18 +443,12 @@ def _planned(args: argparse.Namespace) -> Job:
     try:
         return _plan(args)
     except Failure as failure:
-        existed = os.path.lexists(args.dest)
-        failure.fields.update(
-            source=args.source,
-            dest=args.dest,
-            dest_state="unchanged" if existed else "not created",
-        )
+        state = "unchanged" if os.path.lexists(args.dest) else "not created"
+        failure.fields.update(source=args.source, dest=args.dest, dest_state=state)
         # Nothing was written: the message ends by saying so, as every
         # failure's does.
-        failure.message = failure.message.rstrip(".") + (
-            f". DEST {_q(args.dest)} was left as it was"
-            if existed
-            else f". DEST {_q(args.dest)} was not created"
+        failure.message = (
+            f"{failure.message.rstrip('.')}. {dest_says(args.dest, state)}"
         )
         raise
 

@@ -74,6 +74,28 @@ db_txn_state(sqlite3 *db, const char *schema)
     return sqlite3_txn_state(db, schema);
 }
 
+/* Whether db has a schema of that name (main and temp always exist). */
+static inline int
+db_has_schema(sqlite3 *db, const char *schema)
+{
+    if (sqlite3_stricmp(schema, "main") == 0
+        || sqlite3_stricmp(schema, "temp") == 0) {
+        return 1;
+    }
+    if (HAVE_DB_NAME) {
+        for (int i = 0; sqlite3_db_name(db, i) != NULL; i++) {
+            if (sqlite3_stricmp(sqlite3_db_name(db, i), schema) == 0) {
+                return 1;
+            }
+        }
+        return 0;
+    }
+    if (HAVE_TXN_STATE) {
+        return sqlite3_txn_state(db, schema) >= 0;
+    }
+    return sqlite3_db_filename(db, schema) != NULL;
+}
+
 #define APSW_BACKUP_VERSION "0.1.0"
 
 /* CPython 3.12 and 3.13.0 headers return None, True and False without a new
@@ -109,6 +131,9 @@ typedef struct {
     PyTypeObject *BackupType;
     PyObject *Error;
     PyObject *ThreadingViolationError;
+    PyObject *InUseError; /* subclasses of ThreadingViolationError */
+    PyObject *ReentrancyError;
+    PyObject *DestinationLockedError;
     PyObject *ConnectionClosedError;
     PyObject *CursorClosedError;
     PyObject *BindingsError;
@@ -240,6 +265,20 @@ extern volatile unsigned long fork_generation;
 int install_fork_handler(void);
 PyObject *raise_forked(ModuleState *st, const char *what);
 #define FORKED(conn) ((conn)->fork_generation != fork_generation)
+
+/* header.c: a database file's header, read through SQLite's own handle
+ * (never a descriptor of ours: closing one drops SQLite's POSIX locks).
+ * read_file_header() copies up to `size` bytes of schema's file into buf:
+ * the count, 0 for an empty file, -1 when the schema has no file or the read
+ * failed.  It takes no lock: callers own db (and release the GIL). */
+typedef struct {
+    int is_database; /* starts with "SQLite format 3" */
+    int page_size;   /* 0 unless is_database */
+    int wal;         /* read and write versions 2 (WAL) */
+} FileHeader;
+int read_file_header(sqlite3 *db, const char *schema, unsigned char *buf,
+                     int size);
+void parse_file_header(const unsigned char *h, int length, FileHeader *out);
 
 /* errors.c */
 PyObject *raise_sqlite_error(ModuleState *st, int rc, const char *msg);

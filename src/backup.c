@@ -14,9 +14,7 @@
  */
 #include "apsw_backup.h"
 
-#include <fcntl.h>
 #include <sys/stat.h>
-#include <unistd.h>
 
 static int
 backup_forked(Backup *self)
@@ -38,7 +36,8 @@ backup_check(Backup *self)
     }
     if (self->inuse) {
         PyErr_SetString(
-            self->state->ThreadingViolationError,
+            in_call_here(self) ? self->state->ReentrancyError
+                               : self->state->InUseError,
             "The backup is in use by a call that has not returned "
             "(in another thread, or re-entrantly from a callback "
             "running inside step()); wait for that call to finish");
@@ -145,27 +144,6 @@ same_file(Connection *dest, const char *dname, Connection *source,
            && dino == sino;
 }
 
-/* Page size and WAL flag from a database file's 100-byte header (read
- * from the file, not through SQLite); 0 if it cannot be read. */
-static int
-header_page_size(const char *path, int *wal)
-{
-    unsigned char h[100];
-    *wal = 0;
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0) {
-        return 0;
-    }
-    ssize_t n = pread(fd, h, sizeof(h), 0);
-    close(fd);
-    if (n != (ssize_t)sizeof(h) || memcmp(h, "SQLite format 3", 16) != 0) {
-        return 0;
-    }
-    int size = (h[16] << 8) | h[17];
-    *wal = h[18] == 2 && h[19] == 2;
-    return size == 1 ? 65536 : size;
-}
-
 /* An int PRAGMA on schema of db (-1 when it fails).  The caller releases
  * the GIL. */
 static int
@@ -236,22 +214,24 @@ schema_vfs(sqlite3 *db, const char *name)
  * "memdb(<address of its content>,<size>)": connections sharing one store
  * ("/name") show one address.  Copies "memdb(<address>" into id (the size
  * may differ between the two answers); 0 when the schema is not memdb or
- * its store holds nothing yet (no address to tell two stores apart). */
+ * its store holds nothing yet (SQLite prints that NULL address as "0",
+ * which every empty store shares). */
 static int
 memdb_store_id(sqlite3 *db, const char *name, char *id, size_t size)
 {
+    static const char prefix[] = "memdb(";
+    const size_t skip = sizeof(prefix) - 1;
     char *vfsname = NULL;
     int found = 0;
     if (sqlite3_file_control(db, name, SQLITE_FCNTL_VFSNAME, &vfsname)
             != SQLITE_OK
-        || vfsname == NULL) {
+        || vfsname == NULL || strncmp(vfsname, prefix, skip) != 0) {
         goto done;
     }
-    const char *comma = strchr(vfsname, ',');
+    const char *comma = strchr(vfsname + skip, ',');
     size_t length = comma == NULL ? 0 : (size_t)(comma - vfsname);
-    if (strncmp(vfsname, "memdb(", 6) != 0 || length <= 6 || length >= size
-        || strncmp(vfsname + 6, "(nil)", 5) == 0
-        || strncmp(vfsname + 6, "0x0,", 4) == 0) {
+    if (length <= skip || length >= size
+        || (length == skip + 1 && vfsname[skip] == '0')) {
         goto done;
     }
     memcpy(id, vfsname, length);
@@ -338,7 +318,14 @@ check_pair(Backup *self, Connection *dconn, const char *dname,
         self->dest_page_size = pragma_int(dest, dname, "page_size");
     }
     else {
-        self->dest_page_size = header_page_size(dfn, &self->dest_wal);
+        /* Through SQLite's own handle: a descriptor of ours, once closed,
+         * would drop every POSIX lock this process holds on the file. */
+        unsigned char h[100];
+        FileHeader header;
+        parse_file_header(h, read_file_header(dest, dname, h, sizeof(h)),
+                          &header);
+        self->dest_page_size = header.page_size;
+        self->dest_wal = header.wal;
     }
     return PAIR_OK;
 }
@@ -925,7 +912,7 @@ backup_finish_allowed(Backup *self, Connection *closing)
 
     if (in_call_here(self) || own_calls(source, closing) > 0
         || own_calls(dest, closing) > 0) {
-        PyErr_Format(st->ThreadingViolationError,
+        PyErr_Format(st->ReentrancyError,
                      "cannot finish the backup (%U) from a callback running "
                      "inside a call on it or on its connections (a busy "
                      "handler, say): that call is still using them. Finish it "
@@ -939,7 +926,7 @@ backup_finish_allowed(Backup *self, Connection *closing)
         && (busy_here || source->inuse > (source == closing)
             || dest->inuse > (dest == closing))) {
         PyErr_Format(
-            st->ThreadingViolationError,
+            st->ReentrancyError,
             "cannot finish the backup (%U) from a callback (a busy "
             "handler, say) while another thread is inside it or its "
             "connections: it would wait for that thread, which may be "

@@ -41,7 +41,8 @@ connection_check(Connection *self, int what)
         return -1;
     }
     if (self->inuse) {
-        PyErr_SetString(st->ThreadingViolationError,
+        PyErr_SetString(in_call_here(self) ? st->ReentrancyError
+                                           : st->InUseError,
                         "The connection is in use by a call that has not "
                         "returned (in another thread, or re-entrantly from a "
                         "callback); wait for that call to finish");
@@ -50,7 +51,7 @@ connection_check(Connection *self, int what)
     if ((what & CHECK_UNLOCKED) && self->locked_by != NULL) {
         PyObject *msg = connection_locked_message(self);
         if (msg != NULL) {
-            PyErr_SetObject(st->ThreadingViolationError, msg);
+            PyErr_SetObject(st->DestinationLockedError, msg);
             Py_DECREF(msg);
         }
         return -1;
@@ -200,17 +201,9 @@ connection_init(Connection *self, PyObject *args, PyObject *kwds)
             PyErr_NoMemory();
             return -1;
         }
-        int err = sqlite3_system_errno(db);
-        if (((rc & 0xff) == SQLITE_CANTOPEN || (rc & 0xff) == SQLITE_IOERR)
-            && err != 0) {
-            /* SQLite's "unable to open database file" does not say why. */
-            raise_error_format(st, sqlite3_extended_errcode(db),
-                               "%s (OS error: %s)", sqlite3_errmsg(db),
-                               strerror(err));
-        }
-        else {
-            raise_db_error(st, db, rc);
-        }
+        /* With the OS error SQLite kept ("unable to open database file"
+         * does not say why). */
+        raise_db_error(st, db, rc);
         Py_BEGIN_ALLOW_THREADS
         sqlite3_close(db);
         Py_END_ALLOW_THREADS
@@ -572,7 +565,7 @@ connection_backup(Connection *self, PyObject *args, PyObject *kwds)
         return NULL;
     }
     if (self->locked_by != NULL) {
-        PyErr_SetString(st->ThreadingViolationError,
+        PyErr_SetString(st->DestinationLockedError,
                         "The destination connection already has an unfinished "
                         "Backup; finish it (backup.finish() or close()) "
                         "before starting another");
@@ -810,6 +803,43 @@ connection_txn_state(Connection *self, PyObject *args, PyObject *kwds)
     return PyLong_FromLong(state);
 }
 
+/* file_header(schema="main"): the first 100 bytes of the schema's file, read
+ * through SQLite's own file handle (README: never a descriptor of ours). */
+static PyObject *
+connection_file_header(Connection *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"schema", NULL};
+    PyObject *schema = NULL;
+    const char *cschema = "main";
+    unsigned char h[100];
+    int length;
+
+    GUARD_ALL(self);
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|U:file_header", kwlist,
+                                     &schema)) {
+        return NULL;
+    }
+    if (schema != NULL) {
+        cschema = name_argument(schema, "schema");
+        if (cschema == NULL) {
+            return NULL;
+        }
+    }
+    GUARD_ALL(self);
+    call_enter(self, &self->inuse);
+    Py_BEGIN_ALLOW_THREADS
+    length = read_file_header(self->db, cschema, h, sizeof(h));
+    Py_END_ALLOW_THREADS
+    call_leave(&self->inuse);
+    if (length < 0) {
+        if (!db_has_schema(self->db, cschema)) {
+            return raise_unknown_schema(self, schema);
+        }
+        length = 0; /* no file behind it (memory, temp not yet used) */
+    }
+    return PyBytes_FromStringAndSize((const char *)h, length);
+}
+
 static PyObject *
 connection_interrupt(Connection *self, PyObject *Py_UNUSED(ignored))
 {
@@ -961,6 +991,12 @@ static PyMethodDef connection_methods[] = {
      "txn_state(schema=None) -> int\n\nSQLITE_TXN_NONE, SQLITE_TXN_READ or "
      "SQLITE_TXN_WRITE: the transaction open on schema (None: the highest "
      "over all schemas)."},
+    {"file_header", (PyCFunction)(void (*)(void))connection_file_header,
+     METH_VARARGS | METH_KEYWORDS,
+     "file_header(schema=\"main\") -> bytes\n\nThe first 100 bytes of the "
+     "schema's database file (fewer if it is shorter; b\"\" when no file "
+     "backs it), read through SQLite's own file handle, so that no lock "
+     "SQLite holds is ever dropped."},
     {"interrupt", (PyCFunction)connection_interrupt, METH_NOARGS,
      "interrupt() -> None\n\nMake the statement running on this connection "
      "(in any thread) stop with InterruptError."},

@@ -58,6 +58,25 @@ static const struct {
      "child."},
 };
 
+/* ThreadingViolationError's three meanings, each its own subclass, so that
+ * a caller can tell the one worth waiting for from the two that waiting
+ * cannot clear. */
+static const struct {
+    const char *name;
+    const char *doc;
+} threading_errors[] = {
+    {"InUseError",
+     "Another thread is inside a call on this object (a step, a query): "
+     "retry once that call has returned."},
+    {"ReentrancyError",
+     "A callback (a busy handler, a progress function, a destructor) called "
+     "back into an object that the call it runs inside is still using: do "
+     "it after that call returns."},
+    {"DestinationLockedError",
+     "The connection is the destination of an unfinished Backup: finish the "
+     "backup (finish(), close() or the end of its with-block) first."},
+};
+
 static PyObject *
 new_exception(PyObject *module, const char *name, PyObject *base,
               const char *doc)
@@ -102,6 +121,17 @@ add_exceptions(PyObject *module, ModuleState *st)
         *lib_slots[i] = new_exception(module, library_errors[i].name,
                                       st->Error, library_errors[i].doc);
         if (*lib_slots[i] == NULL) {
+            return -1;
+        }
+    }
+    PyObject **threading_slots[] = {&st->InUseError, &st->ReentrancyError,
+                                    &st->DestinationLockedError};
+    for (size_t i = 0;
+         i < sizeof(threading_errors) / sizeof(threading_errors[0]); i++) {
+        *threading_slots[i] = new_exception(module, threading_errors[i].name,
+                                            st->ThreadingViolationError,
+                                            threading_errors[i].doc);
+        if (*threading_slots[i] == NULL) {
             return -1;
         }
     }

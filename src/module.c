@@ -166,6 +166,9 @@ module_traverse(PyObject *module, visitproc visit, void *arg)
     Py_VISIT(st->BackupType);
     Py_VISIT(st->Error);
     Py_VISIT(st->ThreadingViolationError);
+    Py_VISIT(st->InUseError);
+    Py_VISIT(st->ReentrancyError);
+    Py_VISIT(st->DestinationLockedError);
     Py_VISIT(st->ConnectionClosedError);
     Py_VISIT(st->CursorClosedError);
     Py_VISIT(st->BindingsError);
@@ -185,6 +188,9 @@ module_clear(PyObject *module)
     Py_CLEAR(st->BackupType);
     Py_CLEAR(st->Error);
     Py_CLEAR(st->ThreadingViolationError);
+    Py_CLEAR(st->InUseError);
+    Py_CLEAR(st->ReentrancyError);
+    Py_CLEAR(st->DestinationLockedError);
     Py_CLEAR(st->ConnectionClosedError);
     Py_CLEAR(st->CursorClosedError);
     Py_CLEAR(st->BindingsError);

@@ -2,6 +2,7 @@
 garbage-collected backups (issue 3, items 7, 8 and 9)."""
 
 import gc
+import os
 import sys
 import weakref
 
@@ -34,7 +35,7 @@ def dest_file_tables(connect):
 
 
 def assert_names_unfinished_backup(exc):
-    assert type(exc) is apsw_backup.ThreadingViolationError
+    assert type(exc) is apsw_backup.DestinationLockedError
     message = str(exc).lower()
     for word in LOCK_WORDS:
         assert word in message
@@ -388,3 +389,34 @@ def test_collected_finished_backup_reports_nothing(dest, src, monkeypatch):
     del b
     gc.collect()
     assert seen == []
+
+
+def test_creating_a_backup_leaves_other_connections_locks_in_place(tmp_path):
+    # backup() reads the destination's header (for the page-size message)
+    # through SQLite's own handle: a descriptor of its own, once closed,
+    # would drop the write lock another connection of this process holds.
+    dest_path = str(tmp_path / "d.db")
+    writer = apsw_backup.Connection(dest_path)
+    writer.execute("CREATE TABLE t(x)")
+    writer.execute("BEGIN IMMEDIATE; INSERT INTO t VALUES (1)")
+    ino = os.stat(dest_path).st_ino
+
+    def our_locks():
+        with open("/proc/locks") as f:
+            return sorted(
+                line.split(":", 1)[1].split()
+                for line in f
+                if f":{ino} " in line and f" {os.getpid()} " in line
+            )
+
+    before = our_locks()
+    assert before
+    source = apsw_backup.Connection(":memory:")
+    dest = apsw_backup.Connection(dest_path)
+    b = dest.backup("main", source, "main")
+    assert our_locks() == before
+    b.finish()
+    dest.close()
+    source.close()
+    writer.execute("COMMIT")
+    writer.close()

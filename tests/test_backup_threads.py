@@ -136,7 +136,7 @@ def test_backup_methods_from_busy_handler_are_threading_violation(sides, side):
 
     assert set(outcomes) == set(BACKUP_CALLS)
     for name, exc in outcomes.items():
-        assert type(exc) is apsw_backup.ThreadingViolationError, name
+        assert type(exc) is apsw_backup.ReentrancyError, name
     assert len(readable) == 1
     assert readable[0][:4] == (*before, True)
     # the refused calls did nothing: the backup carries on
@@ -249,7 +249,7 @@ def test_source_and_backup_from_another_thread_during_step_are_threading_violati
         b.step(5)
 
     for name in ("source", "step", "dest"):
-        assert type(seen[name]) is apsw_backup.ThreadingViolationError, name
+        assert type(seen[name]) is apsw_backup.InUseError, name
     assert seen["remaining"] is None
     assert b.step(-1) is True
     b.finish()

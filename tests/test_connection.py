@@ -488,3 +488,53 @@ def test_busy_handler_exception_comes_out_even_when_sqlite_gets_on(tmp_path):
     assert a.execute("SELECT x FROM t").fetchall() == [(1,)]
     reader.close()
     a.close()
+
+
+def test_file_header_reads_through_sqlites_own_handle(tmp_path):
+    path = tmp_path / "h.db"
+    conn = apsw_backup.Connection(str(path))
+    try:
+        assert conn.file_header() == b""  # nothing written yet
+        conn.execute("PRAGMA page_size=8192; CREATE TABLE t(x)")
+        header = conn.file_header()
+        assert len(header) == 100 and header.startswith(b"SQLite format 3\0")
+        assert int.from_bytes(header[16:18], "big") == 8192
+        conn.execute("PRAGMA journal_mode=wal")
+        assert conn.file_header("main")[18:20] == b"\x02\x02"
+        assert conn.file_header("temp") == b""  # no file behind it
+        with pytest.raises(apsw_backup.SQLError, match="unknown database 'nope'"):
+            conn.file_header("nope")
+        with pytest.raises(TypeError):
+            conn.file_header(3)
+    finally:
+        conn.close()
+    with pytest.raises(apsw_backup.ConnectionClosedError):
+        conn.file_header()
+
+
+def test_file_header_leaves_every_posix_lock_in_place(tmp_path):
+    # A read transaction holds a SHARED lock; reading the header through a
+    # descriptor of our own would drop it on close (sqlite.org/howtocorrupt).
+    path = str(tmp_path / "locks.db")
+    conn = apsw_backup.Connection(path)
+    conn.execute("CREATE TABLE t(x); INSERT INTO t VALUES (1)")
+    conn.execute("BEGIN; SELECT * FROM t").fetchall()
+    ino = os.stat(path).st_ino
+
+    def our_locks():
+        with open("/proc/locks") as f:
+            return sorted(
+                line.split(":", 1)[1].split()
+                for line in f
+                if f":{ino} " in line and f" {os.getpid()} " in line
+            )
+
+    before = our_locks()
+    assert before, "the read transaction should hold a lock"
+    conn.file_header()
+    other = apsw_backup.Connection(path, apsw_backup.SQLITE_OPEN_READONLY)
+    other.file_header()
+    other.close()
+    assert our_locks() == before
+    conn.execute("COMMIT")
+    conn.close()

@@ -936,6 +936,9 @@ def test_every_gil_release_point_in_the_c_code_is_covered():
                 if "Py_BEGIN_ALLOW_THREADS" in line:
                     found.setdefault(name, set()).add(function)
     # connection_dealloc closes a handle nobody else can reach any more.
+    # connection_file_header reads 100 bytes through SQLite's own handle
+    # (test_connection.py): short, and the connection is marked in use.
+    covered["connection.c"].add("connection_file_header")
     covered["connection.c"].add("connection_dealloc")
     missing = {
         f: sorted(fns - covered.get(f, set()))

@@ -184,7 +184,7 @@ class BackupMachine(RuleBasedStateMachine):
         if not slot.is_open:
             return apsw_backup.ConnectionClosedError
         if self.locking(slot) is not None:
-            return apsw_backup.ThreadingViolationError
+            return apsw_backup.DestinationLockedError
         return None
 
     def source_busy(self, slot):
@@ -294,7 +294,7 @@ class BackupMachine(RuleBasedStateMachine):
         if not dest.is_open or not source.is_open:
             expected = apsw_backup.ConnectionClosedError
         elif self.locking(dest) is not None or self.locking(source) is not None:
-            expected = apsw_backup.ThreadingViolationError
+            expected = apsw_backup.DestinationLockedError
         elif bad_name is not None:
             expected = apsw_backup.SQLError
         elif dest.conn.txn_state("main") != apsw_backup.SQLITE_TXN_NONE:
@@ -436,7 +436,7 @@ class BackupMachine(RuleBasedStateMachine):
         locker = self.locking(slot)
         sources = [r for r in self.unfinished() if r.source_conn is conn]
         if locker is not None and not force:
-            call(apsw_backup.ThreadingViolationError, conn.close, force)
+            call(apsw_backup.DestinationLockedError, conn.close, force)
             return
         errors = [r.finish_error() for r in sources if r.finish_error() is not None]
         expected = errors[0] if errors and not force else None
@@ -475,7 +475,7 @@ class BackupMachine(RuleBasedStateMachine):
                 continue
             if self.locking(slot) is not None:
                 _, exc = call(
-                    apsw_backup.ThreadingViolationError, run_sql, slot.conn, "SELECT 1"
+                    apsw_backup.DestinationLockedError, run_sql, slot.conn, "SELECT 1"
                 )
                 for word in LOCK_WORDS:
                     assert word in str(exc).lower(), str(exc)
