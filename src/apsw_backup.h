@@ -129,6 +129,7 @@ typedef struct {
     PyTypeObject *ConnectionType;
     PyTypeObject *CursorType;
     PyTypeObject *BackupType;
+    PyTypeObject *PageRecorderType;
     PyObject *Error;
     PyObject *ThreadingViolationError;
     PyObject *InUseError; /* subclasses of ThreadingViolationError */
@@ -312,5 +313,10 @@ int backup_finish_allowed(Backup *self, Connection *closing);
 void backup_forget(Backup *self);
 extern Backup *pending_finishes;
 void backup_finish_pending(void);
+
+/* recorder.c: PageRecorder (over pageshim.c) and the page hash */
+extern PyType_Spec recorder_spec;
+PyObject *module_page_hash(PyObject *module, PyObject *data);
+PyObject *module_page_hash_variants(PyObject *module, PyObject *data);
 
 #endif /* APSW_BACKUP_H */
