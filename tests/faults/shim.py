@@ -168,6 +168,11 @@ class Shim:
         op, rc, err = FAULTS[fault]
         self.lib.faultvfs_arm(OPS.index(op), nth, int(persistent), rc, err)
 
+    def arm_dropped_write(self, nth: int) -> None:
+        """Make the nth write (of a counted file) report success without
+        reaching the file."""
+        self.lib.faultvfs_arm(OPS.index("write"), nth, 0, -1, 0)
+
     def count_only(self) -> None:
         self.lib.faultvfs_arm(-1, 0, 0, 0, 0)
 
