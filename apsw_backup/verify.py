@@ -312,9 +312,7 @@ def _read_back_task(
                 ctx.timed_out = True
                 raise _Unverified("the deadline passed")
             try:
-                part = recorder.read_back(
-                    first, first + READ_BACK_PAGES - 1, prepare=first == 1
-                )
+                part = recorder.read_back(first, first + READ_BACK_PAGES - 1)
             except ValueError as exc:  # nothing was recorded
                 raise _Unverified(str(exc)) from exc
             if first == 1:

@@ -34,10 +34,11 @@
  *  - to make the pages come from the disk and not the page cache, it syncs
  *    through that handle, then finds a descriptor this process already has
  *    on the same inode in /proc/self/fd (fstat only: nothing is opened) and
- *    calls posix_fadvise(POSIX_FADV_DONTNEED) on it -- a hint to the kernel
- *    about the inode's cached pages, harmless even if that descriptor were
- *    closed and reused meanwhile.  The read itself never depends on it: it
- *    always goes through the handle above.
+ *    calls posix_fadvise(POSIX_FADV_DONTNEED) on it for the range about to
+ *    be read (then WILLNEED, so the device reads it all at once) -- hints
+ *    to the kernel about the inode's cached pages, harmless even if that
+ *    descriptor were closed and reused meanwhile.  The read itself never
+ *    depends on it: it always goes through the handle above.
  */
 #define _GNU_SOURCE
 #include "pageshim.h"
@@ -875,18 +876,19 @@ recording_tamper(Recording *rec, sqlite3_int64 pgno)
 /* -- reading back (Recording's mutex held) ----------------------------------
  */
 
-/* posix_fadvise(DONTNEED) on a descriptor this process already has on the
- * inode (see the top of the file); 1 when it was done. */
+/* A descriptor this process already has on the inode (see the top of the
+ * file: found with fstat, nothing opened), or -1.  Only used for hints to
+ * the kernel about the inode's cached pages. */
 static int
-drop_cached_pages(dev_t dev, ino_t ino)
+find_descriptor(dev_t dev, ino_t ino)
 {
     DIR *d = opendir("/proc/self/fd");
     if (d == NULL) {
-        return 0;
+        return -1;
     }
-    int own = dirfd(d), done = 0;
+    int own = dirfd(d), found = -1;
     struct dirent *e;
-    while (!done && (e = readdir(d)) != NULL) {
+    while (found < 0 && (e = readdir(d)) != NULL) {
         char *end;
         long fd = strtol(e->d_name, &end, 10);
         struct stat st;
@@ -895,11 +897,11 @@ drop_cached_pages(dev_t dev, ino_t ino)
         }
         if (fstat((int)fd, &st) == 0 && S_ISREG(st.st_mode) && st.st_dev == dev
             && st.st_ino == ino) {
-            done = posix_fadvise((int)fd, 0, 0, POSIX_FADV_DONTNEED) == 0;
+            found = (int)fd;
         }
     }
     closedir(d);
-    return done;
+    return found;
 }
 
 static void
@@ -1047,10 +1049,8 @@ recording_read_back(Recording *rec, sqlite3_int64 first, sqlite3_int64 last,
         if (rc != SQLITE_OK) {
             fail(out, rc, "syncing the file before reading it back failed");
         }
-        else if (have_id) {
-            out->cache_dropped = drop_cached_pages(dev, ino);
-        }
     }
+    int fd = have_id && out->rc == SQLITE_OK ? find_descriptor(dev, ino) : -1;
     sqlite3_int64 size = 0;
     if (out->rc == SQLITE_OK) {
         rc = file->pMethods->xFileSize(file, &size);
@@ -1072,6 +1072,17 @@ recording_read_back(Recording *rec, sqlite3_int64 first, sqlite3_int64 last,
         sqlite3_int64 in_file =
             last < out->file_pages ? last : out->file_pages;
         if (first <= in_file) {
+            if (prepare && fd >= 0) {
+                /* Drop only this range's cached pages, just before reading
+                 * it, and have the device start on all of it at once: a
+                 * quick_check reading the file meanwhile finds the rest of
+                 * the file still cached, and this range soon back. */
+                off_t from = (off_t)((first - 1) * P);
+                off_t len = (off_t)((in_file - first + 1) * P);
+                out->cache_dropped =
+                    posix_fadvise(fd, from, len, POSIX_FADV_DONTNEED) == 0;
+                (void)posix_fadvise(fd, from, len, POSIX_FADV_WILLNEED);
+            }
             compare_pages(rec, file, first, in_file, out);
         }
         for (sqlite3_int64 p = in_file + 1 > first ? in_file + 1 : first;

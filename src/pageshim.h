@@ -81,8 +81,10 @@ int recording_page_hash(Recording *rec, sqlite3_int64 pgno,
 
 /* Re-read pages first..last (last < 0: to the end of the file) and
  * compare them with the recorded hashes.  When `prepare` is set the file is
- * first synced and its cached pages dropped, so that the pages come from
- * the disk, not the page cache.  See pageshim.c for which handle it uses. */
+ * first synced and the range's cached pages dropped just before they are
+ * read, so that they come from the disk, not the page cache (range by
+ * range: a check reading the rest of the file meanwhile keeps its cache).
+ * See pageshim.c for which handle it uses. */
 void recording_read_back(Recording *rec, sqlite3_int64 first,
                          sqlite3_int64 last, int prepare, ReadBack *out);
 

@@ -94,6 +94,18 @@ def build(folder: Path) -> Path:
     return target
 
 
+_loaded: Shim | None = None
+
+
+def load(folder: Path) -> Shim:
+    """The shim, built into folder and loaded once per process: a second
+    copy would register a second "faultvfs" that nobody arms."""
+    global _loaded
+    if _loaded is None:
+        _loaded = Shim(build(folder))
+    return _loaded
+
+
 def loaded_sqlite_libraries() -> set[str]:
     """Paths of every libsqlite3 mapped into this process."""
     with open("/proc/self/maps") as f:
@@ -153,6 +165,13 @@ class Shim:
         return self.sqlite.sqlite3_memory_used()
 
     # -- the VFS ----------------------------------------------------------
+
+    def registered(self) -> bool:
+        """Whether "faultvfs" is registered with SQLite."""
+        find = self.sqlite.sqlite3_vfs_find
+        find.restype = ctypes.c_void_p
+        find.argtypes = [ctypes.c_char_p]
+        return find(b"faultvfs") is not None
 
     def register_vfs(self, default: bool = True) -> None:
         rc = self.lib.faultvfs_register(int(default))
