@@ -319,3 +319,38 @@ def test_apsw_backup_connection_can_be_checked_while_open_elsewhere(tmp_path):
         assert verify.verify(path, "full").ok
     finally:
         conn.close()
+
+
+@needs_table_check
+def test_virtual_and_without_rowid_tables_are_checked(tmp_path):
+    path = build(tmp_path / "db.db", rows=300)
+    db = sqlite3.connect(str(path))
+    db.execute("CREATE TABLE kv(k TEXT PRIMARY KEY, v) WITHOUT ROWID")
+    db.execute("CREATE INDEX kv_v ON kv(v)")
+    db.executemany(
+        "INSERT INTO kv VALUES (?, ?)", [(f"k{i}", i % 7) for i in range(500)]
+    )
+    try:
+        db.execute("CREATE VIRTUAL TABLE docs USING fts5(body)")
+        db.executemany(
+            "INSERT INTO docs VALUES (?)", [(f"word {i}",) for i in range(50)]
+        )
+    except sqlite3.OperationalError:
+        pass  # no FTS5 in this build
+    db.commit()
+    db.close()
+    outcome = verify.verify(path, "full")
+    assert outcome.ok, outcome
+    assert "integrity_check(kv)" in {c.name for c in outcome.checks}
+    # the index of the WITHOUT ROWID table, made to disagree, is found
+    db = sqlite3.connect(str(path))
+    db.execute("PRAGMA writable_schema=ON")
+    db.execute(
+        "UPDATE sqlite_master SET sql='CREATE INDEX kv_v ON kv(k)' WHERE name='kv_v'"
+    )
+    db.commit()
+    db.close()
+    plain, _ = plain_integrity_check(path)
+    outcome = verify.verify(path, "full")
+    assert plain and outcome.status == verify.PROBLEMS
+    assert set(plain) <= {p.message for p in outcome.problems}
