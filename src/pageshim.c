@@ -54,6 +54,11 @@
 #include <unistd.h>
 
 #define SHIM_PREFIX "apsw_backup-pages-"
+/* Not in the 3.26 headers the Linux wheels are built with (xOpen's name is
+ * a plain `const char *` there, as used here). */
+#ifndef SQLITE_OK_SYMLINK
+#define SQLITE_OK_SYMLINK (SQLITE_OK | (2 << 8))
+#endif
 #define MAX_SHIMS 8
 #define READ_CHUNK (1 << 20)
 #define PENDING_BYTE 0x40000000 /* SQLite's lock-byte offset */
@@ -558,8 +563,8 @@ attach(ShimFile *f, const char *name)
 }
 
 static int
-shim_open(sqlite3_vfs *vfs, sqlite3_filename name, sqlite3_file *file,
-          int flags, int *out_flags)
+shim_open(sqlite3_vfs *vfs, const char *name, sqlite3_file *file, int flags,
+          int *out_flags)
 {
     sqlite3_vfs *base = BASE(vfs);
     ShimFile *f = (ShimFile *)file;
