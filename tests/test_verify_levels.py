@@ -250,6 +250,7 @@ def test_progress_reports_a_fraction_and_an_eta(tmp_path):
     assert any(p.running for p in seen)
 
 
+@needs_table_check
 def test_the_result_says_what_ran_for_json(tmp_path):
     path = disagreeing_index(tmp_path / "db.db")
     data = verify.verify(path, "full").to_json()
