@@ -999,6 +999,7 @@ recording_read_back(Recording *rec, sqlite3_int64 first, sqlite3_int64 last,
     pthread_mutex_lock(&rec->mutex);
     int P = rec->page_size;
     out->page_size = P;
+    out->incomplete = rec->stats.incomplete;
     if (P == 0 || rec->stats.incomplete) {
         pthread_mutex_unlock(&rec->mutex);
         return; /* the caller says why: nothing recorded / incomplete */

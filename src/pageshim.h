@@ -45,6 +45,7 @@ typedef struct {
     int rc;                   /* SQLITE_OK, or the failure's code */
     char message[256];        /* what failed, when rc != SQLITE_OK */
     int page_size;            /* of the recording (0: nothing recorded) */
+    int incomplete;           /* the recording is incomplete (memory) */
     sqlite3_int64 file_pages; /* pages in the file now */
     sqlite3_int64 checked;    /* pages compared with their hash */
     sqlite3_int64 mismatched; /* ... that differ */

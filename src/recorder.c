@@ -301,8 +301,6 @@ recorder_read_back(PageRecorder *self, PyObject *args, PyObject *kwds)
     Py_BEGIN_ALLOW_THREADS
     recording_read_back(rec, first, last, prepare, out);
     Py_END_ALLOW_THREADS
-    RecordingStats s;
-    recording_stats(rec, &s);
     recording_unref(rec);
     PyObject *result = NULL;
     if (out->rc != SQLITE_OK) {
@@ -312,7 +310,7 @@ recorder_read_back(PageRecorder *self, PyObject *args, PyObject *kwds)
                                name);
         }
     }
-    else if (s.incomplete) {
+    else if (out->incomplete) {
         raise_sqlite_error(self->state, SQLITE_NOMEM,
                            "the page recording is incomplete (memory ran "
                            "out while recording): the pages cannot be "

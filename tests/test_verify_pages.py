@@ -2,6 +2,7 @@
 every page SQLite writes to the destination is hashed as it is written, and
 re-read from the disk afterwards (issue 20, part 1)."""
 
+import ctypes
 import os
 import subprocess
 import sys
@@ -396,3 +397,84 @@ def test_page_hash_racing_del():
     for t in threads:
         t.join(60)
     assert results == [expected] * 4
+
+
+class _IoMethods(ctypes.Structure):
+    _fields_ = [
+        ("iVersion", ctypes.c_int),
+        ("xClose", ctypes.c_void_p),
+        ("xRead", ctypes.c_void_p),
+        ("xWrite", ctypes.c_void_p),
+        ("xTruncate", ctypes.c_void_p),
+    ]
+
+
+class _File(ctypes.Structure):
+    _fields_ = [("pMethods", ctypes.POINTER(_IoMethods))]
+
+
+def test_writes_not_aligned_to_pages_and_odd_truncations_are_recorded(tmp_path, source):
+    # SQLite's pager writes whole pages; a write of part of a page (or of
+    # several) is still possible through the file's methods.  Drive the
+    # shim's file directly, through SQLite's own handle, from a connection
+    # opened on the recorder's VFS with ctypes (the one libsqlite3 here).
+    dest = tmp_path / "dest.db"
+    lib = ctypes.CDLL("libsqlite3.so.0")
+    lib.sqlite3_open_v2.argtypes = [
+        ctypes.c_char_p,
+        ctypes.POINTER(ctypes.c_void_p),
+        ctypes.c_int,
+        ctypes.c_char_p,
+    ]
+    lib.sqlite3_file_control.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_char_p,
+        ctypes.c_int,
+        ctypes.c_void_p,
+    ]
+    lib.sqlite3_close.argtypes = [ctypes.c_void_p]
+    write_fn = ctypes.CFUNCTYPE(
+        ctypes.c_int, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int, ctypes.c_int64
+    )
+    truncate_fn = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_int64)
+    SQLITE_FCNTL_FILE_POINTER = 7
+    with apsw_backup.PageRecorder(dest) as rec:
+        backup_recorded(source, dest, rec)
+        pages = len(read_pages(dest))
+        db = ctypes.c_void_p()
+        flags = apsw_backup.SQLITE_OPEN_READWRITE
+        assert (
+            lib.sqlite3_open_v2(
+                str(dest).encode(), ctypes.byref(db), flags, rec.vfs.encode()
+            )
+            == 0
+        )
+        try:
+            handle = ctypes.POINTER(_File)()
+            rc = lib.sqlite3_file_control(
+                db, b"main", SQLITE_FCNTL_FILE_POINTER, ctypes.byref(handle)
+            )
+            assert rc == 0
+            methods = handle.contents.pMethods.contents
+            xwrite = write_fn(methods.xWrite)
+            xtruncate = truncate_fn(methods.xTruncate)
+            # 100 bytes inside page 2; 6000 bytes across pages 3-5
+            assert xwrite(handle, b"x" * 100, 100, 4096 + 50) == 0
+            assert xwrite(handle, b"y" * 6000, 6000, 2 * 4096 + 4000) == 0
+            # cut the file in the middle of its last-but-one page
+            assert xtruncate(handle, (pages - 2) * 4096 + 1000) == 0
+        finally:
+            lib.sqlite3_close(db)
+        stats = rec.stats()
+        assert stats["reread"] >= 5  # pages 2, 3, 4, 5 and the cut one
+        data = dest.read_bytes()
+        for pgno in (2, 3, 4, 5):
+            page = data[(pgno - 1) * 4096 : pgno * 4096]
+            assert rec.page_hash(pgno) == apsw_backup.page_hash(page), pgno
+        assert rec.page_hash(pages) is None  # past the new end
+        result = rec.read_back()
+        assert result["mismatched"] == 0 and result["partial_tail"] is True
+        assert result["file_pages"] == pages - 2
+        outcome = verify.verify(dest, recorder=rec)
+    assert outcome.status == verify.PROBLEMS
+    assert any("not a whole number of pages" in p.message for p in outcome.problems)
