@@ -6,6 +6,7 @@ import ctypes
 import os
 import subprocess
 import sys
+import textwrap
 import threading
 
 import pytest
@@ -478,3 +479,59 @@ def test_writes_not_aligned_to_pages_and_odd_truncations_are_recorded(tmp_path, 
         outcome = verify.verify(dest, recorder=rec)
     assert outcome.status == verify.PROBLEMS
     assert any("not a whole number of pages" in p.message for p in outcome.problems)
+
+
+def test_a_recorder_inherited_through_fork_is_inert_and_a_new_one_works(
+    tmp_path, source
+):
+    # The child gets a fresh registry (a mutex another thread of the parent
+    # held at fork time would never be released there); the parent's
+    # recorder refuses with ForkingViolationError; a new one records.
+    script = textwrap.dedent(
+        """
+        import os, sys
+        import apsw_backup as ab
+        sys.path.insert(0, sys.argv[3])
+        from verify_helpers import backup_recorded
+        rec = ab.PageRecorder(sys.argv[1])
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                rec.stats()
+                code = 10
+            except ab.ForkingViolationError as exc:
+                if "fork" not in str(exc):
+                    code = 11
+            try:
+                other = ab.PageRecorder(sys.argv[2])
+                backup_recorded(sys.argv[4], sys.argv[2], other)
+                if other.read_back()["mismatched"] != 0:
+                    code = 12
+                other.close()
+            except BaseException:
+                code = 13
+            os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, status
+        rec.stats()  # still the parent's
+        rec.close()
+        print("ok")
+        """
+    )
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            script,
+            str(tmp_path / "a.db"),
+            str(tmp_path / "b.db"),
+            os.path.dirname(__file__),
+            str(source),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
