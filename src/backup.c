@@ -498,7 +498,10 @@ backup_create(Connection *dest, PyObject *dest_name, Connection *source,
         && outcome != NO_MEMORY) {
         const char *names = core->names ? core->names : "";
         self->repr_names =
-            PyUnicode_DecodeUTF8(names, (Py_ssize_t)strlen(names), "replace");
+            HOOK("backup_create_repr") < 0
+                ? NULL
+                : PyUnicode_DecodeUTF8(names, (Py_ssize_t)strlen(names),
+                                       "replace");
         if (self->repr_names == NULL) {
             Py_DECREF(self); /* finishes the backup if it was made */
             return NULL;
@@ -960,6 +963,7 @@ backup_step(Backup *self, PyObject *const *args, Py_ssize_t nargs,
     leave_pair(source, dest, &done); /* forked: touches no SQLite */
     /* (iii) */
     drop_done(done);
+    HOOK_VOID("backup_step_result");
     PyObject *result = NULL;
     if (forked) {
         /* A busy handler forked and this is the child: the callback's own

@@ -19,6 +19,9 @@
 PyObject *
 name_as_str(PyObject *value, const char *what)
 {
+    if (HOOK("name_as_str") < 0) {
+        return NULL;
+    }
     PyObject *exact = PyUnicode_FromObject(value);
     if (exact == NULL) {
         return NULL;
@@ -264,6 +267,9 @@ connection_init(Connection *self, PyObject *args, PyObject *kwds)
                            "flags must include SQLITE_OPEN_READONLY or "
                            "SQLITE_OPEN_READWRITE (usually with "
                            "SQLITE_OPEN_CREATE)");
+        return -1;
+    }
+    if (HOOK("connection_init_args") < 0) {
         return -1;
     }
     /* The vfs name's UTF-8 belongs to the argument tuple; copy it. */
@@ -932,7 +938,7 @@ connection_db_names(Connection *self, PyObject *Py_UNUSED(ignored))
     if (text == NULL && length > 0) {
         return PyErr_NoMemory();
     }
-    PyObject *names = PyList_New(0);
+    PyObject *names = HOOK("db_names_alloc") < 0 ? NULL : PyList_New(0);
     int has_temp = 0;
     for (int at = 0; names != NULL && at < length;) {
         const char *name = text + at;
@@ -1199,6 +1205,7 @@ connection_exit(Connection *self, PyObject *args)
     }
     if (!commit) {
         /* The body's exception is the one the user needs to see. */
+        HOOK_VOID("connection_exit_unraisable");
         PyErr_WriteUnraisable((PyObject *)self);
         Py_RETURN_FALSE;
     }

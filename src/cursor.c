@@ -261,7 +261,9 @@ bind_value(Cursor *self, int i, PyObject *value)
     else {
         /* Any other bytes-like object.  The buffer API is not in the 3.10
          * Limited API, so go through memoryview and a bytes copy. */
-        PyObject *view = PyMemoryView_FromObject(value);
+        PyObject *view = HOOK("cursor_bind_buffer") < 0
+                             ? NULL
+                             : PyMemoryView_FromObject(value);
         if (view == NULL) {
             if (PyErr_ExceptionMatches(PyExc_TypeError)) {
                 PyErr_Format(PyExc_TypeError,
@@ -302,7 +304,10 @@ bind_mapping(Cursor *self, int count)
                          i);
             return -1;
         }
-        PyObject *value = PyMapping_GetItemString(self->bindings, name + 1);
+        PyObject *value =
+            HOOK("cursor_bind_lookup") < 0
+                ? NULL
+                : PyMapping_GetItemString(self->bindings, name + 1);
         if (value == NULL) {
             if (PyErr_ExceptionMatches(PyExc_KeyError)) {
                 PyErr_Format(st->BindingsError,
@@ -474,6 +479,7 @@ next_many(Cursor *self)
     }
     /* The previous set goes now, lock held: executemany's own code runs
      * here anyway (the iterator). */
+    HOOK_VOID("cursor_next_many_decref");
     REPLACE_REF(self->bindings, converted);
     self->bindings_offset = 0;
     if (check_forked(self) < 0) {
@@ -600,8 +606,9 @@ cursor_execute(Cursor *self, PyObject *statements, PyObject *bindings,
     if (sql == NULL) {
         return -1;
     }
-    if (many != NULL ? (iterator = PyObject_GetIter(many)) == NULL
-                     : convert_bindings(bindings, &converted) < 0) {
+    if (HOOK("cursor_execute_bindings") < 0
+        || (many != NULL ? (iterator = PyObject_GetIter(many)) == NULL
+                         : convert_bindings(bindings, &converted) < 0)) {
         Py_DECREF(sql);
         return -1;
     }

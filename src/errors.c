@@ -167,6 +167,7 @@ raise_error_object(ModuleState *st, int rc, PyObject *msg)
          * one the user needs, not SQLite's consequence of it. */
         return NULL;
     }
+    HOOK_VOID("raise_error");
     int primary = rc & 0xff;
     PyObject *cls = (primary > 0 && primary < N_CODE_ERRORS)
                         ? st->code_errors[primary]

@@ -30,6 +30,7 @@ static int
 busy_error(Connection *c, const char *what)
 {
     ModuleState *st = c->state;
+    HOOK_VOID("busy_error");
     if (c->owner == this_thread()) {
         PyErr_Format(st->ReentrancyError,
                      "The %s is in use by the call that this callback (a "
