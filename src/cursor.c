@@ -502,7 +502,7 @@ next_many(Cursor *self)
 /* Step until a row is ready or every statement (and, for executemany,
  * every set of bindings) is done.  Lock held. */
 static int
-step_until_row(Cursor *self, Garbage *g)
+step_until_row(Cursor *self)
 {
     Connection *conn = self->connection;
     int rc;
@@ -559,7 +559,7 @@ step_until_row(Cursor *self, Garbage *g)
 static int
 cursor_advance(Cursor *self, Garbage *g)
 {
-    int res = step_until_row(self, g);
+    int res = step_until_row(self);
     if (res < 0) {
         if (self->stmt != NULL && !FORKED(self->connection)) {
             sqlite3_reset(self->stmt);
