@@ -6,7 +6,6 @@ The crash cases run in a subprocess: before the fix they died with SIGSEGV
 Each subprocess is bounded in time, so a hang fails the test instead.
 """
 
-import os
 import subprocess
 import sys
 import textwrap

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import faulthandler
 import gc
-import hashlib
 import json
 import os
 import shutil
