@@ -53,6 +53,11 @@ include_dirs, library_dirs = sqlite_build_flags()
 # for the sanitizer build; wheels use the Limited API so one serves 3.10+.
 limited = os.environ.get("APSW_BACKUP_FULL_API", "") in ("", "0")
 macros = [("Py_LIMITED_API", "0x030A0000")] if limited else []
+# APSW_BACKUP_HOOKS=1: the test-only build with a hook at every point where
+# foreign code can run or the GIL is released (src/README.md, "Hook points";
+# tests/hooks/).  Never for a wheel.
+if os.environ.get("APSW_BACKUP_HOOKS", "") not in ("", "0"):
+    macros.append(("APSW_BACKUP_HOOKS", "1"))
 
 setup(
     ext_modules=[
@@ -65,7 +70,7 @@ setup(
             libraries=["sqlite3"],
             define_macros=macros,
             py_limited_api=limited,
-            # -pthread: pthread_atfork (src/calls.c) lives in libpthread
+            # -pthread: pthread_atfork and the mutexes (src/locks.c) live in libpthread
             # before glibc 2.34, as on the manylinux_2_28 image.
             extra_compile_args=["-Wall", "-Wextra", "-pthread"],
             extra_link_args=["-pthread"],

@@ -9,6 +9,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <sqlite3.h>
+#include <pthread.h>
 
 #if SQLITE_VERSION_NUMBER < 3026000
 #error "apsw_backup needs the headers of SQLite 3.26 or newer"
@@ -124,6 +125,8 @@ db_has_schema(sqlite3 *db, const char *schema)
 typedef struct Connection Connection;
 typedef struct Cursor Cursor;
 typedef struct Backup Backup;
+typedef struct BackupCore BackupCore;
+typedef struct Orphan Orphan;
 
 typedef struct {
     PyTypeObject *ConnectionType;
@@ -142,22 +145,25 @@ typedef struct {
     PyObject *code_errors[N_CODE_ERRORS]; /* by primary code; [0] unused */
 } ModuleState;
 
+/* The ownership rules these structures serve are in src/README.md. */
 struct Connection {
     PyObject_HEAD
     ModuleState *state;
+    /* The connection's lock (locks.c): held by every call that touches the
+     * handle or the lists below.  owner is the holding thread (0: none). */
+    pthread_mutex_t mutex;
+    unsigned long owner;
+    unsigned long fork_generation; /* fork_generation when made */
     sqlite3 *db;                   /* NULL before __init__ and once closed */
-    int inuse;                     /* calls inside SQLite now (GIL released); a
-                                    * count, as a collected Backup may finish
-                                    * while another thread uses the source */
-    unsigned long fork_generation; /* fork_generation when opened */
     /* Device and inode of the main database file, taken when it was
      * opened: the file the handle uses, whatever later becomes of its
      * name (renamed, replaced).  main_known is 0 for memory databases. */
     int main_known;
     unsigned long long main_dev, main_ino;
-    Backup *locked_by; /* unfinished backup writing into us */
-    Cursor *cursors;   /* open cursors (borrowed, intrusive list) */
-    Backup *sources;   /* unfinished backups reading from us */
+    BackupCore *locking; /* the unfinished backup writing into us */
+    BackupCore *sources; /* unfinished backups reading from us */
+    Cursor *cursors;     /* open cursors (borrowed: a cursor unlinks itself) */
+    Orphan *orphans;     /* statements let go of while the lock was busy */
     PyObject *busy_handler;
     PyObject *filename;
     PyObject *open_vfs;
@@ -166,10 +172,21 @@ struct Connection {
     PyObject *weakreflist;
 };
 
+/* A statement whose cursor was let go of while its connection's lock was
+ * busy: finalized by the lock's holder when it leaves (locks.c).  Each
+ * cursor allocates its node when it is made, so letting go never fails. */
+struct Orphan {
+    sqlite3_stmt *stmt;
+    Orphan *next;
+};
+
 struct Cursor {
     PyObject_HEAD
-    Connection *connection; /* strong; NULL once closed */
-    Cursor *prev, *next;    /* links in connection->cursors */
+    Connection *connection; /* strong, for the cursor's whole life */
+    int open;               /* 0 once closed (by us or the connection) */
+    int interrupted;        /* reset by an interrupted with-block's end */
+    Cursor *prev, *next;    /* links in connection->cursors while open */
+    Orphan *spare;          /* the node this cursor's statement orphans in */
     sqlite3_stmt *stmt;     /* current statement, kept after it ends */
     PyObject *sql;          /* UTF-8 bytes of all the statements */
     const char *tail;       /* next statement inside sql */
@@ -182,22 +199,32 @@ struct Cursor {
 
 enum { CURSOR_DONE = 0, CURSOR_NEED_STEP, CURSOR_ROW };
 
+/* What an unfinished backup is, apart from the Python object: the
+ * sqlite3_backup, both connections (strong references) and the
+ * destination's lock.  Owned by its Backup; when the Backup is let go of
+ * while a lock it needs is busy, the core becomes an orphan, still linked
+ * (the destination stays locked), and the lock's holder finishes and frees
+ * it (locks.c).  Plain memory, no Python object: nothing can resurrect it. */
+struct BackupCore {
+    sqlite3_backup *handle; /* NULL once finished */
+    Connection *source;     /* strong until finished; then NULL */
+    Connection *dest;
+    BackupCore *src_prev, *src_next; /* links in source->sources */
+    BackupCore *done_next;           /* finished, references to drop */
+    int orphan;                      /* its Backup is gone */
+    int stepped;                     /* a step has run (holds dest's write) */
+    int finish_rc;                   /* sqlite3_backup_finish's answer */
+    char *dname, *sname;             /* schema names, UTF-8 (PyMem_Malloc) */
+    char *names; /* "'main' of 'a.db' -> 'main' of 'b.db'" (PyMem_Malloc) */
+};
+
 struct Backup {
     PyObject_HEAD
     ModuleState *state;
-    sqlite3_backup *backup;      /* NULL once finished */
-    Connection *dest;            /* strong; NULL once finished */
-    Connection *source;          /* strong; NULL once finished */
-    Backup *src_prev, *src_next; /* links in source->sources */
-    Backup *pending_next;        /* in the list of deferred finishes */
+    BackupCore *core; /* NULL only if backup() failed */
     PyObject *dest_name;
     PyObject *source_name;
-    /* Their UTF-8, kept by the str objects above (owned): read once, not
-     * on every step. */
-    const char *dname, *sname;
-    PyObject *repr_names; /* "source -> dest" text kept for repr */
-    int inuse;
-    int finishing; /* claimed by a finisher that has released the GIL */
+    PyObject *repr_names; /* core->names as a str */
     int done;
     int remaining;
     int page_count;
@@ -216,56 +243,62 @@ struct Backup {
 /* module.c */
 ModuleState *state_from_type(PyTypeObject *type);
 
-/* calls.c: who is inside a call, and fork.
+/* locks.c: the connections' locks, fork, and the test hooks.
  *
- * call_enter()/call_leave() bracket every call that releases the GIL or runs
- * Python code on behalf of a Connection or Backup: they count the object's
- * `inuse` (what other threads see) and record it for this thread, so a
- * callback can be told from another thread (in_call_here()).  They nest. */
-#define MAX_CALL_DEPTH 16
-typedef struct CallStack {
-    const void *objects[MAX_CALL_DEPTH];
-    int depth;
-} CallStack;
-/* Inline, with one thread-local block: a step enters and leaves three
- * objects, and each call out to a function looking up thread-local
- * storage cost more than a tenth of what a step(1) adds to SQLite's own. */
-extern _Thread_local CallStack call_stack;
-void calls_at_rest(void);
+ * lock_try() takes a connection's lock without waiting (GIL held): 0, or
+ * -1 with InUseError (another thread holds it) or ReentrancyError (this
+ * thread does: a callback of a call on it) set, naming `what`.
+ * lock_wait() takes up to two locks for finish() and close(): with the GIL
+ * released and in address order when this thread holds no lock; as
+ * lock_try() when it does (a callback never waits).  It owns a reference
+ * to each connection while it waits.
+ * unlock() lets go of a lock with the GIL held, after finalizing the
+ * connection's orphan statements and finishing the orphan backups it can
+ * now lock; the cores it finished are put on *done, whose references
+ * drop_done() drops once no lock is held (they may run any code). */
+extern _Thread_local int locks_held;
+int lock_try(Connection *c, const char *what);
+int lock_try_quiet(Connection *c);
+int lock_wait(Connection *a, Connection *b, const char *what);
+void unlock(Connection *c, BackupCore **done);
+void drop_done(BackupCore *done);
+/* Finish core (both its locks held): sqlite3_backup_finish with the GIL
+ * released, unlink it, unlock the destination; the core goes on *done. */
+void core_finish(BackupCore *core, BackupCore **done);
+/* Forget core without calling SQLite (a forked child). */
+void core_forget(BackupCore *core, BackupCore **done);
+void core_free(BackupCore *core);
 
-static inline void
-call_enter(void *object, int *inuse)
-{
-    CallStack *here = &call_stack;
-    (*inuse)++;
-    if (here->depth < MAX_CALL_DEPTH) {
-        here->objects[here->depth] = object;
-    }
-    here->depth++;
-}
-
-static inline void
-call_leave(int *inuse)
-{
-    CallStack *here = &call_stack;
-    (*inuse)--;
-    if (--here->depth == 0) {
-        calls_at_rest();
-    }
-}
-int in_call_here(const void *object);
-int in_any_call_here(void);
-int call_depth_here(void);
-int calls_here_count(const void *object);
-/* Sleep about `*wait_us` microseconds with the GIL released, then double
- * it (capped at 5 ms): the wait for another thread's call to end. */
-void wait_a_little(long *wait_us);
-/* Bumped in a forked child: objects opened before the fork belong to the
+/* Bumped in a forked child: objects made before the fork belong to the
  * parent's SQLite state and must not call into it. */
 extern volatile unsigned long fork_generation;
 int install_fork_handler(void);
 PyObject *raise_forked(ModuleState *st, const char *what);
 #define FORKED(conn) ((conn)->fork_generation != fork_generation)
+
+/* Test hooks (built with APSW_BACKUP_HOOKS; src/README.md, "Hook points"):
+ * HOOK(name) marks a point where foreign Python code may run (a GC-capable
+ * allocation, the decref of a user object, a call to user code): it calls
+ * the hook the tests installed, and gives -1 (exception set) if that
+ * raised.  HOOK_VOID(name) is the same where no failure can be reported.
+ * RELEASE_GIL(name) / REACQUIRE_GIL() wrap every Py_BEGIN/END_ALLOW_THREADS.
+ * Without APSW_BACKUP_HOOKS they cost nothing. */
+#ifdef APSW_BACKUP_HOOKS
+int hook_call(const char *name, int kind);
+void hook_pause(void);
+int add_hook_functions(PyObject *module);
+#define HOOK(name) hook_call((name), 0)
+#define HOOK_VOID(name) ((void)hook_call((name), 1))
+#define RELEASE_GIL(name)       \
+    (void)hook_call((name), 2); \
+    Py_BEGIN_ALLOW_THREADS      \
+    hook_pause();
+#else
+#define HOOK(name) 0
+#define HOOK_VOID(name) ((void)0)
+#define RELEASE_GIL(name) Py_BEGIN_ALLOW_THREADS
+#endif
+#define REACQUIRE_GIL() Py_END_ALLOW_THREADS
 
 /* header.c: a database file's header, read through SQLite's own handle
  * (never a descriptor of ours: closing one drops SQLite's POSIX locks).
@@ -282,6 +315,15 @@ int read_file_header(sqlite3 *db, const char *schema, unsigned char *buf,
 void parse_file_header(const unsigned char *h, int length, FileHeader *out);
 
 /* errors.c */
+/* A failure of a call on db, captured while its lock is held (no Python
+ * API), raised once it is let go of. */
+typedef struct {
+    int rc;        /* extended code */
+    int sys_errno; /* the OS error SQLite kept, or 0 */
+    char msg[512];
+} DbError;
+void capture_db_error(sqlite3 *db, int rc, DbError *e);
+PyObject *raise_captured(ModuleState *st, const DbError *e);
 PyObject *raise_sqlite_error(ModuleState *st, int rc, const char *msg);
 PyObject *raise_db_error(ModuleState *st, sqlite3 *db, int rc);
 PyObject *raise_error_object(ModuleState *st, int rc, PyObject *msg);
@@ -290,29 +332,35 @@ int add_exceptions(PyObject *module, ModuleState *st);
 
 /* connection.c */
 extern PyType_Spec connection_spec;
-enum { CHECK_OPEN = 1, CHECK_UNLOCKED = 2 };
-int connection_check(Connection *self, int what);
 int parse_force(PyObject *args, PyObject *kwds, int *force);
-PyObject *connection_locked_message(Connection *self);
+/* Checks made once a connection's lock is held (-1 with the error). */
+enum { CHECK_OPEN = 1, CHECK_UNLOCKED = 2 };
+int connection_usable(Connection *self, int what);
+/* The lock of a method on self, then connection_usable(): 0, or -1 with the
+ * error and no lock held.  conn_leave() lets go (and drops what the orphans
+ * it settled held: it may run any code). */
+int conn_enter(Connection *self, int what);
+void conn_leave(Connection *self);
+PyObject *name_as_str(PyObject *value, const char *what);
 
 /* cursor.c */
 extern PyType_Spec cursor_spec;
-Cursor *cursor_new(Connection *connection);
+/* A new cursor, linked into the connection's list (GIL-protected: made and
+ * let go of without the lock; every walk of it is made under the lock and
+ * reads it afresh after each release of the GIL). */
+Cursor *cursor_alloc(Connection *connection);
 int cursor_execute(Cursor *self, PyObject *statements, PyObject *bindings,
                    PyObject *many);
-void cursor_close_internal(Cursor *self);
-int statements_pending(void);
-void statements_finalize_pending(Connection *only);
+/* With the connection's lock held: finalize every cursor's statement (or,
+ * forget: let go of it without calling SQLite, in a forked child) and mark
+ * the cursor closed (the connection is closing). */
+void cursors_close_all(Connection *connection, int forget);
+void cursors_interrupted(Connection *connection);
 
 /* backup.c */
 extern PyType_Spec backup_spec;
 PyObject *backup_create(Connection *dest, PyObject *dest_name,
                         Connection *source, PyObject *source_name);
-int backup_finish_internal(Backup *self);
-int backup_finish_allowed(Backup *self, Connection *closing);
-void backup_forget(Backup *self);
-extern Backup *pending_finishes;
-void backup_finish_pending(void);
 
 /* recorder.c: PageRecorder (over pageshim.c) and the page hash */
 extern PyType_Spec recorder_spec;

@@ -2,99 +2,67 @@
  *
  * SQLite does not stop the destination connection being used, or closed,
  * during a backup (sqlite3_close(dest) returns OK and leaves a dangling
- * backup).  So the Backup holds both connections, locks the destination
- * (dest->locked_by) until it is finished, and every path that ends a
- * connection finishes its backups first.
+ * backup).  So the unfinished backup (its BackupCore) holds both
+ * connections, locks the destination (dest->locking), and every path that
+ * ends a connection finishes its backups first.
+ *
+ * Every call holds both connections' locks (locks.c) while it touches the
+ * backup: step() and backup() try-lock and refuse a busy one; finish(),
+ * close() and __exit__ wait for them; dealloc and GC never wait -- a
+ * backup they cannot finish now is left, whole, to the lock's holder.
  *
  * A failed step leaves "not an error" in the destination's error message,
  * so step errors are described from the step's own result code.
- *
- * Who owns what while the GIL is released, and why a finish can never run
- * twice, is written down in src/README.md ("Ownership"): keep it true.
  */
 #include "apsw_backup.h"
 
 #include <sys/stat.h>
 
+static PyObject *
+raise_finished(ModuleState *st)
+{
+    PyErr_SetString(st->ConnectionClosedError, "The backup is finished");
+    return NULL;
+}
+
+/* Unfinished, and made before a fork this process is the child of. */
 static int
 backup_forked(Backup *self)
 {
-    return FORKED(self->source) || FORKED(self->dest);
+    BackupCore *core = self->core;
+    return core != NULL && core->handle != NULL
+           && (FORKED(core->source) || FORKED(core->dest));
 }
 
 static int
-backup_check(Backup *self)
+is_open(Backup *self)
 {
-    if (self->backup == NULL && !self->finishing) {
-        PyErr_SetString(self->state->ConnectionClosedError,
-                        "The backup is finished");
+    return self->core != NULL && self->core->handle != NULL;
+}
+
+/* Let go of both locks and of what finishing orphans on the way gathered. */
+static void
+leave_pair(Connection *source, Connection *dest, BackupCore **done)
+{
+    unlock(dest, done);
+    unlock(source, done);
+}
+
+/* try-lock both connections of a call on the backup. */
+static int
+enter_pair(Backup *self, Connection *source, Connection *dest)
+{
+    if (lock_try(source, "backup's source connection") < 0) {
         return -1;
     }
-    if (backup_forked(self)) {
-        raise_forked(self->state, "backup");
+    if (lock_try(dest, "backup's destination connection") < 0) {
+        BackupCore *done = NULL;
+        unlock(source, &done);
+        drop_done(done);
         return -1;
     }
-    if (self->inuse) {
-        PyErr_SetString(
-            in_call_here(self) ? self->state->ReentrancyError
-                               : self->state->InUseError,
-            "The backup is in use by a call that has not returned "
-            "(in another thread, or re-entrantly from a callback "
-            "running inside step()); wait for that call to finish");
-        return -1;
-    }
+    (void)self;
     return 0;
-}
-
-#define BACKUP_GUARD(self)            \
-    do {                              \
-        if (backup_check(self) < 0) { \
-            return NULL;              \
-        }                             \
-    } while (0)
-
-static void
-link_source(Backup *self, Connection *source)
-{
-    self->src_prev = NULL;
-    self->src_next = source->sources;
-    if (source->sources != NULL) {
-        source->sources->src_prev = self;
-    }
-    source->sources = self;
-}
-
-static void
-unlink_source(Backup *self, Connection *source)
-{
-    if (self->src_prev != NULL) {
-        self->src_prev->src_next = self->src_next;
-    }
-    else {
-        source->sources = self->src_next;
-    }
-    if (self->src_next != NULL) {
-        self->src_next->src_prev = self->src_prev;
-    }
-    self->src_prev = self->src_next = NULL;
-}
-
-/* The end of every finish, once the sqlite3_backup is gone: unlock the
- * destination, leave the source's list, drop both references (last: their
- * destructors may run any code). */
-static void
-let_go(Backup *self)
-{
-    Connection *source = self->source, *dest = self->dest;
-    dest->locked_by = NULL;
-    unlink_source(self, source);
-    self->remaining = 0;
-    self->page_count = 0;
-    self->source = NULL;
-    self->dest = NULL;
-    self->finishing = 0;
-    Py_DECREF(source);
-    Py_DECREF(dest);
 }
 
 /* The sqlite3_file SQLite reads schema `name` of db through, or NULL.
@@ -283,9 +251,9 @@ dest_statement_running(sqlite3 *dest)
     return 0;
 }
 
-/* Checks made with the GIL released (they may wait for SQLite's mutexes,
- * or for the file system), before sqlite3_backup_init: whether the pair
- * can work at all, and what the page-size message may need later. */
+/* Checks made with both locks held and the GIL released (they may wait for
+ * the file system), before sqlite3_backup_init: whether the pair can work
+ * at all, and what the page-size message may need later. */
 static int
 check_pair(Backup *self, Connection *dconn, const char *dname,
            Connection *sconn, const char *sname)
@@ -372,103 +340,240 @@ refuse_pair(Backup *self, int pair)
     return NULL;
 }
 
+/* "'main' of 'a.db' -> 'main' of 'b.db'", for messages: plain memory (no
+ * Python object), so it is made while the locks are held. */
+static char *
+pair_names(Connection *dest, const char *dname, Connection *source,
+           const char *sname)
+{
+    const char *dfn = sqlite3_db_filename(dest->db, "main");
+    const char *sfn = sqlite3_db_filename(source->db, "main");
+    dfn = dfn && dfn[0] ? dfn : ":memory:";
+    sfn = sfn && sfn[0] ? sfn : ":memory:";
+    size_t size =
+        strlen(dname) + strlen(sname) + strlen(dfn) + strlen(sfn) + 32;
+    char *names = PyMem_Malloc(size);
+    if (names != NULL) {
+        PyOS_snprintf(names, size, "'%s' of '%s' -> '%s' of '%s'", sname, sfn,
+                      dname, dfn);
+    }
+    return names;
+}
+
+static char *
+raw_copy(const char *text)
+{
+    size_t n = strlen(text) + 1;
+    char *copy = PyMem_Malloc(n);
+    if (copy != NULL) {
+        memcpy(copy, text, n);
+    }
+    return copy;
+}
+
+/* Why backup() refused, decided under the locks, said after them. */
+enum {
+    MADE,
+    NO_DEST,   /* the destination is closed */
+    NO_SOURCE, /* the source is closed */
+    DEST_LOCKED,
+    SOURCE_LOCKED,
+    FORKED_PAIR,
+    REFUSED_PAIR, /* check_pair() said no: self->... has which */
+    INIT_FAILED,  /* sqlite3_backup_init: error */
+    NO_MEMORY
+};
+
 PyObject *
 backup_create(Connection *dest, PyObject *dest_name, Connection *source,
               PyObject *source_name)
 {
     ModuleState *st = dest->state;
-    const char *dname = PyUnicode_AsUTF8AndSize(dest_name, NULL);
-    const char *sname = PyUnicode_AsUTF8AndSize(source_name, NULL);
-    sqlite3_backup *backup = NULL;
-    int pair;
+    DbError error;
+    int pair = PAIR_OK, outcome;
+    BackupCore *core = NULL;
 
-    if (dname == NULL || sname == NULL) {
+    /* (i) exact names, the Backup and its core: everything that can run
+     * user code or fail for memory, before any check */
+    PyObject *dname_str = name_as_str(dest_name, "databasename");
+    PyObject *sname_str =
+        dname_str ? name_as_str(source_name, "sourcedatabasename") : NULL;
+    if (sname_str == NULL) {
+        Py_XDECREF(dname_str);
         return NULL;
     }
-    PyObject *memory = PyUnicode_FromString(":memory:");
-    if (memory == NULL) {
-        return NULL;
+    Backup *self = NULL;
+    if (HOOK("backup_create_alloc") == 0) {
+        allocfunc alloc =
+            (allocfunc)PyType_GetSlot(st->BackupType, Py_tp_alloc);
+        self = (Backup *)alloc(st->BackupType, 0);
     }
-    allocfunc alloc = (allocfunc)PyType_GetSlot(st->BackupType, Py_tp_alloc);
-    Backup *self = (Backup *)alloc(st->BackupType, 0);
-    if (self == NULL) {
-        Py_DECREF(memory);
-        return NULL;
+    core = PyMem_Calloc(1, sizeof(BackupCore));
+    if (self == NULL || core == NULL) {
+        Py_XDECREF(self);
+        PyMem_Free(core);
+        Py_DECREF(dname_str);
+        Py_DECREF(sname_str);
+        return core == NULL ? PyErr_NoMemory() : NULL;
     }
     self->state = st;
-    self->dest_name = Py_NewRef(dest_name);
-    self->source_name = Py_NewRef(source_name);
-    self->dname = dname;
-    self->sname = sname;
-    self->repr_names = PyUnicode_FromFormat(
-        "%R of %R -> %R of %R", source_name,
-        PyUnicode_GetLength(source->filename) ? source->filename : memory,
-        dest_name,
-        PyUnicode_GetLength(dest->filename) ? dest->filename : memory);
-    Py_DECREF(memory);
-    if (self->repr_names == NULL) {
+    self->dest_name = dname_str;
+    self->source_name = sname_str;
+    core->dname = raw_copy(PyUnicode_AsUTF8AndSize(dname_str, NULL));
+    core->sname = raw_copy(PyUnicode_AsUTF8AndSize(sname_str, NULL));
+    self->core = core; /* freed with self, whatever happens */
+    if (core->dname == NULL || core->sname == NULL) {
         Py_DECREF(self);
-        return NULL;
+        return PyErr_NoMemory();
     }
 
-    /* Both connections are marked in use (and owned by our caller) while
-     * the GIL is released: no other thread can close them meanwhile. */
-    call_enter(dest, &dest->inuse);
-    call_enter(source, &source->inuse);
-    Py_BEGIN_ALLOW_THREADS
-    pair = check_pair(self, dest, dname, source, sname);
-    if (pair == PAIR_OK) {
-        backup = sqlite3_backup_init(dest->db, dname, source->db, sname);
+    /* (ii) both locks, the checks in SPEC 3.1's order, the act */
+    if (dest->db == NULL || FORKED(dest) || source->db == NULL
+        || FORKED(source)) {
+        outcome = dest->db == NULL     ? NO_DEST
+                  : FORKED(dest)       ? FORKED_PAIR
+                  : source->db == NULL ? NO_SOURCE
+                                       : FORKED_PAIR;
     }
-    Py_END_ALLOW_THREADS
-    if (pair == PAIR_OK && backup == NULL) {
-        /* sqlite3_backup_init leaves its error on the destination. */
-        raise_db_error(st, dest->db, sqlite3_extended_errcode(dest->db));
-    }
-    call_leave(&source->inuse);
-    call_leave(&dest->inuse);
-    if (pair != PAIR_OK) {
-        refuse_pair(self, pair);
-    }
-    if (backup == NULL) {
+    else if (lock_try(dest, "destination connection") < 0) {
         Py_DECREF(self);
         return NULL;
     }
-    self->backup = backup;
-    self->dest = (Connection *)Py_NewRef(dest);
-    self->source = (Connection *)Py_NewRef(source);
-    dest->locked_by = self;
-    link_source(self, source);
-    return (PyObject *)self;
+    else if (lock_try(source, "source connection") < 0) {
+        BackupCore *done = NULL;
+        unlock(dest, &done);
+        drop_done(done);
+        Py_DECREF(self);
+        return NULL;
+    }
+    else {
+        sqlite3_backup *handle = NULL;
+        outcome = dest->db == NULL          ? NO_DEST
+                  : source->db == NULL      ? NO_SOURCE
+                  : dest->locking != NULL   ? DEST_LOCKED
+                  : source->locking != NULL ? SOURCE_LOCKED
+                                            : MADE;
+        if (outcome == MADE) {
+            core->names = pair_names(dest, core->dname, source, core->sname);
+            RELEASE_GIL("backup_create");
+            pair = check_pair(self, dest, core->dname, source, core->sname);
+            if (pair == PAIR_OK) {
+                handle = sqlite3_backup_init(dest->db, core->dname, source->db,
+                                             core->sname);
+                if (handle == NULL) {
+                    /* sqlite3_backup_init leaves its error on dest. */
+                    capture_db_error(
+                        dest->db, sqlite3_extended_errcode(dest->db), &error);
+                }
+            }
+            REACQUIRE_GIL();
+            outcome = core->names == NULL ? NO_MEMORY
+                      : pair != PAIR_OK   ? REFUSED_PAIR
+                      : handle == NULL    ? INIT_FAILED
+                                          : MADE;
+            if (outcome != MADE && handle != NULL) {
+                sqlite3_backup_finish(handle); /* only for lack of memory */
+                handle = NULL;
+            }
+        }
+        if (outcome == MADE) {
+            core->handle = handle;
+            core->source = (Connection *)Py_NewRef(source);
+            core->dest = (Connection *)Py_NewRef(dest);
+            core->src_next = source->sources;
+            if (source->sources != NULL) {
+                source->sources->src_prev = core;
+            }
+            source->sources = core;
+            dest->locking = core;
+        }
+        BackupCore *done = NULL;
+        unlock(source, &done);
+        unlock(dest, &done);
+        drop_done(done);
+    }
+
+    /* (iii) the Backup, or the error */
+    if (outcome != NO_DEST && outcome != NO_SOURCE && outcome != FORKED_PAIR
+        && outcome != NO_MEMORY) {
+        const char *names = core->names ? core->names : "";
+        self->repr_names =
+            HOOK("backup_create_repr") < 0
+                ? NULL
+                : PyUnicode_DecodeUTF8(names, (Py_ssize_t)strlen(names),
+                                       "replace");
+        if (self->repr_names == NULL) {
+            Py_DECREF(self); /* finishes the backup if it was made */
+            return NULL;
+        }
+    }
+    switch (outcome) {
+    case MADE:
+        return (PyObject *)self;
+    case NO_DEST:
+        PyErr_SetString(st->ConnectionClosedError, "The connection is closed");
+        break;
+    case NO_SOURCE:
+        PyErr_SetString(st->ConnectionClosedError,
+                        "The source connection is closed");
+        break;
+    case FORKED_PAIR:
+        raise_forked(st, "connection");
+        break;
+    case DEST_LOCKED:
+        PyErr_Format(st->DestinationLockedError,
+                     "The destination connection already has an unfinished "
+                     "Backup; finish it (backup.finish() or close()) before "
+                     "starting another");
+        break;
+    case SOURCE_LOCKED:
+        PyErr_Format(st->DestinationLockedError,
+                     "The source connection is the destination of an "
+                     "unfinished Backup; finish that backup (finish(), "
+                     "close() or the end of its with-block) before copying "
+                     "from it");
+        break;
+    case REFUSED_PAIR:
+        refuse_pair(self, pair);
+        break;
+    case INIT_FAILED:
+        raise_captured(st, &error);
+        break;
+    default:
+        PyErr_NoMemory();
+    }
+    Py_DECREF(self);
+    return NULL;
 }
+
+/* What a failed step's message needs, read under the locks (SQL on the
+ * source only: on the destination it could commit the partial copy). */
+typedef struct {
+    int rc;
+    int source_write;      /* the source schema has a write transaction */
+    char *locking_names;   /* the source is a destination: whose (mprintf) */
+    int source_page_size;  /* for the page-size trap, else 0 */
+    int restarted;         /* a sticky lock code began a fresh backup */
+    int restart_failed_rc; /* ... and that failed with this code */
+} StepFacts;
 
 /* SQLITE_READONLY from a step into a WAL, in-memory or temp destination
  * whose page size differs from the source's: SQLite cannot change such a
- * page size.  The message for that case, or None when it is not that.
- *
- * No SQL runs on the destination here: the backup holds its write
- * transaction, and a statement could commit it (a partial copy).  What is
- * known of the destination was read before sqlite3_backup_init; the
- * source's page size is asked of the source. */
-static PyObject *
-page_size_trap_message(Backup *self, const char *sname)
+ * page size.  Reads the source's page size (locks held, GIL released). */
+static int
+trap_source_page_size(Backup *self, BackupCore *core)
 {
-    const char *dname = self->dname;
-    sqlite3 *source = self->source->db;
-    int source_size;
-
     if (!(self->dest_wal || self->dest_in_memory)
-        || sqlite3_db_readonly(self->dest->db, dname) != 0) {
-        Py_RETURN_NONE;
+        || sqlite3_db_readonly(core->dest->db, core->dname) != 0) {
+        return 0;
     }
-    call_enter(self->source, &self->source->inuse);
-    Py_BEGIN_ALLOW_THREADS
-    source_size = pragma_int(source, sname, "page_size");
-    Py_END_ALLOW_THREADS
-    call_leave(&self->source->inuse);
-    if (source_size <= 0 || source_size == self->dest_page_size) {
-        Py_RETURN_NONE;
-    }
+    int size = pragma_int(core->source->db, core->sname, "page_size");
+    return size > 0 && size != self->dest_page_size ? size : 0;
+}
+
+static PyObject *
+page_size_trap_message(Backup *self, int source_size)
+{
     PyObject *dest_size =
         self->dest_page_size > 0
             ? PyUnicode_FromFormat("%d", self->dest_page_size)
@@ -495,40 +600,38 @@ page_size_trap_message(Backup *self, const char *sname)
 /* " (OS error: ...)" for a failed read or write, else "".  SQLite's own
  * text for those ("disk I/O error") does not say what the system said. */
 static const char *
-os_error(Backup *self, int primary)
+os_error(Backup *self, int primary, char *text, size_t size)
 {
-    static char text[160];
     if (primary != SQLITE_IOERR && primary != SQLITE_FULL
         && primary != SQLITE_CANTOPEN) {
         return "";
     }
-    int err = self->last_errno;
-    if (err == 0) {
+    if (self->last_errno == 0) {
         return "";
     }
-    PyOS_snprintf(text, sizeof(text), " (OS error: %s)", strerror(err));
+    PyOS_snprintf(text, size, " (OS error: %s)", strerror(self->last_errno));
     return text;
 }
 
 /* The message for a failed step, built from the step's own code. */
 static PyObject *
-step_error_message(Backup *self, int rc)
+step_error_message(Backup *self, const StepFacts *f)
 {
-    const char *sname = self->sname;
-    int primary = rc & 0xff;
+    int rc = f->rc, primary = rc & 0xff;
+    char text[160];
 
     if (primary == SQLITE_BUSY) {
-        int own_write =
-            db_txn_state(self->source->db, sname) == SQLITE_TXN_WRITE;
-        if (self->source->locked_by != NULL) {
+        /* Blamed on the backup writing into the source only when that
+         * backup holds the source's write transaction (it stepped). */
+        if (f->locking_names != NULL && f->source_write) {
             return PyUnicode_FromFormat(
                 "The source connection is itself the destination of an "
-                "unfinished Backup (%U), which holds its write transaction: "
+                "unfinished Backup (%s), which holds its write transaction: "
                 "SQLite refuses to copy from it until that backup is "
                 "finished. Finish that backup first, then step again",
-                self->source->locked_by->repr_names);
+                f->locking_names);
         }
-        if (own_write) {
+        if (f->source_write) {
             return PyUnicode_FromFormat(
                 "The source connection has its own open write transaction "
                 "on %R: SQLite refuses to copy from it (every step would be "
@@ -550,30 +653,27 @@ step_error_message(Backup *self, int rc)
             "step() again later",
             self->repr_names);
     }
-    if (primary == SQLITE_READONLY) {
-        PyObject *msg = page_size_trap_message(self, sname);
-        if (msg != Py_None) {
-            return msg;
-        }
-        Py_DECREF(msg);
+    if (primary == SQLITE_READONLY && f->source_page_size > 0) {
+        return page_size_trap_message(self, f->source_page_size);
     }
     return PyUnicode_FromFormat(
         "backup step (%U) failed: %s%s (the backup cannot continue; finish() "
         "rolls the destination back)",
-        self->repr_names, sqlite3_errstr(rc), os_error(self, primary));
+        self->repr_names, sqlite3_errstr(rc),
+        os_error(self, primary, text, sizeof(text)));
 }
 
 static PyObject *
-raise_step_error(Backup *self, int rc)
+raise_step_error(Backup *self, const StepFacts *f)
 {
-    PyObject *msg = step_error_message(self, rc);
+    PyObject *msg = step_error_message(self, f);
     if (msg == NULL) {
         return NULL;
     }
-    raise_error_object(self->state, rc, msg);
-    int primary = rc & 0xff;
+    raise_error_object(self->state, f->rc, msg);
+    int primary = f->rc & 0xff;
     if (primary != SQLITE_BUSY && primary != SQLITE_LOCKED) {
-        self->sticky_rc = rc;
+        self->sticky_rc = f->rc;
         REPLACE_REF(self->sticky_msg, msg);
     }
     else {
@@ -667,52 +767,58 @@ lock_code_cause(int rc)
 /* Start the copy again on a fresh sqlite3_backup after a sticky lock code
  * -- what SQLite itself does when another connection changes the source:
  * the destination is rolled back and the next step starts from page 1.
- * Raises the step's BusyError/LockedError (still retryable) on success.
- * If a fresh backup cannot be made (out of memory), the backup is finished
- * (self->backup NULL; the caller lets go of the connections) and that
- * error is raised. */
+ * Locks held.  If no fresh backup can be made (out of memory), the backup
+ * is finished: its core goes on *done. */
 static void
-restart_backup(Backup *self, int rc)
+restart_backup(Backup *self, BackupCore *core, StepFacts *f, BackupCore **done)
 {
-    const char *dname = self->dname;
-    const char *sname = self->sname;
-    sqlite3 *ddb = self->dest->db, *sdb = self->source->db;
-    sqlite3_backup *old = self->backup, *fresh = NULL;
+    sqlite3 *ddb = core->dest->db, *sdb = core->source->db;
+    sqlite3_backup *old = core->handle, *fresh = NULL;
     int init_rc = SQLITE_OK;
 
-    self->backup = NULL; /* claimed, as by a finish: others wait */
-    self->finishing = 1;
-    Py_BEGIN_ALLOW_THREADS
+    RELEASE_GIL("restart_backup");
     sqlite3_backup_finish(old); /* answers the sticky code again: known */
-    fresh = sqlite3_backup_init(ddb, dname, sdb, sname);
+    fresh = sqlite3_backup_init(ddb, core->dname, sdb, core->sname);
     if (fresh == NULL) {
         init_rc = sqlite3_extended_errcode(ddb);
     }
-    Py_END_ALLOW_THREADS
-    self->finishing = 0;
+    REACQUIRE_GIL();
     self->remaining = 0;
     self->page_count = 0;
+    f->restarted = 1;
     if (fresh == NULL) {
-        raise_error_format(self->state, init_rc,
+        f->restart_failed_rc = init_rc ? init_rc : SQLITE_NOMEM;
+        core_forget(core, done); /* finished above */
+        return;
+    }
+    core->handle = fresh;
+    core->stepped = 0;
+    self->restarts++;
+}
+
+static void
+raise_restarted(Backup *self, const StepFacts *f)
+{
+    if (f->restart_failed_rc != SQLITE_OK) {
+        raise_error_format(self->state, f->restart_failed_rc,
                            "backup step (%U): SQLite answered %s (%s) and "
                            "keeps that answer for the rest of a backup; "
                            "starting the copy again failed: %s. The backup is "
                            "finished and the destination was rolled back",
-                           self->repr_names, sqlite3_errstr(rc),
-                           lock_code_cause(rc), sqlite3_errstr(init_rc));
+                           self->repr_names, sqlite3_errstr(f->rc),
+                           lock_code_cause(f->rc),
+                           sqlite3_errstr(f->restart_failed_rc));
         return;
     }
-    self->backup = fresh;
-    self->restarts++;
     raise_error_format(
-        self->state, rc,
+        self->state, f->rc,
         "backup step (%U): the database is locked (%s; extended "
         "code %d). SQLite keeps such an answer for the rest of a "
         "backup, so the copy was started again on a fresh "
         "backup (the destination rolled back to its previous "
         "content). The backup is still usable: call step() "
         "again later",
-        self->repr_names, lock_code_cause(rc), rc);
+        self->repr_names, lock_code_cause(f->rc), f->rc);
 }
 
 static int
@@ -764,57 +870,55 @@ backup_step(Backup *self, PyObject *const *args, Py_ssize_t nargs,
             PyObject *kwnames)
 {
     int npages, rc, remaining, page_count;
+    StepFacts f = {0, 0, NULL, 0, 0, 0};
+    BackupCore *done = NULL;
 
-    BACKUP_GUARD(self);
+    if (!is_open(self)) { /* said before an argument's fault */
+        return raise_finished(self->state);
+    }
+    if (backup_forked(self)) {
+        return raise_forked(self->state, "backup");
+    }
+    /* (i) */
     if (parse_npages(args, nargs, kwnames, &npages) < 0) {
         return NULL;
     }
-    if (self->sticky_rc != SQLITE_OK) {
-        return raise_error_object(self->state, self->sticky_rc,
-                                  self->sticky_msg);
-    }
-    if (self->done) {
-        Py_RETURN_TRUE;
-    }
-    Connection *source = self->source, *dest = self->dest;
-    if (connection_check(source, CHECK_OPEN) < 0) {
+    /* (ii) the arguments ran no code: the backup is as it was above */
+    BackupCore *core = self->core;
+    Connection *source = core->source, *dest = core->dest;
+    if (enter_pair(self, source, dest) < 0) {
         return NULL;
     }
-    long before = self->page_count - self->remaining;
-    sqlite3_backup *backup = self->backup;
-    const char *dname = self->dname;
-    const char *sname = self->sname;
-    /* In use, self cannot be finished (nor its references dropped) by any
-     * other thread until we leave; our caller owns self. */
-    call_enter(self, &self->inuse);
-    call_enter(source, &source->inuse);
-    call_enter(dest, &dest->inuse);
-    Py_BEGIN_ALLOW_THREADS
-    rc = sqlite3_backup_step(backup, npages);
-    remaining = sqlite3_backup_remaining(backup);
-    page_count = sqlite3_backup_pagecount(backup);
-    if (is_os_failure(rc)) {
-        /* Read now, under the same release: sqlite3_backup_step sets no
-         * connection's system errno, but each file keeps its own. */
-        self->last_errno = file_errno(dest->db, dname, source->db, sname);
-    }
-    Py_END_ALLOW_THREADS
-
-    PyObject *result = NULL;
-    if (backup_forked(self)) {
-        /* A busy handler forked and this is the child: nothing more of the
-         * parent's SQLite state may be touched. */
-        if (!PyErr_Occurred()) {
-            raise_forked(self->state, "backup");
+    /* Held: nothing can finish the core or close either connection. */
+    if (self->sticky_rc != SQLITE_OK || self->done) {
+        leave_pair(source, dest, &done);
+        drop_done(done);
+        if (self->sticky_rc != SQLITE_OK) {
+            return raise_error_object(self->state, self->sticky_rc,
+                                      self->sticky_msg);
         }
-        goto done;
+        Py_RETURN_TRUE;
     }
-
-    if (PyErr_Occurred()) {
-        /* A callback (busy handler) raised: that is what the user sees. */
-        goto done;
+    long before = self->page_count - self->remaining;
+    sqlite3_backup *handle = core->handle;
+    int last_errno = 0;
+    RELEASE_GIL("backup_step");
+    rc = sqlite3_backup_step(handle, npages);
+    remaining = sqlite3_backup_remaining(handle);
+    page_count = sqlite3_backup_pagecount(handle);
+    if (is_os_failure(rc) && !FORKED(source)) { /* no SQLite after fork */
+        /* Read now: sqlite3_backup_step sets no connection's system
+         * errno, but each file keeps its own. */
+        last_errno =
+            file_errno(dest->db, core->dname, source->db, core->sname);
     }
-    if (rc == SQLITE_OK || rc == SQLITE_DONE) {
+    REACQUIRE_GIL();
+    core->stepped = 1;
+    int forked = FORKED(source) || FORKED(dest);
+    int callback_raised = PyErr_Occurred() != NULL;
+    int ok =
+        !forked && !callback_raised && (rc == SQLITE_OK || rc == SQLITE_DONE);
+    if (ok) {
         /* SQLite can answer remaining = -1 when another backup through the
          * same connection shrank the source under this one (its count runs
          * past the new end): what is left is nothing. */
@@ -834,21 +938,53 @@ backup_step(Backup *self, PyObject *const *args, Py_ssize_t nargs,
         self->remaining = remaining;
         self->page_count = page_count;
         self->done = rc == SQLITE_DONE;
-        result = Py_NewRef(self->done ? Py_True : Py_False);
-        goto done;
     }
-    if (sticky_lock_code(rc)) {
-        restart_backup(self, rc); /* raises either way */
-        goto done;
+    else if (!forked && !callback_raised) {
+        f.rc = rc;
+        self->last_errno = last_errno;
+        if (sticky_lock_code(rc)) {
+            restart_backup(self, core, &f, &done);
+        }
+        else {
+            RELEASE_GIL("backup_step_facts");
+            f.source_write =
+                db_txn_state(source->db, core->sname) == SQLITE_TXN_WRITE;
+            if ((rc & 0xff) == SQLITE_READONLY) {
+                f.source_page_size = trap_source_page_size(self, core);
+            }
+            REACQUIRE_GIL();
+            if (source->locking != NULL) {
+                f.locking_names = sqlite3_mprintf(
+                    "%s",
+                    source->locking->names ? source->locking->names : "");
+            }
+        }
     }
-    raise_step_error(self, rc);
-done:
-    call_leave(&dest->inuse);
-    call_leave(&source->inuse);
-    call_leave(&self->inuse);
-    if (self->backup == NULL && self->source != NULL) {
-        let_go(self); /* the restart failed: finished; let go after leaving */
+    leave_pair(source, dest, &done); /* forked: touches no SQLite */
+    /* (iii) */
+    drop_done(done);
+    HOOK_VOID("backup_step_result");
+    PyObject *result = NULL;
+    if (forked) {
+        /* A busy handler forked and this is the child: the callback's own
+         * exception (SystemExit) first. */
+        if (!PyErr_Occurred()) {
+            raise_forked(self->state, "backup");
+        }
     }
+    else if (callback_raised) {
+        /* A callback (busy handler) raised: that is what the user sees. */
+    }
+    else if (ok) {
+        result = PyBool_FromLong(self->done);
+    }
+    else if (f.restarted) {
+        raise_restarted(self, &f);
+    }
+    else {
+        raise_step_error(self, &f);
+    }
+    sqlite3_free(f.locking_names);
     return result;
 }
 
@@ -872,164 +1008,70 @@ finish_error_message(Backup *self, int rc)
         self->source_name, self->dest_name, sqlite3_errstr(rc));
 }
 
-/* In a forked child: let go of a backup without calling SQLite, whatever
- * state a vanished thread of the parent left it in (claimed, in use). */
-void
-backup_forget(Backup *self)
-{
-    if (self->source != NULL) {
-        self->backup = NULL;
-        let_go(self);
-    }
-}
-
-/* This thread's calls inside c, less the one call of `closing` (the
- * Connection.close() asking, if any). */
+/* finish(), close() and __exit__: wait for both locks (never from inside a
+ * call: refused there), finish unless someone else did meanwhile, and say
+ * how it went.  0, or -1 with the error (the backup is finished anyway,
+ * unless the error is a refusal to wait). */
 static int
-own_calls(Connection *c, Connection *closing)
+finish_now(Backup *self)
 {
-    return calls_here_count(c) - (c != NULL && c == closing);
-}
-
-/* Whether this thread may finish self now -- the one rule for finish(),
- * close(), __exit__ and both connections' close():
- *   0: yes (nothing is inside self);
- *   1: not yet: another thread is inside self (a step) or finishing it;
- *      wait, then ask again;
- *  -1: refused, ThreadingViolationError set: a callback of ours (a busy
- *      handler, a destructor run by one of our calls) is asking while this
- *      thread is inside self or one of its connections -- that call is
- *      still using them -- or while it would have to wait for another
- *      thread's call: a callback holds the SQLite mutex of the connection
- *      whose callback it is, and the other thread may be waiting for it.
- * `closing` is the connection whose close() asks (its own call is not a
- * callback), or NULL. */
-int
-backup_finish_allowed(Backup *self, Connection *closing)
-{
-    ModuleState *st = self->state;
-    Connection *source = self->source, *dest = self->dest;
-
-    if (in_call_here(self) || own_calls(source, closing) > 0
-        || own_calls(dest, closing) > 0) {
-        PyErr_Format(st->ReentrancyError,
-                     "cannot finish the backup (%U) from a callback running "
-                     "inside a call on it or on its connections (a busy "
-                     "handler, say): that call is still using them. Finish it "
-                     "after the call returns",
-                     self->repr_names);
-        return -1;
-    }
-    int busy_here = self->inuse || self->finishing;
-    int in_callback = call_depth_here() > (closing != NULL);
-    if (in_callback
-        && (busy_here || source->inuse > (source == closing)
-            || dest->inuse > (dest == closing))) {
-        PyErr_Format(
-            st->ReentrancyError,
-            "cannot finish the backup (%U) from a callback (a busy "
-            "handler, say) while another thread is inside it or its "
-            "connections: it would wait for that thread, which may be "
-            "waiting for this one. Finish it after the callback "
-            "returns",
-            self->repr_names);
-        return -1;
-    }
-    return busy_here ? 1 : 0;
-}
-
-/* Finish now.  The caller owns self (a reference, or it is self's dealloc)
- * and has made sure it may (backup_finish_allowed() answered 0).  Waits for a
- * connection busy in another thread if need be: SQLite's mutex serializes,
- * with the GIL released.  Unlocks the destination and drops both
- * references.  -1 with the error set when SQLite reported one.
- *
- * The sqlite3_backup is claimed -- taken out of self -- before the GIL is
- * released, so no other path can finish it a second time; until the end,
- * `finishing` tells others to wait, and the destination stays locked. */
-int
-backup_finish_internal(Backup *self)
-{
-    if (self->backup == NULL) {
+    if (!is_open(self)) {
         return 0;
     }
-    sqlite3_backup *backup = self->backup;
-    Connection *source = self->source, *dest = self->dest;
+    BackupCore *core = self->core, *done = NULL;
+    Connection *source = core->source, *dest = core->dest;
+    /* Ours while we wait: another thread may finish the backup meanwhile
+     * and drop its references. */
+    Py_INCREF(source);
+    Py_INCREF(dest);
+    if (lock_wait(source, dest, "backup's connection") < 0) {
+        Py_DECREF(source);
+        Py_DECREF(dest);
+        return -1;
+    }
     int rc = SQLITE_OK;
-
-    self->backup = NULL;
-    self->finishing = 1;
-    call_enter(self, &self->inuse);
-    call_enter(source, &source->inuse);
-    call_enter(dest, &dest->inuse);
-    if (!backup_forked(self)) {
-        Py_BEGIN_ALLOW_THREADS
-        rc = sqlite3_backup_finish(backup);
-        Py_END_ALLOW_THREADS
+    if (core->handle != NULL) { /* else finished by another meanwhile */
+        core_finish(core, &done);
+        rc = core->finish_rc;
     }
-    /* else: the parent's SQLite state, never touched in a forked child. */
-    call_leave(&dest->inuse);
-    call_leave(&source->inuse);
-    call_leave(&self->inuse);
-
-    if (rc != SQLITE_OK) {
-        PyObject *msg = finish_error_message(self, rc);
-        if (msg != NULL) {
-            raise_error_object(self->state, rc, msg);
-            Py_DECREF(msg);
-        }
+    leave_pair(source, dest, &done);
+    /* (iii) */
+    drop_done(done);
+    HOOK_VOID("finish_decref");
+    Py_DECREF(source);
+    Py_DECREF(dest);
+    if (rc == SQLITE_OK || rc == SQLITE_DONE) {
+        return PyErr_Occurred() ? -1 : 0; /* a busy handler raised */
     }
-    else if (PyErr_Occurred()) {
-        rc = SQLITE_ERROR; /* a busy handler raised: report that */
+    PyObject *msg = finish_error_message(self, rc);
+    if (msg != NULL) {
+        raise_error_object(self->state, rc, msg);
+        Py_DECREF(msg);
     }
-    let_go(self);
-    return rc == SQLITE_OK ? 0 : -1;
-}
-
-/* finish() for a caller that owns self: waits for a call another thread
- * is making on it (a step) or for another thread's finish to end, refuses
- * a callback running inside a call on it or its connections, then
- * finishes.  0 once finished (by whichever thread), -1 with the error. */
-static int
-finish_when_free(Backup *self)
-{
-    long wait_us = 50;
-    for (;;) {
-        if (self->backup == NULL && !self->finishing) {
-            return 0;
-        }
-        if (backup_forked(self)) {
-            /* A thread of the parent claimed it and is gone: never wait. */
-            return raise_forked(self->state, "backup"), -1;
-        }
-        int allowed = backup_finish_allowed(self, NULL);
-        if (allowed < 0) {
-            return -1;
-        }
-        if (allowed == 0) {
-            return backup_finish_internal(self);
-        }
-        wait_a_little(&wait_us);
-    }
-}
-
-/* Unfinished (or being finished) and inherited through fork(). */
-static int
-backup_forked_open(Backup *self)
-{
-    return self->source != NULL && backup_forked(self);
+    return -1;
 }
 
 static PyObject *
 backup_finish(Backup *self, PyObject *Py_UNUSED(ignored))
 {
-    if (backup_forked_open(self)) {
+    if (backup_forked(self)) {
         return raise_forked(self->state, "backup");
     }
-    if (finish_when_free(self) < 0) {
+    if (finish_now(self) < 0) {
         return NULL;
     }
     Py_RETURN_NONE;
+}
+
+/* In a forked child: let go of the backup without calling SQLite. */
+static void
+forget(Backup *self)
+{
+    BackupCore *done = NULL;
+    if (is_open(self)) {
+        core_forget(self->core, &done);
+    }
+    drop_done(done);
 }
 
 static PyObject *
@@ -1040,14 +1082,14 @@ backup_close(Backup *self, PyObject *args, PyObject *kwds)
     if (parse_force(args, kwds, &force) < 0) {
         return NULL;
     }
-    if (backup_forked_open(self)) {
+    if (backup_forked(self)) {
         if (!force) {
             return raise_forked(self->state, "backup");
         }
-        backup_forget(self); /* lets go without calling SQLite */
+        forget(self);
         Py_RETURN_NONE;
     }
-    if (finish_when_free(self) < 0) {
+    if (finish_now(self) < 0) {
         /* A refusal is not an error of the finish: force does not hide
          * that the backup is still open. */
         if (!force
@@ -1062,7 +1104,20 @@ backup_close(Backup *self, PyObject *args, PyObject *kwds)
 static PyObject *
 backup_enter(Backup *self, PyObject *Py_UNUSED(ignored))
 {
-    BACKUP_GUARD(self);
+    if (!is_open(self)) {
+        return raise_finished(self->state);
+    }
+    if (backup_forked(self)) {
+        return raise_forked(self->state, "backup");
+    }
+    /* As every method: refused from a callback of a call on the backup, or
+     * while another thread's call uses it. */
+    BackupCore *core = self->core, *done = NULL;
+    if (enter_pair(self, core->source, core->dest) < 0) {
+        return NULL;
+    }
+    leave_pair(core->source, core->dest, &done);
+    drop_done(done);
     return Py_NewRef(self);
 }
 
@@ -1074,9 +1129,8 @@ backup_exit(Backup *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "OOO:__exit__", &etype, &evalue, &etb)) {
         return NULL;
     }
-    int res = backup_forked_open(self)
-                  ? (raise_forked(self->state, "backup"), -1)
-                  : finish_when_free(self);
+    int res = backup_forked(self) ? (raise_forked(self->state, "backup"), -1)
+                                  : finish_now(self);
     if (res < 0) {
         if (etype == Py_None) {
             return NULL;
@@ -1087,137 +1141,62 @@ backup_exit(Backup *self, PyObject *args)
     Py_RETURN_FALSE;
 }
 
-/* Deferred finishes (GIL-protected): Backups collected while a call was
- * inside their source or destination.  Finishing then could wait for that
- * call's SQLite mutex -- from a callback holding another one, or while the
- * call's thread waits for the GIL: a deadlock -- so a stand-in Backup takes
- * over the sqlite3_backup, the destination lock and the place in the
- * source's list, and is finished once no call of ours is inside either
- * connection (backup_finish_pending(), from call_leave()). */
-Backup *pending_finishes;
-
-static int
-defer_finish(Backup *self)
-{
-    ModuleState *st = self->state;
-    allocfunc alloc = (allocfunc)PyType_GetSlot(st->BackupType, Py_tp_alloc);
-    Backup *g = (Backup *)alloc(st->BackupType, 0);
-    if (g == NULL) {
-        return -1;
-    }
-    g->state = st;
-    g->backup = self->backup;
-    g->dest = self->dest;
-    g->source = self->source;
-    g->dest_name = Py_NewRef(self->dest_name);
-    g->source_name = Py_NewRef(self->source_name);
-    g->dname = self->dname;
-    g->sname = self->sname;
-    g->repr_names = Py_NewRef(self->repr_names);
-    g->sticky_rc = self->sticky_rc;
-    g->sticky_msg = self->sticky_msg ? Py_NewRef(self->sticky_msg) : NULL;
-    g->done = self->done;
-    g->restarts = self->restarts;
-    g->dest_in_memory = self->dest_in_memory;
-    g->dest_wal = self->dest_wal;
-    g->dest_page_size = self->dest_page_size;
-    g->dest->locked_by = g;
-    g->src_prev = self->src_prev;
-    g->src_next = self->src_next;
-    if (g->src_prev != NULL) {
-        g->src_prev->src_next = g;
-    }
-    else {
-        g->source->sources = g;
-    }
-    if (g->src_next != NULL) {
-        g->src_next->src_prev = g;
-    }
-    self->backup = NULL;
-    self->dest = self->source = NULL;
-    self->src_prev = self->src_next = NULL;
-    g->pending_next = pending_finishes; /* the list owns g's reference */
-    pending_finishes = g;
-    return 0;
-}
-
-void
-backup_finish_pending(void)
-{
-    static int draining;
-    if (draining) {
-        return;
-    }
-    draining = 1;
-    Backup **link = &pending_finishes;
-    while (*link != NULL) {
-        Backup *g = *link;
-        int finished = g->backup == NULL && !g->finishing;
-        if (!finished
-            && (g->inuse || g->finishing || g->source->inuse || g->dest->inuse
-                || backup_forked(g))) {
-            link = &g->pending_next; /* not yet (a forked child: never) */
-            continue;
-        }
-        *link = g->pending_next;
-        g->pending_next = NULL;
-        if (!finished) {
-            PyObject *et, *ev, *tb;
-            PyErr_Fetch(&et, &ev, &tb);
-            if (backup_finish_internal(g) < 0) {
-                PyErr_WriteUnraisable(g->repr_names);
-            }
-            PyErr_Restore(et, ev, tb);
-        }
-        Py_DECREF(g);
-        link = &pending_finishes; /* the GIL was released: read afresh */
-    }
-    draining = 0;
-}
-
-/* Finish from garbage collection or dealloc: nobody can be told, so an
- * error goes to sys.unraisablehook.  Nothing can be inside a call on self
- * (a call owns a reference); if a call is inside one of its connections,
- * the finish is deferred (above).  A forked child lets go of the parent's
- * backup without calling SQLite. */
+/* Let go from garbage collection or dealloc: never waits, never refuses.
+ * Both locks free: finish now (an error goes to sys.unraisablehook).  A
+ * lock busy (another thread's call, or this thread's, deeper): the core
+ * becomes an orphan, still linked and still locking the destination, and
+ * whoever holds the lock finishes it as it lets go (locks.c).  A forked
+ * child lets go without calling SQLite. */
 static void
-finish_unraisable(Backup *self)
+let_go(Backup *self)
 {
-    if (self->backup == NULL) {
+    BackupCore *core = self->core, *done = NULL;
+    if (core == NULL) {
         return;
     }
-    if (backup_forked(self)) {
-        backup_forget(self);
+    self->core = NULL;
+    if (core->handle == NULL) {
+        core_free(core);
         return;
     }
-    PyObject *et, *ev, *tb;
-    PyErr_Fetch(&et, &ev, &tb);
-    if (self->source->inuse || self->dest->inuse) {
-        if (defer_finish(self) == 0) {
-            PyErr_Restore(et, ev, tb);
-            return;
-        }
-        PyErr_Clear(); /* no memory for the stand-in: finish now */
+    if (FORKED(core->source) || FORKED(core->dest)) {
+        core->orphan = 1; /* freed by drop_done */
+        core_forget(core, &done);
+        drop_done(done);
+        return;
     }
-    if (backup_finish_internal(self) < 0) {
-        PyErr_WriteUnraisable(self->repr_names);
+    Connection *source = core->source, *dest = core->dest;
+    if (lock_try_quiet(source) < 0) {
+        core->orphan = 1;
+        return;
     }
-    PyErr_Restore(et, ev, tb);
+    if (lock_try_quiet(dest) < 0) {
+        core->orphan = 1;
+        unlock(source, &done); /* settles the orphan if it can */
+        drop_done(done);
+        return;
+    }
+    core->orphan = 1; /* drop_done frees it and reports a failure */
+    core_finish(core, &done);
+    leave_pair(source, dest, &done);
+    drop_done(done);
 }
 
 static int
 backup_traverse(Backup *self, visitproc visit, void *arg)
 {
     Py_VISIT(Py_TYPE(self));
-    Py_VISIT(self->dest);
-    Py_VISIT(self->source);
+    if (is_open(self)) {
+        Py_VISIT(self->core->dest);
+        Py_VISIT(self->core->source);
+    }
     return 0;
 }
 
 static int
 backup_clear(Backup *self)
 {
-    finish_unraisable(self);
+    let_go(self);
     return 0;
 }
 
@@ -1226,7 +1205,7 @@ backup_dealloc(Backup *self)
 {
     PyTypeObject *tp = Py_TYPE(self);
     PyObject_GC_UnTrack(self);
-    finish_unraisable(self);
+    let_go(self);
     Py_CLEAR(self->dest_name);
     Py_CLEAR(self->source_name);
     Py_CLEAR(self->repr_names);
@@ -1239,26 +1218,24 @@ backup_dealloc(Backup *self)
 static int
 backup_bool(Backup *self)
 {
-    return self->backup != NULL || self->finishing;
+    return is_open(self);
 }
 
 static PyObject *
 backup_repr(Backup *self)
 {
-    if (self->backup == NULL && self->finishing) {
-        return PyUnicode_FromFormat(
-            "<apsw_backup.Backup %U: finishing in another call>",
-            self->repr_names);
+    PyObject *names = self->repr_names;
+    if (names == NULL) {
+        return PyUnicode_FromString("<apsw_backup.Backup: not made>");
     }
-    if (self->backup == NULL) {
+    if (!is_open(self)) {
         return PyUnicode_FromFormat("<apsw_backup.Backup %U: finished%s>",
-                                    self->repr_names,
-                                    self->done ? " (complete)" : "");
+                                    names, self->done ? " (complete)" : "");
     }
     return PyUnicode_FromFormat(
         "<apsw_backup.Backup %U: %d of %d pages copied, %d remaining, "
         "%ld restarts%s>",
-        self->repr_names, self->page_count - self->remaining, self->page_count,
+        names, self->page_count - self->remaining, self->page_count,
         self->remaining, self->restarts, self->done ? ", done" : "");
 }
 
@@ -1271,13 +1248,14 @@ backup_get_done(Backup *self, void *Py_UNUSED(closure))
 static PyObject *
 backup_get_remaining(Backup *self, void *Py_UNUSED(closure))
 {
-    return PyLong_FromLong(self->remaining);
+    /* 0 once finished, by whichever path (a connection's close too) */
+    return PyLong_FromLong(is_open(self) ? self->remaining : 0);
 }
 
 static PyObject *
 backup_get_page_count(Backup *self, void *Py_UNUSED(closure))
 {
-    return PyLong_FromLong(self->page_count);
+    return PyLong_FromLong(is_open(self) ? self->page_count : 0);
 }
 
 static PyObject *

@@ -1,12 +1,12 @@
 /* Connection: an SQLite database handle, the subset needed to make, use and
  * verify a backup.
  *
- * Threading model: SQLite is opened in serialized mode, and `inuse` is set
- * for the whole of any call that touches the handle (the GIL is released
- * around the SQLite calls inside it).  A second thread, or a callback running
- * inside that call, therefore gets ThreadingViolationError instead of racing
- * the first one.  `locked_by` is the same idea for a backup destination:
- * SQLite does not protect it, so we refuse every use until the Backup ends.
+ * Every method follows src/README.md: (i) turn the arguments into C values
+ * (user code may run); (ii) take the lock (locks.c), check the state, act,
+ * let go; (iii) build the result or the exception.  A busy lock is refused
+ * (InUseError or ReentrancyError); only close() waits.  `locking` is the
+ * destination lock: SQLite does not protect a backup's destination, so
+ * every use of it is refused until the Backup is finished.
  */
 #include "apsw_backup.h"
 #include <structmember.h>
@@ -14,82 +14,137 @@
 
 #define DEFAULT_FLAGS (SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE)
 
+/* A str argument as an exact str (a subclass's __repr__/__str__ is never
+ * called on it later) with no NUL; what names the argument. */
 PyObject *
-connection_locked_message(Connection *self)
+name_as_str(PyObject *value, const char *what)
 {
-    Backup *b = self->locked_by;
-    return PyUnicode_FromFormat(
-        "This connection is the destination of an unfinished Backup "
-        "(%U); it cannot be used until the backup is finished: "
-        "call backup.finish() or backup.close(), or leave its with-block "
-        "(close(force=True) on this connection finishes the backup, rolling "
-        "the partial copy back, and closes it)",
-        b->repr_names);
+    if (HOOK("name_as_str") < 0) {
+        return NULL;
+    }
+    PyObject *exact = PyUnicode_FromObject(value);
+    if (exact == NULL) {
+        return NULL;
+    }
+    Py_ssize_t size;
+    const char *utf8 = PyUnicode_AsUTF8AndSize(exact, &size);
+    if (utf8 == NULL) {
+        Py_DECREF(exact);
+        return NULL;
+    }
+    if ((size_t)size != strlen(utf8)) {
+        Py_DECREF(exact);
+        PyErr_Format(PyExc_ValueError, "%s contains a NUL character", what);
+        return NULL;
+    }
+    return exact;
 }
 
-/* The one guard at the top of every Connection method. */
-int
-connection_check(Connection *self, int what)
+static PyObject *
+raise_locked(ModuleState *st, const char *names)
 {
-    ModuleState *st = self->state;
+    PyErr_Format(st->DestinationLockedError,
+                 "This connection is the destination of an unfinished "
+                 "Backup (%s); it cannot be used until the backup is "
+                 "finished: call backup.finish() or backup.close(), or leave "
+                 "its with-block (close(force=True) on this connection "
+                 "finishes the backup, rolling the partial copy back, and "
+                 "closes it)",
+                 names ? names : "");
+    return NULL;
+}
+
+int
+connection_usable(Connection *self, int what)
+{
     if (self->db == NULL) {
-        PyErr_SetString(st->ConnectionClosedError, "The connection is closed");
+        PyErr_SetString(self->state->ConnectionClosedError,
+                        "The connection is closed");
         return -1;
     }
-    if (FORKED(self)) {
-        raise_forked(st, "connection");
-        return -1;
-    }
-    if (self->inuse) {
-        PyErr_SetString(in_call_here(self) ? st->ReentrancyError
-                                           : st->InUseError,
-                        "The connection is in use by a call that has not "
-                        "returned (in another thread, or re-entrantly from a "
-                        "callback); wait for that call to finish");
-        return -1;
-    }
-    if ((what & CHECK_UNLOCKED) && self->locked_by != NULL) {
-        PyObject *msg = connection_locked_message(self);
-        if (msg != NULL) {
-            PyErr_SetObject(st->DestinationLockedError, msg);
-            Py_DECREF(msg);
-        }
+    if ((what & CHECK_UNLOCKED) && self->locking != NULL) {
+        raise_locked(self->state, self->locking->names);
         return -1;
     }
     return 0;
 }
 
-#define GUARD(self, what)                           \
-    do {                                            \
-        if (connection_check((self), (what)) < 0) { \
-            return NULL;                            \
-        }                                           \
-    } while (0)
-#define GUARD_ALL(self) GUARD((self), CHECK_OPEN | CHECK_UNLOCKED)
-
-/* Run SQL with no results and no bindings (savepoints). */
+/* Closed (or inherited through fork) is said before anything else, even a
+ * wrong argument: a benign look before the arguments are converted; the
+ * lock's holder checks again. */
 static int
-connection_exec(Connection *self, const char *sql)
+precheck(Connection *self)
 {
-    int rc;
-    call_enter(self, &self->inuse);
-    Py_BEGIN_ALLOW_THREADS
-    rc = sqlite3_exec(self->db, sql, NULL, NULL, NULL);
-    Py_END_ALLOW_THREADS
-    if (FORKED(self)) { /* a busy handler forked: the child's way out */
-        call_leave(&self->inuse);
-        if (!PyErr_Occurred()) {
-            raise_forked(self->state, "connection");
-        }
+    if (self->db == NULL) {
+        PyErr_SetString(self->state->ConnectionClosedError,
+                        "The connection is closed");
         return -1;
     }
-    /* A busy handler's exception comes out even if SQLite got on. */
-    int failed = rc != SQLITE_OK || PyErr_Occurred() != NULL;
-    if (failed) {
-        raise_db_error(self->state, self->db, rc);
+    if (FORKED(self)) {
+        raise_forked(self->state, "connection");
+        return -1;
     }
-    call_leave(&self->inuse);
-    return failed ? -1 : 0;
+    return 0;
+}
+
+/* Take the lock and check: 0, or -1 with the error (lock not held). */
+int
+conn_enter(Connection *self, int what)
+{
+    if (self->db == NULL) {
+        PyErr_SetString(self->state->ConnectionClosedError,
+                        "The connection is closed");
+        return -1;
+    }
+    if (FORKED(self)) {
+        raise_forked(self->state, "connection");
+        return -1;
+    }
+    if ((what & CHECK_UNLOCKED) && self->locking != NULL) {
+        /* Said at once, not as "in use" while the backup steps; checked
+         * again below, under the lock. */
+        return raise_locked(self->state, self->locking->names), -1;
+    }
+    if (lock_try(self, "connection") < 0) {
+        return -1;
+    }
+    if (connection_usable(self, what) < 0) {
+        BackupCore *done = NULL;
+        unlock(self, &done);
+        drop_done(done);
+        return -1;
+    }
+    return 0;
+}
+
+void
+conn_leave(Connection *self)
+{
+    BackupCore *done = NULL;
+    unlock(self, &done);
+    drop_done(done);
+}
+
+/* Run SQL with no results and no bindings (savepoints), lock held.  A
+ * busy handler may run Python: a fork or its exception is reported. */
+static int
+exec_locked(Connection *self, const char *sql, DbError *error)
+{
+    int rc;
+    RELEASE_GIL("exec_locked");
+    rc = sqlite3_exec(self->db, sql, NULL, NULL, NULL);
+    /* A busy handler may have forked: then this is the child, and every
+     * SQLite call would wait for ever on a mutex the parent's thread held
+     * (its owner is another thread id here) -- and change the parent's
+     * state.  So nothing of SQLite after a fork. */
+    if (rc != SQLITE_OK && !FORKED(self)) {
+        capture_db_error(self->db, rc, error);
+    }
+    REACQUIRE_GIL();
+    if (rc == SQLITE_OK && PyErr_Occurred()) {
+        return -1; /* a busy handler raised, though SQLite got on */
+    }
+    return rc == SQLITE_OK ? 0 : -1;
 }
 
 static PyObject *
@@ -106,6 +161,11 @@ connection_new(PyTypeObject *type, PyObject *Py_UNUSED(args),
         return NULL;
     }
     self->state = st;
+    self->fork_generation = fork_generation;
+    if (pthread_mutex_init(&self->mutex, NULL) != 0) {
+        Py_DECREF(self);
+        return PyErr_NoMemory();
+    }
     return (PyObject *)self;
 }
 
@@ -135,6 +195,46 @@ filename_bytes(PyObject *filename)
 }
 
 static int
+raise_already_open(ModuleState *st)
+{
+    PyErr_SetString(st->Error, "The connection is already open; make a new "
+                               "Connection to open another database");
+    return -1;
+}
+
+/* Open db (lock held): the handle, or NULL with the error captured. */
+static sqlite3 *
+open_locked(Connection *self, const char *name, int flags, const char *vfs,
+            DbError *error)
+{
+    sqlite3 *db = NULL;
+    struct stat main_stat;
+    int rc, known = 0;
+    RELEASE_GIL("open_locked");
+    rc = sqlite3_open_v2(name, &db, flags | SQLITE_OPEN_FULLMUTEX, vfs);
+    if (rc == SQLITE_OK) {
+        sqlite3_extended_result_codes(db, 1);
+        const char *fn = sqlite3_db_filename(db, "main");
+        known = fn != NULL && fn[0] && stat(fn, &main_stat) == 0;
+    }
+    else if (db != NULL) {
+        capture_db_error(db, rc, error);
+        sqlite3_close(db);
+        db = NULL;
+    }
+    else {
+        capture_db_error(NULL, SQLITE_NOMEM, error);
+    }
+    REACQUIRE_GIL();
+    if (db != NULL) {
+        self->main_known = known;
+        self->main_dev = known ? (unsigned long long)main_stat.st_dev : 0;
+        self->main_ino = known ? (unsigned long long)main_stat.st_ino : 0;
+    }
+    return db;
+}
+
+static int
 connection_init(Connection *self, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"filename", "flags", "vfs", NULL};
@@ -142,21 +242,21 @@ connection_init(Connection *self, PyObject *args, PyObject *kwds)
     PyObject *filename;
     int flags = DEFAULT_FLAGS;
     const char *vfs = NULL;
-    sqlite3 *db = NULL;
-    int rc;
+    DbError error;
 
+    /* (i) arguments */
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|iz:Connection", kwlist,
                                      &filename, &flags, &vfs)) {
         return -1;
     }
-    if (self->db != NULL) {
-        PyErr_SetString(st->Error, "The connection is already open; make a "
-                                   "new Connection to open another database");
+    if (FORKED(self)) {
+        PyErr_SetString(st->ForkingViolationError,
+                        "This Connection was made before os.fork() and "
+                        "belongs to the parent process: it cannot be opened "
+                        "again in the child. Make a new Connection");
         return -1;
     }
     if (flags & SQLITE_OPEN_NOMUTEX) {
-        /* Our threading guarantees (interrupt(), finishing a backup from a
-         * collected object) rely on SQLite's per-connection mutex. */
         PyErr_SetString(PyExc_ValueError,
                         "SQLITE_OPEN_NOMUTEX is not supported: apsw_backup "
                         "needs SQLite's per-connection mutex; leave it out");
@@ -169,141 +269,75 @@ connection_init(Connection *self, PyObject *args, PyObject *kwds)
                            "SQLITE_OPEN_CREATE)");
         return -1;
     }
+    if (HOOK("connection_init_args") < 0) {
+        return -1;
+    }
+    /* The vfs name's UTF-8 belongs to the argument tuple; copy it. */
+    char *vfs_copy = vfs ? sqlite3_mprintf("%s", vfs) : NULL;
+    if (vfs != NULL && vfs_copy == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
     PyObject *name = filename_bytes(filename);
     if (name == NULL) {
+        sqlite3_free(vfs_copy);
         return -1;
     }
-    if (self->db != NULL) { /* __fspath__ opened us meanwhile */
+    if (self->db != NULL) {
         Py_DECREF(name);
-        PyErr_SetString(st->Error, "The connection is already open; make a "
-                                   "new Connection to open another database");
+        sqlite3_free(vfs_copy);
+        return raise_already_open(st);
+    }
+    /* (ii) open, under our lock */
+    if (lock_try(self, "connection") < 0) {
+        Py_DECREF(name);
+        sqlite3_free(vfs_copy);
         return -1;
     }
-    const char *cname = PyBytes_AsString(name);
-    Py_BEGIN_ALLOW_THREADS
-    rc = sqlite3_open_v2(cname, &db, flags | SQLITE_OPEN_FULLMUTEX, vfs);
-    if (rc == SQLITE_OK) {
-        sqlite3_extended_result_codes(db, 1);
+    int already = self->db != NULL;
+    sqlite3 *db = NULL;
+    if (!already) {
+        db =
+            open_locked(self, PyBytes_AsString(name), flags, vfs_copy, &error);
+        if (db != NULL) {
+            self->db = db;
+            self->open_flags = flags;
+            self->savepoint_level = 0;
+        }
     }
-    Py_END_ALLOW_THREADS
+    const char *fn = db ? sqlite3_db_filename(db, "main") : NULL;
+    char *fn_copy = fn ? sqlite3_mprintf("%s", fn) : NULL;
+    sqlite3_vfs *v = db ? sqlite3_vfs_find(vfs_copy) : NULL;
+    conn_leave(self);
+    /* (iii) the attributes, or the error */
+    HOOK_VOID("connection_init_decref");
     Py_DECREF(name);
-    if (rc == SQLITE_OK && self->db != NULL) {
-        /* Another thread's __init__ opened us while the GIL was released. */
-        Py_BEGIN_ALLOW_THREADS
-        sqlite3_close(db);
-        Py_END_ALLOW_THREADS
-        PyErr_SetString(st->Error, "The connection is already open; make a "
-                                   "new Connection to open another database");
+    if (already) {
+        sqlite3_free(vfs_copy);
+        return raise_already_open(st);
+    }
+    if (db == NULL) {
+        sqlite3_free(vfs_copy);
+        raise_captured(st, &error);
         return -1;
     }
-    if (rc != SQLITE_OK) {
-        if (db == NULL) {
-            PyErr_NoMemory();
-            return -1;
-        }
-        /* With the OS error SQLite kept ("unable to open database file"
-         * does not say why). */
-        raise_db_error(st, db, rc);
-        Py_BEGIN_ALLOW_THREADS
-        sqlite3_close(db);
-        Py_END_ALLOW_THREADS
+    if (HOOK("connection_init_attributes") < 0) {
+        sqlite3_free(vfs_copy);
+        sqlite3_free(fn_copy);
         return -1;
     }
-
-    const char *fn = sqlite3_db_filename(db, "main");
-    sqlite3_vfs *v = sqlite3_vfs_find(vfs);
-    REPLACE_REF(self->filename, PyUnicode_DecodeFSDefault(fn ? fn : ""));
-    REPLACE_REF(self->open_vfs,
-                PyUnicode_FromString(v ? v->zName : (vfs ? vfs : "")));
-    if (self->filename == NULL || self->open_vfs == NULL) {
-        Py_BEGIN_ALLOW_THREADS
-        sqlite3_close(db);
-        Py_END_ALLOW_THREADS
-        return -1;
+    PyObject *fname = PyUnicode_DecodeFSDefault(fn_copy ? fn_copy : "");
+    PyObject *vname =
+        PyUnicode_FromString(v ? v->zName : (vfs_copy ? vfs_copy : ""));
+    sqlite3_free(vfs_copy);
+    sqlite3_free(fn_copy);
+    if (fname == NULL || vname == NULL) {
+        Py_XDECREF(fname);
+        Py_XDECREF(vname);
+        return -1; /* open, with an empty filename: close() still works */
     }
-    self->open_flags = flags;
-    self->savepoint_level = 0;
-    self->fork_generation = fork_generation;
-    struct stat main_stat;
-    self->main_known = fn != NULL && fn[0] && stat(fn, &main_stat) == 0;
-    self->main_dev =
-        self->main_known ? (unsigned long long)main_stat.st_dev : 0;
-    self->main_ino =
-        self->main_known ? (unsigned long long)main_stat.st_ino : 0;
-    self->db = db;
-    return 0;
-}
-
-/* Finish every backup reading from us.  Returns -1 with the first error set
- * if one failed (every backup is finished regardless); -2 if a callback
- * running inside one of them called us (nothing is finished then).
- *
- * The list holds borrowed pointers, and finishing releases the GIL, so the
- * list is read afresh after every wait or finish: a backup another thread
- * is finishing (or stepping) is waited for -- it unlinks itself when done --
- * and one that is free to finish is owned (a new reference) while it is. */
-static int
-finish_source_backups(Connection *self)
-{
-    PyObject *et = NULL, *ev = NULL, *tb = NULL;
-    long wait_us = 50;
-    while (self->sources != NULL) {
-        Backup *b = self->sources;
-        int allowed = 1;
-        for (; b != NULL; b = b->src_next) {
-            allowed = backup_finish_allowed(b, self);
-            if (allowed < 0) {
-                return -2; /* a refusal is never swallowed */
-            }
-            if (allowed == 0) {
-                break;
-            }
-        }
-        if (b == NULL) {
-            wait_a_little(&wait_us);
-            continue;
-        }
-        Py_INCREF(b);
-        if (backup_finish_internal(b) < 0) {
-            if (et == NULL) {
-                PyErr_Fetch(&et, &ev, &tb);
-            }
-            else {
-                PyErr_Clear();
-            }
-        }
-        Py_DECREF(b);
-    }
-    if (et != NULL) {
-        PyErr_Restore(et, ev, tb);
-        return -1;
-    }
-    return 0;
-}
-
-/* Finish the backup writing into us, if any (its errors are swallowed: the
- * partial copy is rolled back whatever they say).  Waits, as above, for one
- * another thread is finishing. */
-static int
-finish_locking_backup(Connection *self)
-{
-    long wait_us = 50;
-    while (self->locked_by != NULL) {
-        Backup *b = self->locked_by;
-        int allowed = backup_finish_allowed(b, self);
-        if (allowed < 0) {
-            return -1;
-        }
-        if (allowed > 0) {
-            wait_a_little(&wait_us);
-            continue;
-        }
-        Py_INCREF(b);
-        if (backup_finish_internal(b) < 0) {
-            PyErr_Clear();
-        }
-        Py_DECREF(b);
-    }
+    REPLACE_REF(self->filename, fname);
+    REPLACE_REF(self->open_vfs, vname);
     return 0;
 }
 
@@ -327,98 +361,207 @@ parse_force(PyObject *args, PyObject *kwds, int *force)
     return *force < 0 ? -1 : 0;
 }
 
-/* Finish the backups, close the cursors, close the handle.  Called with
- * inuse held, so Python code run from here (a binding's __del__) cannot
- * re-enter the connection half-way. */
+/* In a forked child: let go of everything the parent's handle had, without
+ * calling SQLite or taking a lock (both belong to the parent). */
+static void
+forget_forked(Connection *self, BackupCore **done)
+{
+    if (self->locking != NULL) {
+        core_forget(self->locking, done);
+    }
+    while (self->sources != NULL) {
+        core_forget(self->sources, done);
+    }
+    cursors_close_all(self, 1);
+    while (self->orphans != NULL) {
+        Orphan *o = self->orphans;
+        self->orphans = o->next;
+        PyMem_Free(o);
+    }
+    self->db = NULL;
+}
+
+/* Finalize every statement left (cursors, orphans, and any other) and
+ * close the handle; lock held.  -1 with the error captured (force: never). */
 static int
-close_everything(Connection *self, int force)
+close_handle(Connection *self, int force, DbError *error)
 {
     int rc;
-    /* Only force=True gets here with a backup writing into us. */
-    if (finish_locking_backup(self) < 0) {
-        return -1;
+    cursors_close_all(self, 0);
+    /* unlock() would finalize the orphans, but the handle goes first. */
+    while (self->orphans != NULL) {
+        Orphan *o = self->orphans;
+        self->orphans = o->next;
+        sqlite3_stmt *stmt = o->stmt;
+        PyMem_Free(o);
+        RELEASE_GIL("close_finalize_orphan");
+        sqlite3_finalize(stmt);
+        REACQUIRE_GIL();
     }
-    int res = finish_source_backups(self);
-    if (res == -2 || (res < 0 && !force)) {
-        return -1;
-    }
-    if (res < 0) {
-        PyErr_Clear();
-    }
-    while (self->cursors != NULL) {
-        cursor_close_internal(self->cursors);
-    }
-    statements_finalize_pending(self); /* deferred by a callback (cursor.c) */
-    /* A cursor another thread let go of finalizes its statement outside
-     * our call (it left the list first): wait for it, or SQLite would find
-     * the statement unfinalized. */
-    long wait_us = 50;
-    while (self->inuse > 1) {
-        wait_a_little(&wait_us);
-    }
-    /* Taken out first: interrupt() from another thread (allowed on a busy
-     * connection) must never reach a handle being freed. */
+    /* Taken out first: interrupt() from another thread (allowed without
+     * the lock) must never reach a handle being freed. */
     sqlite3 *db = self->db;
     self->db = NULL;
-    Py_BEGIN_ALLOW_THREADS
-    rc = sqlite3_close(db);
-    Py_END_ALLOW_THREADS
-    if (rc != SQLITE_OK) {
-        if (!force) {
-            raise_db_error(self->state, db, rc);
-            self->db = db; /* still open */
-            return -1;
-        }
-        Py_BEGIN_ALLOW_THREADS
-        sqlite3_close_v2(db);
-        Py_END_ALLOW_THREADS
+    RELEASE_GIL("close_handle");
+    /* Nothing of ours holds a statement now; any other (none should be
+     * left) would make sqlite3_close() fail. */
+    sqlite3_stmt *stmt;
+    while ((stmt = sqlite3_next_stmt(db, NULL)) != NULL) {
+        sqlite3_finalize(stmt);
     }
+    rc = sqlite3_close(db);
+    if (rc != SQLITE_OK) {
+        capture_db_error(db, rc, error);
+        if (force) {
+            sqlite3_close_v2(db);
+        }
+    }
+    REACQUIRE_GIL();
+    if (rc != SQLITE_OK && !force) {
+        self->db = db; /* still open */
+        return -1;
+    }
+    self->savepoint_level = 0;
     return 0;
 }
 
-/* In a forked child: let go of the parent's backups and cursors (none of
- * them calls SQLite once forked), then of the handle. */
-static void
-forget_forked(Connection *self)
+/* The other connection close() must hold to finish the next backup of
+ * ours, and that backup (NULL: none left).  Force finishes the one
+ * writing into us too. */
+static BackupCore *
+next_backup(Connection *self, int force, Connection **other)
 {
-    while (self->locked_by != NULL) {
-        backup_forget(self->locked_by);
+    if (force && self->locking != NULL) {
+        *other = self->locking->source;
+        return self->locking;
     }
-    while (self->sources != NULL) {
-        backup_forget(self->sources);
+    if (self->sources != NULL) {
+        *other = self->sources->dest;
+        return self->sources;
     }
-    while (self->cursors != NULL) {
-        cursor_close_internal(self->cursors);
-    }
-    self->db = NULL;
+    *other = NULL;
+    return NULL;
 }
 
 static PyObject *
 connection_close(Connection *self, PyObject *args, PyObject *kwds)
 {
     int force;
+    DbError error;
+    int failed = 0, finish_rc = SQLITE_OK;
+    char *finish_names = NULL;
 
+    /* (i) */
     if (parse_force(args, kwds, &force) < 0) {
         return NULL;
     }
     if (self->db == NULL) {
         Py_RETURN_NONE;
     }
-    if (FORKED(self) && force) {
-        /* The handle is the parent's: forget it, and everything it owns,
-         * without calling SQLite -- nothing of the parent's may survive a
-         * later __init__ on this object. */
-        forget_forked(self);
+    if (FORKED(self)) {
+        if (!force) {
+            return raise_forked(self->state, "connection");
+        }
+        BackupCore *done = NULL;
+        forget_forked(self, &done);
+        drop_done(done);
         Py_RETURN_NONE;
     }
-    GUARD(self, force ? CHECK_OPEN : CHECK_OPEN | CHECK_UNLOCKED);
-    call_enter(self, &self->inuse);
-    int res = close_everything(self, force);
-    call_leave(&self->inuse);
-    if (res < 0) {
+    if (!force && self->locking != NULL) {
+        return raise_locked(self->state, self->locking->names);
+    }
+    /* A call another thread is making on this connection is refused, as
+     * for every method; only the other connection of a backup is waited
+     * for, below, as finish() waits. */
+    if (lock_try(self, "connection") < 0) {
         return NULL;
     }
-    Py_CLEAR(self->busy_handler);
+    conn_leave(self);
+    /* (ii) one backup at a time, each with both its locks, waited for;
+     * then the handle.  The state is read afresh after every wait. */
+    for (;;) {
+        Connection *other = NULL;
+        BackupCore *core = next_backup(self, force, &other);
+        Py_INCREF(self);
+        Py_XINCREF(other);
+        if (lock_wait(self, other, "connection") < 0) {
+            Py_DECREF(self);
+            Py_XDECREF(other);
+            sqlite3_free(finish_names);
+            return NULL;
+        }
+        BackupCore *done = NULL;
+        Connection *now_other = NULL;
+        BackupCore *now = next_backup(self, force, &now_other);
+        int closed = self->db == NULL;
+        if (!closed && !force && self->locking != NULL) {
+            const char *names = self->locking->names;
+            char *copy = sqlite3_mprintf("%s", names ? names : "");
+            unlock(self, &done);
+            if (other != NULL) {
+                unlock(other, &done);
+            }
+            drop_done(done);
+            Py_DECREF(self);
+            Py_XDECREF(other);
+            sqlite3_free(finish_names);
+            raise_locked(self->state, copy);
+            sqlite3_free(copy);
+            return NULL;
+        }
+        int progress = 0;
+        if (!closed && now != NULL && now == core && now_other == other) {
+            int from_dest = now == self->locking;
+            core_finish(now, &done);
+            int rc = now->finish_rc;
+            if (!from_dest && rc != SQLITE_OK && rc != SQLITE_DONE
+                && finish_rc == SQLITE_OK) {
+                finish_rc = rc; /* the first failure, reported below */
+                finish_names = sqlite3_mprintf("%s", now->names);
+            }
+            progress = 1;
+        }
+        else if (!closed && now == NULL && other == NULL) {
+            if (finish_rc != SQLITE_OK && !force) {
+                /* The backups are finished; the source stays open. */
+            }
+            else if (close_handle(self, force, &error) < 0) {
+                failed = 1;
+            }
+            closed = 1;
+        }
+        unlock(self, &done);
+        if (other != NULL) {
+            unlock(other, &done);
+        }
+        drop_done(done);
+        Py_DECREF(self);
+        Py_XDECREF(other);
+        if (closed) {
+            break;
+        }
+        (void)progress; /* else the backups changed meanwhile: look again */
+    }
+    /* (iii) */
+    if (failed) {
+        sqlite3_free(finish_names);
+        return raise_captured(self->state, &error);
+    }
+    if (finish_rc != SQLITE_OK && !force) {
+        raise_error_format(self->state, finish_rc,
+                           "finishing the backup %s failed: %s; the "
+                           "destination was rolled back, and this connection "
+                           "was left open",
+                           finish_names ? finish_names : "",
+                           sqlite3_errstr(finish_rc));
+        sqlite3_free(finish_names);
+        return NULL;
+    }
+    sqlite3_free(finish_names);
+    if (self->db == NULL) {
+        HOOK_VOID("connection_close_decref");
+        Py_CLEAR(self->busy_handler);
+    }
     Py_RETURN_NONE;
 }
 
@@ -445,14 +588,27 @@ connection_dealloc(Connection *self)
     if (self->weakreflist != NULL) {
         PyObject_ClearWeakRefs((PyObject *)self);
     }
-    /* Cursors and backups hold strong references to us, so none is left.
-     * A connection inherited through fork() is the parent's: left alone. */
-    if (self->db != NULL && !FORKED(self)) {
+    /* Nobody can reach us: cursors, backups and whoever holds our lock
+     * hold a reference.  Inherited through fork(), the handle and the
+     * mutex are the parent's: left alone. */
+    int forked = FORKED(self);
+    while (self->orphans != NULL) {
+        Orphan *o = self->orphans;
+        self->orphans = o->next;
+        if (!forked && self->db != NULL) {
+            sqlite3_finalize(o->stmt);
+        }
+        PyMem_Free(o);
+    }
+    if (self->db != NULL && !forked) {
         sqlite3 *db = self->db;
         self->db = NULL;
-        Py_BEGIN_ALLOW_THREADS
+        RELEASE_GIL("connection_dealloc");
         sqlite3_close_v2(db);
-        Py_END_ALLOW_THREADS
+        REACQUIRE_GIL();
+    }
+    if (!forked) {
+        pthread_mutex_destroy(&self->mutex);
     }
     connection_clear(self);
     Py_CLEAR(self->filename);
@@ -465,8 +621,41 @@ connection_dealloc(Connection *self)
 static PyObject *
 connection_cursor(Connection *self, PyObject *Py_UNUSED(ignored))
 {
-    GUARD_ALL(self);
-    return (PyObject *)cursor_new(self);
+    /* Checked first; a cursor made while the connection is then closed by
+     * a destructor (the allocation may run one) finds it closed. */
+    if (conn_enter(self, CHECK_OPEN | CHECK_UNLOCKED) < 0) {
+        return NULL;
+    }
+    conn_leave(self);
+    if (HOOK("connection_cursor_alloc") < 0) {
+        return NULL;
+    }
+    return (PyObject *)cursor_alloc(self);
+}
+
+static PyObject *
+execute_on_new_cursor(Connection *self, PyObject *statements,
+                      PyObject *bindings, PyObject *many)
+{
+    if (HOOK("connection_execute_alloc") < 0) {
+        return NULL;
+    }
+    Cursor *cursor = cursor_alloc(self);
+    if (cursor == NULL) {
+        return NULL;
+    }
+    if (cursor_execute(cursor, statements, bindings, many) < 0) {
+        Py_DECREF(cursor);
+        if (self->db == NULL
+            && PyErr_ExceptionMatches(self->state->CursorClosedError)) {
+            /* Code run while converting the bindings closed us: the cursor
+             * is this call's own; the user knows the connection. */
+            PyErr_Clear();
+            precheck(self);
+        }
+        return NULL;
+    }
+    return (PyObject *)cursor;
 }
 
 static PyObject *
@@ -475,20 +664,14 @@ connection_execute(Connection *self, PyObject *args, PyObject *kwds)
     static char *kwlist[] = {"statements", "bindings", NULL};
     PyObject *statements, *bindings = Py_None;
 
-    GUARD_ALL(self);
+    if (precheck(self) < 0) {
+        return NULL;
+    }
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|O:execute", kwlist,
                                      &statements, &bindings)) {
         return NULL;
     }
-    Cursor *cursor = cursor_new(self);
-    if (cursor == NULL) {
-        return NULL;
-    }
-    if (cursor_execute(cursor, statements, bindings, NULL) < 0) {
-        Py_DECREF(cursor);
-        return NULL;
-    }
-    return (PyObject *)cursor;
+    return execute_on_new_cursor(self, statements, bindings, NULL);
 }
 
 static PyObject *
@@ -497,33 +680,14 @@ connection_executemany(Connection *self, PyObject *args, PyObject *kwds)
     static char *kwlist[] = {"statements", "sequenceofbindings", NULL};
     PyObject *statements, *seq;
 
-    GUARD_ALL(self);
+    if (precheck(self) < 0) {
+        return NULL;
+    }
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO:executemany", kwlist,
                                      &statements, &seq)) {
         return NULL;
     }
-    Cursor *cursor = cursor_new(self);
-    if (cursor == NULL) {
-        return NULL;
-    }
-    if (cursor_execute(cursor, statements, NULL, seq) < 0) {
-        Py_DECREF(cursor);
-        return NULL;
-    }
-    return (PyObject *)cursor;
-}
-
-/* A str argument as UTF-8 with no NUL; what names the argument. */
-static const char *
-name_argument(PyObject *value, const char *what)
-{
-    Py_ssize_t size;
-    const char *utf8 = PyUnicode_AsUTF8AndSize(value, &size);
-    if (utf8 != NULL && (size_t)size != strlen(utf8)) {
-        PyErr_Format(PyExc_ValueError, "%s contains a NUL character", what);
-        return NULL;
-    }
-    return utf8;
+    return execute_on_new_cursor(self, statements, NULL, seq);
 }
 
 static PyObject *
@@ -534,14 +698,14 @@ connection_backup(Connection *self, PyObject *args, PyObject *kwds)
     ModuleState *st = self->state;
     PyObject *dest_name, *source_name, *source_obj;
 
-    /* The checks run in the order SPEC 3.1 gives. */
-    GUARD(self, 0);
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "UOU:backup", kwlist,
-                                     &dest_name, &source_obj, &source_name)) {
+    /* SPEC 3.1's order: destination closed, argument types, source closed,
+     * the same connection, then the locks and SQLite's own refusals. */
+    if (self->db == NULL) {
+        PyErr_SetString(st->ConnectionClosedError, "The connection is closed");
         return NULL;
     }
-    if (name_argument(dest_name, "databasename") == NULL
-        || name_argument(source_name, "sourcedatabasename") == NULL) {
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "UOU:backup", kwlist,
+                                     &dest_name, &source_obj, &source_name)) {
         return NULL;
     }
     if (!PyObject_TypeCheck(source_obj, st->ConnectionType)) {
@@ -552,28 +716,11 @@ connection_backup(Connection *self, PyObject *args, PyObject *kwds)
         return NULL;
     }
     Connection *source = (Connection *)source_obj;
-    if (source->db == NULL) {
-        PyErr_SetString(st->ConnectionClosedError,
-                        "The source connection is closed");
-        return NULL;
-    }
     if (source == self) {
         PyErr_SetString(PyExc_ValueError,
                         "The source and destination of a backup must be "
                         "different connections; open the database again to "
                         "get a second connection");
-        return NULL;
-    }
-    if (self->locked_by != NULL) {
-        PyErr_SetString(st->DestinationLockedError,
-                        "The destination connection already has an unfinished "
-                        "Backup; finish it (backup.finish() or close()) "
-                        "before starting another");
-        return NULL;
-    }
-    /* The destination's lock was checked just above, with its own message. */
-    if (connection_check(self, CHECK_OPEN) < 0
-        || connection_check(source, CHECK_OPEN | CHECK_UNLOCKED) < 0) {
         return NULL;
     }
     return backup_create(self, dest_name, source, source_name);
@@ -585,33 +732,43 @@ connection_set_busy_timeout(Connection *self, PyObject *args, PyObject *kwds)
     static char *kwlist[] = {"milliseconds", NULL};
     int ms;
 
-    GUARD_ALL(self);
+    if (precheck(self) < 0) {
+        return NULL;
+    }
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "i:set_busy_timeout", kwlist,
                                      &ms)) {
         return NULL;
     }
-    /* Converting "i" ran __index__, which may have closed or locked us. */
-    GUARD_ALL(self);
-    int rc = sqlite3_busy_timeout(self->db, ms);
-    if (rc != SQLITE_OK) {
-        return raise_db_error(self->state, self->db, rc);
+    if (conn_enter(self, CHECK_OPEN | CHECK_UNLOCKED) < 0) {
+        return NULL;
     }
+    sqlite3_busy_timeout(self->db, ms); /* cannot fail on an open handle */
     /* SQLite replaced any busy handler we had installed. */
-    Py_CLEAR(self->busy_handler);
+    PyObject *old = self->busy_handler;
+    self->busy_handler = NULL;
+    conn_leave(self);
+    HOOK_VOID("set_busy_timeout_decref");
+    Py_XDECREF(old);
     Py_RETURN_NONE;
 }
 
-/* Runs inside a SQLite call with the GIL released.  An exception from the
- * handler stays set and makes SQLite give up, so it comes out of the call
- * that was waiting instead of a BusyError. */
+/* Runs inside a SQLite call on the connection, GIL released, our lock held
+ * by the thread SQLite runs in.  An exception from the handler stays set
+ * and makes SQLite give up, so it comes out of the waiting call instead of
+ * a BusyError.  In a forked child it answers "stop" without running
+ * Python: the call it would retry is the parent's. */
 static int
 busy_trampoline(void *context, int count)
 {
     Connection *self = (Connection *)context;
     int retry = 0;
+    if (FORKED(self)) {
+        return 0;
+    }
     PyGILState_STATE gil = PyGILState_Ensure();
     PyObject *handler = self->busy_handler;
     if (handler != NULL && !PyErr_Occurred()) {
+        HOOK_VOID("busy_handler_call");
         Py_INCREF(handler);
         PyObject *result = PyObject_CallFunction(handler, "i", count);
         Py_DECREF(handler);
@@ -624,7 +781,7 @@ busy_trampoline(void *context, int count)
         }
     }
     PyGILState_Release(gil);
-    return retry;
+    return FORKED(self) ? 0 : retry;
 }
 
 static PyObject *
@@ -632,9 +789,10 @@ connection_set_busy_handler(Connection *self, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"callable", NULL};
     PyObject *callable;
-    int rc;
 
-    GUARD_ALL(self);
+    if (precheck(self) < 0) {
+        return NULL;
+    }
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "O:set_busy_handler", kwlist,
                                      &callable)) {
         return NULL;
@@ -645,100 +803,164 @@ connection_set_busy_handler(Connection *self, PyObject *args, PyObject *kwds)
                      (PyObject *)Py_TYPE(callable));
         return NULL;
     }
+    if (conn_enter(self, CHECK_OPEN | CHECK_UNLOCKED) < 0) {
+        return NULL;
+    }
     if (callable == Py_None) {
-        rc = sqlite3_busy_handler(self->db, NULL, NULL);
+        sqlite3_busy_handler(self->db, NULL, NULL);
     }
     else {
-        rc = sqlite3_busy_handler(self->db, busy_trampoline, self);
+        sqlite3_busy_handler(self->db, busy_trampoline, self);
     }
-    if (rc != SQLITE_OK) {
-        return raise_db_error(self->state, self->db, rc);
-    }
-    Py_XINCREF(callable == Py_None ? NULL : callable);
-    REPLACE_REF(self->busy_handler, callable == Py_None ? NULL : callable);
+    PyObject *old = self->busy_handler;
+    self->busy_handler = callable == Py_None ? NULL : Py_NewRef(callable);
+    conn_leave(self);
+    HOOK_VOID("set_busy_handler_decref");
+    Py_XDECREF(old);
     Py_RETURN_NONE;
+}
+
+enum { READ_CHANGES, READ_TOTAL_CHANGES, READ_ROWID, READ_AUTOCOMMIT };
+
+/* The small readers: one number from the handle, under the lock. */
+static PyObject *
+read_number(Connection *self, int which)
+{
+    long long value = 0;
+    if (conn_enter(self, CHECK_OPEN | CHECK_UNLOCKED) < 0) {
+        return NULL;
+    }
+    switch (which) {
+    case READ_CHANGES:
+        value = HAVE_CHANGES64 ? sqlite3_changes64(self->db)
+                               : sqlite3_changes(self->db);
+        break;
+    case READ_TOTAL_CHANGES:
+        value = HAVE_CHANGES64 ? sqlite3_total_changes64(self->db)
+                               : sqlite3_total_changes(self->db);
+        break;
+    case READ_ROWID:
+        value = sqlite3_last_insert_rowid(self->db);
+        break;
+    default:
+        value = sqlite3_get_autocommit(self->db);
+    }
+    conn_leave(self);
+    if (which == READ_AUTOCOMMIT) {
+        return PyBool_FromLong((long)value);
+    }
+    return PyLong_FromLongLong(value);
 }
 
 static PyObject *
 connection_changes(Connection *self, PyObject *Py_UNUSED(ignored))
 {
-    GUARD_ALL(self);
-    if (HAVE_CHANGES64) {
-        return PyLong_FromLongLong(sqlite3_changes64(self->db));
-    }
-    return PyLong_FromLong(sqlite3_changes(self->db));
+    return read_number(self, READ_CHANGES);
 }
 
 static PyObject *
 connection_total_changes(Connection *self, PyObject *Py_UNUSED(ignored))
 {
-    GUARD_ALL(self);
-    if (HAVE_CHANGES64) {
-        return PyLong_FromLongLong(sqlite3_total_changes64(self->db));
-    }
-    return PyLong_FromLong(sqlite3_total_changes(self->db));
+    return read_number(self, READ_TOTAL_CHANGES);
 }
 
 static PyObject *
 connection_last_insert_rowid(Connection *self, PyObject *Py_UNUSED(ignored))
 {
-    GUARD_ALL(self);
-    return PyLong_FromLongLong(sqlite3_last_insert_rowid(self->db));
+    return read_number(self, READ_ROWID);
 }
 
 static PyObject *
 connection_get_autocommit(Connection *self, PyObject *Py_UNUSED(ignored))
 {
-    GUARD_ALL(self);
-    return PyBool_FromLong(sqlite3_get_autocommit(self->db));
+    return read_number(self, READ_AUTOCOMMIT);
 }
 
 static PyObject *
 connection_in_transaction(Connection *self, void *Py_UNUSED(closure))
 {
-    GUARD_ALL(self);
-    return PyBool_FromLong(!sqlite3_get_autocommit(self->db));
+    PyObject *autocommit = read_number(self, READ_AUTOCOMMIT);
+    if (autocommit == NULL) {
+        return NULL;
+    }
+    int value = autocommit == Py_True;
+    Py_DECREF(autocommit);
+    return PyBool_FromLong(!value);
+}
+
+/* The schema names, NUL-separated, into a sqlite3_str (lock held).  Without
+ * SQL from SQLite 3.39 (sqlite3_db_name); PRAGMA database_list before. */
+static int
+collect_names(sqlite3 *db, sqlite3_str *out, DbError *error)
+{
+    if (HAVE_DB_NAME) {
+        for (int i = 0; sqlite3_db_name(db, i) != NULL; i++) {
+            sqlite3_str_appendall(out, sqlite3_db_name(db, i));
+            sqlite3_str_appendchar(out, 1, '\0');
+        }
+        return 0;
+    }
+    sqlite3_stmt *stmt = NULL;
+    int rc = sqlite3_prepare_v2(db, "PRAGMA database_list", -1, &stmt, NULL);
+    while (rc == SQLITE_OK && (rc = sqlite3_step(stmt)) == SQLITE_ROW) {
+        const char *name = (const char *)sqlite3_column_text(stmt, 1);
+        sqlite3_str_appendall(out, name ? name : "");
+        sqlite3_str_appendchar(out, 1, '\0');
+        rc = SQLITE_OK;
+    }
+    if (rc != SQLITE_DONE) {
+        capture_db_error(db, rc, error);
+    }
+    sqlite3_finalize(stmt);
+    return rc == SQLITE_DONE ? 0 : -1;
 }
 
 static PyObject *
 connection_db_names(Connection *self, PyObject *Py_UNUSED(ignored))
 {
-    GUARD_ALL(self);
-    Cursor *cursor = cursor_new(self);
-    if (cursor == NULL) {
+    DbError error;
+    int res;
+    sqlite3_str *out = NULL;
+    if (conn_enter(self, CHECK_OPEN | CHECK_UNLOCKED) < 0) {
         return NULL;
     }
-    PyObject *names = NULL;
-    PyObject *sql = PyUnicode_FromString("PRAGMA database_list");
-    if (sql == NULL || cursor_execute(cursor, sql, Py_None, NULL) < 0) {
-        goto done;
+    RELEASE_GIL("connection_db_names");
+    out = sqlite3_str_new(self->db);
+    res = collect_names(self->db, out, &error);
+    REACQUIRE_GIL();
+    int length = sqlite3_str_length(out);
+    char *text = sqlite3_str_finish(out);
+    conn_leave(self);
+    if (res < 0) {
+        sqlite3_free(text);
+        return raise_captured(self->state, &error);
     }
-    names = PyList_New(0);
-    PyObject *row;
-    while (names != NULL && (row = PyIter_Next((PyObject *)cursor)) != NULL) {
-        PyObject *name = PyTuple_GetItem(row, 1);
-        if (name == NULL || PyList_Append(names, name) < 0) {
+    if (text == NULL && length > 0) {
+        return PyErr_NoMemory();
+    }
+    PyObject *names = HOOK("db_names_alloc") < 0 ? NULL : PyList_New(0);
+    int has_temp = 0;
+    for (int at = 0; names != NULL && at < length;) {
+        const char *name = text + at;
+        PyObject *item =
+            PyUnicode_DecodeUTF8(name, (Py_ssize_t)strlen(name), "replace");
+        if (item == NULL || PyList_Append(names, item) < 0) {
             Py_CLEAR(names);
         }
-        Py_DECREF(row);
+        Py_XDECREF(item);
+        has_temp |= strcmp(name, "temp") == 0;
+        at += (int)strlen(name) + 1;
     }
-    if (PyErr_Occurred()) {
-        Py_CLEAR(names);
-    }
+    sqlite3_free(text);
     /* The pragma omits temp until it is first used; SQLite always has it
      * at index 1, and it is a valid backup source or destination. */
-    if (names != NULL) {
+    if (names != NULL && !has_temp) {
         PyObject *temp = PyUnicode_FromString("temp");
-        int has = temp ? PySequence_Contains(names, temp) : -1;
-        if (has < 0 || (has == 0 && PyList_Insert(names, 1, temp) < 0)) {
+        if (temp == NULL || PyList_Insert(names, 1, temp) < 0) {
             Py_CLEAR(names);
         }
         Py_XDECREF(temp);
     }
-done:
-    Py_XDECREF(sql);
-    cursor_close_internal(cursor);
-    Py_DECREF(cursor);
     return names;
 }
 
@@ -750,26 +972,49 @@ raise_unknown_schema(Connection *self, PyObject *name)
         "unknown database %R: db_names() lists the attached ones", name);
 }
 
+enum { ASK_READONLY, ASK_TXN_STATE };
+
+/* readonly(name) and txn_state(schema): one answer about a schema. */
+static PyObject *
+ask_schema(Connection *self, PyObject *schema, int which)
+{
+    PyObject *exact = NULL;
+    const char *cschema = NULL;
+    if (schema != NULL) {
+        exact = name_as_str(schema, which == ASK_READONLY ? "name" : "schema");
+        if (exact == NULL) {
+            return NULL;
+        }
+        cschema = PyUnicode_AsUTF8AndSize(exact, NULL);
+    }
+    if (conn_enter(self, CHECK_OPEN | CHECK_UNLOCKED) < 0) {
+        Py_XDECREF(exact);
+        return NULL;
+    }
+    int answer = which == ASK_READONLY ? sqlite3_db_readonly(self->db, cschema)
+                                       : db_txn_state(self->db, cschema);
+    conn_leave(self);
+    PyObject *result = answer < 0 ? raise_unknown_schema(self, exact)
+                       : which == ASK_READONLY ? PyBool_FromLong(answer)
+                                               : PyLong_FromLong(answer);
+    Py_XDECREF(exact);
+    return result;
+}
+
 static PyObject *
 connection_readonly(Connection *self, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"name", NULL};
     PyObject *name;
 
-    GUARD_ALL(self);
+    if (precheck(self) < 0) {
+        return NULL;
+    }
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "U:readonly", kwlist,
                                      &name)) {
         return NULL;
     }
-    const char *cname = name_argument(name, "name");
-    if (cname == NULL) {
-        return NULL;
-    }
-    int res = sqlite3_db_readonly(self->db, cname);
-    if (res < 0) {
-        return raise_unknown_schema(self, name);
-    }
-    return PyBool_FromLong(res);
+    return ask_schema(self, name, ASK_READONLY);
 }
 
 static PyObject *
@@ -777,30 +1022,20 @@ connection_txn_state(Connection *self, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"schema", NULL};
     PyObject *schema = Py_None;
-    const char *cschema = NULL;
 
-    GUARD_ALL(self);
+    if (precheck(self) < 0) {
+        return NULL;
+    }
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "|O:txn_state", kwlist,
                                      &schema)) {
         return NULL;
     }
-    if (schema != Py_None) {
-        if (!PyUnicode_Check(schema)) {
-            PyErr_Format(PyExc_TypeError,
-                         "schema must be a str or None, not %R",
-                         (PyObject *)Py_TYPE(schema));
-            return NULL;
-        }
-        cschema = name_argument(schema, "schema");
-        if (cschema == NULL) {
-            return NULL;
-        }
+    if (schema != Py_None && !PyUnicode_Check(schema)) {
+        PyErr_Format(PyExc_TypeError, "schema must be a str or None, not %R",
+                     (PyObject *)Py_TYPE(schema));
+        return NULL;
     }
-    int state = db_txn_state(self->db, cschema);
-    if (state < 0) {
-        return raise_unknown_schema(self, schema);
-    }
-    return PyLong_FromLong(state);
+    return ask_schema(self, schema == Py_None ? NULL : schema, ASK_TXN_STATE);
 }
 
 /* file_header(schema="main"): the first 100 bytes of the schema's file, read
@@ -809,42 +1044,48 @@ static PyObject *
 connection_file_header(Connection *self, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"schema", NULL};
-    PyObject *schema = NULL;
-    const char *cschema = "main";
+    PyObject *schema = NULL, *exact = NULL;
     unsigned char h[100];
-    int length;
+    int length, known = 1;
 
-    GUARD_ALL(self);
+    if (precheck(self) < 0) {
+        return NULL;
+    }
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "|U:file_header", kwlist,
                                      &schema)) {
         return NULL;
     }
-    if (schema != NULL) {
-        cschema = name_argument(schema, "schema");
-        if (cschema == NULL) {
-            return NULL;
-        }
+    if (schema != NULL && (exact = name_as_str(schema, "schema")) == NULL) {
+        return NULL;
     }
-    GUARD_ALL(self);
-    call_enter(self, &self->inuse);
-    Py_BEGIN_ALLOW_THREADS
+    const char *cschema =
+        exact ? PyUnicode_AsUTF8AndSize(exact, NULL) : "main";
+    if (conn_enter(self, CHECK_OPEN | CHECK_UNLOCKED) < 0) {
+        Py_XDECREF(exact);
+        return NULL;
+    }
+    RELEASE_GIL("connection_file_header");
     length = read_file_header(self->db, cschema, h, sizeof(h));
-    Py_END_ALLOW_THREADS
-    call_leave(&self->inuse);
     if (length < 0) {
-        if (!db_has_schema(self->db, cschema)) {
-            return raise_unknown_schema(self, schema);
-        }
-        length = 0; /* no file behind it (memory, temp not yet used) */
+        known = db_has_schema(self->db, cschema);
     }
-    return PyBytes_FromStringAndSize((const char *)h, length);
+    REACQUIRE_GIL();
+    conn_leave(self);
+    PyObject *result =
+        !known ? raise_unknown_schema(self, exact)
+               /* no file behind it (memory, temp not yet used): b"" */
+               : PyBytes_FromStringAndSize((const char *)h,
+                                           length < 0 ? 0 : length);
+    Py_XDECREF(exact);
+    return result;
 }
 
 static PyObject *
 connection_interrupt(Connection *self, PyObject *Py_UNUSED(ignored))
 {
-    /* No in-use check: stopping a call running in another thread is the
-     * point.  sqlite3_interrupt() is safe from any thread. */
+    /* No lock: stopping a call running in another thread is the point.
+     * sqlite3_interrupt() is safe from any thread, and the handle cannot
+     * be freed under it: close() takes it out (GIL held) before closing. */
     if (self->db == NULL) {
         PyErr_SetString(self->state->ConnectionClosedError,
                         "The connection is closed");
@@ -861,57 +1102,114 @@ static PyObject *
 connection_enter(Connection *self, PyObject *Py_UNUSED(ignored))
 {
     char sql[96];
-    GUARD_ALL(self);
-    PyOS_snprintf(sql, sizeof(sql), "SAVEPOINT \"apsw_backup-%ld\"",
-                  self->savepoint_level);
-    if (connection_exec(self, sql) < 0) {
+    DbError error;
+    if (conn_enter(self, CHECK_OPEN | CHECK_UNLOCKED) < 0) {
         return NULL;
     }
-    self->savepoint_level++;
+    PyOS_snprintf(sql, sizeof(sql), "SAVEPOINT \"apsw_backup-%ld\"",
+                  self->savepoint_level);
+    int res = exec_locked(self, sql, &error);
+    int forked = FORKED(self);
+    if (res == 0 && !forked) {
+        self->savepoint_level++;
+    }
+    conn_leave(self); /* forked (a busy handler forked): touches no SQLite */
+    if (forked) {
+        return PyErr_Occurred() ? NULL
+                                : raise_forked(self->state, "connection");
+    }
+    if (res < 0) {
+        return PyErr_Occurred() ? NULL : raise_captured(self->state, &error);
+    }
     return Py_NewRef(self);
 }
 
-static PyObject *
-connection_exit(Connection *self, PyObject *args)
+/* End savepoint `level` of a with-block: release it (commit == 1) or roll
+ * it back.  Whatever stops it -- an interrupt() that landed while a cursor
+ * was unfinished keeps failing every new statement until no statement of
+ * the connection runs -- the savepoint is ended: the running statements
+ * are reset (their cursors then say so) and the rollback tried again.
+ * Returns 0, or -1 with the first failure captured in *error. */
+static int
+end_savepoint(Connection *self, long level, int commit, DbError *error)
 {
-    PyObject *etype, *evalue, *etb;
     char release[96], rollback[128];
-
-    if (!PyArg_ParseTuple(args, "OOO:__exit__", &etype, &evalue, &etb)) {
-        return NULL;
-    }
-    GUARD_ALL(self);
-    if (self->savepoint_level == 0) {
-        PyErr_SetString(PyExc_RuntimeError,
-                        "__exit__ called without a matching __enter__");
-        return NULL;
-    }
-    long level = --self->savepoint_level;
+    DbError again;
     PyOS_snprintf(release, sizeof(release),
                   "RELEASE SAVEPOINT \"apsw_backup-%ld\"", level);
     PyOS_snprintf(rollback, sizeof(rollback),
                   "ROLLBACK TO SAVEPOINT \"apsw_backup-%ld\"; "
                   "RELEASE SAVEPOINT \"apsw_backup-%ld\"",
                   level, level);
-    if (etype == Py_None) {
-        if (connection_exec(self, release) == 0) {
-            Py_RETURN_FALSE;
-        }
-        /* The release failed (e.g. a deferred constraint): roll back so
-         * the transaction is not left open, and report the failure. */
-        PyObject *et, *ev, *tb;
-        PyErr_Fetch(&et, &ev, &tb);
-        if (connection_exec(self, rollback) < 0) {
-            PyErr_Clear();
-        }
-        PyErr_Restore(et, ev, tb);
+    if (commit && exec_locked(self, release, error) == 0) {
+        return 0;
+    }
+    int failed = commit; /* a failed release is reported */
+    DbError *first = commit ? &again : error;
+    if (FORKED(self)) {
+        return -1;
+    }
+    if (exec_locked(self, rollback, first) == 0) {
+        return failed ? -1 : 0;
+    }
+    if (FORKED(self)) {
+        return -1;
+    }
+    /* Stop every running statement, then roll back again; as a last
+     * resort end the whole transaction. */
+    cursors_interrupted(self);
+    PyObject *et, *ev, *tb;
+    PyErr_Fetch(&et, &ev, &tb);
+    if (exec_locked(self, rollback, &again) < 0 && !FORKED(self)
+        && !sqlite3_get_autocommit(self->db)) {
+        PyErr_Clear();
+        exec_locked(self, "ROLLBACK", &again);
+        self->savepoint_level = 0;
+    }
+    PyErr_Clear();
+    PyErr_Restore(et, ev, tb);
+    return -1;
+}
+
+static PyObject *
+connection_exit(Connection *self, PyObject *args)
+{
+    PyObject *etype, *evalue, *etb;
+    DbError error;
+
+    if (!PyArg_ParseTuple(args, "OOO:__exit__", &etype, &evalue, &etb)) {
         return NULL;
     }
-    if (connection_exec(self, rollback) < 0) {
-        /* The body's exception is the one the user needs to see. */
-        PyErr_WriteUnraisable((PyObject *)self);
+    if (conn_enter(self, CHECK_OPEN | CHECK_UNLOCKED) < 0) {
+        return NULL;
     }
-    Py_RETURN_FALSE;
+    if (self->savepoint_level == 0) {
+        conn_leave(self);
+        PyErr_SetString(PyExc_RuntimeError,
+                        "__exit__ called without a matching __enter__");
+        return NULL;
+    }
+    long level = --self->savepoint_level;
+    int commit = etype == Py_None;
+    int res = end_savepoint(self, level, commit, &error);
+    conn_leave(self); /* forked: touches no SQLite */
+    if (FORKED(self)) {
+        return PyErr_Occurred() ? NULL
+                                : raise_forked(self->state, "connection");
+    }
+    if (res == 0) {
+        Py_RETURN_FALSE;
+    }
+    if (!PyErr_Occurred()) {
+        raise_captured(self->state, &error);
+    }
+    if (!commit) {
+        /* The body's exception is the one the user needs to see. */
+        HOOK_VOID("connection_exit_unraisable");
+        PyErr_WriteUnraisable((PyObject *)self);
+        Py_RETURN_FALSE;
+    }
+    return NULL;
 }
 
 static PyObject *
@@ -956,7 +1254,8 @@ static PyMethodDef connection_methods[] = {
      "backup writing into this connection blocks close() unless force is "
      "true, which rolls the partial copy back.  A backup reading from it "
      "is finished first; if that fails and force is false the error is "
-     "raised and the connection stays open."},
+     "raised and the connection stays open.  It waits for a call another "
+     "thread is making on the connections involved."},
     {"backup", (PyCFunction)(void (*)(void))connection_backup,
      METH_VARARGS | METH_KEYWORDS,
      "backup(databasename, sourceconnection, sourcedatabasename) -> Backup"
@@ -1003,7 +1302,8 @@ static PyMethodDef connection_methods[] = {
     {"__enter__", (PyCFunction)connection_enter, METH_NOARGS,
      "Start a transaction (a SAVEPOINT)."},
     {"__exit__", (PyCFunction)connection_exit, METH_VARARGS,
-     "Release the SAVEPOINT, or roll it back if the block raised."},
+     "Release the SAVEPOINT, or roll it back if the block raised; either "
+     "way the savepoint ends."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -3,182 +3,133 @@
  * The statements are prepared one at a time from `tail`; bindings given as
  * a sequence are consumed across them in order.  execute() steps to the
  * first row (so DML runs at once); iteration steps on from there.
+ *
+ * A cursor's call holds its connection's lock from the first prepare to
+ * the last step, and that is the one place (besides SQLite's busy handler)
+ * where user code runs while a lock is held: looking a name up in a
+ * mapping of bindings, the next set of executemany(), a destructor run by
+ * an allocation.  Such code is a callback of the call: it cannot use the
+ * connection (ReentrancyError), what it lets go of is left to the lock's
+ * holder (locks.c), and a fork it makes is checked for before SQLite is
+ * called again (src/README.md).
  */
 #include "apsw_backup.h"
 
-static int
-cursor_check(Cursor *self)
+/* The Python objects a cursor lets go of, dropped once its lock is let go
+ * of: their destructors may run any code. */
+typedef struct {
+    PyObject *sql, *bindings, *many;
+} Garbage;
+
+static void
+drop_garbage(Garbage *g)
 {
-    if (self->connection == NULL) {
-        ModuleState *st = state_from_type(Py_TYPE(self));
-        if (st != NULL) {
-            PyErr_SetString(st->CursorClosedError, "The cursor is closed");
+    if (g->sql != NULL || g->bindings != NULL || g->many != NULL) {
+        HOOK_VOID("cursor_drop_garbage");
+    }
+    Py_CLEAR(g->sql);
+    Py_CLEAR(g->bindings);
+    Py_CLEAR(g->many);
+}
+
+/* Forget the statements and bindings: what they held goes to *g. */
+static void
+reset_state(Cursor *self, Garbage *g)
+{
+    PyObject *old[3] = {self->sql, self->bindings, self->many};
+    self->sql = self->bindings = self->many = NULL;
+    for (int i = 0; i < 3; i++) {
+        PyObject **slot = i == 0 ? &g->sql : i == 1 ? &g->bindings : &g->many;
+        if (*slot == NULL) {
+            *slot = old[i];
         }
-        return -1;
+        else {
+            Py_XDECREF(old[i]); /* cannot happen: one reset per call */
+        }
     }
-    return connection_check(self->connection, CHECK_OPEN | CHECK_UNLOCKED);
-}
-
-#define CURSOR_GUARD(self)            \
-    do {                              \
-        if (cursor_check(self) < 0) { \
-            return NULL;              \
-        }                             \
-    } while (0)
-
-static void
-finalize_statement(Cursor *self)
-{
-    sqlite3_stmt *stmt = self->stmt;
-    self->stmt = NULL;
-    if (stmt != NULL) {
-        /* May wait for the connection's mutex if another thread is inside
-         * SQLite on it (a backup step reading from it): not with the GIL.
-         * The caller has the connection marked in use. */
-        Py_BEGIN_ALLOW_THREADS
-        sqlite3_finalize(stmt);
-        Py_END_ALLOW_THREADS
-    }
-}
-
-static void
-reset_state(Cursor *self)
-{
-    Py_CLEAR(self->sql);
-    Py_CLEAR(self->bindings);
-    Py_CLEAR(self->many);
     self->tail = NULL;
     self->prepared = 0;
     self->bindings_offset = 0;
     self->status = CURSOR_DONE;
 }
 
-/* Statements of cursors let go of by a callback of ours (a busy handler,
- * a destructor run inside one of our calls) while another thread is inside
- * their connection.  Finalizing waits for that connection's SQLite mutex,
- * and the callback holds another one that the other thread may be waiting
- * for: a deadlock.  So they are finalized later, by statements_finalize_
- * pending() from call_leave(), once this thread is in no call of ours; the
- * connection is owned meanwhile, and its close() finalizes its own. */
-typedef struct PendingStatement {
-    sqlite3_stmt *stmt;
-    Connection *connection; /* strong */
-    struct PendingStatement *next;
-} PendingStatement;
-
-static PendingStatement *pending_statements;
-
-int
-statements_pending(void)
+static PyObject *
+raise_closed(Cursor *self)
 {
-    return pending_statements != NULL;
+    ModuleState *st = state_from_type(Py_TYPE(self));
+    if (st != NULL) {
+        PyErr_SetString(st->CursorClosedError, "The cursor is closed");
+    }
+    return NULL;
 }
 
+/* The lock of a call on the cursor: its connection's, then the checks. */
 static int
-defer_finalize(sqlite3_stmt *stmt, Connection *connection)
+cursor_enter(Cursor *self)
 {
-    PendingStatement *p = PyMem_Malloc(sizeof(*p));
-    if (p == NULL) {
-        return -1; /* finalize now, as before */
+    Connection *conn = self->connection;
+    if (conn == NULL || !self->open) {
+        raise_closed(self);
+        return -1;
     }
-    p->stmt = stmt;
-    p->connection = (Connection *)Py_NewRef(connection);
-    p->next = pending_statements;
-    pending_statements = p;
+    if (conn_enter(conn, CHECK_OPEN | CHECK_UNLOCKED) < 0) {
+        return -1;
+    }
+    if (!self->open) { /* closed by the connection's close meanwhile */
+        conn_leave(conn);
+        raise_closed(self);
+        return -1;
+    }
     return 0;
 }
 
-/* Finalize the pending statements of `only` (NULL: of any connection no
- * other call is inside). */
-void
-statements_finalize_pending(Connection *only)
+/* Before every SQLite call that follows user code: a fork made there
+ * leaves the statement to the parent. */
+static int
+check_forked(Cursor *self)
 {
-    static int draining;
-    if (draining) {
-        return;
+    if (!FORKED(self->connection)) {
+        return 0;
     }
-    draining = 1;
-    PendingStatement **link = &pending_statements;
-    while (*link != NULL) {
-        PendingStatement *p = *link;
-        Connection *c = p->connection;
-        int due = only != NULL ? c == only : !c->inuse;
-        if (!due) {
-            link = &p->next;
-            continue;
-        }
-        *link = p->next;
-        if (!FORKED(c) && c->db != NULL) {
-            call_enter(c, &c->inuse);
-            Py_BEGIN_ALLOW_THREADS
-            sqlite3_finalize(p->stmt);
-            Py_END_ALLOW_THREADS
-            call_leave(&c->inuse);
-        }
-        PyMem_Free(p);
-        Py_DECREF(c);
-        link = &pending_statements; /* the GIL was released: read afresh */
+    self->stmt = NULL; /* the parent's: never reset or finalized */
+    self->status = CURSOR_DONE;
+    if (!PyErr_Occurred()) {
+        raise_forked(self->connection->state, "connection");
     }
-    draining = 0;
+    return -1;
 }
 
-/* Close: called by close(), by dealloc and GC, and by the connection's
- * close through its list of (borrowed) cursors.  So the cursor is first
- * taken out of that list and its statement out of the cursor, with the GIL
- * held: once the GIL is released to finalize, no other path can reach
- * either.  The connection is owned (the cursor's reference, taken over)
- * and marked in use until the statement is finalized, so it cannot be
- * closed under it; the Python objects are let go last, as their
- * destructors may run any code. */
-void
-cursor_close_internal(Cursor *self)
+/* Finalize the cursor's statement, lock held. */
+static void
+finalize_statement(Cursor *self)
 {
-    Connection *connection = self->connection;
     sqlite3_stmt *stmt = self->stmt;
     self->stmt = NULL;
-    if (connection == NULL) {
-        reset_state(self);
-        return;
+    if (stmt != NULL && !FORKED(self->connection)) {
+        RELEASE_GIL("cursor_finalize");
+        sqlite3_finalize(stmt);
+        REACQUIRE_GIL();
     }
+}
+
+static void
+unlink_cursor(Cursor *self)
+{
+    Connection *conn = self->connection;
     if (self->prev != NULL) {
         self->prev->next = self->next;
     }
-    else {
-        connection->cursors = self->next;
+    else if (conn != NULL && conn->cursors == self) {
+        conn->cursors = self->next;
     }
     if (self->next != NULL) {
         self->next->prev = self->prev;
     }
     self->prev = self->next = NULL;
-    self->connection = NULL;
-    /* Nothing of self is touched once the GIL is released: a caller that
-     * reached us through the connection's list holds no reference, and
-     * another thread may free the cursor meanwhile. */
-    PyObject *sql = self->sql, *bindings = self->bindings, *many = self->many;
-    self->sql = self->bindings = self->many = NULL;
-    reset_state(self);
-    if (stmt != NULL && !FORKED(connection)) {
-        if (in_any_call_here()
-            && connection->inuse > calls_here_count(connection)
-            && defer_finalize(stmt, connection) == 0) {
-            stmt = NULL; /* finalized once no call is inside it */
-        }
-    }
-    if (stmt != NULL && !FORKED(connection)) {
-        call_enter(connection, &connection->inuse);
-        Py_BEGIN_ALLOW_THREADS
-        sqlite3_finalize(stmt);
-        Py_END_ALLOW_THREADS
-        call_leave(&connection->inuse);
-    }
-    Py_XDECREF(sql);
-    Py_XDECREF(bindings);
-    Py_XDECREF(many);
-    Py_DECREF(connection);
 }
 
 Cursor *
-cursor_new(Connection *connection)
+cursor_alloc(Connection *connection)
 {
     PyTypeObject *tp = connection->state->CursorType;
     allocfunc alloc = (allocfunc)PyType_GetSlot(tp, Py_tp_alloc);
@@ -186,13 +137,52 @@ cursor_new(Connection *connection)
     if (self == NULL) {
         return NULL;
     }
+    self->spare = PyMem_Malloc(sizeof(Orphan));
+    if (self->spare == NULL) {
+        Py_DECREF(self);
+        PyErr_NoMemory();
+        return NULL;
+    }
     self->connection = (Connection *)Py_NewRef(connection);
+    self->open = 1;
     self->next = connection->cursors;
     if (connection->cursors != NULL) {
         connection->cursors->prev = self;
     }
     connection->cursors = self;
     return self;
+}
+
+void
+cursors_close_all(Connection *connection, int forget)
+{
+    /* Read afresh after every finalize: the GIL was released. */
+    while (connection->cursors != NULL) {
+        Cursor *c = connection->cursors;
+        unlink_cursor(c);
+        c->open = 0;
+        c->status = CURSOR_DONE;
+        if (forget) {
+            c->stmt = NULL;
+        }
+        else {
+            finalize_statement(c);
+        }
+    }
+}
+
+void
+cursors_interrupted(Connection *connection)
+{
+    for (Cursor *c = connection->cursors; c != NULL; c = c->next) {
+        if (c->stmt != NULL && sqlite3_stmt_busy(c->stmt)) {
+            sqlite3_reset(c->stmt);
+            c->status = CURSOR_DONE;
+            c->interrupted = 1;
+        }
+    }
+    /* Orphans are finalized when the lock is let go of; any other busy
+     * statement cannot be ours. */
 }
 
 /* True if only white space, ';' and comments remain: no more statements. */
@@ -271,7 +261,9 @@ bind_value(Cursor *self, int i, PyObject *value)
     else {
         /* Any other bytes-like object.  The buffer API is not in the 3.10
          * Limited API, so go through memoryview and a bytes copy. */
-        PyObject *view = PyMemoryView_FromObject(value);
+        PyObject *view = HOOK("cursor_bind_buffer") < 0
+                             ? NULL
+                             : PyMemoryView_FromObject(value);
         if (view == NULL) {
             if (PyErr_ExceptionMatches(PyExc_TypeError)) {
                 PyErr_Format(PyExc_TypeError,
@@ -312,7 +304,10 @@ bind_mapping(Cursor *self, int count)
                          i);
             return -1;
         }
-        PyObject *value = PyMapping_GetItemString(self->bindings, name + 1);
+        PyObject *value =
+            HOOK("cursor_bind_lookup") < 0
+                ? NULL
+                : PyMapping_GetItemString(self->bindings, name + 1);
         if (value == NULL) {
             if (PyErr_ExceptionMatches(PyExc_KeyError)) {
                 PyErr_Format(st->BindingsError,
@@ -384,21 +379,23 @@ prepare_next(Cursor *self)
     Connection *conn = self->connection;
     const char *end = PyBytes_AsString(self->sql) + PyBytes_Size(self->sql);
     int rc;
+    DbError error;
 
     while (self->tail < end) {
         sqlite3_stmt *stmt = NULL;
         const char *tail = self->tail;
-        Py_BEGIN_ALLOW_THREADS
+        if (check_forked(self) < 0) {
+            return -1;
+        }
+        RELEASE_GIL("cursor_prepare");
         rc = sqlite3_prepare_v3(conn->db, tail, (int)(end - tail), 0, &stmt,
                                 &tail);
-        Py_END_ALLOW_THREADS
-        if (FORKED(conn)) {
-            /* A busy handler forked: this is the child, and the handle,
-             * its mutex held by a thread of the parent, is not ours. */
-            if (!PyErr_Occurred()) { /* the callback's own, if any, first */
-                raise_forked(conn->state, "connection");
-            }
-            return -1;
+        if (rc != SQLITE_OK && !FORKED(conn)) { /* no SQLite after a fork */
+            capture_db_error(conn->db, rc, &error);
+        }
+        REACQUIRE_GIL();
+        if (check_forked(self) < 0) {
+            return -1; /* a busy handler forked: the child's way out */
         }
         if (rc != SQLITE_OK || PyErr_Occurred()) {
             /* A busy handler that raised while the schema was read: its
@@ -406,7 +403,9 @@ prepare_next(Cursor *self)
             if (stmt != NULL) {
                 sqlite3_finalize(stmt);
             }
-            raise_db_error(conn->state, conn->db, rc);
+            if (!PyErr_Occurred()) {
+                raise_captured(conn->state, &error);
+            }
             return -1;
         }
         if (stmt == NULL && tail <= self->tail) {
@@ -435,19 +434,18 @@ prepare_next(Cursor *self)
     return 0;
 }
 
-/* Take bindings for the next run: a tuple for a sequence, the mapping
- * itself for a dict-like object. */
+/* Bindings as they are kept: a tuple for a sequence, the mapping itself
+ * for a dict-like object, NULL for None.  -1 with the error. */
 static int
-set_bindings(Cursor *self, PyObject *bindings)
+convert_bindings(PyObject *bindings, PyObject **out)
 {
-    self->bindings_offset = 0;
+    *out = NULL;
     if (bindings == Py_None) {
-        Py_CLEAR(self->bindings);
         return 0;
     }
     if (PyDict_Check(bindings)
         || (PyMapping_Check(bindings) && !PySequence_Check(bindings))) {
-        REPLACE_REF(self->bindings, Py_NewRef(bindings));
+        *out = Py_NewRef(bindings);
         return 0;
     }
     if (PyUnicode_Check(bindings) || PyBytes_Check(bindings)
@@ -458,27 +456,33 @@ set_bindings(Cursor *self, PyObject *bindings)
                      (PyObject *)Py_TYPE(bindings));
         return -1;
     }
-    PyObject *tuple = PySequence_Tuple(bindings);
-    if (tuple == NULL) {
-        return -1;
-    }
-    REPLACE_REF(self->bindings, tuple);
-    return 0;
+    *out = PySequence_Tuple(bindings);
+    return *out == NULL ? -1 : 0;
 }
 
 /* executemany: take the next bindings and start again at the first
  * statement (re-using it when it is the only one).  1: started; 0: no more
- * bindings; -1: error. */
+ * bindings; -1: error.  Runs the iterator's code with the lock held. */
 static int
 next_many(Cursor *self)
 {
-    PyObject *bindings = PyIter_Next(self->many);
-    if (bindings == NULL) {
+    HOOK_VOID("cursor_next_many");
+    PyObject *item = PyIter_Next(self->many);
+    if (item == NULL) {
         return PyErr_Occurred() ? -1 : 0;
     }
-    int res = set_bindings(self, bindings);
-    Py_DECREF(bindings);
+    PyObject *converted;
+    int res = convert_bindings(item, &converted);
+    Py_DECREF(item);
     if (res < 0) {
+        return -1;
+    }
+    /* The previous set goes now, lock held: executemany's own code runs
+     * here anyway (the iterator). */
+    HOOK_VOID("cursor_next_many_decref");
+    REPLACE_REF(self->bindings, converted);
+    self->bindings_offset = 0;
+    if (check_forked(self) < 0) {
         return -1;
     }
     if (self->prepared == 1 && self->stmt != NULL) {
@@ -496,12 +500,13 @@ next_many(Cursor *self)
 }
 
 /* Step until a row is ready or every statement (and, for executemany,
- * every set of bindings) is done.  Called with connection->inuse set. */
+ * every set of bindings) is done.  Lock held. */
 static int
 step_until_row(Cursor *self)
 {
     Connection *conn = self->connection;
     int rc;
+    DbError error;
 
     for (;;) {
         if (self->status == CURSOR_DONE) {
@@ -516,16 +521,17 @@ step_until_row(Cursor *self)
                 return res;
             }
         }
+        if (check_forked(self) < 0) {
+            return -1;
+        }
         sqlite3_stmt *stmt = self->stmt;
-        Py_BEGIN_ALLOW_THREADS
+        RELEASE_GIL("cursor_step");
         rc = sqlite3_step(stmt);
-        Py_END_ALLOW_THREADS
-        if (FORKED(conn)) {
-            self->stmt = NULL; /* the parent's: never reset or finalized */
-            self->status = CURSOR_DONE;
-            if (!PyErr_Occurred()) {
-                raise_forked(conn->state, "connection");
-            }
+        if (rc != SQLITE_ROW && rc != SQLITE_DONE && !FORKED(conn)) {
+            capture_db_error(conn->db, rc, &error);
+        }
+        REACQUIRE_GIL();
+        if (check_forked(self) < 0) {
             return -1;
         }
         if (PyErr_Occurred()) {
@@ -541,36 +547,45 @@ step_until_row(Cursor *self)
         }
         self->status = CURSOR_DONE;
         if (rc != SQLITE_DONE) {
-            raise_db_error(conn->state, conn->db, rc);
+            raise_captured(conn->state, &error);
             return -1;
         }
         sqlite3_reset(stmt);
     }
 }
 
-/* Advance with the connection marked in use.  On error the cursor is left
- * with no work pending, so it can be reused. */
+/* Advance, lock held.  On error the cursor is left with no work pending,
+ * so it can be reused. */
 static int
-cursor_advance(Cursor *self)
+cursor_advance(Cursor *self, Garbage *g)
 {
-    Connection *conn = self->connection;
-    call_enter(conn, &conn->inuse);
     int res = step_until_row(self);
     if (res < 0) {
-        if (self->stmt != NULL && !FORKED(conn)) {
+        if (self->stmt != NULL && !FORKED(self->connection)) {
             sqlite3_reset(self->stmt);
         }
-        reset_state(self);
+        reset_state(self, g);
     }
-    call_leave(&conn->inuse);
     return res;
 }
 
-/* Set up the statements and bindings, then run to the first row. */
-static int
-start_execute(Cursor *self, PyObject *statements, PyObject *bindings,
-              PyObject *many)
+int
+cursor_execute(Cursor *self, PyObject *statements, PyObject *bindings,
+               PyObject *many)
 {
+    Garbage g = {NULL, NULL, NULL};
+    PyObject *sql = NULL, *converted = NULL, *iterator = NULL;
+
+    if (self->connection == NULL || !self->open) {
+        raise_closed(self); /* before any argument's fault */
+        return -1;
+    }
+    /* (i) the arguments as the cursor keeps them */
+    if (!PyUnicode_Check(statements)) {
+        PyErr_Format(PyExc_TypeError, "statements must be a str, not %R",
+                     (PyObject *)Py_TYPE(statements));
+        return -1;
+    }
     Py_ssize_t size;
     const char *utf8 = PyUnicode_AsUTF8AndSize(statements, &size);
     if (utf8 == NULL) {
@@ -584,48 +599,48 @@ start_execute(Cursor *self, PyObject *statements, PyObject *bindings,
                         "into the SQL)");
         return -1;
     }
-    finalize_statement(self);
-    reset_state(self);
-    self->sql = PyBytes_FromStringAndSize(utf8, size);
-    if (self->sql == NULL) {
+    if (HOOK("cursor_execute_alloc") < 0) {
         return -1;
     }
-    self->tail = PyBytes_AsString(self->sql);
-    if (many != NULL) {
-        self->many = PyObject_GetIter(many);
-        int res = self->many ? next_many(self) : -1;
-        if (res <= 0) {
-            reset_state(self);
-            return res;
-        }
-    }
-    else if (set_bindings(self, bindings) < 0) {
-        reset_state(self);
+    sql = PyBytes_FromStringAndSize(utf8, size);
+    if (sql == NULL) {
         return -1;
     }
-    return cursor_advance(self);
-}
-
-/* The connection stays marked in use throughout: converting the bindings
- * runs Python code (__len__, __getitem__, __iter__, __fspath__...), which
- * must not be able to close or re-enter the connection under us. */
-int
-cursor_execute(Cursor *self, PyObject *statements, PyObject *bindings,
-               PyObject *many)
-{
-    if (cursor_check(self) < 0) {
+    if (HOOK("cursor_execute_bindings") < 0
+        || (many != NULL ? (iterator = PyObject_GetIter(many)) == NULL
+                         : convert_bindings(bindings, &converted) < 0)) {
+        Py_DECREF(sql);
         return -1;
     }
-    if (!PyUnicode_Check(statements)) {
-        PyErr_Format(PyExc_TypeError, "statements must be a str, not %R",
-                     (PyObject *)Py_TYPE(statements));
+    /* (ii) */
+    if (cursor_enter(self) < 0) {
+        Py_DECREF(sql);
+        Py_XDECREF(converted);
+        Py_XDECREF(iterator);
         return -1;
     }
     Connection *conn = self->connection;
-    call_enter(conn, &conn->inuse);
-    int res = start_execute(self, statements, bindings, many);
-    call_leave(&conn->inuse);
-    return res;
+    finalize_statement(self);
+    reset_state(self, &g);
+    self->interrupted = 0;
+    self->sql = sql;
+    self->tail = PyBytes_AsString(sql);
+    self->bindings = converted;
+    self->many = iterator;
+    int res = 0;
+    if (iterator != NULL) {
+        res = next_many(self);
+        if (res <= 0) {
+            reset_state(self, &g);
+        }
+    }
+    if (iterator == NULL || res > 0) {
+        res = cursor_advance(self, &g);
+    }
+    conn_leave(conn);
+    /* (iii) */
+    drop_garbage(&g);
+    return res < 0 ? -1 : 0;
 }
 
 static PyObject *
@@ -680,20 +695,38 @@ row_tuple(Cursor *self)
 static PyObject *
 cursor_next(Cursor *self)
 {
-    CURSOR_GUARD(self);
-    if (self->status == CURSOR_NEED_STEP && cursor_advance(self) < 0) {
-        return NULL;
-    }
-    if (self->status != CURSOR_ROW) {
+    Garbage g = {NULL, NULL, NULL};
+    if (cursor_enter(self) < 0) {
         return NULL;
     }
     Connection *conn = self->connection;
-    call_enter(conn, &conn->inuse);
-    PyObject *row = row_tuple(self);
-    call_leave(&conn->inuse);
-    if (row != NULL) {
-        self->status = CURSOR_NEED_STEP;
+    PyObject *row = NULL;
+    if (self->interrupted) {
+        self->interrupted = 0;
+        conn_leave(conn);
+        return raise_sqlite_error(
+            conn->state, SQLITE_INTERRUPT,
+            "interrupted: the statement was stopped so that a with-block of "
+            "its connection could end its transaction after interrupt(); "
+            "run it again");
     }
+    if (self->status == CURSOR_NEED_STEP && cursor_advance(self, &g) < 0) {
+        conn_leave(conn);
+        drop_garbage(&g);
+        return NULL;
+    }
+    if (self->status == CURSOR_ROW) {
+        /* Built under the lock: the statement's row is only valid until
+         * the next step, which another thread could make once we let go. */
+        if (HOOK("cursor_row_alloc") == 0) {
+            row = row_tuple(self);
+        }
+        if (row != NULL) {
+            self->status = CURSOR_NEED_STEP;
+        }
+    }
+    conn_leave(conn);
+    drop_garbage(&g);
     return row;
 }
 
@@ -703,7 +736,6 @@ cursor_execute_method(Cursor *self, PyObject *args, PyObject *kwds)
     static char *kwlist[] = {"statements", "bindings", NULL};
     PyObject *statements, *bindings = Py_None;
 
-    CURSOR_GUARD(self);
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|O:execute", kwlist,
                                      &statements, &bindings)
         || cursor_execute(self, statements, bindings, NULL) < 0) {
@@ -718,7 +750,6 @@ cursor_executemany(Cursor *self, PyObject *args, PyObject *kwds)
     static char *kwlist[] = {"statements", "sequenceofbindings", NULL};
     PyObject *statements, *seq;
 
-    CURSOR_GUARD(self);
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO:executemany", kwlist,
                                      &statements, &seq)
         || cursor_execute(self, statements, NULL, seq) < 0) {
@@ -740,7 +771,9 @@ cursor_fetchone(Cursor *self, PyObject *Py_UNUSED(ignored))
 static PyObject *
 cursor_fetchall(Cursor *self, PyObject *Py_UNUSED(ignored))
 {
-    CURSOR_GUARD(self);
+    if (self->connection == NULL || !self->open) {
+        return raise_closed(self);
+    }
     PyObject *rows = PyList_New(0);
     PyObject *row;
     while (rows != NULL && (row = cursor_next(self)) != NULL) {
@@ -755,63 +788,128 @@ cursor_fetchall(Cursor *self, PyObject *Py_UNUSED(ignored))
     return rows;
 }
 
+/* Let go of the statement when the lock cannot be had now: it becomes an
+ * orphan of the connection, finalized by the lock's holder when it lets go
+ * (locks.c).  The node was allocated with the cursor: this cannot fail. */
+static void
+orphan_statement(Cursor *self, sqlite3_stmt *stmt)
+{
+    Orphan *o = self->spare;
+    self->spare = NULL;
+    o->stmt = stmt;
+    o->next = self->connection->orphans;
+    self->connection->orphans = o;
+}
+
+/* Close from dealloc or GC: never waits, never refuses. */
+static void
+cursor_let_go(Cursor *self)
+{
+    Connection *conn = self->connection;
+    sqlite3_stmt *stmt = self->stmt;
+    self->stmt = NULL;
+    unlink_cursor(self);
+    self->open = 0;
+    if (stmt != NULL && conn != NULL && !FORKED(conn) && conn->db != NULL) {
+        if (lock_try_quiet(conn) == 0) {
+            RELEASE_GIL("cursor_let_go_finalize");
+            sqlite3_finalize(stmt);
+            REACQUIRE_GIL();
+            conn_leave(conn);
+        }
+        else {
+            orphan_statement(self, stmt);
+        }
+    }
+}
+
 static PyObject *
 cursor_close(Cursor *self, PyObject *args, PyObject *kwds)
 {
     int force;
+    Garbage g = {NULL, NULL, NULL};
 
     if (parse_force(args, kwds, &force) < 0) {
         return NULL;
     }
+    Connection *conn = self->connection;
+    if (conn == NULL || !self->open) {
+        Py_RETURN_NONE;
+    }
+    if (FORKED(conn)) {
+        if (!force) {
+            return raise_forked(conn->state, "connection");
+        }
+        self->stmt = NULL; /* the parent's: let go without SQLite */
+        unlink_cursor(self);
+        self->open = 0;
+        reset_state(self, &g);
+        drop_garbage(&g);
+        Py_RETURN_NONE;
+    }
+    if (conn->db == NULL) { /* made after its connection closed */
+        unlink_cursor(self);
+        self->open = 0;
+        reset_state(self, &g);
+        drop_garbage(&g);
+        Py_RETURN_NONE;
+    }
     /* Finalizing a statement another thread is stepping would free it
-     * under that thread.  Inherited through fork(), force lets go without
-     * calling SQLite. */
-    if (self->connection != NULL && !(force && FORKED(self->connection))
-        && connection_check(self->connection, CHECK_OPEN) < 0) {
+     * under that thread: the lock is needed.  A locked destination's
+     * cursor may be closed: backup() refused a running statement, and
+     * finalizing one that is not running commits nothing. */
+    if (conn_enter(conn, CHECK_OPEN) < 0) {
         return NULL;
     }
-    cursor_close_internal(self);
+    if (self->open) {
+        finalize_statement(self);
+        unlink_cursor(self);
+        self->open = 0;
+        reset_state(self, &g);
+    }
+    conn_leave(conn);
+    drop_garbage(&g);
     Py_RETURN_NONE;
 }
 
 static PyObject *
 cursor_get_description(Cursor *self, void *Py_UNUSED(closure))
 {
-    CURSOR_GUARD(self);
-    if (self->stmt == NULL) {
-        Py_RETURN_NONE;
-    }
-    int n = sqlite3_column_count(self->stmt);
-    if (n == 0) {
-        Py_RETURN_NONE;
-    }
-    PyObject *description = PyTuple_New(n);
-    if (description == NULL) {
+    if (cursor_enter(self) < 0) {
         return NULL;
     }
-    for (int i = 0; i < n; i++) {
+    Connection *conn = self->connection;
+    int n = self->stmt ? sqlite3_column_count(self->stmt) : 0;
+    if (n == 0) {
+        conn_leave(conn);
+        Py_RETURN_NONE;
+    }
+    /* Names and types are the statement's: built under the lock. */
+    PyObject *description =
+        HOOK("cursor_description_alloc") < 0 ? NULL : PyTuple_New(n);
+    for (int i = 0; description != NULL && i < n; i++) {
         const char *name = sqlite3_column_name(self->stmt, i);
         const char *decltype = sqlite3_column_decltype(self->stmt, i);
         if (name == NULL) {
-            Py_DECREF(description);
-            return PyErr_NoMemory();
+            Py_CLEAR(description);
+            PyErr_NoMemory();
+            break;
         }
         PyObject *item = Py_BuildValue("(szOOOOO)", name, decltype, Py_None,
                                        Py_None, Py_None, Py_None, Py_None);
         if (item == NULL || PyTuple_SetItem(description, i, item) < 0) {
-            Py_DECREF(description);
-            return NULL;
+            Py_CLEAR(description);
         }
     }
+    conn_leave(conn);
     return description;
 }
 
 static PyObject *
 cursor_get_connection(Cursor *self, void *Py_UNUSED(closure))
 {
-    if (self->connection == NULL) {
-        cursor_check(self);
-        return NULL;
+    if (self->connection == NULL || !self->open) {
+        return raise_closed(self);
     }
     return Py_NewRef(self->connection);
 }
@@ -829,7 +927,11 @@ cursor_traverse(Cursor *self, visitproc visit, void *arg)
 static int
 cursor_clear(Cursor *self)
 {
-    cursor_close_internal(self);
+    Garbage g = {NULL, NULL, NULL};
+    cursor_let_go(self);
+    reset_state(self, &g);
+    drop_garbage(&g);
+    Py_CLEAR(self->connection);
     return 0;
 }
 
@@ -838,7 +940,8 @@ cursor_dealloc(Cursor *self)
 {
     PyTypeObject *tp = Py_TYPE(self);
     PyObject_GC_UnTrack(self);
-    cursor_close_internal(self);
+    cursor_clear(self);
+    PyMem_Free(self->spare);
     freefunc tp_free = (freefunc)PyType_GetSlot(tp, Py_tp_free);
     tp_free(self);
     Py_DECREF(tp);

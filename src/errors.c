@@ -167,6 +167,7 @@ raise_error_object(ModuleState *st, int rc, PyObject *msg)
          * one the user needs, not SQLite's consequence of it. */
         return NULL;
     }
+    HOOK_VOID("raise_error");
     int primary = rc & 0xff;
     PyObject *cls = (primary > 0 && primary < N_CODE_ERRORS)
                         ? st->code_errors[primary]
@@ -223,27 +224,43 @@ raise_sqlite_error(ModuleState *st, int rc, const char *msg)
     return NULL;
 }
 
-/* The failure rc just returned by a call on db; the message is db's own.
- * Callers hold db exclusively (the connection's inuse flag), so nothing
- * else can have replaced the message in between. */
-PyObject *
-raise_db_error(ModuleState *st, sqlite3 *db, int rc)
+void
+capture_db_error(sqlite3 *db, int rc, DbError *e)
 {
     if (db != NULL && (rc & 0xff) == rc
         && (sqlite3_extended_errcode(db) & 0xff) == rc) {
         rc = sqlite3_extended_errcode(db);
     }
+    e->rc = rc;
+    e->sys_errno = db ? sqlite3_system_errno(db) : 0;
     const char *msg = db ? sqlite3_errmsg(db) : NULL;
+    PyOS_snprintf(e->msg, sizeof(e->msg), "%s",
+                  msg != NULL ? msg : sqlite3_errstr(rc));
+}
+
+PyObject *
+raise_captured(ModuleState *st, const DbError *e)
+{
+    int primary = e->rc & 0xff;
     /* SQLite's "disk I/O error" and "unable to open database file" do not
      * say why; the OS error it kept for this failure does. */
-    int err = db ? sqlite3_system_errno(db) : 0;
-    if (err != 0 && msg != NULL
-        && ((rc & 0xff) == SQLITE_IOERR || (rc & 0xff) == SQLITE_CANTOPEN)
-        && strstr(msg, "OS error") == NULL) {
-        char text[1024];
-        PyOS_snprintf(text, sizeof(text), "%s (OS error: %s)", msg,
-                      strerror(err));
-        return raise_sqlite_error(st, rc, text);
+    if (e->sys_errno != 0
+        && (primary == SQLITE_IOERR || primary == SQLITE_CANTOPEN)
+        && strstr(e->msg, "OS error") == NULL) {
+        char text[700];
+        PyOS_snprintf(text, sizeof(text), "%s (OS error: %s)", e->msg,
+                      strerror(e->sys_errno));
+        return raise_sqlite_error(st, e->rc, text);
     }
-    return raise_sqlite_error(st, rc, msg);
+    return raise_sqlite_error(st, e->rc, e->msg);
+}
+
+/* The failure rc just returned by a call on db; the message is db's own.
+ * Callers hold db's lock, so nothing else can have replaced the message. */
+PyObject *
+raise_db_error(ModuleState *st, sqlite3 *db, int rc)
+{
+    DbError e;
+    capture_db_error(db, rc, &e);
+    return raise_captured(st, &e);
 }

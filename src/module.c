@@ -139,6 +139,27 @@ module_exec(PyObject *module)
                      sqlite3_libversion());
         return -1;
     }
+    /* One SQLite busy handler, fork handler and thread-local lock count
+     * serve the process: they run Python in the main interpreter
+     * (PyGILState_Ensure), which is wrong for a sub-interpreter's
+     * connection.  Refused rather than half supported. */
+    PyInterpreterState *interp = PyInterpreterState_Get();
+    if (interp == NULL) {
+        return -1;
+    }
+    if (PyInterpreterState_GetID(interp) != 0) {
+        PyErr_SetString(PyExc_ImportError,
+                        "apsw_backup cannot be imported in a "
+                        "sub-interpreter: its busy handlers and locks belong "
+                        "to the main interpreter. Import it in the main "
+                        "interpreter (or in a separate process)");
+        return -1;
+    }
+#ifdef APSW_BACKUP_HOOKS
+    if (add_hook_functions(module) < 0) {
+        return -1;
+    }
+#endif
     if (install_fork_handler() < 0 || add_exceptions(module, st) < 0
         || add_type(module, &connection_spec, &st->ConnectionType) < 0
         || add_type(module, &cursor_spec, &st->CursorType) < 0

@@ -298,9 +298,9 @@ recorder_read_back(PageRecorder *self, PyObject *args, PyObject *kwds)
     }
     Recording *rec = self->rec;
     recording_ref(rec); /* close() in another thread cannot free it */
-    Py_BEGIN_ALLOW_THREADS
+    RELEASE_GIL("recorder_read_back");
     recording_read_back(rec, first, last, prepare, out);
-    Py_END_ALLOW_THREADS
+    REACQUIRE_GIL();
     recording_unref(rec);
     PyObject *result = NULL;
     if (out->rc != SQLITE_OK) {
@@ -457,9 +457,9 @@ module_page_hash(PyObject *Py_UNUSED(module), PyObject *data)
         const char *p = PyBytes_AsString(data);
         Py_ssize_t n = PyBytes_Size(data);
         if (n >= (1 << 16)) {
-            Py_BEGIN_ALLOW_THREADS
+            RELEASE_GIL("module_page_hash");
             page_hash(p, (size_t)n, h);
-            Py_END_ALLOW_THREADS
+            REACQUIRE_GIL();
         }
         else {
             page_hash(p, (size_t)n, h);

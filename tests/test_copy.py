@@ -282,7 +282,7 @@ target.close()
 @pytest.mark.parametrize(
     ("action", "error", "words"),
     [
-        ("target", "ThreadingViolationError", ("unfinished backup", "finish")),
+        ("target", "DestinationLockedError", ("unfinished backup", "finish")),
         (
             "target-force",
             "ConnectionClosedError",

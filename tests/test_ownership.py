@@ -6,7 +6,6 @@ The crash cases run in a subprocess: before the fix they died with SIGSEGV
 Each subprocess is bounded in time, so a hang fails the test instead.
 """
 
-import os
 import subprocess
 import sys
 import textwrap
@@ -400,24 +399,6 @@ def test_shared_cache_pair_on_other_schemas_still_works(tmp_path):
     assert a.execute("SELECT count(*) FROM t").fetchall() == [(400,)]
     b.close()
     a.close()
-
-
-def test_ownership_note_lists_every_gil_release():
-    """src/README.md names every function that releases the GIL."""
-    root = os.path.join(os.path.dirname(__file__), "..", "src")
-    note = open(os.path.join(root, "README.md"), encoding="utf-8").read()
-    missing = []
-    for name in sorted(os.listdir(root)):
-        if not name.endswith(".c"):
-            continue
-        text = open(os.path.join(root, name), encoding="utf-8").read()
-        function = None
-        for line in text.splitlines():
-            if line and line[0].isalpha() and "(" in line and not line.endswith(";"):
-                function = line.split("(")[0].split()[-1].lstrip("*")
-            if "Py_BEGIN_ALLOW_THREADS" in line and f"`{function}`" not in note:
-                missing.append(f"{name}:{function}")
-    assert not missing, f"src/README.md does not cover {sorted(set(missing))}"
 
 
 def test_backup_collected_while_source_busy_is_finished_when_the_call_ends(pair):
