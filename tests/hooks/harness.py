@@ -295,10 +295,12 @@ def sc_recorder(run: Run) -> None:
         run.objs["new"] = ab.Connection(new_path, vfs=rec.vfs)
         run.objs["b"] = run.objs["new"].backup("main", run.objs["src"], "main")
         step_all(run, 25)
+        complete = "b" in run.objs and run.objs["b"].done
         use(run, "b", "finish")
         use(run, "new", "close")
-        report = rec.read_back()
-        assert not report["mismatched"], report
+        if complete and "new" in run.objs:
+            report = rec.read_back()
+            assert not report["mismatched"], report
         ab.page_hash(bytes(1 << 16))
     finally:
         rec.close()
@@ -808,7 +810,7 @@ def matrix(argv: list[str]) -> int:
     )
     print("points seen: " + " ".join(sorted(points_seen)))
     missing = sorted(all_points() - points_seen - NOT_REACHED.keys())
-    if missing and not args.bounded:
+    if missing and not args.bounded and args.scenarios == ",".join(SCENARIOS):
         all_problems.append(f"points no run passed: {missing}")
     for problem in all_problems[:40]:
         print("PROBLEM " + problem)
