@@ -3,7 +3,7 @@
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import TracebackType
-from typing import Final, Literal, TypeAlias, final
+from typing import Final, Literal, TypeAlias, TypedDict, final
 
 from typing_extensions import Buffer, Self, disjoint_base
 
@@ -73,6 +73,37 @@ _Bindable: TypeAlias = None | int | float | str | Buffer
 _Bindings: TypeAlias = Sequence[_Bindable] | Mapping[str, _Bindable]
 
 def sqlite_lib_version() -> str: ...
+def page_hash(data: Buffer, /) -> bytes: ...
+def _page_hash_variants(data: bytes, /) -> dict[str, bytes]: ...
+
+# Stub-only: what PageRecorder.read_back() and stats() return.
+class _ReadBack(TypedDict):
+    page_size: int
+    file_pages: int
+    checked: int
+    mismatched: int
+    unrecorded: int
+    missing: int
+    partial_tail: bool
+    cache_dropped: bool
+    through_connection: bool
+    bytes_read: int
+    mismatched_pages: list[int]
+    unrecorded_pages: list[int]
+    missing_pages: list[int]
+
+class _RecorderStats(TypedDict):
+    page_size: int
+    pages: int
+    recorded: int
+    writes: int
+    hashed: int
+    reread: int
+    truncates: int
+    failed: int
+    page_size_changes: int
+    incomplete: bool
+    open_files: int
 
 class Error(Exception):
     result: int | None
@@ -200,3 +231,32 @@ class Backup:
         /,
     ) -> Literal[False]: ...
     def __bool__(self) -> bool: ...
+
+@final
+class PageRecorder:
+    def __new__(
+        cls,
+        filename: str | os.PathLike[str] | os.PathLike[bytes] | bytes,
+        vfs: str | None = None,
+    ) -> Self: ...
+    @property
+    def vfs(self) -> str: ...
+    @property
+    def filename(self) -> str: ...
+    @property
+    def closed(self) -> bool: ...
+    def read_back(
+        self, first: int = 1, last: int = -1, prepare: bool = True
+    ) -> _ReadBack: ...
+    def page_hash(self, pgno: int, /) -> bytes | None: ...
+    def stats(self) -> _RecorderStats: ...
+    def close(self) -> None: ...
+    def _tamper_on_read_back(self, pgno: int, /) -> None: ...
+    def __enter__(self) -> Self: ...
+    def __exit__(
+        self,
+        etype: type[BaseException] | None,
+        evalue: BaseException | None,
+        etb: TracebackType | None,
+        /,
+    ) -> Literal[False]: ...

@@ -132,6 +132,7 @@ typedef struct {
     PyTypeObject *ConnectionType;
     PyTypeObject *CursorType;
     PyTypeObject *BackupType;
+    PyTypeObject *PageRecorderType;
     PyObject *Error;
     PyObject *ThreadingViolationError;
     PyObject *InUseError; /* subclasses of ThreadingViolationError */
@@ -360,5 +361,10 @@ void cursors_interrupted(Connection *connection);
 extern PyType_Spec backup_spec;
 PyObject *backup_create(Connection *dest, PyObject *dest_name,
                         Connection *source, PyObject *source_name);
+
+/* recorder.c: PageRecorder (over pageshim.c) and the page hash */
+extern PyType_Spec recorder_spec;
+PyObject *module_page_hash(PyObject *module, PyObject *data);
+PyObject *module_page_hash_variants(PyObject *module, PyObject *data);
 
 #endif /* APSW_BACKUP_H */

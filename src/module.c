@@ -39,6 +39,12 @@ static PyMethodDef module_methods[] = {
     {"sqlite_lib_version", sqlite_lib_version, METH_NOARGS,
      "sqlite_lib_version() -> str\n\nVersion of the SQLite library loaded "
      "at run time (the system libsqlite3)."},
+    {"page_hash", module_page_hash, METH_O,
+     "page_hash(data) -> bytes\n\nThe 16-byte page hash of data: XXH3-128 "
+     "(seed 0), most significant byte first, as xxHash's tools print it."},
+    {"_page_hash_variants", module_page_hash_variants, METH_O,
+     "_page_hash_variants(data) -> dict\n\nTests only: the hash by each "
+     "long-input loop of this build."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -157,7 +163,8 @@ module_exec(PyObject *module)
     if (install_fork_handler() < 0 || add_exceptions(module, st) < 0
         || add_type(module, &connection_spec, &st->ConnectionType) < 0
         || add_type(module, &cursor_spec, &st->CursorType) < 0
-        || add_type(module, &backup_spec, &st->BackupType) < 0) {
+        || add_type(module, &backup_spec, &st->BackupType) < 0
+        || add_type(module, &recorder_spec, &st->PageRecorderType) < 0) {
         return -1;
     }
     for (size_t i = 0; i < sizeof(constants) / sizeof(constants[0]); i++) {
@@ -185,6 +192,7 @@ module_traverse(PyObject *module, visitproc visit, void *arg)
     Py_VISIT(st->ConnectionType);
     Py_VISIT(st->CursorType);
     Py_VISIT(st->BackupType);
+    Py_VISIT(st->PageRecorderType);
     Py_VISIT(st->Error);
     Py_VISIT(st->ThreadingViolationError);
     Py_VISIT(st->InUseError);
@@ -207,6 +215,7 @@ module_clear(PyObject *module)
     Py_CLEAR(st->ConnectionType);
     Py_CLEAR(st->CursorType);
     Py_CLEAR(st->BackupType);
+    Py_CLEAR(st->PageRecorderType);
     Py_CLEAR(st->Error);
     Py_CLEAR(st->ThreadingViolationError);
     Py_CLEAR(st->InUseError);

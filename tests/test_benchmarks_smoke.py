@@ -77,3 +77,38 @@ def test_quick_benchmark_reports_every_scenario(tmp_path):
     )
     assert scenarios["cli_vs_shell"]["checks"]["integrity_check"]["median"] > 0
     assert "Targets" in proc.stdout
+
+
+VERIFY_SPEED = RUN.with_name("verify_speed.py")
+
+
+@pytest.mark.heavy
+@pytest.mark.skipif(not VERIFY_SPEED.exists(), reason="benchmarks/ is not in this tree")
+def test_verify_speed_benchmark_reports_every_target(tmp_path):
+    out = tmp_path / "verify_speed.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(VERIFY_SPEED),
+            "--mb",
+            "4",
+            "--rounds",
+            "1",
+            "--checks",
+            "1",
+            "--workdir",
+            str(tmp_path),
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    targets = {v["target"].split(" (")[0] for v in report["verdicts"]}
+    assert "copy+shim / copy" in targets and "page hash GB/s, one core" in targets
+    assert any(t.startswith("integrity_check / full check") for t in targets)
+    assert report["times"]["copy+shim+verify"]

@@ -30,7 +30,7 @@ CLI_SAMPLE = 2
 def harness(tmp_path_factory):
     folder = tmp_path_factory.mktemp("faultshim")
     path = shim.build(folder)
-    loaded = shim.Shim(path)
+    loaded = shim.load(folder)
     loaded.register_vfs()
     loaded.check_same_sqlite()
     yield iofaults.Harness(loaded, path, folder / "work")

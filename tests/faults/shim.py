@@ -94,6 +94,18 @@ def build(folder: Path) -> Path:
     return target
 
 
+_loaded: Shim | None = None
+
+
+def load(folder: Path) -> Shim:
+    """The shim, built into folder and loaded once per process: a second
+    copy would register a second "faultvfs" that nobody arms."""
+    global _loaded
+    if _loaded is None:
+        _loaded = Shim(build(folder))
+    return _loaded
+
+
 def loaded_sqlite_libraries() -> set[str]:
     """Paths of every libsqlite3 mapped into this process."""
     with open("/proc/self/maps") as f:
@@ -154,6 +166,13 @@ class Shim:
 
     # -- the VFS ----------------------------------------------------------
 
+    def registered(self) -> bool:
+        """Whether "faultvfs" is registered with SQLite."""
+        find = self.sqlite.sqlite3_vfs_find
+        find.restype = ctypes.c_void_p
+        find.argtypes = [ctypes.c_char_p]
+        return find(b"faultvfs") is not None
+
     def register_vfs(self, default: bool = True) -> None:
         rc = self.lib.faultvfs_register(int(default))
         if rc != SQLITE_OK:
@@ -167,6 +186,11 @@ class Shim:
     def arm(self, fault: str, nth: int, persistent: bool) -> None:
         op, rc, err = FAULTS[fault]
         self.lib.faultvfs_arm(OPS.index(op), nth, int(persistent), rc, err)
+
+    def arm_dropped_write(self, nth: int) -> None:
+        """Make the nth write (of a counted file) report success without
+        reaching the file."""
+        self.lib.faultvfs_arm(OPS.index("write"), nth, 0, -1, 0)
 
     def count_only(self) -> None:
         self.lib.faultvfs_arm(-1, 0, 0, 0, 0)

@@ -286,6 +286,26 @@ def sc_misc(run: Run) -> None:
         pass
 
 
+def sc_recorder(run: Run) -> None:
+    """A copy into a new file through the page-recording shim, read back."""
+    new_path = os.path.join(run.folder, "new.db")
+    rec = ab.PageRecorder(new_path)
+    try:
+        run.connect("src", run.src_path)
+        run.objs["new"] = ab.Connection(new_path, vfs=rec.vfs)
+        run.objs["b"] = run.objs["new"].backup("main", run.objs["src"], "main")
+        step_all(run, 25)
+        complete = "b" in run.objs and run.objs["b"].done
+        use(run, "b", "finish")
+        use(run, "new", "close")
+        if complete and "new" in run.objs:
+            report = rec.read_back()
+            assert not report["mismatched"], report
+        ab.page_hash(bytes(1 << 16))
+    finally:
+        rec.close()
+
+
 SCENARIOS = {
     "backup_steps": sc_backup_steps,
     "backup_with": sc_backup_with,
@@ -297,6 +317,7 @@ SCENARIOS = {
     "with_connection": sc_with_connection,
     "copy": sc_copy,
     "misc": sc_misc,
+    "recorder": sc_recorder,
 }
 
 
@@ -789,7 +810,7 @@ def matrix(argv: list[str]) -> int:
     )
     print("points seen: " + " ".join(sorted(points_seen)))
     missing = sorted(all_points() - points_seen - NOT_REACHED.keys())
-    if missing and not args.bounded:
+    if missing and not args.bounded and args.scenarios == ",".join(SCENARIOS):
         all_problems.append(f"points no run passed: {missing}")
     for problem in all_problems[:40]:
         print("PROBLEM " + problem)

@@ -1,0 +1,774 @@
+"""Verifying a database file: what each level proves, and how long it takes.
+
+Two levels (``verify(path, level=...)``):
+
+``"default"``
+    Byte-exact on the disk: every page of the file, re-read from the disk
+    (its cached pages dropped first), has the hash taken when SQLite wrote
+    it -- which needs a :class:`~apsw_backup.PageRecorder` that recorded the
+    writes (a backup into a connection opened with ``vfs=recorder.vfs``).
+    Plus ``PRAGMA quick_check``: every b-tree, the freelist and the page
+    accounting are sound, NOT NULL holds.  Both run at once, in two threads.
+    Proves: the file holds exactly the bytes SQLite produced, and they form
+    a sound database.  Misses: an index whose entries disagree with their
+    table (quick_check does not compare them), CHECK constraints.
+    Without a recorder only quick_check runs (the byte check is reported
+    as skipped).
+
+``"full"``
+    The whole ``PRAGMA integrity_check``, split over several read-only
+    connections in threads (SQLite 3.33+; one connection before): one
+    ``integrity_check(TABLE)`` per table -- its b-trees, its rows against
+    every index, UNIQUE, NOT NULL, CHECK -- and one whole ``quick_check``
+    for what only a whole-file pass sees (the freelist, pages no b-tree
+    uses, a page two b-trees share).  Together they make every check plain
+    ``integrity_check`` makes (tests/test_verify_full.py shows it on damaged
+    files).  The byte check too when a recorder is given.  SQLite accepts
+    only table names in ``integrity_check(X)``, so a table and its indexes
+    are the finest unit: the tables are handed out largest first.
+
+The result is a :class:`VerifyResult`: ``ok``, ``problems`` (each with the
+page numbers where known) or ``unverified`` (the file could not be read,
+was locked, or the deadline passed) -- exit codes 0, 3 and 1 of the command
+line (``VerifyResult.exit_code``).  ``checks`` records which checks ran and
+how long each took (``to_json()``).
+
+``progress`` (optional) is called about five times a second from the
+calling thread with a :class:`Progress`: the fraction done and an ETA,
+estimated from each check's expected cost and the time spent so far.
+``timeout`` (seconds) bounds the whole verification: at the deadline every
+connection is interrupted and the result is ``unverified``.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import apsw_backup
+
+OK = "ok"
+PROBLEMS = "problems"
+UNVERIFIED = "unverified"
+SKIPPED = "skipped"
+LEVELS = ("default", "full")
+EXIT_CODES = {OK: 0, PROBLEMS: 3, UNVERIFIED: 1}
+
+# PRAGMA integrity_check(TABLE) exists from SQLite 3.33.0 on.
+TABLE_CHECK_VERSION = 3033000
+# Pages re-read per read_back() call: the progress step of the byte check.
+READ_BACK_PAGES = 8192
+# How often the waiting thread reports progress and looks at the deadline.
+TICK = 0.2
+# Test hook (never set it in production): flip a byte of this page on the
+# disk between the sync and the re-read, as if the disk had changed it.
+TAMPER_ENV = "APSW_BACKUP_TEST_TAMPER_PAGE"
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing found wrong: which check found it, its words, its pages."""
+
+    check: str
+    message: str
+    pages: tuple[int, ...] = ()
+
+
+@dataclass
+class CheckRecord:
+    """One check that ran: its name, outcome and duration (``--json``)."""
+
+    name: str
+    outcome: str = SKIPPED
+    seconds: float = 0.0
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where verification is: ``fraction`` in 0..1, ``eta`` in seconds."""
+
+    phase: str
+    fraction: float
+    elapsed: float
+    eta: float | None
+    running: tuple[str, ...]
+
+
+@dataclass
+class VerifyResult:
+    """The outcome of :func:`verify`."""
+
+    status: str
+    level: str
+    problems: list[Problem]
+    checks: list[CheckRecord]
+    seconds: float
+    reason: str | None = None  # why it could not verify
+    error: BaseException | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == OK
+
+    @property
+    def exit_code(self) -> int:
+        """0 ok, 3 problems found, 1 could not verify."""
+        return EXIT_CODES[self.status]
+
+    @property
+    def pages(self) -> list[int]:
+        """Every page number the problems name, sorted."""
+        return sorted({p for problem in self.problems for p in problem.pages})
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "status": self.status,
+            "level": self.level,
+            "seconds": round(self.seconds, 3),
+            "reason": self.reason,
+            "problems": [
+                {"check": p.check, "message": p.message, "pages": list(p.pages)}
+                for p in self.problems
+            ],
+            "pages": self.pages,
+            "checks": [
+                {
+                    "name": c.name,
+                    "outcome": c.outcome,
+                    "seconds": round(c.seconds, 3),
+                    **c.detail,
+                }
+                for c in self.checks
+            ],
+        }
+
+
+class _Unverified(Exception):
+    """A check could not be made (I/O, lock, deadline): not a verdict."""
+
+
+# -- what SQLite's answers mean ---------------------------------------------
+
+_PAGE_NUMBER = re.compile(r"\bpage (\d+)", re.IGNORECASE)
+# A page integrity_check could not read is reported as a problem of the file
+# ("Page 3: unable to get the page. error code=266" before SQLite 3.46, "Tree
+# 2 page 3: ..." after); an I/O error or lack of memory there says nothing
+# about the content: it is a failure to check.
+_UNREADABLE_PAGE = re.compile(
+    r"((?:Tree \d+ page|Page) \d+): unable to get the page\. error code=(\d+)"
+)
+_READ_FAILURE_CODES = {apsw_backup.SQLITE_IOERR, apsw_backup.SQLITE_NOMEM}
+
+
+def problem_lines(rows: Iterable[tuple[Any, ...]]) -> list[str]:
+    """The problems in an integrity_check/quick_check answer ([] for "ok").
+
+    Some SQLite versions put several problems in one row, a line each,
+    headed by "*** in database main ***": count lines, not rows."""
+    texts = [str(row[0]) for row in rows]
+    if texts == ["ok"]:
+        return []
+    lines = [
+        line
+        for text in texts
+        for line in text.splitlines()
+        if line.strip() and not line.startswith("*** in database ")
+    ]
+    return lines or texts
+
+
+def pages_named(message: str) -> tuple[int, ...]:
+    """The page numbers a problem's message names ("Tree 2 page 7 ...")."""
+    return tuple(sorted({int(n) for n in _PAGE_NUMBER.findall(message)}))
+
+
+def _raise_if_unreadable(lines: list[str], check: str) -> None:
+    for line in lines:
+        for page, code in _UNREADABLE_PAGE.findall(line):
+            if int(code) & 0xFF in _READ_FAILURE_CODES:
+                raise _Unverified(
+                    f"{check} could not read {page} (SQLite error code {code}): "
+                    "this says nothing about the file's content; check the "
+                    "disk and verify again"
+                )
+
+
+# -- the checks --------------------------------------------------------------
+
+
+class _Run:
+    """State shared by the worker threads of one verification."""
+
+    def __init__(self, path: str, deadline: float | None) -> None:
+        self.path = path
+        self.deadline = deadline
+        self.cancelled = threading.Event()
+        self.timed_out = False
+        self._lock = threading.Lock()
+        self._connections: set[apsw_backup.Connection] = set()
+
+    def open(self, flags: int) -> apsw_backup.Connection:
+        conn = apsw_backup.Connection(self.path, flags)
+
+        def wait_for_lock(count: int) -> bool:
+            time.sleep(0.01)
+            if self.cancelled.is_set():
+                return False
+            return self.deadline is None or time.monotonic() < self.deadline
+
+        conn.set_busy_handler(wait_for_lock)
+        with self._lock:
+            self._connections.add(conn)
+        return conn
+
+    def close(self, conn: apsw_backup.Connection) -> None:
+        with self._lock:
+            self._connections.discard(conn)
+        conn.close(force=True)
+
+    def interrupt_all(self) -> None:
+        with self._lock:
+            live = list(self._connections)
+        for conn in live:
+            try:
+                conn.interrupt()
+            except apsw_backup.Error:
+                pass  # closed meanwhile
+
+    def check_cancelled(self) -> None:
+        if self.cancelled.is_set():
+            raise _Unverified("verification stopped")
+
+
+@dataclass
+class _Task:
+    """A unit of work for a worker thread; `weight` is its expected cost in
+    seconds (used to order the work and to estimate progress)."""
+
+    record: CheckRecord
+    weight: float
+    run: Callable[[_Run, _Task], list[Problem]]
+    done_fraction: float = 0.0  # for tasks that know their own progress
+    started: float | None = None
+    finished: bool = False
+
+
+def _sql_check(sql: str, check: str) -> Callable[[_Run, _Task], list[Problem]]:
+    def run(ctx: _Run, task: _Task) -> list[Problem]:
+        ctx.check_cancelled()
+        conn = ctx.open(_open_flags)
+        rows: list[tuple[Any, ...]] = []
+        stopped: apsw_backup.Error | None = None
+        try:
+            # Row by row: on a damaged file SQLite may report some problems
+            # and then stop the statement with SQLITE_CORRUPT; keep both.
+            for row in conn.execute(sql):
+                rows.append(row)
+        except (apsw_backup.CorruptError, apsw_backup.NotADBError) as exc:
+            stopped = exc
+        except apsw_backup.SQLError as exc:
+            if "no such module" in str(exc):
+                # plain integrity_check skips a virtual table whose module
+                # is not loaded; so do we
+                task.record.detail["skipped"] = str(exc)
+                return []
+            raise
+        finally:
+            ctx.close(conn)
+        lines = problem_lines(rows) if rows else []
+        _raise_if_unreadable(lines, check)
+        if stopped is not None:
+            lines.append(f"{check} stopped: {stopped}")
+        return [Problem(check, line, pages_named(line)) for line in lines]
+
+    return run
+
+
+def _read_back_task(
+    recorder: apsw_backup.PageRecorder,
+) -> Callable[[_Run, _Task], list[Problem]]:
+    def run(ctx: _Run, task: _Task) -> list[Problem]:
+        tamper = os.environ.get(TAMPER_ENV)
+        if tamper:
+            recorder._tamper_on_read_back(int(tamper))
+        total = {"checked": 0, "mismatched": 0, "unrecorded": 0, "missing": 0}
+        lists: dict[str, list[int]] = {
+            "mismatched_pages": [],
+            "unrecorded_pages": [],
+            "missing_pages": [],
+        }
+        first, end = 1, None
+        info: dict[str, Any] = {}
+        while end is None or first <= end:
+            ctx.check_cancelled()
+            if ctx.deadline is not None and time.monotonic() >= ctx.deadline:
+                ctx.timed_out = True
+                raise _Unverified("the deadline passed")
+            try:
+                part = recorder.read_back(first, first + READ_BACK_PAGES - 1)
+            except ValueError as exc:  # nothing was recorded
+                raise _Unverified(str(exc)) from exc
+            if first == 1:
+                info = dict(part)
+                end = max(part["file_pages"], recorder.stats()["pages"])
+            for key in total:
+                total[key] += part[key]  # type: ignore[literal-required]
+            for key, pages in lists.items():
+                pages.extend(part[key])  # type: ignore[literal-required]
+            first += READ_BACK_PAGES
+            task.done_fraction = min(1.0, (first - 1) / max(end or 1, 1))
+        task.record.detail.update(
+            pages=info.get("file_pages", 0),
+            page_size=info.get("page_size", 0),
+            checked=total["checked"],
+            cache_dropped=info.get("cache_dropped", False),
+            through_connection=info.get("through_connection", False),
+        )
+        return _read_back_problems(info, total, lists)
+
+    return run
+
+
+def _listed(pages: list[int], count: int) -> str:
+    shown = ", ".join(str(p) for p in pages[:10])
+    return shown + (f" and {count - 10} more" if count > 10 else "")
+
+
+def _read_back_problems(
+    info: dict[str, Any], total: dict[str, int], lists: dict[str, list[int]]
+) -> list[Problem]:
+    found = []
+    if total["mismatched"]:
+        pages = lists["mismatched_pages"]
+        found.append(
+            Problem(
+                "pages",
+                f"{total['mismatched']} page(s) on the disk differ from what "
+                f"SQLite wrote: page {_listed(pages, total['mismatched'])}",
+                tuple(pages),
+            )
+        )
+    if total["missing"]:
+        pages = lists["missing_pages"]
+        found.append(
+            Problem(
+                "pages",
+                f"the file is shorter than what SQLite wrote: "
+                f"{total['missing']} page(s) missing (page "
+                f"{_listed(pages, total['missing'])})",
+                tuple(pages),
+            )
+        )
+    if info.get("partial_tail"):
+        found.append(
+            Problem(
+                "pages",
+                "the file's size is not a whole number of pages "
+                f"({info.get('page_size')} bytes each)",
+            )
+        )
+    if total["unrecorded"] and not found:
+        pages = lists["unrecorded_pages"]
+        raise _Unverified(
+            f"{total['unrecorded']} page(s) of the file were not written while "
+            f"recording (page {_listed(pages, total['unrecorded'])}): their "
+            "bytes cannot be checked"
+        )
+    return found
+
+
+# -- planning ----------------------------------------------------------------
+
+_open_flags = apsw_backup.SQLITE_OPEN_READONLY
+
+# Expected costs (seconds), measured on this project's benchmark database
+# (benchmarks/verify_speed.py): they only order the work and shape the
+# progress estimate.
+_SEC_PER_PAGE_QUICK = 9e-6
+_SEC_PER_ROW = 0.4e-6
+_SEC_PER_ROW_INDEX = 2.0e-6
+_SEC_PER_BYTE_READ_BACK = 1 / 1.5e9
+
+
+@dataclass
+class _Table:
+    name: str
+    rows: int | None  # an estimate; None when unknown
+    indexes: int
+
+
+def _quote(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _plan_tables(conn: apsw_backup.Connection) -> list[_Table] | None:
+    """The tables to check one by one, with a cheap size estimate; None when
+    one of them cannot be named in integrity_check(X) (a name SQLite would
+    read as the error limit), so the check must run whole."""
+    rows = conn.execute(
+        "SELECT name, type, tbl_name, sql FROM sqlite_master "
+        "WHERE type IN ('table', 'index')"
+    ).fetchall()
+    tables: dict[str, _Table] = {"sqlite_master": _Table("sqlite_master", 0, 0)}
+    virtual = set()
+    for name, kind, _, sql in rows:
+        if kind == "table":
+            tables[str(name)] = _Table(str(name), None, 0)
+            if str(sql or "").upper().startswith("CREATE VIRTUAL"):
+                virtual.add(str(name))  # counting its rows could scan it all
+    for _, kind, tbl, _ in rows:
+        if kind == "index" and str(tbl) in tables:
+            tables[str(tbl)].indexes += 1
+    for table in tables.values():
+        if re.fullmatch(r"\s*[-+]?\d+\s*", table.name):
+            return None
+        if table.name == "sqlite_master" or table.name in virtual:
+            continue
+        try:
+            (top,) = conn.execute(
+                f"SELECT max(rowid) FROM {_quote(table.name)}"
+            ).fetchone() or (None,)
+            table.rows = int(top) if isinstance(top, int) else 0
+        except apsw_backup.Error:
+            table.rows = None  # WITHOUT ROWID, or a virtual table
+    return list(tables.values())
+
+
+def _table_weight(table: _Table, default_rows: int) -> float:
+    rows = table.rows if table.rows is not None else default_rows
+    return rows * (_SEC_PER_ROW + _SEC_PER_ROW_INDEX * table.indexes) + 1e-3
+
+
+def _plan(
+    ctx: _Run, level: str, recorder: apsw_backup.PageRecorder | None
+) -> list[_Task]:
+    path = ctx.path
+    size = os.stat(path).st_size
+    tasks = []
+    if recorder is not None:
+        tasks.append(
+            _Task(
+                CheckRecord("read_back"),
+                size * _SEC_PER_BYTE_READ_BACK,
+                _read_back_task(recorder),
+            )
+        )
+    quick = _Task(
+        CheckRecord("quick_check"),
+        size / 4096 * _SEC_PER_PAGE_QUICK,
+        _sql_check("PRAGMA quick_check", "quick_check"),
+    )
+    tasks.append(quick)
+    if level == "default":
+        return tasks
+    conn = ctx.open(_open_flags)
+    try:
+        tables = None
+        if apsw_backup.SQLITE_VERSION_NUMBER and _runtime_version() >= (
+            TABLE_CHECK_VERSION
+        ):
+            tables = _plan_tables(conn)
+    finally:
+        ctx.close(conn)
+    if tables is None:
+        # SQLite before 3.33, or a table it cannot name: the whole check on
+        # one connection (it includes everything quick_check does).
+        tasks.remove(quick)
+        weight = size / 4096 * _SEC_PER_PAGE_QUICK * 15
+        tasks.append(
+            _Task(
+                CheckRecord("integrity_check"),
+                weight,
+                _sql_check("PRAGMA integrity_check", "integrity_check"),
+            )
+        )
+        return tasks
+    known = [t.rows for t in tables if t.rows]
+    default_rows = int(sum(known) / len(known)) if known else 1000
+    for table in tables:
+        name = f"integrity_check({table.name})"
+        tasks.append(
+            _Task(
+                CheckRecord(name, detail={"table": table.name}),
+                _table_weight(table, default_rows),
+                _sql_check(
+                    f"PRAGMA integrity_check({_quote(table.name)})", "integrity_check"
+                ),
+            )
+        )
+    return tasks
+
+
+def _runtime_version() -> int:
+    major, minor, patch = (
+        int(x) for x in apsw_backup.sqlite_lib_version().split(".")[:3]
+    )
+    return major * 1000000 + minor * 1000 + patch
+
+
+# -- running -----------------------------------------------------------------
+
+
+def _worker(ctx: _Run, work: queue.Queue[_Task | None], results: list[Any]) -> None:
+    while True:
+        task = work.get()
+        if task is None:
+            return
+        task.started = time.monotonic()
+        try:
+            found = task.run(ctx, task)
+            task.record.outcome = PROBLEMS if found else OK
+            results.append((task, found, None))
+        except _Unverified as exc:
+            task.record.outcome = UNVERIFIED
+            results.append((task, [], exc))
+        except (apsw_backup.CorruptError, apsw_backup.NotADBError) as exc:
+            # SQLite refused to read the file at all: a damaged file
+            task.record.outcome = PROBLEMS
+            check = task.record.name.split("(")[0]
+            results.append((task, [Problem(check, str(exc))], None))
+        except (apsw_backup.Error, OSError) as exc:
+            task.record.outcome = UNVERIFIED
+            results.append((task, [], exc))
+        except BaseException as exc:  # a bug: re-raised by the caller
+            task.record.outcome = UNVERIFIED
+            results.append((task, [], exc))
+            ctx.cancelled.set()
+        finally:
+            task.record.seconds = time.monotonic() - task.started
+            task.finished = True
+
+
+def _estimate(
+    tasks: list[_Task], now: float, begun: float
+) -> tuple[float, float | None]:
+    total = sum(t.weight for t in tasks) or 1.0
+    done = 0.0
+    for t in tasks:
+        if t.finished:
+            done += t.weight
+        elif t.started is not None:
+            own = t.done_fraction * t.weight
+            guess = min(now - t.started, 0.95 * t.weight)
+            done += max(own, guess)
+    fraction = min(done / total, 1.0)
+    elapsed = now - begun
+    eta = elapsed * (1 - fraction) / fraction if fraction > 0.01 else None
+    return fraction, eta
+
+
+def _wait_for(
+    ctx: _Run,
+    threads: list[threading.Thread],
+    report: Callable[[float], Progress] | None,
+    progress: Callable[[Progress], object] | None,
+) -> None:
+    """Wait for threads, reporting progress every TICK and enforcing the
+    deadline; on any exception here (a progress callback's, a signal's)
+    stop every check and wait for the threads before re-raising."""
+    try:
+        while any(t.is_alive() for t in threads):
+            for t in threads:
+                t.join(TICK / len(threads))
+            now = time.monotonic()
+            if ctx.deadline is not None and now >= ctx.deadline:
+                ctx.timed_out = True
+                ctx.cancelled.set()
+            if ctx.cancelled.is_set():
+                ctx.interrupt_all()
+            elif progress is not None and report is not None:
+                progress(report(now))
+    except BaseException:
+        ctx.cancelled.set()
+        while any(t.is_alive() for t in threads):
+            ctx.interrupt_all()
+            for t in threads:
+                t.join(0.05)
+        raise
+
+
+def _run_tasks(
+    ctx: _Run,
+    tasks: list[_Task],
+    threads: int,
+    phase: str,
+    begun: float,
+    progress: Callable[[Progress], object] | None,
+) -> list[Any]:
+    work: queue.Queue[_Task | None] = queue.Queue()
+    # The byte check first: it re-reads the file from the disk range by
+    # range, and the SQL checks beside it find the pages cached again soon
+    # (from a cold cache a quick_check takes ten times as long).  Then the
+    # largest checks first, so that no large one starts last.
+    for task in sorted(tasks, key=lambda t: (t.record.name != "read_back", -t.weight)):
+        work.put(task)
+    n = max(1, min(threads, len(tasks)))
+    for _ in range(n):
+        work.put(None)
+    results: list[Any] = []
+    workers = [
+        threading.Thread(
+            target=_worker, args=(ctx, work, results), name=f"verify-{i}", daemon=True
+        )
+        for i in range(n)
+    ]
+    for w in workers:
+        w.start()
+    started = time.monotonic()
+
+    def report(now: float) -> Progress:
+        fraction, _ = _estimate(tasks, now, started)
+        elapsed = now - begun
+        eta = elapsed * (1 - fraction) / fraction if fraction > 0.01 else None
+        running = tuple(t.record.name for t in tasks if t.started and not t.finished)
+        return Progress(phase, fraction, elapsed, eta, running)
+
+    _wait_for(ctx, workers, report, progress)
+    if progress is not None and not ctx.cancelled.is_set():
+        progress(report(time.monotonic()))
+    return results
+
+
+def verify(
+    path: str | os.PathLike[str],
+    level: str = "default",
+    *,
+    recorder: apsw_backup.PageRecorder | None = None,
+    progress: Callable[[Progress], object] | None = None,
+    timeout: float | None = None,
+    threads: int | None = None,
+) -> VerifyResult:
+    """Verify the database file at `path` (see the module's docstring).
+
+    `recorder`: the PageRecorder that recorded the writes of the file (the
+    byte check); the file must be settled first -- its last transaction
+    committed and, for a WAL database, checkpointed (:func:`settle`) or its
+    connection closed.  `threads`: how many checks run at once (default:
+    the number of CPUs this process may use).  `timeout`: seconds; at the
+    deadline the checks are interrupted and the result is "unverified".
+    """
+    if level not in LEVELS:
+        raise ValueError(
+            f"unknown verification level {level!r}: use one of {', '.join(LEVELS)}"
+        )
+    if timeout is not None and timeout < 0:
+        raise ValueError("timeout must be >= 0 seconds (None: no limit)")
+    begun = time.monotonic()
+    path = os.fspath(path)
+    ctx = _Run(path, None if timeout is None else begun + timeout)
+    if threads is None:
+        threads = (
+            len(os.sched_getaffinity(0))
+            if hasattr(os, "sched_getaffinity")
+            else (os.cpu_count() or 1)
+        )
+    phase = f"verifying ({level})"
+    planned: dict[str, Any] = {}
+
+    def plan() -> None:
+        try:
+            planned["tasks"] = _plan(ctx, level, recorder)
+        except BaseException as exc:
+            planned["error"] = exc
+
+    planner = threading.Thread(target=plan, name="verify-plan", daemon=True)
+    planner.start()
+    _wait_for(
+        ctx,
+        [planner],
+        lambda now: Progress(phase, 0.0, now - begun, None, ("planning",)),
+        progress,
+    )
+    error = planned.get("error")
+    if isinstance(error, (apsw_backup.CorruptError, apsw_backup.NotADBError)):
+        found = [Problem("integrity_check", str(error))]
+        return VerifyResult(PROBLEMS, level, found, [], time.monotonic() - begun)
+    if isinstance(error, (apsw_backup.Error, OSError)):
+        reason = (
+            f"verification did not finish within {timeout:g} s"
+            if ctx.timed_out
+            else _reason(error)
+        )
+        return VerifyResult(
+            UNVERIFIED, level, [], [], time.monotonic() - begun, reason, error
+        )
+    if error is not None:
+        raise error
+    tasks: list[_Task] = planned["tasks"]
+    checks = [t.record for t in tasks]
+    if recorder is None:
+        checks.insert(
+            0, CheckRecord("read_back", SKIPPED, detail={"why": "no page hashes"})
+        )
+    results = _run_tasks(ctx, tasks, threads, phase, begun, progress)
+    problems: list[Problem] = []
+    failures: list[BaseException] = []
+    for _task, found, error in results:
+        for problem in found:
+            if problem not in problems:
+                problems.append(problem)
+        if error is not None:
+            failures.append(error)
+    for error in failures:
+        if not isinstance(error, (_Unverified, apsw_backup.Error, OSError)):
+            raise error
+    seconds = time.monotonic() - begun
+    if problems:
+        return VerifyResult(PROBLEMS, level, problems, checks, seconds)
+    if ctx.timed_out:
+        return VerifyResult(
+            UNVERIFIED,
+            level,
+            [],
+            checks,
+            seconds,
+            f"verification did not finish within {timeout:g} s",
+        )
+    if failures:
+        first = failures[0]
+        return VerifyResult(
+            UNVERIFIED,
+            level,
+            [],
+            checks,
+            seconds,
+            _reason(first),
+            None if isinstance(first, _Unverified) else first,
+        )
+    return VerifyResult(OK, level, [], checks, seconds)
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, (apsw_backup.BusyError, apsw_backup.LockedError)):
+        return f"the file stayed locked by another connection: {exc}"
+    if isinstance(exc, apsw_backup.InterruptError):
+        return "verification was interrupted"
+    return str(exc)
+
+
+def settle(connection: apsw_backup.Connection, schema: str = "main") -> None:
+    """Make the database file hold everything committed, so that the byte
+    check can read it: for a WAL database, a TRUNCATE checkpoint that must
+    copy every frame (raises BusyError if readers keep it from finishing).
+    Call it on the destination connection after the backup finished."""
+    (mode,) = connection.execute(
+        f"PRAGMA {_quote(schema)}.journal_mode"
+    ).fetchone() or ("",)
+    if str(mode).lower() != "wal":
+        return
+    row = connection.execute(
+        f"PRAGMA {_quote(schema)}.wal_checkpoint(TRUNCATE)"
+    ).fetchone()
+    if row is None or row[0] != 0 or row[1] not in (0, -1) and row[1] != row[2]:
+        raise apsw_backup.BusyError(
+            "the WAL could not be checkpointed into the database file (other "
+            "connections are reading it), so the file does not hold every "
+            "page yet; verify again when they are done"
+        )

@@ -1,0 +1,357 @@
+"""Verification levels (apsw_backup.verify): the full level splits
+PRAGMA integrity_check over threads without losing any of its checks; the
+result says ok / problems / could not verify, within a deadline, with
+progress (issue 20, parts 2 and 3)."""
+
+import sqlite3
+import struct
+import threading
+import time
+
+import pytest
+from verify_helpers import (
+    build,
+    disagreeing_index,
+    leaf_pages,
+    page_size_of,
+    root_page,
+    write_page,
+)
+
+import apsw_backup
+from apsw_backup import verify
+
+needs_table_check = pytest.mark.skipif(
+    verify._runtime_version() < verify.TABLE_CHECK_VERSION,
+    reason="PRAGMA integrity_check(TABLE) needs SQLite 3.33",
+)
+
+
+def plain_integrity_check(path):
+    """What one plain PRAGMA integrity_check reports: its lines, and the
+    error that stopped it (or None)."""
+    db = apsw_backup.Connection(str(path), apsw_backup.SQLITE_OPEN_READONLY)
+    rows, stopped = [], None
+    try:
+        for row in db.execute("PRAGMA integrity_check"):
+            rows.append(row)
+    except (apsw_backup.CorruptError, apsw_backup.NotADBError) as exc:
+        stopped = exc  # what it said before it stopped still counts
+    finally:
+        db.close()
+    return (verify.problem_lines(rows) if rows else []), stopped
+
+
+# -- damaged databases -------------------------------------------------------
+
+
+def damage_table_leaf(path):
+    build(path, rows=600)
+    write_page(path, leaf_pages(path, "events")[2])
+
+
+def damage_index_leaf(path):
+    build(path, rows=600)
+    write_page(path, leaf_pages(path, "events_kind")[1])
+
+
+def damage_index_content(path):
+    disagreeing_index(path)
+
+
+def damage_freelist(path):
+    build(path, rows=600)
+    db = sqlite3.connect(str(path))
+    db.execute("DELETE FROM events WHERE id % 3 = 0")  # free pages
+    db.commit()
+    db.close()
+    # Point the freelist's trunk at a page the users table uses.
+    blob = bytearray(path.read_bytes())
+    assert struct.unpack(">I", blob[36:40])[0] > 0, "no free pages"
+    blob[32:36] = struct.pack(">I", root_page(path, "users"))
+    path.write_bytes(bytes(blob))
+
+
+def damage_unused_pages(path):
+    build(path, rows=600)
+    # Two pages no b-tree uses: the file and the header's page count grow.
+    size = page_size_of(path)
+    blob = bytearray(path.read_bytes()) + bytes(2 * size)
+    count = struct.unpack(">I", blob[28:32])[0]
+    blob[28:32] = struct.pack(">I", count + 2)
+    path.write_bytes(bytes(blob))
+
+
+def damage_shared_root(path):
+    # The index's b-tree is replaced, in the schema, by the users table's:
+    # the index's own pages are used by nothing (only a whole-file pass can
+    # tell) and one root page belongs to two b-trees.
+    build(path, rows=600)
+    users = root_page(path, "users")
+    db = sqlite3.connect(str(path))
+    db.execute("PRAGMA writable_schema=ON")
+    db.execute("UPDATE sqlite_master SET rootpage=? WHERE name='events_kind'", (users,))
+    db.commit()
+    db.close()
+
+
+DAMAGES = {
+    "table leaf zeroed": damage_table_leaf,
+    "index leaf zeroed": damage_index_leaf,
+    "index disagrees with its table": damage_index_content,
+    "freelist points into a table": damage_freelist,
+    "pages never used": damage_unused_pages,
+    "one page in two b-trees": damage_shared_root,
+}
+
+
+@needs_table_check
+@pytest.mark.parametrize("damage", list(DAMAGES))
+def test_the_split_check_finds_everything_plain_integrity_check_finds(tmp_path, damage):
+    path = tmp_path / "damaged.db"
+    DAMAGES[damage](path)
+    plain, stopped = plain_integrity_check(path)
+    assert plain or stopped, f"{damage}: the damage is not one integrity_check sees"
+    assert len(plain) < 100, "past integrity_check's error limit"
+    for threads in (1, 2, 4):
+        outcome = verify.verify(path, "full", threads=threads)
+        assert outcome.status == verify.PROBLEMS, (damage, threads, outcome)
+        found = {p.message for p in outcome.problems}
+        missing = [line for line in plain if line not in found]
+        assert missing == [], (damage, threads, missing)
+
+
+@needs_table_check
+def test_the_split_is_by_table_with_one_whole_quick_check(tmp_path):
+    path = build(tmp_path / "db.db")
+    outcome = verify.verify(path, "full")
+    assert outcome.ok and outcome.exit_code == 0
+    names = {c.name: c.outcome for c in outcome.checks}
+    assert names == {
+        "read_back": "skipped",
+        "quick_check": "ok",
+        "integrity_check(sqlite_master)": "ok",
+        "integrity_check(users)": "ok",
+        "integrity_check(events)": "ok",
+    }
+
+
+def test_an_index_that_disagrees_with_its_table_is_found_at_the_full_level_only(
+    tmp_path,
+):
+    path = disagreeing_index(tmp_path / "db.db")
+    default = verify.verify(path)
+    assert default.ok, "quick_check does not compare indexes with tables"
+    full = verify.verify(path, "full")
+    assert full.status == verify.PROBLEMS and full.exit_code == 3
+    assert any("missing from index events_kind" in p.message for p in full.problems)
+
+
+def test_sqlite_without_table_checks_runs_the_whole_check_on_one_connection(
+    tmp_path, monkeypatch
+):
+    path = disagreeing_index(tmp_path / "db.db")
+    monkeypatch.setattr(verify, "_runtime_version", lambda: 3032000)
+    outcome = verify.verify(path, "full")
+    assert [c.name for c in outcome.checks] == ["read_back", "integrity_check"]
+    assert outcome.status == verify.PROBLEMS
+    assert any("missing from index events_kind" in p.message for p in outcome.problems)
+
+
+@needs_table_check
+def test_a_table_named_like_a_number_gets_the_whole_check(tmp_path):
+    # integrity_check(5) would read 5 as its error limit, not a table.
+    path = tmp_path / "db.db"
+    db = sqlite3.connect(str(path))
+    db.execute('CREATE TABLE "5"(x)')
+    db.execute('INSERT INTO "5" VALUES (1)')
+    db.commit()
+    db.close()
+    outcome = verify.verify(path, "full")
+    assert outcome.ok
+    assert [c.name for c in outcome.checks] == ["read_back", "integrity_check"]
+
+
+def test_a_file_that_is_no_database_is_a_problem_and_a_missing_one_unverified(tmp_path):
+    junk = tmp_path / "junk.db"
+    junk.write_bytes(b"this is not a database" * 300)
+    outcome = verify.verify(junk, "full")
+    assert outcome.status == verify.PROBLEMS and outcome.exit_code == 3
+    missing = verify.verify(tmp_path / "missing.db")
+    assert missing.status == verify.UNVERIFIED and missing.exit_code == 1
+    assert isinstance(missing.error, OSError)
+
+
+def test_bad_arguments_are_refused(tmp_path):
+    path = build(tmp_path / "db.db", rows=30)
+    with pytest.raises(ValueError, match="unknown verification level 'fast'"):
+        verify.verify(path, "fast")
+    with pytest.raises(ValueError, match="timeout"):
+        verify.verify(path, timeout=-1)
+
+
+def hold_exclusive_lock(path, seconds, started):
+    db = sqlite3.connect(str(path), isolation_level=None)
+    db.execute("BEGIN EXCLUSIVE")
+    db.execute("UPDATE users SET name = name")
+    started.set()
+    time.sleep(seconds)
+    db.execute("ROLLBACK")
+    db.close()
+
+
+def test_a_deadline_ends_verification_as_unverified(tmp_path):
+    path = build(tmp_path / "db.db", rows=300)
+    started = threading.Event()
+    holder = threading.Thread(target=hold_exclusive_lock, args=(path, 3.0, started))
+    holder.start()
+    try:
+        assert started.wait(30)
+        begun = time.monotonic()
+        outcome = verify.verify(path, "full", timeout=0.3)
+        elapsed = time.monotonic() - begun
+    finally:
+        holder.join(30)
+    assert outcome.status == verify.UNVERIFIED and outcome.exit_code == 1
+    assert "did not finish within 0.3 s" in outcome.reason
+    assert elapsed < 2.5, "the checks waited past the deadline"
+
+
+def test_a_deadline_interrupts_a_running_check(tmp_path):
+    path = build(tmp_path / "db.db", rows=40000)
+    begun = time.monotonic()
+    whole = verify.verify(path, "full", threads=1)
+    took = time.monotonic() - begun
+    assert whole.ok
+    begun = time.monotonic()
+    cut = verify.verify(path, "full", threads=1, timeout=took / 10)
+    elapsed = time.monotonic() - begun
+    assert cut.status == verify.UNVERIFIED, cut
+    assert elapsed < took * 0.8 + 0.3
+
+
+def test_progress_reports_a_fraction_and_an_eta(tmp_path):
+    path = build(tmp_path / "db.db", rows=300)
+    started = threading.Event()
+    holder = threading.Thread(target=hold_exclusive_lock, args=(path, 0.8, started))
+    holder.start()
+    seen = []
+    try:
+        assert started.wait(30)
+        outcome = verify.verify(path, "full", progress=seen.append)
+    finally:
+        holder.join(30)
+    assert outcome.ok
+    assert len(seen) >= 2
+    for p in seen:
+        assert p.phase == "verifying (full)"
+        assert 0.0 <= p.fraction <= 1.0 and p.elapsed >= 0
+        assert p.eta is None or p.eta >= 0
+    assert any(p.running for p in seen)
+
+
+@needs_table_check
+def test_the_result_says_what_ran_for_json(tmp_path):
+    path = disagreeing_index(tmp_path / "db.db")
+    data = verify.verify(path, "full").to_json()
+    assert data["status"] == "problems" and data["level"] == "full"
+    assert {c["name"] for c in data["checks"]} >= {
+        "quick_check",
+        "integrity_check(events)",
+    }
+    assert all(c["seconds"] >= 0 and c["outcome"] for c in data["checks"])
+    assert data["problems"][0]["check"] == "integrity_check"
+
+
+def test_pages_are_read_from_problem_messages():
+    assert verify.pages_named("Tree 4 page 27 cell 3: invalid page number 99") == (27,)
+    assert verify.pages_named("Page 5 is never used") == (5,)
+    assert verify.pages_named("row 3 missing from index i") == ()
+    assert verify.problem_lines(
+        [("*** in database main ***\nPage 2: x\nPage 3: y",)]
+    ) == [
+        "Page 2: x",
+        "Page 3: y",
+    ]
+    assert verify.problem_lines([("ok",)]) == []
+
+
+def test_an_unreadable_page_is_a_failure_to_verify(tmp_path, monkeypatch):
+    # integrity_check reports a page it could not read (an I/O error) as a
+    # problem of the file; it says nothing about the content.
+    line = "Page 3: unable to get the page. error code=266"
+    with pytest.raises(verify._Unverified, match="could not read Page 3"):
+        verify._raise_if_unreadable([line], "integrity_check")
+    verify._raise_if_unreadable(["Page 3: unable to get the page. error code=11"], "x")
+
+
+def test_interrupting_verification_stops_the_threads(tmp_path):
+    path = build(tmp_path / "db.db", rows=300)
+    started = threading.Event()
+    holder = threading.Thread(target=hold_exclusive_lock, args=(path, 2.0, started))
+    holder.start()
+
+    def stop(progress):
+        raise KeyboardInterrupt
+
+    try:
+        assert started.wait(30)
+        before = threading.active_count()
+        with pytest.raises(KeyboardInterrupt):
+            verify.verify(path, "full", progress=stop)
+        assert threading.active_count() <= before
+    finally:
+        holder.join(30)
+
+
+def test_busy_connections_do_not_leave_threads(tmp_path):
+    path = build(tmp_path / "db.db", rows=30)
+    before = threading.active_count()
+    for _ in range(3):
+        assert verify.verify(path, "full").ok
+    assert threading.active_count() == before
+
+
+def test_apsw_backup_connection_can_be_checked_while_open_elsewhere(tmp_path):
+    path = build(tmp_path / "db.db", rows=300)
+    conn = apsw_backup.Connection(str(path))
+    try:
+        conn.execute("SELECT count(*) FROM users").fetchall()
+        assert verify.verify(path, "full").ok
+    finally:
+        conn.close()
+
+
+@needs_table_check
+def test_virtual_and_without_rowid_tables_are_checked(tmp_path):
+    path = build(tmp_path / "db.db", rows=300)
+    db = sqlite3.connect(str(path))
+    db.execute("CREATE TABLE kv(k TEXT PRIMARY KEY, v) WITHOUT ROWID")
+    db.execute("CREATE INDEX kv_v ON kv(v)")
+    db.executemany(
+        "INSERT INTO kv VALUES (?, ?)", [(f"k{i}", i % 7) for i in range(500)]
+    )
+    try:
+        db.execute("CREATE VIRTUAL TABLE docs USING fts5(body)")
+        db.executemany(
+            "INSERT INTO docs VALUES (?)", [(f"word {i}",) for i in range(50)]
+        )
+    except sqlite3.OperationalError:
+        pass  # no FTS5 in this build
+    db.commit()
+    db.close()
+    outcome = verify.verify(path, "full")
+    assert outcome.ok, outcome
+    assert "integrity_check(kv)" in {c.name for c in outcome.checks}
+    # the index of the WITHOUT ROWID table, made to disagree, is found
+    db = sqlite3.connect(str(path))
+    db.execute("PRAGMA writable_schema=ON")
+    db.execute(
+        "UPDATE sqlite_master SET sql='CREATE INDEX kv_v ON kv(k)' WHERE name='kv_v'"
+    )
+    db.commit()
+    db.close()
+    plain, _ = plain_integrity_check(path)
+    outcome = verify.verify(path, "full")
+    assert plain and outcome.status == verify.PROBLEMS
+    assert set(plain) <= {p.message for p in outcome.problems}
