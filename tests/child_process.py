@@ -21,9 +21,12 @@ from attack_helpers import child_env
 
 # Printed by every script: report("KEY", value) -> one line the parent reads.
 PRELUDE = """
-import os, sys
+import os, sys, threading
+_report_lock = threading.Lock()
 def report(key, value):
-    print(key, repr(value), flush=True)
+    with _report_lock:
+        sys.stdout.write(f"{key} {value!r}\\n")
+        sys.stdout.flush()
 """
 
 
