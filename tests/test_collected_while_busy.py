@@ -451,16 +451,6 @@ report("OLD", check.execute("SELECT n FROM old").fetchall())
 report("INTEGRITY", check.execute("PRAGMA integrity_check").fetchall()[0][0])
 """
 
-CORE_FINISH_BUG = (
-    "core bug: core_finish() takes the handle out of the core before it "
-    "releases the GIL, so for the whole sqlite3_backup_finish() the core "
-    "looks finished but is still linked: the Backup's dealloc frees it "
-    "(let_go: handle == NULL -> core_free) under the finisher, and "
-    "finish() returns before the destination is unlocked"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=CORE_FINISH_BUG)
 @pytest.mark.parametrize("closer", ["source", "dest_force"])
 def test_backup_let_go_while_a_connection_close_finishes_it(tmp_path, closer):
     """The Backup's last reference dropped while another thread's close()
@@ -474,7 +464,6 @@ def test_backup_let_go_while_a_connection_close_finishes_it(tmp_path, closer):
     assert report["INTEGRITY"] == "ok"
 
 
-@pytest.mark.xfail(strict=True, reason=CORE_FINISH_BUG)
 def test_finish_while_a_connection_close_finishes_it_returns_once_finished(
     tmp_path,
 ):

@@ -621,3 +621,54 @@ os.waitpid(pid, 0)
     report = run_child(script, tmp_path)
     assert "fork" in report["REOPEN"] and "new Connection" in report["REOPEN"]
     assert issubclass(apsw_backup.ForkingViolationError, apsw_backup.Error)
+
+
+CHILD_CARRIES_ON_IN_A_CALLBACK = """
+import sqlite3, time
+import apsw_backup as ab
+d = sys.argv[1]
+P = lambda n: os.path.join(d, n)
+a = ab.Connection(P("a.db")); a.execute("CREATE TABLE t(v)")
+w = sqlite3.connect(P("a.db"), isolation_level=None); w.execute("BEGIN EXCLUSIVE")
+LONG = ("WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i+1 FROM n "
+        "WHERE i<3000000) SELECT count(*) FROM n")
+def handler(n):
+    pid = os.fork()
+    if pid:
+        _, status = os.waitpid(pid, 0)
+        report("CHILD_EXIT", os.waitstatus_to_exitcode(status))
+        return False
+    # The child carries on from inside the busy handler, with objects of
+    # its own: they are not inside any call of the child's.
+    s2 = ab.Connection(P("s2.db"))
+    s2.execute("CREATE TABLE t(x); INSERT INTO t VALUES (randomblob(5000))")
+    d2 = ab.Connection(P("d2.db"))
+    b2 = d2.backup("main", s2, "main"); b2.step(1)
+    v = threading.Thread(target=lambda: s2.execute(LONG).fetchall()); v.start()
+    while True:
+        try:
+            s2.get_autocommit(); time.sleep(0.001)
+        except ab.InUseError:
+            break
+    try:
+        b2.finish(); report("FINISH", "waited and finished")
+    except ab.Error as e:
+        report("FINISH", type(e).__name__)
+    v.join()
+    os._exit(0)
+a.set_busy_handler(handler)
+try:
+    a.execute("INSERT INTO t VALUES (1)")
+except ab.Error:
+    pass
+"""
+
+
+def test_a_child_forked_in_a_callback_is_not_inside_a_call_of_its_own(tmp_path):
+    # The count of locks a thread holds starts again at 0 in a child: the
+    # parent's objects are inert there, so a finish() of the child's own
+    # backup waits for the child's other thread like anywhere else
+    # (src/README.md, "Fork").
+    report = run_child(CHILD_CARRIES_ON_IN_A_CALLBACK, tmp_path)
+    assert report["FINISH"] == "waited and finished", report
+    assert report["CHILD_EXIT"] == 0
