@@ -259,6 +259,8 @@ ModuleState *state_from_type(PyTypeObject *type);
 extern _Thread_local int locks_held;
 int lock_try(Connection *c, const char *what);
 int lock_try_quiet(Connection *c);
+/* The error of a busy lock (InUseError or ReentrancyError); -1. */
+int busy_error(Connection *c, const char *what);
 int lock_wait(Connection *a, Connection *b, const char *what);
 void unlock(Connection *c, BackupCore **done);
 void drop_done(BackupCore *done);

@@ -55,11 +55,11 @@ enter_pair(Backup *self, Connection *source, Connection *dest)
     if (lock_try(source, "backup's source connection") < 0) {
         return -1;
     }
-    if (lock_try(dest, "backup's destination connection") < 0) {
+    if (lock_try_quiet(dest) < 0) {
         BackupCore *done = NULL;
         unlock(source, &done);
         drop_done(done);
-        return -1;
+        return busy_error(dest, "backup's destination connection");
     }
     (void)self;
     return 0;
@@ -1156,7 +1156,14 @@ let_go(Backup *self)
     }
     self->core = NULL;
     if (core->handle == NULL) {
-        core_free(core);
+        if (core->source != NULL) {
+            /* Finished, but still on its finisher's list of references to
+             * drop (it let go of the GIL since): freed there. */
+            core->orphan = 1;
+        }
+        else {
+            core_free(core);
+        }
         return;
     }
     if (FORKED(core->source) || FORKED(core->dest)) {

@@ -1160,13 +1160,21 @@ end_savepoint(Connection *self, long level, int commit, DbError *error)
     cursors_interrupted(self);
     PyObject *et, *ev, *tb;
     PyErr_Fetch(&et, &ev, &tb);
-    if (exec_locked(self, rollback, &again) < 0 && !FORKED(self)
-        && !sqlite3_get_autocommit(self->db)) {
+    int ended = exec_locked(self, rollback, &again) == 0;
+    if (!ended && !FORKED(self) && !sqlite3_get_autocommit(self->db)) {
         PyErr_Clear();
         exec_locked(self, "ROLLBACK", &again);
         self->savepoint_level = 0;
     }
     PyErr_Clear();
+    if (ended && !commit) {
+        /* Rolled back, as asked: what stopped the first try is not news
+         * (the body's own exception is on its way out). */
+        Py_XDECREF(et);
+        Py_XDECREF(ev);
+        Py_XDECREF(tb);
+        return 0;
+    }
     PyErr_Restore(et, ev, tb);
     return -1;
 }

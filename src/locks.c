@@ -26,7 +26,7 @@ this_thread(void)
     return (unsigned long)pthread_self();
 }
 
-static int
+int
 busy_error(Connection *c, const char *what)
 {
     ModuleState *st = c->state;
@@ -80,11 +80,11 @@ lock_wait(Connection *a, Connection *b, const char *what)
         if (lock_try(a, what) < 0) {
             return -1;
         }
-        if (b != NULL && lock_try(b, what) < 0) {
+        if (b != NULL && lock_try_quiet(b) < 0) {
             BackupCore *done = NULL;
             unlock(a, &done);
             drop_done(done);
-            return -1;
+            return busy_error(b, what); /* built holding no lock */
         }
         return 0;
     }
@@ -132,12 +132,16 @@ unlink_core(BackupCore *core)
 void
 core_finish(BackupCore *core, BackupCore **done)
 {
+    /* The handle stays in the core until the finish has returned: until
+     * then the core is unfinished to everyone else -- a dealloc of its
+     * Backup orphans it (the finisher frees it), a finish() waits for the
+     * locks the finisher holds. */
     sqlite3_backup *handle = core->handle;
     int rc;
-    core->handle = NULL;
     RELEASE_GIL("core_finish");
     rc = sqlite3_backup_finish(handle);
     REACQUIRE_GIL();
+    core->handle = NULL;
     core->finish_rc = rc;
     unlink_core(core);
     core->done_next = *done;
@@ -216,9 +220,11 @@ unlock(Connection *c, BackupCore **done)
 {
     if (!FORKED(c)) {
         settle_orphans(c, done);
+        /* A lock taken before a fork is not counted in the child (the
+         * count started again there at 0). */
+        locks_held--;
     }
     c->owner = 0;
-    locks_held--;
     pthread_mutex_unlock(&c->mutex);
 }
 
@@ -284,7 +290,12 @@ volatile unsigned long fork_generation;
 static void
 after_fork_in_child(void)
 {
+    /* Runs in the forking thread, the only one of the child.  The locks it
+     * held are the parent's objects' (never taken again here): the count of
+     * locks this thread holds starts again at 0, so that a callback that
+     * forked and carries on in the child is not taken for a callback. */
     fork_generation++;
+    locks_held = 0;
 }
 
 int

@@ -178,6 +178,11 @@ def sc_close_with_backups(run: Run) -> None:
     run.connect("dest", run.dest_path)
     run.objs["b"] = run.objs["dest"].backup("main", run.objs["src"], "main")
     use(run, "b", "step", 10)
+    # Two half-read cursors: close() finalizes them, and one let go of
+    # meanwhile is an orphan that close() finalizes too.
+    for name in ("cursor", "cursor2"):
+        run.objs[name] = run.objs["src"].execute("SELECT id FROM t")
+        use(run, name, "fetchone")
     use(run, "src", "close")
     use(run, "dest", "close", True)
     assert not run.objs.get("b"), "closing a connection finishes its backups"
