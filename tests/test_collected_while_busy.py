@@ -451,6 +451,7 @@ report("OLD", check.execute("SELECT n FROM old").fetchall())
 report("INTEGRITY", check.execute("PRAGMA integrity_check").fetchall()[0][0])
 """
 
+
 @pytest.mark.parametrize("closer", ["source", "dest_force"])
 def test_backup_let_go_while_a_connection_close_finishes_it(tmp_path, closer):
     """The Backup's last reference dropped while another thread's close()
