@@ -1,0 +1,166 @@
+"""The command line: options, their checks, and the help text."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
+
+from apsw_backup._apsw_backup import __version__
+from apsw_backup.cli.errors import EXIT_USAGE, PROG, Failure, UsageError
+
+EPILOG = """\
+DEST may be an existing folder (or end with /): the copy is then named
+<SOURCE stem>-<UTC timestamp>.db in it, and --keep N deletes the oldest
+backups of that exact name pattern, only once the new one is verified.
+
+exit codes (the message, and "dest_state" in --json, say what DEST holds):
+  0    the backup is complete (and verified, unless --no-verify)
+  1    SQLite, file system or backup error
+  2    usage error or refusal: nothing was written
+  3    verification failed: a new DEST was not created; an existing DEST
+       holds the copy that failed verification
+  130  interrupted by Ctrl-C (SIGINT), 143 by SIGTERM; then DEST holds what
+       the message says:
+       "DEST was not created" / "DEST was left as it was" (nothing changed),
+       "DEST holds the complete copy, but it was not verified",
+       "DEST holds the complete, verified copy"
+
+apsw-backup verify [--json] FILE... checks existing backups (exit 0, 1, 3)."""
+
+VERIFY_EPILOG = """\
+exit codes: 0 every FILE passed, 1 a FILE could not be read, 3 a FILE failed
+verification (the highest applies), 130 interrupted (SIGINT), 143 SIGTERM."""
+
+
+class _Exit(Exception):
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser that raises instead of exiting."""
+
+    def exit(self, status: int = 0, message: str | None = None) -> NoReturn:
+        if message:
+            self._print_message(message, sys.stderr)
+        raise _Exit(status)
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        raise Failure(EXIT_USAGE, message, UsageError(message))
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog=PROG,
+        description="Online backup of a live SQLite database, verified.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add = parser.add_argument
+    add("source", nargs="?", metavar="SOURCE", help="database to back up")
+    add("dest", nargs="?", metavar="DEST", help="file (or folder) to write the copy to")
+    add(
+        "--pages",
+        type=int,
+        default=256,
+        metavar="N",
+        help="pages per step (256; <= 0: all at once)",
+    )
+    add(
+        "--sleep",
+        type=_seconds,
+        default=0.25,
+        metavar="S",
+        help="longest wait between retries while the database is locked (0.25)",
+    )
+    add(
+        "--timeout",
+        type=_seconds,
+        default=None,
+        metavar="S",
+        help="give up after S seconds (default: no limit)",
+    )
+    add("--schema", default="main", metavar="NAME", help="schema of SOURCE (main)")
+    add("--overwrite", action="store_true", help="replace a non-empty DEST file")
+    add(
+        "--keep",
+        type=_count_arg,
+        default=None,
+        metavar="N",
+        help="DEST folder: keep the N newest backups of SOURCE, delete older ones",
+    )
+    add(
+        "--keep-wal",
+        action="store_true",
+        help="leave the copy of a WAL database in WAL mode (default: one "
+        "self-contained rollback-journal file)",
+    )
+    add("--no-verify", action="store_true", help="skip PRAGMA integrity_check")
+    add("--json", action="store_true", help="print one JSON object on stdout")
+    add(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress line on stderr (default: when stderr is a terminal)",
+    )
+    add(
+        "--demo",
+        action="store_true",
+        help="back up a sample database that another connection keeps writing to",
+    )
+    add("--version", action="version", version=f"%(prog)s {__version__}")
+    return parser  # fmt: skip
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not value >= 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds >= 0")
+    return value
+
+
+def _count_arg(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
+    return int(text)
+
+
+def _parse(argv: Sequence[str]) -> argparse.Namespace:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.demo and (args.source or args.dest):
+        parser.error("--demo takes no SOURCE or DEST")
+    if not args.demo and not (args.source and args.dest):
+        parser.error("SOURCE and DEST are required (or try --demo)")
+    if args.keep is not None and args.no_verify:
+        parser.error(
+            "--keep deletes older backups only once the new one is verified: "
+            "it cannot be used with --no-verify"
+        )
+    return args
+
+
+def _parse_verify(argv: Sequence[str]) -> argparse.Namespace:
+    parser = _Parser(
+        prog=f"{PROG} verify",
+        description="Check existing backups with PRAGMA integrity_check.",
+        epilog=VERIFY_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("files", nargs="+", metavar="FILE", help="backup to check")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress line on stderr (default: when stderr is a terminal)",
+    )
+    return parser.parse_args(argv)

@@ -1,0 +1,208 @@
+"""Failures: what to report, in the command's terms, saying what DEST holds."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+import time
+from typing import Any
+
+import apsw_backup
+from apsw_backup.cli.errors import (
+    EXIT_ERROR,
+    EXIT_VERIFY,
+    PROG,
+    Failure,
+    _count,
+    _os_cause,
+    _q,
+)
+from apsw_backup.cli.plan import Job, _check_folder, _check_source
+from apsw_backup.cli.signals import Interrupted
+from apsw_backup.cli.summary import _print_json
+from apsw_backup.cli.verification import (
+    VerificationError,
+    VerificationFailed,
+    _problems_text,
+)
+
+
+def _failure(exc: BaseException, job: Job, args: argparse.Namespace) -> Failure:
+    """The Failure to report for exc, saying what DEST holds."""
+    if isinstance(exc, Failure):
+        return exc
+    if isinstance(exc, Interrupted):
+        state = job.says()
+        if job.state() in ("verified", "complete") and job.folder and args.keep:
+            state += "; older backups may not all have been deleted (--keep)"
+        return Failure(128 + exc.signum, f"interrupted: {state}", exc)
+    if isinstance(exc, VerificationFailed):
+        failure = Failure(
+            EXIT_VERIFY,
+            f"verification failed: PRAGMA integrity_check of the copy reported "
+            f"{_problems_text(exc.problems)}. The copy holds SOURCE's pages as "
+            "they were, so SOURCE is probably damaged too: check it with "
+            f"{PROG} verify {shlex.quote(job.source)}. {job.says()}",
+            exc,
+        )
+        failure.fields["integrity"] = exc.problems
+        return failure
+    if isinstance(exc, VerificationError):
+        return Failure(
+            EXIT_ERROR,
+            f"could not verify the copy: {type(exc.error).__name__}: {exc.error}. "
+            f"{job.says()}",
+            exc.error,
+        )
+    return Failure(EXIT_ERROR, f"{_explain(exc, job, args)}. {job.says()}", exc)
+
+
+def _explain(exc: BaseException, job: Job, args: argparse.Namespace) -> str:
+    """exc in the command's terms: SOURCE and DEST, the OS cause, the cure."""
+    elapsed = time.monotonic() - job.started
+    if isinstance(exc, apsw_backup.BusyError) and (
+        args.timeout is not None and elapsed >= args.timeout
+    ):
+        return _timeout_text(job, args.timeout, elapsed)
+    if isinstance(exc, apsw_backup.FullError) or (
+        isinstance(exc, (apsw_backup.IOError, OSError)) and _dest_is_full(job)
+    ):
+        return _full_text(job)
+    if isinstance(exc, (apsw_backup.CantOpenError, apsw_backup.ReadOnlyError)):
+        found = _path_problem(job)
+        if found:
+            return found
+    if isinstance(exc, FileExistsError):
+        return (
+            f"another file appeared at DEST {_q(job.dest)} while the copy was "
+            "made, and was left alone: run the backup again"
+        )
+    if isinstance(exc, OSError):
+        return f"file system error on {_q(exc.filename or job.dest)}: {_os_cause(exc)}"
+    return f"{type(exc).__name__}: {in_cli_terms(str(exc))}"
+
+
+# copy()'s words for what the command calls SOURCE and DEST, longest first.
+CLI_TERMS = [
+    ("copy()", "the backup"),
+    ("finish()", "finishing the backup"),
+    ("the new target", "DEST"),
+    ("the target", "DEST"),
+    ("the source", "SOURCE"),
+    ("target", "DEST"),
+]
+
+
+def in_cli_terms(text: str) -> str:
+    """A message of copy() or SQLite in the command's terms (SOURCE, DEST)."""
+    for words, ours in CLI_TERMS:
+        text = text.replace(words, ours)
+    return text
+
+
+def _path_problem(job: Job) -> str | None:
+    """What is wrong with SOURCE or DEST's folder now, if anything is.
+
+    (SOURCE's header is not read: this process may have SQLite connections
+    to it by now, e.g. the demo's writer.)
+    """
+    try:
+        _check_source(job.source)
+        _check_folder(os.path.dirname(os.path.abspath(job.dest)), "DEST's folder")
+    except Failure as found:
+        return found.message
+    return None
+
+
+def _timeout_text(job: Job, timeout: float, elapsed: float) -> str:
+    causes = []
+    if job.waits:
+        where = "SOURCE" if not job.existed else "SOURCE or DEST"
+        causes.append(
+            f"{where} was locked by another connection ({_count(job.waits, 'retry', 'retries')})"
+        )
+    if job.restarts:
+        causes.append(
+            f"the copy started again {_count(job.restarts, 'time')} because other "
+            "connections wrote to SOURCE"
+        )
+    cause = "; ".join(causes) or "the time limit passed before the copy was complete"
+    copied = (
+        f"{job.copied} of {job.total} pages copied"
+        if job.total
+        else "no page copied yet"
+    )
+    return (
+        f"BusyError: gave up after {elapsed:.2f} s (--timeout {timeout:g}) with "
+        f"{copied}: {cause}. Retry later, or with a longer --timeout"
+    )
+
+
+def _dest_is_full(job: Job) -> bool:
+    try:
+        info = os.statvfs(os.path.dirname(os.path.abspath(job.dest)))
+    except OSError:
+        return False
+    return info.f_bavail * info.f_frsize < max(1, job.total) * max(job.page_size, 512)
+
+
+def _full_text(job: Job) -> str:
+    folder = os.path.dirname(os.path.abspath(job.dest))
+    need = job.total * job.page_size
+    try:
+        info = os.statvfs(folder)
+        free = f", {info.f_bavail * info.f_frsize / 1e6:.1f} MB are free"
+    except OSError:
+        free = ""
+    size = f"the copy needs about {need / 1e6:.1f} MB{free}: " if need else ""
+    return (
+        f"FullError: the file system of DEST's folder {_q(folder)} is full "
+        f"(ENOSPC): {size}free some space there, or choose a DEST elsewhere"
+    )
+
+
+def _headline(failure: Failure) -> str:
+    """The first words of a failure's message, for the progress line."""
+    if failure.code >= 128:
+        return "interrupted"
+    if failure.code == EXIT_VERIFY:
+        return "verification failed"
+    return type(failure.error).__name__ if failure.error is not None else "failed"
+
+
+def _fail(failure: Failure, as_json: bool) -> int:
+    print(f"{PROG}: {failure.message}", file=sys.stderr)
+    if as_json:
+        _print_json(_failure_object(failure))
+    return failure.code
+
+
+def _error_object(error: BaseException | None, message: str) -> dict[str, Any]:
+    return {
+        "class": type(error).__name__ if error is not None else "Error",
+        "message": message,
+        "result": getattr(error, "result", None),
+        "extendedresult": getattr(error, "extendedresult", None),
+        "errno": getattr(error, "errno", None),
+    }
+
+
+def _failure_object(failure: Failure) -> dict[str, Any]:
+    return {
+        "ok": False,
+        "exit_code": failure.code,
+        "error": _error_object(failure.error, failure.message),
+        **failure.fields,
+    }
+
+
+def _job_fields(job: Job) -> dict[str, Any]:
+    return {
+        "source": job.source,
+        "dest": job.dest,
+        "dest_state": job.state(),
+        "pages_copied": job.copied,
+        "page_count": job.total,
+    }

@@ -1,0 +1,352 @@
+"""The plan: every check of SOURCE and DEST before anything is written."""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import os
+import shlex
+import stat
+import time
+from dataclasses import dataclass, field
+
+import apsw_backup
+from apsw_backup import files
+from apsw_backup.cli.errors import (
+    CURES,
+    EXIT_ERROR,
+    EXIT_USAGE,
+    PROG,
+    Failure,
+    UsageError,
+    _os_cause,
+    _q,
+)
+from apsw_backup.cli.folder import _same_path, backup_name
+
+SQLITE_HEADER = b"SQLite format 3\0"
+
+
+@dataclass
+class Job:
+    """One backup: where it goes, and what DEST holds as it goes on."""
+
+    source: str
+    dest: str  # the file written (inside DEST when DEST is a folder)
+    existed: bool  # DEST existed: written through SQLite's transaction
+    verify: bool
+    folder: str | None = None  # DEST, when it is a folder
+    page_size: int = 0
+    started: float = field(default_factory=time.monotonic)
+    committed: bool = False  # the last step completed: the copy is in DEST
+    verified: bool | None = None  # None: not verified (yet)
+    copied: int = 0  # pages copied, as of the last step
+    total: int = 0  # pages in SOURCE, as of the last step
+    waits: int = 0  # steps that found the database locked
+    restarts: int = 0  # times the copy was seen to start again
+    written: int = 0  # pages written, restarts included
+
+    def note_step(self, status: int, remaining: int, total: int) -> None:
+        """Take in one progress call (before anything else can raise)."""
+        if status == apsw_backup.SQLITE_DONE:
+            self.committed = True
+        copied = total - remaining
+        if _locked(status):
+            self.waits += 1
+        elif 0 < copied <= self.copied and status != apsw_backup.SQLITE_DONE:
+            # A step that copied pages but did not get further: SQLite began
+            # again from page 1 because another connection wrote to SOURCE.
+            self.restarts += 1
+            self.written += copied
+        else:
+            self.written += copied - self.copied
+        self.copied, self.total = copied, total
+
+    def state(self) -> str:
+        """What DEST holds now (the "dest_state" of --json)."""
+        present = self.committed if self.existed else os.path.lexists(self.dest)
+        if not present:
+            return "unchanged" if self.existed else "not created"
+        if self.verified is not None:
+            return "verified" if self.verified else "failed verification"
+        return "unverified" if self.verify else "complete"
+
+    def says(self) -> str:
+        """state() as a sentence."""
+        return dest_says(self.dest, self.state())
+
+
+def dest_says(dest: str, state: str) -> str:
+    """What DEST holds, as a sentence, for a "dest_state" of --json."""
+    q = _q(dest)
+    return {
+        "not created": f"DEST {q} was not created",
+        "unchanged": f"DEST {q} was left as it was",
+        "verified": f"DEST {q} holds the complete, verified copy",
+        "failed verification": f"DEST {q} holds the copy that failed verification",
+        "unverified": f"DEST {q} holds the complete copy, but it was not "
+        f"verified: check it with {PROG} verify {shlex.quote(dest)}",
+        "complete": f"DEST {q} holds the complete copy (not verified: --no-verify)",
+    }[state]
+
+
+def _locked(status: int) -> bool:
+    return status & 0xFF in (apsw_backup.SQLITE_BUSY, apsw_backup.SQLITE_LOCKED)
+
+
+def _planned(args: argparse.Namespace) -> Job:
+    """_plan(args); a refusal reports SOURCE, DEST and that DEST is as it was."""
+    try:
+        return _plan(args)
+    except Failure as failure:
+        state = "unchanged" if os.path.lexists(args.dest) else "not created"
+        failure.fields.update(source=args.source, dest=args.dest, dest_state=state)
+        # Nothing was written: the message ends by saying so, as every
+        # failure's does.
+        failure.message = (
+            f"{failure.message.rstrip('.')}. {dest_says(args.dest, state)}"
+        )
+        raise
+
+
+def _plan(args: argparse.Namespace) -> Job:
+    """Check SOURCE and DEST; the job.  Raises Failure; writes nothing."""
+    source, dest = args.source, args.dest
+    try:
+        files.check_distinct(source, dest)
+    except ValueError as exc:
+        raise Failure(EXIT_USAGE, _same_file_message(source, dest), exc) from exc
+    _check_source(source)
+    _check_source_header(source)
+    folder = None
+    if os.path.isdir(dest) or dest.endswith(("/", os.sep)):
+        folder = dest
+        _check_folder(folder, "DEST folder")
+        dest = backup_name(folder, source)
+        existed = False
+    elif args.keep is not None:
+        raise Failure(
+            EXIT_USAGE,
+            f"--keep needs DEST to be a folder, and {_q(dest)} is not one: "
+            "give the folder the backups go to",
+            UsageError("--keep"),
+        )
+    else:
+        _check_side_file_name(dest)
+        existed = os.path.lexists(dest)
+        if existed:
+            _check_existing_dest(dest, args.overwrite)
+        else:
+            _check_stale_side_files(dest)
+        _check_folder(os.path.dirname(os.path.abspath(dest)), "DEST's folder")
+    return Job(
+        source=source,
+        dest=dest,
+        existed=existed,
+        verify=not args.no_verify,
+        folder=folder,
+        page_size=header_page_size(source),
+    )
+
+
+def _same_file_message(source: str, dest: str) -> str:
+    what = "SOURCE itself"
+    for suffix, name in (
+        ("-wal", "write-ahead log"),
+        ("-shm", "shared-memory index"),
+        ("-journal", "rollback journal"),
+    ):
+        if _same_path(source + suffix, dest):
+            what = f"SOURCE's {name} ({suffix} file), which SQLite deletes or rewrites"
+    return (
+        f"DEST {_q(dest)} is {what}: a copy written there would be lost and "
+        f"could damage SOURCE {_q(source)}. Choose another DEST"
+    )
+
+
+def _check_side_file_name(dest: str) -> None:
+    """Refuse DEST named as another database's side file (other.db-wal):
+    opening that database would apply the copy to it, or delete it."""
+    for suffix in files.SIDE_FILES:
+        owner = dest[: -len(suffix)]
+        if dest.endswith(suffix) and os.path.isfile(owner):
+            raise Failure(
+                EXIT_USAGE,
+                f"DEST {_q(dest)} is the {suffix} file name of the database "
+                f"{_q(owner)}: SQLite would take the copy for part of that "
+                "database. Choose another DEST",
+                UsageError("DEST"),
+            )
+
+
+def _check_stale_side_files(dest: str) -> None:
+    """Refuse a new DEST whose -journal or -wal is already there: the next
+    open of the copy would apply it (a hot journal or a WAL of another
+    database) and corrupt the copy."""
+    for suffix in ("-journal", "-wal"):
+        if os.path.lexists(dest + suffix):
+            raise Failure(
+                EXIT_USAGE,
+                f"DEST {_q(dest)} does not exist, but {_q(dest + suffix)} is "
+                "there (left by a crash, or by another database of that name): "
+                "SQLite would apply it to the new copy and corrupt it. Move it "
+                "away once you know it is not needed, or choose another DEST",
+                UsageError("DEST"),
+            )
+
+
+def _check_source(source: str) -> None:
+    try:
+        info = os.stat(source)
+    except OSError as exc:
+        cure = CURES.get(exc.errno or 0, "check the path")
+        raise Failure(
+            EXIT_ERROR,
+            f"cannot read SOURCE {_q(source)}: {_os_cause(exc)}: {cure}",
+            exc,
+        ) from exc
+    if stat.S_ISDIR(info.st_mode):
+        error = IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), source)
+        raise Failure(
+            EXIT_ERROR,
+            f"SOURCE {_q(source)} is a folder (EISDIR), not a database file: "
+            "name the database file itself",
+            error,
+        )
+    if not stat.S_ISREG(info.st_mode):
+        raise Failure(
+            EXIT_ERROR,
+            f"SOURCE {_q(source)} is not a regular file: name the database file",
+            OSError(errno.EINVAL, "not a regular file", source),
+        )
+    if not os.access(source, os.R_OK):
+        denied = PermissionError(errno.EACCES, os.strerror(errno.EACCES), source)
+        raise Failure(
+            EXIT_ERROR,
+            f"cannot read SOURCE {_q(source)}: permission denied (EACCES): "
+            f"{CURES[errno.EACCES]}",
+            denied,
+        )
+
+
+def _check_source_header(source: str) -> None:
+    # Reading the header with open() is safe here: this process has no
+    # SQLite connection to SOURCE yet, whose POSIX locks close() would drop.
+    try:
+        with open(source, "rb") as file:
+            header = file.read(len(SQLITE_HEADER))
+    except OSError as exc:
+        cure = CURES.get(exc.errno or 0, "check the file")
+        raise Failure(
+            EXIT_ERROR,
+            f"cannot read SOURCE {_q(source)}: {_os_cause(exc)}: {cure}",
+            exc,
+        ) from exc
+    if header and header != SQLITE_HEADER:
+        error = apsw_backup.NotADBError("file is not a database")
+        error.result = error.extendedresult = apsw_backup.SQLITE_NOTADB
+        raise Failure(
+            EXIT_ERROR,
+            f"SOURCE {_q(source)} is not an SQLite database (it does not begin "
+            "with the SQLite header): name the database file",
+            error,
+        )
+
+
+def _check_folder(folder: str, role: str) -> None:
+    """Refuse (exit 1) a folder the copy cannot be created in, naming why."""
+    path = folder or "."
+    try:
+        info = os.stat(path)
+    except FileNotFoundError as exc:
+        raise Failure(
+            EXIT_ERROR,
+            f"{role} {_q(path)} does not exist (ENOENT): create it first "
+            f"(mkdir -p {shlex.quote(path)})",
+            exc,
+        ) from exc
+    except NotADirectoryError as exc:
+        raise Failure(
+            EXIT_ERROR,
+            f"{role} {_q(path)} is not a folder: a part of the path is a file "
+            "(ENOTDIR): check the path",
+            exc,
+        ) from exc
+    except OSError as exc:
+        raise Failure(EXIT_ERROR, f"{role} {_q(path)}: {_os_cause(exc)}", exc) from exc
+    if not stat.S_ISDIR(info.st_mode):
+        error = NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), path)
+        raise Failure(
+            EXIT_ERROR,
+            f"{role} {_q(path)} is a file, not a folder (ENOTDIR): check the path",
+            error,
+        )
+    _check_writable(path, role)
+
+
+def _check_writable(path: str, role: str) -> None:
+    if os.statvfs(path).f_flag & os.ST_RDONLY:
+        error = OSError(errno.EROFS, os.strerror(errno.EROFS), path)
+        raise Failure(
+            EXIT_ERROR,
+            f"{role} {_q(path)} is on a read-only file system (EROFS): choose a "
+            "DEST on a writable one, or remount it read-write",
+            error,
+        )
+    mode = os.W_OK | (os.X_OK if os.path.isdir(path) else 0)
+    if not os.access(path, mode):
+        error = PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
+        what = "create files in" if os.path.isdir(path) else "write"
+        raise Failure(
+            EXIT_ERROR,
+            f"cannot {what} {role} {_q(path)}: permission denied (EACCES): "
+            "choose a DEST you may write to, or change its permissions",
+            error,
+        )
+
+
+def _check_existing_dest(dest: str, overwrite: bool) -> None:
+    info = os.stat(dest) if os.path.exists(dest) else None
+    if info is None or not stat.S_ISREG(info.st_mode):
+        raise Failure(
+            EXIT_USAGE,
+            f"DEST {_q(dest)} is not a regular file: name a database file or a folder",
+            UsageError("DEST"),
+        )
+    if not info.st_size:
+        return  # an empty file is an empty database: nothing to lose
+    if not overwrite:
+        raise Failure(
+            EXIT_USAGE,
+            f"DEST {_q(dest)} exists and is not empty: pass --overwrite to replace "
+            "it (it is replaced only once the copy is complete)",
+            UsageError("DEST"),
+        )
+    # No SQLite connection of this process has DEST open (see _check_source).
+    with open(dest, "rb") as file:
+        if file.read(len(SQLITE_HEADER)) != SQLITE_HEADER:
+            raise Failure(
+                EXIT_USAGE,
+                f"DEST {_q(dest)} is not an SQLite database: --overwrite replaces "
+                "a database only; delete the file yourself, or choose another DEST",
+                UsageError("DEST"),
+            )
+    _check_writable(dest, "DEST")
+
+
+def header_page_size(path: str) -> int:
+    """The page size in a database file's header (0 when it cannot be read).
+
+    Read from the file, because asking SQLite needs a lock that a busy
+    database may not give.  Only call it while this process has no SQLite
+    connection to the file (closing a descriptor drops its POSIX locks).
+    """
+    try:
+        with open(path, "rb") as file:
+            header = file.read(100)
+    except OSError:
+        return 0
+    if len(header) < 100 or not header.startswith(SQLITE_HEADER):
+        return 0
+    size = int.from_bytes(header[16:18], "big")
+    return 65536 if size == 1 else size

@@ -1,0 +1,102 @@
+"""SIGINT and SIGTERM, noted when they arrive and acted on at safe points."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import FrameType
+
+import apsw_backup
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)  # exit code 128 + the signal's number
+
+
+# A test-only hook, "PHASE:PATH": on reaching PHASE the command creates PATH,
+# then waits (up to a minute) for a signal, so that tests can interrupt each
+# phase deterministically.  Phases: opening, copying, waiting, copied,
+# verifying, done.
+TEST_PAUSE = "APSW_BACKUP_TEST_PAUSE"
+TEST_PAUSE_LIMIT = 60.0
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM, raised at a safe point (a BaseException, as
+    KeyboardInterrupt is, so that nothing takes it for an error)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class Interrupts:
+    """SIGINT and SIGTERM: noted when they arrive, acted on at safe points.
+
+    The handler never raises: an exception raised at an arbitrary point of
+    copy() -- say between the last step committing an existing DEST and the
+    progress callback learning of it -- would make the command's account of
+    DEST wrong.  check() raises Interrupted where the command knows what DEST
+    holds.  A connection being verified is interrupted at once.
+    """
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self._watched: list[apsw_backup.Connection] = []
+
+    def note(self, signum: int, frame: FrameType | None) -> None:
+        """The signal handler."""
+        self.signum = self.signum or signum
+        for conn in list(self._watched):
+            try:
+                conn.interrupt()
+            except apsw_backup.Error:
+                pass  # closed meanwhile: nothing to stop
+
+    def check(self) -> None:
+        """Raise Interrupted if a signal has arrived."""
+        if self.signum:
+            raise Interrupted(self.signum)
+
+    @contextmanager
+    def watching(self, conn: apsw_backup.Connection) -> Iterator[None]:
+        """Interrupt conn's statement when a signal arrives."""
+        self._watched.append(conn)
+        try:
+            if self.signum:
+                conn.interrupt()
+            yield
+        finally:
+            self._watched.remove(conn)
+
+
+@contextmanager
+def _signals() -> Iterator[Interrupts]:
+    interrupts = Interrupts()
+    if threading.current_thread() is not threading.main_thread():
+        yield interrupts  # handlers can only be set in the main thread
+        return
+    previous = {signum: signal.signal(signum, interrupts.note) for signum in SIGNALS}
+    try:
+        yield interrupts
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+_paused: set[str] = set()
+
+
+def _pause_for_tests(phase: str, interrupts: Interrupts) -> None:
+    """The TEST_PAUSE hook (see its comment); does nothing unless it is set."""
+    wanted, _, marker = os.environ.get(TEST_PAUSE, "").partition(":")
+    if wanted != phase or phase in _paused:
+        return
+    _paused.add(phase)
+    Path(marker).touch()
+    deadline = time.monotonic() + TEST_PAUSE_LIMIT
+    while not interrupts.signum and time.monotonic() < deadline:
+        time.sleep(0.005)
