@@ -66,7 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     add("dest", nargs="?", metavar="DEST", help="file (or folder) to write the copy to")
     add(
         "--pages",
-        type=int,
+        type=_pages,
         default=256,
         metavar="N",
         help="pages per step (256; <= 0: all at once)",
@@ -124,6 +124,24 @@ def _seconds(text: str) -> float:
         value = math.nan
     if not value >= 0 or math.isinf(value):
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds >= 0")
+    return value
+
+
+PAGES_MAX = 2**31 - 1  # SQLite takes the pages per step as a C int
+
+
+def _pages(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a whole number of pages"
+        ) from None
+    if value > PAGES_MAX:
+        raise argparse.ArgumentTypeError(
+            f"{text} pages per step is more than {PAGES_MAX}, the most SQLite "
+            "takes: give a smaller number, or 0 to copy everything in one step"
+        )
     return value
 
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
-import sys
 import time
 from typing import Any
 
 import apsw_backup
+from apsw_backup.cli import output
 from apsw_backup.cli.errors import (
     EXIT_ERROR,
     EXIT_VERIFY,
@@ -77,7 +77,9 @@ def _explain(exc: BaseException, job: Job, args: argparse.Namespace) -> str:
     if isinstance(exc, FileExistsError):
         return (
             f"another file appeared at DEST {_q(job.dest)} while the copy was "
-            "made, and was left alone: run the backup again"
+            "made (another run, or another program, created it): the copy "
+            "was not put in its place. Run the backup again (with --overwrite "
+            "to replace that file), or choose another DEST"
         )
     if isinstance(exc, OSError):
         return f"file system error on {_q(exc.filename or job.dest)}: {_os_cause(exc)}"
@@ -172,29 +174,46 @@ def _headline(failure: Failure) -> str:
     return type(failure.error).__name__ if failure.error is not None else "failed"
 
 
-def _fail(failure: Failure, as_json: bool) -> int:
-    print(f"{PROG}: {failure.message}", file=sys.stderr)
+def _fail(failure: Failure, as_json: bool, verify: bool = False) -> int:
+    output.err(f"{PROG}: {failure.message}")
     if as_json:
-        _print_json(_failure_object(failure))
+        obj = _verify_failure_object(failure) if verify else _failure_object(failure)
+        _print_json(obj)
     return failure.code
 
 
 def _error_object(error: BaseException | None, message: str) -> dict[str, Any]:
+    code = getattr(error, "errno", None)
     return {
         "class": type(error).__name__ if error is not None else "Error",
         "message": message,
         "result": getattr(error, "result", None),
         "extendedresult": getattr(error, "extendedresult", None),
-        "errno": getattr(error, "errno", None),
+        "errno": code if isinstance(code, int) else None,
     }
 
 
 def _failure_object(failure: Failure) -> dict[str, Any]:
+    fields = dict(failure.fields)
+    integrity = fields.pop("integrity", None)
+    return output.backup_object(
+        ok=False,
+        exit_code=failure.code,
+        error=_error_object(failure.error, failure.message),
+        verified=False if integrity else None,
+        integrity=integrity,
+        **fields,
+    )
+
+
+def _verify_failure_object(failure: Failure) -> dict[str, Any]:
+    """`verify`'s --json object for a failure before any FILE was checked
+    (its arguments)."""
     return {
         "ok": False,
         "exit_code": failure.code,
         "error": _error_object(failure.error, failure.message),
-        **failure.fields,
+        "files": [],
     }
 
 
@@ -203,6 +222,7 @@ def _job_fields(job: Job) -> dict[str, Any]:
         "source": job.source,
         "dest": job.dest,
         "dest_state": job.state(),
+        "folder": job.folder,
         "pages_copied": job.copied,
         "page_count": job.total,
     }

@@ -39,6 +39,9 @@ class Job:
     page_size: int = 0
     started: float = field(default_factory=time.monotonic)
     committed: bool = False  # the last step completed: the copy is in DEST
+    published: bool = False  # copy() returned: a new DEST is our copy
+    other_file: bool = False  # another file appeared at a new DEST's name
+    torn: bool = False  # an existing DEST whose rollback did not happen
     verified: bool | None = None  # None: not verified (yet)
     copied: int = 0  # pages copied, as of the last step
     total: int = 0  # pages in SOURCE, as of the last step
@@ -64,7 +67,13 @@ class Job:
 
     def state(self) -> str:
         """What DEST holds now (the "dest_state" of --json)."""
-        present = self.committed if self.existed else os.path.lexists(self.dest)
+        if self.torn:
+            return "needs recovery"
+        if self.other_file:
+            return "other file"
+        # A new DEST is ours once copy() put it in place, never because a
+        # file is at its name (another run's may be).
+        present = self.committed if self.existed else self.published
         if not present:
             return "unchanged" if self.existed else "not created"
         if self.verified is not None:
@@ -82,6 +91,13 @@ def dest_says(dest: str, state: str) -> str:
     return {
         "not created": f"DEST {q} was not created",
         "unchanged": f"DEST {q} was left as it was",
+        "needs recovery": f"DEST {q} is incomplete: SQLite could not roll it "
+        f"back yet; its rollback journal {_q(dest + '-journal')} restores the "
+        "previous content the next time DEST is opened with write access "
+        f"(e.g. sqlite3 {shlex.quote(dest)} 'PRAGMA quick_check'). Do not "
+        "delete or move that file: DEST is damaged without it",
+        "other file": f"DEST {q} holds another file, which appeared there "
+        "while the copy was made: it was left alone and the copy was discarded",
         "verified": f"DEST {q} holds the complete, verified copy",
         "failed verification": f"DEST {q} holds the copy that failed verification",
         "unverified": f"DEST {q} holds the complete copy, but it was not "

@@ -6,6 +6,7 @@ import argparse
 import time
 
 import apsw_backup
+from apsw_backup.cli.dest_file import deadline_left, roll_back
 from apsw_backup.cli.errors import EXIT_OK, Failure
 from apsw_backup.cli.failures import _failure, _headline, _job_fields
 from apsw_backup.cli.folder import rotate
@@ -93,14 +94,20 @@ def _backup_command(
             timeout=args.timeout,
             keep_wal=args.keep_wal,
             verify=runner.verify if job.verify else None,
+            target_exists=job.existed,
         )
+        job.published = True
         _pause_for_tests("done", interrupts)
         interrupts.check()
         if args.keep is not None:
             deleted = rotate(job, args.keep, interrupts)
     except (Interrupted, VerificationFailed, VerificationError, Failure) as exc:
+        roll_back(job, deadline_left(job, args.timeout))
         failure = _failure(exc, job, args)
-    except (apsw_backup.Error, OSError) as exc:
+    except Exception as exc:  # noqa: BLE001 - reported, with what DEST holds
+        if isinstance(exc, FileExistsError) and not job.existed and not job.published:
+            job.other_file = True
+        roll_back(job, deadline_left(job, args.timeout))
         failure = _failure(exc, job, args)
     else:
         if line is not None:

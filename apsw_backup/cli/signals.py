@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -74,8 +75,16 @@ class Interrupts:
 
 
 @contextmanager
-def _signals() -> Iterator[Interrupts]:
+def _signals(keep: bool = False) -> Iterator[Interrupts]:
+    """SIGINT and SIGTERM noted by an Interrupts (with any signal that
+    arrived since listen_early()).  keep: the process is the command, and
+    ends once this returns -- the handlers stay, so that a signal arriving
+    after the outcome was printed cannot change the exit code (Python's
+    own SIGINT handler would raise KeyboardInterrupt, SIGTERM's default
+    would kill the process: an exit status that disagrees with the
+    printed exit_code)."""
     interrupts = Interrupts()
+    interrupts.signum = _early_signum
     if threading.current_thread() is not threading.main_thread():
         yield interrupts  # handlers can only be set in the main thread
         return
@@ -83,8 +92,43 @@ def _signals() -> Iterator[Interrupts]:
     try:
         yield interrupts
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+        if not keep:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+
+# The first signal that arrived before main() installed its handlers.
+_early_signum = 0
+
+
+def _note_early(signum: int, frame: FrameType | None) -> None:
+    global _early_signum
+    _early_signum = _early_signum or signum
+
+
+def started_as_command() -> bool:
+    """Whether this process is the apsw-backup command (the console script
+    or python -m apsw_backup), as opposed to a program importing the CLI."""
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    if getattr(spec, "name", None) == "apsw_backup.__main__":
+        return True
+    script = os.path.basename(str(getattr(main, "__file__", "") or ""))
+    return script in ("apsw-backup", "apsw-backup.exe", "apsw-backup-script.py")
+
+
+def listen_early() -> None:
+    """In the command's process only: note SIGINT and SIGTERM from the first
+    import of the CLI on, so that a signal at start-up is reported as any
+    other (one JSON object, exit 130 or 143) instead of a traceback or a
+    kill.  (Before Python runs any of this package, the signal's default
+    action applies: that moment cannot be handled from Python.)"""
+    if not started_as_command():
+        return
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for signum in SIGNALS:
+        signal.signal(signum, _note_early)
 
 
 _paused: set[str] = set()

@@ -6,10 +6,10 @@ import argparse
 import errno
 import os
 import stat
-import sys
 from typing import Any
 
 import apsw_backup
+from apsw_backup.cli import output
 from apsw_backup.cli.errors import (
     CURES,
     EXIT_ERROR,
@@ -66,9 +66,9 @@ def _verify_one(
     if line is not None:
         line.end([f"verified {path}: ok"] if not code else [f"stopped: {path}"])
     if code:
-        print(f"{PROG}: {message}", file=sys.stderr)
+        output.err(f"{PROG}: {message}")
     elif not args.json:
-        print(f"{PROG}: {message}")
+        output.out(f"{PROG}: {message}")
     item = {
         "file": path,
         "exit_code": code,
