@@ -48,7 +48,12 @@ from apsw_backup.cli.failures import _fail
 from apsw_backup.cli.folder import backup_name
 from apsw_backup.cli.plan import _planned
 from apsw_backup.cli.run import _backup_command
-from apsw_backup.cli.signals import Interrupted, Interrupts, _signals
+from apsw_backup.cli.signals import (
+    Interrupted,
+    Interrupts,
+    _pause_for_tests,
+    _signals,
+)
 from apsw_backup.cli.verification import (
     _problems_text,
     _raise_read_failure,
@@ -78,9 +83,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if program:
         output.prepare()
+    _pause_for_tests("starting", None)
     with _signals(keep=program) as interrupts:
         code = _command(argv, interrupts)
     output.finish()
+    if program:
+        _pause_for_tests("reported", interrupts)
     return code
 
 

@@ -31,8 +31,14 @@ exit codes (the message, and "dest_state" in --json, say what DEST holds):
 apsw-backup verify [--json] FILE... checks existing backups (exit 0, 1, 3)."""
 
 VERIFY_EPILOG = """\
-exit codes: 0 every FILE passed, 1 a FILE could not be read, 3 a FILE failed
-verification (the highest applies), 130 interrupted (SIGINT), 143 SIGTERM."""
+FILE is only read: it is opened read-only, so a -wal beside it is neither
+applied to it nor deleted.  An empty (0-byte) file is not a backup: it fails.
+
+exit codes: 0 every FILE passed, 1 a FILE could not be read (or --timeout
+passed), 3 a FILE failed verification (the highest applies), 130 interrupted
+(SIGINT), 143 SIGTERM."""
+
+VERIFY_LOCK_WAIT = 60.0  # seconds verify waits for a lock without --timeout
 
 
 class _Exit(Exception):
@@ -175,6 +181,14 @@ def _parse_verify(argv: Sequence[str]) -> argparse.Namespace:
     )
     parser.add_argument("files", nargs="+", metavar="FILE", help="backup to check")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=None,
+        metavar="S",
+        help="give up after S seconds, all FILEs together (default: no limit "
+        f"for the check itself; a lock is waited for {VERIFY_LOCK_WAIT:g} s at most)",
+    )
     parser.add_argument(
         "--progress",
         action=argparse.BooleanOptionalAction,

@@ -19,12 +19,14 @@ from apsw_backup.cli.errors import (
     _os_cause,
     _q,
 )
+from apsw_backup.cli.open_problems import cause_of
 from apsw_backup.cli.plan import Job, _check_folder, _check_source
 from apsw_backup.cli.signals import Interrupted
 from apsw_backup.cli.summary import _print_json
 from apsw_backup.cli.verification import (
     VerificationError,
     VerificationFailed,
+    VerificationTimeout,
     _problems_text,
 )
 
@@ -49,6 +51,19 @@ def _failure(exc: BaseException, job: Job, args: argparse.Namespace) -> Failure:
         )
         failure.fields["integrity"] = exc.problems
         return failure
+    if isinstance(exc, VerificationTimeout):
+        return Failure(
+            EXIT_ERROR,
+            f"BusyError: {exc} (--timeout {args.timeout:g}), so the copy was not "
+            "verified. Retry later, or with a longer --timeout"
+            + (
+                ": end the other connection's long transaction on DEST first"
+                if exc.locked
+                else ""
+            )
+            + f". {job.says()}",
+            _busy(str(exc)),
+        )
     if isinstance(exc, VerificationError):
         return Failure(
             EXIT_ERROR,
@@ -57,6 +72,12 @@ def _failure(exc: BaseException, job: Job, args: argparse.Namespace) -> Failure:
             exc.error,
         )
     return Failure(EXIT_ERROR, f"{_explain(exc, job, args)}. {job.says()}", exc)
+
+
+def _busy(message: str) -> apsw_backup.BusyError:
+    error = apsw_backup.BusyError(message)
+    error.result = error.extendedresult = apsw_backup.SQLITE_BUSY
+    return error
 
 
 def _explain(exc: BaseException, job: Job, args: argparse.Namespace) -> str:
@@ -70,8 +91,11 @@ def _explain(exc: BaseException, job: Job, args: argparse.Namespace) -> str:
         isinstance(exc, (apsw_backup.IOError, OSError)) and _dest_is_full(job)
     ):
         return _full_text(job)
-    if isinstance(exc, (apsw_backup.CantOpenError, apsw_backup.ReadOnlyError)):
-        found = _path_problem(job)
+    if isinstance(
+        exc,
+        (apsw_backup.CantOpenError, apsw_backup.ReadOnlyError, apsw_backup.IOError),
+    ):
+        found = cause_of(job.source, "SOURCE") or _path_problem(job)
         if found:
             return found
     if isinstance(exc, FileExistsError):

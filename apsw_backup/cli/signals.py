@@ -18,9 +18,11 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM)  # exit code 128 + the signal's number
 
 
 # A test-only hook, "PHASE:PATH": on reaching PHASE the command creates PATH,
-# then waits (up to a minute) for a signal, so that tests can interrupt each
-# phase deterministically.  Phases: opening, copying, waiting, copied,
-# verifying, done.
+# then waits (up to a minute) for a signal, or for PATH to be removed, so
+# that tests can interrupt each phase, or change files in it,
+# deterministically.  Phases: starting (before main() sets its handlers),
+# opening, copying, waiting, copied, verifying, done, reported (after the
+# outcome was printed).
 TEST_PAUSE = "APSW_BACKUP_TEST_PAUSE"
 TEST_PAUSE_LIMIT = 60.0
 
@@ -134,13 +136,16 @@ def listen_early() -> None:
 _paused: set[str] = set()
 
 
-def _pause_for_tests(phase: str, interrupts: Interrupts) -> None:
+def _pause_for_tests(phase: str, interrupts: Interrupts | None) -> None:
     """The TEST_PAUSE hook (see its comment); does nothing unless it is set."""
     wanted, _, marker = os.environ.get(TEST_PAUSE, "").partition(":")
     if wanted != phase or phase in _paused:
         return
     _paused.add(phase)
-    Path(marker).touch()
+    path = Path(marker)
+    path.touch()
     deadline = time.monotonic() + TEST_PAUSE_LIMIT
-    while not interrupts.signum and time.monotonic() < deadline:
+    while time.monotonic() < deadline and path.exists():
+        if interrupts.signum if interrupts is not None else _early_signum:
+            break
         time.sleep(0.005)
