@@ -21,6 +21,7 @@ This module is that loop, with the traps of a live database handled:
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import stat
@@ -576,6 +577,8 @@ class _TargetSide:
                 self.new.create()
             except OSError as exc:
                 self.new = None
+                if exc.errno == errno.ENAMETOOLONG:
+                    raise _cannot("target", self.file, exc) from exc
                 raise _cannot(
                     "target's folder", os.path.dirname(self.file), exc
                 ) from exc

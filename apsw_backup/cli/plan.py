@@ -155,6 +155,7 @@ def _plan(args: argparse.Namespace) -> Job:
         else:
             _check_stale_side_files(dest)
         _check_folder(os.path.dirname(os.path.abspath(dest)), "DEST's folder")
+    _check_name_length(dest, folder is not None)
     return Job(
         source=source,
         dest=dest,
@@ -162,6 +163,32 @@ def _plan(args: argparse.Namespace) -> Job:
         verify=not args.no_verify,
         folder=folder,
         page_size=header_page_size(source),
+    )
+
+
+def _check_name_length(dest: str, named_here: bool) -> None:
+    """Refuse a DEST whose file name is longer than its file system allows:
+    the name is at fault, not its folder (a limit counted in bytes: a name
+    of 100 characters may be 400 bytes)."""
+    folder, name = os.path.split(os.path.abspath(dest))
+    try:
+        limit = os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    size = len(os.fsencode(name))
+    if size <= limit:
+        return
+    cure = (
+        "give SOURCE a shorter name, or name DEST as a file"
+        if named_here
+        else "choose a shorter name"
+    )
+    error = OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG), dest)
+    raise Failure(
+        EXIT_USAGE,
+        f"DEST's file name {name!r} is {size} bytes long, more than the {limit} "
+        "bytes a file name may have on its file system (ENAMETOOLONG): " + cure,
+        error,
     )
 
 
