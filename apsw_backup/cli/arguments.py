@@ -27,6 +27,11 @@ exit codes (the message, and "dest_state" in --json, say what DEST holds):
        "DEST was not created" / "DEST was left as it was" (nothing changed),
        "DEST holds the complete copy, but it was not verified",
        "DEST holds the complete, verified copy"
+The exit status is always the printed exit code; with --json, one JSON
+object says it, and what DEST holds ("dest_state"), for every outcome;
+DEST may also be "incomplete" (its -journal restores it: keep that file)
+or hold "another file" that appeared there meanwhile (left alone).
+--timeout bounds the whole run, verification included.
 
 apsw-backup verify [--json] FILE... checks existing backups (exit 0, 1, 3)."""
 
