@@ -306,3 +306,20 @@ def test_epipe_on_the_progress_line_does_not_stop_the_copy(source, tmp_path):
     assert result["exit_code"] == 0
     assert result["dest_state"] == "verified"
     assert query(dest, "SELECT count(*) FROM t") == [(300,)]
+
+
+def test_a_closed_stderr_never_lands_in_the_backup(source, tmp_path):
+    # With descriptor 2 closed, the copy's temporary file would get it: the
+    # command opens /dev/null there first.
+    dest = tmp_path / "dest.db"
+    proc = subprocess.run(
+        [*command("--progress", "--pages", "1", source, dest)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        timeout=TIMEOUT,
+        check=False,
+        preexec_fn=lambda: os.close(2),
+    )
+    assert proc.returncode == 0
+    assert query(dest, "PRAGMA integrity_check") == [("ok",)]
+    assert query(dest, "SELECT count(*) FROM t") == [(300,)]

@@ -42,6 +42,10 @@ def roll_back(job: Job, seconds: float | None = None) -> None:
         # Any read of the schema takes a shared lock, and with it SQLite
         # rolls a hot journal back (a journal whose writer is gone).
         conn.execute("SELECT count(*) FROM sqlite_master").fetchall()
+    except (apsw_backup.BusyError, apsw_backup.LockedError):
+        # Another connection holds DEST locked: the -journal is its own
+        # transaction's (a live one), not one this run left behind.
+        pass
     except apsw_backup.Error:
         job.torn = _journal_left(job.dest)
     finally:

@@ -139,10 +139,24 @@ def _against(obj: Any, keys: dict[str, tuple[type | None, ...]], at: str) -> lis
 
 
 def prepare() -> None:
-    """Let stdout write any file name as the bytes it has on disk: a name
-    that is not valid UTF-8 reaches Python as surrogate escapes, which the
-    default strict error handler would refuse (a traceback after a backup
-    that succeeded)."""
+    """Make the standard streams safe to write to, for the command's process.
+
+    A descriptor 0, 1 or 2 closed when the command started is opened on
+    /dev/null: else the next file opened -- the copy's temporary file --
+    would get that number, and anything written to stdout or stderr would
+    land in the backup.  Then stdout and stderr write any file name as the
+    bytes it has on disk: a name that is not valid UTF-8 reaches Python as
+    surrogate escapes, which the default strict error handler would refuse
+    (a traceback after a backup that succeeded).
+    """
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:  # the lowest free number: fd itself, normally
+                os.dup2(null, fd)
+                os.close(null)
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.reconfigure(errors="surrogateescape")  # type: ignore[union-attr]
