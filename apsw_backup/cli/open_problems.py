@@ -26,7 +26,18 @@ def open_problem(path: str, exc: apsw_backup.Error, role: str) -> str:
     """exc (raised opening or reading the database at path, which plays
     `role`: SOURCE, DEST, FILE) in words that name the cause and the cure."""
     found = cause_of(path, role)
-    return found or f"{type(exc).__name__}: {exc}"
+    if found:
+        return found
+    text = f"{type(exc).__name__}: {exc}"
+    if "No such file or directory" in text and os.path.lexists(path):
+        # SQLite's errno is that of the last file it tried, which may be a
+        # side file; the file itself is there.
+        text += (
+            f" -- {role} {_q(path)} itself exists: the missing file is one SQLite "
+            "needed beside it (its -wal, -shm or -journal), which it could not "
+            "create there: check the folder's permissions and file system"
+        )
+    return text
 
 
 def cause_of(path: str, role: str) -> str | None:
