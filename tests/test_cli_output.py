@@ -323,3 +323,25 @@ def test_a_closed_stderr_never_lands_in_the_backup(source, tmp_path):
     assert proc.returncode == 0
     assert query(dest, "PRAGMA integrity_check") == [("ok",)]
     assert query(dest, "SELECT count(*) FROM t") == [(300,)]
+
+
+def test_signals_while_the_process_exits_do_not_change_the_exit_code(source, tmp_path):
+    # SIGTERM again and again from the moment the outcome is printed until
+    # the process is gone: Python's shutdown puts the default handlers back,
+    # which would kill it with the signal after it printed exit_code 0.
+    proc = subprocess.Popen(
+        command("--json", source, tmp_path / "dest.db"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        line = proc.stdout.readline()
+        while proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=TIMEOUT)
+    finally:
+        proc.kill()
+        proc.wait(TIMEOUT)
+    assert json.loads(line)["exit_code"] == 0
+    assert proc.returncode == 0

@@ -30,10 +30,6 @@ within --sleep seconds while waiting for a lock, at once while verifying.
 
 from __future__ import annotations
 
-# First: from here on a signal is noted, not fatal (see signals.listen_early).
-from apsw_backup.cli import _startup  # noqa: F401
-
-# isort: split
 import os
 import sys
 from collections.abc import Sequence
@@ -53,6 +49,7 @@ from apsw_backup.cli.signals import (
     Interrupts,
     _pause_for_tests,
     _signals,
+    hold_until_exit,
 )
 from apsw_backup.cli.verification import (
     _problems_text,
@@ -89,6 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     output.finish()
     if program:
         _pause_for_tests("reported", interrupts)
+        hold_until_exit()
     return code
 
 

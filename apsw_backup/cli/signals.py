@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -13,6 +12,7 @@ from pathlib import Path
 from types import FrameType
 
 import apsw_backup
+from apsw_backup import _command_start
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)  # exit code 128 + the signal's number
 
@@ -79,14 +79,14 @@ class Interrupts:
 @contextmanager
 def _signals(keep: bool = False) -> Iterator[Interrupts]:
     """SIGINT and SIGTERM noted by an Interrupts (with any signal that
-    arrived since listen_early()).  keep: the process is the command, and
+    arrived since the package was imported: apsw_backup._command_start).  keep: the process is the command, and
     ends once this returns -- the handlers stay, so that a signal arriving
     after the outcome was printed cannot change the exit code (Python's
     own SIGINT handler would raise KeyboardInterrupt, SIGTERM's default
     would kill the process: an exit status that disagrees with the
     printed exit_code)."""
     interrupts = Interrupts()
-    interrupts.signum = _early_signum
+    interrupts.signum = _command_start.early_signum
     if threading.current_thread() is not threading.main_thread():
         yield interrupts  # handlers can only be set in the main thread
         return
@@ -99,38 +99,13 @@ def _signals(keep: bool = False) -> Iterator[Interrupts]:
                 signal.signal(signum, handler)
 
 
-# The first signal that arrived before main() installed its handlers.
-_early_signum = 0
-
-
-def _note_early(signum: int, frame: FrameType | None) -> None:
-    global _early_signum
-    _early_signum = _early_signum or signum
-
-
-def started_as_command() -> bool:
-    """Whether this process is the apsw-backup command (the console script
-    or python -m apsw_backup), as opposed to a program importing the CLI."""
-    main = sys.modules.get("__main__")
-    spec = getattr(main, "__spec__", None)
-    if getattr(spec, "name", None) == "apsw_backup.__main__":
-        return True
-    script = os.path.basename(str(getattr(main, "__file__", "") or ""))
-    return script in ("apsw-backup", "apsw-backup.exe", "apsw-backup-script.py")
-
-
-def listen_early() -> None:
-    """In the command's process only: note SIGINT and SIGTERM from the first
-    import of the CLI on, so that a signal at start-up is reported as any
-    other (one JSON object, exit 130 or 143) instead of a traceback or a
-    kill.  (Before Python runs any of this package, the signal's default
-    action applies: that moment cannot be handled from Python.)"""
-    if not started_as_command():
-        return
-    if threading.current_thread() is not threading.main_thread():
-        return
-    for signum in SIGNALS:
-        signal.signal(signum, _note_early)
+def hold_until_exit() -> None:
+    """The outcome is printed: from now on SIGINT and SIGTERM wait, blocked,
+    until the process has exited with the printed exit code.  (While Python
+    shuts down it puts the default handlers back: a SIGTERM then would
+    kill the process, a SIGINT raise KeyboardInterrupt.)"""
+    if threading.current_thread() is threading.main_thread():
+        signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
 
 
 _paused: set[str] = set()
@@ -146,6 +121,7 @@ def _pause_for_tests(phase: str, interrupts: Interrupts | None) -> None:
     path.touch()
     deadline = time.monotonic() + TEST_PAUSE_LIMIT
     while time.monotonic() < deadline and path.exists():
-        if interrupts.signum if interrupts is not None else _early_signum:
+        noted = interrupts.signum if interrupts is not None else 0
+        if noted or _command_start.early_signum:
             break
         time.sleep(0.005)
