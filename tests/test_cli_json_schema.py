@@ -51,6 +51,8 @@ def test_usage_errors(tmp_path, args):
     obj = check(run("--json", *args, cwd=tmp_path), 2)
     assert obj["dest_state"] == "not created"
     assert obj["error"]["class"] == "UsageError"
+    if obj["dest"] is not None:  # the message ends saying what DEST holds
+        assert obj["error"]["message"].endswith(f"DEST '{obj['dest']}' was not created")
 
 
 def test_pages_too_large_names_the_limit(tmp_path):

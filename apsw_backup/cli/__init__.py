@@ -42,7 +42,7 @@ from apsw_backup.cli.demo import _demo
 from apsw_backup.cli.errors import EXIT_ERROR, Failure
 from apsw_backup.cli.failures import _fail
 from apsw_backup.cli.folder import backup_name
-from apsw_backup.cli.plan import _planned
+from apsw_backup.cli.plan import _planned, dest_says
 from apsw_backup.cli.run import _backup_command
 from apsw_backup.cli.signals import (
     Interrupted,
@@ -134,6 +134,8 @@ def _nothing_written(failure: Failure, argv: list[str], verify: bool) -> None:
     failure.fields.setdefault("source", source)
     failure.fields.setdefault("dest", dest)
     failure.fields["dest_state"] = state
+    if dest is not None:  # every failure's message ends saying so
+        failure.message = f"{failure.message.rstrip('.')}. {dest_says(dest, state)}"
 
 
 def _positionals(argv: list[str]) -> tuple[str | None, str | None]:
