@@ -11,6 +11,7 @@ import shutil
 import signal
 import sqlite3
 import subprocess
+import sys
 import time
 
 import pytest
@@ -26,6 +27,7 @@ from cli_helpers import (
     paused_env,
     run,
     wait_for,
+    without_preload,
     without_privileges,
 )
 from copy_helpers import make_source, make_target, query
@@ -274,3 +276,46 @@ def test_verify_never_blames_enoent_for_a_file_that_exists(mounts, tmp_path):
     assert "ENOENT" not in proc.stderr
     assert "no such file" not in proc.stderr.lower()
     assert json_of(proc)["files"][0]["error"]["errno"] != 2
+
+
+ROLL_BACK = """
+import sys
+from apsw_backup.cli.dest_file import roll_back
+from apsw_backup.cli.plan import Job
+job = Job(source="s.db", dest=sys.argv[1], existed=True, verify=True)
+roll_back(job, 1.0)
+print(job.state())
+print(job.says())
+"""
+
+
+def test_dest_that_cannot_be_rolled_back_is_reported_as_needing_recovery(
+    unprivileged, tmp_path
+):
+    # A copy into an existing DEST that failed mid-commit leaves it torn,
+    # with a hot journal; when SQLite cannot roll it back now (here: no
+    # write access), DEST is not "left as it was" and must not be called so.
+    dest = make_source(tmp_path / "dest.db")
+    make_hot_journal(dest)
+    before = digest(f"{dest}-journal")
+    dest.chmod(0o444)
+    tmp_path.chmod(0o555)
+    try:
+        proc = subprocess.run(
+            ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "sh",
+             "-c", 'LD_PRELOAD=$CHILD_PRELOAD exec "$@"', "sh",
+             sys.executable, "-c", ROLL_BACK, str(dest)],
+            capture_output=True, text=True, timeout=TIMEOUT, check=False,
+            env=without_preload(),
+        )  # fmt: skip
+    finally:
+        tmp_path.chmod(0o755)
+        dest.chmod(0o644)
+    assert proc.returncode == 0, proc.stderr
+    state, says = proc.stdout.splitlines()
+    assert state == "needs recovery"
+    assert f"its rollback journal '{dest}-journal' restores" in says
+    assert "Do not delete or move that file" in says
+    assert digest(f"{dest}-journal") == before
+    # and once it can be, the journal restores DEST
+    assert query(dest, "PRAGMA integrity_check") == [("ok",)]
