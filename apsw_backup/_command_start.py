@@ -37,7 +37,7 @@ def started_as_command() -> bool:
         return True  # the console script
     # python -m apsw_backup, importing the package before __main__.py:
     # runpy leaves argv[0] as "-m" until it has found the module.
-    argv = list(getattr(sys, "orig_argv", []))
+    argv = [str(word) for word in getattr(sys, "orig_argv", [])]
     if sys.argv[:1] != ["-m"]:
         return False
     for i, word in enumerate(argv):

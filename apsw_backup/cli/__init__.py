@@ -105,23 +105,16 @@ def _command(argv: list[str], interrupts: Interrupts) -> int:
         return _backup_command(_planned(args), args, interrupts)
     except _Exit as done:  # --help, --version
         return done.code
-    except Failure as failure:
-        _nothing_written(failure, argv, verify)
-        return _fail(failure, as_json, verify)
+    except Failure as refused:
+        failure = refused
     except Interrupted as stop:  # before anything was started
         failure = Failure(128 + stop.signum, "interrupted: nothing was written", stop)
-        _nothing_written(failure, argv, verify)
-        return _fail(failure, as_json, verify)
     except Exception as exc:  # noqa: BLE001 - a bug: still one report
-        failure = Failure(
-            EXIT_ERROR,
-            f"unexpected {type(exc).__name__}: {exc}. Please report it. "
-            "DEST was not created or changed by this run, unless the message "
-            "before says otherwise",
-            exc,
-        )
-        _nothing_written(failure, argv, verify)
-        return _fail(failure, as_json, verify)
+        # (The backup itself reports its own errors: this is before it.)
+        message = f"unexpected {type(exc).__name__}: {exc}: please report it"
+        failure = Failure(EXIT_ERROR, message, exc)
+    _nothing_written(failure, argv, verify)
+    return _fail(failure, as_json, verify)
 
 
 def _nothing_written(failure: Failure, argv: list[str], verify: bool) -> None:
