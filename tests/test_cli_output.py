@@ -345,3 +345,15 @@ def test_signals_while_the_process_exits_do_not_change_the_exit_code(source, tmp
         proc.wait(TIMEOUT)
     assert json.loads(line)["exit_code"] == 0
     assert proc.returncode == 0
+
+
+def test_a_character_the_stream_cannot_encode_does_not_silence_it():
+    import io
+
+    from apsw_backup.cli import output
+
+    raw = io.BytesIO()
+    stream = io.TextIOWrapper(raw, encoding="ascii")
+    assert output.write_to(stream, "caf\u00e9 \udcff\n")
+    assert output.write_to(stream, "next line\n")
+    assert raw.getvalue() == b"caf\\xe9 \\udcff\nnext line\n"

@@ -184,7 +184,11 @@ def write_to(stream: TextIO, text: str) -> bool:
     """Write and flush text to stream; False (and nothing raised) if the
     stream is gone."""
     try:
-        stream.write(text)
+        try:
+            stream.write(text)
+        except UnicodeEncodeError:  # a character the stream cannot encode
+            encoding = getattr(stream, "encoding", None) or "utf-8"
+            stream.write(text.encode(encoding, "backslashreplace").decode(encoding))
         stream.flush()
     except (OSError, ValueError, AttributeError, UnicodeError):
         _forget(stream)
