@@ -24,9 +24,10 @@ def _report(
         return
     verified = "integrity_check ok" if job.verify else "not verified"
     rotated = f"; deleted {_count(len(deleted), 'older backup')}" if deleted else ""
+    pages, page_size, _ = _dest_figures(job, result)
     output.out(
-        f"{PROG}: copied {job.source} -> {job.dest}: {result.pages} pages "
-        f"({result.bytes / 1e6:.1f} MB) in {result.elapsed:.2f} s, "
+        f"{PROG}: copied {job.source} -> {job.dest}: {pages} pages "
+        f"({pages * page_size / 1e6:.1f} MB) in {result.elapsed:.2f} s, "
         f"{_count(result.steps, 'step')}, {_count(result.restarts, 'restart')}"
         f"{', snapshot' if result.snapshot else ''}; {verified}{rotated}"
     )
@@ -35,11 +36,7 @@ def _report(
 def _summary(
     job: Job, args: argparse.Namespace, result: CopyResult, deleted: list[str]
 ) -> dict[str, Any]:
-    # The figures of the copy are read from DEST's own header: they describe
-    # the file that is there, not what the run meant to write.
-    facts = header_facts(job.dest)
-    pages = facts.get("pages", result.pages)
-    page_size = facts.get("page_size", result.page_size)
+    pages, page_size, journal_mode = _dest_figures(job, result)
     return output.backup_object(
         ok=True,
         exit_code=EXIT_OK,
@@ -57,10 +54,21 @@ def _summary(
         snapshot=result.snapshot,
         elapsed=round(result.elapsed, 6),
         wal_growth=result.wal_growth,
-        journal_mode=facts.get("journal_mode"),
+        journal_mode=journal_mode,
         verified=True if job.verify else None,
         integrity=["ok"] if job.verify else None,
         deleted=deleted,
         pages_copied=result.pages,
         page_count=result.pages,
+    )
+
+
+def _dest_figures(job: Job, result: CopyResult) -> tuple[int, int, str | None]:
+    """(pages, page size, journal mode) read from DEST's own header: they
+    describe the file that is there, not what the run meant to write."""
+    facts = header_facts(job.dest)
+    return (
+        facts.get("pages", result.pages),
+        facts.get("page_size", result.page_size),
+        facts.get("journal_mode"),
     )
