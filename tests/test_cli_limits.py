@@ -69,7 +69,7 @@ def test_timeout_bounds_the_verification_of_an_existing_dest(source, tmp_path):
     marker = marker_path(tmp_path, "verifying")
     started = time.monotonic()
     proc = subprocess.Popen(
-        command("--json", "--overwrite", "--timeout", "2", source, dest),
+        command("--json", "--overwrite", "--timeout", "1", source, dest),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -89,8 +89,8 @@ def test_timeout_bounds_the_verification_of_an_existing_dest(source, tmp_path):
             holder.execute("COMMIT")
             holder.close()
     assert proc.returncode == 1, err
-    assert took < 2 + 3, took  # the limit, plus start-up and slack
-    assert "--timeout 2" in err
+    assert took < 1 + 3, took  # the limit, plus start-up and slack
+    assert "--timeout 1" in err
     assert "locked by another connection" in err
     result = json_of(subprocess.CompletedProcess([], 1, out, err))
     assert result["dest_state"] == "unverified"

@@ -2,7 +2,7 @@
 
     apsw-backup [options] SOURCE DEST
     apsw-backup [options] SOURCE FOLDER/   (the copy is FOLDER/<stem>-<UTC time>.db)
-    apsw-backup verify [--json] FILE...
+    apsw-backup verify [--json] [--timeout S] FILE...
     apsw-backup --demo
     python -m apsw_backup ...              (the same command)
 
@@ -26,6 +26,9 @@ what DEST holds):
        "DEST holds the complete, verified copy" (it came after that).
 A signal is acted on at the next safe point: after the step in progress,
 within --sleep seconds while waiting for a lock, at once while verifying.
+The exit status is always the exit code printed; with --json, one object of
+one schema says it for every outcome (docs/cli.md: "JSON output", "Exit
+codes"; apsw_backup.cli.output).
 """
 
 from __future__ import annotations
