@@ -92,6 +92,8 @@ def read_header(path: str, size: int = 100) -> bytes:
         raise OSError(errno.EIO, f"SQLite cannot open it: {exc}", path) from exc
     try:
         return conn.file_header("main")[:size]
+    except _c.Error as exc:  # the read itself failed (an I/O error)
+        raise OSError(errno.EIO, f"{os.strerror(errno.EIO)} ({exc})", path) from exc
     finally:
         conn.close()
 

@@ -290,8 +290,9 @@ check_pair(Backup *self, Connection *dconn, const char *dname,
          * would drop every POSIX lock this process holds on the file. */
         unsigned char h[100];
         FileHeader header;
-        parse_file_header(h, read_file_header(dest, dname, h, sizeof(h)),
-                          &header);
+        int io_rc; /* a failed read: page size unknown (0), as for no file */
+        parse_file_header(
+            h, read_file_header(dest, dname, h, sizeof(h), &io_rc), &header);
         self->dest_page_size = header.page_size;
         self->dest_wal = header.wal;
     }
