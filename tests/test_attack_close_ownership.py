@@ -84,6 +84,7 @@ print("SURVIVED")
     shutil.which("valgrind") is None or under_asan(),
     reason="needs valgrind (and not the ASan build)",
 )
+@pytest.mark.heavy  # a valgrind run: about 4 s
 def test_interrupt_while_close_frees_the_handle():
     # The write happens inside libsqlite3, which ASan does not instrument:
     # valgrind sees it.
