@@ -18,9 +18,16 @@ myst_enable_extensions = ["colon_fence"]
 
 # The API pages document the installed extension module's docstrings.
 autodoc_member_order = "bysource"
+autodoc_typehints = "none"  # the signatures as written; the types are in the stubs
 
 html_theme = "alabaster"
 html_title = "apsw_backup"
+
+
+def literal_docstring(app, what, name, obj, options, lines):
+    """Show a docstring as written (plain text, not reStructuredText)."""
+    if lines:
+        lines[:] = ["::", "", *("    " + line for line in lines), ""]
 
 
 def setup(app):
@@ -28,3 +35,4 @@ def setup(app):
     from pygments.lexers.shell import BashLexer
 
     app.add_lexer("cron", BashLexer)
+    app.connect("autodoc-process-docstring", literal_docstring)
