@@ -427,7 +427,7 @@ backup_create(Connection *dest, PyObject *dest_name, Connection *source,
         return PyErr_NoMemory();
     }
 
-    /* (ii) both locks, the checks in SPEC 3.1's order, the act */
+    /* (ii) both locks, the checks (docs/api.md#backup), the act */
     if (dest->db == NULL || FORKED(dest) || source->db == NULL
         || FORKED(source)) {
         outcome = dest->db == NULL     ? NO_DEST

@@ -698,8 +698,9 @@ connection_backup(Connection *self, PyObject *args, PyObject *kwds)
     ModuleState *st = self->state;
     PyObject *dest_name, *source_name, *source_obj;
 
-    /* SPEC 3.1's order: destination closed, argument types, source closed,
-     * the same connection, then the locks and SQLite's own refusals. */
+    /* The order of the checks (docs/api.md#backup): destination closed,
+     * argument types, source closed, the same connection, then the locks
+     * and SQLite's own refusals. */
     if (self->db == NULL) {
         PyErr_SetString(st->ConnectionClosedError, "The connection is closed");
         return NULL;

@@ -1,4 +1,4 @@
-"""The apsw-backup command (SPEC 4), run as a real process.
+"""The apsw-backup command (docs/command-line.md), run as a real process.
 
 Every run goes through ``sys.executable -m apsw_backup`` (the console script
 is the same main()) with a timeout.  Databases are built and checked with the

@@ -1,4 +1,4 @@
-"""copy() and acopy() (SPEC 4): a whole online backup of a live database.
+"""copy() and acopy() (docs/api.md#copy-and-acopy): a whole online backup of a live database.
 
 Sources are built with the standard library's sqlite3 (the same libsqlite3),
 which also plays the other connections: a writer, a lock holder, and the

@@ -1,5 +1,5 @@
-"""Attack review of issue 10 (branch `attack`): SPEC 3.7 / 4.1 -- a backup
-whose source and destination are one database must be refused, never hang.
+"""One database on both sides (docs/locking.md): a backup whose source and
+destination are one database must be refused, never hang.
 
 A4: the destination connection has ATTACHed the source's shared cache under
 another schema name: `step()` self-deadlocks inside SQLite (no CPU,
@@ -8,7 +8,7 @@ A5: the memdb VFS shares a database between connections by name
 (`file:/name?vfs=memdb`): no file, so the inode check cannot see it; every
 step is BUSY, and copy() with the default timeout=None retries for ever.
 
-See /work/notes/attack-findings.md.  Hang-prone cases run in a subprocess.
+Hang-prone cases run in a subprocess.
 """
 
 import subprocess

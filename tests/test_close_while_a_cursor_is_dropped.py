@@ -1,4 +1,5 @@
-"""Attack review of issue 10 (branch `attack`), SPEC 3.7 ownership.
+"""Ownership (docs/locking.md): Connection.close() while another thread
+drops one of its cursors (a reproducer from an attack review).
 
 A9: Connection.close() walks its cursor list with borrowed pointers and
 calls cursor_close_internal(), which finalizes with the GIL released and
