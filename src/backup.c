@@ -144,7 +144,7 @@ enum {
  * source's is held by the step itself (a self-deadlock).  The schemas are
  * listed without SQL (a statement could wait on a lock and call the
  * destination's busy handler): sqlite3_db_name(), from SQLite 3.39.  Before
- * that only main and temp are checked here (README). */
+ * that only main and temp are checked here (docs/testing.md). */
 static int
 dest_shares_pager(sqlite3 *dest, sqlite3_file *file)
 {

@@ -1040,7 +1040,8 @@ connection_txn_state(Connection *self, PyObject *args, PyObject *kwds)
 }
 
 /* file_header(schema="main"): the first 100 bytes of the schema's file, read
- * through SQLite's own file handle (README: never a descriptor of ours). */
+ * through SQLite's own file handle (never a descriptor of ours:
+ * docs/faq.md#why-the-system-sqlite). */
 static PyObject *
 connection_file_header(Connection *self, PyObject *args, PyObject *kwds)
 {

@@ -289,7 +289,7 @@ def test_finish_from_another_thread_during_step_waits_for_the_step(sides):
     assert not finisher.is_alive(), "finish() in the other thread never returned"
     assert outcome["during_step"] == {}, "finish() did not wait for the step"
     # SQLite 3.40's finish answers BUSY after an abandoned BUSY step (the
-    # README's version notes); the backup is finished either way.
+    # SQLite versions in docs/testing.md); the backup is finished either way.
     if "exc" in outcome:
         assert type(outcome["exc"]) is apsw_backup.BusyError
         assert "rolled back" in str(outcome["exc"])

@@ -519,7 +519,7 @@ def test_snapshot_ends_its_read_transaction_when_copy_fails(source, target):
 @pytest.mark.skipif(
     tuple(map(int, apsw_backup.sqlite_lib_version().split("."))) < (3, 34),
     reason="SQLite < 3.34 has no sqlite3_txn_state: txn_state() cannot tell a "
-    "read transaction from a write one (README, SQLite versions)",
+    "read transaction from a write one (docs/testing.md, SQLite versions)",
 )
 def test_snapshot_uses_and_leaves_open_a_read_transaction_the_source_had(
     source, tmp_path

@@ -16,7 +16,7 @@ connection.  After the warm-up the cycles run in two equal windows:
   both; what grows in one only is the interpreter rebuilding a table of
   its own whose old copy was allocated before tracing began, so its free
   is not seen (CPython 3.13 after a full suite: the interned-strings dict,
-  rebuilt once its slots are used up; README "Leak test on CPython 3.13");
+  rebuilt once its slots are used up; docs/testing.md, "Leak test on CPython 3.13");
 - over both windows, memory SQLite holds (sqlite3_memory_used of the one
   shared libsqlite3, read through ctypes) grows by less than SQLITE_BOUND -- a leaked
   connection, backup or statement shows up here exactly;

@@ -506,7 +506,7 @@ class BackupMachine(RuleBasedStateMachine):
 TestBackupStateMachine = BackupMachine.TestCase
 # The model reads txn_state() to know when a step must be BUSY (the source's
 # own write transaction): before SQLite 3.34 it cannot tell a read
-# transaction from a write one (README, SQLite versions).
+# transaction from a write one (docs/testing.md, SQLite versions).
 TestBackupStateMachine = pytest.mark.skipif(
     tuple(map(int, apsw_backup.sqlite_lib_version().split("."))) < (3, 34),
     reason="SQLite < 3.34: txn_state() cannot tell read from write",
