@@ -144,7 +144,7 @@ enum {
  * source's is held by the step itself (a self-deadlock).  The schemas are
  * listed without SQL (a statement could wait on a lock and call the
  * destination's busy handler): sqlite3_db_name(), from SQLite 3.39.  Before
- * that only main and temp are checked here (README). */
+ * that only main and temp are checked here (docs/testing.md). */
 static int
 dest_shares_pager(sqlite3 *dest, sqlite3_file *file)
 {
@@ -428,7 +428,7 @@ backup_create(Connection *dest, PyObject *dest_name, Connection *source,
         return PyErr_NoMemory();
     }
 
-    /* (ii) both locks, the checks in SPEC 3.1's order, the act */
+    /* (ii) both locks, the checks (docs/api.md#backup), the act */
     if (dest->db == NULL || FORKED(dest) || source->db == NULL
         || FORKED(source)) {
         outcome = dest->db == NULL     ? NO_DEST

@@ -698,8 +698,9 @@ connection_backup(Connection *self, PyObject *args, PyObject *kwds)
     ModuleState *st = self->state;
     PyObject *dest_name, *source_name, *source_obj;
 
-    /* SPEC 3.1's order: destination closed, argument types, source closed,
-     * the same connection, then the locks and SQLite's own refusals. */
+    /* The order of the checks (docs/api.md#backup): destination closed,
+     * argument types, source closed, the same connection, then the locks
+     * and SQLite's own refusals. */
     if (self->db == NULL) {
         PyErr_SetString(st->ConnectionClosedError, "The connection is closed");
         return NULL;
@@ -1039,7 +1040,8 @@ connection_txn_state(Connection *self, PyObject *args, PyObject *kwds)
 }
 
 /* file_header(schema="main"): the first 100 bytes of the schema's file, read
- * through SQLite's own file handle (README: never a descriptor of ours). */
+ * through SQLite's own file handle (never a descriptor of ours:
+ * docs/faq.md#why-the-system-sqlite). */
 static PyObject *
 connection_file_header(Connection *self, PyObject *args, PyObject *kwds)
 {

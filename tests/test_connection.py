@@ -1,4 +1,4 @@
-"""Connection (SPEC §2): opening, attributes, closing, transactions, busy
+"""Connection (docs/api.md#connection): opening, attributes, closing, transactions, busy
 handling, subclassing and the result codes carried by errors."""
 
 import os
