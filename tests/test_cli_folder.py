@@ -1,4 +1,4 @@
-"""Backups as people keep them (issue 11 item 7, SPEC 4.1): DEST may be a
+"""Backups as people keep them (docs/command-line.md): DEST may be a
 folder (the copy is <SOURCE stem>-<UTC timestamp>.db there), --keep N
 rotates those backups only, once the new one is verified, and
 `apsw-backup verify FILE...` checks existing backups."""

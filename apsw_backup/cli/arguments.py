@@ -121,8 +121,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     add(
         "--demo",
-        action="store_true",
-        help="back up a sample database that another connection keeps writing to",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="FOLDER",
+        help="back up a sample database that another connection keeps writing "
+        "to, in a new folder under FOLDER (default: the system's temporary "
+        "folder); says where",
     )
     add("--version", action="version", version=f"%(prog)s {__version__}")
     return parser  # fmt: skip

@@ -11,7 +11,7 @@ import time
 
 import apsw_backup
 from apsw_backup.cli import output
-from apsw_backup.cli.errors import PROG
+from apsw_backup.cli.errors import EXIT_USAGE, PROG, Failure
 from apsw_backup.cli.plan import Job, _plan
 from apsw_backup.cli.run import _backup_command
 from apsw_backup.cli.signals import Interrupts
@@ -22,13 +22,11 @@ DEMO_PAUSE = 0.03  # seconds the demo waits after each step, so it can be watche
 def _demo(args: argparse.Namespace, interrupts: Interrupts) -> int:
     """Back up a sample database while another connection keeps writing to it.
 
-    The files are made in a new folder in the current one (or the temporary
-    folder, if the current one is not writable) and left there.
+    The files are made in a new folder under the one given (--demo FOLDER),
+    else under the system's temporary folder (tempfile.gettempdir(): $TMPDIR,
+    else /tmp), never in the current one, and left there; it says where.
     """
-    if os.access(".", os.W_OK):
-        folder = os.path.relpath(tempfile.mkdtemp(prefix="apsw-backup-demo-", dir="."))
-    else:
-        folder = tempfile.mkdtemp(prefix="apsw-backup-demo-")
+    folder = _demo_folder(None if args.demo is True else args.demo)
     source = os.path.join(folder, "live.db")
     make_sample(source)
     args.source, args.dest = source, os.path.join(folder, "backups") + os.sep
@@ -50,6 +48,21 @@ def _demo(args: argparse.Namespace, interrupts: Interrupts) -> int:
         writer.stop()
         _say(f"the writer committed {writer.commits} times meanwhile")
         _demo_epilogue(folder, job)
+
+
+def _demo_folder(parent: str | None) -> str:
+    """A new folder for the demo's files under parent (None: the temp folder)."""
+    where = tempfile.gettempdir() if parent is None else parent
+    try:
+        return tempfile.mkdtemp(prefix="apsw-backup-demo-", dir=where)
+    except OSError as error:
+        reason = error.strerror or str(error)
+        raise Failure(
+            EXIT_USAGE,
+            f"--demo cannot make its folder under {where!r}: {reason}. "
+            "Give a folder you can write to: --demo FOLDER",
+            error,
+        ) from error
 
 
 def _say(text: str) -> None:
