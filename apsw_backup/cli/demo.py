@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
-import sys
 import tempfile
 import threading
 import time
 
 import apsw_backup
+from apsw_backup.cli import output
 from apsw_backup.cli.errors import EXIT_USAGE, PROG, Failure
 from apsw_backup.cli.plan import Job, _plan
 from apsw_backup.cli.run import _backup_command
@@ -66,18 +66,17 @@ def _demo_folder(parent: str | None) -> str:
 
 
 def _say(text: str) -> None:
-    print(f"{PROG} --demo: {text}", file=sys.stderr)
+    output.err(f"{PROG} --demo: {text}")
 
 
 def _demo_epilogue(folder: str, job: Job) -> None:
     kept = [f"{folder}{os.sep}live.db (the sample)"]
     if os.path.exists(job.dest):
         kept.append(f"{job.dest} (its backup)")
-    print(
+    output.err(
         f"{PROG} --demo: the files are kept in {folder}: {', '.join(kept)}. "
         f"Check the backup again with: {PROG} verify {shlex.quote(job.dest)}; "
-        f"delete the folder when done: rm -r {shlex.quote(folder)}",
-        file=sys.stderr,
+        f"delete the folder when done: rm -r {shlex.quote(folder)}"
     )
 
 
