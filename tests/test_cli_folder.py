@@ -3,6 +3,7 @@ folder (the copy is <SOURCE stem>-<UTC timestamp>.db there), --keep N
 rotates those backups only, once the new one is verified, and
 `apsw-backup verify FILE...` checks existing backups."""
 
+import fcntl
 import os
 import re
 import sqlite3
@@ -110,9 +111,10 @@ def test_keep_deletes_the_oldest_backups_of_that_name_pattern_only(source, folde
     temporary = (
         folder / "live-20190103T000000.000000Z.db.apsw-backup-1-0123abcd.partial"
     )
-    temporary.write_text("another run's, maybe live")
-
-    proc = run("--json", "--keep", "3", source, folder)
+    temporary.write_text("another run's, live: it holds its lock")
+    with open(temporary, "rb") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        proc = run("--json", "--keep", "3", source, folder)
 
     assert proc.returncode == 0, proc.stderr
     summary = json_of(proc)

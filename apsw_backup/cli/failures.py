@@ -10,6 +10,7 @@ import time
 from typing import Any
 
 import apsw_backup
+from apsw_backup import files
 from apsw_backup.cli.errors import (
     EXIT_ERROR,
     EXIT_VERIFY,
@@ -19,7 +20,7 @@ from apsw_backup.cli.errors import (
     _os_cause,
     _q,
 )
-from apsw_backup.cli.plan import Job, _check_folder, _check_source
+from apsw_backup.cli.plan import Job, _check_folder, _check_source, _stale_message
 from apsw_backup.cli.signals import Interrupted
 from apsw_backup.cli.summary import _print_json
 from apsw_backup.cli.verification import (
@@ -74,6 +75,8 @@ def _explain(exc: BaseException, job: Job, args: argparse.Namespace) -> str:
         found = _path_problem(job)
         if found:
             return found
+    if isinstance(exc, files.StaleSideFileError):
+        return _stale_message(exc)
     if isinstance(exc, FileExistsError):
         return (
             f"another file appeared at DEST {_q(job.dest)} while the copy was "

@@ -22,7 +22,7 @@ from apsw_backup.cli.errors import (
     _os_cause,
     _q,
 )
-from apsw_backup.cli.folder import _same_path, backup_name
+from apsw_backup.cli.folder import backup_name
 
 SQLITE_HEADER = b"SQLite format 3\0"
 
@@ -114,8 +114,10 @@ def _plan(args: argparse.Namespace) -> Job:
     source, dest = args.source, args.dest
     try:
         files.check_distinct(source, dest)
-    except ValueError as exc:
-        raise Failure(EXIT_USAGE, _same_file_message(source, dest), exc) from exc
+    except files.SameFileError as exc:
+        # --json's error class stays "ValueError", as copy() documents it.
+        error = ValueError(str(exc))
+        raise Failure(EXIT_USAGE, _same_file_message(exc), error) from exc
     _check_source(source)
     _check_source_header(source)
     folder = None
@@ -149,18 +151,23 @@ def _plan(args: argparse.Namespace) -> Job:
     )
 
 
-def _same_file_message(source: str, dest: str) -> str:
+_SIDE_FILE_NAMES = {
+    "-wal": "write-ahead log",
+    "-shm": "shared-memory index",
+    "-journal": "rollback journal",
+}
+
+
+def _same_file_message(error: files.SameFileError) -> str:
     what = "SOURCE itself"
-    for suffix, name in (
-        ("-wal", "write-ahead log"),
-        ("-shm", "shared-memory index"),
-        ("-journal", "rollback journal"),
-    ):
-        if _same_path(source + suffix, dest):
-            what = f"SOURCE's {name} ({suffix} file), which SQLite deletes or rewrites"
+    if error.side:
+        what = (
+            f"SOURCE's {_SIDE_FILE_NAMES[error.side]} ({error.side} file), which "
+            "SQLite deletes or rewrites"
+        )
     return (
-        f"DEST {_q(dest)} is {what}: a copy written there would be lost and "
-        f"could damage SOURCE {_q(source)}. Choose another DEST"
+        f"DEST {_q(error.path)} is {what}: a copy written there would be lost and "
+        f"could damage SOURCE {_q(error.source)}. Choose another DEST"
     )
 
 
@@ -180,19 +187,22 @@ def _check_side_file_name(dest: str) -> None:
 
 
 def _check_stale_side_files(dest: str) -> None:
-    """Refuse a new DEST whose -journal or -wal is already there: the next
-    open of the copy would apply it (a hot journal or a WAL of another
-    database) and corrupt the copy."""
-    for suffix in ("-journal", "-wal"):
-        if os.path.lexists(dest + suffix):
-            raise Failure(
-                EXIT_USAGE,
-                f"DEST {_q(dest)} does not exist, but {_q(dest + suffix)} is "
-                "there (left by a crash, or by another database of that name): "
-                "SQLite would apply it to the new copy and corrupt it. Move it "
-                "away once you know it is not needed, or choose another DEST",
-                UsageError("DEST"),
-            )
+    """The file layer's rule (files.check_no_stale_side_files), in the
+    command's words."""
+    try:
+        files.check_no_stale_side_files(dest, role="DEST")
+    except files.StaleSideFileError as exc:
+        message = _stale_message(exc)
+        raise Failure(EXIT_USAGE, message, UsageError("DEST")) from exc
+
+
+def _stale_message(error: files.StaleSideFileError) -> str:
+    return (
+        f"DEST {_q(error.path)} does not exist, but {_q(error.filename)} is "
+        "there (left by a crash, or by another database of that name): "
+        "SQLite would apply it to the new copy and corrupt it. Move it "
+        "away once you know it is not needed, or choose another DEST"
+    )
 
 
 def _check_source(source: str) -> None:
