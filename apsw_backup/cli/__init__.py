@@ -39,7 +39,7 @@ from apsw_backup.cli.arguments import _Exit, _parse, _parse_verify
 from apsw_backup.cli.demo import _demo
 from apsw_backup.cli.errors import Failure
 from apsw_backup.cli.failures import _fail
-from apsw_backup.cli.folder import backup_name
+from apsw_backup.cli.folder import backup_name, release_folder_locks
 from apsw_backup.cli.plan import _planned
 from apsw_backup.cli.run import _backup_command
 from apsw_backup.cli.signals import Interrupted, Interrupts, _signals
@@ -83,3 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 Failure(128 + stop.signum, "interrupted: nothing was written", stop),
                 as_json,
             )
+        finally:
+            # Once the run has reported (its DEST cannot be rotated away
+            # before it has said what DEST holds).
+            release_folder_locks()

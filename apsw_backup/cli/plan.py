@@ -45,6 +45,9 @@ class Job:
     waits: int = 0  # steps that found the database locked
     restarts: int = 0  # times the copy was seen to start again
     written: int = 0  # pages written, restarts included
+    has_table: bool = True  # the copy holds a table (read before publishing)
+    marked: bool = False  # the copy carries SOURCE's mark (folder DEST)
+    report_fields: dict[str, object] = field(default_factory=dict)  # for --json
 
     def note_step(self, status: int, remaining: int, total: int) -> None:
         """Take in one progress call (before anything else can raise)."""
@@ -112,6 +115,7 @@ def _planned(args: argparse.Namespace) -> Job:
 def _plan(args: argparse.Namespace) -> Job:
     """Check SOURCE and DEST; the job.  Raises Failure; writes nothing."""
     source, dest = args.source, args.dest
+    _check_schema(args.schema)
     try:
         files.check_distinct(source, dest)
     except files.SameFileError as exc:
@@ -124,6 +128,8 @@ def _plan(args: argparse.Namespace) -> Job:
     if os.path.isdir(dest) or dest.endswith(("/", os.sep)):
         folder = dest
         _check_folder(folder, "DEST folder")
+        if args.keep is not None:
+            _check_rotation(folder)
         dest = backup_name(folder, source)
         existed = False
     elif args.keep is not None:
@@ -149,6 +155,48 @@ def _plan(args: argparse.Namespace) -> Job:
         folder=folder,
         page_size=header_page_size(source),
     )
+
+
+def _check_schema(schema: str) -> None:
+    """Refuse --schema temp: the temporary database of the command's own
+    connection to SOURCE is always empty, so the "backup" would hold
+    nothing -- and --keep would rotate real backups away for it."""
+    if schema.casefold() == "temp":
+        raise Failure(
+            EXIT_USAGE,
+            "--schema temp names the temporary database of the connection this "
+            "command opens on SOURCE, which is always empty: a backup of it "
+            "would hold nothing. Back up main (the default), the database file",
+            UsageError("--schema"),
+        )
+
+
+def _check_rotation(folder: str) -> None:
+    """Refuse --keep where rotation cannot be safe: backups must be marked
+    with their SOURCE (an extended attribute) and the folder lockable."""
+    problem = files.marks_supported(folder)
+    if problem is not None:
+        raise Failure(
+            EXIT_USAGE,
+            f"--keep recognises SOURCE's backups by a mark on each file (the "
+            f"extended attribute {files.SOURCE_MARK}), and the file system of "
+            f"DEST folder {_q(folder)} has no user extended attributes "
+            f"({_os_cause(problem)}): without it, another database's backups "
+            "of the same name could be deleted. Run without --keep (and delete "
+            "old backups yourself), or use a folder on a file system that has "
+            "them (ext4, XFS, Btrfs, tmpfs)",
+            problem,
+        )
+    problem = files.folder_lock_problem(folder)
+    if problem is not None:
+        raise Failure(
+            EXIT_USAGE,
+            f"--keep locks DEST folder {_q(folder)} (flock) while it rotates, so "
+            "that runs that overlap cannot delete each other's backups, and its "
+            f"file system refuses that lock ({_os_cause(problem)}). Run without "
+            "--keep, or use a folder on a local file system",
+            problem,
+        )
 
 
 _SIDE_FILE_NAMES = {

@@ -57,6 +57,7 @@ def _summary(
         "verified": True if job.verify else None,
         "integrity": ["ok"] if job.verify else None,
         "deleted": deleted,
+        **job.report_fields,  # rotation: future_dated, rotation_skipped
     }
 
 
