@@ -369,3 +369,46 @@ def test_future_dated_check_uses_the_time_of_rotation(source, folder):
     recent = old_backup(folder, now, source)
     proc = run("--json", "--keep", "1", source, folder)
     assert json_of(proc)["deleted"] == [str(recent)]
+
+
+def test_a_run_that_cannot_get_the_folder_lock_puts_nothing_in_place(source, folder):
+    old = old_backup(folder, "20200101T000000.000000Z", source)
+    lock = files.FolderLock(str(folder))
+    assert lock.acquire(True, 0)
+    try:
+        started = time.monotonic()
+        proc = run("--json", "--keep", "1", "--timeout", "1", source, folder)
+        took = time.monotonic() - started
+    finally:
+        lock.release()
+    assert proc.returncode == 1
+    assert "held the lock on DEST folder" in proc.stderr
+    assert json_of(proc)["dest_state"] == "not created"
+    assert names(folder) == [old.name]  # no temporary file left either
+    assert took < 10
+
+
+def test_an_interrupt_while_waiting_for_the_folder_lock(source, folder):
+    old = old_backup(folder, "20200101T000000.000000Z", source)
+    lock = files.FolderLock(str(folder))
+    assert lock.acquire(True, 0)
+    try:
+        proc = subprocess.Popen(
+            command("--json", "--keep", "1", source, folder),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            time.sleep(1.5)  # copied and verified by now: waiting for the lock
+            assert proc.poll() is None
+            proc.send_signal(signal.SIGINT)
+            out, err = proc.communicate(timeout=TIMEOUT)
+        finally:
+            proc.kill()
+            proc.wait(TIMEOUT)
+    finally:
+        lock.release()
+    assert proc.returncode == 130, err
+    assert json_of_text(out)["dest_state"] == "not created"
+    assert names(folder) == [old.name]

@@ -122,13 +122,15 @@ def holds_a_table(path: str) -> bool:
     return pages_in(path) > 1
 
 
-def hold_folder(job: Job, exclusive: bool, interrupts: Interrupts) -> bool:
+def hold_folder(
+    job: Job, exclusive: bool, interrupts: Interrupts, wait: float = FOLDER_LOCK_WAIT
+) -> bool:
     """Take job.folder's lock (see files.FolderLock) for the rest of the
-    run; False if another run held it for FOLDER_LOCK_WAIT seconds.
-    OSError if the folder cannot be locked at all."""
+    run; False if another run held it for `wait` seconds.  OSError if the
+    folder cannot be locked at all."""
     assert job.folder is not None
     lock = files.FolderLock(job.folder)
-    if not lock.acquire(exclusive, FOLDER_LOCK_WAIT, interrupts.check):
+    if not lock.acquire(exclusive, wait, interrupts.check):
         return False
     _HELD.append(lock)
     return True

@@ -39,6 +39,7 @@ class Runner:
         self.line = line
         self.pause = pause  # --demo: seconds to wait after each step
         self.keep: int | None = None  # --keep
+        self.timeout: float | None = None  # --timeout
 
     def progress(self, status: int, remaining: int, total: int) -> None:
         """copy()'s progress callback."""
@@ -72,14 +73,29 @@ class Runner:
             self.job.marked = False  # --keep then deletes nothing (see rotate)
         else:
             self.job.marked = True
-        if not hold_folder(self.job, self.keep is not None, self.interrupts):
+        rotating = self.keep is not None
+        try:
+            held = hold_folder(self.job, rotating, self.interrupts, self._lock_wait())
+        except OSError:
+            if rotating:  # checked in the plan: it worked a moment ago
+                raise
+            held = True  # a folder that cannot be locked: nothing is rotated
+        if not held:
             raise Failure(
                 EXIT_ERROR,
                 f"another run held the lock on DEST folder {self.job.folder!r} "
-                f"for {FOLDER_LOCK_WAIT:g} s, so the new backup was not put in "
-                "place: run again once it is done",
+                f"for {self._lock_wait():.2g} s, so the new backup was not put in "
+                f"place: run again once it is done. {self.job.says()}",
                 BlockingIOError(errno.EWOULDBLOCK, "folder locked", self.job.folder),
             )
+
+    def _lock_wait(self) -> float:
+        """Seconds to wait for the folder's lock: FOLDER_LOCK_WAIT, or what is
+        left of --timeout if that is less."""
+        if self.timeout is None:
+            return FOLDER_LOCK_WAIT
+        left = self.timeout - (time.monotonic() - self.job.started)
+        return max(0.0, min(FOLDER_LOCK_WAIT, left))
 
     def verify(self, path: str) -> None:
         """Verify the copy: raises VerificationFailed/-Error."""
@@ -109,7 +125,7 @@ def _backup_command(
 ) -> int:
     line = _progress_line(args.progress, job)
     runner = Runner(job, interrupts, line, pause)
-    runner.keep = args.keep
+    runner.keep, runner.timeout = args.keep, args.timeout
     deleted: list[str] = []
     publishing = job.verify or job.folder is not None
     try:
