@@ -5,6 +5,7 @@ deleted, and backups dated later than now."""
 
 import json
 import os
+import random
 import shutil
 import signal
 import sqlite3
@@ -412,3 +413,46 @@ def test_an_interrupt_while_waiting_for_the_folder_lock(source, folder):
     assert proc.returncode == 130, err
     assert json_of_text(out)["dest_state"] == "not created"
     assert names(folder) == [old.name]
+
+
+@pytest.mark.heavy
+@pytest.mark.parametrize("seed", range(3))
+def test_overlapping_runs_with_random_kills_leave_nothing_the_next_run_keeps(
+    tmp_path, folder, seed
+):
+    rng = random.Random(seed)
+    source = make_source(tmp_path / "live.db", rows=3000, journal="wal")
+    runs = [
+        subprocess.Popen(
+            command("--json", "--keep", "1", "--pages", "8", source, folder),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(6)
+    ]
+    killed = set(rng.sample(range(6), 2))
+    results = []
+    try:
+        time.sleep(rng.uniform(0.05, 0.6))
+        for index in killed:
+            runs[index].kill()
+        for index, proc in enumerate(runs):
+            out, err = proc.communicate(timeout=TIMEOUT)
+            if index in killed and proc.returncode == -signal.SIGKILL:
+                continue
+            assert proc.returncode == 0, err
+            results.append(json_of_text(out))
+    finally:
+        for proc in runs:
+            proc.kill()
+            proc.wait(TIMEOUT)
+    left = [folder / n for n in names(folder) if not files.is_temporary_name(n)]
+    assert left and all(verified(p) for p in left if p.suffix == ".db")
+    for result in results:
+        if not os.path.exists(result["dest"]):
+            assert any(result["dest"] in r["deleted"] for r in results)
+    # The next run removes whatever the killed ones left, and rotates.
+    last = run("--json", "--keep", "1", source, folder)
+    assert last.returncode == 0, last.stderr
+    assert names(folder) == [os.path.basename(json_of(last)["dest"])]
