@@ -227,10 +227,15 @@ def _renamed(error: _c.Error, message: str) -> _c.Error:
 
 
 def _cannot(role: str, path: str, exc: OSError) -> _c.Error:
-    """CantOpenError for a path the OS refused, naming the cause and cure."""
+    """CantOpenError for a path the OS refused, naming the cause and cure.
+
+    It carries the structure for other front ends to word it their way:
+    role ("source database", "target", "target's folder"), filename (the
+    path) and os_errno (the OS's errno)."""
     error = _c.CantOpenError(
         f"cannot use the {role} {path!r}: it {files.os_cause(exc)}"
     )
+    error.role, error.filename, error.os_errno = role, path, exc.errno
     return _with_codes(error, _c.SQLITE_CANTOPEN)
 
 

@@ -17,6 +17,7 @@ import pytest
 from cli_helpers import run
 from copy_helpers import make_source, make_target, query
 
+import apsw_backup
 from apsw_backup import copy, files
 
 BOUND = 30
@@ -347,3 +348,29 @@ def test_cli_words_a_side_file_refusal_from_the_structure(tmp_path, source):
     proc = run(source, str(source) + "-wal")
     assert proc.returncode == 2
     assert "write-ahead log" in proc.stderr and "DEST" in proc.stderr
+
+
+def test_copy_path_errors_carry_role_path_errno_and_the_cli_words_them(
+    tmp_path, source
+):
+    import argparse
+
+    from apsw_backup.cli.failures import _explain
+    from apsw_backup.cli.plan import Job
+
+    with pytest.raises(apsw_backup.CantOpenError) as caught:
+        copy(source, tmp_path / "missing" / "new.db")
+    error = caught.value
+    assert error.role == "target's folder"
+    assert error.filename == str(tmp_path / "missing")
+    assert error.os_errno == errno.ENOENT
+    # The command words the same fields in its terms, with no text rewriting.
+    (tmp_path / "missing").mkdir()  # so the re-check of the paths finds nothing
+    job = Job(
+        source=str(source), dest=str(tmp_path / "new.db"), existed=False, verify=True
+    )
+    text = _explain(error, job, argparse.Namespace(timeout=None))
+    assert text == (
+        f"CantOpenError: cannot use DEST's folder {str(tmp_path / 'missing')!r}: "
+        "it does not exist (no such file or folder) (ENOENT): check the path"
+    )

@@ -456,3 +456,15 @@ def test_overlapping_runs_with_random_kills_leave_nothing_the_next_run_keeps(
     last = run("--json", "--keep", "1", source, folder)
     assert last.returncode == 0, last.stderr
     assert names(folder) == [os.path.basename(json_of(last)["dest"])]
+
+
+def test_side_files_left_by_a_half_done_deletion_go_with_the_next_rotation(
+    source, folder
+):
+    orphan = folder / "live-20200101T000000.000000Z.db-journal"
+    orphan.write_bytes(b"hot journal of a deleted backup")
+    other = folder / "other-20200101T000000.000000Z.db-journal"
+    other.write_bytes(b"not a name of SOURCE's backups")
+    proc = run("--json", "--keep", "1", source, folder)
+    assert proc.returncode == 0, proc.stderr
+    assert not orphan.exists() and other.exists()

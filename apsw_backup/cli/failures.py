@@ -84,7 +84,20 @@ def _explain(exc: BaseException, job: Job, args: argparse.Namespace) -> str:
         )
     if isinstance(exc, OSError):
         return f"file system error on {_q(exc.filename or job.dest)}: {_os_cause(exc)}"
+    role = _ROLES.get(getattr(exc, "role", None) or "")
+    code = getattr(exc, "os_errno", None)
+    if role and isinstance(code, int):  # copy()'s structure, in our words
+        cause = files.os_cause(OSError(code, os.strerror(code)))
+        return f"{type(exc).__name__}: cannot use {role} {_q(exc.filename)}: it {cause}"
     return f"{type(exc).__name__}: {in_cli_terms(str(exc))}"
+
+
+# copy()'s roles of the paths it refuses (apsw_backup.copy._cannot).
+_ROLES = {
+    "source database": "SOURCE",
+    "target": "DEST",
+    "target's folder": "DEST's folder",
+}
 
 
 # copy()'s words for what the command calls SOURCE and DEST, longest first.
