@@ -78,7 +78,6 @@ TARGET_CACHE_KIB = 1024
 _C_INT_MAX = 2**31 - 1
 _SQLITE_IOERR_WRITE = _c.SQLITE_IOERR | (3 << 8)
 _SQLITE_IOERR_DELETE = _c.SQLITE_IOERR | (10 << 8)
-_HEADER = b"SQLite format 3\x00"
 
 FINISHED_OUTSIDE = (
     "the backup was finished outside copy(): the progress callback or another "
@@ -270,27 +269,15 @@ def _schema_file(conn: _c.Connection | sqlite3.Connection, name: str, role: str)
     return found[name.casefold()]
 
 
-def _is_wal_file(path: str) -> bool:
-    """Whether the database file's header says WAL mode."""
+def _header_of(path: str) -> bytes:
+    """A database file's header, read through SQLite (files.read_header);
+    b"" when it cannot be read."""
+    if not path:
+        return b""  # a memory or temporary database: no file
     try:
-        with open(path, "rb") as file:
-            header = file.read(20)
+        return files.read_header(path)
     except OSError:
-        return False
-    return header.startswith(_HEADER) and len(header) == 20 and header[18] == 2
-
-
-def _header_page_size(path: str) -> int:
-    """The page size a database file's header gives (0: unknown)."""
-    try:
-        with open(path, "rb") as file:
-            header = file.read(18)
-    except OSError:
-        return 0
-    if len(header) < 18 or not header.startswith(_HEADER):
-        return 0
-    size = int.from_bytes(header[16:18], "big")
-    return 65536 if size == 1 else size
+        return b""
 
 
 def _file_size(path: str) -> int:
@@ -482,7 +469,7 @@ class _SourceSide:
         there before, a read-write connection opened and closed now removes
         them -- only when it is the last connection, as SQLite decides under
         its own locks; otherwise they belong to the connections still open."""
-        if self.side_existed or not _is_wal_file(self.file):
+        if self.side_existed or not files.header_is_wal(_header_of(self.file)):
             return
         if not any(os.path.lexists(p) for p in files.side_paths(self.file)):
             return
@@ -571,8 +558,6 @@ class _TargetSide:
             self.file = os.path.realpath(self.file)  # a dangling link: its file
             for spelled in dict.fromkeys((self.given, self.file)):
                 files.check_no_stale_side_files(spelled)
-        else:
-            self.was_wal = _is_wal_file(self.file)
 
     def open(self) -> None:
         """Open the target; a new one is created under a temporary name."""
@@ -599,6 +584,9 @@ class _TargetSide:
             self.conn = _c.Connection(path, flags)
         except _c.CantOpenError as exc:
             raise _renamed(exc, f"cannot open the target {self.file!r}: {exc}") from exc
+        if self.new is None:
+            # Through the handle just opened: never a descriptor of ours.
+            self.was_wal = files.header_is_wal(self.conn.file_header("main"))
         if self.flush_every:
             self._start_flushing()
 
@@ -830,7 +818,7 @@ class _Copy:
         pages = self._opts.step_pages
         if pages > 0 or self._dst.flusher is None or self._opts.snapshot is False:
             return pages, False
-        page_size = _header_page_size(self._src.file) or 4096
+        page_size = files.header_page_size(_header_of(self._src.file)) or 4096
         return max(1, self._dst.flush_every // page_size), True
 
     def _new_backup(self) -> _c.Backup:

@@ -35,13 +35,17 @@ import errno
 import fcntl
 import os
 import re
+import stat
 import sys
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
+from apsw_backup import _apsw_backup as _c
+
 SIDE_FILES = ("-wal", "-shm", "-journal")
+SQLITE_HEADER = b"SQLite format 3\x00"
 
 _TEMPORARY = re.compile(
     r"\.apsw-backup-(?P<pid>[0-9]+)-[0-9a-f]{8}\.partial(?P<side>-wal|-shm|-journal)?\Z"
@@ -75,6 +79,61 @@ _CAUSES = {
     errno.ENAMETOOLONG: ("has a name that is too long", "give a shorter name"),
     errno.ELOOP: ("has too many levels of symbolic links", "check the links"),
 }
+
+
+def read_header(path: str, size: int = 100) -> bytes:
+    """The first `size` (<= 100) bytes of the file at path, fewer if it is
+    shorter: b"" for an empty file.
+
+    Read through an SQLite handle of its own (Connection.file_header), never
+    a descriptor of ours: the file may be a database other connections of
+    this process have open, and closing any descriptor of a file drops every
+    POSIX lock the process holds on it, SQLite's included
+    (sqlite.org/howtocorrupt.html, section 2.2).  SQLite's unix VFS keeps
+    the descriptor of a closed connection open while other connections of
+    the process hold locks on the file, so closing this one drops nothing.
+    Opening it takes no lock and reads nothing but the header.
+
+    Raises OSError (with its errno) when the file cannot be read: a folder
+    or another kind of file that is not a regular one (EINVAL: a FIFO would
+    block the open), or one SQLite cannot open.
+    """
+    path = os.path.abspath(path)  # never taken for a URI ("file:...")
+    info = os.stat(path)  # raises FileNotFoundError, PermissionError, ...
+    if stat.S_ISDIR(info.st_mode):
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+    if not stat.S_ISREG(info.st_mode):
+        raise OSError(errno.EINVAL, "not a regular file", path)
+    try:
+        conn = _c.Connection(path, _c.SQLITE_OPEN_READONLY)
+    except _c.Error as exc:
+        if not os.access(path, os.R_OK):
+            raise PermissionError(
+                errno.EACCES, os.strerror(errno.EACCES), path
+            ) from exc
+        raise OSError(errno.EIO, f"SQLite cannot open it: {exc}", path) from exc
+    try:
+        return conn.file_header("main")[:size]
+    finally:
+        conn.close()
+
+
+def header_is_wal(header: bytes) -> bool:
+    """Whether a database header (read_header) says WAL mode."""
+    return (
+        len(header) >= 20
+        and header.startswith(SQLITE_HEADER)
+        and (header[18:20] == b"\x02\x02")
+    )
+
+
+def header_page_size(header: bytes) -> int:
+    """The page size a database header (read_header) gives; 0: not a
+    database header."""
+    if len(header) < 18 or not header.startswith(SQLITE_HEADER):
+        return 0
+    size = int.from_bytes(header[16:18], "big")
+    return 65536 if size == 1 else size
 
 
 def os_cause(exc: OSError) -> str:
@@ -255,6 +314,10 @@ def _dead_runs_file(path: str) -> bool:
     with _OURS_LOCK:
         if (info.st_dev, info.st_ino) in _OURS:
             return False
+    if _open_descriptor_of((info.st_dev, info.st_ino)) >= 0:
+        # This process has it open (SQLite, or a run in another thread):
+        # a descriptor of ours, once closed, would drop its POSIX locks.
+        return False
     try:
         fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
@@ -280,8 +343,8 @@ def _dead_runs_file(path: str) -> bool:
             return False
         return True
     finally:
-        # Closing drops this process's POSIX locks on the file: none, it is
-        # not one of this process's (checked above).
+        # Nothing of this process had it open (checked above): closing
+        # this descriptor drops no lock of ours.
         os.close(fd)
 
 

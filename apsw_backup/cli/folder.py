@@ -99,21 +99,19 @@ def backups_of(folder: str, source: str) -> list[str]:
 def pages_in(path: str) -> int:
     """The page count in a database file's header (the file size over the
     page size when the header's count is not valid); 0 for an empty or
-    unreadable file.  Only for files no SQLite connection of this process
-    has open: closing the descriptor would drop its POSIX locks."""
+    unreadable file.  Read through SQLite (files.read_header), never a
+    descriptor of ours."""
     try:
-        with open(path, "rb") as file:
-            header = file.read(100)
-            size = os.fstat(file.fileno()).st_size
+        header = files.read_header(path)
+        size = os.stat(path).st_size
     except OSError:
         return 0
-    if len(header) < 100 or not header.startswith(b"SQLite format 3\0"):
+    page_size = files.header_page_size(header)
+    if len(header) < 100 or not page_size:
         return 0
-    page_size = int.from_bytes(header[16:18], "big")
-    page_size = 65536 if page_size == 1 else page_size
     if header[92:96] == header[24:28] and int.from_bytes(header[28:32], "big"):
         return int.from_bytes(header[28:32], "big")
-    return size // page_size if page_size else 0
+    return size // page_size
 
 
 def holds_a_table(path: str) -> bool:

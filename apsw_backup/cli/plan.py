@@ -288,11 +288,10 @@ def _check_source(source: str) -> None:
 
 
 def _check_source_header(source: str) -> None:
-    # Reading the header with open() is safe here: this process has no
-    # SQLite connection to SOURCE yet, whose POSIX locks close() would drop.
+    # Through SQLite, never open(): main() may run inside an application
+    # whose own connection to SOURCE holds locks that a close() would drop.
     try:
-        with open(source, "rb") as file:
-            header = file.read(len(SQLITE_HEADER))
+        header = files.read_header(source, len(SQLITE_HEADER))
     except OSError as exc:
         cure = CURES.get(exc.errno or 0, "check the file")
         raise Failure(
@@ -380,31 +379,28 @@ def _check_existing_dest(dest: str, overwrite: bool) -> None:
             "it (it is replaced only once the copy is complete)",
             UsageError("DEST"),
         )
-    # No SQLite connection of this process has DEST open (see _check_source).
-    with open(dest, "rb") as file:
-        if file.read(len(SQLITE_HEADER)) != SQLITE_HEADER:
-            raise Failure(
-                EXIT_USAGE,
-                f"DEST {_q(dest)} is not an SQLite database: --overwrite replaces "
-                "a database only; delete the file yourself, or choose another DEST",
-                UsageError("DEST"),
-            )
+    try:
+        header = files.read_header(dest, len(SQLITE_HEADER))
+    except OSError as exc:
+        cure = CURES.get(exc.errno or 0, "check the file")
+        raise Failure(
+            EXIT_ERROR, f"cannot read DEST {_q(dest)}: {_os_cause(exc)}: {cure}", exc
+        ) from exc
+    if header != SQLITE_HEADER:
+        raise Failure(
+            EXIT_USAGE,
+            f"DEST {_q(dest)} is not an SQLite database: --overwrite replaces "
+            "a database only; delete the file yourself, or choose another DEST",
+            UsageError("DEST"),
+        )
     _check_writable(dest, "DEST")
 
 
 def header_page_size(path: str) -> int:
-    """The page size in a database file's header (0 when it cannot be read).
-
-    Read from the file, because asking SQLite needs a lock that a busy
-    database may not give.  Only call it while this process has no SQLite
-    connection to the file (closing a descriptor drops its POSIX locks).
-    """
+    """The page size in a database file's header (0 when it cannot be read),
+    read through SQLite (files.read_header): it takes no lock, so a busy
+    database answers too."""
     try:
-        with open(path, "rb") as file:
-            header = file.read(100)
+        return files.header_page_size(files.read_header(path))
     except OSError:
         return 0
-    if len(header) < 100 or not header.startswith(SQLITE_HEADER):
-        return 0
-    size = int.from_bytes(header[16:18], "big")
-    return 65536 if size == 1 else size

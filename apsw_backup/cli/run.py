@@ -65,7 +65,6 @@ class Runner:
             self.verify(path)
         if self.job.folder is None:
             return
-        # No SQLite connection of this process has the copy open now.
         self.job.has_table = holds_a_table(path)
         try:
             files.mark_source(path, self.job.source)

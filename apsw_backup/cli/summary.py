@@ -7,6 +7,7 @@ import json
 import sys
 from typing import Any
 
+from apsw_backup import files
 from apsw_backup.cli.errors import EXIT_OK, PROG, _count
 from apsw_backup.cli.plan import Job
 from apsw_backup.copy import CopyResult
@@ -62,10 +63,9 @@ def _summary(
 
 
 def _is_wal(path: str) -> bool:
-    """Whether the file's header says WAL mode (read and write version 2)."""
+    """Whether the file's header says WAL mode, read through SQLite
+    (files.read_header), never a descriptor of ours."""
     try:
-        with open(path, "rb") as file:
-            header = file.read(20)
+        return files.header_is_wal(files.read_header(path))
     except OSError:
         return False
-    return header[18:20] == b"\x02\x02"
