@@ -105,6 +105,10 @@ def test_files_named_like_backups_but_not_marked_are_never_deleted(source, folde
     assert proc.returncode == 0, proc.stderr
     assert json_of(proc)["deleted"] == [str(ours)]
     assert by_hand.exists() and foreign.exists() and not ours.exists()
+    # The file with no mark is reported (once an operator upgraded, the old
+    # backups stay until deleted by hand); the other source's is not.
+    assert json_of(proc)["unmarked"] == [str(by_hand)]
+    assert "carry no mark" in proc.stderr and str(foreign) not in proc.stderr
 
 
 MOUNT_RAMFS = r"""

@@ -82,18 +82,28 @@ def backups_of(folder: str, source: str) -> list[str]:
     """The backups of source in folder, oldest first: regular files named
     <stem>-<timestamp>.db (never a temporary file) and marked as backups of
     this very source (files.marked_source)."""
+    return _named_like_backups(folder, source)[0]
+
+
+def _named_like_backups(folder: str, source: str) -> tuple[list[str], list[str]]:
+    """(the backups of source in folder, the regular files named like them
+    that carry no mark at all), each oldest first.  A file marked as another
+    source's backup is in neither list."""
     pattern = _name_pattern(source)
     identity = files.source_identity(source)
-    found = []
+    ours, unmarked = [], []
     for entry in os.scandir(folder or "."):
         if (
             pattern.fullmatch(entry.name)
             and not files.is_temporary_name(entry.name)
             and entry.is_file(follow_symlinks=False)
-            and files.marked_source(entry.path) == identity
         ):
-            found.append(entry.path)
-    return sorted(found)
+            mark = files.marked_source(entry.path)
+            if mark == identity:
+                ours.append(entry.path)
+            elif mark is None:
+                unmarked.append(entry.path)
+    return sorted(ours), sorted(unmarked)
 
 
 def pages_in(path: str) -> int:
@@ -144,12 +154,14 @@ def release_folder_locks() -> None:
 class Rotation:
     """What --keep did: deleted (oldest first), not_deleted (path, OSError),
     future (backups dated later than now: kept, not counted), skipped (why
-    nothing was considered for deletion, or None)."""
+    nothing was considered for deletion, or None), unmarked (files named
+    like SOURCE's backups that carry no mark: never touched)."""
 
     deleted: list[str] = field(default_factory=list)
     not_deleted: list[tuple[str, OSError]] = field(default_factory=list)
     future: list[str] = field(default_factory=list)
     skipped: str | None = None
+    unmarked: list[str] = field(default_factory=list)
 
 
 def rotate(
@@ -170,7 +182,8 @@ def rotate(
         return rotation
     own_info = os.stat(job.dest)
     ours: list[tuple[datetime, str]] = []
-    for path in backups_of(job.folder, job.source):
+    backups, rotation.unmarked = _named_like_backups(job.folder, job.source)
+    for path in backups:
         stamp = _stamp(os.path.basename(path))
         info = _stat(path)
         if stamp is None or info is None or _same(info, own_info):

@@ -180,6 +180,14 @@ def _rotated(job: Job, keep: int, interrupts: Interrupts) -> list[str]:
             "ahead?), so --keep neither counts nor deletes it; delete it "
             "yourself if it is not wanted"
         )
+    job.report_fields["unmarked"] = rotation.unmarked
+    if rotation.unmarked:
+        _warn(
+            f"left {_count(len(rotation.unmarked), 'file')} named like SOURCE's "
+            f"backups that carry no mark ({files.SOURCE_MARK}: made by hand, by "
+            "a version before marks, or another database's): --keep never "
+            f"deletes those, e.g. {rotation.unmarked[0]!r}"
+        )
     if rotation.skipped:
         job.report_fields["rotation_skipped"] = rotation.skipped
         _warn(
@@ -204,6 +212,7 @@ def _rotated(job: Job, keep: int, interrupts: Interrupts) -> list[str]:
         failure.fields["deleted"] = rotation.deleted
         failure.fields["not_deleted"] = [p for p, _ in rotation.not_deleted]
         failure.fields["future_dated"] = rotation.future
+        failure.fields["unmarked"] = rotation.unmarked
         raise failure
     return rotation.deleted
 
