@@ -1,4 +1,4 @@
-"""One --json schema for every outcome (issue 19 item 13, docs/cli.md).
+"""One --json schema for every outcome (docs/cli.md#json-output).
 
 Every exit path of the command -- usage errors, refusals, failures of
 SOURCE and DEST, timeouts, verification failures, signals, success -- is
@@ -41,7 +41,7 @@ USAGE = [
     ["--sleep", "-1", "a.db", "b.db"],
     ["--keep", "0", "a.db", "folder/"],
     ["--keep", "2", "--no-verify", "a.db", "folder/"],
-    ["--demo", "a.db"],
+    ["--demo", "a.db", "b.db"],
     ["--no-such-option", "a.db", "b.db"],
 ]
 

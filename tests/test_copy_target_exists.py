@@ -1,5 +1,5 @@
 """copy(target_exists=...): the caller's "new or existing" decision holds
-to the end (issue 19 item 7: O_EXCL semantics end to end)."""
+to the end (O_EXCL semantics end to end; docs/cli.md#what-dest-holds-dest_state)."""
 
 import os
 
