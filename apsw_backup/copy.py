@@ -232,10 +232,15 @@ def _renamed(error: _c.Error, message: str) -> _c.Error:
 
 
 def _cannot(role: str, path: str, exc: OSError) -> _c.Error:
-    """CantOpenError for a path the OS refused, naming the cause and cure."""
+    """CantOpenError for a path the OS refused, naming the cause and cure.
+
+    It carries the structure for other front ends to word it their way:
+    role ("source database", "target", "target's folder"), filename (the
+    path) and os_errno (the OS's errno)."""
     error = _c.CantOpenError(
         f"cannot use the {role} {path!r}: it {files.os_cause(exc)}"
     )
+    error.role, error.filename, error.os_errno = role, path, exc.errno
     return _with_codes(error, _c.SQLITE_CANTOPEN)
 
 
@@ -335,6 +340,16 @@ class _SourceSide:
             self.file = os.fspath(source)
             if not isinstance(self.file, str):
                 raise TypeError("a source path must be a str or os.PathLike of str")
+            if options.name.casefold() == "temp":
+                # copy()'s own connection to the file: its temp schema is
+                # always empty, and a backup of nothing must never pass for
+                # a backup of the file.
+                raise ValueError(
+                    "name 'temp' is the temporary database of the connection "
+                    "copy() opens on the source path, which is always empty: "
+                    "copy name='main' (the file), or pass the Connection whose "
+                    "temp database you mean"
+                )
         else:
             raise TypeError(
                 "source must be an apsw_backup.Connection, a sqlite3.Connection of "
@@ -548,6 +563,8 @@ class _TargetSide:
         _check_expected(self.file, self.kind, options.target_exists)
         if self.kind == "new":
             self.file = os.path.realpath(self.file)  # a dangling link: its file
+            for spelled in dict.fromkeys((self.given, self.file)):
+                files.check_no_stale_side_files(spelled)
 
     def open(self) -> None:
         """Open the target; a new one is created under a temporary name."""
@@ -555,8 +572,9 @@ class _TargetSide:
             self.conn = self.user
             return
         path = self.file
+        # Dead runs' leftovers go, whether this copy is new or not.
+        files.remove_stale(os.path.dirname(self.file))
         if self.kind == "new":
-            files.remove_stale(os.path.dirname(self.file))
             self.new = files.NewFile(self.file)
             try:
                 self.new.create()
@@ -705,6 +723,8 @@ class _TargetSide:
         if self.new is not None:
             try:
                 self.new.publish()
+            except files.StaleSideFileError:
+                raise
             except FileExistsError as exc:
                 raise FileExistsError(
                     exc.errno,
@@ -1264,8 +1284,15 @@ def copy(
 
     Before anything is created, every argument is checked, and a target
     that is the source's own file or one of its side files (-wal, -shm,
-    -journal) is refused with ValueError (files.check_distinct).  A path
-    the OS refuses raises CantOpenError naming the cause and the cure.
+    -journal) is refused with files.SameFileError, a ValueError (folders
+    are compared by device and inode, so another mount of the source's
+    folder is seen through); a new target whose -journal or -wal is already
+    there (SQLite would apply it to the copy) with files.StaleSideFileError,
+    a FileExistsError -- checked again just before the copy is put in
+    place.  A path the OS refuses raises CantOpenError naming the cause and
+    the cure.  A path source with name='temp' is a ValueError (the
+    temporary database of copy()'s own connection is always empty).  Dead
+    runs' temporary files in the target's folder are removed (files.remove_stale).
 
     Raises BusyError at once, naming the transaction and the cure, if the
     source connection has its own open write transaction.  Every BUSY or

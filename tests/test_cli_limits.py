@@ -1,5 +1,5 @@
 """Time limits, name limits, a verify that never writes, and messages that
-name cause and cure (docs/cli.md#exit-codes).
+name cause and cure (docs/cli.md).
 
 Permission cases run the command without root's DAC capabilities
 (setpriv); read-only file systems are a tmpfs in a private mount namespace

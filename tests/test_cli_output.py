@@ -1,5 +1,5 @@
 """What the command says, and its exit code, match what DEST holds, whatever
-happens around the run (docs/cli.md#what-dest-holds-dest_state).
+happens around the run (docs/cli.md#exit-codes).
 
 Each race is made deterministic with the command's test-only pause hook:
 the command stops in a phase, the test changes the files, then removes the

@@ -44,7 +44,7 @@ from apsw_backup.cli.arguments import _Exit, _parse, _parse_verify
 from apsw_backup.cli.demo import _demo
 from apsw_backup.cli.errors import EXIT_ERROR, Failure
 from apsw_backup.cli.failures import _fail
-from apsw_backup.cli.folder import backup_name
+from apsw_backup.cli.folder import backup_name, release_folder_locks
 from apsw_backup.cli.plan import _planned, dest_says
 from apsw_backup.cli.run import _backup_command
 from apsw_backup.cli.signals import (
@@ -85,7 +85,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         output.prepare()
     _pause_for_tests("starting", None)
     with _signals(keep=program) as interrupts:
-        code = _command(argv, interrupts)
+        try:
+            code = _command(argv, interrupts)
+        finally:
+            # Once the run has reported: another run cannot rotate its DEST
+            # away before it has said what DEST holds.
+            release_folder_locks()
     output.finish()
     if program:
         _pause_for_tests("reported", interrupts)

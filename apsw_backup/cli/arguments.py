@@ -13,8 +13,12 @@ from apsw_backup.cli.errors import EXIT_USAGE, PROG, Failure, UsageError
 
 EPILOG = """\
 DEST may be an existing folder (or end with /): the copy is then named
-<SOURCE stem>-<UTC timestamp>.db in it, and --keep N deletes the oldest
-backups of that exact name pattern, only once the new one is verified.
+<SOURCE stem>-<UTC timestamp>.db in it, marked as SOURCE's backup (extended
+attribute user.apsw_backup.source), and --keep N deletes SOURCE's backups
+older than the new one so that N remain, once the new one is verified: only
+files of that name pattern that carry SOURCE's mark, never a backup dated
+later than now (kept and reported), under a lock on the folder so that runs
+that overlap never delete each other's new backups.
 
 exit codes (the message, and "dest_state" in --json, say what DEST holds):
   0    the backup is complete (and verified, unless --no-verify)

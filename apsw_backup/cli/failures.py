@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 import apsw_backup
+from apsw_backup import files
 from apsw_backup.cli import output
 from apsw_backup.cli.errors import (
     EXIT_ERROR,
@@ -20,7 +21,7 @@ from apsw_backup.cli.errors import (
     _q,
 )
 from apsw_backup.cli.open_problems import cause_of
-from apsw_backup.cli.plan import Job, _check_folder, _check_source
+from apsw_backup.cli.plan import Job, _check_folder, _check_source, _stale_message
 from apsw_backup.cli.signals import Interrupted
 from apsw_backup.cli.summary import _print_json
 from apsw_backup.cli.verification import (
@@ -98,6 +99,8 @@ def _explain(exc: BaseException, job: Job, args: argparse.Namespace) -> str:
         found = cause_of(job.source, "SOURCE") or _path_problem(job)
         if found:
             return found
+    if isinstance(exc, files.StaleSideFileError):
+        return _stale_message(exc)
     if isinstance(exc, FileExistsError):
         return (
             f"another file appeared at DEST {_q(job.dest)} while the copy was "
@@ -107,7 +110,20 @@ def _explain(exc: BaseException, job: Job, args: argparse.Namespace) -> str:
         )
     if isinstance(exc, OSError):
         return f"file system error on {_q(exc.filename or job.dest)}: {_os_cause(exc)}"
+    role = _ROLES.get(getattr(exc, "role", None) or "")
+    code = getattr(exc, "os_errno", None)
+    if role and isinstance(code, int):  # copy()'s structure, in our words
+        cause = files.os_cause(OSError(code, os.strerror(code)))
+        return f"{type(exc).__name__}: cannot use {role} {_q(exc.filename)}: it {cause}"
     return f"{type(exc).__name__}: {in_cli_terms(str(exc))}"
+
+
+# copy()'s roles of the paths it refuses (apsw_backup.copy._cannot).
+_ROLES = {
+    "source database": "SOURCE",
+    "target": "DEST",
+    "target's folder": "DEST's folder",
+}
 
 
 # copy()'s words for what the command calls SOURCE and DEST, longest first.

@@ -64,6 +64,13 @@ BACKUP_KEYS: dict[str, tuple[type | None, ...]] = {
     "deleted": (list,),
     "pages_copied": (int, None),
     "page_count": (int, None),
+    # --keep (null without it): backups left because they are dated later
+    # than now; files named like SOURCE's backups without its mark; why
+    # rotation deleted nothing (an empty backup); backups it failed to delete.
+    "future_dated": (list, None),
+    "unmarked": (list, None),
+    "rotation_skipped": (str, None),
+    "not_deleted": (list, None),
 }
 FILE_KEYS: dict[str, tuple[type | None, ...]] = {
     "file": (str,),

@@ -22,7 +22,7 @@ from apsw_backup.cli.errors import (
     _os_cause,
     _q,
 )
-from apsw_backup.cli.folder import _same_path, backup_name
+from apsw_backup.cli.folder import backup_name
 
 SQLITE_HEADER = b"SQLite format 3\0"
 
@@ -48,6 +48,9 @@ class Job:
     waits: int = 0  # steps that found the database locked
     restarts: int = 0  # times the copy was seen to start again
     written: int = 0  # pages written, restarts included
+    has_table: bool = True  # the copy holds a table (read before publishing)
+    marked: bool = False  # the copy carries SOURCE's mark (folder DEST)
+    report_fields: dict[str, object] = field(default_factory=dict)  # for --json
 
     def note_step(self, status: int, remaining: int, total: int) -> None:
         """Take in one progress call (before anything else can raise)."""
@@ -128,16 +131,21 @@ def _planned(args: argparse.Namespace) -> Job:
 def _plan(args: argparse.Namespace) -> Job:
     """Check SOURCE and DEST; the job.  Raises Failure; writes nothing."""
     source, dest = args.source, args.dest
+    _check_schema(args.schema)
     try:
         files.check_distinct(source, dest)
-    except ValueError as exc:
-        raise Failure(EXIT_USAGE, _same_file_message(source, dest), exc) from exc
+    except files.SameFileError as exc:
+        # --json's error class stays "ValueError", as copy() documents it.
+        error = ValueError(str(exc))
+        raise Failure(EXIT_USAGE, _same_file_message(exc), error) from exc
     _check_source(source)
     _check_source_header(source)
     folder = None
     if os.path.isdir(dest) or dest.endswith(("/", os.sep)):
         folder = dest
         _check_folder(folder, "DEST folder")
+        if args.keep is not None:
+            _check_rotation(folder)
         dest = backup_name(folder, source)
         existed = False
     elif args.keep is not None:
@@ -192,18 +200,65 @@ def _check_name_length(dest: str, named_here: bool) -> None:
     )
 
 
-def _same_file_message(source: str, dest: str) -> str:
+def _check_schema(schema: str) -> None:
+    """Refuse --schema temp: the temporary database of the command's own
+    connection to SOURCE is always empty, so the "backup" would hold
+    nothing -- and --keep would rotate real backups away for it."""
+    if schema.casefold() == "temp":
+        raise Failure(
+            EXIT_USAGE,
+            "--schema temp names the temporary database of the connection this "
+            "command opens on SOURCE, which is always empty: a backup of it "
+            "would hold nothing. Back up main (the default), the database file",
+            UsageError("--schema"),
+        )
+
+
+def _check_rotation(folder: str) -> None:
+    """Refuse --keep where rotation cannot be safe: backups must be marked
+    with their SOURCE (an extended attribute) and the folder lockable."""
+    problem = files.marks_supported(folder)
+    if problem is not None:
+        raise Failure(
+            EXIT_USAGE,
+            f"--keep recognises SOURCE's backups by a mark on each file (the "
+            f"extended attribute {files.SOURCE_MARK}), and the file system of "
+            f"DEST folder {_q(folder)} has no user extended attributes "
+            f"({_os_cause(problem)}): without it, another database's backups "
+            "of the same name could be deleted. Run without --keep (and delete "
+            "old backups yourself), or use a folder on a file system that has "
+            "them (ext4, XFS, Btrfs, tmpfs)",
+            problem,
+        )
+    problem = files.folder_lock_problem(folder)
+    if problem is not None:
+        raise Failure(
+            EXIT_USAGE,
+            f"--keep locks DEST folder {_q(folder)} (flock) while it rotates, so "
+            "that runs that overlap cannot delete each other's backups, and its "
+            f"file system refuses that lock ({_os_cause(problem)}). Run without "
+            "--keep, or use a folder on a local file system",
+            problem,
+        )
+
+
+_SIDE_FILE_NAMES = {
+    "-wal": "write-ahead log",
+    "-shm": "shared-memory index",
+    "-journal": "rollback journal",
+}
+
+
+def _same_file_message(error: files.SameFileError) -> str:
     what = "SOURCE itself"
-    for suffix, name in (
-        ("-wal", "write-ahead log"),
-        ("-shm", "shared-memory index"),
-        ("-journal", "rollback journal"),
-    ):
-        if _same_path(source + suffix, dest):
-            what = f"SOURCE's {name} ({suffix} file), which SQLite deletes or rewrites"
+    if error.side:
+        what = (
+            f"SOURCE's {_SIDE_FILE_NAMES[error.side]} ({error.side} file), which "
+            "SQLite deletes or rewrites"
+        )
     return (
-        f"DEST {_q(dest)} is {what}: a copy written there would be lost and "
-        f"could damage SOURCE {_q(source)}. Choose another DEST"
+        f"DEST {_q(error.path)} is {what}: a copy written there would be lost and "
+        f"could damage SOURCE {_q(error.source)}. Choose another DEST"
     )
 
 
@@ -223,19 +278,22 @@ def _check_side_file_name(dest: str) -> None:
 
 
 def _check_stale_side_files(dest: str) -> None:
-    """Refuse a new DEST whose -journal or -wal is already there: the next
-    open of the copy would apply it (a hot journal or a WAL of another
-    database) and corrupt the copy."""
-    for suffix in ("-journal", "-wal"):
-        if os.path.lexists(dest + suffix):
-            raise Failure(
-                EXIT_USAGE,
-                f"DEST {_q(dest)} does not exist, but {_q(dest + suffix)} is "
-                "there (left by a crash, or by another database of that name): "
-                "SQLite would apply it to the new copy and corrupt it. Move it "
-                "away once you know it is not needed, or choose another DEST",
-                UsageError("DEST"),
-            )
+    """The file layer's rule (files.check_no_stale_side_files), in the
+    command's words."""
+    try:
+        files.check_no_stale_side_files(dest, role="DEST")
+    except files.StaleSideFileError as exc:
+        message = _stale_message(exc)
+        raise Failure(EXIT_USAGE, message, UsageError("DEST")) from exc
+
+
+def _stale_message(error: files.StaleSideFileError) -> str:
+    return (
+        f"DEST {_q(error.path)} does not exist, but {_q(error.filename)} is "
+        "there (left by a crash, or by another database of that name): "
+        "SQLite would apply it to the new copy and corrupt it. Move it "
+        "away once you know it is not needed, or choose another DEST"
+    )
 
 
 def _check_source(source: str) -> None:

@@ -60,6 +60,7 @@ def _summary(
         deleted=deleted,
         pages_copied=result.pages,
         page_count=result.pages,
+        **job.report_fields,  # rotation: future_dated, unmarked, rotation_skipped
     )
 
 
