@@ -472,3 +472,12 @@ def test_side_files_left_by_a_half_done_deletion_go_with_the_next_rotation(
     proc = run("--json", "--keep", "1", source, folder)
     assert proc.returncode == 0, proc.stderr
     assert not orphan.exists() and other.exists()
+
+
+def test_an_unmarked_future_dated_file_is_reported_as_future_dated(source, folder):
+    future = make_target(folder / "live-29990101T000000.000000Z.db")
+    proc = run("--json", "--keep", "1", source, folder)
+    assert proc.returncode == 0, proc.stderr
+    assert json_of(proc)["future_dated"] == [str(future)]
+    assert json_of(proc)["unmarked"] == []
+    assert future.exists() and str(future) in proc.stderr
