@@ -21,6 +21,7 @@ This module is that loop, with the traps of a live database handled:
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import stat
@@ -133,6 +134,7 @@ class _Options:
     keep_wal: bool
     verify: Verify | None
     flush_every: int | None = FLUSH_EVERY
+    target_exists: bool | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.pages, int) or isinstance(self.pages, bool):
@@ -167,6 +169,10 @@ class _Options:
         if self.verify is not None and not callable(self.verify):
             raise TypeError(
                 "verify must be callable (it is given the copy's path) or None"
+            )
+        if self.target_exists is not None and not isinstance(self.target_exists, bool):
+            raise TypeError(
+                f"target_exists must be None, True or False, not {self.target_exists!r}"
             )
         flush = self.flush_every
         if flush is not None and (
@@ -554,6 +560,7 @@ class _TargetSide:
         self.user = None
         self.given = self.file = os.path.abspath(path)
         self.kind = _check_target_path(self.file)
+        _check_expected(self.file, self.kind, options.target_exists)
         if self.kind == "new":
             self.file = os.path.realpath(self.file)  # a dangling link: its file
             for spelled in dict.fromkeys((self.given, self.file)):
@@ -573,6 +580,8 @@ class _TargetSide:
                 self.new.create()
             except OSError as exc:
                 self.new = None
+                if exc.errno == errno.ENAMETOOLONG:
+                    raise _cannot("target", self.file, exc) from exc
                 raise _cannot(
                     "target's folder", os.path.dirname(self.file), exc
                 ) from exc
@@ -757,6 +766,29 @@ def _check_target_path(path: str) -> str:
         raise _cannot("target's folder", folder, NotADirectoryError(20, "", folder))
     _check_writable("target's folder", folder)
     return "new"
+
+
+def _check_expected(path: str, kind: str, target_exists: bool | None) -> None:
+    """The caller's decision (target_exists) against what is at path now:
+    a file that appeared is never written to, one that vanished never
+    re-created, since the caller's account of it would be wrong."""
+    if target_exists is None or target_exists == (kind == "existing"):
+        return
+    if target_exists is False:
+        raise FileExistsError(
+            17,
+            f"the target {path!r} exists now, but the caller found no file "
+            "there (target_exists=False): another file appeared at its name, "
+            "and was left alone; remove it or choose another target",
+            path,
+        )
+    raise FileNotFoundError(
+        2,
+        f"the target {path!r} does not exist now, but the caller found a "
+        "file there (target_exists=True): it was removed meanwhile; nothing "
+        "was created",
+        path,
+    )
 
 
 def _check_writable(role: str, path: str) -> None:
@@ -1166,6 +1198,7 @@ def copy(
     keep_wal: bool = False,
     verify: Verify | None = None,
     flush_every: int | None = FLUSH_EVERY,
+    target_exists: bool | None = None,
 ) -> CopyResult:
     """Copy database `name` of `source` into `target_name` of `target`, online.
 
@@ -1239,6 +1272,15 @@ def copy(
     (new or existing); a Connection target is left alone.  None or 0: no
     flushing, the copy is written out by its final commit.  A failed flush
     is an IOError (SQLITE_IOERR_WRITE); the target is left as on any error.
+    target_exists: what the caller found at a path target, when it has
+    already decided (a command line that refuses to overwrite without
+    --overwrite).  False: the target must still not exist -- a file that
+    appeared at its name meanwhile raises FileExistsError and is left alone,
+    as one that appears before the copy is put in place does (the new copy
+    is linked to its name, which fails if the name is taken: the decision
+    "new" holds from the check to the publishing, O_EXCL-like).  True: it
+    must still exist (FileNotFoundError otherwise).  None (the default):
+    copy() decides when it starts.
 
     Before anything is created, every argument is checked, and a target
     that is the source's own file or one of its side files (-wal, -shm,
@@ -1271,6 +1313,7 @@ def copy(
         keep_wal,
         verify,
         flush_every,
+        target_exists,
     )
     job = _Copy(source, target, options)
     try:
@@ -1299,6 +1342,7 @@ async def acopy(
     keep_wal: bool = False,
     verify: Verify | None = None,
     flush_every: int | None = FLUSH_EVERY,
+    target_exists: bool | None = None,
 ) -> CopyResult:
     """copy() as a coroutine: the same arguments, behaviour and result.
 
@@ -1325,6 +1369,7 @@ async def acopy(
         keep_wal,
         verify,
         flush_every,
+        target_exists,
     )
     job = _Copy(source, target, options)
     try:

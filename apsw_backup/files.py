@@ -114,6 +114,8 @@ def read_header(path: str, size: int = 100) -> bytes:
         raise OSError(errno.EIO, f"SQLite cannot open it: {exc}", path) from exc
     try:
         return conn.file_header("main")[:size]
+    except _c.Error as exc:  # the read itself failed (an I/O error)
+        raise OSError(errno.EIO, f"{os.strerror(errno.EIO)} ({exc})", path) from exc
     finally:
         conn.close()
 
@@ -203,8 +205,21 @@ def temporary_path(final: str) -> str:
     folder, name = os.path.split(final)
     token = os.urandom(4).hex()  # not secrets: importing it costs ~4 ms
     return os.path.join(
-        folder, f"{name[:_NAME_KEPT]}.apsw-backup-{os.getpid()}-{token}.partial"
+        folder, f"{_cut(name, _NAME_KEPT)}.apsw-backup-{os.getpid()}-{token}.partial"
     )
+
+
+def _cut(name: str, size: int) -> str:
+    """name cut to at most size bytes as the file system counts them (a
+    file name's limit is in bytes: 100 characters of a multi-byte name may
+    be 400), never in the middle of a UTF-8 character."""
+    data = os.fsencode(name)
+    if len(data) <= size:
+        return name
+    end = size
+    while end > 0 and data[end] & 0xC0 == 0x80:  # a continuation byte
+        end -= 1
+    return os.fsdecode(data[:end])
 
 
 def _same_file(a: os.stat_result, b: os.stat_result) -> bool:

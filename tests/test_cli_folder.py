@@ -1,4 +1,4 @@
-"""Backups as people keep them (issue 11 item 7, SPEC 4.1): DEST may be a
+"""Backups as people keep them (docs/command-line.md): DEST may be a
 folder (the copy is <SOURCE stem>-<UTC timestamp>.db there), --keep N
 rotates those backups only, once the new one is verified, and
 `apsw-backup verify FILE...` checks existing backups."""
@@ -148,7 +148,7 @@ def test_keep_removes_the_side_files_of_a_deleted_backup(source, folder):
 
 def test_keep_never_deletes_the_new_backup_even_if_the_clock_went_back(source, folder):
     # A backup dated later than now (the clock ran ahead, or went back since)
-    # is kept and reported, never counted as the newest (issue 19 item 16).
+    # is kept and reported, never counted as the newest (docs/cli.md#folders-and---keep).
     (future,) = make_old_backups(folder, 1)
     future = future.rename(folder / "live-29990101T000000.000000Z.db")
     proc = run("--json", "--keep", "1", source, folder)

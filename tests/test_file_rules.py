@@ -1,6 +1,6 @@
-"""The file rules copy() and the command line share (issue 19 items 4, 5,
-15, 16): a new target beside a stale -journal/-wal, a side file of the
-source reached through another mount of its folder, leftovers of killed
+"""The file rules copy() and the command line share
+(docs/cli.md#leftovers-and-stale-side-files): a new target beside a stale
+-journal/-wal, a side file of the source reached through another mount of its folder, leftovers of killed
 runs that shared a PID with the run that cleans up, and the clean-up of a
 run into an existing target.  Each rule lives once, in apsw_backup.files,
 and its error carries the role, the path and the errno."""

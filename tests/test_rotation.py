@@ -1,5 +1,4 @@
-"""Folders and --keep (issue 19 items 1, 2, 3, 9, 16; docs/cli.md "Folders
-and --keep"): runs that overlap, backups recognised by SOURCE's mark rather
+"""Folders and --keep (docs/cli.md#folders-and---keep): runs that overlap, backups recognised by SOURCE's mark rather
 than by the stem of their name, empty backups, a backup that cannot be
 deleted, and backups dated later than now."""
 

@@ -39,6 +39,9 @@ class Job:
     page_size: int = 0
     started: float = field(default_factory=time.monotonic)
     committed: bool = False  # the last step completed: the copy is in DEST
+    published: bool = False  # copy() returned: a new DEST is our copy
+    other_file: bool = False  # another file appeared at a new DEST's name
+    torn: bool = False  # an existing DEST whose rollback did not happen
     verified: bool | None = None  # None: not verified (yet)
     copied: int = 0  # pages copied, as of the last step
     total: int = 0  # pages in SOURCE, as of the last step
@@ -67,7 +70,13 @@ class Job:
 
     def state(self) -> str:
         """What DEST holds now (the "dest_state" of --json)."""
-        present = self.committed if self.existed else os.path.lexists(self.dest)
+        if self.torn:
+            return "needs recovery"
+        if self.other_file:
+            return "other file"
+        # A new DEST is ours once copy() put it in place, never because a
+        # file is at its name (another run's may be).
+        present = self.committed if self.existed else self.published
         if not present:
             return "unchanged" if self.existed else "not created"
         if self.verified is not None:
@@ -85,6 +94,13 @@ def dest_says(dest: str, state: str) -> str:
     return {
         "not created": f"DEST {q} was not created",
         "unchanged": f"DEST {q} was left as it was",
+        "needs recovery": f"DEST {q} is incomplete: SQLite could not roll it "
+        f"back yet; its rollback journal {_q(dest + '-journal')} restores the "
+        "previous content the next time DEST is opened with write access "
+        f"(e.g. sqlite3 {shlex.quote(dest)} 'PRAGMA quick_check'). Do not "
+        "delete or move that file: DEST is damaged without it",
+        "other file": f"DEST {q} holds another file, which appeared there "
+        "while the copy was made: it was left alone and the copy was discarded",
         "verified": f"DEST {q} holds the complete, verified copy",
         "failed verification": f"DEST {q} holds the copy that failed verification",
         "unverified": f"DEST {q} holds the complete copy, but it was not "
@@ -147,6 +163,7 @@ def _plan(args: argparse.Namespace) -> Job:
         else:
             _check_stale_side_files(dest)
         _check_folder(os.path.dirname(os.path.abspath(dest)), "DEST's folder")
+    _check_name_length(dest, folder is not None)
     return Job(
         source=source,
         dest=dest,
@@ -154,6 +171,32 @@ def _plan(args: argparse.Namespace) -> Job:
         verify=not args.no_verify,
         folder=folder,
         page_size=header_page_size(source),
+    )
+
+
+def _check_name_length(dest: str, named_here: bool) -> None:
+    """Refuse a DEST whose file name is longer than its file system allows:
+    the name is at fault, not its folder (a limit counted in bytes: a name
+    of 100 characters may be 400 bytes)."""
+    folder, name = os.path.split(os.path.abspath(dest))
+    try:
+        limit = os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    size = len(os.fsencode(name))
+    if size <= limit:
+        return
+    cure = (
+        "give SOURCE a shorter name, or name DEST as a file"
+        if named_here
+        else "choose a shorter name"
+    )
+    error = OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG), dest)
+    raise Failure(
+        EXIT_USAGE,
+        f"DEST's file name {name!r} is {size} bytes long, more than the {limit} "
+        "bytes a file name may have on its file system (ENAMETOOLONG): " + cure,
+        error,
     )
 
 

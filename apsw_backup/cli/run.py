@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import errno
-import sys
 import time
 
 import apsw_backup
 from apsw_backup import files
+from apsw_backup.cli import output
+from apsw_backup.cli.dest_file import deadline_left, roll_back
 from apsw_backup.cli.errors import EXIT_ERROR, EXIT_OK, PROG, Failure, _count
 from apsw_backup.cli.failures import _failure, _headline, _job_fields
 from apsw_backup.cli.folder import FOLDER_LOCK_WAIT, hold_folder, holds_a_table, rotate
@@ -19,6 +20,7 @@ from apsw_backup.cli.summary import _report
 from apsw_backup.cli.verification import (
     VerificationError,
     VerificationFailed,
+    VerificationTimeout,
     integrity_problems,
 )
 from apsw_backup.copy import copy
@@ -33,7 +35,9 @@ class Runner:
         interrupts: Interrupts,
         line: ProgressLine | None,
         pause: float = 0.0,
+        deadline: float | None = None,
     ) -> None:
+        self.deadline = deadline  # time.monotonic() by which the run ends
         self.job = job
         self.interrupts = interrupts
         self.line = line
@@ -104,7 +108,7 @@ class Runner:
             self._wait(10 * self.pause)
         tick = self.line.tick if self.line is not None else None
         try:
-            problems = integrity_problems(path, self.interrupts, tick)
+            problems = integrity_problems(path, self.interrupts, tick, self.deadline)
         except apsw_backup.Error as exc:
             raise VerificationError(exc) from exc
         self.job.verified = not problems
@@ -123,7 +127,8 @@ def _backup_command(
     job: Job, args: argparse.Namespace, interrupts: Interrupts, pause: float = 0.0
 ) -> int:
     line = _progress_line(args.progress, job)
-    runner = Runner(job, interrupts, line, pause)
+    deadline = None if args.timeout is None else job.started + args.timeout
+    runner = Runner(job, interrupts, line, pause, deadline)
     runner.keep, runner.timeout = args.keep, args.timeout
     deleted: list[str] = []
     publishing = job.verify or job.folder is not None
@@ -137,17 +142,29 @@ def _backup_command(
             progress=runner.progress,
             name=args.schema,
             sleep=args.sleep,
-            timeout=args.timeout,
+            timeout=deadline_left(job, args.timeout),
             keep_wal=args.keep_wal,
             verify=runner.before_publish if publishing else None,
+            target_exists=job.existed,
         )
+        job.published = True
         _pause_for_tests("done", interrupts)
         interrupts.check()
         if args.keep is not None:
             deleted = _rotated(job, args.keep, interrupts)
-    except (Interrupted, VerificationFailed, VerificationError, Failure) as exc:
+    except (
+        Interrupted,
+        VerificationFailed,
+        VerificationError,
+        VerificationTimeout,
+        Failure,
+    ) as exc:
+        roll_back(job, deadline_left(job, args.timeout))
         failure = _failure(exc, job, args)
-    except (apsw_backup.Error, OSError) as exc:
+    except Exception as exc:  # noqa: BLE001 - reported, with what DEST holds
+        if isinstance(exc, FileExistsError) and not job.existed and not job.published:
+            job.other_file = True
+        roll_back(job, deadline_left(job, args.timeout))
         failure = _failure(exc, job, args)
     else:
         if line is not None:
@@ -218,4 +235,4 @@ def _rotated(job: Job, keep: int, interrupts: Interrupts) -> list[str]:
 
 
 def _warn(text: str) -> None:
-    print(f"{PROG}: warning: {text}", file=sys.stderr)
+    output.err(f"{PROG}: warning: {text}")
