@@ -5,6 +5,7 @@ deleted, and backups dated later than now."""
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import sqlite3
@@ -387,6 +388,7 @@ def test_a_run_that_cannot_get_the_folder_lock_puts_nothing_in_place(source, fol
         lock.release()
     assert proc.returncode == 1
     assert "held the lock on DEST folder" in proc.stderr
+    assert re.search(r"for 0\.[5-9]\d* s|for 1 s", proc.stderr), proc.stderr
     assert json_of(proc)["dest_state"] == "not created"
     assert names(folder) == [old.name]  # no temporary file left either
     assert took < 10
