@@ -240,7 +240,7 @@ def _cannot(role: str, path: str, exc: OSError) -> _c.Error:
     error = _c.CantOpenError(
         f"cannot use the {role} {path!r}: it {files.os_cause(exc)}"
     )
-    error.role, error.filename, error.os_errno = role, path, exc.errno
+    vars(error).update(role=role, filename=path, os_errno=exc.errno)
     return _with_codes(error, _c.SQLITE_CANTOPEN)
 
 

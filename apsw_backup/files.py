@@ -485,7 +485,7 @@ class NewFile:
             fd, self._fd = self._fd, -1
             os.close(fd)
         with _OURS_LOCK:
-            _OURS.discard(self._ident)  # type: ignore[arg-type]
+            _OURS.discard(self._ident)
         self._ident = None
 
 

@@ -114,7 +114,8 @@ def _explain(exc: BaseException, job: Job, args: argparse.Namespace) -> str:
     code = getattr(exc, "os_errno", None)
     if role and isinstance(code, int):  # copy()'s structure, in our words
         cause = files.os_cause(OSError(code, os.strerror(code)))
-        return f"{type(exc).__name__}: cannot use {role} {_q(exc.filename)}: it {cause}"
+        path = str(getattr(exc, "filename", None) or job.dest)
+        return f"{type(exc).__name__}: cannot use {role} {_q(path)}: it {cause}"
     return f"{type(exc).__name__}: {in_cli_terms(str(exc))}"
 
 
