@@ -167,7 +167,7 @@ class SameFileError(ValueError):
         else:
             message = (
                 f"the {role} {path!r} is the source database {source!r} itself "
-                "(the same file): copy it to another file"
+                "(the same database): copy it to another file"
             )
         super().__init__(message)
 

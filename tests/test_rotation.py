@@ -5,6 +5,7 @@ deleted, and backups dated later than now."""
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import sqlite3
@@ -381,12 +382,14 @@ def test_a_run_that_cannot_get_the_folder_lock_puts_nothing_in_place(source, fol
     assert lock.acquire(True, 0)
     try:
         started = time.monotonic()
-        proc = run("--json", "--keep", "1", "--timeout", "1", source, folder)
+        proc = run("--json", "--keep", "1", "--timeout", "3", source, folder)
         took = time.monotonic() - started
     finally:
         lock.release()
     assert proc.returncode == 1
     assert "held the lock on DEST folder" in proc.stderr
+    # The wait it used: what was left of --timeout, never 0 after the fact.
+    assert re.search(r"for ([12]\.\d+|[23]) s", proc.stderr), proc.stderr
     assert json_of(proc)["dest_state"] == "not created"
     assert names(folder) == [old.name]  # no temporary file left either
     assert took < 10
@@ -471,3 +474,12 @@ def test_side_files_left_by_a_half_done_deletion_go_with_the_next_rotation(
     proc = run("--json", "--keep", "1", source, folder)
     assert proc.returncode == 0, proc.stderr
     assert not orphan.exists() and other.exists()
+
+
+def test_an_unmarked_future_dated_file_is_reported_as_future_dated(source, folder):
+    future = make_target(folder / "live-29990101T000000.000000Z.db")
+    proc = run("--json", "--keep", "1", source, folder)
+    assert proc.returncode == 0, proc.stderr
+    assert json_of(proc)["future_dated"] == [str(future)]
+    assert json_of(proc)["unmarked"] == []
+    assert future.exists() and str(future) in proc.stderr

@@ -182,7 +182,11 @@ def rotate(
         return rotation
     own_info = os.stat(job.dest)
     ours: list[tuple[datetime, str]] = []
-    backups, rotation.unmarked = _named_like_backups(job.folder, job.source)
+    backups, unmarked = _named_like_backups(job.folder, job.source)
+    for path in unmarked:  # never touched; the future-dated ones said so
+        stamp = _stamp(os.path.basename(path))
+        listed = rotation.future if stamp is not None and stamp > now else None
+        (rotation.unmarked if listed is None else listed).append(path)
     for path in backups:
         stamp = _stamp(os.path.basename(path))
         info = _stat(path)
@@ -192,6 +196,7 @@ def rotate(
             rotation.future.append(path)
         else:
             ours.append((stamp, path))
+    rotation.future.sort()
     counted = sorted([(own, job.dest)] + [b for b in ours if holds_a_table(b[1])])
     kept = {path for _, path in counted[-keep:]}
     for stamp, path in sorted(ours):

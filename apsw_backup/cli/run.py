@@ -77,8 +77,9 @@ class Runner:
         else:
             self.job.marked = True
         rotating = self.keep is not None
+        wait = self._lock_wait()
         try:
-            held = hold_folder(self.job, rotating, self.interrupts, self._lock_wait())
+            held = hold_folder(self.job, rotating, self.interrupts, wait)
         except OSError:
             if rotating:  # checked in the plan: it worked a moment ago
                 raise
@@ -87,7 +88,7 @@ class Runner:
             raise Failure(
                 EXIT_ERROR,
                 f"another run held the lock on DEST folder {self.job.folder!r} "
-                f"for {self._lock_wait():.2g} s, so the new backup was not put in "
+                f"for {wait:.2g} s, so the new backup was not put in "
                 f"place: run again once it is done. {self.job.says()}",
                 BlockingIOError(errno.EWOULDBLOCK, "folder locked", self.job.folder),
             )
