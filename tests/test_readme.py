@@ -337,3 +337,17 @@ def test_the_wheel_is_built_and_installs_as_docs_install_says(tmp_path):
         [python, "-c", "import apsw_backup; print(apsw_backup.__file__)"], tmp_path
     )
     assert result.stdout.startswith(str(venv)), result.stdout
+
+
+def test_every_benchmark_the_docs_name_exists():
+    listed = run([sys.executable, "benchmarks/run.py", "--list"], ROOT)
+    assert listed.returncode == 0, listed.stderr
+    scenarios = {line.split()[0] for line in listed.stdout.splitlines() if line}
+    named = {
+        name
+        for _, line in sh_lines()
+        for option in re.findall(r"--only (\S+)", line)
+        for name in option.split(",")
+    }
+    assert len(named) >= 10
+    assert named <= scenarios, named - scenarios
