@@ -94,6 +94,26 @@ def test_python_example_runs(page, code, tmp_path):
         check=False,
     )
     assert result.returncode == 0, f"{page.name}:\n{code}\n{result.stderr}"
+    # A print whose comment shows its output prints that, in that order
+    # (what follows ": " in the comment explains it).
+    lines = iter(result.stdout.splitlines())
+    for shown in shown_outputs(code):
+        assert any(line == shown for line in lines), (page.name, shown, result.stdout)
+
+
+def shown_outputs(code):
+    """The outputs the comments of a block's print() calls show, in order."""
+    return [
+        found[1].split(": ")[0]
+        for line in code.splitlines()
+        if (found := re.search(r"\bprint\(.*\)  # (.+)$", line))
+    ]
+
+
+def test_the_examples_show_their_output():
+    shown = [s for param in examples("python") for s in shown_outputs(param.values[1])]
+    assert len(shown) >= 10
+    assert "[('good',)]" in shown and "True 0" in shown
 
 
 def test_there_are_python_examples():
