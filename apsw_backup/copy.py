@@ -1018,9 +1018,14 @@ class _Copy:
 
     def _check_in_use(self, error: _c.ThreadingViolationError) -> None:
         """Another thread's call on the source (or target) connection is
-        waited for like a lock, but for IN_USE_LIMIT seconds at most: the
-        same error also means a call copy() itself runs inside (copy()
-        called from a callback of that connection), which never ends."""
+        waited for like a lock, but for IN_USE_LIMIT seconds at most.  A
+        connection that is the destination of an unfinished Backup, or one
+        whose own call copy() runs inside (a callback), is never waited for:
+        no wait can end either, so they are raised at once."""
+        if isinstance(error, (_c.DestinationLockedError, _c.ReentrancyError)):
+            raise _renamed(
+                error, f"copy() cannot use that connection: {error}; {self._left_as()}"
+            ) from error
         if not self._in_use_in_a_row:
             self._in_use_since = time.monotonic()
         self._in_use_in_a_row += 1
