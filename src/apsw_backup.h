@@ -369,4 +369,12 @@ extern PyType_Spec recorder_spec;
 PyObject *module_page_hash(PyObject *module, PyObject *data);
 PyObject *module_page_hash_variants(PyObject *module, PyObject *data);
 
+/* incremental.c: private functions over deltashim.c (issue 21) */
+PyObject *incremental_vfs_names(PyObject *module, PyObject *arg);
+PyObject *incremental_delta_open(PyObject *module, PyObject *args);
+PyObject *incremental_delta_close(PyObject *module, PyObject *capsule);
+PyObject *incremental_delta_result(PyObject *module, PyObject *capsule);
+PyObject *incremental_overlay_open(PyObject *module, PyObject *args);
+PyObject *incremental_overlay_close(PyObject *module, PyObject *capsule);
+
 #endif /* APSW_BACKUP_H */
