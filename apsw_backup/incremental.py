@@ -985,6 +985,7 @@ def restore(
     overwrite: bool = False,
     keep_wal: bool = False,
     timeout: float | None = None,
+    progress: Callable[[int, int], Any] | None = None,
 ) -> RestoreResult:
     """Rebuild the database of a restore point into dest.
 
@@ -1004,6 +1005,9 @@ def restore(
     transaction, so its other connections see the old database, then the
     new one; writers_held in the result is how long that transaction held
     their lock (the whole copy), wal_growth how much its -wal grew.
+    progress(pages_done, pages_total) is called as the work goes; if it
+    raises, nothing is put in place (an existing dest is rolled back) and
+    the exception comes out.
     """
     started = time.monotonic()
     point = _resolve(backup, at)
@@ -1020,8 +1024,8 @@ def restore(
                 f"DEST {target!r} exists: pass overwrite=True (--overwrite) to "
                 "replace its content through SQLite's own transaction"
             )
-        return _restore_into_existing(chain, target, started, timeout)
-    _restore_new(chain, target, keep_wal)
+        return _restore_into_existing(chain, target, started, timeout, progress)
+    _restore_new(chain, target, keep_wal, progress)
     return RestoreResult(
         point=point,
         dest=target,
@@ -1033,15 +1037,22 @@ def restore(
     )
 
 
-def _restore_new(chain: list[_Point], target: str, keep_wal: bool) -> None:
+def _restore_new(
+    chain: list[_Point],
+    target: str,
+    keep_wal: bool,
+    progress: Callable[[int, int], Any] | None,
+) -> None:
     files.remove_stale(os.path.dirname(target))
     pages = _ChainFiles(chain)
     new = files.NewFile(target)
     try:
         new.create()
         P = pages.page_size
-        for pgno, _n, data in pages.checked_runs():
+        for pgno, n, data in pages.checked_runs():
             _write_all(new.fd, data, (pgno - 1) * P)
+            if progress is not None:
+                progress(pgno + n - 1, pages.page_count)
         os.ftruncate(new.fd, pages.page_count * P)
         index = list(range(1, pages.page_count + 1))
         lock = _lock_byte_page(P)
@@ -1099,13 +1110,24 @@ def _check_database(path: str, keep_wal: bool, target: str) -> None:
 
 
 def _restore_into_existing(
-    chain: list[_Point], target: str, started: float, timeout: float | None
+    chain: list[_Point],
+    target: str,
+    started: float,
+    timeout: float | None,
+    progress: Callable[[int, int], Any] | None,
 ) -> RestoreResult:
     wal = target + "-wal"
     before = os.stat(wal).st_size if os.path.exists(wal) else 0
     with _Overlay(chain) as conn:
         # the backup holds DEST's write lock from its first step to the end
-        result = copy(conn, target, timeout=timeout, snapshot=False)
+        step = None
+        if progress is not None:
+            report = progress
+
+            def step(status: int, remaining: int, total: int) -> None:
+                report(total - remaining, total)
+
+        result = copy(conn, target, timeout=timeout, snapshot=False, progress=step)
     after = os.stat(wal).st_size if os.path.exists(wal) else 0
     return RestoreResult(
         point=chain[-1].info.path,

@@ -3,6 +3,8 @@
     apsw-backup [options] SOURCE DEST
     apsw-backup [options] SOURCE FOLDER/   (the copy is FOLDER/<stem>-<UTC time>.db)
     apsw-backup verify [--json] FILE...
+    apsw-backup --incremental SOURCE FOLDER/, restore, list, verify FOLDER
+                                           (cli/incremental.py)
     apsw-backup --demo
     python -m apsw_backup ...              (the same command)
 
@@ -35,6 +37,7 @@ from collections.abc import Sequence
 
 # apsw_backup is re-exported: tests patch apsw_backup.Connection through it.
 import apsw_backup as apsw_backup
+from apsw_backup.cli import incremental as _incremental
 from apsw_backup.cli.arguments import _Exit, _parse, _parse_verify
 from apsw_backup.cli.demo import _demo
 from apsw_backup.cli.errors import Failure
@@ -68,6 +71,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     as_json = "--json" in argv  # known before parsing: usage errors too
     with _signals() as interrupts:
         try:
+            if _incremental.wants(argv):
+                return _incremental.run(argv, interrupts)
             if argv[:1] == ["verify"]:
                 return _verify_command(_parse_verify(argv[1:]), interrupts)
             args = _parse(argv)

@@ -28,7 +28,13 @@ exit codes (the message, and "dest_state" in --json, say what DEST holds):
        "DEST holds the complete copy, but it was not verified",
        "DEST holds the complete, verified copy"
 
-apsw-backup verify [--json] FILE... checks existing backups (exit 0, 1, 3)."""
+apsw-backup verify [--json] FILE... checks existing backups (exit 0, 1, 3).
+
+restore points (docs/incremental.md):
+  apsw-backup --incremental SOURCE FOLDER/ [--keep N] [--max-chain N]
+  apsw-backup restore BACKUP DEST [--at TIMESTAMP] [--overwrite]
+  apsw-backup list FOLDER
+  apsw-backup verify FOLDER..."""
 
 VERIFY_EPILOG = """\
 exit codes: 0 every FILE passed, 1 a FILE could not be read, 3 a FILE failed
