@@ -69,7 +69,9 @@ _READ_RUN = 1 << 20  # bytes read at once when streaming pages
 
 # Defaults of incremental(): see its docstring.
 MAX_CHAIN = 30
-REBASE_SHARE = 0.5
+REBASE_SHARE = 1.0  # the chain's deltas together, against the base's size
+VACUUM_SHARE = 0.5  # one delta storing more of the pages than this: a base
+DEST_CACHE_PAGES = -2000  # the recording's page cache (SQLite's default, 2 MB)
 
 
 class BrokenChainError(Exception):
@@ -121,6 +123,10 @@ class IncrementalResult:
     chain_length: int  # points from the base to this one, both included
     root: str
     reason: str  # why a base, or "" for a delta
+    restarts: int = 0  # times the backup started over (writers changed the source)
+    # the shim's counts: page writes, of them equal to the parent's, and
+    # unkept pages SQLite read back after a restart (served poisoned)
+    recording: dict[str, int] = dataclasses.field(default_factory=dict)
     deleted: list[str] = dataclasses.field(default_factory=list)
     merged: list[str] = dataclasses.field(default_factory=list)
 
@@ -655,6 +661,13 @@ def _read_back(
                 )
 
 
+@dataclasses.dataclass
+class _RunOptions:
+    pages: int
+    timeout: float | None
+    progress: Any
+
+
 class _Recording:
     """One run of the backup API into the delta shim."""
 
@@ -668,26 +681,35 @@ class _Recording:
         self.capsule = _c._delta_open(self.path, fd, data_offset, page_size, parent)
         self.vfs = delta_vfs
 
-    def run(
-        self, source: _c.Connection, timeout: float | None, progress: Any
-    ) -> dict[str, Any]:
+    def run(self, source: _c.Connection, opts: _RunOptions) -> dict[str, Any]:
         try:
             dest = _c.Connection(self.path, vfs=self.vfs)
             try:
+                # No journal file beside a file that does not exist; a small
+                # cache bounds the memory (spilled pages come to the shim).
                 dest.execute("PRAGMA journal_mode=MEMORY").fetchall()
-                copy(source, dest, timeout=timeout, progress=progress)
+                dest.execute(f"PRAGMA cache_size={DEST_CACHE_PAGES}").fetchall()
+                done = copy(
+                    source,
+                    dest,
+                    pages=opts.pages,
+                    timeout=opts.timeout,
+                    progress=opts.progress,
+                )
             finally:
                 dest.close()
-            return dict(_c._delta_result(self.capsule))
+            outcome = dict(_c._delta_result(self.capsule))
+            outcome["restarts"] = done.restarts
+            return outcome
         finally:
             _c._delta_close(self.capsule)
 
 
 def _write_point(source: _c.Connection, source_name: str, folder: str, stem: str,
                  parent: _Point | None, sequence: int, page_size: int,
-                 timeout: float | None, progress: Any) -> tuple[_Point, int, int]:  # fmt: skip
+                 opts: _RunOptions) -> tuple[_Point, int, int, int, dict[str, int]]:  # fmt: skip
     """Back source up as a point whose parent is `parent` (None: a base);
-    returns the point, bytes written and pages written."""
+    returns the point, bytes written, pages written and restarts."""
     created = datetime.now(timezone.utc)
     kind = "delta" if parent is not None else "base"
     final = _final_name(folder, stem, kind, created)
@@ -701,15 +723,18 @@ def _write_point(source: _c.Connection, source_name: str, folder: str, stem: str
         rec = _Recording(
             folder, new.fd, data_offset, page_size, parent.manifest if parent else b""
         )
-        outcome = rec.run(source, timeout, progress)
+        outcome = rec.run(source, opts)
         problem = _recording_problem(outcome, page_size)
         if problem:
             raise IncrementalError(problem)
         slots = list(array.array("q", outcome["slot_pages"]))
         index = _compact(new.fd, data_offset, page_size, slots)
         manifest = outcome["manifest"]
-        page1 = _read_page1(new.fd, data_offset, page_size, index, parent)
-        wal = page1[18:20] == b"\x02\x02"
+        if 1 in index:
+            page1 = _read_exact(new.fd, 100, data_offset + index.index(1) * page_size)
+            wal = page1[18:20] == b"\x02\x02"
+        else:
+            wal = parent is not None and parent.info.wal
         header = _header(kind, page_size, data_offset, len(manifest) // HASH, len(index),
                          created, sequence, wal, source_name)  # fmt: skip
         parent_root = parent.root if parent else ZERO_HASH
@@ -724,15 +749,8 @@ def _write_point(source: _c.Connection, source_name: str, folder: str, stem: str
     point = _Point(
         _read_point(final).info, data_offset, index, manifest, parent_root, root
     )
-    return point, size, len(index)
-
-
-def _read_page1(
-    fd: int, data_offset: int, page_size: int, index: list[int], parent: _Point | None
-) -> bytes:
-    if 1 in index:
-        return _read_exact(fd, 100, data_offset + index.index(1) * page_size)
-    return b"\x02\x02" * 10 if parent is not None and parent.info.wal else b""
+    counts = {k: int(outcome[k]) for k in ("writes", "unchanged", "unkept_reads")}
+    return point, size, len(index), int(outcome["restarts"]), counts
 
 
 def _recording_problem(outcome: dict[str, Any], page_size: int) -> str:
@@ -805,6 +823,7 @@ def incremental(
     keep: int | None = None,
     timeout: float | None = None,
     progress: Callable[[int, int, int], Any] | None = None,
+    pages: int = -1,
 ) -> IncrementalResult:
     """Back source up into folder as one new restore point.
 
@@ -812,14 +831,17 @@ def incremental(
     (none yet, its newest point damaged, another page size), or when the
     chain already has max_chain deltas; otherwise a delta holding only the
     pages whose hash differs from the newest point's manifest.  A delta
-    larger than rebase_share of the database (a VACUUM), or one after which
-    the chain's deltas together exceed rebase_share of the base, is turned
-    into a base at once (from the chain's files, not from the source).
+    holding more than half the database's pages (a VACUUM), or one after
+    which the chain's deltas together exceed rebase_share of the base's
+    size, is turned into a base at once (from the chain's files, not from
+    the source).
     keep: the number of restore points of this source to keep; older ones
     are deleted whole chains first, and the oldest delta of the current
     chain is merged into a new base rather than leaving a chain without its
     base.  Each file is written under a temporary name, fsynced, read back
     and checked, renamed into place, and the folder fsynced.
+    pages, timeout and progress are copy()'s (pages per step: -1 reads the
+    source in one step, under one read transaction).
     """
     if not isinstance(max_chain, int) or max_chain < 0:
         raise ValueError(f"max_chain must be an int >= 0, not {max_chain!r}")
@@ -828,6 +850,7 @@ def incremental(
     if keep is not None and (not isinstance(keep, int) or keep < 1):
         raise ValueError(f"keep must be an int >= 1 or None, not {keep!r}")
     started = time.monotonic()
+    opts = _RunOptions(pages, timeout, progress)
     folder = os.path.abspath(os.fspath(folder))
     if not os.path.isdir(folder):
         raise FileNotFoundError(
@@ -860,15 +883,17 @@ def incremental(
         parent = chain[-1] if chain else None
         sequence = parent.info.sequence + 1 if parent else _next_sequence(folder, stem)
         try:
-            point, written, pages = _write_point(conn, source_name, folder, stem, parent,
-                                                 sequence, page_size, timeout, progress)  # fmt: skip
+            point, written, pages, restarts, counts = _write_point(
+                conn, source_name, folder, stem, parent, sequence, page_size, opts
+            )
         except IncrementalError:
             new_size = int(conn.execute("PRAGMA main.page_size").fetchall()[0][0])
             if new_size == page_size:
                 raise
             chain, parent, reason = [], None, f"the page size changed to {new_size}"
-            point, written, pages = _write_point(conn, source_name, folder, stem, None,
-                                                 sequence, new_size, timeout, progress)  # fmt: skip
+            point, written, pages, restarts, counts = _write_point(
+                conn, source_name, folder, stem, None, sequence, new_size, opts
+            )
     finally:
         if own:
             conn.close()
@@ -882,6 +907,8 @@ def incremental(
         chain_length=len(chain) + 1,
         root=point.root.hex(),
         reason=reason if parent is None else "",
+        restarts=restarts,
+        recording=counts,
     )
     if parent is not None:
         chain = chain + [point]
@@ -900,15 +927,15 @@ def incremental(
 
 def _rebase_reason(chain: list[_Point], max_chain: int, share: float) -> str:
     tip = chain[-1]
-    if tip.info.stored_pages > share * tip.info.page_count:
+    if tip.info.stored_pages > VACUUM_SHARE * tip.info.page_count:
         return (
             f"{tip.info.stored_pages} of {tip.info.page_count} pages changed "
-            "(a VACUUM?): more than rebase_share of the database"
+            f"(a VACUUM?): more than {VACUUM_SHARE:.0%} of the database"
         )
     base = chain[0]
     deltas = sum(p.info.size for p in chain[1:])
     if deltas > share * base.info.size:
-        return "the deltas since the base exceed rebase_share of it"
+        return f"the deltas since the base exceed rebase_share ({share}) of it"
     return ""
 
 
@@ -1049,15 +1076,14 @@ def _restore_new(
     try:
         new.create()
         P = pages.page_size
-        for pgno, n, data in pages.checked_runs():
+        # _check_chain() proved every stored page matches the tip's manifest
+        # (each file's pages its own, each unstored hash its parent's); the
+        # read-back below checks what reached the disk.
+        for pgno, n, data in pages.runs():
             _write_all(new.fd, data, (pgno - 1) * P)
             if progress is not None:
                 progress(pgno + n - 1, pages.page_count)
         os.ftruncate(new.fd, pages.page_count * P)
-        index = list(range(1, pages.page_count + 1))
-        lock = _lock_byte_page(P)
-        if lock <= pages.page_count:
-            index.remove(lock)
         _read_back_whole(new.fd, P, pages.manifest, target)
         _check_database(new.path, keep_wal, target)
         new.publish()

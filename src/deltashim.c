@@ -72,7 +72,7 @@ struct Delta {
     sqlite3_int64 *page_of_slot;
     sqlite3_int64 *free_slots;
     sqlite3_int64 size; /* the file's size as SQLite sees it */
-    sqlite3_int64 writes, unchanged;
+    sqlite3_int64 writes, unchanged, unkept_reads;
     int failed;
     char message[200];
 };
@@ -384,6 +384,7 @@ dfile_read(sqlite3_file *file, void *buf, int amt, sqlite3_int64 off)
         }
         else if (st == P_SAME) {
             d->state[pgno - 1] |= P_POISON;
+            d->unkept_reads++;
         }
         memcpy(out, page + in_page, (size_t)n);
         out += n;
@@ -905,6 +906,7 @@ delta_result(Delta *d, DeltaResult *out)
     out->slots = d->nslots;
     out->writes = d->writes;
     out->unchanged = d->unchanged;
+    out->unkept_reads = d->unkept_reads;
     out->failed = d->failed;
     memcpy(out->message, d->message, sizeof(out->message));
     if (d->size % P != 0) {

@@ -33,7 +33,9 @@ typedef struct {
     sqlite3_int64 poisoned;   /* unkept pages SQLite read back and never
                                * wrote again: the recording is unusable */
     sqlite3_int64 first_poisoned;
-    sqlite3_int64 missing; /* pages below page_count never written */
+    sqlite3_int64 unkept_reads; /* unkept pages SQLite read back (a restart
+                                 * after a cache spill) */
+    sqlite3_int64 missing;      /* pages below page_count never written */
     sqlite3_int64 first_missing;
     int failed;        /* a write SQLite made could not be kept */
     char message[200]; /* why, when failed */

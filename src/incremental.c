@@ -166,14 +166,15 @@ incremental_delta_result(PyObject *Py_UNUSED(module), PyObject *capsule)
                    r.page_count);
     delta_slots(d, (sqlite3_int64 *)PyBytes_AsString(slots), r.slots);
     return Py_BuildValue(
-        "{s:i,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:O,s:s,s:N,s:N}",
+        "{s:i,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:O,s:s,s:N,s:N}",
         "page_size", r.page_size, "page_count", (long long)r.page_count,
         "kept", (long long)r.kept, "slots", (long long)r.slots, "writes",
         (long long)r.writes, "unchanged", (long long)r.unchanged, "poisoned",
         (long long)r.poisoned, "first_poisoned", (long long)r.first_poisoned,
-        "missing", (long long)r.missing, "first_missing",
-        (long long)r.first_missing, "failed", r.failed ? Py_True : Py_False,
-        "message", r.message, "manifest", manifest, "slot_pages", slots);
+        "unkept_reads", (long long)r.unkept_reads, "missing",
+        (long long)r.missing, "first_missing", (long long)r.first_missing,
+        "failed", r.failed ? Py_True : Py_False, "message", r.message,
+        "manifest", manifest, "slot_pages", slots);
 }
 
 PyObject *
