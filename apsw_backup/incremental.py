@@ -286,31 +286,38 @@ def _stems(folder: str) -> dict[str, list[str]]:
     return by_stem
 
 
-def _chains(paths: list[str], strict: bool) -> tuple[list[list[_Point]], list[str]]:
-    """The chains the points of one stem form, oldest first, and the
-    problems found (strict: the first problem raises BrokenChainError)."""
+def _chains(
+    paths: list[str], strict: bool
+) -> tuple[list[list[_Point]], list[str], list[str]]:
+    """The chains the points of one stem form, oldest first; the problems
+    found (strict: the first one raises BrokenChainError); and the deltas a
+    base of the same moment and root stands for (left by a merge or a
+    rebase that was interrupted before it removed them)."""
     chains: list[list[_Point]] = []
     problems: list[str] = []
-    bases_at = set()
-    points = []
+    entries: list[_Point | None] = []
     for path in paths:
         try:
-            p = _read_point(path)
+            entries.append(_read_point(path))
         except BrokenChainError as exc:
             if strict:
                 raise
             problems.append(str(exc))
+            entries.append(None)
+    bases_at = {
+        (p.info.created, p.root) for p in entries if p and p.info.kind == "base"
+    }
+    twins = []
+    for p in entries:
+        if p is None:
             chains.append([])  # what follows cannot attach to it
             continue
-        points.append(p)
-        if p.info.kind == "base":
-            bases_at.add((p.info.created, p.root))
-    for p in points:
         if p.info.kind == "base":
             chains.append([p])
             continue
         if (p.info.created, p.root) in bases_at:
-            continue  # a merge left the delta a base now stands for
+            twins.append(p.info.path)
+            continue
         tip = chains[-1][-1] if chains and chains[-1] else None
         if (
             tip is None
@@ -334,7 +341,7 @@ def _chains(paths: list[str], strict: bool) -> tuple[list[list[_Point]], list[st
             chains.append([])
             continue
         chains[-1].append(p)
-    return [c for c in chains if c], problems
+    return [c for c in chains if c], problems, twins
 
 
 def list_points(folder: str | os.PathLike[str]) -> list[RestorePoint]:
@@ -377,6 +384,11 @@ def _chain_to(point_path: str, folder: str) -> list[_Point]:
         if os.path.abspath(p) != target and _stamp(p) < name["stamp"]
     ]
     chain = [_read_point(target)]
+    twin = target[: -len(".delta" + SUFFIX)] + ".base" + SUFFIX
+    if chain[0].info.kind == "delta" and os.path.exists(twin):
+        base = _read_point(twin)  # an interrupted merge: the base stands for it
+        if base.root == chain[0].root:
+            chain = [base]
     while chain[0].info.kind != "base":
         child = chain[0]
         if not older:
@@ -541,18 +553,32 @@ class _ChainFiles:
         """runs(), each page checked against the tip's manifest."""
         P = self.page_size
         for pgno, n, data in self.runs():
-            for i in range(n):
-                p = pgno + i
-                want = self.manifest[(p - 1) * HASH : p * HASH]
-                if want == ZERO_HASH:
-                    continue  # the lock-byte page
-                if _c.page_hash(data[i * P : (i + 1) * P]) != want:
-                    f = self.file_of[p - 1]
-                    raise _damaged(
-                        self.chain[f].info.path,
-                        f"altered or damaged (page {p} does not match its hash)",
-                    )
+            bad = _first_bad(data, P, range(pgno, pgno + n), self.manifest)
+            if bad is not None:
+                raise _damaged(
+                    self.chain[self.file_of[bad - 1]].info.path,
+                    f"altered or damaged (page {bad} does not match its hash)",
+                )
             yield pgno, n, data
+
+
+def _first_bad(
+    data: bytes, page_size: int, pages: range | list[int], manifest: bytes
+) -> int | None:
+    """The first of `pages` (held in that order in data) whose hash is not
+    the manifest's, or None; the lock-byte page's zero hash is skipped.  A
+    short read counts as a mismatch of the first page missing."""
+    count = len(data) // page_size
+    if count < len(pages):
+        return pages[count]
+    if isinstance(pages, range) and pages.step == 1:
+        expected = manifest[(pages.start - 1) * HASH : (pages.stop - 1) * HASH]
+    else:
+        expected = b"".join([manifest[(p - 1) * HASH : p * HASH] for p in pages])
+    if len(expected) != len(pages) * HASH:
+        return pages[len(expected) // HASH]
+    i = _c._check_pages(data, page_size, expected)
+    return None if i < 0 else pages[i]
 
 
 def _lock_byte_page(page_size: int) -> int:
@@ -649,16 +675,13 @@ def _read_back(
     for start in range(0, len(index), per_run):
         chunk = index[start : start + per_run]
         data = _read_exact(fd, len(chunk) * page_size, data_offset + start * page_size)
-        for i, pgno in enumerate(chunk):
-            if (
-                _c.page_hash(data[i * page_size : (i + 1) * page_size])
-                != manifest[(pgno - 1) * HASH : pgno * HASH]
-            ):
-                raise IncrementalError(
-                    f"the restore point {path!r} did not read back as written "
-                    f"(page {pgno}): the disk or the file system lost data; it "
-                    "was not kept"
-                )
+        bad = _first_bad(data, page_size, chunk, manifest)
+        if bad is not None:
+            raise IncrementalError(
+                f"the restore point {path!r} did not read back as written "
+                f"(page {bad}): the disk or the file system lost data; it "
+                "was not kept"
+            )
 
 
 @dataclasses.dataclass
@@ -865,6 +888,9 @@ def incremental(
                 f"the source database {source_name!r} does not exist"
             )
         conn = _c.Connection(source_name, _c.SQLITE_OPEN_READONLY)
+        # Read through a memory map: no read() and copy per page (our own
+        # connection; a caller's is left as it is).
+        conn.execute("PRAGMA mmap_size=1073741824").fetchall()
     else:
         conn = source  # type: ignore[assignment]
         source_name = conn.filename
@@ -953,8 +979,10 @@ def _usable_chain(folder: str, stem: str, source_name: str) -> tuple[list[_Point
     paths = _stems(folder).get(stem, [])
     if not paths:
         return [], "no restore point of this source yet"
-    chains, problems = _chains(paths, strict=False)
-    newest = paths[-1]
+    chains, problems, twins = _chains(paths, strict=False)
+    for twin in twins:
+        _remove(twin)  # its base is in place: finish the interrupted merge
+    newest = [p for p in paths if p not in twins][-1]
     if not chains or chains[-1][-1].info.path != newest:
         return (
             [],
@@ -972,7 +1000,7 @@ def _rotate(folder: str, stem: str, keep: int) -> tuple[list[str], list[str]]:
     base merged into its first delta."""
     deleted: list[str] = []
     merged: list[str] = []
-    chains, _ = _chains(_stems(folder).get(stem, []), strict=False)
+    chains, _, _ = _chains(_stems(folder).get(stem, []), strict=False)
     total = sum(len(c) for c in chains)
     while total > keep and len(chains) > 1:
         oldest = chains.pop(0)
@@ -1103,16 +1131,12 @@ def _read_back_whole(fd: int, page_size: int, manifest: bytes, target: str) -> N
     for first in range(1, count + 1, per_run):
         n = min(per_run, count - first + 1)
         data = _read_exact(fd, n * page_size, (first - 1) * page_size)
-        for i in range(n):
-            want = manifest[(first + i - 1) * HASH : (first + i) * HASH]
-            if (
-                want != ZERO_HASH
-                and _c.page_hash(data[i * page_size : (i + 1) * page_size]) != want
-            ):
-                raise IncrementalError(
-                    f"the restored copy of {target!r} did not read back as "
-                    f"written (page {first + i}); nothing was put in place"
-                )
+        bad = _first_bad(data, page_size, range(first, first + n), manifest)
+        if bad is not None:
+            raise IncrementalError(
+                f"the restored copy of {target!r} did not read back as "
+                f"written (page {bad}); nothing was put in place"
+            )
 
 
 def _check_database(path: str, keep_wal: bool, target: str) -> None:
@@ -1251,7 +1275,7 @@ def verify_folder(folder: str | os.PathLike[str]) -> list[ChainReport]:
     folder = os.path.abspath(os.fspath(folder))
     reports = []
     for stem, paths in sorted(_stems(folder).items()):
-        chains, problems = _chains(paths, strict=False)
+        chains, problems, _ = _chains(paths, strict=False)
         for chain in chains:
             try:
                 _check_chain(chain)
@@ -1284,13 +1308,12 @@ def _verify_pages(point: _Point, parent: _Point | None) -> None:
         for start in range(0, len(point.index), per_run):
             chunk = point.index[start : start + per_run]
             data = _read_exact(fd, len(chunk) * P, point.offset_of(start))
-            for i, pgno in enumerate(chunk):
-                got = _c.page_hash(data[i * P : (i + 1) * P])
-                if got != manifest[(pgno - 1) * HASH : pgno * HASH]:
-                    raise _damaged(
-                        point.info.path,
-                        f"altered or damaged (page {pgno} does not match its hash)",
-                    )
+            bad = _first_bad(data, P, chunk, manifest)
+            if bad is not None:
+                raise _damaged(
+                    point.info.path,
+                    f"altered or damaged (page {bad} does not match its hash)",
+                )
     finally:
         os.close(fd)
     stored = set(point.index)

@@ -376,5 +376,6 @@ PyObject *incremental_delta_close(PyObject *module, PyObject *capsule);
 PyObject *incremental_delta_result(PyObject *module, PyObject *capsule);
 PyObject *incremental_overlay_open(PyObject *module, PyObject *args);
 PyObject *incremental_overlay_close(PyObject *module, PyObject *capsule);
+PyObject *incremental_check_pages(PyObject *module, PyObject *args);
 
 #endif /* APSW_BACKUP_H */

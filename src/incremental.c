@@ -242,3 +242,41 @@ incremental_overlay_close(PyObject *Py_UNUSED(module), PyObject *capsule)
     }
     Py_RETURN_NONE;
 }
+
+/* _check_pages(data, page_size, expected) -> int: the index of the first
+ * page of data whose hash differs from its 16 bytes in expected (an entry
+ * of 16 zero bytes is skipped: the lock-byte page), or -1.  One call per
+ * run of pages instead of one per page. */
+PyObject *
+incremental_check_pages(PyObject *Py_UNUSED(module), PyObject *args)
+{
+    PyObject *data, *expected;
+    int page_size;
+    if (!PyArg_ParseTuple(args, "SiS:_check_pages", &data, &page_size,
+                          &expected)) {
+        return NULL;
+    }
+    Py_ssize_t n = PyBytes_Size(data);
+    if (!valid_page_size(page_size) || n % page_size != 0
+        || PyBytes_Size(expected) != n / page_size * PAGE_HASH_SIZE) {
+        PyErr_SetString(PyExc_ValueError,
+                        "data is not whole pages, or expected is not one "
+                        "hash a page");
+        return NULL;
+    }
+    const unsigned char *d = (const unsigned char *)PyBytes_AsString(data);
+    const unsigned char *e = (const unsigned char *)PyBytes_AsString(expected);
+    static const unsigned char zero[PAGE_HASH_SIZE];
+    for (Py_ssize_t i = 0; i < n / page_size; i++) {
+        const unsigned char *want = e + i * PAGE_HASH_SIZE;
+        if (memcmp(want, zero, PAGE_HASH_SIZE) == 0) {
+            continue;
+        }
+        unsigned char got[PAGE_HASH_SIZE];
+        page_hash(d + i * page_size, (size_t)page_size, got);
+        if (memcmp(got, want, PAGE_HASH_SIZE) != 0) {
+            return PyLong_FromSsize_t(i);
+        }
+    }
+    return PyLong_FromLong(-1);
+}

@@ -52,6 +52,7 @@ static PyMethodDef module_methods[] = {
     {"_delta_result", incremental_delta_result, METH_O, "Private."},
     {"_overlay_open", incremental_overlay_open, METH_VARARGS, "Private."},
     {"_overlay_close", incremental_overlay_close, METH_O, "Private."},
+    {"_check_pages", incremental_check_pages, METH_VARARGS, "Private."},
     {NULL, NULL, 0, NULL},
 };
 
