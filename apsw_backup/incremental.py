@@ -30,6 +30,7 @@ import dataclasses
 import os
 import re
 import struct
+import threading
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -523,31 +524,33 @@ class _ChainFiles:
             os.close(fd)
 
     def runs(self) -> Any:
-        """(first page, count, bytes) over the whole database, pages read
-        in runs that are contiguous in one file; the lock-byte page (never
-        stored) as zeros."""
+        """(first page, count, bytes) over the whole database, in chunks of
+        about _READ_RUN bytes; the lock-byte page (never stored) as zeros.
+        Each file is read through a window of _READ_RUN bytes that moves
+        forward as its pages are needed (pages are stored in about the order
+        the backup wrote them, ascending), so the reads stay large whatever
+        the mix of files."""
         P = self.page_size
-        per_run = max(1, _READ_RUN // P)
-        pgno = 1
-        while pgno <= self.page_count:
-            f = self.file_of[pgno - 1]
-            off = self.offset_of[pgno - 1]
-            n = 1
-            while (
-                n < per_run
-                and pgno + n <= self.page_count
-                and self.file_of[pgno + n - 1] == f
-                and (f < 0 or self.offset_of[pgno + n - 1] == off + n * P)
-            ):
-                n += 1
-            if f < 0:
-                data = bytes(n * P)
-            else:
-                data = _read_exact(self.fds[f], n * P, off)
-                if len(data) != n * P:
-                    raise _damaged(self.chain[f].info.path, "truncated")
-            yield pgno, n, data
-            pgno += n
+        per_chunk = max(1, _READ_RUN // P)
+        windows: list[tuple[int, memoryview]] = [(-1, memoryview(b""))] * len(self.fds)
+        for first in range(1, self.page_count + 1, per_chunk):
+            n = min(per_chunk, self.page_count - first + 1)
+            out = bytearray(n * P)
+            view = memoryview(out)
+            for i in range(n):
+                f = self.file_of[first + i - 1]
+                if f < 0:
+                    continue
+                off = self.offset_of[first + i - 1]
+                start, data = windows[f]
+                if not (0 <= off - start and off - start + P <= len(data)):
+                    start = off
+                    data = memoryview(_read_exact(self.fds[f], max(_READ_RUN, P), off))
+                    if len(data) < P:
+                        raise _damaged(self.chain[f].info.path, "truncated")
+                    windows[f] = (start, data)
+                view[i * P : (i + 1) * P] = data[off - start : off - start + P]
+            yield first, n, bytes(out)
 
     def checked_runs(self) -> Any:
         """runs(), each page checked against the tip's manifest."""
@@ -809,13 +812,14 @@ def _materialize(chain: list[_Point], folder: str, stem: str) -> _Point:
     try:
         new.create()
         out = data_offset
+        P = pages.page_size
         for pgno, n, data in pages.checked_runs():
-            P = pages.page_size
-            for i in range(n):
-                if pages.file_of[pgno + i - 1] >= 0:
-                    index.append(pgno + i)
-                    _write_all(new.fd, data[i * P : (i + 1) * P], out)
-                    out += P
+            kept = [i for i in range(n) if pages.file_of[pgno + i - 1] >= 0]
+            index.extend(pgno + i for i in kept)
+            if len(kept) < n:  # the lock-byte page is not stored
+                data = b"".join(data[i * P : (i + 1) * P] for i in kept)
+            _write_all(new.fd, data, out)
+            out += len(kept) * P
         header = _header("base", pages.page_size, data_offset, pages.page_count, len(index),
                          tip.info.created, tip.info.sequence, tip.info.wal, tip.info.source)  # fmt: skip
         _finish_file(new.fd, header, index, tip.manifest, ZERO_HASH, pages.page_size)
@@ -888,9 +892,6 @@ def incremental(
                 f"the source database {source_name!r} does not exist"
             )
         conn = _c.Connection(source_name, _c.SQLITE_OPEN_READONLY)
-        # Read through a memory map: no read() and copy per page (our own
-        # connection; a caller's is left as it is).
-        conn.execute("PRAGMA mmap_size=1073741824").fetchall()
     else:
         conn = source  # type: ignore[assignment]
         source_name = conn.filename
@@ -1112,8 +1113,15 @@ def _restore_new(
             if progress is not None:
                 progress(pgno + n - 1, pages.page_count)
         os.ftruncate(new.fd, pages.page_count * P)
-        _read_back_whole(new.fd, P, pages.manifest, target)
-        _check_database(new.path, keep_wal, target)
+        if chain[-1].info.wal:  # the mode switch rewrites page 1: in turn
+            _read_back_whole(new.fd, P, pages.manifest, target)
+            _check_database(new.path, keep_wal, target)
+        else:  # the byte check and quick_check side by side
+            _quick_check_while(
+                new.path,
+                target,
+                lambda: _read_back_whole(new.fd, P, pages.manifest, target),
+            )
         new.publish()
     except BaseException:
         new.discard()
@@ -1139,6 +1147,42 @@ def _read_back_whole(fd: int, page_size: int, manifest: bytes, target: str) -> N
             )
 
 
+def _quick_check_while(path: str, target: str, work: Callable[[], None]) -> None:
+    """quick_check of path in a thread of its own (SQLite releases the GIL)
+    while work() runs here; the first failure of either is raised."""
+    found: dict[str, Any] = {}
+
+    def check() -> None:
+        try:
+            conn = _c.Connection(path, _c.SQLITE_OPEN_READONLY)
+            try:
+                found["rows"] = [
+                    r[0] for r in conn.execute("PRAGMA main.quick_check").fetchall()
+                ]
+            finally:
+                conn.close()
+        except BaseException as exc:  # reported by the caller's thread
+            found["error"] = exc
+
+    thread = threading.Thread(target=check, name="apsw-backup quick_check")
+    thread.start()
+    try:
+        work()
+    finally:
+        thread.join()
+    if "error" in found:
+        raise found["error"]
+    _quick_check_result(found["rows"], target)
+
+
+def _quick_check_result(rows: list[Any], target: str) -> None:
+    if rows != ["ok"]:
+        raise IncrementalError(
+            f"the restored copy of {target!r} fails quick_check: "
+            f"{'; '.join(map(str, rows[:5]))}; nothing was put in place"
+        )
+
+
 def _check_database(path: str, keep_wal: bool, target: str) -> None:
     conn = _c.Connection(path, _c.SQLITE_OPEN_READWRITE)
     try:
@@ -1152,11 +1196,7 @@ def _check_database(path: str, keep_wal: bool, target: str) -> None:
     for side in ("-wal", "-shm"):
         if not keep_wal and os.path.lexists(path + side):
             os.remove(path + side)
-    if rows != ["ok"]:
-        raise IncrementalError(
-            f"the restored copy of {target!r} fails quick_check: "
-            f"{'; '.join(map(str, rows[:5]))}; nothing was put in place"
-        )
+    _quick_check_result(rows, target)
 
 
 def _restore_into_existing(
@@ -1316,21 +1356,35 @@ def _verify_pages(point: _Point, parent: _Point | None) -> None:
                 )
     finally:
         os.close(fd)
-    stored = set(point.index)
+    # Every page not stored is its parent's: compare the manifests whole,
+    # with the stored pages' entries taken from the parent's.
+    count = point.info.page_count
+    inherited = min(count, parent.info.page_count) if parent else 0
     lock = _lock_byte_page(P)
-    for pgno in range(1, point.info.page_count + 1):
-        if pgno in stored or pgno == lock:
-            continue
-        want = manifest[(pgno - 1) * HASH : pgno * HASH]
-        if (
-            parent is None
-            or pgno > parent.info.page_count
-            or parent.manifest[(pgno - 1) * HASH : pgno * HASH] != want
-        ):
-            raise _damaged(
-                point.info.path,
-                f"inconsistent (page {pgno} is neither stored nor its parent's)",
-            )
+    mine = bytearray(manifest[: inherited * HASH])
+    theirs = parent.manifest[: inherited * HASH] if parent else b""
+    stored = set(point.index)
+    for pgno in point.index:
+        if pgno <= inherited:
+            mine[(pgno - 1) * HASH : pgno * HASH] = theirs[
+                (pgno - 1) * HASH : pgno * HASH
+            ]
+    missing = [
+        p for p in range(inherited + 1, count + 1) if p not in stored and p != lock
+    ]
+    if mine != theirs or missing:
+        bad = missing[0] if missing else _first_difference(mine, theirs)
+        raise _damaged(
+            point.info.path,
+            f"inconsistent (page {bad} is neither stored nor its parent's)",
+        )
+
+
+def _first_difference(a: bytes | bytearray, b: bytes | bytearray) -> int:
+    for i in range(0, len(a), HASH):
+        if a[i : i + HASH] != b[i : i + HASH]:
+            return i // HASH + 1
+    return 0
 
 
 def _check_chain(chain: list[_Point]) -> None:

@@ -369,3 +369,44 @@ def test_not_a_restore_point_and_missing_things(tmp_path):
         inc.incremental(tmp_path / "nope.db", tmp_path, max_chain=-1)
     with pytest.raises(ValueError, match="ISO 8601"):
         inc._parse_time("yesterday")
+
+
+@pytest.mark.heavy
+def test_a_database_over_1_gib_never_stores_the_lock_byte_page(tmp_path):
+    import filecmp
+
+    src = tmp_path / "big.db"
+    db = sqlite3.connect(str(src))
+    db.execute("PRAGMA page_size=65536")
+    db.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)")
+    db.execute(
+        "WITH RECURSIVE c(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM c WHERE i < 1050)"
+        " INSERT INTO t SELECT i, zeroblob(1000000) FROM c"
+    )
+    db.executemany(
+        "INSERT INTO t(v) VALUES (?)", ((os.urandom(20000),) for _ in range(300))
+    )
+    db.commit()
+    db.close()
+    P = 65536
+    lock = 2**30 // P + 1
+    assert os.path.getsize(src) > lock * P
+    folder = tmp_path / "points"
+    folder.mkdir()
+    base = inc.incremental(src, folder)
+    point = inc._read_point(base.path)
+    assert lock not in point.index and len(point.index) == point.info.page_count - 1
+    assert point.manifest[(lock - 1) * 16 : lock * 16] == bytes(16)
+    db = sqlite3.connect(str(src))
+    db.execute("UPDATE t SET v=randomblob(20000) WHERE id > 1050 AND id % 7 = 0")
+    db.commit()
+    db.close()
+    delta = inc.incremental(src, folder)
+    assert delta.kind == "delta", delta.reason
+    apsw_backup.copy(str(src), str(tmp_path / "full.db"))
+    inc.restore(folder, tmp_path / "r.db")
+    assert filecmp.cmp(tmp_path / "r.db", tmp_path / "full.db", shallow=False)
+    (tmp_path / "full.db").unlink()
+    assert all(r.ok for r in inc.verify_folder(folder))
+    with inc.open_restore_point(folder) as conn:
+        assert conn.execute("SELECT count(*) FROM t").fetchall() == [(1350,)]
