@@ -380,7 +380,7 @@ def test_a_database_over_1_gib_never_stores_the_lock_byte_page(tmp_path):
     db.execute("PRAGMA page_size=65536")
     db.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)")
     db.execute(
-        "WITH RECURSIVE c(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM c WHERE i < 1050)"
+        "WITH RECURSIVE c(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM c WHERE i < 1100)"
         " INSERT INTO t SELECT i, zeroblob(1000000) FROM c"
     )
     db.executemany(
@@ -398,7 +398,7 @@ def test_a_database_over_1_gib_never_stores_the_lock_byte_page(tmp_path):
     assert lock not in point.index and len(point.index) == point.info.page_count - 1
     assert point.manifest[(lock - 1) * 16 : lock * 16] == bytes(16)
     db = sqlite3.connect(str(src))
-    db.execute("UPDATE t SET v=randomblob(20000) WHERE id > 1050 AND id % 7 = 0")
+    db.execute("UPDATE t SET v=randomblob(20000) WHERE id > 1100 AND id % 7 = 0")
     db.commit()
     db.close()
     delta = inc.incremental(src, folder)
@@ -409,4 +409,4 @@ def test_a_database_over_1_gib_never_stores_the_lock_byte_page(tmp_path):
     (tmp_path / "full.db").unlink()
     assert all(r.ok for r in inc.verify_folder(folder))
     with inc.open_restore_point(folder) as conn:
-        assert conn.execute("SELECT count(*) FROM t").fetchall() == [(1350,)]
+        assert conn.execute("SELECT count(*) FROM t").fetchall() == [(1400,)]
