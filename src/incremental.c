@@ -9,12 +9,17 @@
 #define DELTA_CAPSULE "apsw_backup.Delta"
 #define OVERLAY_CAPSULE "apsw_backup.Overlay"
 
+/* A box remembers the fork generation it was made in: a forked child's
+ * copy lets go of nothing (the objects' mutexes may have been held by
+ * another thread of the parent at the fork). */
 typedef struct {
     Delta *delta;
+    unsigned long fork_generation;
 } DeltaBox;
 
 typedef struct {
     Overlay *overlay;
+    unsigned long fork_generation;
 } OverlayBox;
 
 static void
@@ -22,7 +27,7 @@ delta_box_destroy(PyObject *capsule)
 {
     DeltaBox *box = PyCapsule_GetPointer(capsule, DELTA_CAPSULE);
     if (box != NULL) {
-        if (box->delta != NULL) {
+        if (box->delta != NULL && box->fork_generation == fork_generation) {
             delta_close(box->delta);
         }
         PyMem_Free(box);
@@ -34,7 +39,7 @@ overlay_box_destroy(PyObject *capsule)
 {
     OverlayBox *box = PyCapsule_GetPointer(capsule, OVERLAY_CAPSULE);
     if (box != NULL) {
-        if (box->overlay != NULL) {
+        if (box->overlay != NULL && box->fork_generation == fork_generation) {
             overlay_close(box->overlay);
         }
         PyMem_Free(box);
@@ -42,10 +47,15 @@ overlay_box_destroy(PyObject *capsule)
 }
 
 static Delta *
-delta_of(PyObject *capsule)
+delta_of(PyObject *module, PyObject *capsule)
 {
     DeltaBox *box = PyCapsule_GetPointer(capsule, DELTA_CAPSULE);
     if (box == NULL) {
+        return NULL;
+    }
+    if (box->fork_generation != fork_generation) {
+        raise_forked((ModuleState *)PyModule_GetState(module),
+                     "an incremental backup's recording");
         return NULL;
     }
     if (box->delta == NULL) {
@@ -114,6 +124,7 @@ incremental_delta_open(PyObject *Py_UNUSED(module), PyObject *args)
     if (box == NULL) {
         return PyErr_NoMemory();
     }
+    box->fork_generation = fork_generation;
     PyObject *capsule = PyCapsule_New(box, DELTA_CAPSULE, delta_box_destroy);
     if (capsule == NULL) {
         PyMem_Free(box);
@@ -139,15 +150,17 @@ incremental_delta_close(PyObject *Py_UNUSED(module), PyObject *capsule)
     if (box->delta != NULL) {
         Delta *d = box->delta;
         box->delta = NULL;
-        delta_close(d);
+        if (box->fork_generation == fork_generation) {
+            delta_close(d);
+        }
     }
     Py_RETURN_NONE;
 }
 
 PyObject *
-incremental_delta_result(PyObject *Py_UNUSED(module), PyObject *capsule)
+incremental_delta_result(PyObject *module, PyObject *capsule)
 {
-    Delta *d = delta_of(capsule);
+    Delta *d = delta_of(module, capsule);
     if (d == NULL) {
         return NULL;
     }
@@ -209,6 +222,9 @@ incremental_overlay_open(PyObject *Py_UNUSED(module), PyObject *args)
         }
     }
     OverlayBox *box = PyMem_Calloc(1, sizeof(*box));
+    if (box != NULL) {
+        box->fork_generation = fork_generation;
+    }
     PyObject *capsule =
         box ? PyCapsule_New(box, OVERLAY_CAPSULE, overlay_box_destroy) : NULL;
     if (capsule == NULL) {
@@ -238,7 +254,9 @@ incremental_overlay_close(PyObject *Py_UNUSED(module), PyObject *capsule)
     if (box->overlay != NULL) {
         Overlay *o = box->overlay;
         box->overlay = NULL;
-        overlay_close(o);
+        if (box->fork_generation == fork_generation) {
+            overlay_close(o);
+        }
     }
     Py_RETURN_NONE;
 }

@@ -156,3 +156,41 @@ def test_a_delta_left_by_an_interrupted_merge_still_restores(tmp_path):
     assert all(r.ok for r in inc.verify_folder(folder))
     with inc.open_restore_point(d1.path) as conn:
         assert conn.execute("PRAGMA quick_check").fetchall() == [("ok",)]
+
+
+def test_a_forked_child_lets_go_of_nothing_of_the_parents(tmp_path):
+    from child_process import run_child
+
+    report = run_child(
+        """
+        import gc, sqlite3
+        import apsw_backup
+        from apsw_backup import incremental as inc
+        folder = os.path.join(sys.argv[1], "points")
+        os.mkdir(folder)
+        src = os.path.join(sys.argv[1], "src.db")
+        db = sqlite3.connect(src)
+        db.execute("CREATE TABLE t(v)")
+        db.executemany("INSERT INTO t VALUES (?)", [(os.urandom(100),)] * 500)
+        db.commit()
+        db.close()
+        inc.incremental(src, folder)
+        conn = inc.open_restore_point(folder)
+        pid = os.fork()
+        if pid == 0:
+            try:
+                conn.close()
+            except apsw_backup.Error as exc:
+                pass
+            del conn
+            gc.collect()
+            os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        report("child", status)
+        report("rows", conn.execute("SELECT count(*) FROM t").fetchall())
+        conn.close()
+        """,
+        tmp_path,
+    )
+    assert report["child"] == 0
+    assert report["rows"] == [(500,)]
