@@ -39,7 +39,7 @@ from typing import Any
 
 from apsw_backup import _apsw_backup as _c
 from apsw_backup import files
-from apsw_backup.copy import copy
+from apsw_backup.copy import FLUSH_EVERY, copy
 
 FORMAT_VERSION = 1
 MAGIC = b"APSWBKP\x00"
@@ -1108,8 +1108,13 @@ def _restore_new(
         # _check_chain() proved every stored page matches the tip's manifest
         # (each file's pages its own, each unstored hash its parent's); the
         # read-back below checks what reached the disk.
+        # Written out as it goes, as copy() does (files.Flusher): a restore
+        # never queues more than a few MiB of dirty data in front of other
+        # processes' fsyncs, and is not throttled all at once by the kernel.
+        flusher = files.Flusher(new.fd, FLUSH_EVERY)
         for pgno, n, data in pages.runs():
             _write_all(new.fd, data, (pgno - 1) * P)
+            flusher.flush_if_grown()
             if progress is not None:
                 progress(pgno + n - 1, pages.page_count)
         os.ftruncate(new.fd, pages.page_count * P)
