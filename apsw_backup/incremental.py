@@ -1337,6 +1337,22 @@ def verify_folder(folder: str | os.PathLike[str]) -> list[ChainReport]:
     return reports
 
 
+def verify_point(point: str | os.PathLike[str]) -> ChainReport:
+    """Check one restore point and the chain from its base up to it, as
+    restore() does before writing anything."""
+    path = os.path.abspath(os.fspath(point))
+    name = _parse_name(path)
+    stem = name["stem"] if name else ""
+    try:
+        chain = _chain_to(path, os.path.dirname(path))
+        _check_chain(chain)
+    except BrokenChainError as exc:
+        return ChainReport(stem=stem, points=[path], ok=False, problems=[str(exc)])
+    return ChainReport(
+        stem=stem, points=[p.info.path for p in chain], ok=True, problems=[]
+    )
+
+
 def _verify_pages(point: _Point, parent: _Point | None) -> None:
     """Every stored page of point against its manifest, every unstored one's
     hash against its parent's: BrokenChainError naming the file."""

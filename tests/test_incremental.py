@@ -165,6 +165,10 @@ def test_wal_source_with_changes_only_in_the_wal(tmp_path):
     assert got == full
     assert got[18:20] == b"\x01\x01"  # one file, as copy() leaves it
     assert not os.path.exists(tmp_path / "r.db-wal")
+    with inc.open_restore_point(folder) as conn:  # WAL flag: shown as one file
+        assert conn.execute("PRAGMA quick_check").fetchall() == [("ok",)]
+        assert conn.execute("SELECT count(*) FROM t").fetchall() == [(20000,)]
+    assert not [n for n in os.listdir(folder) if not n.endswith(inc.SUFFIX)]
 
 
 def test_restore_into_existing_needs_overwrite(setup, tmp_path):

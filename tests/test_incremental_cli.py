@@ -104,6 +104,8 @@ def test_verify_folder_checks_every_chain(points, capsys):
     _, folder, paths = points
     code, out = run_json(capsys, "verify", str(folder))
     assert code == 0 and out["chains"][0]["ok"]
+    code, out = run_json(capsys, "verify", paths[1])
+    assert code == 0 and out["chains"][0]["points"] == paths
     with open(paths[0], "r+b") as f:  # a restore point, never a database
         f.seek(inc._read_point(paths[0]).data_offset + 100)
         b = f.read(1)
@@ -112,6 +114,8 @@ def test_verify_folder_checks_every_chain(points, capsys):
     code, out = run_json(capsys, "verify", str(folder))
     assert code == 3 and not out["chains"][0]["ok"]
     assert paths[0] in out["chains"][0]["problems"][0]
+    code, out = run_json(capsys, "verify", paths[1])  # a point: its chain
+    assert code == 3 and paths[0] in out["chains"][0]["problems"][0]
 
 
 def test_restore_of_a_broken_chain_exits_3_naming_the_file(points, tmp_path, capsys):

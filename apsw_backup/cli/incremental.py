@@ -173,7 +173,11 @@ def _parse_list(argv: Sequence[str]) -> argparse.Namespace:
 
 
 def _parse_verify(argv: Sequence[str]) -> argparse.Namespace:
-    parser = _parser("verify", "Check every chain of restore points in FOLDER.")
+    parser = _parser(
+        "verify",
+        "Check every chain of restore points in FOLDER (or the chain up to a "
+        "restore point file).",
+    )
     parser.add_argument("folders", nargs="+", metavar="FOLDER")
     return parser.parse_args(argv)
 
@@ -286,6 +290,9 @@ def _verify(args: argparse.Namespace, interrupts: Interrupts) -> int:
     reports = []
     for folder in args.folders:
         interrupts.check()
+        if os.path.isfile(folder) and folder.endswith(inc.SUFFIX):
+            reports.append(inc.verify_point(folder))
+            continue
         if not os.path.isdir(folder):
             raise Failure(
                 EXIT_USAGE,
