@@ -722,6 +722,16 @@ class _Recording:
                     timeout=opts.timeout,
                     progress=opts.progress,
                 )
+            except _c.Error as exc:
+                # the shim's own failure (writing the restore point) is the
+                # cause to report, not SQLite's generic "disk I/O error"
+                why = _c._delta_result(self.capsule)
+                if why["failed"]:
+                    raise IncrementalError(
+                        f"the incremental backup failed: {why['message']}; "
+                        "nothing was kept"
+                    ) from exc
+                raise
             finally:
                 dest.close()
             outcome = dict(_c._delta_result(self.capsule))
@@ -768,13 +778,11 @@ def _write_point(source: _c.Connection, source_name: str, folder: str, stem: str
             new.fd, header, index, manifest, parent_root, page_size
         )
         _read_back(new.fd, data_offset, page_size, index, manifest, final)
+        point = _read_written(new.path, final)
         new.publish()
     except BaseException:
         new.discard()
         raise
-    point = _Point(
-        _read_point(final).info, data_offset, index, manifest, parent_root, root
-    )
     counts = {k: int(outcome[k]) for k in ("writes", "unchanged", "unkept_reads")}
     return point, size, len(index), int(outcome["restarts"]), counts
 
@@ -824,13 +832,23 @@ def _materialize(chain: list[_Point], folder: str, stem: str) -> _Point:
                          tip.info.created, tip.info.sequence, tip.info.wal, tip.info.source)  # fmt: skip
         _finish_file(new.fd, header, index, tip.manifest, ZERO_HASH, pages.page_size)
         _read_back(new.fd, data_offset, pages.page_size, index, tip.manifest, final)
+        point = _read_written(new.path, final)
         new.publish()
     except BaseException:
         new.discard()
         raise
     finally:
         pages.close()
-    return _read_point(final)
+    return point
+
+
+def _read_written(path: str, final: str) -> _Point:
+    """The point just written to path, read and checked as any point is,
+    described under its final name: before it is renamed into place, so
+    that once it is there nothing can fail but the folder's fsync."""
+    point = _read_point(path)
+    point.info = dataclasses.replace(point.info, path=final)
+    return point
 
 
 def _remove(path: str) -> None:
