@@ -131,3 +131,11 @@ def test_usage_errors_exit_2(tmp_path, capsys):
     assert main(["list", str(tmp_path / "nope")]) == 2
     assert main(["--incremental", str(tmp_path / "nope.db"), str(tmp_path)]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_os_errors_name_the_file_and_the_cause(points, tmp_path, capsys):
+    _, folder, _ = points
+    missing = tmp_path / "no-such-folder" / "r.db"
+    code, out = run_json(capsys, "restore", str(folder), str(missing))
+    assert code == 1
+    assert "no-such-folder" in out["error"] and "ENOENT" in out["error"]

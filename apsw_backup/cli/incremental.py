@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import apsw_backup
+from apsw_backup import files
 from apsw_backup import incremental as inc
 from apsw_backup.cli.arguments import _count_arg, _Parser, _seconds
 from apsw_backup.cli.errors import (
@@ -65,15 +66,17 @@ def run(argv: Sequence[str], interrupts: Interrupts) -> int:
         )
     except inc.BrokenChainError as exc:
         return _failed(EXIT_VERIFY, str(exc), as_json, path=exc.path)
-    except FileExistsError as exc:
-        return _failed(EXIT_USAGE, str(exc), as_json)
-    except (ValueError, IsADirectoryError) as exc:
-        return _failed(EXIT_USAGE, str(exc), as_json)
     except inc.IncrementalError as exc:
         return _failed(EXIT_ERROR, str(exc), as_json)
-    except FileNotFoundError as exc:
-        return _failed(EXIT_USAGE, exc.args[0] if exc.args else str(exc), as_json)
-    except (OSError, apsw_backup.Error) as exc:
+    except ValueError as exc:
+        return _failed(EXIT_USAGE, str(exc), as_json)
+    except OSError as exc:
+        if exc.errno is None:  # ours: a refusal whose message says it all
+            return _failed(EXIT_USAGE, str(exc), as_json)
+        # the OS's: name the file, the cause and the cure
+        where = f"{exc.filename!r} " if exc.filename else ""
+        return _failed(EXIT_ERROR, f"{where}{files.os_cause(exc)}", as_json)
+    except apsw_backup.Error as exc:
         return _failed(EXIT_ERROR, f"{type(exc).__name__}: {exc}", as_json)
 
 
