@@ -1198,7 +1198,23 @@ def _quick_check_while(path: str, target: str, work: Callable[[], None]) -> None
     _quick_check_result(found["rows"], target)
 
 
+_UNREADABLE = re.compile(r"unable to get the page\. error code=(\d+)")
+_CODE_WORDS = {7: "out of memory", 10: "a disk I/O error", 13: "the disk is full"}
+
+
 def _quick_check_result(rows: list[Any], target: str) -> None:
+    """Raise for anything but "ok": a page quick_check could not read (an
+    I/O error, no memory) is a failure to check, not damage."""
+    for row in rows:
+        found = _UNREADABLE.search(str(row))
+        if found:
+            code = int(found[1])
+            words = _CODE_WORDS.get(code & 0xFF, f"SQLite error code {code}")
+            raise IncrementalError(
+                f"the restored copy of {target!r} could not be checked: "
+                f"quick_check could not read a page ({words}); nothing was "
+                "put in place"
+            )
     if rows != ["ok"]:
         raise IncrementalError(
             f"the restored copy of {target!r} fails quick_check: "

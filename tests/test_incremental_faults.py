@@ -265,3 +265,29 @@ def test_the_shims_own_write_failing_keeps_nothing(tmp_path):
     )
     assert "File too large" in report["outcome"]
     assert report["left"] == []
+
+
+@pytest.mark.parametrize("route", ["incremental", "restore"])
+def test_out_of_memory_in_sqlite_leaves_points_sound(tmp_path_factory, route):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    shim_path = shim.build(tmp_path_factory.mktemp("faultshim"))
+    child = Path(__file__).with_name("faults") / "oom_incremental.py"
+    folder = tmp_path_factory.mktemp("oom")
+    proc = subprocess.run(
+        [sys.executable, str(child), str(shim_path), route, str(folder / "w")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(
+        f"\noom {route}: {report['points']} allocations, {report['runs']} runs, {report['outcomes']}"
+    )
+    assert report["problems"] == []
+    assert report["points"] > 10
+    assert sum(n for k, n in report["outcomes"].items() if k != "ok") > 0
