@@ -37,7 +37,13 @@ DEST may also be "incomplete" (its -journal restores it: keep that file)
 or hold "another file" that appeared there meanwhile (left alone).
 --timeout bounds the whole run, verification included.
 
-apsw-backup verify [--json] FILE... checks existing backups (exit 0, 1, 3)."""
+apsw-backup verify [--json] FILE... checks existing backups (exit 0, 1, 3).
+
+restore points (docs/incremental.md):
+  apsw-backup --incremental SOURCE FOLDER/ [--keep N] [--max-chain N]
+  apsw-backup restore BACKUP DEST [--at TIMESTAMP] [--overwrite]
+  apsw-backup list FOLDER
+  apsw-backup verify FOLDER..."""
 
 VERIFY_EPILOG = """\
 FILE is only read: it is opened read-only, so a -wal beside it is neither
