@@ -920,7 +920,7 @@ def incremental(
     try:
         stem = Path(source_name).stem
         chain, reason = _usable_chain(folder, stem, source_name)
-        page_size = int(conn.execute("PRAGMA main.page_size").fetchall()[0][0])
+        page_size = _pragma_int(conn, "page_size")
         if chain and chain[-1].info.page_size != page_size:
             chain, reason = [], f"the page size changed to {page_size}"
         if chain and len(chain) - 1 >= max_chain:
@@ -932,7 +932,7 @@ def incremental(
                 conn, source_name, folder, stem, parent, sequence, page_size, opts
             )
         except IncrementalError:
-            new_size = int(conn.execute("PRAGMA main.page_size").fetchall()[0][0])
+            new_size = _pragma_int(conn, "page_size")
             if new_size == page_size:
                 raise
             chain, parent, reason = [], None, f"the page size changed to {new_size}"
@@ -1286,7 +1286,7 @@ class RestorePointConnection(_c.Connection):
             if capsule is not None:
                 _c._overlay_close(capsule)
 
-    def __enter__(self) -> RestorePointConnection:  # type: ignore[override]
+    def __enter__(self) -> RestorePointConnection:
         return self
 
     def __exit__(self, *exc: object) -> None:  # type: ignore[override]
@@ -1445,3 +1445,11 @@ def _first_difference(a: bytes | bytearray, b: bytes | bytearray) -> int:
 def _check_chain(chain: list[_Point]) -> None:
     for i, point in enumerate(chain):
         _verify_pages(point, chain[i - 1] if i else None)
+
+
+def _pragma_int(conn: _c.Connection, name: str) -> int:
+    """PRAGMA main.<name> as an int (an integer pragma always answers one)."""
+    value = conn.execute(f"PRAGMA main.{name}").fetchall()[0][0]
+    if not isinstance(value, int):
+        raise TypeError(f"PRAGMA {name} answered {value!r}, not an integer")
+    return value
