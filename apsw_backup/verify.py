@@ -127,6 +127,21 @@ class VerifyResult:
         """Every page number the problems name, sorted."""
         return sorted({p for problem in self.problems for p in problem.pages})
 
+    def summary(self) -> str:
+        """What was shown, in a few words: "pages re-read from the disk match,
+        quick_check ok" (the checks that ran and passed)."""
+        words = []
+        ran = {c.name: c.outcome for c in self.checks}
+        if ran.get("read_back") == OK:
+            words.append("pages re-read from the disk match")
+        if ran.get("integrity_check") == OK or any(
+            name.startswith("integrity_check(") for name in ran
+        ):
+            words.append("integrity_check ok")
+        elif ran.get("quick_check") == OK:
+            words.append("quick_check ok")
+        return ", ".join(words) or self.status
+
     def to_json(self) -> dict[str, Any]:
         return {
             "status": self.status,
@@ -148,6 +163,83 @@ class VerifyResult:
                 for c in self.checks
             ],
         }
+
+
+class VerificationError(Exception):
+    """The copy was not shown to be good; ``verification``: the VerifyResult.
+
+    Raised by ``copy(..., verify="default" | "full")`` (see
+    :func:`raise_for`) as one of its two subclasses."""
+
+    def __init__(self, message: str, verification: VerifyResult) -> None:
+        super().__init__(message)
+        self.verification = verification
+
+    @property
+    def checks(self) -> list[CheckRecord]:
+        """Which checks ran, their outcomes and durations."""
+        return self.verification.checks
+
+
+class VerificationFailed(VerificationError):
+    """Verification found the copy damaged, or different from what SQLite
+    wrote (exit code 3 of the command line).  ``pages``: every page number
+    the problems name; ``problems``: their messages; ``check``: the first
+    check that found one ("pages", "quick_check", "integrity_check")."""
+
+    @property
+    def pages(self) -> list[int]:
+        return self.verification.pages
+
+    @property
+    def problems(self) -> list[str]:
+        return [p.message for p in self.verification.problems]
+
+    @property
+    def check(self) -> str:
+        return self.verification.problems[0].check
+
+
+class VerificationIncomplete(VerificationError):
+    """Verification could not finish (an I/O error, a file that stayed
+    locked, the deadline): nothing is known to be wrong with the copy, but
+    nothing was shown either (exit code 1).  ``reason`` says why; ``error``
+    is the exception behind it, if any."""
+
+    @property
+    def reason(self) -> str:
+        return self.verification.reason or "verification did not finish"
+
+    @property
+    def error(self) -> BaseException | None:
+        return self.verification.error
+
+
+def problems_text(problems: list[str], shown: int = 5) -> str:
+    """ "2 problem(s): first; second" (at most `shown` of them)."""
+    text = "; ".join(problems[:shown])
+    if len(problems) > shown:
+        text += f"; and {len(problems) - shown} more"
+    return f"{len(problems)} problem(s): {text}"
+
+
+def raise_for(result: VerifyResult) -> VerifyResult:
+    """Return an ``ok`` result; raise VerificationFailed for ``problems``,
+    VerificationIncomplete for ``unverified``."""
+    if result.status == PROBLEMS:
+        pages = result.pages
+        where = f" (page {_listed(pages, len(pages))})" if pages else ""
+        raise VerificationFailed(
+            f"verification ({result.level}) failed{where}: "
+            f"{problems_text([p.message for p in result.problems])}",
+            result,
+        )
+    if result.status == UNVERIFIED:
+        raise VerificationIncomplete(
+            f"the copy could not be verified ({result.level}): {result.reason}",
+            result,
+        )
+    return result
 
 
 class _Unverified(Exception):
@@ -213,9 +305,20 @@ class _Run:
         self.timed_out = False
         self._lock = threading.Lock()
         self._connections: set[apsw_backup.Connection] = set()
+        # Read-write when the file and its folder may be written (with
+        # query_only on: nothing is ever written), so that the last check
+        # to end lets SQLite remove the -wal and -shm files it makes to
+        # read a WAL database; a read-only connection leaves them behind.
+        folder = os.path.dirname(os.path.abspath(path))
+        writable = os.access(path, os.W_OK) and os.access(folder, os.W_OK)
+        self.flags = (
+            apsw_backup.SQLITE_OPEN_READWRITE
+            if writable
+            else apsw_backup.SQLITE_OPEN_READONLY
+        )
 
-    def open(self, flags: int) -> apsw_backup.Connection:
-        conn = apsw_backup.Connection(self.path, flags)
+    def open(self) -> apsw_backup.Connection:
+        conn = apsw_backup.Connection(self.path, self.flags)
 
         def wait_for_lock(count: int) -> bool:
             time.sleep(0.01)
@@ -226,6 +329,11 @@ class _Run:
         conn.set_busy_handler(wait_for_lock)
         with self._lock:
             self._connections.add(conn)
+        try:
+            conn.execute("PRAGMA query_only=ON").fetchall()
+        except BaseException:
+            self.close(conn)
+            raise
         return conn
 
     def close(self, conn: apsw_backup.Connection) -> None:
@@ -263,7 +371,7 @@ class _Task:
 def _sql_check(sql: str, check: str) -> Callable[[_Run, _Task], list[Problem]]:
     def run(ctx: _Run, task: _Task) -> list[Problem]:
         ctx.check_cancelled()
-        conn = ctx.open(_open_flags)
+        conn = ctx.open()
         rows: list[tuple[Any, ...]] = []
         stopped: apsw_backup.Error | None = None
         try:
@@ -386,8 +494,6 @@ def _read_back_problems(
 
 # -- planning ----------------------------------------------------------------
 
-_open_flags = apsw_backup.SQLITE_OPEN_READONLY
-
 # Expected costs (seconds), measured on this project's benchmark database
 # (benchmarks/verify_speed.py): they only order the work and shape the
 # progress estimate.
@@ -468,7 +574,7 @@ def _plan(
     tasks.append(quick)
     if level == "default":
         return tasks
-    conn = ctx.open(_open_flags)
+    conn = ctx.open()
     try:
         tables = None
         if apsw_backup.SQLITE_VERSION_NUMBER and _runtime_version() >= (
@@ -670,6 +776,10 @@ def verify(
             else (os.cpu_count() or 1)
         )
     phase = f"verifying ({level})"
+    if progress is not None:
+        # Once before any work: a caller learns at once that the phase began
+        # (and may stop it here, before a thread is started).
+        progress(Progress(phase, 0.0, 0.0, None, ()))
     planned: dict[str, Any] = {}
 
     def plan() -> None:

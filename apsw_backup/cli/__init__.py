@@ -2,12 +2,12 @@
 
     apsw-backup [options] SOURCE DEST
     apsw-backup [options] SOURCE FOLDER/   (the copy is FOLDER/<stem>-<UTC time>.db)
-    apsw-backup verify [--json] FILE...
+    apsw-backup verify [--level default|full] [--json] FILE...
     apsw-backup --demo
     python -m apsw_backup ...              (the same command)
 
 The copy is made by copy() (online: other connections keep using SOURCE) and
-checked with PRAGMA integrity_check.  A DEST that does not exist is written
+verified (--verify: default, full, none; see cli/verification.py).  A DEST that does not exist is written
 to a temporary file beside it, verified, then renamed into place, so DEST
 either does not exist or is the complete, verified copy; an existing DEST
 (--overwrite) is written through SQLite's own transaction.
@@ -43,21 +43,13 @@ from apsw_backup.cli.folder import backup_name
 from apsw_backup.cli.plan import _planned
 from apsw_backup.cli.run import _backup_command
 from apsw_backup.cli.signals import Interrupted, Interrupts, _signals
-from apsw_backup.cli.verification import (
-    _problems_text,
-    _raise_read_failure,
-    integrity_problems,
-)
 from apsw_backup.cli.verify_command import _verify_command
 
 __all__ = [
     "Failure",
     "Interrupts",
-    "_problems_text",
-    "_raise_read_failure",
     "apsw_backup",
     "backup_name",
-    "integrity_problems",
     "main",
 ]
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import sys
 import time
 from typing import Any
@@ -23,9 +22,10 @@ from apsw_backup.cli.plan import Job, _check_folder, _check_source
 from apsw_backup.cli.signals import Interrupted
 from apsw_backup.cli.summary import _print_json
 from apsw_backup.cli.verification import (
-    VerificationError,
     VerificationFailed,
-    _problems_text,
+    VerificationIncomplete,
+    failed_message,
+    incomplete_message,
 )
 
 
@@ -39,23 +39,20 @@ def _failure(exc: BaseException, job: Job, args: argparse.Namespace) -> Failure:
             state += "; older backups may not all have been deleted (--keep)"
         return Failure(128 + exc.signum, f"interrupted: {state}", exc)
     if isinstance(exc, VerificationFailed):
-        failure = Failure(
-            EXIT_VERIFY,
-            f"verification failed: PRAGMA integrity_check of the copy reported "
-            f"{_problems_text(exc.problems)}. The copy holds SOURCE's pages as "
-            "they were, so SOURCE is probably damaged too: check it with "
-            f"{PROG} verify {shlex.quote(job.source)}. {job.says()}",
-            exc,
-        )
+        job.verified = False
+        message = failed_message(exc, "the copy", job.source)
+        failure = Failure(EXIT_VERIFY, f"{message}. {job.says()}", exc)
         failure.fields["integrity"] = exc.problems
+        failure.fields["verification"] = exc.verification.to_json()
         return failure
-    if isinstance(exc, VerificationError):
-        return Failure(
+    if isinstance(exc, VerificationIncomplete):
+        failure = Failure(
             EXIT_ERROR,
-            f"could not verify the copy: {type(exc.error).__name__}: {exc.error}. "
-            f"{job.says()}",
-            exc.error,
+            f"{incomplete_message(exc, 'the copy')}. {job.says()}",
+            exc.error or exc,
         )
+        failure.fields["verification"] = exc.verification.to_json()
+        return failure
     return Failure(EXIT_ERROR, f"{_explain(exc, job, args)}. {job.says()}", exc)
 
 

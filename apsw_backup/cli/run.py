@@ -13,11 +13,7 @@ from apsw_backup.cli.plan import Job, _locked
 from apsw_backup.cli.progress import ProgressLine, _progress_line
 from apsw_backup.cli.signals import Interrupted, Interrupts, _pause_for_tests
 from apsw_backup.cli.summary import _report
-from apsw_backup.cli.verification import (
-    VerificationError,
-    VerificationFailed,
-    integrity_problems,
-)
+from apsw_backup.cli.verification import Ticker, VerificationError
 from apsw_backup.copy import copy
 
 
@@ -51,20 +47,9 @@ class Runner:
             self._wait(self.pause)
         self.interrupts.check()
 
-    def verify(self, path: str) -> None:
-        """copy()'s verify callback: raises VerificationFailed/-Error."""
-        if self.line is not None:
-            self.line.verifying()
-        if self.pause:
-            self._wait(10 * self.pause)
-        tick = self.line.tick if self.line is not None else None
-        try:
-            problems = integrity_problems(path, self.interrupts, tick)
-        except apsw_backup.Error as exc:
-            raise VerificationError(exc) from exc
-        self.job.verified = not problems
-        if problems:
-            raise VerificationFailed(problems)
+    def ticker(self) -> Ticker:
+        """copy()'s verify_progress: the progress line, signals."""
+        return Ticker(self.interrupts, self.line, pause=10 * self.pause)
 
     def _wait(self, seconds: float) -> None:
         deadline = time.monotonic() + seconds
@@ -92,13 +77,15 @@ def _backup_command(
             sleep=args.sleep,
             timeout=args.timeout,
             keep_wal=args.keep_wal,
-            verify=runner.verify if job.verify else None,
+            verify=args.verify if job.verify else None,
+            verify_progress=runner.ticker(),
         )
+        job.verified = True if job.verify else None
         _pause_for_tests("done", interrupts)
         interrupts.check()
         if args.keep is not None:
             deleted = rotate(job, args.keep, interrupts)
-    except (Interrupted, VerificationFailed, VerificationError, Failure) as exc:
+    except (Interrupted, VerificationError, Failure) as exc:
         failure = _failure(exc, job, args)
     except (apsw_backup.Error, OSError) as exc:
         failure = _failure(exc, job, args)

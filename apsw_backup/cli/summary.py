@@ -9,6 +9,7 @@ from typing import Any
 
 from apsw_backup.cli.errors import EXIT_OK, PROG, _count
 from apsw_backup.cli.plan import Job
+from apsw_backup.cli.verification import verified_words
 from apsw_backup.copy import CopyResult
 
 
@@ -23,7 +24,7 @@ def _report(
     if args.json:
         _print_json(_summary(job, args, result, deleted))
         return
-    verified = "integrity_check ok" if job.verify else "not verified"
+    verified = verified_words(result.verification)
     rotated = f"; deleted {_count(len(deleted), 'older backup')}" if deleted else ""
     print(
         f"{PROG}: copied {job.source} -> {job.dest}: {result.pages} pages "
@@ -56,6 +57,9 @@ def _summary(
         "journal_mode": "wal" if args.keep_wal and _is_wal(job.dest) else "delete",
         "verified": True if job.verify else None,
         "integrity": ["ok"] if job.verify else None,
+        "verification": (
+            result.verification.to_json() if result.verification else None
+        ),
         "deleted": deleted,
     }
 

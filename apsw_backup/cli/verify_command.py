@@ -22,14 +22,19 @@ from apsw_backup.cli.errors import (
 )
 from apsw_backup.cli.failures import _error_object
 from apsw_backup.cli.plan import Job
-from apsw_backup.cli.progress import ProgressLine, _progress_line
+from apsw_backup.cli.progress import _progress_line
 from apsw_backup.cli.signals import Interrupted, Interrupts
 from apsw_backup.cli.summary import _print_json
 from apsw_backup.cli.verification import (
+    Ticker,
+    VerificationError,
     VerificationFailed,
-    _problems_text,
-    integrity_problems,
+    VerificationIncomplete,
+    failed_message,
+    incomplete_message,
+    size_mb,
 )
+from apsw_backup.verify import raise_for, verify
 
 
 def _verify_command(args: argparse.Namespace, interrupts: Interrupts) -> int:
@@ -60,9 +65,8 @@ def _verify_one(
 ) -> tuple[dict[str, Any], int]:
     """Check one FILE, report it; (its --json item, its exit code)."""
     line = _progress_line(args.progress, Job(path, path, True, True))
-    if line is not None:
-        line.verifying(f"verifying {path}")
-    code, message, error, problems = _outcome_of_check(path, interrupts, line)
+    ticker = Ticker(interrupts, line, f"verifying {path}")
+    code, message, error, problems, result = _outcome_of_check(path, args.level, ticker)
     if line is not None:
         line.end([f"verified {path}: ok"] if not code else [f"stopped: {path}"])
     if code:
@@ -74,33 +78,36 @@ def _verify_one(
         "exit_code": code,
         "verified": None if problems is None else not problems,
         "integrity": None if problems is None else problems or ["ok"],
+        "verification": result,
         "error": _error_object(error, message) if code else None,
     }
     return item, code
 
 
 def _outcome_of_check(
-    path: str, interrupts: Interrupts, line: ProgressLine | None
-) -> tuple[int, str, BaseException | None, list[str] | None]:
-    """(exit code, message, error, problems found or None if not checked)."""
+    path: str, level: str, ticker: Ticker
+) -> tuple[int, str, BaseException | None, list[str] | None, Any]:
+    """(exit code, message, error, problems found or None if not checked,
+    the checks' JSON or None)."""
     try:
         _check_file(path)
-        problems = integrity_problems(path, interrupts, line.tick if line else None)
+        result = raise_for(verify(path, level, progress=ticker))
     except Failure as failure:
-        return failure.code, failure.message, failure.error, None
+        return failure.code, failure.message, failure.error, None, None
     except Interrupted as stop:
-        return 128 + stop.signum, f"interrupted while verifying {_q(path)}", stop, None
-    except apsw_backup.Error as exc:
+        message = f"interrupted while verifying {_q(path)}"
+        return 128 + stop.signum, message, stop, None, None
+    except VerificationFailed as exc:
+        message = failed_message(exc, f"FILE {_q(path)}", None)
+        return EXIT_VERIFY, message, exc, exc.problems, exc.verification.to_json()
+    except VerificationIncomplete as exc:
+        message = incomplete_message(exc, f"FILE {_q(path)}")
+        return EXIT_ERROR, message, exc.error or exc, None, exc.verification.to_json()
+    except (apsw_backup.Error, VerificationError) as exc:
         message = f"cannot verify FILE {_q(path)}: {type(exc).__name__}: {exc}"
-        return EXIT_ERROR, message, exc, None
-    if problems:
-        message = (
-            f"verification failed: PRAGMA integrity_check of {_q(path)} reported "
-            f"{_problems_text(problems)}"
-        )
-        return EXIT_VERIFY, message, VerificationFailed(problems), problems
-    size = os.path.getsize(path) / 1e6
-    return EXIT_OK, f"{path}: integrity_check ok ({size:.1f} MB)", None, []
+        return EXIT_ERROR, message, exc, None, None
+    message = f"{path}: {result.summary()} ({level}, {size_mb(path)})"
+    return EXIT_OK, message, None, [], result.to_json()
 
 
 def _check_file(path: str) -> None:
