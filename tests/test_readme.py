@@ -39,7 +39,7 @@ def test_first_setup_command_runs_the_demo(tmp_path):
     assert install_and_run.endswith("apsw-backup --demo")
     result = run([sys.executable, "-m", "apsw_backup", "--demo"], tmp_path)
     assert result.returncode == 0, result.stderr
-    assert "integrity_check ok" in result.stdout
+    assert "quick_check ok" in result.stdout
     assert "the files are kept in apsw-backup-demo-" in result.stderr
 
 

@@ -101,9 +101,14 @@ class ProgressLine:
         self._set("verifying")
 
     def verify_tick(self, progress: Progress) -> None:
-        """verify()'s report: redraw with its fraction and ETA if it is time."""
+        """verify()'s report: redraw with its fraction and ETA if it is time,
+        and at once for the first report (it names the level) and the last."""
+        last = self._verify
         self._verify = progress
-        self.tick()
+        if last is None or progress.fraction >= 1.0 > last.fraction:
+            self._draw(self.parts())
+        else:
+            self.tick()
 
     def tick(self) -> None:
         """Redraw if it is time (the clocks in the line move on)."""
