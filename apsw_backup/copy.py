@@ -1051,8 +1051,27 @@ class _Copy:
 
     def settle(self) -> None:
         """Put the complete copy in its final journal mode and close it."""
-        self._dst.settle(self._opts.keep_wal)
+        try:
+            self._dst.settle(self._opts.keep_wal)
+        except (_c.CorruptError, _c.NotADBError) as exc:
+            self._explain_damage(exc)
         self._src.close()
+
+    def _explain_damage(self, exc: _c.Error) -> None:
+        """The copy, just committed, reads as damaged: when its pages were
+        recorded, say which of them the disk changed or lost (raising
+        VerificationFailed); else re-raise exc."""
+        if self._dst.recorder is None or self._dst.no_hashes is not None:
+            raise exc
+        from apsw_backup import verify
+
+        result = verify.verify(
+            self._dst.work_file, "default", recorder=self._dst.recorder
+        )
+        if not any(p.check == "pages" for p in result.problems):
+            raise exc
+        self._verification = result
+        verify.raise_for(result)
 
     def verify(self) -> None:
         """Verify the finished copy at the level asked for, or hand its path

@@ -99,11 +99,17 @@ def failed_message(exc: VerificationFailed, what: str, source: str | None) -> st
     """The message of a verification that found problems in `what` (the
     copy, or a FILE); `source`: the backup's SOURCE, if any."""
     problems = exc.verification.problems
-    if problems and all(p.check == "pages" for p in problems):
+    on_disk = [p.message for p in problems if p.check == "pages"]
+    if on_disk:
+        # Pages that differ from what SQLite wrote explain whatever else
+        # was found: DEST's disk changed or lost them, not SOURCE.
+        others = [p.message for p in problems if p.check != "pages"]
+        also = f" (and so {problems_text(others, 3)})" if others else ""
         return (
-            f"verification failed: in {what}, {'; '.join(exc.problems)}. SOURCE "
-            "is not in question: the disk or file system under DEST changed "
-            "the file or lost a write. Check that disk, then back up again"
+            f"verification failed: in {what}, {'; '.join(on_disk)}{also}. "
+            "SOURCE is not in question: the disk or file system under DEST "
+            "changed the file or lost a write. Check that disk, then back up "
+            "again"
         )
     check = exc.check
     name = {"pages": "the page check", "quick_check": "PRAGMA quick_check"}.get(
