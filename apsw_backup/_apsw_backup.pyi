@@ -91,6 +91,7 @@ class _ReadBack(TypedDict):
     mismatched_pages: list[int]
     unrecorded_pages: list[int]
     missing_pages: list[int]
+    direct: bool
 
 class _RecorderStats(TypedDict):
     page_size: int

@@ -14,6 +14,7 @@ from verify_helpers import (
     backup_recorded,
     build,
     leaf_pages,
+    page_size_of,
     read_pages,
     root_page,
     write_page,
@@ -254,6 +255,49 @@ def test_read_back_reads_from_the_disk_not_the_page_cache(tmp_path):
     assert result["cache_dropped"] is True
     assert cached < size // 2
     assert from_disk >= size * 9 // 10
+
+
+def o_direct_works(folder):
+    scratch = folder / "direct.bin"  # ours alone: a descriptor is fine
+    scratch.write_bytes(bytes(1 << 16))
+    try:
+        fd = os.open(scratch, os.O_RDONLY | os.O_DIRECT)
+    except OSError:
+        return False
+    try:
+        import mmap
+
+        buf = mmap.mmap(-1, 1 << 16)
+        return os.preadv(fd, [buf], 0) == 1 << 16
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+        scratch.unlink()
+
+
+def test_read_back_of_its_own_handle_reads_with_o_direct(tmp_path):
+    """Through a handle of its own (no connection has the file open), the
+    read-back reads with O_DIRECT: from the device, leaving the cached pages
+    where they are for the quick_check that runs beside it (dropping them,
+    range by range, made that check wait for the disk)."""
+    if not o_direct_works(tmp_path):
+        pytest.skip("this file system refuses O_DIRECT")
+    source = build(tmp_path / "source.db", rows=20000)
+    dest = tmp_path / "dest.db"
+    counted = os.path.exists("/proc/self/io") and device_reads_are_counted(tmp_path)
+    with apsw_backup.PageRecorder(dest) as rec:
+        backup_recorded(source, dest, rec)  # closed: read_back uses its own
+        size = dest.stat().st_size
+        before = disk_reads() if counted else 0
+        result = rec.read_back()
+        from_disk = disk_reads() - before if counted else size
+        rec._tamper_on_read_back(4)
+        tampered = rec.read_back()
+    assert result["direct"] is True and result["cache_dropped"] is True
+    assert result["checked"] == size // page_size_of(dest) and not result["mismatched"]
+    assert from_disk >= size * 9 // 10
+    assert tampered["direct"] is True and tampered["mismatched_pages"] == [4]
 
 
 def test_reading_back_never_drops_another_connections_lock(tmp_path, source):
