@@ -42,6 +42,7 @@ connection is interrupted and the result is ``unverified``.
 
 from __future__ import annotations
 
+import math
 import os
 import queue
 import re
@@ -553,7 +554,10 @@ def _table_weight(table: _Table, default_rows: int) -> float:
 
 
 def _plan(
-    ctx: _Run, level: str, recorder: apsw_backup.PageRecorder | None
+    ctx: _Run,
+    level: str,
+    recorder: apsw_backup.PageRecorder | None,
+    threads: int = 1,
 ) -> list[_Task]:
     path = ctx.path
     size = os.stat(path).st_size
@@ -581,6 +585,8 @@ def _plan(
             TABLE_CHECK_VERSION
         ):
             tables = _plan_tables(conn)
+        if tables is not None:
+            tasks += _table_tasks(conn, tables, threads, quick.weight)
     finally:
         ctx.close(conn)
     if tables is None:
@@ -596,20 +602,222 @@ def _plan(
             )
         )
         return tasks
+    return tasks
+
+
+def _table_tasks(
+    conn: apsw_backup.Connection, tables: list[_Table], threads: int, quick: float
+) -> list[_Task]:
+    """integrity_check(T) for each table; a table too large to leave the
+    other threads enough work (SQLite checks a table and all its indexes
+    as one unit) is checked in pieces instead, when it can be (see
+    _IndexSplit)."""
     known = [t.rows for t in tables if t.rows]
     default_rows = int(sum(known) / len(known)) if known else 1000
+    weights = {t.name: _table_weight(t, default_rows) for t in tables}
+    share = (sum(weights.values()) + quick) / max(threads, 1)
+    tasks = []
     for table in tables:
-        name = f"integrity_check({table.name})"
+        weight = weights[table.name]
+        split = None
+        if threads > 1 and table.indexes and weight > SPLIT_SHARE * share:
+            split = _IndexSplit.plan(conn, table.name)
+        if split is not None:
+            tasks += split.tasks(weight, max(2, math.ceil(weight / share * 2)))
+            continue
         tasks.append(
             _Task(
-                CheckRecord(name, detail={"table": table.name}),
-                _table_weight(table, default_rows),
+                CheckRecord(
+                    f"integrity_check({table.name})", detail={"table": table.name}
+                ),
+                weight,
                 _sql_check(
                     f"PRAGMA integrity_check({_quote(table.name)})", "integrity_check"
                 ),
             )
         )
     return tasks
+
+
+# A table whose expected check takes more than this part of one thread's
+# share of the work is split (when it can be).
+SPLIT_SHARE = 0.6
+
+
+@dataclass
+class _Index:
+    name: str
+    columns: list[tuple[str, str]]  # (column, collation) of each key column
+    unique: bool
+
+
+class _IndexSplit:
+    """What integrity_check(T) checks beyond quick_check, for a rowid table
+    T, in pieces that threads can share: each piece scans a range of
+    rowids and looks every row up in every index of T, as integrity_check
+    does ("row N missing from index I", N the row's position in the
+    table); one more piece compares the number of entries of each index
+    with the table's ("wrong # of entries in index I") and looks for
+    duplicates in UNIQUE indexes ("non-unique entry in index I").  The
+    b-trees themselves, NOT NULL and the page accounting are quick_check's,
+    which the full level runs whole.  A table this cannot mirror exactly --
+    WITHOUT ROWID, STRICT, CHECK constraints, generated columns, a partial
+    or expression index, or a query plan that would not look each entry up
+    by its key -- is not split (plan() returns None)."""
+
+    def __init__(self, table: str, indexes: list[_Index], lo: int, hi: int) -> None:
+        self.table = table
+        self.indexes = indexes
+        self.lo, self.hi = lo, hi
+
+    @classmethod
+    def plan(cls, conn: apsw_backup.Connection, table: str) -> _IndexSplit | None:
+        q = _quote(table)
+        (sql,) = conn.execute(
+            "SELECT sql FROM sqlite_master WHERE type='table' AND name=?", (table,)
+        ).fetchone() or ("",)
+        text = str(sql or "").upper()
+        if re.search(r"\b(CHECK|STRICT|VIRTUAL)\b|WITHOUT\s+ROWID", text):
+            return None
+        if any(
+            row[6] not in (0, 1) for row in conn.execute(f"PRAGMA table_xinfo({q})")
+        ):
+            return None  # generated columns
+        indexes = []
+        for _, name, unique, _origin, partial in conn.execute(
+            f"PRAGMA index_list({q})"
+        ):
+            if partial:
+                return None
+            columns = []
+            for row in conn.execute(f"PRAGMA index_xinfo({_quote(str(name))})"):
+                _, cid, column, _desc, coll, key = row
+                if not key:
+                    continue
+                if cid < 0 or column is None:
+                    return None  # an expression (or the rowid) as a key
+                columns.append((str(column), str(coll or "BINARY")))
+            indexes.append(_Index(str(name), columns, bool(unique)))
+        if not indexes:
+            return None
+        lo, hi = conn.execute(f"SELECT min(rowid), max(rowid) FROM {q}").fetchone()
+        split = cls(table, indexes, int(lo or 0), int(hi or 0))
+        plan = " ".join(
+            str(row[-1])
+            for row in conn.execute("EXPLAIN QUERY PLAN " + split.lookup_sql(), (0, 0))
+        )
+        for index in indexes:
+            if f"COVERING INDEX {index.name} (" not in plan or "rowid=?" not in plan:
+                return None
+        return split
+
+    def lookup_sql(self) -> str:
+        """Rows of a rowid range missing from an index: one column per index
+        (1: missing)."""
+        q = _quote(self.table)
+        joins, missing = [], []
+        for k, index in enumerate(self.indexes):
+            alias = f"i{k}"
+            on = " AND ".join(
+                f"{alias}.{_quote(c)} IS t.{_quote(c)} COLLATE {_quote(coll)}"
+                for c, coll in index.columns
+            )
+            joins.append(
+                f"LEFT JOIN {q} AS {alias} INDEXED BY {_quote(index.name)} "
+                f"ON {on} AND {alias}.rowid = t.rowid"
+            )
+            missing.append(f"{alias}.rowid IS NULL")
+        return (
+            f"SELECT t.rowid, {', '.join(missing)} FROM {q} AS t NOT INDEXED "
+            f"{' '.join(joins)} WHERE t.rowid BETWEEN ? AND ? AND "
+            f"({' OR '.join(missing)})"
+        )
+
+    def tasks(self, weight: float, pieces: int) -> list[_Task]:
+        span = self.hi - self.lo + 1
+        step = max(1, -(-span // pieces))
+        tasks = []
+        for first in range(self.lo, self.hi + 1, step):
+            last = min(first + step - 1, self.hi)
+            tasks.append(
+                _Task(
+                    CheckRecord(
+                        f"integrity_check({self.table} rows {first}-{last})",
+                        detail={"table": self.table, "rowids": [first, last]},
+                    ),
+                    weight * (last - first + 1) / span,
+                    self._lookups(first, last),
+                )
+            )
+        tasks.append(
+            _Task(
+                CheckRecord(
+                    f"integrity_check({self.table} index counts)",
+                    detail={"table": self.table},
+                ),
+                weight * 0.1,
+                self._counts,
+            )
+        )
+        return tasks
+
+    def _lookups(self, first: int, last: int) -> Callable[[_Run, _Task], list[Problem]]:
+        def run(ctx: _Run, task: _Task) -> list[Problem]:
+            ctx.check_cancelled()
+            conn = ctx.open()
+            try:
+                missing = conn.execute(self.lookup_sql(), (first, last)).fetchall()
+                found = []
+                for row in missing[:_MAX_REPORTED]:
+                    # integrity_check numbers a row by its place in the table
+                    (place,) = conn.execute(
+                        f"SELECT count(*) FROM {_quote(self.table)} NOT INDEXED "
+                        "WHERE rowid <= ?",
+                        (row[0],),
+                    ).fetchone()
+                    for index, gone in zip(self.indexes, row[1:], strict=True):
+                        if gone:
+                            found.append(f"row {place} missing from index {index.name}")
+            finally:
+                ctx.close(conn)
+            return [Problem("integrity_check", line) for line in found]
+
+        return run
+
+    def _counts(self, ctx: _Run, task: _Task) -> list[Problem]:
+        ctx.check_cancelled()
+        q = _quote(self.table)
+        conn = ctx.open()
+        found = []
+        try:
+            (rows,) = conn.execute(f"SELECT count(*) FROM {q} NOT INDEXED").fetchone()
+            for index in self.indexes:
+                # (count(*) would count the smallest index instead)
+                (entries,) = conn.execute(
+                    f"SELECT coalesce(sum(1), 0) FROM {q} INDEXED BY "
+                    f"{_quote(index.name)}"
+                ).fetchone()
+                if entries != rows:
+                    found.append(f"wrong # of entries in index {index.name}")
+                if index.unique and self._duplicates(conn, index):
+                    found.append(f"non-unique entry in index {index.name}")
+        finally:
+            ctx.close(conn)
+        return [Problem("integrity_check", line) for line in found]
+
+    def _duplicates(self, conn: apsw_backup.Connection, index: _Index) -> bool:
+        cols = [f"{_quote(c)} COLLATE {_quote(coll)}" for c, coll in index.columns]
+        not_null = " AND ".join(f"{_quote(c)} IS NOT NULL" for c, _ in index.columns)
+        row = conn.execute(
+            f"SELECT 1 FROM {_quote(self.table)} INDEXED BY {_quote(index.name)} "
+            f"WHERE {not_null} GROUP BY {', '.join(cols)} HAVING count(*) > 1 "
+            "LIMIT 1"
+        ).fetchone()
+        return row is not None
+
+
+# integrity_check stops at 100 problems; so do the pieces, each.
+_MAX_REPORTED = 100
 
 
 def _runtime_version() -> int:
@@ -784,7 +992,7 @@ def verify(
 
     def plan() -> None:
         try:
-            planned["tasks"] = _plan(ctx, level, recorder)
+            planned["tasks"] = _plan(ctx, level, recorder, threads)
         except BaseException as exc:
             planned["error"] = exc
 
