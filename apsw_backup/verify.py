@@ -623,7 +623,7 @@ def _table_tasks(
         if threads > 1 and table.indexes and weight > SPLIT_SHARE * share:
             split = _IndexSplit.plan(conn, table.name)
         if split is not None:
-            tasks += split.tasks(weight, max(2, math.ceil(weight / share * 2)))
+            tasks += split.tasks(weight, max(2, math.ceil(weight / share * PIECES)))
             continue
         tasks.append(
             _Task(
@@ -640,8 +640,11 @@ def _table_tasks(
 
 
 # A table whose expected check takes more than this part of one thread's
-# share of the work is split (when it can be).
+# share of the work is split (when it can be), into about PIECES pieces
+# per share: small enough that the threads, taking the next piece as they
+# finish one, end close together whatever the estimates got wrong.
 SPLIT_SHARE = 0.6
+PIECES = 4
 
 
 @dataclass
