@@ -10,22 +10,27 @@ Two levels (``verify(path, level=...)``):
     Plus ``PRAGMA quick_check``: every b-tree, the freelist and the page
     accounting are sound, NOT NULL holds.  Both run at once, in two threads.
     Proves: the file holds exactly the bytes SQLite produced, and they form
-    a sound database.  Misses: an index whose entries disagree with their
+    a sound database.  Through a handle of its own the re-read uses
+    O_DIRECT, leaving the page cache warm for quick_check.  Misses: an index whose entries disagree with their
     table (quick_check does not compare them), CHECK constraints.
     Without a recorder only quick_check runs (the byte check is reported
     as skipped).
 
 ``"full"``
-    The whole ``PRAGMA integrity_check``, split over several read-only
-    connections in threads (SQLite 3.33+; one connection before): one
+    The whole ``PRAGMA integrity_check``, split over several connections in
+    threads (SQLite 3.33+; one connection before): one
     ``integrity_check(TABLE)`` per table -- its b-trees, its rows against
     every index, UNIQUE, NOT NULL, CHECK -- and one whole ``quick_check``
     for what only a whole-file pass sees (the freelist, pages no b-tree
     uses, a page two b-trees share).  Together they make every check plain
-    ``integrity_check`` makes (tests/test_verify_full.py shows it on damaged
-    files).  The byte check too when a recorder is given.  SQLite accepts
-    only table names in ``integrity_check(X)``, so a table and its indexes
-    are the finest unit: the tables are handed out largest first.
+    ``integrity_check`` makes (tests/test_verify_levels.py shows it on
+    damaged files).  The byte check too when a recorder is given.  SQLite
+    accepts only table names in ``integrity_check(X)``, so a table and its
+    indexes are its finest unit: a table too large for one thread's share
+    is checked in pieces of our own instead (``_IndexSplit``: its rows,
+    range by range, looked up in every index; the index entry counts;
+    UNIQUE), when it can be mirrored exactly.  The pieces are handed out
+    largest first to threads that take the next one as they finish.
 
 The result is a :class:`VerifyResult`: ``ok``, ``problems`` (each with the
 page numbers where known) or ``unverified`` (the file could not be read,
