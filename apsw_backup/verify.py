@@ -702,13 +702,14 @@ class _IndexSplit:
                 _, cid, column, _desc, coll, key = row
                 if not key:
                     continue
-                if cid < 0 or column is None:
+                if not isinstance(cid, int) or cid < 0 or column is None:
                     return None  # an expression (or the rowid) as a key
                 columns.append((str(column), str(coll or "BINARY")))
             indexes.append(_Index(str(name), columns, bool(unique)))
         if not indexes:
             return None
-        lo, hi = conn.execute(f"SELECT min(rowid), max(rowid) FROM {q}").fetchone()
+        lo = _scalar(conn, f"SELECT min(rowid) FROM {q}")
+        hi = _scalar(conn, f"SELECT max(rowid) FROM {q}")
         split = cls(table, indexes, int(lo or 0), int(hi or 0))
         plan = " ".join(
             str(row[-1])
@@ -778,11 +779,12 @@ class _IndexSplit:
                 found = []
                 for row in missing[:_MAX_REPORTED]:
                     # integrity_check numbers a row by its place in the table
-                    (place,) = conn.execute(
+                    place = _scalar(
+                        conn,
                         f"SELECT count(*) FROM {_quote(self.table)} NOT INDEXED "
                         "WHERE rowid <= ?",
                         (row[0],),
-                    ).fetchone()
+                    )
                     for index, gone in zip(self.indexes, row[1:], strict=True):
                         if gone:
                             found.append(f"row {place} missing from index {index.name}")
@@ -798,13 +800,14 @@ class _IndexSplit:
         conn = ctx.open()
         found = []
         try:
-            (rows,) = conn.execute(f"SELECT count(*) FROM {q} NOT INDEXED").fetchone()
+            rows = _scalar(conn, f"SELECT count(*) FROM {q} NOT INDEXED")
             for index in self.indexes:
                 # (count(*) would count the smallest index instead)
-                (entries,) = conn.execute(
+                entries = _scalar(
+                    conn,
                     f"SELECT coalesce(sum(1), 0) FROM {q} INDEXED BY "
-                    f"{_quote(index.name)}"
-                ).fetchone()
+                    f"{_quote(index.name)}",
+                )
                 if entries != rows:
                     found.append(f"wrong # of entries in index {index.name}")
                 if index.unique and self._duplicates(conn, index):
@@ -822,6 +825,12 @@ class _IndexSplit:
             "LIMIT 1"
         ).fetchone()
         return row is not None
+
+
+def _scalar(conn: apsw_backup.Connection, sql: str, args: tuple[Any, ...] = ()) -> Any:
+    """The first column of the first row of sql (None without a row)."""
+    row = conn.execute(sql, args).fetchone()
+    return None if row is None else row[0]
 
 
 # integrity_check stops at 100 problems; so do the pieces, each.
