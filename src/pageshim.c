@@ -923,8 +923,18 @@ find_descriptor(dev_t dev, ino_t ino)
 static void
 fail(ReadBack *out, int rc, const char *what)
 {
+    /* The OS error the base VFS's failed call left, if it was one: the
+     * message names it, as SQLite's own errors do (sqlite3_system_errno is
+     * per connection, and this handle has none). */
+    int err = errno;
     out->rc = rc;
-    snprintf(out->message, sizeof(out->message), "%s", what);
+    if (rc != SQLITE_NOMEM && (rc & 0xff) != SQLITE_CORRUPT && err != 0) {
+        snprintf(out->message, sizeof(out->message), "%s (%s)", what,
+                 strerror(err));
+    }
+    else {
+        snprintf(out->message, sizeof(out->message), "%s", what);
+    }
 }
 
 static void
@@ -1032,6 +1042,7 @@ compare_pages(Recording *rec, sqlite3_file *file, int *direct_fd, int cache_fd,
     sqlite3_int64 lockpage = lock_byte_page(P);
     for (sqlite3_int64 p = first; p <= last; p += per_chunk) {
         sqlite3_int64 n = last - p + 1 < per_chunk ? last - p + 1 : per_chunk;
+        errno = 0;
         int rc = read_pages(file, direct_fd, cache_fd, buf, p, n, P);
         if (rc != SQLITE_OK && rc != SQLITE_IOERR_SHORT_READ) {
             fail(out, rc, "reading the file back failed");
@@ -1100,6 +1111,7 @@ recording_read_back(Recording *rec, sqlite3_int64 first, sqlite3_int64 last,
         int flags = SQLITE_OPEN_MAIN_DB
                     | (rec->tamper_page ? SQLITE_OPEN_READWRITE
                                         : SQLITE_OPEN_READONLY);
+        errno = 0;
         int rc = base->xOpen(base, rec->path, own, flags, NULL);
         if (rc != SQLITE_OK) {
             if (own->pMethods != NULL) {
@@ -1120,6 +1132,7 @@ recording_read_back(Recording *rec, sqlite3_int64 first, sqlite3_int64 last,
     }
     int rc = SQLITE_OK;
     if (prepare) {
+        errno = 0;
         rc = file->pMethods->xSync(file, SQLITE_SYNC_NORMAL);
         if (rc == SQLITE_OK && rec->tamper_page > 0) {
             rc = tamper(file, P, rec->tamper_page);
@@ -1139,6 +1152,7 @@ recording_read_back(Recording *rec, sqlite3_int64 first, sqlite3_int64 last,
     int restore_fd = direct_fd;
     sqlite3_int64 size = 0;
     if (out->rc == SQLITE_OK) {
+        errno = 0;
         rc = file->pMethods->xFileSize(file, &size);
         if (rc != SQLITE_OK) {
             fail(out, rc, "reading the file's size failed");

@@ -3,6 +3,7 @@ every page SQLite writes to the destination is hashed as it is written, and
 re-read from the disk afterwards (issue 20, part 1)."""
 
 import ctypes
+import errno
 import os
 import subprocess
 import sys
@@ -579,3 +580,30 @@ def test_a_recorder_inherited_through_fork_is_inert_and_a_new_one_works(
         check=False,
     )
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_a_failed_read_back_names_the_os_error(tmp_path):
+    """The read-back's own handle has no connection to ask for the OS error
+    (sqlite3_system_errno): the message names the one the failed read left.
+    Before: "reading the file back failed: <path>" alone."""
+    from faults import shim
+
+    loaded = shim.load(tmp_path)
+    if not loaded.registered():
+        loaded.register_vfs(default=False)
+    source = build(tmp_path / "source.db")
+    work = tmp_path / "work"
+    work.mkdir()
+    dest = work / "dest.db"
+    with apsw_backup.PageRecorder(dest, vfs="faultvfs") as rec:
+        backup_recorded(source, dest, rec)
+        loaded.reset(work)
+        loaded.arm("read", 1, True)  # every read of the read-back fails: EIO
+        try:
+            with pytest.raises(apsw_backup.IOError) as info:
+                rec.read_back()
+        finally:
+            loaded.disarm()
+    assert "reading the file back failed" in str(info.value)
+    assert os.strerror(errno.EIO) in str(info.value)
+    assert info.value.result == apsw_backup.SQLITE_IOERR
