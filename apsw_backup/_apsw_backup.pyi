@@ -105,6 +105,7 @@ class _RecorderStats(TypedDict):
     page_size_changes: int
     incomplete: bool
     open_files: int
+    syncs: int
 
 class Error(Exception):
     result: int | None

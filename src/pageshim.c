@@ -103,6 +103,8 @@ struct Recording {
     RecordingStats stats;
     ShimFile *files; /* attached open files */
     sqlite3_int64 tamper_page;
+    int synced; /* read_back synced the file, and nothing was written
+                 * through the shim since: the next one need not sync */
 };
 
 /* -- registry ----------------------------------------------------------- */
@@ -278,6 +280,7 @@ record_write(ShimFile *f, const unsigned char *buf, int amt, sqlite3_int64 off,
     Recording *rec = f->rec;
     pthread_mutex_lock(&rec->mutex);
     rec->stats.writes++;
+    rec->synced = 0;
     int declared = off == 0 ? header_page_size(buf, amt) : 0;
     int rehash_all = 0;
     if (declared != 0 && declared != rec->page_size) {
@@ -323,6 +326,7 @@ record_truncate(ShimFile *f, sqlite3_int64 size)
     Recording *rec = f->rec;
     pthread_mutex_lock(&rec->mutex);
     rec->stats.truncates++;
+    rec->synced = 0;
     int P = rec->page_size;
     if (P != 0) {
         sqlite3_int64 keep = size / P;
@@ -345,6 +349,7 @@ record_failure(ShimFile *f, sqlite3_int64 off, sqlite3_int64 amt)
     Recording *rec = f->rec;
     pthread_mutex_lock(&rec->mutex);
     rec->stats.failed++;
+    rec->synced = 0;
     int P = rec->page_size;
     if (P != 0) {
         /* the write may have happened in part: nothing is claimed */
@@ -1132,8 +1137,15 @@ recording_read_back(Recording *rec, sqlite3_int64 first, sqlite3_int64 last,
     }
     int rc = SQLITE_OK;
     if (prepare) {
+        /* One sync serves every range read back after it (a read-back in
+         * ranges synced before each: a flush of the device's cache each
+         * time, half of its cost), until the shim sees a write again. */
         errno = 0;
-        rc = file->pMethods->xSync(file, SQLITE_SYNC_NORMAL);
+        if (!rec->synced) {
+            rc = file->pMethods->xSync(file, SQLITE_SYNC_NORMAL);
+            rec->synced = rc == SQLITE_OK;
+            rec->stats.syncs++;
+        }
         if (rc == SQLITE_OK && rec->tamper_page > 0) {
             rc = tamper(file, P, rec->tamper_page);
             rec->tamper_page = 0;

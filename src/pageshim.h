@@ -37,6 +37,7 @@ typedef struct {
     int incomplete;          /* bookkeeping failed (memory): the hashes
                               * cannot prove anything */
     int open_files;          /* connections' files attached now */
+    sqlite3_int64 syncs;     /* syncs read_back made */
 } RecordingStats;
 
 /* The outcome of recording_read_back() over pages first..last. */

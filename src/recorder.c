@@ -242,20 +242,20 @@ static PyObject *
 recorder_stats(PageRecorder *self, PyObject *Py_UNUSED(ignored))
 {
     static const char *names[] = {
-        "page_size",  "pages",     "recorded",
-        "writes",     "hashed",    "reread",
-        "truncates",  "failed",    "page_size_changes",
-        "incomplete", "open_files"};
+        "page_size",  "pages",      "recorded",
+        "writes",     "hashed",     "reread",
+        "truncates",  "failed",     "page_size_changes",
+        "incomplete", "open_files", "syncs"};
     if (recorder_check(self) < 0) {
         return NULL;
     }
     RecordingStats s;
     recording_stats(self->rec, &s);
     return build_dict(
-        11, names, "iLLLLLLLibi", s.page_size, (long long)s.pages,
+        12, names, "iLLLLLLLibiL", s.page_size, (long long)s.pages,
         (long long)s.recorded, (long long)s.writes, (long long)s.hashed,
         (long long)s.reread, (long long)s.truncates, (long long)s.failed,
-        s.page_size_changes, s.incomplete, s.open_files);
+        s.page_size_changes, s.incomplete, s.open_files, (long long)s.syncs);
 }
 
 static PyObject *
