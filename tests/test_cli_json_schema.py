@@ -100,12 +100,15 @@ def test_timeout(source, tmp_path):
 
 
 def test_verification_failure(tmp_path):
+    # The index disagrees with its table: only the full level sees it.
     corrupt = make_corrupt(tmp_path / "corrupt.db")
-    obj = check(run("--json", corrupt, tmp_path / "d.db"), 3)
+    obj = check(run("--json", "--verify", "full", corrupt, tmp_path / "d.db"), 3)
     assert obj["verified"] is False
     assert obj["integrity"]
+    assert obj["verification"]["status"] == "problems"
+    assert obj["verification"]["level"] == "full"
     dest = make_target(tmp_path / "old.db")
-    obj = check(run("--json", "--overwrite", corrupt, dest), 3)
+    obj = check(run("--json", "--verify", "full", "--overwrite", corrupt, dest), 3)
     assert obj["dest_state"] == "failed verification"
 
 
@@ -118,6 +121,11 @@ def test_success(source, tmp_path, options):
         "complete" if options == ["--no-verify"] else "verified"
     )
     assert obj["pages"] > 0
+    if options == ["--no-verify"]:
+        assert obj["verification"] is None
+    else:
+        assert obj["verification"]["status"] == "ok"
+        assert obj["verification"]["level"] == "default"
 
 
 def test_success_into_a_folder_with_keep(source, tmp_path):
@@ -160,7 +168,8 @@ def test_verify_outcomes(source, tmp_path):
     check(run("verify", "--json", corrupt), 3, verify=True)
     empty = tmp_path / "empty.db"
     empty.touch()
-    check(run("verify", "--json", empty), 3, verify=True)
+    obj = check(run("verify", "--json", empty), 3, verify=True)
+    assert obj["files"][0]["verification"]["status"] == "problems"
 
 
 @pytest.mark.parametrize("args", [[], ["--timeout", "x", "f.db"], ["--bad", "f.db"]])

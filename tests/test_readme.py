@@ -125,7 +125,7 @@ def test_first_setup_command_runs_the_demo(tmp_path):
     env = {**os.environ, "TMPDIR": str(tmp_path / "temp")}
     result = run([sys.executable, "-m", "apsw_backup", "--demo"], tmp_path / "cwd", env)
     assert result.returncode == 0, result.stderr
-    assert "integrity_check ok" in result.stdout
+    assert "quick_check ok" in result.stdout
     # As the README says: under the system's temporary folder, and it says so.
     (folder,) = os.listdir(tmp_path / "temp")
     assert f"the files are kept in {tmp_path / 'temp' / folder}" in result.stderr

@@ -2,23 +2,25 @@
 
     apsw-backup [options] SOURCE DEST
     apsw-backup [options] SOURCE FOLDER/   (the copy is FOLDER/<stem>-<UTC time>.db)
-    apsw-backup verify [--json] [--timeout S] FILE...
+    apsw-backup verify [--level default|full] [--json] [--timeout S] FILE...
     apsw-backup --demo
     python -m apsw_backup ...              (the same command)
 
 The copy is made by copy() (online: other connections keep using SOURCE) and
-checked with PRAGMA integrity_check.  A DEST that does not exist is written
-to a temporary file beside it, verified, then renamed into place, so DEST
-either does not exist or is the complete, verified copy; an existing DEST
-(--overwrite) is written through SQLite's own transaction.
+verified (--verify: default, full, none; docs/verification.md).  A DEST
+that does not exist is written to a temporary file beside it, verified,
+then renamed into place, so DEST either does not exist or is the complete,
+verified copy; an existing DEST (--overwrite) is written through SQLite's
+own transaction.
 
 Exit codes (the message on stderr, and "dest_state" in --json, always say
 what DEST holds):
   0    the backup is complete (and verified, unless --no-verify)
-  1    SQLite, file system or backup error
+  1    SQLite, file system or backup error, or the copy could not be
+       verified (a read error, a lock, --timeout)
   2    usage error or refusal: nothing was written
-  3    verification failed: a new DEST was not created; an existing DEST
-       holds the copy that failed verification
+  3    verification failed (the message names the pages): a new DEST was
+       not created; an existing DEST holds the copy that failed verification
   130  interrupted by SIGINT (Ctrl-C), 143 by SIGTERM, with one of:
        "DEST was not created", "DEST was left as it was" (nothing changed),
        "DEST holds the complete copy, but it was not verified" (the signal
@@ -54,21 +56,13 @@ from apsw_backup.cli.signals import (
     _signals,
     hold_until_exit,
 )
-from apsw_backup.cli.verification import (
-    _problems_text,
-    _raise_read_failure,
-    integrity_problems,
-)
 from apsw_backup.cli.verify_command import _verify_command
 
 __all__ = [
     "Failure",
     "Interrupts",
-    "_problems_text",
-    "_raise_read_failure",
     "apsw_backup",
     "backup_name",
-    "integrity_problems",
     "main",
 ]
 

@@ -25,15 +25,19 @@ from apsw_backup.cli.errors import (
 from apsw_backup.cli.failures import _busy, _error_object
 from apsw_backup.cli.open_problems import open_problem
 from apsw_backup.cli.plan import Job
-from apsw_backup.cli.progress import ProgressLine, _progress_line
+from apsw_backup.cli.progress import _progress_line
 from apsw_backup.cli.signals import Interrupted, Interrupts
 from apsw_backup.cli.summary import _print_json
 from apsw_backup.cli.verification import (
+    Ticker,
+    VerificationError,
     VerificationFailed,
-    VerificationTimeout,
-    _problems_text,
-    integrity_problems,
+    VerificationIncomplete,
+    failed_message,
+    incomplete_message,
+    size_mb,
 )
+from apsw_backup.verify import PROBLEMS, Problem, VerifyResult, raise_for, verify
 
 
 def _verify_command(args: argparse.Namespace, interrupts: Interrupts) -> int:
@@ -68,9 +72,10 @@ def _verify_one(
 ) -> tuple[dict[str, Any], int]:
     """Check one FILE, report it; (its --json item, its exit code)."""
     line = _progress_line(args.progress, Job(path, path, True, True))
-    if line is not None:
-        line.verifying(f"verifying {path}")
-    code, message, error, problems = _outcome_of_check(path, interrupts, line, deadline)
+    ticker = Ticker(interrupts, line, f"verifying {path}")
+    code, message, error, problems, result = _outcome_of_check(
+        path, args.level, ticker, deadline
+    )
     if line is not None:
         line.end([f"verified {path}: ok"] if not code else [f"stopped: {path}"])
     if code:
@@ -82,56 +87,90 @@ def _verify_one(
         "exit_code": code,
         "verified": None if problems is None else not problems,
         "integrity": None if problems is None else problems or ["ok"],
+        "verification": result,
         "error": _error_object(error, message) if code else None,
     }
     return item, code
 
 
 def _outcome_of_check(
-    path: str,
-    interrupts: Interrupts,
-    line: ProgressLine | None,
-    deadline: float | None = None,
-) -> tuple[int, str, BaseException | None, list[str] | None]:
-    """(exit code, message, error, problems found or None if not checked)."""
+    path: str, level: str, ticker: Ticker, deadline: float | None = None
+) -> tuple[int, str, BaseException | None, list[str] | None, Any]:
+    """(exit code, message, error, problems found or None if not checked,
+    the checks' JSON or None).  FILE is opened read-only: verifying never
+    writes to it.  deadline (time.monotonic(), --timeout): the checks, and
+    any wait for a lock, end by then; a lock is waited for VERIFY_LOCK_WAIT
+    seconds at most."""
     try:
-        size = _check_file(path)
-        if not size:
-            empty = ["the file is empty (0 bytes): it is not a backup"]
-            message = (
-                f"verification failed: FILE {_q(path)} is empty (0 bytes): SQLite "
-                "would take it for an empty database, but it holds no backup"
+        if not _check_file(path):
+            return _empty(path, level)
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        result = raise_for(
+            verify(
+                path,
+                level,
+                progress=ticker,
+                timeout=timeout,
+                read_only=True,
+                lock_wait=VERIFY_LOCK_WAIT,
             )
-            return EXIT_VERIFY, message, VerificationFailed(empty), empty
-        problems = integrity_problems(
-            path,
-            interrupts,
-            line.tick if line else None,
-            deadline,
-            lock_wait=VERIFY_LOCK_WAIT,
         )
     except Failure as failure:
-        return failure.code, failure.message, failure.error, None
+        return failure.code, failure.message, failure.error, None, None
     except Interrupted as stop:
-        return 128 + stop.signum, f"interrupted while verifying {_q(path)}", stop, None
-    except VerificationTimeout as exc:
+        message = f"interrupted while verifying {_q(path)}"
+        return 128 + stop.signum, message, stop, None, None
+    except VerificationFailed as exc:
+        message = failed_message(exc, f"FILE {_q(path)}", None)
+        return EXIT_VERIFY, message, exc, exc.problems, exc.verification.to_json()
+    except VerificationIncomplete as exc:
+        message, error = _incomplete(path, exc)
+        return EXIT_ERROR, message, error, None, exc.verification.to_json()
+    except (apsw_backup.Error, VerificationError) as exc:
+        message = f"cannot verify FILE {_q(path)}: {type(exc).__name__}: {exc}"
+        return EXIT_ERROR, message, exc, None, None
+    message = f"{path}: {result.summary()} ({level}, {size_mb(path)})"
+    return EXIT_OK, message, None, [], result.to_json()
+
+
+def _empty(
+    path: str, level: str
+) -> tuple[int, str, BaseException | None, list[str] | None, Any]:
+    """An empty (0-byte) FILE: SQLite would read it as an empty database."""
+    problem = "the file is empty (0 bytes): it is not a backup"
+    result = VerifyResult(PROBLEMS, level, [Problem("file", problem)], [], 0.0)
+    message = (
+        f"verification failed: FILE {_q(path)} is empty (0 bytes): SQLite "
+        "would take it for an empty database, but it holds no backup"
+    )
+    exc = VerificationFailed(message, result)
+    return EXIT_VERIFY, message, exc, [problem], result.to_json()
+
+
+def _incomplete(path: str, exc: VerificationIncomplete) -> tuple[str, BaseException]:
+    """The message and error of a FILE that could not be verified: a lock
+    or the deadline (a BusyError, with the cure), or SQLite's error in words
+    that name the cause."""
+    error = exc.error
+    locked = isinstance(error, apsw_backup.BusyError) or exc.reason.endswith(
+        "locked by another connection"
+    )
+    if exc.timed_out or locked:
         cure = (
             "end the other connection's long transaction, or retry later"
-            if exc.locked
+            if locked
             else "retry with a longer --timeout"
         )
-        message = f"cannot verify FILE {_q(path)}: {exc}: {cure}"
-        return EXIT_ERROR, message, _busy(str(exc)), None
-    except apsw_backup.Error as exc:
-        message = f"cannot verify FILE {_q(path)}: {open_problem(path, exc, 'FILE')}"
-        return EXIT_ERROR, message, exc, None
-    if problems:
-        message = (
-            f"verification failed: PRAGMA integrity_check of {_q(path)} reported "
-            f"{_problems_text(problems)}"
+        message = f"cannot verify FILE {_q(path)}: {exc.reason}: {cure}"
+        if not isinstance(error, apsw_backup.BusyError):
+            error = _busy(exc.reason)
+        return message, error
+    if isinstance(error, apsw_backup.Error):
+        return (
+            f"cannot verify FILE {_q(path)}: {open_problem(path, error, 'FILE')}",
+            error,
         )
-        return EXIT_VERIFY, message, VerificationFailed(problems), problems
-    return EXIT_OK, f"{path}: integrity_check ok ({size / 1e6:.1f} MB)", None, []
+    return incomplete_message(exc, f"FILE {_q(path)}"), error or exc
 
 
 def _check_file(path: str) -> int:
