@@ -153,9 +153,16 @@ def child_copy(source: str, dest: str, shim: bool, check: bool) -> dict:
 
 
 def child_check(path: str, how: str, threads: int) -> dict:
+    import resource
+
     import apsw_backup
     from apsw_backup import verify
 
+    def cpu() -> float:
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        return r.ru_utime + r.ru_stime
+
+    cpu0 = cpu()
     begun = time.perf_counter()
     if how == "full":
         result = verify.verify(path, "full", threads=threads)
@@ -167,7 +174,11 @@ def child_check(path: str, how: str, threads: int) -> dict:
         conn.close()
         assert rows == [("ok",)], rows
         checks = {}
-    return {"seconds": time.perf_counter() - begun, "checks": checks}
+    return {
+        "seconds": time.perf_counter() - begun,
+        "cpu": cpu() - cpu0,
+        "checks": checks,
+    }
 
 
 def child_hash() -> dict:
@@ -312,6 +323,7 @@ def main() -> int:
     fresh(dest)
     run_child("copy", str(source), str(dest), "0", "0")
     warm(dest)
+    cpus: dict[str, list[float]] = {}
     checks: dict[str, list[float]] = {
         "integrity_check": [],
         "full": [],
@@ -326,6 +338,7 @@ def main() -> int:
             kind = "full" if how.startswith("full") else how
             out = run_child("check", str(dest), kind, str(threads))
             checks[how].append(out["seconds"])
+            cpus.setdefault(how, []).append(out["cpu"])
             if how == "full":
                 check_detail.append(out["checks"])
             elif threads == 1 and kind == "full":
@@ -347,6 +360,8 @@ def main() -> int:
         "times": times,
         "detail": detail,
         "checks": checks,
+        "check_cpu": cpus,
+        "load": os.getloadavg(),
         "full_check_tasks": check_detail,
         "hash": hashing,
     }
@@ -358,7 +373,10 @@ def main() -> int:
             f"| {name} | {med(times[name]):.3f} | {', '.join(f'{t:.2f}' for t in times[name])} |"
         )
     for how, xs in checks.items():
-        print(f"| {how} | {med(xs):.3f} | {', '.join(f'{t:.2f}' for t in xs)} |")
+        print(
+            f"| {how} | {med(xs):.3f} | {', '.join(f'{t:.2f}' for t in xs)} "
+            f"(CPU {', '.join(f'{t:.2f}' for t in cpus[how])}) |"
+        )
     verdicts = []
 
     def verdict(label: str, value: float, ok: bool, target: str) -> None:
@@ -403,6 +421,16 @@ def main() -> int:
             f"(tasks alone, s: {tasks})"
         )
         report["split_bound"] = bound
+        # How many cores the full check really had: its CPU time over its
+        # wall-clock time (a loaded machine leaves it less than --threads).
+        used = med(cpus["full"]) / med(checks["full"])
+        extra = med(cpus["full"]) / med(cpus["integrity_check"])
+        print(
+            f"  full check: {used:.2f} cores used on average; CPU time "
+            f"{extra:.2f}x one integrity_check's"
+        )
+        report["full_cores_used"] = used
+        report["full_cpu_ratio"] = extra
         report["tasks_alone"] = tasks
     g = hashing["gbps_long"]
     verdict("page hash GB/s, one core", g, g >= 4, "target >= 4")
