@@ -17,7 +17,10 @@ interleaved and rotated over --rounds rounds, the file in the OS cache:
   the fsync and rename), timed from outside like the shell, start-up
   included; cli --no-verify beside it;
 - then, on one copy: PRAGMA integrity_check on one connection, against
-  verify(DEST, "full") with 2 threads; quick_check alone for reference;
+  verify(DEST, "full") with 2 threads; quick_check alone for reference, and
+  integrity_check+cache: one integrity_check with the page cache the full
+  level gives its connections (verify.LOOKUP_CACHE_KIB), to tell that
+  gain from the one of using both cores;
 - the page hash's speed on one core: page_hash() of a 64 MiB buffer (the
   long-input loop), and of one 4 KiB page at a time from Python.
 
@@ -170,6 +173,9 @@ def child_check(path: str, how: str, threads: int) -> dict:
         checks = {c.name: round(c.seconds, 3) for c in result.checks}
     else:
         conn = apsw_backup.Connection(path, apsw_backup.SQLITE_OPEN_READONLY)
+        if how.endswith("+cache"):  # the page cache the full level's checks get
+            how = how.removesuffix("+cache")
+            conn.execute(f"PRAGMA cache_size=-{verify.LOOKUP_CACHE_KIB}").fetchall()
         rows = conn.execute(f"PRAGMA {how}").fetchall()
         conn.close()
         assert rows == [("ok",)], rows
@@ -326,6 +332,7 @@ def main() -> int:
     cpus: dict[str, list[float]] = {}
     checks: dict[str, list[float]] = {
         "integrity_check": [],
+        "integrity_check+cache": [],
         "full": [],
         "full (1 thread)": [],
         "quick_check": [],
