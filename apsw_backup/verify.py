@@ -118,6 +118,8 @@ class VerifyResult:
     seconds: float
     reason: str | None = None  # why it could not verify
     error: BaseException | None = None
+    timed_out: bool = False  # the deadline (timeout) passed
+    locked: bool = False  # a check found the file locked by another connection
 
     @property
     def ok(self) -> bool:
@@ -304,24 +306,20 @@ def _raise_if_unreadable(lines: list[str], check: str) -> None:
 class _Run:
     """State shared by the worker threads of one verification."""
 
-    def __init__(self, path: str, deadline: float | None) -> None:
+    def __init__(
+        self, path: str, deadline: float | None, lock_wait: float | None = None
+    ) -> None:
         self.path = path
         self.deadline = deadline
+        self.lock_wait = lock_wait  # seconds a lock is waited for at most
+        self.locked_since: float | None = None  # a check found the file locked
         self.cancelled = threading.Event()
         self.timed_out = False
         self._lock = threading.Lock()
         self._connections: set[apsw_backup.Connection] = set()
-        # Read-write when the file and its folder may be written (with
-        # query_only on: nothing is ever written), so that the last check
-        # to end lets SQLite remove the -wal and -shm files it makes to
-        # read a WAL database; a read-only connection leaves them behind.
-        folder = os.path.dirname(os.path.abspath(path))
-        writable = os.access(path, os.W_OK) and os.access(folder, os.W_OK)
-        self.flags = (
-            apsw_backup.SQLITE_OPEN_READWRITE
-            if writable
-            else apsw_backup.SQLITE_OPEN_READONLY
-        )
+        # Read-only: verifying never writes to the file (a -wal is neither
+        # checkpointed into it nor deleted); see _remove_what_reading_made.
+        self.flags = apsw_backup.SQLITE_OPEN_READONLY
         self.cache_kib = LOOKUP_CACHE_KIB
 
     def share_cache(self, threads: int) -> None:
@@ -337,6 +335,11 @@ class _Run:
         conn = apsw_backup.Connection(self.path, self.flags)
 
         def wait_for_lock(count: int) -> bool:
+            now = time.monotonic()
+            if self.locked_since is None:
+                self.locked_since = now
+            if self.lock_wait is not None and now - self.locked_since >= self.lock_wait:
+                return False
             time.sleep(0.01)
             if self.cancelled.is_set():
                 return False
@@ -1000,6 +1003,7 @@ def verify(
     progress: Callable[[Progress], object] | None = None,
     timeout: float | None = None,
     threads: int | None = None,
+    lock_wait: float | None = None,
 ) -> VerifyResult:
     """Verify the database file at `path` (see the module's docstring).
 
@@ -1009,6 +1013,10 @@ def verify(
     connection closed.  `threads`: how many checks run at once (default:
     the number of CPUs this process may use).  `timeout`: seconds; at the
     deadline the checks are interrupted and the result is "unverified".
+    `lock_wait`: seconds a check waits for another connection's lock at
+    most (None: until the deadline).  The file is opened read-only; the
+    -wal and -shm SQLite makes to read a WAL database are removed after,
+    when they were not there before (and the -wal is empty).
     """
     if level not in LEVELS:
         raise ValueError(
@@ -1018,7 +1026,28 @@ def verify(
         raise ValueError("timeout must be >= 0 seconds (None: no limit)")
     begun = time.monotonic()
     path = os.fspath(path)
-    ctx = _Run(path, None if timeout is None else begun + timeout)
+    existed = [os.path.lexists(path + side) for side in ("-wal", "-shm")]
+    ctx = _Run(path, None if timeout is None else begun + timeout, lock_wait)
+    try:
+        result = _verify(ctx, level, recorder, progress, timeout, threads, begun)
+    finally:
+        _remove_what_reading_made(path, existed)
+    result.timed_out = ctx.timed_out
+    result.locked = ctx.locked_since is not None
+    if result.status == UNVERIFIED and ctx.timed_out and result.locked:
+        result.reason = f"{result.reason}: the file was locked by another connection"
+    return result
+
+
+def _verify(
+    ctx: _Run,
+    level: str,
+    recorder: apsw_backup.PageRecorder | None,
+    progress: Callable[[Progress], object] | None,
+    timeout: float | None,
+    threads: int | None,
+    begun: float,
+) -> VerifyResult:
     if threads is None:
         threads = (
             len(os.sched_getaffinity(0))
@@ -1104,6 +1133,32 @@ def verify(
             None if isinstance(first, _Unverified) else first,
         )
     return VerifyResult(OK, level, [], checks, seconds)
+
+
+def _remove_what_reading_made(path: str, existed: list[bool]) -> None:
+    """A read-only connection to a WAL database creates an empty -wal and a
+    -shm, and cannot remove them.  If they were not there before and the
+    -wal is still empty, a read-write connection opened and closed removes
+    them -- SQLite does so only as the last connection, under its locks;
+    with nothing in the -wal, closing writes nothing to the file."""
+    if any(existed):
+        return
+    try:
+        if os.stat(path + "-wal").st_size:
+            return
+    except OSError:
+        return
+    try:
+        conn = apsw_backup.Connection(path, apsw_backup.SQLITE_OPEN_READWRITE)
+    except apsw_backup.Error:
+        return
+    try:
+        conn.set_busy_timeout(100)
+        conn.execute("PRAGMA schema_version").fetchall()
+    except apsw_backup.Error:
+        pass
+    finally:
+        conn.close(force=True)
 
 
 def _reason(exc: BaseException) -> str:

@@ -6,10 +6,12 @@ import argparse
 import errno
 import os
 import stat
-import sys
+import time
 from typing import Any
 
 import apsw_backup
+from apsw_backup.cli import output
+from apsw_backup.cli.arguments import VERIFY_LOCK_WAIT
 from apsw_backup.cli.errors import (
     CURES,
     EXIT_ERROR,
@@ -20,29 +22,29 @@ from apsw_backup.cli.errors import (
     _os_cause,
     _q,
 )
-from apsw_backup.cli.failures import _error_object
+from apsw_backup.cli.failures import _busy, _error_object
+from apsw_backup.cli.open_problems import open_problem
 from apsw_backup.cli.plan import Job
 from apsw_backup.cli.progress import _progress_line
 from apsw_backup.cli.signals import Interrupted, Interrupts
 from apsw_backup.cli.summary import _print_json
 from apsw_backup.cli.verification import (
     Ticker,
-    VerificationError,
     VerificationFailed,
     VerificationIncomplete,
     failed_message,
     incomplete_message,
-    size_mb,
 )
-from apsw_backup.verify import raise_for, verify
+from apsw_backup.verify import VerifyResult, raise_for, verify
 
 
 def _verify_command(args: argparse.Namespace, interrupts: Interrupts) -> int:
     """apsw-backup verify FILE...: check each; the highest exit code."""
     results = []
     code = EXIT_OK
+    deadline = None if args.timeout is None else time.monotonic() + args.timeout
     for path in args.files:
-        item, item_code = _verify_one(path, args, interrupts)
+        item, item_code = _verify_one(path, args, interrupts, deadline)
         results.append(item)
         code = max(code, item_code)
         if item_code >= 128:
@@ -61,37 +63,61 @@ def _verify_command(args: argparse.Namespace, interrupts: Interrupts) -> int:
 
 
 def _verify_one(
-    path: str, args: argparse.Namespace, interrupts: Interrupts
+    path: str,
+    args: argparse.Namespace,
+    interrupts: Interrupts,
+    deadline: float | None = None,
 ) -> tuple[dict[str, Any], int]:
     """Check one FILE, report it; (its --json item, its exit code)."""
     line = _progress_line(args.progress, Job(path, path, True, True))
     ticker = Ticker(interrupts, line, f"verifying {path}")
-    code, message, error, problems, result = _outcome_of_check(path, args.level, ticker)
+    code, message, error, problems, result = _outcome_of_check(
+        path, args.level, ticker, deadline
+    )
     if line is not None:
         line.end([f"verified {path}: ok"] if not code else [f"stopped: {path}"])
     if code:
-        print(f"{PROG}: {message}", file=sys.stderr)
+        output.err(f"{PROG}: {message}")
     elif not args.json:
-        print(f"{PROG}: {message}")
+        output.out(f"{PROG}: {message}")
     item = {
         "file": path,
         "exit_code": code,
         "verified": None if problems is None else not problems,
         "integrity": None if problems is None else problems or ["ok"],
-        "verification": result,
+        "verification": result.to_json() if result is not None else None,
         "error": _error_object(error, message) if code else None,
     }
     return item, code
 
 
 def _outcome_of_check(
-    path: str, level: str, ticker: Ticker
-) -> tuple[int, str, BaseException | None, list[str] | None, Any]:
+    path: str,
+    level: str,
+    ticker: Ticker,
+    deadline: float | None = None,
+) -> tuple[int, str, BaseException | None, list[str] | None, VerifyResult | None]:
     """(exit code, message, error, problems found or None if not checked,
-    the checks' JSON or None)."""
+    the verification's result or None)."""
     try:
-        _check_file(path)
-        result = raise_for(verify(path, level, progress=ticker))
+        size = _check_file(path)
+        if not size:
+            empty = ["the file is empty (0 bytes): it is not a backup"]
+            message = (
+                f"verification failed: FILE {_q(path)} is empty (0 bytes): SQLite "
+                "would take it for an empty database, but it holds no backup"
+            )
+            return EXIT_VERIFY, message, _empty(empty), empty, None
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        result = raise_for(
+            verify(
+                path,
+                level,
+                progress=ticker,
+                timeout=timeout,
+                lock_wait=VERIFY_LOCK_WAIT,
+            )
+        )
     except Failure as failure:
         return failure.code, failure.message, failure.error, None, None
     except Interrupted as stop:
@@ -99,18 +125,41 @@ def _outcome_of_check(
         return 128 + stop.signum, message, stop, None, None
     except VerificationFailed as exc:
         message = failed_message(exc, f"FILE {_q(path)}", None)
-        return EXIT_VERIFY, message, exc, exc.problems, exc.verification.to_json()
+        return EXIT_VERIFY, message, exc, exc.problems, exc.verification
     except VerificationIncomplete as exc:
-        message = incomplete_message(exc, f"FILE {_q(path)}")
-        return EXIT_ERROR, message, exc.error or exc, None, exc.verification.to_json()
-    except (apsw_backup.Error, VerificationError) as exc:
-        message = f"cannot verify FILE {_q(path)}: {type(exc).__name__}: {exc}"
-        return EXIT_ERROR, message, exc, None, None
-    message = f"{path}: {result.summary()} ({level}, {size_mb(path)})"
-    return EXIT_OK, message, None, [], result.to_json()
+        outcome = exc.verification
+        if outcome.timed_out or outcome.locked:
+            cure = (
+                "end the other connection's long transaction, or retry later"
+                if outcome.locked
+                else "retry with a longer --timeout"
+            )
+            message = f"cannot verify FILE {_q(path)}: {exc.reason}: {cure}"
+            return EXIT_ERROR, message, _busy(exc.reason), None, outcome
+        error = exc.error
+        if isinstance(error, apsw_backup.Error):
+            message = (
+                f"cannot verify FILE {_q(path)}: {open_problem(path, error, 'FILE')}"
+            )
+        else:
+            message = incomplete_message(exc, f"FILE {_q(path)}")
+        return EXIT_ERROR, message, error or exc, None, outcome
+    message = f"{path}: {result.summary()} ({level}, {size / 1e6:.1f} MB)"
+    return EXIT_OK, message, None, [], result
 
 
-def _check_file(path: str) -> None:
+def _empty(problems: list[str]) -> VerificationFailed:
+    """The VerificationFailed of an empty FILE (no check ran)."""
+    from apsw_backup.verify import PROBLEMS, Problem
+
+    found = [Problem("file", p) for p in problems]
+    return VerificationFailed(
+        problems[0], VerifyResult(PROBLEMS, "none", found, [], 0.0)
+    )
+
+
+def _check_file(path: str) -> int:
+    """FILE's size; Failure if it is not a regular file that can be read."""
     try:
         info = os.stat(path)
     except OSError as exc:
@@ -125,3 +174,4 @@ def _check_file(path: str) -> None:
             f"FILE {_q(path)} is not a regular file: name a backup file",
             error,
         )
+    return info.st_size
