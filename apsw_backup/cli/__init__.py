@@ -3,6 +3,8 @@
     apsw-backup [options] SOURCE DEST
     apsw-backup [options] SOURCE FOLDER/   (the copy is FOLDER/<stem>-<UTC time>.db)
     apsw-backup verify [--level default|full] [--json] [--timeout S] FILE...
+    apsw-backup --incremental SOURCE FOLDER/, restore, list, verify FOLDER
+                                           (cli/incremental.py)
     apsw-backup --demo
     python -m apsw_backup ...              (the same command)
 
@@ -39,6 +41,7 @@ from collections.abc import Sequence
 
 # apsw_backup is re-exported: tests patch apsw_backup.Connection through it.
 import apsw_backup as apsw_backup
+from apsw_backup.cli import incremental as _incremental
 from apsw_backup.cli import output
 from apsw_backup.cli.arguments import _Exit, _parse, _parse_verify
 from apsw_backup.cli.demo import _demo
@@ -92,6 +95,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _command(argv: list[str], interrupts: Interrupts) -> int:
     as_json = "--json" in argv  # known before parsing: usage errors too
+    if _incremental.wants(argv):  # --incremental, restore, list, verify FOLDER
+        return _incremental.run(argv, interrupts)
     verify = argv[:1] == ["verify"]
     try:
         if verify:
