@@ -3,7 +3,7 @@
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import TracebackType
-from typing import Final, Literal, TypeAlias, TypedDict, final
+from typing import Any, Final, Literal, TypeAlias, TypedDict, final
 
 from typing_extensions import Buffer, Self, disjoint_base
 
@@ -75,6 +75,26 @@ _Bindings: TypeAlias = Sequence[_Bindable] | Mapping[str, _Bindable]
 def sqlite_lib_version() -> str: ...
 def page_hash(data: Buffer, /) -> bytes: ...
 def _page_hash_variants(data: bytes, /) -> dict[str, bytes]: ...
+
+# Private, for apsw_backup.incremental (src/incremental.c): capsules over
+# the delta shim and the overlay VFS.
+def _incremental_vfs_names() -> tuple[str, str]: ...
+def _delta_open(
+    path: str, fd: int, data_offset: int, page_size: int, parent: bytes, /
+) -> object: ...
+def _delta_close(capsule: object, /) -> None: ...
+def _delta_result(capsule: object, /) -> dict[str, Any]: ...
+def _overlay_open(
+    path: str,
+    page_size: int,
+    page_count: int,
+    fds: tuple[int, ...],
+    file_of: bytes,
+    offset_of: bytes,
+    /,
+) -> object: ...
+def _overlay_close(capsule: object, /) -> None: ...
+def _check_pages(data: bytes, page_size: int, expected: bytes, /) -> int: ...
 
 # Stub-only: what PageRecorder.read_back() and stats() return.
 class _ReadBack(TypedDict):

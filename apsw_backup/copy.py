@@ -195,9 +195,7 @@ class _Options:
         if self.verify_progress is not None and not callable(self.verify_progress):
             raise TypeError("verify_progress must be callable or None")
         if self.before_publish is not None and not callable(self.before_publish):
-            raise TypeError(
-                "before_publish must be callable (it is given the copy's path) or None"
-            )
+            raise TypeError("before_publish must be callable or None")
         flush = self.flush_every
         if flush is not None and (
             not isinstance(flush, int) or isinstance(flush, bool)
@@ -1077,9 +1075,14 @@ class _Copy:
 
     def _check_in_use(self, error: _c.ThreadingViolationError) -> None:
         """Another thread's call on the source (or target) connection is
-        waited for like a lock, but for IN_USE_LIMIT seconds at most: the
-        same error also means a call copy() itself runs inside (copy()
-        called from a callback of that connection), which never ends."""
+        waited for like a lock, but for IN_USE_LIMIT seconds at most.  A
+        connection that is the destination of an unfinished Backup, or one
+        whose own call copy() runs inside (a callback), is never waited for:
+        no wait can end either, so they are raised at once."""
+        if isinstance(error, (_c.DestinationLockedError, _c.ReentrancyError)):
+            raise _renamed(
+                error, f"copy() cannot use that connection: {error}; {self._left_as()}"
+            ) from error
         if not self._in_use_in_a_row:
             self._in_use_since = time.monotonic()
         self._in_use_in_a_row += 1
@@ -1120,18 +1123,12 @@ class _Copy:
 
     def verify(self) -> None:
         """Verify the finished copy at the level asked for, or hand its path
-        to the verify callable; raises if it is not shown to be good.  Then
-        hand it to before_publish, if any."""
-        self._verify()
-        if self._opts.before_publish is not None:
-            self._opts.before_publish(self._dst.work_file)
-
-    def _verify(self) -> None:
+        to the verify callable; raises if it is not shown to be good."""
         wanted = self._opts.verify
-        if wanted is None:
-            return
-        if not isinstance(wanted, str):
-            wanted(self._dst.work_file)
+        if wanted is None or not isinstance(wanted, str):
+            if wanted is not None:
+                wanted(self._dst.work_file)
+            self._before_publish()
             return
         from apsw_backup import verify
 
@@ -1150,6 +1147,11 @@ class _Copy:
             result.checks[0].detail["why"] = self._dst.no_hashes
         self._verification = result
         verify.raise_for(result)
+        self._before_publish()
+
+    def _before_publish(self) -> None:
+        if self._opts.before_publish is not None:
+            self._opts.before_publish(self._dst.work_file)
 
     def publish(self) -> None:
         """Put a new copy in place under the target's name."""
@@ -1387,18 +1389,15 @@ def copy(
     ignored.  Whatever raises, the exception comes out unchanged (a new
     target is removed first and never appears; an existing target keeps
     the complete copy).
+    before_publish: called as before_publish(path) with the finished copy's
+    file once it passed verification (or, without verify, once complete),
+    just before a new target is renamed into place, with no connection of
+    copy()'s open on it; if it raises, as verify.
     verify_progress: with a level, called about five times a second (from
     the thread that runs the verification) with an
     apsw_backup.verify.Progress: ``phase``, ``fraction`` 0..1, ``elapsed``,
     ``eta`` (seconds or None), ``running`` (the checks running).  If it
     raises, verification stops and the exception comes out.
-    before_publish: called as before_publish(path) with the finished copy's
-    file once verification (if any) passed -- for a new target the
-    temporary file, before it is renamed into place; for an existing
-    target after the copy was committed -- with no connection of copy()'s
-    open on it (a command line marks or locks there what must hold before
-    the copy appears).  If it raises, the exception comes out as verify's
-    would.
     flush_every: bytes (default 2 MiB) the target file may grow by before
     copy() has them written out to the disk (on Linux sync_file_range,
     waiting for the slice before; elsewhere fdatasync), with a 1 MiB page

@@ -406,6 +406,10 @@ class NewFile:
     that name appeared meanwhile: never overwrites), removes the temporary
     name and fsyncs the folder.  discard() removes it and its side files.
     Until publish() returns, the final name does not exist.
+
+    The file belongs to the process that created it: in a child forked
+    meanwhile (from a progress callback, say), publish() refuses and
+    discard() removes nothing -- the parent's copy is still being written.
     """
 
     def __init__(self, final: str) -> None:
@@ -413,6 +417,7 @@ class NewFile:
         self.path = temporary_path(final)
         self._fd = -1
         self._ident: tuple[int, int] | None = None
+        self._pid = os.getpid()
 
     def create(self) -> None:
         """Create the temporary file, locked from the moment it has a name.
@@ -452,6 +457,12 @@ class NewFile:
     def publish(self) -> None:
         """Put the file in place; FileExistsError if the final name appeared,
         StaleSideFileError if a -journal or -wal appeared beside it."""
+        if os.getpid() != self._pid:
+            raise RuntimeError(
+                "this copy's new file belongs to the process that started the "
+                "copy, not to a child forked from it: finish the copy in the "
+                "parent"
+            )
         check_no_stale_side_files(self.final)
         os.fsync(self._fd)
         try:
@@ -474,8 +485,9 @@ class NewFile:
         self._close()
 
     def discard(self) -> None:
-        for path in (self.path, *side_paths(self.path)):
-            remove_quietly(path)
+        if os.getpid() == self._pid:  # a forked child leaves the parent's file
+            for path in (self.path, *side_paths(self.path)):
+                remove_quietly(path)
         self._close()
 
     def _close(self) -> None:

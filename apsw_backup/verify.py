@@ -118,7 +118,8 @@ class VerifyResult:
     seconds: float
     reason: str | None = None  # why it could not verify
     error: BaseException | None = None
-    timed_out: bool = False  # the timeout ended it (reason says so)
+    timed_out: bool = False  # the deadline (timeout) passed
+    locked: bool = False  # a check found the file locked by another connection
 
     @property
     def ok(self) -> bool:
@@ -221,12 +222,6 @@ class VerificationIncomplete(VerificationError):
     def error(self) -> BaseException | None:
         return self.verification.error
 
-    @property
-    def timed_out(self) -> bool:
-        """Whether the timeout ended it (``reason`` says whether a lock held
-        by another connection kept it waiting)."""
-        return self.verification.timed_out
-
 
 def problems_text(problems: list[str], shown: int = 5) -> str:
     """ "2 problem(s): first; second" (at most `shown` of them)."""
@@ -312,42 +307,38 @@ class _Run:
     """State shared by the worker threads of one verification."""
 
     def __init__(
-        self,
-        path: str,
-        deadline: float | None,
-        read_only: bool = False,
-        lock_wait: float | None = None,
+        self, path: str, deadline: float | None, lock_wait: float | None = None
     ) -> None:
         self.path = path
         self.deadline = deadline
-        self.lock_wait = lock_wait
+        self.lock_wait = lock_wait  # seconds a lock is waited for at most
+        self.locked_since: float | None = None  # a check found the file locked
         self.cancelled = threading.Event()
         self.timed_out = False
         self._lock = threading.Lock()
         self._connections: set[apsw_backup.Connection] = set()
-        # Read-write when the file and its folder may be written (with
-        # query_only on: nothing is ever written), so that the last check
-        # to end lets SQLite remove the -wal and -shm files it makes to
-        # read a WAL database; a read-only connection leaves them behind
-        # (read_only: the caller's file, whose -wal must be neither
-        # checkpointed nor deleted; verify() removes them afterwards).
-        folder = os.path.dirname(os.path.abspath(path))
-        writable = os.access(path, os.W_OK) and os.access(folder, os.W_OK)
-        self.flags = (
-            apsw_backup.SQLITE_OPEN_READWRITE
-            if writable and not read_only
-            else apsw_backup.SQLITE_OPEN_READONLY
+        # Read-only: verifying never writes to the file (a -wal is neither
+        # checkpointed into it nor deleted); see _remove_what_reading_made.
+        self.flags = apsw_backup.SQLITE_OPEN_READONLY
+        self.cache_kib = LOOKUP_CACHE_KIB
+
+    def share_cache(self, threads: int) -> None:
+        """LOOKUP_CACHE_KIB a connection, LOOKUP_CACHE_TOTAL_KIB in all."""
+        self.cache_kib = max(
+            2000, min(LOOKUP_CACHE_KIB, LOOKUP_CACHE_TOTAL_KIB // max(threads, 1))
         )
 
-    def open(self) -> apsw_backup.Connection:
+    def open(self, lookups: bool = False) -> apsw_backup.Connection:
+        """A connection for one check; `lookups`: it looks rows up in
+        indexes all over the file (integrity_check(T), the pieces), so it
+        gets a larger page cache (LOOKUP_CACHE)."""
         conn = apsw_backup.Connection(self.path, self.flags)
-        locked_since: list[float] = []
 
         def wait_for_lock(count: int) -> bool:
             now = time.monotonic()
-            if count == 0 or not locked_since:
-                locked_since[:] = [now]
-            if self.lock_wait is not None and now - locked_since[0] >= self.lock_wait:
+            if self.locked_since is None:
+                self.locked_since = now
+            if self.lock_wait is not None and now - self.locked_since >= self.lock_wait:
                 return False
             time.sleep(0.01)
             if self.cancelled.is_set():
@@ -359,6 +350,8 @@ class _Run:
             self._connections.add(conn)
         try:
             conn.execute("PRAGMA query_only=ON").fetchall()
+            if lookups:
+                conn.execute(f"PRAGMA cache_size=-{self.cache_kib}").fetchall()
         except BaseException:
             self.close(conn)
             raise
@@ -396,10 +389,12 @@ class _Task:
     finished: bool = False
 
 
-def _sql_check(sql: str, check: str) -> Callable[[_Run, _Task], list[Problem]]:
+def _sql_check(
+    sql: str, check: str, lookups: bool = False
+) -> Callable[[_Run, _Task], list[Problem]]:
     def run(ctx: _Run, task: _Task) -> list[Problem]:
         ctx.check_cancelled()
-        conn = ctx.open()
+        conn = ctx.open(lookups)
         rows: list[tuple[Any, ...]] = []
         stopped: apsw_backup.Error | None = None
         try:
@@ -625,7 +620,7 @@ def _plan(
             _Task(
                 CheckRecord("integrity_check"),
                 weight,
-                _sql_check("PRAGMA integrity_check", "integrity_check"),
+                _sql_check("PRAGMA integrity_check", "integrity_check", lookups=True),
             )
         )
         return tasks
@@ -659,12 +654,23 @@ def _table_tasks(
                 ),
                 weight,
                 _sql_check(
-                    f"PRAGMA integrity_check({_quote(table.name)})", "integrity_check"
+                    f"PRAGMA integrity_check({_quote(table.name)})",
+                    "integrity_check",
+                    lookups=True,
                 ),
             )
         )
     return tasks
 
+
+# The page cache (KiB) of a connection that looks rows up in indexes all
+# over the file: SQLite's default 2 MB makes each lookup read its leaf page
+# again (integrity_check(orders) of the benchmark: 1.6 s, 1.0-1.2 s with
+# 64 MiB); bounded in all, whatever the number of threads.  (Memory-mapped
+# I/O would be faster still, but turns an I/O error of the disk into a
+# SIGBUS: not for a tool that checks disks.)
+LOOKUP_CACHE_KIB = 64 * 1024
+LOOKUP_CACHE_TOTAL_KIB = 256 * 1024
 
 # A table whose expected check takes more than this part of one thread's
 # share of the work is split (when it can be), into about PIECES pieces
@@ -795,7 +801,7 @@ class _IndexSplit:
     def _lookups(self, first: int, last: int) -> Callable[[_Run, _Task], list[Problem]]:
         def run(ctx: _Run, task: _Task) -> list[Problem]:
             ctx.check_cancelled()
-            conn = ctx.open()
+            conn = ctx.open(lookups=True)
             try:
                 missing = conn.execute(self.lookup_sql(), (first, last)).fetchall()
                 found = []
@@ -997,7 +1003,6 @@ def verify(
     progress: Callable[[Progress], object] | None = None,
     timeout: float | None = None,
     threads: int | None = None,
-    read_only: bool = False,
     lock_wait: float | None = None,
 ) -> VerifyResult:
     """Verify the database file at `path` (see the module's docstring).
@@ -1008,14 +1013,10 @@ def verify(
     connection closed.  `threads`: how many checks run at once (default:
     the number of CPUs this process may use).  `timeout`: seconds; at the
     deadline the checks are interrupted and the result is "unverified".
-    `read_only`: open the file read-only, so that verifying never writes to
-    it (a -wal is neither checkpointed into it nor deleted); the empty -wal
-    and -shm that reading a WAL database made, when they were not there
-    before, are removed afterwards.  By default the connections are
-    read-write with ``query_only`` (nothing is written either; SQLite
-    removes what it made as the last one closes).  `lock_wait`: seconds a
-    lock held by another connection is waited for at most (None: until the
-    timeout); past it the result is "unverified".
+    `lock_wait`: seconds a check waits for another connection's lock at
+    most (None: until the deadline).  The file is opened read-only; the
+    -wal and -shm SQLite makes to read a WAL database are removed after,
+    when they were not there before (and the -wal is empty).
     """
     if level not in LEVELS:
         raise ValueError(
@@ -1023,36 +1024,37 @@ def verify(
         )
     if timeout is not None and timeout < 0:
         raise ValueError("timeout must be >= 0 seconds (None: no limit)")
+    begun = time.monotonic()
     path = os.fspath(path)
-    if not read_only:
-        return _verify(path, level, recorder, progress, timeout, threads, lock_wait)
     existed = [os.path.lexists(path + side) for side in ("-wal", "-shm")]
+    ctx = _Run(path, None if timeout is None else begun + timeout, lock_wait)
     try:
-        return _verify(
-            path, level, recorder, progress, timeout, threads, lock_wait, True
-        )
+        result = _verify(ctx, level, recorder, progress, timeout, threads, begun)
     finally:
         _remove_what_reading_made(path, existed)
+    result.timed_out = ctx.timed_out
+    result.locked = ctx.locked_since is not None
+    if result.status == UNVERIFIED and ctx.timed_out and result.locked:
+        result.reason = f"{result.reason}: the file was locked by another connection"
+    return result
 
 
 def _verify(
-    path: str,
+    ctx: _Run,
     level: str,
     recorder: apsw_backup.PageRecorder | None,
     progress: Callable[[Progress], object] | None,
     timeout: float | None,
     threads: int | None,
-    lock_wait: float | None = None,
-    read_only: bool = False,
+    begun: float,
 ) -> VerifyResult:
-    begun = time.monotonic()
-    ctx = _Run(path, None if timeout is None else begun + timeout, read_only, lock_wait)
     if threads is None:
         threads = (
             len(os.sched_getaffinity(0))
             if hasattr(os, "sched_getaffinity")
             else (os.cpu_count() or 1)
         )
+    ctx.share_cache(threads)
     phase = f"verifying ({level})"
     if progress is not None:
         # Once before any work: a caller learns at once that the phase began
@@ -1079,10 +1081,13 @@ def _verify(
         found = [Problem("integrity_check", str(error))]
         return VerifyResult(PROBLEMS, level, found, [], time.monotonic() - begun)
     if isinstance(error, (apsw_backup.Error, OSError)):
-        reason = _timed_out(timeout, [error]) if ctx.timed_out else _reason(error)
-        seconds = time.monotonic() - begun
+        reason = (
+            f"verification did not finish within {timeout:g} s"
+            if ctx.timed_out
+            else _reason(error)
+        )
         return VerifyResult(
-            UNVERIFIED, level, [], [], seconds, reason, error, ctx.timed_out
+            UNVERIFIED, level, [], [], time.monotonic() - begun, reason, error
         )
     if error is not None:
         raise error
@@ -1108,16 +1113,13 @@ def _verify(
     if problems:
         return VerifyResult(PROBLEMS, level, problems, checks, seconds)
     if ctx.timed_out:
-        busy = [e for e in failures if _is_lock(e)]
         return VerifyResult(
             UNVERIFIED,
             level,
             [],
             checks,
             seconds,
-            _timed_out(timeout, failures),
-            busy[0] if busy else None,
-            timed_out=True,
+            f"verification did not finish within {timeout:g} s",
         )
     if failures:
         first = failures[0]
@@ -1131,19 +1133,6 @@ def _verify(
             None if isinstance(first, _Unverified) else first,
         )
     return VerifyResult(OK, level, [], checks, seconds)
-
-
-def _is_lock(exc: BaseException) -> bool:
-    return isinstance(exc, (apsw_backup.BusyError, apsw_backup.LockedError))
-
-
-def _timed_out(timeout: float | None, failures: list[BaseException]) -> str:
-    """The reason of a verification the deadline ended: the deadline, and
-    whether a lock held by another connection kept a check waiting."""
-    reason = f"verification did not finish within {timeout or 0:g} s"
-    if any(_is_lock(e) for e in failures):
-        reason += ": the file was locked by another connection"
-    return reason
 
 
 def _remove_what_reading_made(path: str, existed: list[bool]) -> None:
@@ -1173,7 +1162,7 @@ def _remove_what_reading_made(path: str, existed: list[bool]) -> None:
 
 
 def _reason(exc: BaseException) -> str:
-    if _is_lock(exc):
+    if isinstance(exc, (apsw_backup.BusyError, apsw_backup.LockedError)):
         return f"the file stayed locked by another connection: {exc}"
     if isinstance(exc, apsw_backup.InterruptError):
         return "verification was interrupted"

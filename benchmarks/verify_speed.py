@@ -17,7 +17,10 @@ interleaved and rotated over --rounds rounds, the file in the OS cache:
   the fsync and rename), timed from outside like the shell, start-up
   included; cli --no-verify beside it;
 - then, on one copy: PRAGMA integrity_check on one connection, against
-  verify(DEST, "full") with 2 threads; quick_check alone for reference;
+  verify(DEST, "full") with 2 threads; quick_check alone for reference, and
+  integrity_check+cache: one integrity_check with the page cache the full
+  level gives its connections (verify.LOOKUP_CACHE_KIB), to tell that
+  gain from the one of using both cores;
 - the page hash's speed on one core: page_hash() of a 64 MiB buffer (the
   long-input loop), and of one 4 KiB page at a time from Python.
 
@@ -154,9 +157,16 @@ def child_copy(source: str, dest: str, shim: bool, check: bool) -> dict:
 
 
 def child_check(path: str, how: str, threads: int) -> dict:
+    import resource
+
     import apsw_backup
     from apsw_backup import verify
 
+    def cpu() -> float:
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        return r.ru_utime + r.ru_stime
+
+    cpu0 = cpu()
     begun = time.perf_counter()
     if how == "full":
         result = verify.verify(path, "full", threads=threads)
@@ -164,11 +174,18 @@ def child_check(path: str, how: str, threads: int) -> dict:
         checks = {c.name: round(c.seconds, 3) for c in result.checks}
     else:
         conn = apsw_backup.Connection(path, apsw_backup.SQLITE_OPEN_READONLY)
+        if how.endswith("+cache"):  # the page cache the full level's checks get
+            how = how.removesuffix("+cache")
+            conn.execute(f"PRAGMA cache_size=-{verify.LOOKUP_CACHE_KIB}").fetchall()
         rows = conn.execute(f"PRAGMA {how}").fetchall()
         conn.close()
         assert rows == [("ok",)], rows
         checks = {}
-    return {"seconds": time.perf_counter() - begun, "checks": checks}
+    return {
+        "seconds": time.perf_counter() - begun,
+        "cpu": cpu() - cpu0,
+        "checks": checks,
+    }
 
 
 def child_hash() -> dict:
@@ -313,8 +330,10 @@ def main() -> int:
     fresh(dest)
     run_child("copy", str(source), str(dest), "0", "0")
     warm(dest)
+    cpus: dict[str, list[float]] = {}
     checks: dict[str, list[float]] = {
         "integrity_check": [],
+        "integrity_check+cache": [],
         "full": [],
         "full (1 thread)": [],
         "quick_check": [],
@@ -327,6 +346,7 @@ def main() -> int:
             kind = "full" if how.startswith("full") else how
             out = run_child("check", str(dest), kind, str(threads))
             checks[how].append(out["seconds"])
+            cpus.setdefault(how, []).append(out["cpu"])
             if how == "full":
                 check_detail.append(out["checks"])
             elif threads == 1 and kind == "full":
@@ -348,6 +368,8 @@ def main() -> int:
         "times": times,
         "detail": detail,
         "checks": checks,
+        "check_cpu": cpus,
+        "load": os.getloadavg(),
         "full_check_tasks": check_detail,
         "hash": hashing,
     }
@@ -359,7 +381,10 @@ def main() -> int:
             f"| {name} | {med(times[name]):.3f} | {', '.join(f'{t:.2f}' for t in times[name])} |"
         )
     for how, xs in checks.items():
-        print(f"| {how} | {med(xs):.3f} | {', '.join(f'{t:.2f}' for t in xs)} |")
+        print(
+            f"| {how} | {med(xs):.3f} | {', '.join(f'{t:.2f}' for t in xs)} "
+            f"(CPU {', '.join(f'{t:.2f}' for t in cpus[how])}) |"
+        )
     verdicts = []
 
     def verdict(label: str, value: float, ok: bool, target: str) -> None:
@@ -404,6 +429,16 @@ def main() -> int:
             f"(tasks alone, s: {tasks})"
         )
         report["split_bound"] = bound
+        # How many cores the full check really had: its CPU time over its
+        # wall-clock time (a loaded machine leaves it less than --threads).
+        used = med(cpus["full"]) / med(checks["full"])
+        extra = med(cpus["full"]) / med(cpus["integrity_check"])
+        print(
+            f"  full check: {used:.2f} cores used on average; CPU time "
+            f"{extra:.2f}x one integrity_check's"
+        )
+        report["full_cores_used"] = used
+        report["full_cpu_ratio"] = extra
         report["tasks_alone"] = tasks
     g = hashing["gbps_long"]
     verdict("page hash GB/s, one core", g, g >= 4, "target >= 4")

@@ -370,4 +370,13 @@ extern PyType_Spec recorder_spec;
 PyObject *module_page_hash(PyObject *module, PyObject *data);
 PyObject *module_page_hash_variants(PyObject *module, PyObject *data);
 
+/* incremental.c: private functions over deltashim.c (docs/incremental.md) */
+PyObject *incremental_vfs_names(PyObject *module, PyObject *arg);
+PyObject *incremental_delta_open(PyObject *module, PyObject *args);
+PyObject *incremental_delta_close(PyObject *module, PyObject *capsule);
+PyObject *incremental_delta_result(PyObject *module, PyObject *capsule);
+PyObject *incremental_overlay_open(PyObject *module, PyObject *args);
+PyObject *incremental_overlay_close(PyObject *module, PyObject *capsule);
+PyObject *incremental_check_pages(PyObject *module, PyObject *args);
+
 #endif /* APSW_BACKUP_H */

@@ -45,6 +45,14 @@ static PyMethodDef module_methods[] = {
     {"_page_hash_variants", module_page_hash_variants, METH_O,
      "_page_hash_variants(data) -> dict\n\nTests only: the hash by each "
      "long-input loop of this build."},
+    {"_incremental_vfs_names", incremental_vfs_names, METH_NOARGS,
+     "Private (apsw_backup.incremental): the delta and overlay VFS names."},
+    {"_delta_open", incremental_delta_open, METH_VARARGS, "Private."},
+    {"_delta_close", incremental_delta_close, METH_O, "Private."},
+    {"_delta_result", incremental_delta_result, METH_O, "Private."},
+    {"_overlay_open", incremental_overlay_open, METH_VARARGS, "Private."},
+    {"_overlay_close", incremental_overlay_close, METH_O, "Private."},
+    {"_check_pages", incremental_check_pages, METH_VARARGS, "Private."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -359,6 +359,7 @@ def test_backup_of_a_source_another_process_is_writing_to(tmp_path, journal):
     assert query(dest, "SELECT count(*) FROM t") == [(2000,)]
 
 
+@pytest.mark.heavy  # the demo paces itself to be watched: about 3 s
 def test_demo_backs_up_a_live_sample_shows_its_phases_and_keeps_its_files(tmp_path):
     cwd, temp = tmp_path / "cwd", tmp_path / "temp"
     cwd.mkdir()
@@ -395,7 +396,7 @@ def test_demo_writes_under_the_folder_it_is_given(tmp_path):
     cwd, given = tmp_path / "cwd", tmp_path / "given"
     cwd.mkdir()
     given.mkdir()
-    proc = run("--demo", str(given), "--json", cwd=cwd)
+    proc = run("--demo", str(given), "--pages", "0", "--json", cwd=cwd)
 
     assert proc.returncode == 0, proc.stderr
     assert os.listdir(cwd) == []

@@ -168,8 +168,7 @@ def test_verify_outcomes(source, tmp_path):
     check(run("verify", "--json", corrupt), 3, verify=True)
     empty = tmp_path / "empty.db"
     empty.touch()
-    obj = check(run("verify", "--json", empty), 3, verify=True)
-    assert obj["files"][0]["verification"]["status"] == "problems"
+    check(run("verify", "--json", empty), 3, verify=True)
 
 
 @pytest.mark.parametrize("args", [[], ["--timeout", "x", "f.db"], ["--bad", "f.db"]])

@@ -94,6 +94,26 @@ def test_python_example_runs(page, code, tmp_path):
         check=False,
     )
     assert result.returncode == 0, f"{page.name}:\n{code}\n{result.stderr}"
+    # A print whose comment shows its output prints that, in that order
+    # (what follows ": " in the comment explains it).
+    lines = iter(result.stdout.splitlines())
+    for shown in shown_outputs(code):
+        assert any(line == shown for line in lines), (page.name, shown, result.stdout)
+
+
+def shown_outputs(code):
+    """The outputs the comments of a block's print() calls show, in order."""
+    return [
+        found[1].split(": ")[0]
+        for line in code.splitlines()
+        if (found := re.search(r"\bprint\(.*\)  # (.+)$", line))
+    ]
+
+
+def test_the_examples_show_their_output():
+    shown = [s for param in examples("python") for s in shown_outputs(param.values[1])]
+    assert len(shown) >= 10
+    assert "[('good',)]" in shown and "True 0" in shown
 
 
 def test_there_are_python_examples():
@@ -125,7 +145,7 @@ def test_first_setup_command_runs_the_demo(tmp_path):
     env = {**os.environ, "TMPDIR": str(tmp_path / "temp")}
     result = run([sys.executable, "-m", "apsw_backup", "--demo"], tmp_path / "cwd", env)
     assert result.returncode == 0, result.stderr
-    assert "quick_check ok" in result.stdout
+    assert re.search(r"\w+_check ok", result.stdout), result.stdout
     # As the README says: under the system's temporary folder, and it says so.
     (folder,) = os.listdir(tmp_path / "temp")
     assert f"the files are kept in {tmp_path / 'temp' / folder}" in result.stderr
@@ -214,8 +234,14 @@ def test_the_sessions_are_run():
 SCHEDULING = DOCS / "scheduling.md"
 
 
-def nightly_backup_runs_and_keeps_the_newest(command, tmp_path):
-    """Run a scheduled command (its paths moved into tmp_path) keep + 2 times."""
+def nightly_backup_runs_and_keeps_the_newest(command, tmp_path, capsys):
+    """Run a scheduled command (its paths moved into tmp_path) keep + 2 times.
+
+    In this process (apsw_backup.cli.main, what the console script runs), so
+    that the sixteen runs take a second, not an interpreter start each.
+    """
+    from apsw_backup.cli import main
+
     args = shlex.split(command.removesuffix(">/dev/null"))
     assert args[0] == "/opt/apsw-backup/bin/apsw-backup"  # the venv's path
     source, folder = args[-2], args[-1]
@@ -225,17 +251,18 @@ def nightly_backup_runs_and_keeps_the_newest(command, tmp_path):
     args[-2:] = [str(tmp_path / "app.db"), f"{tmp_path / 'backups'}/"]
     keep = int(args[args.index("--keep") + 1])
     for _ in range(keep + 2):
-        result = run([sys.executable, "-m", "apsw_backup", *args[1:]], tmp_path)
-        assert result.returncode == 0, result.stderr
-        assert result.stderr == ""  # cron mails stderr: nothing on success
+        assert main(args[1:]) == 0
+        out, err = capsys.readouterr()
+        assert re.search(r"\w+_check ok", out), out
+        assert err == ""  # cron mails stderr: nothing on success
     assert len(os.listdir(tmp_path / "backups")) == keep
 
 
-def test_cron_example_runs_and_keeps_the_newest(tmp_path):
+def test_cron_example_runs_and_keeps_the_newest(tmp_path, capsys):
     (line,) = blocks_in(SCHEDULING, "cron")[0].strip().splitlines()
     schedule, command = line[:10], line[10:].strip()
     assert schedule.split() == ["15", "3", "*", "*", "*"]
-    nightly_backup_runs_and_keeps_the_newest(command, tmp_path)
+    nightly_backup_runs_and_keeps_the_newest(command, tmp_path, capsys)
 
 
 def units():
@@ -250,7 +277,7 @@ def units():
     return found
 
 
-def test_systemd_timer_starts_the_service_at_the_crons_time(tmp_path):
+def test_systemd_timer_starts_the_service_at_the_crons_time():
     found = units()
     assert set(found) == {"app-backup.service", "app-backup.timer"}
     service, timer = found["app-backup.service"], found["app-backup.timer"]
@@ -259,8 +286,8 @@ def test_systemd_timer_starts_the_service_at_the_crons_time(tmp_path):
     assert timer["Install"]["WantedBy"] == "timers.target"
     (cron,) = blocks_in(SCHEDULING, "cron")[0].strip().splitlines()
     command = service["Service"]["ExecStart"]
+    # The same command as the cron line, which the test above runs.
     assert cron[10:].strip() == f"{command} >/dev/null"
-    nightly_backup_runs_and_keeps_the_newest(command, tmp_path)
 
 
 def sh_lines():
@@ -330,3 +357,17 @@ def test_the_wheel_is_built_and_installs_as_docs_install_says(tmp_path):
         [python, "-c", "import apsw_backup; print(apsw_backup.__file__)"], tmp_path
     )
     assert result.stdout.startswith(str(venv)), result.stdout
+
+
+def test_every_benchmark_the_docs_name_exists():
+    listed = run([sys.executable, "benchmarks/run.py", "--list"], ROOT)
+    assert listed.returncode == 0, listed.stderr
+    scenarios = {line.split()[0] for line in listed.stdout.splitlines() if line}
+    named = {
+        name
+        for _, line in sh_lines()
+        for option in re.findall(r"--only (\S+)", line)
+        for name in option.split(",")
+    }
+    assert len(named) >= 10
+    assert named <= scenarios, named - scenarios

@@ -266,3 +266,15 @@ def test_verify_level_options(tmp_path, source):
     for words in ("default", "full", "proves", "misses", "quick_check"):
         assert words in help_text
     assert not (tmp_path / "b.db").exists()
+
+
+def test_acopy_verifies_too(tmp_path, source, monkeypatch):
+    import asyncio
+
+    result = asyncio.run(apsw_backup.acopy(source, tmp_path / "a.db", verify="full"))
+    assert result.verification.ok and result.verification.level == "full"
+    monkeypatch.setenv(verify.TAMPER_ENV, "2")
+    with pytest.raises(verify.VerificationFailed) as info:
+        asyncio.run(apsw_backup.acopy(source, tmp_path / "b.db", verify="default"))
+    assert info.value.pages == [2]
+    assert not (tmp_path / "b.db").exists()

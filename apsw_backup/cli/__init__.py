@@ -3,24 +3,24 @@
     apsw-backup [options] SOURCE DEST
     apsw-backup [options] SOURCE FOLDER/   (the copy is FOLDER/<stem>-<UTC time>.db)
     apsw-backup verify [--level default|full] [--json] [--timeout S] FILE...
+    apsw-backup --incremental SOURCE FOLDER/, restore, list, verify FOLDER
+                                           (cli/incremental.py)
     apsw-backup --demo
     python -m apsw_backup ...              (the same command)
 
 The copy is made by copy() (online: other connections keep using SOURCE) and
-verified (--verify: default, full, none; docs/verification.md).  A DEST
-that does not exist is written to a temporary file beside it, verified,
-then renamed into place, so DEST either does not exist or is the complete,
-verified copy; an existing DEST (--overwrite) is written through SQLite's
-own transaction.
+verified (--verify default|full|none: docs/verification.md).  A DEST that does not exist is written
+to a temporary file beside it, verified, then renamed into place, so DEST
+either does not exist or is the complete, verified copy; an existing DEST
+(--overwrite) is written through SQLite's own transaction.
 
 Exit codes (the message on stderr, and "dest_state" in --json, always say
 what DEST holds):
   0    the backup is complete (and verified, unless --no-verify)
-  1    SQLite, file system or backup error, or the copy could not be
-       verified (a read error, a lock, --timeout)
+  1    SQLite, file system or backup error
   2    usage error or refusal: nothing was written
-  3    verification failed (the message names the pages): a new DEST was
-       not created; an existing DEST holds the copy that failed verification
+  3    verification failed: a new DEST was not created; an existing DEST
+       holds the copy that failed verification
   130  interrupted by SIGINT (Ctrl-C), 143 by SIGTERM, with one of:
        "DEST was not created", "DEST was left as it was" (nothing changed),
        "DEST holds the complete copy, but it was not verified" (the signal
@@ -41,6 +41,7 @@ from collections.abc import Sequence
 
 # apsw_backup is re-exported: tests patch apsw_backup.Connection through it.
 import apsw_backup as apsw_backup
+from apsw_backup.cli import incremental as _incremental
 from apsw_backup.cli import output
 from apsw_backup.cli.arguments import _Exit, _parse, _parse_verify
 from apsw_backup.cli.demo import _demo
@@ -94,6 +95,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _command(argv: list[str], interrupts: Interrupts) -> int:
     as_json = "--json" in argv  # known before parsing: usage errors too
+    if _incremental.wants(argv):  # --incremental, restore, list, verify FOLDER
+        return _incremental.run(argv, interrupts)
     verify = argv[:1] == ["verify"]
     try:
         if verify:

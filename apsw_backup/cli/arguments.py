@@ -43,10 +43,15 @@ or hold "another file" that appeared there meanwhile (left alone).
 
 {LEVELS_HELP}
 
-apsw-backup verify [--level default|full] [--json] [--timeout S] FILE...
-checks existing backups (exit 0, 1, 3); a stored file has no page hashes:
-default is then quick_check alone, and full (integrity_check, in threads)
-is the default."""
+apsw-backup verify [--level default|full] [--json] [--timeout S] FILE... checks
+existing backups (exit 0, 1, 3); a stored file has no page hashes: default is
+then quick_check alone, and full (integrity_check, in threads) is the default.
+
+restore points (docs/incremental.md):
+  apsw-backup --incremental SOURCE FOLDER/ [--keep N] [--max-chain N]
+  apsw-backup restore BACKUP DEST [--at TIMESTAMP] [--overwrite]
+  apsw-backup list FOLDER
+  apsw-backup verify FOLDER..."""
 
 VERIFY_EPILOG = """\
 levels: full (the default) runs PRAGMA integrity_check split by table over

@@ -6,9 +6,8 @@
   SQLite has rolled that journal back, so the command opens DEST and lets it
   do so before reporting; if it cannot, the report says DEST needs recovery.
 - header_facts(): the page size, page count and journal mode of the copy,
-  from DEST's own header, read through SQLite's file handle
-  (Connection.file_header: never a descriptor of ours, whose close() would
-  drop the process's POSIX locks on the file).
+  from DEST's own header (files.read_header: through SQLite, never a
+  descriptor of ours, whose close() would drop the process's POSIX locks).
 """
 
 from __future__ import annotations
@@ -18,6 +17,7 @@ import time
 from typing import Any
 
 import apsw_backup
+from apsw_backup import files
 from apsw_backup.cli.plan import Job
 
 ROLLBACK_LIMIT = 5.0  # seconds roll_back() waits for another connection's lock
@@ -62,24 +62,17 @@ def _journal_left(dest: str) -> bool:
 
 def header_facts(path: str) -> dict[str, Any]:
     """{"page_size", "pages", "journal_mode"} read from the header of the
-    database file at path; {} when it cannot be read."""
+    database file at path (files.read_header: through SQLite, never a
+    descriptor of ours); {} when it cannot be read."""
     try:
-        conn = apsw_backup.Connection(path, apsw_backup.SQLITE_OPEN_READONLY)
-    except apsw_backup.Error:
+        header = files.read_header(path)
+    except OSError:
         return {}
-    try:
-        header = conn.file_header()
-    except apsw_backup.Error:
+    if len(header) < 100 or not header.startswith(files.SQLITE_HEADER):
         return {}
-    finally:
-        conn.close(force=True)
-    if len(header) < 100 or not header.startswith(b"SQLite format 3\0"):
-        return {}
-    size = int.from_bytes(header[16:18], "big")
-    size = 65536 if size == 1 else size
     facts: dict[str, Any] = {
-        "page_size": size,
-        "journal_mode": "wal" if header[18:20] == b"\x02\x02" else "delete",
+        "page_size": files.header_page_size(header),
+        "journal_mode": "wal" if files.header_is_wal(header) else "delete",
     }
     # The page count in the header is valid when the change counter (24)
     # matches "version-valid-for" (92), as every SQLite since 3.7.0 writes.

@@ -47,21 +47,19 @@ def _failure(exc: BaseException, job: Job, args: argparse.Namespace) -> Failure:
         failure.fields["integrity"] = exc.problems
         failure.fields["verification"] = exc.verification.to_json()
         return failure
-    if isinstance(exc, VerificationIncomplete) and exc.timed_out and args.timeout:
-        # Reported as a BusyError, as every --timeout is.
-        locked = exc.reason.endswith("locked by another connection")
-        error = exc.error
+    if isinstance(exc, VerificationIncomplete) and exc.verification.timed_out:
+        timeout = f" (--timeout {args.timeout:g})" if args.timeout is not None else ""
         failure = Failure(
             EXIT_ERROR,
-            f"could not verify the copy: {exc.reason} (--timeout {args.timeout:g}), "
-            "so the copy was not verified. Retry later, or with a longer --timeout"
+            f"BusyError: gave up verifying: {exc.reason}{timeout}, so the copy "
+            "was not verified. Retry later, or with a longer --timeout"
             + (
                 ": end the other connection's long transaction on DEST first"
-                if locked
+                if exc.verification.locked
                 else ""
             )
             + f". {job.says()}",
-            error if isinstance(error, apsw_backup.BusyError) else _busy(exc.reason),
+            _busy(exc.reason),
         )
         failure.fields["verification"] = exc.verification.to_json()
         return failure

@@ -26,8 +26,8 @@ DEST_STATES = (
     "unchanged",  # an existing DEST: its content is as before the run
     "needs recovery",  # an existing DEST, torn: its -journal restores it
     "other file",  # another file appeared at DEST: left alone, not the copy
-    "verified",  # DEST holds the complete copy, and it passed verification
-    "failed verification",  # DEST holds the copy that failed verification
+    "verified",  # DEST holds the complete copy, and it passed integrity_check
+    "failed verification",  # DEST holds the copy that failed integrity_check
     "unverified",  # DEST holds the complete copy; a signal stopped the check
     "complete",  # DEST holds the complete copy (--no-verify)
 )
@@ -61,9 +61,7 @@ BACKUP_KEYS: dict[str, tuple[type | None, ...]] = {
     "journal_mode": (str, None),
     "verified": (bool, None),
     "integrity": (list, None),
-    # which checks ran, their outcomes and seconds (null: not verified, or
-    # verification never began); docs/cli.md and docs/verification.md.
-    "verification": (dict, None),
+    "verification": (dict, None),  # the checks that ran, their seconds
     "deleted": (list,),
     "pages_copied": (int, None),
     "page_count": (int, None),
@@ -80,7 +78,7 @@ FILE_KEYS: dict[str, tuple[type | None, ...]] = {
     "exit_code": (int,),
     "verified": (bool, None),
     "integrity": (list, None),
-    "verification": (dict, None),
+    "verification": (dict, None),  # the checks that ran, their seconds
     "error": (dict, None),
 }
 VERIFY_KEYS: dict[str, tuple[type | None, ...]] = {

@@ -55,12 +55,16 @@ class Runner:
             self._wait(self.pause)
         self.interrupts.check()
 
+    def ticker(self) -> Ticker:
+        """copy()'s verify_progress: the progress line, signals."""
+        return Ticker(self.interrupts, self.line, pause=10 * self.pause)
+
     def before_publish(self, path: str) -> None:
         """copy()'s before_publish callback, given the finished copy's file
-        once it passed verification (copy() ran it: --verify), before it is
-        put in place: for a DEST folder, see whether it holds a table, mark
-        it as SOURCE's backup, and take the folder's lock (exclusive for
-        --keep) for the rest of the run."""
+        once it passed verification, before it is put in place: for a DEST
+        folder, see whether it holds a table, mark it as SOURCE's backup,
+        and take the folder's lock (exclusive for --keep) for the rest of
+        the run."""
         if self.job.verify:
             self.job.verified = True
         if self.job.folder is None:
@@ -97,10 +101,6 @@ class Runner:
         left = self.timeout - (time.monotonic() - self.job.started)
         return max(0.0, min(FOLDER_LOCK_WAIT, left))
 
-    def ticker(self) -> Ticker:
-        """copy()'s verify_progress: the progress line, signals."""
-        return Ticker(self.interrupts, self.line, pause=10 * self.pause)
-
     def _wait(self, seconds: float) -> None:
         deadline = time.monotonic() + seconds
         while not self.interrupts.signum and time.monotonic() < deadline:
@@ -117,7 +117,6 @@ def _backup_command(
     runner = Runner(job, interrupts, line, pause, deadline)
     runner.keep, runner.timeout = args.keep, args.timeout
     deleted: list[str] = []
-    publishing = job.verify or job.folder is not None
     try:
         _pause_for_tests("opening", interrupts)
         interrupts.check()
@@ -131,9 +130,9 @@ def _backup_command(
             timeout=deadline_left(job, args.timeout),
             keep_wal=args.keep_wal,
             verify=args.verify if job.verify else None,
-            verify_progress=runner.ticker(),
-            before_publish=runner.before_publish if publishing else None,
             target_exists=job.existed,
+            verify_progress=runner.ticker(),
+            before_publish=runner.before_publish,
         )
         job.published = True
         _pause_for_tests("done", interrupts)

@@ -58,7 +58,7 @@ def _summary(
         journal_mode=journal_mode,
         verified=True if job.verify else None,
         integrity=["ok"] if job.verify else None,
-        verification=(result.verification.to_json() if result.verification else None),
+        verification=result.verification.to_json() if result.verification else None,
         deleted=deleted,
         pages_copied=result.pages,
         page_count=result.pages,

@@ -30,14 +30,12 @@ from apsw_backup.cli.signals import Interrupted, Interrupts
 from apsw_backup.cli.summary import _print_json
 from apsw_backup.cli.verification import (
     Ticker,
-    VerificationError,
     VerificationFailed,
     VerificationIncomplete,
     failed_message,
     incomplete_message,
-    size_mb,
 )
-from apsw_backup.verify import PROBLEMS, Problem, VerifyResult, raise_for, verify
+from apsw_backup.verify import VerifyResult, raise_for, verify
 
 
 def _verify_command(args: argparse.Namespace, interrupts: Interrupts) -> int:
@@ -87,23 +85,29 @@ def _verify_one(
         "exit_code": code,
         "verified": None if problems is None else not problems,
         "integrity": None if problems is None else problems or ["ok"],
-        "verification": result,
+        "verification": result.to_json() if result is not None else None,
         "error": _error_object(error, message) if code else None,
     }
     return item, code
 
 
 def _outcome_of_check(
-    path: str, level: str, ticker: Ticker, deadline: float | None = None
-) -> tuple[int, str, BaseException | None, list[str] | None, Any]:
+    path: str,
+    level: str,
+    ticker: Ticker,
+    deadline: float | None = None,
+) -> tuple[int, str, BaseException | None, list[str] | None, VerifyResult | None]:
     """(exit code, message, error, problems found or None if not checked,
-    the checks' JSON or None).  FILE is opened read-only: verifying never
-    writes to it.  deadline (time.monotonic(), --timeout): the checks, and
-    any wait for a lock, end by then; a lock is waited for VERIFY_LOCK_WAIT
-    seconds at most."""
+    the verification's result or None)."""
     try:
-        if not _check_file(path):
-            return _empty(path, level)
+        size = _check_file(path)
+        if not size:
+            empty = ["the file is empty (0 bytes): it is not a backup"]
+            message = (
+                f"verification failed: FILE {_q(path)} is empty (0 bytes): SQLite "
+                "would take it for an empty database, but it holds no backup"
+            )
+            return EXIT_VERIFY, message, _empty(empty), empty, None
         timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
         result = raise_for(
             verify(
@@ -111,7 +115,6 @@ def _outcome_of_check(
                 level,
                 progress=ticker,
                 timeout=timeout,
-                read_only=True,
                 lock_wait=VERIFY_LOCK_WAIT,
             )
         )
@@ -122,55 +125,37 @@ def _outcome_of_check(
         return 128 + stop.signum, message, stop, None, None
     except VerificationFailed as exc:
         message = failed_message(exc, f"FILE {_q(path)}", None)
-        return EXIT_VERIFY, message, exc, exc.problems, exc.verification.to_json()
+        return EXIT_VERIFY, message, exc, exc.problems, exc.verification
     except VerificationIncomplete as exc:
-        message, error = _incomplete(path, exc)
-        return EXIT_ERROR, message, error, None, exc.verification.to_json()
-    except (apsw_backup.Error, VerificationError) as exc:
-        message = f"cannot verify FILE {_q(path)}: {type(exc).__name__}: {exc}"
-        return EXIT_ERROR, message, exc, None, None
-    message = f"{path}: {result.summary()} ({level}, {size_mb(path)})"
-    return EXIT_OK, message, None, [], result.to_json()
+        outcome = exc.verification
+        if outcome.timed_out or outcome.locked:
+            cure = (
+                "end the other connection's long transaction, or retry later"
+                if outcome.locked
+                else "retry with a longer --timeout"
+            )
+            message = f"cannot verify FILE {_q(path)}: {exc.reason}: {cure}"
+            return EXIT_ERROR, message, _busy(exc.reason), None, outcome
+        error = exc.error
+        if isinstance(error, apsw_backup.Error):
+            message = (
+                f"cannot verify FILE {_q(path)}: {open_problem(path, error, 'FILE')}"
+            )
+        else:
+            message = incomplete_message(exc, f"FILE {_q(path)}")
+        return EXIT_ERROR, message, error or exc, None, outcome
+    message = f"{path}: {result.summary()} ({level}, {size / 1e6:.1f} MB)"
+    return EXIT_OK, message, None, [], result
 
 
-def _empty(
-    path: str, level: str
-) -> tuple[int, str, BaseException | None, list[str] | None, Any]:
-    """An empty (0-byte) FILE: SQLite would read it as an empty database."""
-    problem = "the file is empty (0 bytes): it is not a backup"
-    result = VerifyResult(PROBLEMS, level, [Problem("file", problem)], [], 0.0)
-    message = (
-        f"verification failed: FILE {_q(path)} is empty (0 bytes): SQLite "
-        "would take it for an empty database, but it holds no backup"
+def _empty(problems: list[str]) -> VerificationFailed:
+    """The VerificationFailed of an empty FILE (no check ran)."""
+    from apsw_backup.verify import PROBLEMS, Problem
+
+    found = [Problem("file", p) for p in problems]
+    return VerificationFailed(
+        problems[0], VerifyResult(PROBLEMS, "none", found, [], 0.0)
     )
-    exc = VerificationFailed(message, result)
-    return EXIT_VERIFY, message, exc, [problem], result.to_json()
-
-
-def _incomplete(path: str, exc: VerificationIncomplete) -> tuple[str, BaseException]:
-    """The message and error of a FILE that could not be verified: a lock
-    or the deadline (a BusyError, with the cure), or SQLite's error in words
-    that name the cause."""
-    error = exc.error
-    locked = isinstance(error, apsw_backup.BusyError) or exc.reason.endswith(
-        "locked by another connection"
-    )
-    if exc.timed_out or locked:
-        cure = (
-            "end the other connection's long transaction, or retry later"
-            if locked
-            else "retry with a longer --timeout"
-        )
-        message = f"cannot verify FILE {_q(path)}: {exc.reason}: {cure}"
-        if not isinstance(error, apsw_backup.BusyError):
-            error = _busy(exc.reason)
-        return message, error
-    if isinstance(error, apsw_backup.Error):
-        return (
-            f"cannot verify FILE {_q(path)}: {open_problem(path, error, 'FILE')}",
-            error,
-        )
-    return incomplete_message(exc, f"FILE {_q(path)}"), error or exc
 
 
 def _check_file(path: str) -> int:

@@ -1,0 +1,323 @@
+"""The incremental verbs (docs/incremental.md):
+
+    apsw-backup --incremental SOURCE FOLDER/ [--keep N] [--max-chain N]
+    apsw-backup restore BACKUP DEST [--at TIMESTAMP] [--overwrite]
+    apsw-backup list FOLDER
+    apsw-backup verify FOLDER...      (checks every chain)
+
+Exit codes: 0 ok, 1 SQLite or file system error, 2 usage error or refusal
+(nothing written), 3 a chain is broken or a point damaged (named), 130/143
+interrupted (nothing kept: a restore point or DEST is only ever renamed
+into place complete).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import apsw_backup
+from apsw_backup import files
+from apsw_backup import incremental as inc
+from apsw_backup.cli.arguments import _count_arg, _Parser, _seconds
+from apsw_backup.cli.errors import (
+    EXIT_ERROR,
+    EXIT_OK,
+    EXIT_USAGE,
+    EXIT_VERIFY,
+    PROG,
+    Failure,
+    UsageError,
+)
+from apsw_backup.cli.signals import Interrupted, Interrupts
+
+VERBS = ("restore", "list")
+
+
+def wants(argv: Sequence[str]) -> bool:
+    """Whether argv is one of the incremental verbs."""
+    if argv[:1] and argv[0] in VERBS or "--incremental" in argv:
+        return True
+    if argv[:1] == ["verify"]:
+        paths = [a for a in argv[1:] if not a.startswith("-")]
+        return any(os.path.isdir(p) or p.endswith(inc.SUFFIX) for p in paths)
+    return False
+
+
+def run(argv: Sequence[str], interrupts: Interrupts) -> int:
+    as_json = "--json" in argv
+    try:
+        if argv[0] == "restore":
+            return _restore(_parse_restore(argv[1:]), interrupts)
+        if argv[0] == "list":
+            return _list(_parse_list(argv[1:]))
+        if argv[0] == "verify":
+            return _verify(_parse_verify(argv[1:]), interrupts)
+        return _incremental(_parse_incremental(argv), interrupts)
+    except Failure as failure:
+        return _failed(failure.code, failure.message, as_json)
+    except Interrupted as stop:
+        return _failed(
+            128 + stop.signum, "interrupted: nothing was kept or put in place", as_json
+        )
+    except inc.BrokenChainError as exc:
+        return _failed(EXIT_VERIFY, str(exc), as_json, path=exc.path)
+    except inc.IncrementalError as exc:
+        return _failed(EXIT_ERROR, str(exc), as_json)
+    except ValueError as exc:
+        return _failed(EXIT_USAGE, str(exc), as_json)
+    except OSError as exc:
+        if exc.errno is None:  # ours: a refusal whose message says it all
+            return _failed(EXIT_USAGE, str(exc), as_json)
+        # the OS's: name the file, the cause and the cure
+        where = f"{exc.filename!r} " if exc.filename else ""
+        return _failed(EXIT_ERROR, f"{where}{files.os_cause(exc)}", as_json)
+    except apsw_backup.Error as exc:
+        return _failed(EXIT_ERROR, f"{type(exc).__name__}: {exc}", as_json)
+
+
+def _failed(code: int, message: str, as_json: bool, **extra: Any) -> int:
+    if as_json:
+        _print({"ok": False, "exit_code": code, "error": message, **extra})
+    print(f"{PROG}: {message}", file=sys.stderr)
+    return code
+
+
+def _print(obj: dict[str, Any]) -> None:
+    print(json.dumps(obj, default=str))
+    sys.stdout.flush()
+
+
+# -- parsers ---------------------------------------------------------------
+
+
+def _parser(prog: str, description: str) -> argparse.ArgumentParser:
+    parser = _Parser(prog=f"{PROG} {prog}".strip(), description=description)
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    return parser
+
+
+def _parse_incremental(argv: Sequence[str]) -> argparse.Namespace:
+    parser = _parser("--incremental", "Back SOURCE up into FOLDER as a restore point.")
+    add = parser.add_argument
+    add("--incremental", action="store_true", required=True)
+    add("source", metavar="SOURCE", help="database to back up")
+    add("folder", metavar="FOLDER/", help="folder of restore points")
+    add(
+        "--keep",
+        type=_count_arg,
+        default=None,
+        metavar="N",
+        help="keep N restore points of SOURCE (never breaks a chain)",
+    )
+    add(
+        "--max-chain",
+        type=int,
+        default=inc.MAX_CHAIN,
+        metavar="N",
+        help=f"a new base after N deltas ({inc.MAX_CHAIN})",
+    )
+    add(
+        "--rebase-share",
+        type=float,
+        default=inc.REBASE_SHARE,
+        metavar="F",
+        help=f"a new base when the deltas exceed F of the base ({inc.REBASE_SHARE})",
+    )
+    add(
+        "--timeout",
+        type=_seconds,
+        default=None,
+        metavar="S",
+        help="give up after S seconds (default: no limit)",
+    )
+    return parser.parse_args(argv)  # fmt: skip
+
+
+def _parse_restore(argv: Sequence[str]) -> argparse.Namespace:
+    parser = _parser("restore", "Rebuild a database from a restore point.")
+    add = parser.add_argument
+    add("backup", metavar="BACKUP", help="a restore point file, or a folder of them")
+    add("dest", metavar="DEST", help="the database to write")
+    add(
+        "--at",
+        metavar="TIMESTAMP",
+        default=None,
+        help="the newest point at or before this time (ISO 8601, UTC by default)",
+    )
+    add(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing DEST through SQLite's own transaction",
+    )
+    add(
+        "--keep-wal",
+        action="store_true",
+        help="leave the copy of a WAL database in WAL mode",
+    )
+    add(
+        "--timeout",
+        type=_seconds,
+        default=None,
+        metavar="S",
+        help="give up after S seconds (existing DEST)",
+    )
+    return parser.parse_args(argv)  # fmt: skip
+
+
+def _parse_list(argv: Sequence[str]) -> argparse.Namespace:
+    parser = _parser("list", "List the restore points of FOLDER.")
+    parser.add_argument("folder", metavar="FOLDER")
+    return parser.parse_args(argv)
+
+
+def _parse_verify(argv: Sequence[str]) -> argparse.Namespace:
+    parser = _parser(
+        "verify",
+        "Check every chain of restore points in FOLDER (or the chain up to a "
+        "restore point file).",
+    )
+    parser.add_argument("folders", nargs="+", metavar="FOLDER")
+    return parser.parse_args(argv)
+
+
+# -- the verbs -------------------------------------------------------------
+
+
+def _incremental(args: argparse.Namespace, interrupts: Interrupts) -> int:
+    if args.max_chain < 0:
+        raise Failure(EXIT_USAGE, "--max-chain must be >= 0", UsageError())
+
+    def progress(status: int, remaining: int, total: int) -> None:
+        interrupts.check()
+
+    interrupts.check()
+    result = inc.incremental(
+        args.source,
+        args.folder,
+        max_chain=args.max_chain,
+        rebase_share=args.rebase_share,
+        keep=args.keep,
+        timeout=args.timeout,
+        progress=progress,
+    )
+    if args.json:
+        _print({"ok": True, "exit_code": EXIT_OK, **vars(result)})
+    else:
+        why = f" ({result.reason})" if result.reason else ""
+        print(
+            f"{result.kind} {result.path}: {result.pages_written} of "
+            f"{result.page_count} pages, {result.bytes_written} bytes written "
+            f"in {result.elapsed:.2f} s; chain of {result.chain_length}{why}",
+            file=sys.stderr,
+        )
+        for path in result.deleted:
+            print(f"deleted {path}", file=sys.stderr)
+        for path in result.merged:
+            print(f"merged {path} into a new base", file=sys.stderr)
+    return EXIT_OK
+
+
+def _restore(args: argparse.Namespace, interrupts: Interrupts) -> int:
+    def progress(done: int, total: int) -> None:
+        interrupts.check()
+
+    interrupts.check()
+    result = inc.restore(
+        args.backup,
+        args.dest,
+        at=args.at,
+        overwrite=args.overwrite,
+        keep_wal=args.keep_wal,
+        timeout=args.timeout,
+        progress=progress,
+    )
+    if args.json:
+        _print({"ok": True, "exit_code": EXIT_OK, **vars(result)})
+    else:
+        held = (
+            f"; writers of DEST held {result.writers_held:.2f} s, its -wal grew "
+            f"{result.wal_growth} bytes"
+            if result.overwrote
+            else ""
+        )
+        print(
+            f"restored {result.point} into {result.dest}: {result.pages} pages "
+            f"in {result.elapsed:.2f} s{held}",
+            file=sys.stderr,
+        )
+    return EXIT_OK
+
+
+def _list(args: argparse.Namespace) -> int:
+    folder = args.folder
+    if not os.path.isdir(folder):
+        raise Failure(EXIT_USAGE, f"{folder!r} is not a folder", UsageError())
+    points = inc.list_points(folder)
+    rows = []
+    chain_no = 0
+    for p in points:
+        if p.kind == "base":
+            chain_no += 1
+        rows.append(
+            {
+                "path": p.path,
+                "time": p.created.isoformat().replace("+00:00", "Z"),
+                "kind": p.kind,
+                "size": p.size,
+                "database_size": p.database_size,
+                "pages_stored": p.stored_pages,
+                "chain": chain_no,
+                "sequence": p.sequence,
+                "root": p.root,
+                "parent_root": p.parent_root,
+            }
+        )
+    if args.json:
+        _print({"ok": True, "exit_code": EXIT_OK, "points": rows})
+        return EXIT_OK
+    print(f"{'time (UTC)':27} {'kind':5} {'size':>12} {'chain':>5}  file")
+    for r in rows:
+        print(
+            f"{r['time']:27} {r['kind']:5} {r['size']:>12} {r['chain']:>5}  "
+            f"{os.path.basename(r['path'])}"
+        )
+    return EXIT_OK
+
+
+def _verify(args: argparse.Namespace, interrupts: Interrupts) -> int:
+    reports = []
+    for folder in args.folders:
+        interrupts.check()
+        if os.path.isfile(folder) and folder.endswith(inc.SUFFIX):
+            reports.append(inc.verify_point(folder))
+            continue
+        if not os.path.isdir(folder):
+            raise Failure(
+                EXIT_USAGE,
+                f"{folder!r} is not a folder of restore points (verify FILE "
+                "checks plain backups; do not mix the two)",
+                UsageError(),
+            )
+        reports.extend(inc.verify_folder(folder))
+    ok = all(r.ok for r in reports)
+    code = EXIT_OK if ok else EXIT_VERIFY
+    if args.json:
+        _print(
+            {
+                "ok": ok,
+                "exit_code": code,
+                "chains": [vars(r) for r in reports],
+            }
+        )
+    else:
+        for r in reports:
+            state = "ok" if r.ok else "BROKEN"
+            print(f"{r.stem}: {len(r.points)} restore points, {state}", file=sys.stderr)
+            for problem in r.problems:
+                print(f"  {problem}", file=sys.stderr)
+    return code

@@ -1,0 +1,1447 @@
+"""Incremental backups: restore points chained by root hashes (docs/incremental.md).
+
+The file format, and why each piece is there, is in docs/incremental.md.
+In short: every restore point is one file, ``<stem>-<UTC time>.base.apswb``
+or ``...delta.apswb``, holding a header, the pages that differ from its
+parent, an index of those pages, the manifest (the hash of every page of
+the database at that moment), and a trailer with the parent's root hash,
+its own, and a checksum.  A base is a point whose parent is the empty
+database.
+
+- incremental(source, folder) backs the source up into the folder: a base
+  when the folder holds no usable chain for this source, else a delta.  The
+  ordinary backup API writes into a database that exists only in memory
+  (the delta shim, src/deltashim.c), which keeps only the pages whose hash
+  differs from the parent's manifest.
+- restore(backup, dest) rebuilds a database: into a new file, page by page
+  from the chain, each page checked against the manifest, then
+  quick_check; into an existing database (overwrite=True), through an
+  ordinary backup from the overlay (src/deltashim.c), in SQLite's own
+  transaction.
+- open_restore_point(backup) opens a point read-only as a Connection, over
+  the overlay: nothing is restored.
+- list_points(folder), verify_folder(folder).
+"""
+
+from __future__ import annotations
+
+import array
+import dataclasses
+import os
+import re
+import struct
+import threading
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from apsw_backup import _apsw_backup as _c
+from apsw_backup import files
+from apsw_backup.copy import FLUSH_EVERY, copy
+
+FORMAT_VERSION = 1
+MAGIC = b"APSWBKP\x00"
+TRAILER_MAGIC = b"APSWBKT\x00"
+END_MAGIC = b"APSWEND\x00"
+ROOT_PREFIX = b"APSWROOT"
+SUFFIX = ".apswb"
+KINDS = ("base", "delta")
+HASH = 16
+ZERO_HASH = bytes(HASH)
+
+# header: magic, version, kind, page size, data offset, page count, stored
+# pages, created (microseconds since the epoch, UTC), sequence, flags,
+# length of the source path; then the path (UTF-8), then zeros up to the
+# data offset (a multiple of 4096).
+_HEADER = struct.Struct(">8sIIIIQQqQIH")
+# trailer: magic, index offset, manifest offset, parent root, root,
+# checksum, end magic.
+_TRAILER = struct.Struct(">8sQQ16s16s16s8s")
+_CHECKED_TRAILER = _TRAILER.size - HASH - 8  # what the checksum covers
+
+STAMP = "%Y%m%dT%H%M%S.%fZ"
+_NAME = re.compile(
+    r"(?P<stem>.+)-(?P<stamp>\d{8}T\d{6}\.\d{6}Z)\.(?P<kind>base|delta)"
+    + re.escape(SUFFIX)
+)
+_READ_RUN = 1 << 20  # bytes read at once when streaming pages
+
+# Defaults of incremental(): see its docstring.
+MAX_CHAIN = 30
+REBASE_SHARE = 1.0  # the chain's deltas together, against the base's size
+VACUUM_SHARE = 0.5  # one delta storing more of the pages than this: a base
+DEST_CACHE_PAGES = -2000  # the recording's page cache (SQLite's default, 2 MB)
+
+
+class BrokenChainError(Exception):
+    """A restore point is missing, out of order, truncated or altered.
+
+    ``path`` names the file at fault (or, for a missing one, the file whose
+    parent is missing)."""
+
+    def __init__(self, message: str, path: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+class IncrementalError(Exception):
+    """The backup could not make a sound restore point (nothing was kept)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RestorePoint:
+    """One restore point file, as its header and trailer describe it."""
+
+    path: str
+    stem: str
+    kind: str  # "base" or "delta"
+    created: datetime
+    size: int
+    page_size: int
+    page_count: int
+    stored_pages: int
+    sequence: int
+    source: str
+    root: str  # hex
+    parent_root: str  # hex; all zeros for a base
+    wal: bool  # page 1 says WAL mode (the source was in WAL mode)
+
+    @property
+    def database_size(self) -> int:
+        return self.page_size * self.page_count
+
+
+@dataclasses.dataclass
+class IncrementalResult:
+    path: str
+    kind: str
+    page_count: int
+    pages_written: int
+    bytes_written: int
+    elapsed: float
+    chain_length: int  # points from the base to this one, both included
+    root: str
+    reason: str  # why a base, or "" for a delta
+    restarts: int = 0  # times the backup started over (writers changed the source)
+    # the shim's counts: page writes, of them equal to the parent's, and
+    # unkept pages SQLite read back after a restart (served poisoned)
+    recording: dict[str, int] = dataclasses.field(default_factory=dict)
+    deleted: list[str] = dataclasses.field(default_factory=list)
+    merged: list[str] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class RestoreResult:
+    point: str
+    dest: str
+    pages: int
+    elapsed: float
+    overwrote: bool
+    writers_held: float  # seconds the existing DEST's write lock was held
+    wal_growth: int  # bytes DEST's -wal grew (existing DEST in WAL mode)
+
+
+@dataclasses.dataclass
+class ChainReport:
+    stem: str
+    points: list[str]
+    ok: bool
+    problems: list[str]
+
+
+# -- reading a point -------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Point:
+    info: RestorePoint
+    data_offset: int
+    index: list[int]  # page number of each stored page, in file order
+    manifest: bytes
+    parent_root: bytes
+    root: bytes
+
+    def offset_of(self, position: int) -> int:
+        return self.data_offset + position * self.info.page_size
+
+
+def root_hash(page_size: int, manifest: bytes) -> bytes:
+    """The root hash of a database state: of its page size, page count and
+    every page's hash (docs/incremental.md)."""
+    count = len(manifest) // HASH
+    return _c.page_hash(ROOT_PREFIX + struct.pack(">IQ", page_size, count) + manifest)
+
+
+def _damaged(path: str, what: str) -> BrokenChainError:
+    return BrokenChainError(
+        f"restore point {path!r} is {what}; restore from an earlier point "
+        "(apsw-backup list shows them) or make a new base",
+        path,
+    )
+
+
+def _read_exact(fd: int, n: int, offset: int) -> bytes:
+    data = os.pread(fd, n, offset)
+    while len(data) < n:
+        more = os.pread(fd, n - len(data), offset + len(data))
+        if not more:
+            break
+        data += more
+    return data
+
+
+def _parse_name(path: str) -> re.Match[str] | None:
+    return _NAME.fullmatch(os.path.basename(path))
+
+
+def _read_point(path: str) -> _Point:
+    """Header, index, manifest and trailer of path, checked (not the pages):
+    BrokenChainError naming the file for anything wrong."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        raise BrokenChainError(f"restore point {path!r} is missing", path) from None
+    try:
+        size = os.fstat(fd).st_size
+        head = _read_exact(fd, _HEADER.size, 0)
+        if len(head) < _HEADER.size or head[:8] != MAGIC:
+            raise _damaged(path, "not a restore point (no header), or truncated")
+        (_, version, kind, page_size, data_offset, page_count, stored, created,
+         sequence, flags, path_len) = _HEADER.unpack(head)  # fmt: skip
+        if version != FORMAT_VERSION:
+            raise BrokenChainError(
+                f"restore point {path!r} has format version {version}; this "
+                f"apsw_backup reads version {FORMAT_VERSION}: use a newer one",
+                path,
+            )
+        if size < data_offset + _TRAILER.size:
+            raise _damaged(path, "truncated")
+        header = _read_exact(fd, data_offset, 0)
+        trailer = _read_exact(fd, _TRAILER.size, size - _TRAILER.size)
+        (tmagic, index_off, manifest_off, parent_root, root, checksum,
+         end) = _TRAILER.unpack(trailer)  # fmt: skip
+        expected_index = data_offset + stored * page_size
+        if (
+            tmagic != TRAILER_MAGIC
+            or end != END_MAGIC
+            or index_off != expected_index
+            or manifest_off != index_off + 8 * stored
+            or size != manifest_off + HASH * page_count + _TRAILER.size
+        ):
+            raise _damaged(path, "truncated or damaged (its trailer does not match)")
+        index_bytes = _read_exact(fd, 8 * stored, index_off)
+        manifest = _read_exact(fd, HASH * page_count, manifest_off)
+    finally:
+        os.close(fd)
+    digest = _c.page_hash(header + index_bytes + manifest + trailer[:_CHECKED_TRAILER])
+    if digest != checksum:
+        raise _damaged(path, "altered or damaged (its checksum does not match)")
+    if root_hash(page_size, manifest) != root:
+        raise _damaged(path, "altered (its root hash does not match its manifest)")
+    if kind > 1 or (kind == 0) != (parent_root == ZERO_HASH):
+        raise _damaged(path, "damaged (its kind and parent disagree)")
+    index = list(struct.unpack(f">{stored}Q", index_bytes))
+    source = header[_HEADER.size : _HEADER.size + path_len].decode("utf-8", "replace")
+    name = _parse_name(path)
+    info = RestorePoint(
+        path=path,
+        stem=name["stem"] if name else Path(source).stem,
+        kind=KINDS[kind],
+        created=datetime.fromtimestamp(created / 1e6, timezone.utc),
+        size=size,
+        page_size=page_size,
+        page_count=page_count,
+        stored_pages=stored,
+        sequence=sequence,
+        source=source,
+        root=root.hex(),
+        parent_root=parent_root.hex(),
+        wal=bool(flags & 1),
+    )
+    if name is not None and name["kind"] != info.kind:
+        raise _damaged(path, f"a {info.kind} named as a {name['kind']}")
+    if name is not None and name["stamp"] != info.created.strftime(STAMP):
+        raise BrokenChainError(
+            f"restore point {path!r} was made at "
+            f"{info.created.strftime(STAMP)}, not at the time its name says: "
+            "it was renamed (points out of order); give it back its name",
+            path,
+        )
+    return _Point(info, data_offset, index, manifest, parent_root, root)
+
+
+def _point_files(folder: str) -> list[str]:
+    found = []
+    for entry in os.scandir(folder):
+        if _parse_name(entry.name) and entry.is_file(follow_symlinks=False):
+            found.append(entry.path)
+    return sorted(found, key=lambda p: (_parse_name(p)["stamp"], p))  # type: ignore[index]
+
+
+def _stems(folder: str) -> dict[str, list[str]]:
+    by_stem: dict[str, list[str]] = {}
+    for path in _point_files(folder):
+        by_stem.setdefault(_parse_name(path)["stem"], []).append(path)  # type: ignore[index]
+    return by_stem
+
+
+def _chains(
+    paths: list[str], strict: bool
+) -> tuple[list[list[_Point]], list[str], list[str]]:
+    """The chains the points of one stem form, oldest first; the problems
+    found (strict: the first one raises BrokenChainError); and the deltas a
+    base of the same moment and root stands for (left by a merge or a
+    rebase that was interrupted before it removed them)."""
+    chains: list[list[_Point]] = []
+    problems: list[str] = []
+    entries: list[_Point | None] = []
+    for path in paths:
+        try:
+            entries.append(_read_point(path))
+        except BrokenChainError as exc:
+            if strict:
+                raise
+            problems.append(str(exc))
+            entries.append(None)
+    bases_at = {
+        (p.info.created, p.root) for p in entries if p and p.info.kind == "base"
+    }
+    twins = []
+    for p in entries:
+        if p is None:
+            chains.append([])  # what follows cannot attach to it
+            continue
+        if p.info.kind == "base":
+            chains.append([p])
+            continue
+        if (p.info.created, p.root) in bases_at:
+            twins.append(p.info.path)
+            continue
+        tip = chains[-1][-1] if chains and chains[-1] else None
+        if (
+            tip is None
+            or tip.root != p.parent_root
+            or tip.info.sequence + 1 != p.info.sequence
+        ):
+            before = (
+                f"the point before it, {tip.info.path!r},"
+                if tip
+                else "nothing before it"
+            )
+            message = (
+                f"restore point {p.info.path!r} does not follow {before}: its "
+                "parent is missing, or the points are out of order (a file was "
+                "removed, renamed or replaced); restore from a point before it, "
+                "or make a new base"
+            )
+            if strict:
+                raise BrokenChainError(message, p.info.path)
+            problems.append(message)
+            chains.append([])
+            continue
+        chains[-1].append(p)
+    return [c for c in chains if c], problems, twins
+
+
+def list_points(folder: str | os.PathLike[str]) -> list[RestorePoint]:
+    """Every restore point in folder, oldest first, as its header says; a
+    point that cannot be read is left out (verify_folder() names it)."""
+    folder = os.fspath(folder)
+    out = []
+    for path in _point_files(folder):
+        try:
+            out.append(_read_point(path).info)
+        except BrokenChainError:
+            continue
+    return out
+
+
+def chain_of(info: RestorePoint, folder: str | None = None) -> list[RestorePoint]:
+    """The points from the base up to info (for list's chain column)."""
+    chain = _chain_to(info.path, folder or os.path.dirname(info.path))
+    return [p.info for p in chain]
+
+
+def _stamp(path: str) -> str:
+    name = _parse_name(path)
+    return name["stamp"] if name else ""
+
+
+def _chain_to(point_path: str, folder: str) -> list[_Point]:
+    """The chain from its base up to point_path, every link checked: the
+    first file at fault is named (BrokenChainError)."""
+    name = _parse_name(point_path)
+    if name is None:
+        raise ValueError(
+            f"{point_path!r} is not a restore point's name "
+            f"(<stem>-<UTC time>.base{SUFFIX} or .delta{SUFFIX})"
+        )
+    target = os.path.abspath(point_path)
+    older = [
+        p
+        for p in _stems(folder).get(name["stem"], [])
+        if os.path.abspath(p) != target and _stamp(p) < name["stamp"]
+    ]
+    chain = [_read_point(target)]
+    twin = target[: -len(".delta" + SUFFIX)] + ".base" + SUFFIX
+    if chain[0].info.kind == "delta" and os.path.exists(twin):
+        base = _read_point(twin)  # an interrupted merge: the base stands for it
+        if base.root == chain[0].root:
+            chain = [base]
+    while chain[0].info.kind != "base":
+        child = chain[0]
+        if not older:
+            raise BrokenChainError(
+                f"the parent of restore point {child.info.path!r} is missing "
+                f"(no point before it has root {child.parent_root.hex()}): "
+                "restore from an earlier chain, or make a new base",
+                child.info.path,
+            )
+        path = older.pop()
+        if (
+            older
+            and _stamp(older[-1]) == _stamp(path)
+            and older[-1].endswith(".base" + SUFFIX)
+        ):
+            path = older.pop()  # a merge's base stands for the delta of its time
+        parent = _read_point(path)
+        if (
+            parent.root != child.parent_root
+            or parent.info.sequence + 1 != child.info.sequence
+        ):
+            raise BrokenChainError(
+                f"restore point {child.info.path!r} does not follow "
+                f"{path!r}: its parent is missing, or the points are out of "
+                "order (a file was removed, renamed or replaced); restore from "
+                "a point before it, or make a new base",
+                child.info.path,
+            )
+        chain.insert(0, parent)
+    return chain
+
+
+def _resolve(backup: str | os.PathLike[str], at: datetime | str | None) -> str:
+    """The restore point a BACKUP argument names: a point file, or the
+    newest point of a folder (at or before `at`)."""
+    path = os.path.abspath(os.fspath(backup))
+    if os.path.isdir(path):
+        when = _parse_time(at) if at is not None else None
+        stems = _stems(path)
+        if not stems:
+            raise FileNotFoundError(f"the folder {path!r} holds no restore points")
+        if len(stems) > 1:
+            raise ValueError(
+                f"the folder {path!r} holds restore points of several databases "
+                f"({', '.join(sorted(stems))}): name a restore point file"
+            )
+        candidates = next(iter(stems.values()))
+        if when is not None:
+            candidates = [
+                p
+                for p in candidates
+                if datetime.strptime(_parse_name(p)["stamp"], STAMP).replace(  # type: ignore[index]
+                    tzinfo=timezone.utc
+                )
+                <= when
+            ]
+            if not candidates:
+                raise FileNotFoundError(
+                    f"no restore point in {path!r} is at or before {when.isoformat()}"
+                )
+        return candidates[-1]
+    if at is not None:
+        raise ValueError("at= chooses a point in a folder; BACKUP is a file")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no restore point or folder {path!r}")
+    return path
+
+
+def _parse_time(value: datetime | str) -> datetime:
+    if isinstance(value, datetime):
+        return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+    text = value.strip()
+    try:
+        return datetime.strptime(text, STAMP).replace(tzinfo=timezone.utc)
+    except ValueError:
+        pass
+    try:
+        parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(
+            f"cannot read the time {value!r}: give an ISO 8601 time "
+            "(2026-12-04T15:00:00Z, UTC unless an offset is given) or a "
+            "restore point's stamp (20261204T150000.000000Z)"
+        ) from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+
+
+# -- streaming a chain's pages ---------------------------------------------
+
+
+class _ChainFiles:
+    """Open descriptors of a chain's files and where each page lives."""
+
+    def __init__(self, chain: list[_Point]) -> None:
+        tip = chain[-1]
+        self.chain = chain
+        self.page_size = tip.info.page_size
+        self.page_count = tip.info.page_count
+        self.manifest = tip.manifest
+        self.fds: list[int] = []
+        self.file_of = array.array("i", [-1]) * self.page_count
+        self.offset_of = array.array("q", [0]) * self.page_count
+        try:
+            for number, point in enumerate(chain):
+                if point.info.page_size != self.page_size:
+                    raise _damaged(
+                        point.info.path, "of another page size than its chain"
+                    )
+                self.fds.append(os.open(point.info.path, os.O_RDONLY))
+                for position, pgno in enumerate(point.index):
+                    if not 1 <= pgno <= point.info.page_count:
+                        raise _damaged(
+                            point.info.path, "damaged (a page number out of range)"
+                        )
+                    if pgno <= self.page_count:
+                        self.file_of[pgno - 1] = number
+                        self.offset_of[pgno - 1] = point.offset_of(position)
+        except BaseException:
+            self.close()
+            raise
+        lock = _lock_byte_page(self.page_size)
+        for pgno in range(1, self.page_count + 1):
+            if self.file_of[pgno - 1] < 0 and pgno != lock:
+                raise _damaged(
+                    tip.info.path,
+                    f"incomplete (no file of its chain holds page {pgno})",
+                )
+
+    def close(self) -> None:
+        fds, self.fds = self.fds, []
+        for fd in fds:
+            os.close(fd)
+
+    def runs(self) -> Any:
+        """(first page, count, bytes) over the whole database, in chunks of
+        about _READ_RUN bytes; the lock-byte page (never stored) as zeros.
+        Each file is read through a window of _READ_RUN bytes that moves
+        forward as its pages are needed (pages are stored in about the order
+        the backup wrote them, ascending), so the reads stay large whatever
+        the mix of files."""
+        P = self.page_size
+        per_chunk = max(1, _READ_RUN // P)
+        windows: list[tuple[int, memoryview]] = [(-1, memoryview(b""))] * len(self.fds)
+        for first in range(1, self.page_count + 1, per_chunk):
+            n = min(per_chunk, self.page_count - first + 1)
+            out = bytearray(n * P)
+            view = memoryview(out)
+            for i in range(n):
+                f = self.file_of[first + i - 1]
+                if f < 0:
+                    continue
+                off = self.offset_of[first + i - 1]
+                start, data = windows[f]
+                if not (0 <= off - start and off - start + P <= len(data)):
+                    start = off
+                    data = memoryview(_read_exact(self.fds[f], max(_READ_RUN, P), off))
+                    if len(data) < P:
+                        raise _damaged(self.chain[f].info.path, "truncated")
+                    windows[f] = (start, data)
+                view[i * P : (i + 1) * P] = data[off - start : off - start + P]
+            yield first, n, bytes(out)
+
+    def checked_runs(self) -> Any:
+        """runs(), each page checked against the tip's manifest."""
+        P = self.page_size
+        for pgno, n, data in self.runs():
+            bad = _first_bad(data, P, range(pgno, pgno + n), self.manifest)
+            if bad is not None:
+                raise _damaged(
+                    self.chain[self.file_of[bad - 1]].info.path,
+                    f"altered or damaged (page {bad} does not match its hash)",
+                )
+            yield pgno, n, data
+
+
+def _first_bad(
+    data: bytes, page_size: int, pages: range | list[int], manifest: bytes
+) -> int | None:
+    """The first of `pages` (held in that order in data) whose hash is not
+    the manifest's, or None; the lock-byte page's zero hash is skipped.  A
+    short read counts as a mismatch of the first page missing."""
+    count = len(data) // page_size
+    if count < len(pages):
+        return pages[count]
+    if isinstance(pages, range) and pages.step == 1:
+        expected = manifest[(pages.start - 1) * HASH : (pages.stop - 1) * HASH]
+    else:
+        expected = b"".join([manifest[(p - 1) * HASH : p * HASH] for p in pages])
+    if len(expected) != len(pages) * HASH:
+        return pages[len(expected) // HASH]
+    i = _c._check_pages(data, page_size, expected)
+    return None if i < 0 else pages[i]
+
+
+def _lock_byte_page(page_size: int) -> int:
+    return 0x40000000 // page_size + 1
+
+
+# -- writing a point -------------------------------------------------------
+
+
+def _final_name(folder: str, stem: str, kind: str, created: datetime) -> str:
+    return os.path.join(folder, f"{stem}-{created.strftime(STAMP)}.{kind}{SUFFIX}")
+
+
+def _header(kind: str, page_size: int, data_offset: int, page_count: int,
+            stored: int, created: datetime, sequence: int, wal: bool,
+            source: str) -> bytes:  # fmt: skip
+    encoded = source.encode("utf-8")
+    micros = int(created.timestamp() * 1_000_000)
+    micros = (micros // 1_000_000) * 1_000_000 + created.microsecond
+    head = _HEADER.pack(
+        MAGIC, FORMAT_VERSION, KINDS.index(kind), page_size, data_offset,
+        page_count, stored, micros, sequence, 1 if wal else 0, len(encoded),
+    )  # fmt: skip
+    return (head + encoded).ljust(data_offset, b"\0")
+
+
+def _data_offset(source: str) -> int:
+    need = _HEADER.size + len(source.encode("utf-8"))
+    return (need + 4095) // 4096 * 4096
+
+
+def _finish_file(fd: int, header: bytes, index: list[int], manifest: bytes,
+                 parent_root: bytes, page_size: int) -> tuple[bytes, int]:  # fmt: skip
+    """Write header, index, manifest and trailer around the pages already
+    at the data offset; returns (root, file size)."""
+    data_offset = len(header)
+    index_bytes = struct.pack(f">{len(index)}Q", *index)
+    index_off = data_offset + len(index) * page_size
+    manifest_off = index_off + len(index_bytes)
+    root = root_hash(page_size, manifest)
+    head = struct.pack(
+        ">8sQQ16s16s", TRAILER_MAGIC, index_off, manifest_off, parent_root, root
+    )
+    checksum = _c.page_hash(header + index_bytes + manifest + head)
+    trailer = head + checksum + END_MAGIC
+    os.pwrite(fd, header, 0)
+    tail = index_bytes + manifest + trailer
+    _write_all(fd, tail, index_off)
+    size = index_off + len(tail)
+    os.ftruncate(fd, size)
+    return root, size
+
+
+def _write_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view = view[n:]
+        offset += n
+
+
+def _compact(fd: int, data_offset: int, page_size: int, slots: list[int]) -> list[int]:
+    """Move the pages of live slots over the dead ones (a restart left
+    them); the index of the pages, in file order."""
+    live = [pgno for pgno in slots if pgno]
+    if len(live) == len(slots):
+        return slots
+    out = 0
+    for position, pgno in enumerate(slots):
+        if not pgno:
+            continue
+        if position != out:
+            data = _read_exact(fd, page_size, data_offset + position * page_size)
+            _write_all(fd, data, data_offset + out * page_size)
+        out += 1
+    return live
+
+
+def _read_back(
+    fd: int,
+    data_offset: int,
+    page_size: int,
+    index: list[int],
+    manifest: bytes,
+    path: str,
+) -> None:
+    """Re-read the stored pages from the disk and check them (the default
+    verification of a restore point)."""
+    os.fsync(fd)
+    length = len(index) * page_size
+    if hasattr(os, "posix_fadvise") and length:
+        os.posix_fadvise(fd, data_offset, length, os.POSIX_FADV_DONTNEED)
+    per_run = max(1, _READ_RUN // page_size)
+    for start in range(0, len(index), per_run):
+        chunk = index[start : start + per_run]
+        data = _read_exact(fd, len(chunk) * page_size, data_offset + start * page_size)
+        bad = _first_bad(data, page_size, chunk, manifest)
+        if bad is not None:
+            raise IncrementalError(
+                f"the restore point {path!r} did not read back as written "
+                f"(page {bad}): the disk or the file system lost data; it "
+                "was not kept"
+            )
+
+
+@dataclasses.dataclass
+class _RunOptions:
+    pages: int
+    timeout: float | None
+    progress: Any
+
+
+class _Recording:
+    """One run of the backup API into the delta shim."""
+
+    def __init__(
+        self, folder: str, fd: int, data_offset: int, page_size: int, parent: bytes
+    ) -> None:
+        delta_vfs, _ = _c._incremental_vfs_names()
+        self.path = os.path.join(
+            folder, f".apsw-backup-{os.getpid()}-{os.urandom(4).hex()}.virtual"
+        )
+        self.capsule = _c._delta_open(self.path, fd, data_offset, page_size, parent)
+        self.vfs = delta_vfs
+
+    def run(self, source: _c.Connection, opts: _RunOptions) -> dict[str, Any]:
+        try:
+            dest = _c.Connection(self.path, vfs=self.vfs)
+            try:
+                # No journal file beside a file that does not exist; a small
+                # cache bounds the memory (spilled pages come to the shim).
+                dest.execute("PRAGMA journal_mode=MEMORY").fetchall()
+                dest.execute(f"PRAGMA cache_size={DEST_CACHE_PAGES}").fetchall()
+                done = copy(
+                    source,
+                    dest,
+                    pages=opts.pages,
+                    timeout=opts.timeout,
+                    progress=opts.progress,
+                )
+            except _c.Error as exc:
+                # the shim's own failure (writing the restore point) is the
+                # cause to report, not SQLite's generic "disk I/O error"
+                why = _c._delta_result(self.capsule)
+                if why["failed"]:
+                    raise IncrementalError(
+                        f"the incremental backup failed: {why['message']}; "
+                        "nothing was kept"
+                    ) from exc
+                raise
+            finally:
+                dest.close()
+            outcome = dict(_c._delta_result(self.capsule))
+            outcome["restarts"] = done.restarts
+            return outcome
+        finally:
+            _c._delta_close(self.capsule)
+
+
+def _write_point(source: _c.Connection, source_name: str, folder: str, stem: str,
+                 parent: _Point | None, sequence: int, page_size: int,
+                 opts: _RunOptions) -> tuple[_Point, int, int, int, dict[str, int]]:  # fmt: skip
+    """Back source up as a point whose parent is `parent` (None: a base);
+    returns the point, bytes written, pages written and restarts."""
+    created = datetime.now(timezone.utc)
+    kind = "delta" if parent is not None else "base"
+    final = _final_name(folder, stem, kind, created)
+    while any(os.path.lexists(_final_name(folder, stem, k, created)) for k in KINDS):
+        created = created.replace(microsecond=(created.microsecond + 1) % 1_000_000)
+        final = _final_name(folder, stem, kind, created)
+    data_offset = _data_offset(source_name)
+    new = files.NewFile(final)
+    new.create()
+    try:
+        rec = _Recording(
+            folder, new.fd, data_offset, page_size, parent.manifest if parent else b""
+        )
+        outcome = rec.run(source, opts)
+        problem = _recording_problem(outcome, page_size)
+        if problem:
+            raise IncrementalError(problem)
+        slots = list(array.array("q", outcome["slot_pages"]))
+        index = _compact(new.fd, data_offset, page_size, slots)
+        manifest = outcome["manifest"]
+        if 1 in index:
+            page1 = _read_exact(new.fd, 100, data_offset + index.index(1) * page_size)
+            wal = page1[18:20] == b"\x02\x02"
+        else:
+            wal = parent is not None and parent.info.wal
+        header = _header(kind, page_size, data_offset, len(manifest) // HASH, len(index),
+                         created, sequence, wal, source_name)  # fmt: skip
+        parent_root = parent.root if parent else ZERO_HASH
+        root, size = _finish_file(
+            new.fd, header, index, manifest, parent_root, page_size
+        )
+        _read_back(new.fd, data_offset, page_size, index, manifest, final)
+        point = _read_written(new.path, final)
+        new.publish()
+    except BaseException:
+        new.discard()
+        raise
+    counts = {k: int(outcome[k]) for k in ("writes", "unchanged", "unkept_reads")}
+    return point, size, len(index), int(outcome["restarts"]), counts
+
+
+def _recording_problem(outcome: dict[str, Any], page_size: int) -> str:
+    if outcome["failed"]:
+        return f"the incremental backup failed: {outcome['message']}"
+    if outcome["page_size"] != page_size or outcome["page_count"] == 0:
+        return "the incremental backup wrote no database"
+    if outcome["poisoned"]:
+        return (
+            f"SQLite read back page {outcome['first_poisoned']} of the copy, which "
+            "was equal to its parent's and so not kept, and did not write it "
+            "again: the restore point would be wrong, so it was not kept "
+            "(please report this)"
+        )
+    if outcome["missing"]:
+        return (
+            f"the backup never wrote page {outcome['first_missing']} of "
+            f"{outcome['page_count']}: the restore point was not kept"
+        )
+    return ""
+
+
+def _materialize(chain: list[_Point], folder: str, stem: str) -> _Point:
+    """A base holding the state of chain[-1] (same time, sequence and root),
+    written from the chain's files; chain[-1] itself is left for the caller
+    to remove."""
+    tip = chain[-1]
+    final = _final_name(folder, stem, "base", tip.info.created)
+    data_offset = _data_offset(tip.info.source)
+    pages = _ChainFiles(chain)
+    new = files.NewFile(final)
+    index: list[int] = []
+    try:
+        new.create()
+        out = data_offset
+        P = pages.page_size
+        for pgno, n, data in pages.checked_runs():
+            kept = [i for i in range(n) if pages.file_of[pgno + i - 1] >= 0]
+            index.extend(pgno + i for i in kept)
+            if len(kept) < n:  # the lock-byte page is not stored
+                data = b"".join(data[i * P : (i + 1) * P] for i in kept)
+            _write_all(new.fd, data, out)
+            out += len(kept) * P
+        header = _header("base", pages.page_size, data_offset, pages.page_count, len(index),
+                         tip.info.created, tip.info.sequence, tip.info.wal, tip.info.source)  # fmt: skip
+        _finish_file(new.fd, header, index, tip.manifest, ZERO_HASH, pages.page_size)
+        _read_back(new.fd, data_offset, pages.page_size, index, tip.manifest, final)
+        point = _read_written(new.path, final)
+        new.publish()
+    except BaseException:
+        new.discard()
+        raise
+    finally:
+        pages.close()
+    return point
+
+
+def _read_written(path: str, final: str) -> _Point:
+    """The point just written to path, read and checked as any point is,
+    described under its final name: before it is renamed into place, so
+    that once it is there nothing can fail but the folder's fsync."""
+    point = _read_point(path)
+    point.info = dataclasses.replace(point.info, path=final)
+    return point
+
+
+def _remove(path: str) -> None:
+    os.remove(path)
+    files.fsync_folder(os.path.dirname(path))
+
+
+# -- incremental() ---------------------------------------------------------
+
+
+def incremental(
+    source: str | os.PathLike[str] | _c.Connection,
+    folder: str | os.PathLike[str],
+    *,
+    max_chain: int = MAX_CHAIN,
+    rebase_share: float = REBASE_SHARE,
+    keep: int | None = None,
+    timeout: float | None = None,
+    progress: Callable[[int, int, int], Any] | None = None,
+    pages: int = -1,
+) -> IncrementalResult:
+    """Back source up into folder as one new restore point.
+
+    A base (every page) when the folder has no usable chain for this source
+    (none yet, its newest point damaged, another page size), or when the
+    chain already has max_chain deltas; otherwise a delta holding only the
+    pages whose hash differs from the newest point's manifest.  A delta
+    holding more than half the database's pages (a VACUUM), or one after
+    which the chain's deltas together exceed rebase_share of the base's
+    size, is turned into a base at once (from the chain's files, not from
+    the source).
+    keep: the number of restore points of this source to keep; older ones
+    are deleted whole chains first, and the oldest delta of the current
+    chain is merged into a new base rather than leaving a chain without its
+    base.  Each file is written under a temporary name, fsynced, read back
+    and checked, renamed into place, and the folder fsynced.
+    pages, timeout and progress are copy()'s (pages per step: -1 reads the
+    source in one step, under one read transaction).
+    """
+    if not isinstance(max_chain, int) or max_chain < 0:
+        raise ValueError(f"max_chain must be an int >= 0, not {max_chain!r}")
+    if not 0 < rebase_share:
+        raise ValueError(f"rebase_share must be > 0, not {rebase_share!r}")
+    if keep is not None and (not isinstance(keep, int) or keep < 1):
+        raise ValueError(f"keep must be an int >= 1 or None, not {keep!r}")
+    started = time.monotonic()
+    opts = _RunOptions(pages, timeout, progress)
+    folder = os.path.abspath(os.fspath(folder))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(
+            f"the folder {folder!r} does not exist: create it first"
+        )
+    files.remove_stale(folder)
+    own = not isinstance(source, _c.Connection)
+    if own:
+        source_name = os.path.abspath(os.fspath(source))  # type: ignore[arg-type]
+        if not os.path.isfile(source_name):
+            raise FileNotFoundError(
+                f"the source database {source_name!r} does not exist"
+            )
+        conn = _c.Connection(source_name, _c.SQLITE_OPEN_READONLY)
+    else:
+        conn = source  # type: ignore[assignment]
+        source_name = conn.filename
+        if not source_name:
+            raise ValueError(
+                "an in-memory database has no file to back up incrementally"
+            )
+    try:
+        stem = Path(source_name).stem
+        chain, reason = _usable_chain(folder, stem, source_name)
+        page_size = int(conn.execute("PRAGMA main.page_size").fetchall()[0][0])
+        if chain and chain[-1].info.page_size != page_size:
+            chain, reason = [], f"the page size changed to {page_size}"
+        if chain and len(chain) - 1 >= max_chain:
+            chain, reason = [], f"the chain reached max_chain ({max_chain} deltas)"
+        parent = chain[-1] if chain else None
+        sequence = parent.info.sequence + 1 if parent else _next_sequence(folder, stem)
+        try:
+            point, written, pages, restarts, counts = _write_point(
+                conn, source_name, folder, stem, parent, sequence, page_size, opts
+            )
+        except IncrementalError:
+            new_size = int(conn.execute("PRAGMA main.page_size").fetchall()[0][0])
+            if new_size == page_size:
+                raise
+            chain, parent, reason = [], None, f"the page size changed to {new_size}"
+            point, written, pages, restarts, counts = _write_point(
+                conn, source_name, folder, stem, None, sequence, new_size, opts
+            )
+    finally:
+        if own:
+            conn.close()
+    result = IncrementalResult(
+        path=point.info.path,
+        kind=point.info.kind,
+        page_count=point.info.page_count,
+        pages_written=pages,
+        bytes_written=written,
+        elapsed=0.0,
+        chain_length=len(chain) + 1,
+        root=point.root.hex(),
+        reason=reason if parent is None else "",
+        restarts=restarts,
+        recording=counts,
+    )
+    if parent is not None:
+        chain = chain + [point]
+        why = _rebase_reason(chain, max_chain, rebase_share)
+        if why:
+            base = _materialize(chain, folder, stem)
+            _remove(point.info.path)
+            result.path, result.kind, result.reason = base.info.path, "base", why
+            result.bytes_written += base.info.size
+            result.chain_length = 1
+    if keep is not None:
+        result.deleted, result.merged = _rotate(folder, stem, keep)
+    result.elapsed = time.monotonic() - started
+    return result
+
+
+def _rebase_reason(chain: list[_Point], max_chain: int, share: float) -> str:
+    tip = chain[-1]
+    if tip.info.stored_pages > VACUUM_SHARE * tip.info.page_count:
+        return (
+            f"{tip.info.stored_pages} of {tip.info.page_count} pages changed "
+            f"(a VACUUM?): more than {VACUUM_SHARE:.0%} of the database"
+        )
+    base = chain[0]
+    deltas = sum(p.info.size for p in chain[1:])
+    if deltas > share * base.info.size:
+        return f"the deltas since the base exceed rebase_share ({share}) of it"
+    return ""
+
+
+def _next_sequence(folder: str, stem: str) -> int:
+    highest = -1
+    for path in _stems(folder).get(stem, []):
+        try:
+            highest = max(highest, _read_point(path).info.sequence)
+        except BrokenChainError:
+            continue
+    return highest + 1
+
+
+def _usable_chain(folder: str, stem: str, source_name: str) -> tuple[list[_Point], str]:
+    paths = _stems(folder).get(stem, [])
+    if not paths:
+        return [], "no restore point of this source yet"
+    chains, problems, twins = _chains(paths, strict=False)
+    for twin in twins:
+        _remove(twin)  # its base is in place: finish the interrupted merge
+    newest = [p for p in paths if p not in twins][-1]
+    if not chains or chains[-1][-1].info.path != newest:
+        return (
+            [],
+            f"the newest restore point is unusable ({problems[-1] if problems else newest})",
+        )
+    chain = chains[-1]
+    if os.path.abspath(chain[0].info.source) != source_name:
+        return [], f"the newest chain is of another source ({chain[0].info.source})"
+    return chain, ""
+
+
+def _rotate(folder: str, stem: str, keep: int) -> tuple[list[str], list[str]]:
+    """Delete the oldest points of stem so that `keep` remain, never
+    breaking a chain: whole older chains first, then the current chain's
+    base merged into its first delta."""
+    deleted: list[str] = []
+    merged: list[str] = []
+    chains, _, _ = _chains(_stems(folder).get(stem, []), strict=False)
+    total = sum(len(c) for c in chains)
+    while total > keep and len(chains) > 1:
+        oldest = chains.pop(0)
+        if total - len(oldest) < keep:
+            chains.insert(0, oldest)
+            break
+        for p in reversed(oldest):  # the base last: never a delta without it
+            _remove(p.info.path)
+            deleted.append(p.info.path)
+        total -= len(oldest)
+    while total > keep:
+        chain = chains[0]
+        if len(chain) < 2:
+            _remove(chain[0].info.path)
+            deleted.append(chain[0].info.path)
+            chains.pop(0)
+            total -= 1
+            continue
+        base = _materialize(chain[:2], folder, stem)
+        _remove(chain[0].info.path)
+        _remove(chain[1].info.path)
+        deleted.append(chain[0].info.path)
+        merged.append(chain[1].info.path)
+        chains[0] = [base] + chain[2:]
+        total -= 1
+    return deleted, merged
+
+
+# -- restore() and friends -------------------------------------------------
+
+
+def restore(
+    backup: str | os.PathLike[str],
+    dest: str | os.PathLike[str],
+    *,
+    at: datetime | str | None = None,
+    overwrite: bool = False,
+    keep_wal: bool = False,
+    timeout: float | None = None,
+    progress: Callable[[int, int], Any] | None = None,
+) -> RestoreResult:
+    """Rebuild the database of a restore point into dest.
+
+    backup: a restore point file, or a folder (its newest point, or the
+    newest at or before `at`).  Every file of the chain is checked (its
+    checksum, root hash, and link to its parent) before anything is
+    written; a missing, reordered, truncated or altered file raises
+    BrokenChainError naming it.
+
+    A new dest is written page by page from the chain under a temporary
+    name, each page checked against the point's manifest, read back from
+    the disk and checked again, checked with quick_check, put in rollback-
+    journal mode (one file) unless keep_wal, fsynced and renamed into place:
+    byte for byte the file a full backup of that moment would be.  An
+    existing dest needs overwrite=True: it is written by an ordinary backup
+    from the point (a read-only overlay of the chain), inside SQLite's own
+    transaction, so its other connections see the old database, then the
+    new one; writers_held in the result is how long that transaction held
+    their lock (the whole copy), wal_growth how much its -wal grew.
+    progress(pages_done, pages_total) is called as the work goes; if it
+    raises, nothing is put in place (an existing dest is rolled back) and
+    the exception comes out.
+    """
+    started = time.monotonic()
+    point = _resolve(backup, at)
+    chain = _chain_to(point, os.path.dirname(point))
+    _check_chain(chain)
+    target = os.path.abspath(os.fspath(dest))
+    if os.path.isdir(target):
+        raise IsADirectoryError(
+            f"DEST {target!r} is a folder: give the path of a database file"
+        )
+    if os.path.lexists(target):
+        if not overwrite:
+            raise FileExistsError(
+                f"DEST {target!r} exists: pass overwrite=True (--overwrite) to "
+                "replace its content through SQLite's own transaction"
+            )
+        return _restore_into_existing(chain, target, started, timeout, progress)
+    _restore_new(chain, target, keep_wal, progress)
+    return RestoreResult(
+        point=point,
+        dest=target,
+        pages=chain[-1].info.page_count,
+        elapsed=time.monotonic() - started,
+        overwrote=False,
+        writers_held=0.0,
+        wal_growth=0,
+    )
+
+
+def _restore_new(
+    chain: list[_Point],
+    target: str,
+    keep_wal: bool,
+    progress: Callable[[int, int], Any] | None,
+) -> None:
+    files.remove_stale(os.path.dirname(target))
+    pages = _ChainFiles(chain)
+    new = files.NewFile(target)
+    try:
+        new.create()
+        P = pages.page_size
+        # _check_chain() proved every stored page matches the tip's manifest
+        # (each file's pages its own, each unstored hash its parent's); the
+        # read-back below checks what reached the disk.
+        # Written out as it goes, as copy() does (files.Flusher): a restore
+        # never queues more than a few MiB of dirty data in front of other
+        # processes' fsyncs, and is not throttled all at once by the kernel.
+        flusher = files.Flusher(new.fd, FLUSH_EVERY)
+        for pgno, n, data in pages.runs():
+            _write_all(new.fd, data, (pgno - 1) * P)
+            flusher.flush_if_grown()
+            if progress is not None:
+                progress(pgno + n - 1, pages.page_count)
+        os.ftruncate(new.fd, pages.page_count * P)
+        if chain[-1].info.wal:  # the mode switch rewrites page 1: in turn
+            _read_back_whole(new.fd, P, pages.manifest, target)
+            _check_database(new.path, keep_wal, target)
+        else:  # the byte check and quick_check side by side
+            _quick_check_while(
+                new.path,
+                target,
+                lambda: _read_back_whole(new.fd, P, pages.manifest, target),
+            )
+        new.publish()
+    except BaseException:
+        new.discard()
+        raise
+    finally:
+        pages.close()
+
+
+def _read_back_whole(fd: int, page_size: int, manifest: bytes, target: str) -> None:
+    os.fsync(fd)
+    count = len(manifest) // HASH
+    if hasattr(os, "posix_fadvise"):
+        os.posix_fadvise(fd, 0, count * page_size, os.POSIX_FADV_DONTNEED)
+    per_run = max(1, _READ_RUN // page_size)
+    for first in range(1, count + 1, per_run):
+        n = min(per_run, count - first + 1)
+        data = _read_exact(fd, n * page_size, (first - 1) * page_size)
+        bad = _first_bad(data, page_size, range(first, first + n), manifest)
+        if bad is not None:
+            raise IncrementalError(
+                f"the restored copy of {target!r} did not read back as "
+                f"written (page {bad}); nothing was put in place"
+            )
+
+
+def _quick_check_while(path: str, target: str, work: Callable[[], None]) -> None:
+    """quick_check of path in a thread of its own (SQLite releases the GIL)
+    while work() runs here; the first failure of either is raised."""
+    found: dict[str, Any] = {}
+
+    def check() -> None:
+        try:
+            conn = _c.Connection(path, _c.SQLITE_OPEN_READONLY)
+            try:
+                found["rows"] = [
+                    r[0] for r in conn.execute("PRAGMA main.quick_check").fetchall()
+                ]
+            finally:
+                conn.close()
+        except BaseException as exc:  # reported by the caller's thread
+            found["error"] = exc
+
+    thread = threading.Thread(target=check, name="apsw-backup quick_check")
+    thread.start()
+    try:
+        work()
+    finally:
+        thread.join()
+    if "error" in found:
+        raise found["error"]
+    _quick_check_result(found["rows"], target)
+
+
+_UNREADABLE = re.compile(r"unable to get the page\. error code=(\d+)")
+_CODE_WORDS = {7: "out of memory", 10: "a disk I/O error", 13: "the disk is full"}
+
+
+def _quick_check_result(rows: list[Any], target: str) -> None:
+    """Raise for anything but "ok": a page quick_check could not read (an
+    I/O error, no memory) is a failure to check, not damage."""
+    for row in rows:
+        found = _UNREADABLE.search(str(row))
+        if found:
+            code = int(found[1])
+            words = _CODE_WORDS.get(code & 0xFF, f"SQLite error code {code}")
+            raise IncrementalError(
+                f"the restored copy of {target!r} could not be checked: "
+                f"quick_check could not read a page ({words}); nothing was "
+                "put in place"
+            )
+    if rows != ["ok"]:
+        raise IncrementalError(
+            f"the restored copy of {target!r} fails quick_check: "
+            f"{'; '.join(map(str, rows[:5]))}; nothing was put in place"
+        )
+
+
+def _check_database(path: str, keep_wal: bool, target: str) -> None:
+    conn = _c.Connection(path, _c.SQLITE_OPEN_READWRITE)
+    try:
+        if not keep_wal:
+            mode = conn.execute("PRAGMA main.journal_mode").fetchall()[0][0]
+            if str(mode).lower() == "wal":
+                conn.execute("PRAGMA main.journal_mode=DELETE").fetchall()
+        rows = [r[0] for r in conn.execute("PRAGMA main.quick_check").fetchall()]
+    finally:
+        conn.close()
+    for side in ("-wal", "-shm"):
+        if not keep_wal and os.path.lexists(path + side):
+            os.remove(path + side)
+    _quick_check_result(rows, target)
+
+
+def _restore_into_existing(
+    chain: list[_Point],
+    target: str,
+    started: float,
+    timeout: float | None,
+    progress: Callable[[int, int], Any] | None,
+) -> RestoreResult:
+    wal = target + "-wal"
+    before = os.stat(wal).st_size if os.path.exists(wal) else 0
+    with _Overlay(chain) as conn:
+        # the backup holds DEST's write lock from its first step to the end
+        step = None
+        if progress is not None:
+            report = progress
+
+            def step(status: int, remaining: int, total: int) -> None:
+                report(total - remaining, total)
+
+        result = copy(conn, target, timeout=timeout, snapshot=False, progress=step)
+    after = os.stat(wal).st_size if os.path.exists(wal) else 0
+    return RestoreResult(
+        point=chain[-1].info.path,
+        dest=target,
+        pages=chain[-1].info.page_count,
+        elapsed=time.monotonic() - started,
+        overwrote=True,
+        writers_held=result.elapsed,
+        wal_growth=max(0, after - before),
+    )
+
+
+class RestorePointConnection(_c.Connection):
+    """A read-only Connection of a restore point (open_restore_point()).
+
+    Reads go to the chain's files through the overlay VFS; nothing is
+    restored.  close() also releases the files."""
+
+    _overlay_capsule: Any = None
+    point: str = ""
+
+    def close(self, force: bool = False) -> None:
+        try:
+            super().close(force)
+        finally:
+            capsule, self._overlay_capsule = self._overlay_capsule, None
+            if capsule is not None:
+                _c._overlay_close(capsule)
+
+    def __enter__(self) -> RestorePointConnection:  # type: ignore[override]
+        return self
+
+    def __exit__(self, *exc: object) -> None:  # type: ignore[override]
+        self.close()
+
+
+def _open_overlay(chain: list[_Point]) -> RestorePointConnection:
+    pages = _ChainFiles(chain)
+    _, overlay_vfs = _c._incremental_vfs_names()
+    path = (
+        chain[-1].info.path
+        + f".apsw-backup-{os.getpid()}-{os.urandom(4).hex()}.overlay"
+    )
+    try:
+        capsule = _c._overlay_open(
+            path,
+            pages.page_size,
+            pages.page_count,
+            tuple(pages.fds),
+            pages.file_of.tobytes(),
+            pages.offset_of.tobytes(),
+        )
+    finally:
+        pages.close()
+    try:
+        conn = RestorePointConnection(path, _c.SQLITE_OPEN_READONLY, overlay_vfs)
+    except BaseException:
+        _c._overlay_close(capsule)
+        raise
+    conn._overlay_capsule = capsule
+    conn.point = chain[-1].info.path
+    return conn
+
+
+class _Overlay:
+    def __init__(self, chain: list[_Point]) -> None:
+        self.conn = _open_overlay(chain)
+
+    def __enter__(self) -> RestorePointConnection:
+        return self.conn
+
+    def __exit__(self, *exc: object) -> None:
+        self.conn.close()
+
+
+def open_restore_point(
+    backup: str | os.PathLike[str], *, at: datetime | str | None = None
+) -> RestorePointConnection:
+    """Open a restore point read-only, as a Connection (see restore() for
+    backup and at).  The chain is checked as for restore(); pages are read
+    from its files as SQLite asks for them.  Close it when done."""
+    point = _resolve(backup, at)
+    chain = _chain_to(point, os.path.dirname(point))
+    _check_chain(chain)
+    return _open_overlay(chain)
+
+
+# -- verify ----------------------------------------------------------------
+
+
+def verify_folder(folder: str | os.PathLike[str]) -> list[ChainReport]:
+    """Check every restore point of folder and every chain they form: each
+    file's checksum and root hash, every stored page against its manifest,
+    every unstored page's hash against its parent's, and each link."""
+    folder = os.path.abspath(os.fspath(folder))
+    reports = []
+    for stem, paths in sorted(_stems(folder).items()):
+        chains, problems, _ = _chains(paths, strict=False)
+        for chain in chains:
+            try:
+                _check_chain(chain)
+            except BrokenChainError as exc:
+                problems.append(str(exc))
+        reports.append(
+            ChainReport(
+                stem=stem,
+                points=paths,
+                ok=not problems,
+                problems=problems,
+            )
+        )
+    return reports
+
+
+def verify_point(point: str | os.PathLike[str]) -> ChainReport:
+    """Check one restore point and the chain from its base up to it, as
+    restore() does before writing anything."""
+    path = os.path.abspath(os.fspath(point))
+    name = _parse_name(path)
+    stem = name["stem"] if name else ""
+    try:
+        chain = _chain_to(path, os.path.dirname(path))
+        _check_chain(chain)
+    except BrokenChainError as exc:
+        return ChainReport(stem=stem, points=[path], ok=False, problems=[str(exc)])
+    return ChainReport(
+        stem=stem, points=[p.info.path for p in chain], ok=True, problems=[]
+    )
+
+
+def _verify_pages(point: _Point, parent: _Point | None) -> None:
+    """Every stored page of point against its manifest, every unstored one's
+    hash against its parent's: BrokenChainError naming the file."""
+    P = point.info.page_size
+    manifest = point.manifest
+    try:
+        fd = os.open(point.info.path, os.O_RDONLY)
+    except FileNotFoundError:
+        raise BrokenChainError(
+            f"restore point {point.info.path!r} is missing", point.info.path
+        ) from None
+    try:
+        per_run = max(1, _READ_RUN // P)
+        for start in range(0, len(point.index), per_run):
+            chunk = point.index[start : start + per_run]
+            data = _read_exact(fd, len(chunk) * P, point.offset_of(start))
+            bad = _first_bad(data, P, chunk, manifest)
+            if bad is not None:
+                raise _damaged(
+                    point.info.path,
+                    f"altered or damaged (page {bad} does not match its hash)",
+                )
+    finally:
+        os.close(fd)
+    # Every page not stored is its parent's: compare the manifests whole,
+    # with the stored pages' entries taken from the parent's.
+    count = point.info.page_count
+    inherited = min(count, parent.info.page_count) if parent else 0
+    lock = _lock_byte_page(P)
+    mine = bytearray(manifest[: inherited * HASH])
+    theirs = parent.manifest[: inherited * HASH] if parent else b""
+    stored = set(point.index)
+    for pgno in point.index:
+        if pgno <= inherited:
+            mine[(pgno - 1) * HASH : pgno * HASH] = theirs[
+                (pgno - 1) * HASH : pgno * HASH
+            ]
+    missing = [
+        p for p in range(inherited + 1, count + 1) if p not in stored and p != lock
+    ]
+    if mine != theirs or missing:
+        bad = missing[0] if missing else _first_difference(mine, theirs)
+        raise _damaged(
+            point.info.path,
+            f"inconsistent (page {bad} is neither stored nor its parent's)",
+        )
+
+
+def _first_difference(a: bytes | bytearray, b: bytes | bytearray) -> int:
+    for i in range(0, len(a), HASH):
+        if a[i : i + HASH] != b[i : i + HASH]:
+            return i // HASH + 1
+    return 0
+
+
+def _check_chain(chain: list[_Point]) -> None:
+    for i, point in enumerate(chain):
+        _verify_pages(point, chain[i - 1] if i else None)

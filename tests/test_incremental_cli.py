@@ -1,0 +1,141 @@
+"""The incremental verbs of the command line (docs/incremental.md): --incremental,
+restore, list, verify FOLDER; their exit codes and what they print."""
+
+import json
+import os
+import sqlite3
+
+import pytest
+
+import apsw_backup
+from apsw_backup import incremental as inc
+from apsw_backup.cli import main
+
+
+def make_source(path, rows=2000):
+    db = sqlite3.connect(str(path))
+    db.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)")
+    db.executemany(
+        "INSERT INTO t VALUES (?, ?)", ((i, os.urandom(80)) for i in range(rows))
+    )
+    db.commit()
+    db.close()
+    return str(path)
+
+
+def touch_rows(path, n=5):
+    db = sqlite3.connect(str(path))
+    db.execute("UPDATE t SET v=randomblob(80) WHERE id < ?", (n,))
+    db.commit()
+    db.close()
+
+
+def run_json(capsys, *argv):
+    code = main([*argv, "--json"])
+    out = capsys.readouterr().out.strip().splitlines()
+    return code, json.loads(out[-1])
+
+
+@pytest.fixture
+def points(tmp_path, capsys):
+    src = make_source(tmp_path / "app.db")
+    folder = tmp_path / "points"
+    folder.mkdir()
+    code, first = run_json(capsys, "--incremental", src, str(folder) + "/")
+    assert code == 0 and first["kind"] == "base"
+    touch_rows(src)
+    code, second = run_json(capsys, "--incremental", src, str(folder) + "/")
+    assert code == 0 and second["kind"] == "delta"
+    assert second["pages_written"] < first["pages_written"] / 4
+    return src, folder, [first["path"], second["path"]]
+
+
+def test_incremental_then_restore_is_identical_to_a_full_backup(
+    points, tmp_path, capsys
+):
+    src, folder, _ = points
+    apsw_backup.copy(src, str(tmp_path / "full.db"))
+    code = main(["restore", str(folder), str(tmp_path / "r.db")])
+    assert code == 0
+    assert "restored" in capsys.readouterr().err
+    assert (tmp_path / "r.db").read_bytes() == (tmp_path / "full.db").read_bytes()
+
+
+def test_restore_at_a_time_picks_the_point_then(points, tmp_path, capsys):
+    _, folder, paths = points
+    stamp = inc._parse_name(paths[0])["stamp"]
+    code, out = run_json(
+        capsys, "restore", str(folder), str(tmp_path / "r.db"), "--at", stamp
+    )
+    assert code == 0 and out["point"] == paths[0]
+    code, out = run_json(
+        capsys, "restore", str(folder), str(tmp_path / "x.db"), "--at", "2001-01-01"
+    )
+    assert code == 2 and "at or before" in out["error"]
+
+
+def test_restore_refuses_an_existing_dest_without_overwrite(points, tmp_path, capsys):
+    _, folder, _ = points
+    dest = make_source(tmp_path / "live.db", rows=3)
+    before = open(dest, "rb").read()
+    code, out = run_json(capsys, "restore", str(folder), dest)
+    assert code == 2 and "--overwrite" in out["error"]
+    assert open(dest, "rb").read() == before
+    code, out = run_json(capsys, "restore", str(folder), dest, "--overwrite")
+    assert code == 0 and out["overwrote"] and out["writers_held"] > 0
+    assert "wal_growth" in out
+    assert sqlite3.connect(dest).execute("SELECT count(*) FROM t").fetchone() == (2000,)
+
+
+def test_list_shows_time_kind_size_and_chain(points, capsys):
+    _, folder, paths = points
+    code, out = run_json(capsys, "list", str(folder))
+    assert code == 0
+    assert [p["kind"] for p in out["points"]] == ["base", "delta"]
+    assert [p["chain"] for p in out["points"]] == [1, 1]
+    assert [p["path"] for p in out["points"]] == paths
+    assert out["points"][1]["size"] == os.path.getsize(paths[1])
+    assert main(["list", str(folder)]) == 0
+    text = capsys.readouterr().out
+    assert "delta" in text and os.path.basename(paths[1]) in text
+
+
+def test_verify_folder_checks_every_chain(points, capsys):
+    _, folder, paths = points
+    code, out = run_json(capsys, "verify", str(folder))
+    assert code == 0 and out["chains"][0]["ok"]
+    code, out = run_json(capsys, "verify", paths[1])
+    assert code == 0 and out["chains"][0]["points"] == paths
+    with open(paths[0], "r+b") as f:  # a restore point, never a database
+        f.seek(inc._read_point(paths[0]).data_offset + 100)
+        b = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([b[0] ^ 0xFF]))
+    code, out = run_json(capsys, "verify", str(folder))
+    assert code == 3 and not out["chains"][0]["ok"]
+    assert paths[0] in out["chains"][0]["problems"][0]
+    code, out = run_json(capsys, "verify", paths[1])  # a point: its chain
+    assert code == 3 and paths[0] in out["chains"][0]["problems"][0]
+
+
+def test_restore_of_a_broken_chain_exits_3_naming_the_file(points, tmp_path, capsys):
+    _, folder, paths = points
+    os.truncate(paths[1], os.path.getsize(paths[1]) - 1)
+    code, out = run_json(capsys, "restore", str(folder), str(tmp_path / "r.db"))
+    assert code == 3 and out["path"] == paths[1] and "truncated" in out["error"]
+    assert not (tmp_path / "r.db").exists()
+
+
+def test_usage_errors_exit_2(tmp_path, capsys):
+    assert main(["restore", str(tmp_path)]) == 2
+    assert main(["list", str(tmp_path / "nope")]) == 2
+    assert main(["--incremental", str(tmp_path / "nope.db"), str(tmp_path)]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_os_errors_name_the_file_and_the_cause(points, tmp_path, capsys):
+    _, folder, _ = points
+    missing = tmp_path / "no-such-folder" / "r.db"
+    code, out = run_json(capsys, "restore", str(folder), str(missing))
+    assert code == 1
+    assert "no-such-folder" in out["error"] and "ENOENT" in out["error"]
