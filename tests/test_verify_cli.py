@@ -1,4 +1,4 @@
-"""Verification as users meet it (issue 20): copy(verify="default" | "full")
+"""Verification as users meet it (docs/verification.md): copy(verify=...)
 and the command line's --verify levels, `apsw-backup verify`, exit 3 with
 the page numbers, the checks and their times in --json.
 
