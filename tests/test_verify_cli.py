@@ -1,6 +1,6 @@
-"""Verification as users meet it (docs/verification.md): copy(verify=
-"default" | "full") and the command line's --verify levels, `apsw-backup
-verify`, exit 3 with the page numbers, the checks and their times in --json.
+"""Verification as users meet it (docs/verification.md): copy(verify=...)
+and the command line's --verify levels, `apsw-backup verify`, exit 3 with
+the page numbers, the checks and their times in --json.
 
 Each damage is made the way it happens: a page changed on the disk after
 SQLite wrote it (the test hook), a write the disk dropped (the fault shim),
