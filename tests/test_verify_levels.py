@@ -3,6 +3,7 @@ PRAGMA integrity_check over threads without losing any of its checks; the
 result says ok / problems / could not verify, within a deadline, with
 progress."""
 
+import os
 import sqlite3
 import struct
 import threading
@@ -458,3 +459,30 @@ def test_virtual_and_without_rowid_tables_are_checked(tmp_path):
     outcome = verify.verify(path, "full")
     assert plain and outcome.status == verify.PROBLEMS
     assert set(plain) <= {p.message for p in outcome.problems}
+
+
+def test_a_locked_file_is_waited_for_lock_wait_or_the_deadline(tmp_path):
+    path = build(tmp_path / "db.db", rows=300)
+    holder = sqlite3.connect(str(path), isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        waited = verify.verify(path, "full", lock_wait=0.2)
+        timed = verify.verify(path, "default", timeout=0.3)
+    finally:
+        holder.execute("COMMIT")
+        holder.close()
+    assert waited.status == verify.UNVERIFIED and waited.exit_code == 1
+    assert waited.locked and not waited.timed_out
+    assert "locked by another connection" in (waited.reason or "")
+    assert timed.status == verify.UNVERIFIED and timed.locked and timed.timed_out
+    assert (timed.reason or "").endswith("the file was locked by another connection")
+    assert timed.to_json()["locked"] is True
+
+
+def test_verifying_a_wal_file_writes_nothing_and_leaves_nothing(tmp_path):
+    path = build(tmp_path / "db.db", rows=300, wal=True)
+    before = path.read_bytes()
+    for level in ("default", "full"):
+        assert verify.verify(path, level).ok
+    assert sorted(os.listdir(tmp_path)) == ["db.db"]
+    assert path.read_bytes() == before
