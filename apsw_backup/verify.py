@@ -156,6 +156,8 @@ class VerifyResult:
             "level": self.level,
             "seconds": round(self.seconds, 3),
             "reason": self.reason,
+            "timed_out": self.timed_out,
+            "locked": self.locked,
             "problems": [
                 {"check": p.check, "message": p.message, "pages": list(p.pages)}
                 for p in self.problems

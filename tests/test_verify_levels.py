@@ -3,6 +3,7 @@ PRAGMA integrity_check over threads without losing any of its checks; the
 result says ok / problems / could not verify, within a deadline, with
 progress."""
 
+import os
 import sqlite3
 import struct
 import threading
@@ -320,39 +321,6 @@ def test_a_deadline_ends_verification_as_unverified(tmp_path):
     assert elapsed < 2.5, "the checks waited past the deadline"
 
 
-def test_a_deadline_that_a_lock_outlasted_says_so(tmp_path):
-    # The command line words it as a BusyError with the cure (end the
-    # other connection's transaction): the result must tell it apart.
-    path = build(tmp_path / "db.db", rows=300)
-    started = threading.Event()
-    holder = threading.Thread(target=hold_exclusive_lock, args=(path, 3.0, started))
-    holder.start()
-    try:
-        assert started.wait(30)
-        outcome = verify.verify(path, "default", timeout=0.3)
-    finally:
-        holder.join(30)
-    assert outcome.timed_out and outcome.locked
-    assert outcome.reason.endswith("the file was locked by another connection")
-
-
-def test_lock_wait_bounds_a_wait_for_a_lock_without_a_timeout(tmp_path):
-    path = build(tmp_path / "db.db", rows=300)
-    started = threading.Event()
-    holder = threading.Thread(target=hold_exclusive_lock, args=(path, 3.0, started))
-    holder.start()
-    try:
-        assert started.wait(30)
-        begun = time.monotonic()
-        outcome = verify.verify(path, "full", lock_wait=0.3)
-        elapsed = time.monotonic() - begun
-    finally:
-        holder.join(30)
-    assert outcome.status == verify.UNVERIFIED and not outcome.timed_out
-    assert "locked by another connection" in outcome.reason
-    assert elapsed < 2.5, "the lock was waited for past lock_wait"
-
-
 def wal_file_with_frames(folder):
     """A WAL database whose last commit is only in its -wal."""
     live = folder / "live.db"
@@ -369,27 +337,13 @@ def wal_file_with_frames(folder):
 
 
 @pytest.mark.parametrize("level", ["default", "full"])
-def test_verify_never_checkpoints_nor_deletes_the_wal(tmp_path, level):
+def test_verify_never_checkpoints_nor_deletes_a_wal_with_frames(tmp_path, level):
     path = wal_file_with_frames(tmp_path)
     wal = tmp_path / "copied.db-wal"
     before = path.read_bytes(), wal.read_bytes()
     outcome = verify.verify(path, level)
     assert outcome.ok, outcome
     assert (path.read_bytes(), wal.read_bytes()) == before
-
-
-def test_verify_leaves_nothing_beside_a_wal_file(tmp_path):
-    path = tmp_path / "w.db"
-    db = sqlite3.connect(str(path), isolation_level=None)
-    db.execute("PRAGMA journal_mode=WAL")
-    db.execute("CREATE TABLE t(x)")
-    db.execute("INSERT INTO t VALUES (1)")
-    db.close()  # the last connection: -wal and -shm removed
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.db"]
-    before = path.read_bytes()
-    assert verify.verify(path, "full").ok
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.db"]
-    assert path.read_bytes() == before
 
 
 def test_a_deadline_interrupts_a_running_check(tmp_path):
@@ -530,3 +484,30 @@ def test_virtual_and_without_rowid_tables_are_checked(tmp_path):
     outcome = verify.verify(path, "full")
     assert plain and outcome.status == verify.PROBLEMS
     assert set(plain) <= {p.message for p in outcome.problems}
+
+
+def test_a_locked_file_is_waited_for_lock_wait_or_the_deadline(tmp_path):
+    path = build(tmp_path / "db.db", rows=300)
+    holder = sqlite3.connect(str(path), isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        waited = verify.verify(path, "full", lock_wait=0.2)
+        timed = verify.verify(path, "default", timeout=0.3)
+    finally:
+        holder.execute("COMMIT")
+        holder.close()
+    assert waited.status == verify.UNVERIFIED and waited.exit_code == 1
+    assert waited.locked and not waited.timed_out
+    assert "locked by another connection" in (waited.reason or "")
+    assert timed.status == verify.UNVERIFIED and timed.locked and timed.timed_out
+    assert (timed.reason or "").endswith("the file was locked by another connection")
+    assert timed.to_json()["locked"] is True
+
+
+def test_verifying_a_wal_file_writes_nothing_and_leaves_nothing(tmp_path):
+    path = build(tmp_path / "db.db", rows=300, wal=True)
+    before = path.read_bytes()
+    for level in ("default", "full"):
+        assert verify.verify(path, level).ok
+    assert sorted(os.listdir(tmp_path)) == ["db.db"]
+    assert path.read_bytes() == before
