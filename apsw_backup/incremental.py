@@ -934,7 +934,7 @@ def incremental(
     try:
         stem = Path(source_name).stem
         chain, reason = _usable_chain(folder, stem, source_name)
-        page_size = int(conn.execute("PRAGMA main.page_size").fetchall()[0][0])
+        page_size = _page_size_of(conn)
         if chain and chain[-1].info.page_size != page_size:
             chain, reason = [], f"the page size changed to {page_size}"
         if chain and len(chain) - 1 >= max_chain:
@@ -946,7 +946,7 @@ def incremental(
                 conn, source_name, folder, stem, parent, sequence, page_size, opts
             )
         except IncrementalError:
-            new_size = int(conn.execute("PRAGMA main.page_size").fetchall()[0][0])
+            new_size = _page_size_of(conn)
             if new_size == page_size:
                 raise
             chain, parent, reason = [], None, f"the page size changed to {new_size}"
@@ -982,6 +982,13 @@ def incremental(
         result.deleted, result.merged = _rotate(folder, stem, keep)
     result.elapsed = time.monotonic() - started
     return result
+
+
+def _page_size_of(conn: _c.Connection) -> int:
+    value = conn.execute("PRAGMA main.page_size").fetchall()[0][0]
+    if not isinstance(value, int):
+        raise TypeError(f"PRAGMA page_size answered {value!r}")
+    return value
 
 
 def _rebase_reason(chain: list[_Point], max_chain: int, share: float) -> str:
@@ -1300,7 +1307,7 @@ class RestorePointConnection(_c.Connection):
             if capsule is not None:
                 _c._overlay_close(capsule)
 
-    def __enter__(self) -> RestorePointConnection:  # type: ignore[override]
+    def __enter__(self) -> RestorePointConnection:
         return self
 
     def __exit__(self, *exc: object) -> None:  # type: ignore[override]

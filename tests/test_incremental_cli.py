@@ -139,3 +139,18 @@ def test_os_errors_name_the_file_and_the_cause(points, tmp_path, capsys):
     code, out = run_json(capsys, "restore", str(folder), str(missing))
     assert code == 1
     assert "no-such-folder" in out["error"] and "ENOENT" in out["error"]
+
+
+def test_keep_counts_points_and_merges_rather_than_break_a_chain(tmp_path, capsys):
+    src = make_source(tmp_path / "app.db")
+    folder = tmp_path / "points"
+    folder.mkdir()
+    for n in range(5):
+        touch_rows(src, n + 2)
+        code, out = run_json(capsys, "--incremental", src, str(folder), "--keep", "3")
+        assert code == 0
+    assert out["merged"]  # the oldest delta became the base
+    code, listed = run_json(capsys, "list", str(folder))
+    assert [p["kind"] for p in listed["points"]] == ["base", "delta", "delta"]
+    assert run_json(capsys, "verify", str(folder))[0] == 0
+    assert main(["--incremental", src, str(folder), "--keep", "0"]) == 2

@@ -284,7 +284,7 @@ def _list(args: argparse.Namespace) -> int:
     for r in rows:
         print(
             f"{r['time']:27} {r['kind']:5} {r['size']:>12} {r['chain']:>5}  "
-            f"{os.path.basename(r['path'])}"
+            f"{os.path.basename(str(r['path']))}"
         )
     return EXIT_OK
 
