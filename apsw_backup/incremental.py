@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import array
 import dataclasses
+import fcntl
 import os
 import re
 import struct
@@ -88,6 +89,10 @@ class BrokenChainError(Exception):
 
 class IncrementalError(Exception):
     """The backup could not make a sound restore point (nothing was kept)."""
+
+
+class FolderBusyError(IncrementalError):
+    """Another incremental backup is writing into the same folder."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -915,73 +920,79 @@ def incremental(
         raise FileNotFoundError(
             f"the folder {folder!r} does not exist: create it first"
         )
-    files.remove_stale(folder)
-    own = not isinstance(source, _c.Connection)
-    if own:
-        source_name = os.path.abspath(os.fspath(source))  # type: ignore[arg-type]
-        if not os.path.isfile(source_name):
-            raise FileNotFoundError(
-                f"the source database {source_name!r} does not exist"
-            )
-        conn = _c.Connection(source_name, _c.SQLITE_OPEN_READONLY)
-    else:
-        conn = source  # type: ignore[assignment]
-        source_name = conn.filename
-        if not source_name:
-            raise ValueError(
-                "an in-memory database has no file to back up incrementally"
-            )
+    lock = _lock_folder(folder)
     try:
-        stem = Path(source_name).stem
-        chain, reason = _usable_chain(folder, stem, source_name)
-        page_size = _page_size_of(conn)
-        if chain and chain[-1].info.page_size != page_size:
-            chain, reason = [], f"the page size changed to {page_size}"
-        if chain and len(chain) - 1 >= max_chain:
-            chain, reason = [], f"the chain reached max_chain ({max_chain} deltas)"
-        parent = chain[-1] if chain else None
-        sequence = parent.info.sequence + 1 if parent else _next_sequence(folder, stem)
-        try:
-            point, written, pages, restarts, counts = _write_point(
-                conn, source_name, folder, stem, parent, sequence, page_size, opts
-            )
-        except IncrementalError:
-            new_size = _page_size_of(conn)
-            if new_size == page_size:
-                raise
-            chain, parent, reason = [], None, f"the page size changed to {new_size}"
-            point, written, pages, restarts, counts = _write_point(
-                conn, source_name, folder, stem, None, sequence, new_size, opts
-            )
-    finally:
+        files.remove_stale(folder)
+        own = not isinstance(source, _c.Connection)
         if own:
-            conn.close()
-    result = IncrementalResult(
-        path=point.info.path,
-        kind=point.info.kind,
-        page_count=point.info.page_count,
-        pages_written=pages,
-        bytes_written=written,
-        elapsed=0.0,
-        chain_length=len(chain) + 1,
-        root=point.root.hex(),
-        reason=reason if parent is None else "",
-        restarts=restarts,
-        recording=counts,
-    )
-    if parent is not None:
-        chain = chain + [point]
-        why = _rebase_reason(chain, max_chain, rebase_share)
-        if why:
-            base = _materialize(chain, folder, stem)
-            _remove(point.info.path)
-            result.path, result.kind, result.reason = base.info.path, "base", why
-            result.bytes_written += base.info.size
-            result.chain_length = 1
-    if keep is not None:
-        result.deleted, result.merged = _rotate(folder, stem, keep)
-    result.elapsed = time.monotonic() - started
-    return result
+            source_name = os.path.abspath(os.fspath(source))  # type: ignore[arg-type]
+            if not os.path.isfile(source_name):
+                raise FileNotFoundError(
+                    f"the source database {source_name!r} does not exist"
+                )
+            conn = _c.Connection(source_name, _c.SQLITE_OPEN_READONLY)
+        else:
+            conn = source  # type: ignore[assignment]
+            source_name = conn.filename
+            if not source_name:
+                raise ValueError(
+                    "an in-memory database has no file to back up incrementally"
+                )
+        try:
+            stem = Path(source_name).stem
+            chain, reason = _usable_chain(folder, stem, source_name)
+            page_size = _page_size_of(conn)
+            if chain and chain[-1].info.page_size != page_size:
+                chain, reason = [], f"the page size changed to {page_size}"
+            if chain and len(chain) - 1 >= max_chain:
+                chain, reason = [], f"the chain reached max_chain ({max_chain} deltas)"
+            parent = chain[-1] if chain else None
+            sequence = (
+                parent.info.sequence + 1 if parent else _next_sequence(folder, stem)
+            )
+            try:
+                point, written, pages, restarts, counts = _write_point(
+                    conn, source_name, folder, stem, parent, sequence, page_size, opts
+                )
+            except IncrementalError:
+                new_size = _page_size_of(conn)
+                if new_size == page_size:
+                    raise
+                chain, parent, reason = [], None, f"the page size changed to {new_size}"
+                point, written, pages, restarts, counts = _write_point(
+                    conn, source_name, folder, stem, None, sequence, new_size, opts
+                )
+        finally:
+            if own:
+                conn.close()
+        result = IncrementalResult(
+            path=point.info.path,
+            kind=point.info.kind,
+            page_count=point.info.page_count,
+            pages_written=pages,
+            bytes_written=written,
+            elapsed=0.0,
+            chain_length=len(chain) + 1,
+            root=point.root.hex(),
+            reason=reason if parent is None else "",
+            restarts=restarts,
+            recording=counts,
+        )
+        if parent is not None:
+            chain = chain + [point]
+            why = _rebase_reason(chain, max_chain, rebase_share)
+            if why:
+                base = _materialize(chain, folder, stem)
+                _remove(point.info.path)
+                result.path, result.kind, result.reason = base.info.path, "base", why
+                result.bytes_written += base.info.size
+                result.chain_length = 1
+        if keep is not None:
+            result.deleted, result.merged = _rotate(folder, stem, keep)
+        result.elapsed = time.monotonic() - started
+        return result
+    finally:
+        os.close(lock)  # our own descriptor of the folder: drops the flock
 
 
 def _page_size_of(conn: _c.Connection) -> int:
@@ -989,6 +1000,26 @@ def _page_size_of(conn: _c.Connection) -> int:
     if not isinstance(value, int):
         raise TypeError(f"PRAGMA page_size answered {value!r}")
     return value
+
+
+def _lock_folder(folder: str) -> int:
+    """An exclusive flock() on the folder itself, for the whole run: two
+    runs at once would both write a child of the same point (a fork in the
+    chain that the next run would take for damage).  A descriptor of the
+    folder, never of a file SQLite has open."""
+    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise FolderBusyError(
+            f"another incremental backup is writing into {folder!r} (it holds "
+            "the folder's lock): try again once it has finished"
+        ) from None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _rebase_reason(chain: list[_Point], max_chain: int, share: float) -> str:
