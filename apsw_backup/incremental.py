@@ -292,11 +292,9 @@ def _stems(folder: str) -> dict[str, list[str]]:
     return by_stem
 
 
-def _chains(
-    paths: list[str], strict: bool
-) -> tuple[list[list[_Point]], list[str], list[str]]:
+def _chains(paths: list[str]) -> tuple[list[list[_Point]], list[str], list[str]]:
     """The chains the points of one stem form, oldest first; the problems
-    found (strict: the first one raises BrokenChainError); and the deltas a
+    found; and the deltas a
     base of the same moment and root stands for (left by a merge or a
     rebase that was interrupted before it removed them)."""
     chains: list[list[_Point]] = []
@@ -306,8 +304,6 @@ def _chains(
         try:
             entries.append(_read_point(path))
         except BrokenChainError as exc:
-            if strict:
-                raise
             problems.append(str(exc))
             entries.append(None)
     bases_at = {
@@ -341,8 +337,6 @@ def _chains(
                 "removed, renamed or replaced); restore from a point before it, "
                 "or make a new base"
             )
-            if strict:
-                raise BrokenChainError(message, p.info.path)
             problems.append(message)
             chains.append([])
             continue
@@ -361,12 +355,6 @@ def list_points(folder: str | os.PathLike[str]) -> list[RestorePoint]:
         except BrokenChainError:
             continue
     return out
-
-
-def chain_of(info: RestorePoint, folder: str | None = None) -> list[RestorePoint]:
-    """The points from the base up to info (for list's chain column)."""
-    chain = _chain_to(info.path, folder or os.path.dirname(info.path))
-    return [p.info for p in chain]
 
 
 def _stamp(path: str) -> str:
@@ -1050,7 +1038,7 @@ def _usable_chain(folder: str, stem: str, source_name: str) -> tuple[list[_Point
     paths = _stems(folder).get(stem, [])
     if not paths:
         return [], "no restore point of this source yet"
-    chains, problems, twins = _chains(paths, strict=False)
+    chains, problems, twins = _chains(paths)
     for twin in twins:
         _remove(twin)  # its base is in place: finish the interrupted merge
     newest = [p for p in paths if p not in twins][-1]
@@ -1071,7 +1059,7 @@ def _rotate(folder: str, stem: str, keep: int) -> tuple[list[str], list[str]]:
     base merged into its first delta."""
     deleted: list[str] = []
     merged: list[str] = []
-    chains, _, _ = _chains(_stems(folder).get(stem, []), strict=False)
+    chains, _, _ = _chains(_stems(folder).get(stem, []))
     total = sum(len(c) for c in chains)
     while total > keep and len(chains) > 1:
         oldest = chains.pop(0)
@@ -1406,7 +1394,7 @@ def verify_folder(folder: str | os.PathLike[str]) -> list[ChainReport]:
     folder = os.path.abspath(os.fspath(folder))
     reports = []
     for stem, paths in sorted(_stems(folder).items()):
-        chains, problems, _ = _chains(paths, strict=False)
+        chains, problems, _ = _chains(paths)
         for chain in chains:
             try:
                 _check_chain(chain)
