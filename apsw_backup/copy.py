@@ -21,6 +21,7 @@ This module is that loop, with the traps of a live database handled:
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import stat
@@ -78,7 +79,6 @@ TARGET_CACHE_KIB = 1024
 _C_INT_MAX = 2**31 - 1
 _SQLITE_IOERR_WRITE = _c.SQLITE_IOERR | (3 << 8)
 _SQLITE_IOERR_DELETE = _c.SQLITE_IOERR | (10 << 8)
-_HEADER = b"SQLite format 3\x00"
 
 FINISHED_OUTSIDE = (
     "the backup was finished outside copy(): the progress callback or another "
@@ -134,6 +134,7 @@ class _Options:
     keep_wal: bool
     verify: Verify | None
     flush_every: int | None = FLUSH_EVERY
+    target_exists: bool | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.pages, int) or isinstance(self.pages, bool):
@@ -168,6 +169,10 @@ class _Options:
         if self.verify is not None and not callable(self.verify):
             raise TypeError(
                 "verify must be callable (it is given the copy's path) or None"
+            )
+        if self.target_exists is not None and not isinstance(self.target_exists, bool):
+            raise TypeError(
+                f"target_exists must be None, True or False, not {self.target_exists!r}"
             )
         flush = self.flush_every
         if flush is not None and (
@@ -227,10 +232,15 @@ def _renamed(error: _c.Error, message: str) -> _c.Error:
 
 
 def _cannot(role: str, path: str, exc: OSError) -> _c.Error:
-    """CantOpenError for a path the OS refused, naming the cause and cure."""
+    """CantOpenError for a path the OS refused, naming the cause and cure.
+
+    It carries the structure for other front ends to word it their way:
+    role ("source database", "target", "target's folder"), filename (the
+    path) and os_errno (the OS's errno)."""
     error = _c.CantOpenError(
         f"cannot use the {role} {path!r}: it {files.os_cause(exc)}"
     )
+    vars(error).update(role=role, filename=path, os_errno=exc.errno)
     return _with_codes(error, _c.SQLITE_CANTOPEN)
 
 
@@ -265,27 +275,15 @@ def _schema_file(conn: _c.Connection | sqlite3.Connection, name: str, role: str)
     return found[name.casefold()]
 
 
-def _is_wal_file(path: str) -> bool:
-    """Whether the database file's header says WAL mode."""
+def _header_of(path: str) -> bytes:
+    """A database file's header, read through SQLite (files.read_header);
+    b"" when it cannot be read."""
+    if not path:
+        return b""  # a memory or temporary database: no file
     try:
-        with open(path, "rb") as file:
-            header = file.read(20)
+        return files.read_header(path)
     except OSError:
-        return False
-    return header.startswith(_HEADER) and len(header) == 20 and header[18] == 2
-
-
-def _header_page_size(path: str) -> int:
-    """The page size a database file's header gives (0: unknown)."""
-    try:
-        with open(path, "rb") as file:
-            header = file.read(18)
-    except OSError:
-        return 0
-    if len(header) < 18 or not header.startswith(_HEADER):
-        return 0
-    size = int.from_bytes(header[16:18], "big")
-    return 65536 if size == 1 else size
+        return b""
 
 
 def _file_size(path: str) -> int:
@@ -342,6 +340,16 @@ class _SourceSide:
             self.file = os.fspath(source)
             if not isinstance(self.file, str):
                 raise TypeError("a source path must be a str or os.PathLike of str")
+            if options.name.casefold() == "temp":
+                # copy()'s own connection to the file: its temp schema is
+                # always empty, and a backup of nothing must never pass for
+                # a backup of the file.
+                raise ValueError(
+                    "name 'temp' is the temporary database of the connection "
+                    "copy() opens on the source path, which is always empty: "
+                    "copy name='main' (the file), or pass the Connection whose "
+                    "temp database you mean"
+                )
         else:
             raise TypeError(
                 "source must be an apsw_backup.Connection, a sqlite3.Connection of "
@@ -467,7 +475,7 @@ class _SourceSide:
         there before, a read-write connection opened and closed now removes
         them -- only when it is the last connection, as SQLite decides under
         its own locks; otherwise they belong to the connections still open."""
-        if self.side_existed or not _is_wal_file(self.file):
+        if self.side_existed or not files.header_is_wal(_header_of(self.file)):
             return
         if not any(os.path.lexists(p) for p in files.side_paths(self.file)):
             return
@@ -552,10 +560,11 @@ class _TargetSide:
         self.user = None
         self.given = self.file = os.path.abspath(path)
         self.kind = _check_target_path(self.file)
+        _check_expected(self.file, self.kind, options.target_exists)
         if self.kind == "new":
             self.file = os.path.realpath(self.file)  # a dangling link: its file
-        else:
-            self.was_wal = _is_wal_file(self.file)
+            for spelled in dict.fromkeys((self.given, self.file)):
+                files.check_no_stale_side_files(spelled)
 
     def open(self) -> None:
         """Open the target; a new one is created under a temporary name."""
@@ -563,13 +572,16 @@ class _TargetSide:
             self.conn = self.user
             return
         path = self.file
+        # Dead runs' leftovers go, whether this copy is new or not.
+        files.remove_stale(os.path.dirname(self.file))
         if self.kind == "new":
-            files.remove_stale(os.path.dirname(self.file))
             self.new = files.NewFile(self.file)
             try:
                 self.new.create()
             except OSError as exc:
                 self.new = None
+                if exc.errno == errno.ENAMETOOLONG:
+                    raise _cannot("target", self.file, exc) from exc
                 raise _cannot(
                     "target's folder", os.path.dirname(self.file), exc
                 ) from exc
@@ -581,6 +593,9 @@ class _TargetSide:
             self.conn = _c.Connection(path, flags)
         except _c.CantOpenError as exc:
             raise _renamed(exc, f"cannot open the target {self.file!r}: {exc}") from exc
+        if self.new is None:
+            # Through the handle just opened: never a descriptor of ours.
+            self.was_wal = files.header_is_wal(self.conn.file_header("main"))
         if self.flush_every:
             self._start_flushing()
 
@@ -708,6 +723,8 @@ class _TargetSide:
         if self.new is not None:
             try:
                 self.new.publish()
+            except files.StaleSideFileError:
+                raise
             except FileExistsError as exc:
                 raise FileExistsError(
                     exc.errno,
@@ -749,6 +766,29 @@ def _check_target_path(path: str) -> str:
         raise _cannot("target's folder", folder, NotADirectoryError(20, "", folder))
     _check_writable("target's folder", folder)
     return "new"
+
+
+def _check_expected(path: str, kind: str, target_exists: bool | None) -> None:
+    """The caller's decision (target_exists) against what is at path now:
+    a file that appeared is never written to, one that vanished never
+    re-created, since the caller's account of it would be wrong."""
+    if target_exists is None or target_exists == (kind == "existing"):
+        return
+    if target_exists is False:
+        raise FileExistsError(
+            17,
+            f"the target {path!r} exists now, but the caller found no file "
+            "there (target_exists=False): another file appeared at its name, "
+            "and was left alone; remove it or choose another target",
+            path,
+        )
+    raise FileNotFoundError(
+        2,
+        f"the target {path!r} does not exist now, but the caller found a "
+        "file there (target_exists=True): it was removed meanwhile; nothing "
+        "was created",
+        path,
+    )
 
 
 def _check_writable(role: str, path: str) -> None:
@@ -810,7 +850,7 @@ class _Copy:
         pages = self._opts.step_pages
         if pages > 0 or self._dst.flusher is None or self._opts.snapshot is False:
             return pages, False
-        page_size = _header_page_size(self._src.file) or 4096
+        page_size = files.header_page_size(_header_of(self._src.file)) or 4096
         return max(1, self._dst.flush_every // page_size), True
 
     def _new_backup(self) -> _c.Backup:
@@ -978,9 +1018,14 @@ class _Copy:
 
     def _check_in_use(self, error: _c.ThreadingViolationError) -> None:
         """Another thread's call on the source (or target) connection is
-        waited for like a lock, but for IN_USE_LIMIT seconds at most: the
-        same error also means a call copy() itself runs inside (copy()
-        called from a callback of that connection), which never ends."""
+        waited for like a lock, but for IN_USE_LIMIT seconds at most.  A
+        connection that is the destination of an unfinished Backup, or one
+        whose own call copy() runs inside (a callback), is never waited for:
+        no wait can end either, so they are raised at once."""
+        if isinstance(error, (_c.DestinationLockedError, _c.ReentrancyError)):
+            raise _renamed(
+                error, f"copy() cannot use that connection: {error}; {self._left_as()}"
+            ) from error
         if not self._in_use_in_a_row:
             self._in_use_since = time.monotonic()
         self._in_use_in_a_row += 1
@@ -1158,6 +1203,7 @@ def copy(
     keep_wal: bool = False,
     verify: Verify | None = None,
     flush_every: int | None = FLUSH_EVERY,
+    target_exists: bool | None = None,
 ) -> CopyResult:
     """Copy database `name` of `source` into `target_name` of `target`, online.
 
@@ -1231,11 +1277,27 @@ def copy(
     (new or existing); a Connection target is left alone.  None or 0: no
     flushing, the copy is written out by its final commit.  A failed flush
     is an IOError (SQLITE_IOERR_WRITE); the target is left as on any error.
+    target_exists: what the caller found at a path target, when it has
+    already decided (a command line that refuses to overwrite without
+    --overwrite).  False: the target must still not exist -- a file that
+    appeared at its name meanwhile raises FileExistsError and is left alone,
+    as one that appears before the copy is put in place does (the new copy
+    is linked to its name, which fails if the name is taken: the decision
+    "new" holds from the check to the publishing, O_EXCL-like).  True: it
+    must still exist (FileNotFoundError otherwise).  None (the default):
+    copy() decides when it starts.
 
     Before anything is created, every argument is checked, and a target
     that is the source's own file or one of its side files (-wal, -shm,
-    -journal) is refused with ValueError (files.check_distinct).  A path
-    the OS refuses raises CantOpenError naming the cause and the cure.
+    -journal) is refused with files.SameFileError, a ValueError (folders
+    are compared by device and inode, so another mount of the source's
+    folder is seen through); a new target whose -journal or -wal is already
+    there (SQLite would apply it to the copy) with files.StaleSideFileError,
+    a FileExistsError -- checked again just before the copy is put in
+    place.  A path the OS refuses raises CantOpenError naming the cause and
+    the cure.  A path source with name='temp' is a ValueError (the
+    temporary database of copy()'s own connection is always empty).  Dead
+    runs' temporary files in the target's folder are removed (files.remove_stale).
 
     Raises BusyError at once, naming the transaction and the cure, if the
     source connection has its own open write transaction.  Every BUSY or
@@ -1256,6 +1318,7 @@ def copy(
         keep_wal,
         verify,
         flush_every,
+        target_exists,
     )
     job = _Copy(source, target, options)
     try:
@@ -1284,6 +1347,7 @@ async def acopy(
     keep_wal: bool = False,
     verify: Verify | None = None,
     flush_every: int | None = FLUSH_EVERY,
+    target_exists: bool | None = None,
 ) -> CopyResult:
     """copy() as a coroutine: the same arguments, behaviour and result.
 
@@ -1310,6 +1374,7 @@ async def acopy(
         keep_wal,
         verify,
         flush_every,
+        target_exists,
     )
     job = _Copy(source, target, options)
     try:

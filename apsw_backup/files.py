@@ -1,19 +1,32 @@
-"""Files around a backup: refusals, OS causes, and the atomic new copy.
+"""Files around a backup: the rules, OS causes, and the atomic new copy.
 
-Shared by copy() and the command line:
+The one place the file rules live, shared by copy() and the command line:
 
 - check_distinct() refuses a target that is the source's own file or one of
-  its side files (SQLite owns those: it deletes or overwrites them);
+  its side files (SQLite owns those: it deletes or overwrites them), with
+  folders compared by identity (device, inode), so another mount of the
+  source's folder is seen through;
+- check_no_stale_side_files() refuses a new target whose -journal or -wal is
+  already there (the first open of the copy would apply it);
 - os_cause() turns an OSError into words that name the cause and the cure;
 - NewFile writes a new target under a temporary name in the target's folder
   and puts it in place only once it is complete, so the target's name never
   holds a partial file, whatever happens to the process;
-- remove_stale() deletes the temporary files of runs that were killed.
+- remove_stale() deletes the temporary files of runs that were killed;
+- FolderLock, mark_source() and marked_source() are what rotation (the
+  command's --keep) stands on: a lock on the folder, and each backup marked
+  with the identity of the database it is a backup of.
+
+Refusals are exceptions with structure -- role ("source"/"target"), path,
+errno, the side file -- so that each front end words them its own way (the
+messages given here are copy()'s).
 
 A temporary file is named ``<target name>.apsw-backup-<pid>-<token>.partial``
 (SQLite may add ``-journal``, ``-wal``, ``-shm``), so a person sees what it
 is, and no backup name pattern (``*.db``) matches it.  A live run holds a
-flock() on it: a file whose lock can be taken belongs to a dead run.
+flock() on it from the moment it exists (see NewFile.create): a file whose
+lock can be taken belongs to a dead run, whatever the PID in its name says
+-- runs in containers are all PID 1.  The PID is there for people only.
 """
 
 from __future__ import annotations
@@ -22,11 +35,17 @@ import errno
 import fcntl
 import os
 import re
+import stat
 import sys
+import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
+from apsw_backup import _apsw_backup as _c
+
 SIDE_FILES = ("-wal", "-shm", "-journal")
+SQLITE_HEADER = b"SQLite format 3\x00"
 
 _TEMPORARY = re.compile(
     r"\.apsw-backup-(?P<pid>[0-9]+)-[0-9a-f]{8}\.partial(?P<side>-wal|-shm|-journal)?\Z"
@@ -34,9 +53,16 @@ _TEMPORARY = re.compile(
 # Room for the marker within NAME_MAX (255 bytes) whatever the target's name.
 _NAME_KEPT = 100
 
-# Seconds after its creation during which an unlocked temporary file of a
-# process that exists is still taken for a live run's (see remove_stale).
-_LOCK_GRACE = 5.0
+# The side files that SQLite applies to the database file it finds them
+# beside: a stale one would be applied to a new copy of that name.  (A stale
+# -shm is rebuilt from the -wal, harmless without one.)
+APPLIED_SIDE_FILES = ("-journal", "-wal")
+
+# The (device, inode) of this process's live temporary files: remove_stale()
+# must never open() them -- closing that descriptor would drop the POSIX
+# locks SQLite holds on them in this process.
+_OURS: set[tuple[int, int]] = set()
+_OURS_LOCK = threading.Lock()
 
 # What each OS cause means for a database path, and what to do about it.
 _CAUSES = {
@@ -55,12 +81,117 @@ _CAUSES = {
 }
 
 
+def read_header(path: str, size: int = 100) -> bytes:
+    """The first `size` (<= 100) bytes of the file at path, fewer if it is
+    shorter: b"" for an empty file.
+
+    Read through an SQLite handle of its own (Connection.file_header), never
+    a descriptor of ours: the file may be a database other connections of
+    this process have open, and closing any descriptor of a file drops every
+    POSIX lock the process holds on it, SQLite's included
+    (sqlite.org/howtocorrupt.html, section 2.2).  SQLite's unix VFS keeps
+    the descriptor of a closed connection open while other connections of
+    the process hold locks on the file, so closing this one drops nothing.
+    Opening it takes no lock and reads nothing but the header.
+
+    Raises OSError (with its errno) when the file cannot be read: a folder
+    or another kind of file that is not a regular one (EINVAL: a FIFO would
+    block the open), or one SQLite cannot open.
+    """
+    path = os.path.abspath(path)  # never taken for a URI ("file:...")
+    info = os.stat(path)  # raises FileNotFoundError, PermissionError, ...
+    if stat.S_ISDIR(info.st_mode):
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+    if not stat.S_ISREG(info.st_mode):
+        raise OSError(errno.EINVAL, "not a regular file", path)
+    try:
+        conn = _c.Connection(path, _c.SQLITE_OPEN_READONLY)
+    except _c.Error as exc:
+        if not os.access(path, os.R_OK):
+            raise PermissionError(
+                errno.EACCES, os.strerror(errno.EACCES), path
+            ) from exc
+        raise OSError(errno.EIO, f"SQLite cannot open it: {exc}", path) from exc
+    try:
+        return conn.file_header("main")[:size]
+    except _c.Error as exc:  # the read itself failed (an I/O error)
+        raise OSError(errno.EIO, f"{os.strerror(errno.EIO)} ({exc})", path) from exc
+    finally:
+        conn.close()
+
+
+def header_is_wal(header: bytes) -> bool:
+    """Whether a database header (read_header) says WAL mode."""
+    return (
+        len(header) >= 20
+        and header.startswith(SQLITE_HEADER)
+        and (header[18:20] == b"\x02\x02")
+    )
+
+
+def header_page_size(header: bytes) -> int:
+    """The page size a database header (read_header) gives; 0: not a
+    database header."""
+    if len(header) < 18 or not header.startswith(SQLITE_HEADER):
+        return 0
+    size = int.from_bytes(header[16:18], "big")
+    return 65536 if size == 1 else size
+
+
 def os_cause(exc: OSError) -> str:
     """'is a folder (EISDIR): give the path of a database file' for exc."""
     code = exc.errno if exc.errno is not None else 0
     name = errno.errorcode.get(code, str(code))
     what, cure = _CAUSES.get(code, (exc.strerror or "cannot be used", "check it"))
     return f"{what} ({name}): {cure}"
+
+
+class SameFileError(ValueError):
+    """The target is the source's database file (side "") or one of its side
+    files (side "-wal", "-shm", "-journal").
+
+    role: "target"; path: the target as given; source: the source's file.
+    """
+
+    errno = None
+
+    def __init__(self, source: str, path: str, side: str, role: str = "target"):
+        self.source, self.path, self.side, self.role = source, path, side, role
+        if side:
+            message = (
+                f"the {role} {path!r} is the source's {side[1:]} file "
+                f"{source + side!r} (source {source!r}): SQLite owns that file "
+                "and deletes or rewrites it, so a copy there would be lost; "
+                f"give the {role} another name"
+            )
+        else:
+            message = (
+                f"the {role} {path!r} is the source database {source!r} itself "
+                "(the same database): copy it to another file"
+            )
+        super().__init__(message)
+
+
+class StaleSideFileError(FileExistsError):
+    """A new target's -journal or -wal is already there.
+
+    role: "target"; path: the target; side: "-journal" or "-wal";
+    filename: the stale file; errno: EEXIST.
+    """
+
+    def __init__(self, path: str, side: str, role: str = "target") -> None:
+        super().__init__(errno.EEXIST, os.strerror(errno.EEXIST), path + side)
+        self.path, self.side, self.role = path, side, role
+        self.message = (
+            f"the new {role} {path!r} does not exist, but {path + side!r} is "
+            "there (left by a crash, or by a deleted database of that name): "
+            "SQLite would apply it to the copy when it is first opened and "
+            "corrupt it.  Move it away once you know it is not needed, or "
+            f"choose another {role}"
+        )
+
+    def __str__(self) -> str:
+        return self.message
 
 
 def is_temporary_name(filename: str) -> bool:
@@ -74,8 +205,21 @@ def temporary_path(final: str) -> str:
     folder, name = os.path.split(final)
     token = os.urandom(4).hex()  # not secrets: importing it costs ~4 ms
     return os.path.join(
-        folder, f"{name[:_NAME_KEPT]}.apsw-backup-{os.getpid()}-{token}.partial"
+        folder, f"{_cut(name, _NAME_KEPT)}.apsw-backup-{os.getpid()}-{token}.partial"
     )
+
+
+def _cut(name: str, size: int) -> str:
+    """name cut to at most size bytes as the file system counts them (a
+    file name's limit is in bytes: 100 characters of a multi-byte name may
+    be 400), never in the middle of a UTF-8 character."""
+    data = os.fsencode(name)
+    if len(data) <= size:
+        return name
+    end = size
+    while end > 0 and data[end] & 0xC0 == 0x80:  # a continuation byte
+        end -= 1
+    return os.fsdecode(data[:end])
 
 
 def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
@@ -89,12 +233,26 @@ def _stat(path: str) -> os.stat_result | None:
         return None
 
 
+def _places(path: str) -> set[tuple[tuple[int, int] | None, str]]:
+    """{(identity of the folder, file name)} a path names, through its own
+    spelling and through symbolic links: a folder has one identity however
+    it is reached (another name, a link, a bind mount of it)."""
+    found = set()
+    for spelled in {os.path.abspath(path), os.path.realpath(path)}:
+        folder, name = os.path.split(spelled)
+        info = _stat(folder or os.sep)
+        found.add(((info.st_dev, info.st_ino) if info else None, name))
+    return found
+
+
 def side_file_of(source_path: str, target_path: str) -> str | None:
     """What target_path is to the source database file source_path: ""
     for the file itself (same device and inode: through links and other
-    names), "-wal", "-shm" or "-journal" for one of its side files (by
-    name through links, existing or not, or by inode), None for neither.
-    source_path "" (in memory) is distinct from everything."""
+    names), "-wal", "-shm" or "-journal" for one of its side files (the
+    source's name plus that suffix in the same folder -- the folder
+    compared by device and inode, so through links and other mounts of it
+    -- existing or not, or by inode), None for neither.  source_path ""
+    (in memory) is distinct from everything."""
     if not source_path:
         return None
     source_stat, target_stat = _stat(source_path), _stat(target_path)
@@ -103,13 +261,21 @@ def side_file_of(source_path: str, target_path: str) -> str | None:
             return ""
     # SQLite names side files after the path it opened, which newer versions
     # resolve through symbolic links: either name may be in use.
+    targets = _places(target_path)
+    for folder, name in sorted(_places(source_path), key=repr):
+        if folder is None:
+            continue
+        if (folder, name) in targets:
+            return ""
+        for suffix in SIDE_FILES:
+            if (folder, name + suffix) in targets:
+                return suffix
     target_real = os.path.realpath(target_path)
-    bases = {os.path.abspath(source_path), os.path.realpath(source_path)}
-    for base in sorted(bases):
+    for base in sorted({os.path.abspath(source_path), os.path.realpath(source_path)}):
         for suffix in SIDE_FILES:
             side = base + suffix
             if os.path.realpath(side) == target_real:
-                return suffix
+                return suffix  # a link named as the side file, to the target
             side_stat = _stat(side)
             if side_stat is not None and target_stat is not None:
                 if _same_file(side_stat, target_stat):
@@ -118,21 +284,19 @@ def side_file_of(source_path: str, target_path: str) -> str | None:
 
 
 def check_distinct(source_path: str, target_path: str) -> None:
-    """Raise ValueError, naming both, if target_path is the source's database
-    file or one of its side files (see side_file_of)."""
+    """Raise SameFileError (a ValueError), naming both, if target_path is the
+    source's database file or one of its side files (see side_file_of)."""
     found = side_file_of(source_path, target_path)
-    if found == "":
-        raise ValueError(
-            f"the target {target_path!r} is the source database "
-            f"{source_path!r} itself (the same file): copy it to another file"
-        )
     if found is not None:
-        raise ValueError(
-            f"the target {target_path!r} is the source's {found[1:]} file "
-            f"{source_path + found!r} (source {source_path!r}): SQLite owns "
-            "that file and deletes or rewrites it, so a copy there would be "
-            "lost; give the target another name"
-        )
+        raise SameFileError(source_path, target_path, found)
+
+
+def check_no_stale_side_files(path: str, role: str = "target") -> None:
+    """Raise StaleSideFileError if a new database file at path would find a
+    -journal or -wal already beside it (see APPLIED_SIDE_FILES)."""
+    for side in APPLIED_SIDE_FILES:
+        if os.path.lexists(path + side):
+            raise StaleSideFileError(path, side, role)
 
 
 def side_paths(path: str) -> list[str]:
@@ -156,44 +320,59 @@ def fsync_folder(folder: str) -> None:
         os.close(fd)
 
 
-def _process_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+def _dead_runs_file(path: str) -> bool:
+    """Remove path (a temporary file) and its side files if no run holds its
+    lock; whether it did.  Never opens a live file of this process."""
+    info = _stat(path)
+    if info is None:
         return False
-    except OSError:
-        return True  # it exists, and is someone else's
-    return True
-
-
-def _belongs_to_a_live_run(path: str, pid: int) -> bool:
-    """A run takes its lock a moment after creating the file: a file that is
-    unlocked but young, of a process that exists, may be in that moment."""
+    with _OURS_LOCK:
+        if (info.st_dev, info.st_ino) in _OURS:
+            return False
+    if _open_descriptor_of((info.st_dev, info.st_ino)) >= 0:
+        # This process has it open (SQLite, or a run in another thread):
+        # a descriptor of ours, once closed, would drop its POSIX locks.
+        return False
     try:
-        young = time.time() - os.stat(path).st_mtime < _LOCK_GRACE
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
-        return True  # gone, or not ours to judge: leave it
-    if young and _process_exists(pid):
-        return True
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            return False  # gone, or not ours to judge: leave it
     try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return True  # gone, or not ours to judge: leave it
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return False  # a live run's (or a lock we cannot take: leave it)
+        if _identity(fd) != _identity_of(path):
+            return False  # replaced meanwhile
+        # Removed while locked: a run that has just created this file and
+        # waits for its lock finds it gone once it has it, and starts again
+        # (NewFile.create), so no live run ever loses its file here.
+        for side in side_paths(path):
+            remove_quietly(side)
+        try:
+            os.remove(path)
+        except OSError:
+            return False
         return True
     finally:
-        # Closing drops this process's POSIX locks on the file: harmless, the
-        # file is a dead run's (or a live one in this process: skipped above).
+        # Nothing of this process had it open (checked above): closing
+        # this descriptor drops no lock of ours.
         os.close(fd)
-    return False
 
 
 def remove_stale(folder: str) -> list[str]:
     """Remove the temporary files (and their side files) that killed runs
-    left in folder; returns the paths removed.  A live run's file (its lock
-    is held, or it belongs to this process) is never touched."""
+    left in folder; returns the paths removed.
+
+    A file is a dead run's when its flock() can be taken: a live run holds
+    it from the moment the file exists to its end (see NewFile.create).
+    Neither the PID in the name nor the file's age is trusted: runs in
+    containers share PIDs, and clocks move.  A live temporary file of this
+    process (another thread's copy) is recognised by its identity and never
+    opened.  A side file whose temporary file is gone is a leftover too."""
     try:
         names = os.listdir(folder or ".")
     except OSError:
@@ -204,14 +383,18 @@ def remove_stale(folder: str) -> list[str]:
         if match is None:
             continue
         path = os.path.join(folder, name)
-        base = path[: len(path) - len(match["side"] or "")]
-        if int(match["pid"]) == os.getpid():
-            continue  # maybe a copy running in another thread of this process
-        if os.path.exists(base) and _belongs_to_a_live_run(base, int(match["pid"])):
+        if match["side"]:
+            base = path[: len(path) - len(match["side"])]
+            if os.path.lexists(base):
+                continue  # removed with its temporary file, or live
+            if os.path.lexists(path):
+                remove_quietly(path)
+                removed.append(path)
             continue
-        remove_quietly(path)
-        removed.append(path)
-    return removed
+        sides = [p for p in side_paths(path) if os.path.lexists(p)]
+        if _dead_runs_file(path):
+            removed.extend([path, *sides])
+    return sorted(removed)
 
 
 class NewFile:
@@ -223,21 +406,48 @@ class NewFile:
     that name appeared meanwhile: never overwrites), removes the temporary
     name and fsyncs the folder.  discard() removes it and its side files.
     Until publish() returns, the final name does not exist.
+
+    The file belongs to the process that created it: in a child forked
+    meanwhile (from a progress callback, say), publish() refuses and
+    discard() removes nothing -- the parent's copy is still being written.
     """
 
     def __init__(self, final: str) -> None:
         self.final = final
         self.path = temporary_path(final)
         self._fd = -1
+        self._ident: tuple[int, int] | None = None
+        self._pid = os.getpid()
 
     def create(self) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
-        self._fd = fd
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            self.discard()
-            raise
+        """Create the temporary file, locked from the moment it has a name.
+
+        Between the creation and the flock(), another run's remove_stale()
+        may take the unlocked file for a dead run's and remove it (it does
+        so under the lock): once the lock is ours, the name is checked to
+        still be this file, and a new name is made if not."""
+        for _ in range(100):
+            fd = os.open(
+                self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666
+            )
+            ident = _identity(fd)
+            with _OURS_LOCK:
+                if ident is not None:
+                    _OURS.add(ident)
+            self._fd, self._ident = fd, ident
+            try:
+                # Blocking: a remover holds it only while it removes the file.
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError:
+                self.discard()
+                raise
+            if _identity_of(self.path) == ident:
+                return
+            self._close()
+            self.path = temporary_path(self.final)
+        raise FileExistsError(
+            errno.EEXIST, "temporary files keep being removed", self.path
+        )
 
     @property
     def fd(self) -> int:
@@ -245,6 +455,15 @@ class NewFile:
         return self._fd
 
     def publish(self) -> None:
+        """Put the file in place; FileExistsError if the final name appeared,
+        StaleSideFileError if a -journal or -wal appeared beside it."""
+        if os.getpid() != self._pid:
+            raise RuntimeError(
+                "this copy's new file belongs to the process that started the "
+                "copy, not to a child forked from it: finish the copy in the "
+                "parent"
+            )
+        check_no_stale_side_files(self.final)
         os.fsync(self._fd)
         try:
             os.link(self.path, self.final)
@@ -266,8 +485,9 @@ class NewFile:
         self._close()
 
     def discard(self) -> None:
-        for path in (self.path, *side_paths(self.path)):
-            remove_quietly(path)
+        if os.getpid() == self._pid:  # a forked child leaves the parent's file
+            for path in (self.path, *side_paths(self.path)):
+                remove_quietly(path)
         self._close()
 
     def _close(self) -> None:
@@ -276,6 +496,138 @@ class NewFile:
         if self._fd >= 0:
             fd, self._fd = self._fd, -1
             os.close(fd)
+        with _OURS_LOCK:
+            _OURS.discard(self._ident)
+        self._ident = None
+
+
+def _identity_of(path: str) -> tuple[int, int] | None:
+    info = _stat(path)
+    return (info.st_dev, info.st_ino) if info is not None else None
+
+
+# The extended attribute that marks a backup with the database it is a
+# backup of: the source's real path (symbolic links resolved), as bytes.
+SOURCE_MARK = "user.apsw_backup.source"
+
+# errno values that say a file system has no (user) extended attributes.
+_NO_XATTRS = {errno.ENOTSUP, errno.EOPNOTSUPP, getattr(errno, "ENOSYS", -1)}
+
+
+def source_identity(source: str) -> bytes:
+    """What a backup of source is marked with (see mark_source)."""
+    return os.fsencode(os.path.realpath(source))
+
+
+def mark_source(path: str, source: str) -> None:
+    """Mark the file path as a backup of source (SOURCE_MARK); OSError
+    (ENOTSUP where the file system has no extended attributes)."""
+    setxattr = getattr(os, "setxattr", None)
+    if setxattr is None:
+        raise OSError(errno.ENOTSUP, "no extended attributes here", path)
+    setxattr(path, SOURCE_MARK, source_identity(source), follow_symlinks=False)
+
+
+def marked_source(path: str) -> bytes | None:
+    """The source a file is marked as a backup of; None when it carries no
+    mark (or its mark cannot be read: then it is nobody's)."""
+    getxattr = getattr(os, "getxattr", None)
+    if getxattr is None:
+        return None
+    try:
+        return bytes(getxattr(path, SOURCE_MARK, follow_symlinks=False))
+    except OSError:
+        return None
+
+
+def marks_supported(folder: str) -> OSError | None:
+    """None if files in folder can carry SOURCE_MARK, else the OSError that
+    says why not (ENOTSUP: the file system has no user extended
+    attributes).  Reads only: the folder's own attribute is looked up."""
+    getxattr = getattr(os, "getxattr", None)
+    if getxattr is None:
+        return OSError(errno.ENOTSUP, "no extended attributes here", folder)
+    try:
+        getxattr(folder or ".", SOURCE_MARK)
+    except OSError as exc:
+        if exc.errno in _NO_XATTRS:
+            return exc
+    return None
+
+
+class FolderLock:
+    """A flock() on a folder's own descriptor: the runs that publish into a
+    folder and rotate its backups take turns with it.
+
+    A run holds it shared from just before its new file is put in place
+    until it has reported; one that rotates holds it exclusive instead, from
+    before its new file is put in place, through deciding and deleting,
+    until it has reported.  So no run deletes a backup that another is
+    still reporting, and rotations never overlap.  It is released by
+    release() or by the process's end, whatever ends it.
+    """
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder or "."
+        self.exclusive = False
+        self._fd = -1
+
+    @property
+    def held(self) -> bool:
+        return self._fd >= 0
+
+    def acquire(
+        self,
+        exclusive: bool,
+        wait: float,
+        check: Callable[[], object] | None = None,
+    ) -> bool:
+        """Take the lock within `wait` seconds (False if another run held it
+        all that time), calling check() between tries (it may raise to
+        stop).  OSError if the folder cannot be opened or locked at all."""
+        fd = os.open(
+            self.folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | os.O_CLOEXEC
+        )
+        operation = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
+        deadline = time.monotonic() + wait
+        pause = 0.001
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, operation | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        os.close(fd)
+                        return False
+                    if check is not None:
+                        check()
+                    time.sleep(pause)
+                    pause = min(2 * pause, 0.02)
+                    continue
+                break
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd, self.exclusive = fd, exclusive
+        return True
+
+    def release(self) -> None:
+        if self._fd >= 0:
+            fd, self._fd = self._fd, -1
+            os.close(fd)  # a folder: no SQLite lock of this process on it
+
+
+def folder_lock_problem(folder: str) -> OSError | None:
+    """None if folder can be locked exclusively (see FolderLock), else the
+    OSError that says why not (some network file systems refuse an
+    exclusive flock() of a folder opened for reading)."""
+    lock = FolderLock(folder)
+    try:
+        lock.acquire(True, 0.0)  # held by another run: lockable all the same
+    except OSError as exc:
+        return exc
+    lock.release()
+    return None
 
 
 class Flusher:

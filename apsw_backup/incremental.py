@@ -1,4 +1,4 @@
-"""Incremental backups: restore points chained by root hashes (issue 21).
+"""Incremental backups: restore points chained by root hashes (docs/incremental.md).
 
 The file format, and why each piece is there, is in docs/incremental.md.
 In short: every restore point is one file, ``<stem>-<UTC time>.base.apswb``

@@ -1,4 +1,4 @@
-"""incremental: restore points against full backups (issue 21's targets).
+"""incremental: restore points against full backups (the targets of docs/incremental.md).
 
 Builds (in --workdir) a database of --mb MB (default 200): one table of
 rows with a 400-byte blob (about 9 rows to a 4 KiB page), then measures,
@@ -21,7 +21,7 @@ RSS from the kernel), the source in the OS cache:
 and the disk used by 11 restore points (a base, then 10 runs each after
 1 % of the rows changed, default rebase rules) against 11 full copies.
 
-Targets (issue 21): delta bytes <= 12 % of a full backup's, delta time
+Targets (docs/incremental.md): delta bytes <= 12 % of a full backup's, delta time
 <= 40 % (unverified and verified); 11 points <= 25 % of 11 full copies;
 restore of base + 10 <= 2x a full backup; peak memory <= 64 MB.
 

@@ -1,4 +1,4 @@
-"""verify_speed: what verification costs next to the copy itself (issue 20).
+"""verify_speed: what verification costs next to the copy itself (docs/verification.md).
 
 Builds (once, in --workdir) an indexed database like the issue's: two
 tables, 2.2 million rows, three indexes, >= 400 MB (--mb scales it), and
@@ -22,7 +22,7 @@ open to the end (the command line will add its start-up, ~30 ms, next
 round); the shell from outside, start-up included (a few ms).  Each
 contender's DEST is removed and `sync` run before every measurement.
 
-Targets (issue 20): copy+shim+verify <= 1.5x shell; full verify >= 1.7x
+Targets (docs/verification.md): copy+shim+verify <= 1.5x shell; full verify >= 1.7x
 faster than integrity_check on 2 cores; the shim adds <= 5% to a copy;
 page hash >= 4 GB/s.  Ratios are medians of per-round ratios (paired).
 

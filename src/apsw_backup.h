@@ -306,14 +306,15 @@ int add_hook_functions(PyObject *module);
  * (never a descriptor of ours: closing one drops SQLite's POSIX locks).
  * read_file_header() copies up to `size` bytes of schema's file into buf:
  * the count, 0 for an empty file, -1 when the schema has no file or the read
- * failed.  It takes no lock: callers own db (and release the GIL). */
+ * failed (then *io_rc is the failed call's SQLite code, else SQLITE_OK).
+ * It takes no lock: callers own db (and release the GIL). */
 typedef struct {
     int is_database; /* starts with "SQLite format 3" */
     int page_size;   /* 0 unless is_database */
     int wal;         /* read and write versions 2 (WAL) */
 } FileHeader;
 int read_file_header(sqlite3 *db, const char *schema, unsigned char *buf,
-                     int size);
+                     int size, int *io_rc);
 void parse_file_header(const unsigned char *h, int length, FileHeader *out);
 
 /* errors.c */
@@ -369,7 +370,7 @@ extern PyType_Spec recorder_spec;
 PyObject *module_page_hash(PyObject *module, PyObject *data);
 PyObject *module_page_hash_variants(PyObject *module, PyObject *data);
 
-/* incremental.c: private functions over deltashim.c (issue 21) */
+/* incremental.c: private functions over deltashim.c (docs/incremental.md) */
 PyObject *incremental_vfs_names(PyObject *module, PyObject *arg);
 PyObject *incremental_delta_open(PyObject *module, PyObject *args);
 PyObject *incremental_delta_close(PyObject *module, PyObject *capsule);

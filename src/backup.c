@@ -144,7 +144,7 @@ enum {
  * source's is held by the step itself (a self-deadlock).  The schemas are
  * listed without SQL (a statement could wait on a lock and call the
  * destination's busy handler): sqlite3_db_name(), from SQLite 3.39.  Before
- * that only main and temp are checked here (README). */
+ * that only main and temp are checked here (docs/testing.md). */
 static int
 dest_shares_pager(sqlite3 *dest, sqlite3_file *file)
 {
@@ -290,8 +290,9 @@ check_pair(Backup *self, Connection *dconn, const char *dname,
          * would drop every POSIX lock this process holds on the file. */
         unsigned char h[100];
         FileHeader header;
-        parse_file_header(h, read_file_header(dest, dname, h, sizeof(h)),
-                          &header);
+        int io_rc; /* a failed read: page size unknown (0), as for no file */
+        parse_file_header(
+            h, read_file_header(dest, dname, h, sizeof(h), &io_rc), &header);
         self->dest_page_size = header.page_size;
         self->dest_wal = header.wal;
     }
@@ -427,7 +428,7 @@ backup_create(Connection *dest, PyObject *dest_name, Connection *source,
         return PyErr_NoMemory();
     }
 
-    /* (ii) both locks, the checks in SPEC 3.1's order, the act */
+    /* (ii) both locks, the checks (docs/api.md#backup), the act */
     if (dest->db == NULL || FORKED(dest) || source->db == NULL
         || FORKED(source)) {
         outcome = dest->db == NULL     ? NO_DEST

@@ -698,8 +698,9 @@ connection_backup(Connection *self, PyObject *args, PyObject *kwds)
     ModuleState *st = self->state;
     PyObject *dest_name, *source_name, *source_obj;
 
-    /* SPEC 3.1's order: destination closed, argument types, source closed,
-     * the same connection, then the locks and SQLite's own refusals. */
+    /* The order of the checks (docs/api.md#backup): destination closed,
+     * argument types, source closed, the same connection, then the locks
+     * and SQLite's own refusals. */
     if (self->db == NULL) {
         PyErr_SetString(st->ConnectionClosedError, "The connection is closed");
         return NULL;
@@ -1039,14 +1040,15 @@ connection_txn_state(Connection *self, PyObject *args, PyObject *kwds)
 }
 
 /* file_header(schema="main"): the first 100 bytes of the schema's file, read
- * through SQLite's own file handle (README: never a descriptor of ours). */
+ * through SQLite's own file handle (never a descriptor of ours:
+ * docs/faq.md#why-the-system-sqlite). */
 static PyObject *
 connection_file_header(Connection *self, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"schema", NULL};
     PyObject *schema = NULL, *exact = NULL;
     unsigned char h[100];
-    int length, known = 1;
+    int length, known = 1, io_rc = SQLITE_OK, sys_errno = 0;
 
     if (precheck(self) < 0) {
         return NULL;
@@ -1065,17 +1067,30 @@ connection_file_header(Connection *self, PyObject *args, PyObject *kwds)
         return NULL;
     }
     RELEASE_GIL("connection_file_header");
-    length = read_file_header(self->db, cschema, h, sizeof(h));
-    if (length < 0) {
+    length = read_file_header(self->db, cschema, h, sizeof(h), &io_rc);
+    if (length < 0 && io_rc == SQLITE_OK) {
         known = db_has_schema(self->db, cschema);
+    }
+    else if (io_rc != SQLITE_OK
+             && sqlite3_file_control(self->db, cschema,
+                                     SQLITE_FCNTL_LAST_ERRNO, &sys_errno)
+                    != SQLITE_OK) {
+        sys_errno = 0; /* the OS error the VFS kept for the failed read */
     }
     REACQUIRE_GIL();
     conn_leave(self);
+    DbError failure = {.rc = io_rc, .sys_errno = sys_errno};
+    if (io_rc != SQLITE_OK) {
+        PyOS_snprintf(failure.msg, sizeof(failure.msg),
+                      "cannot read the database file's header: %s",
+                      sqlite3_errstr(io_rc));
+    }
     PyObject *result =
-        !known ? raise_unknown_schema(self, exact)
-               /* no file behind it (memory, temp not yet used): b"" */
-               : PyBytes_FromStringAndSize((const char *)h,
-                                           length < 0 ? 0 : length);
+        io_rc != SQLITE_OK ? raise_captured(self->state, &failure)
+        : !known ? raise_unknown_schema(self, exact)
+                 /* no file behind it (memory, temp not yet used): b"" */
+                 : PyBytes_FromStringAndSize((const char *)h,
+                                             length < 0 ? 0 : length);
     Py_XDECREF(exact);
     return result;
 }

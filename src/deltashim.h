@@ -1,5 +1,6 @@
-/* Incremental backups (issue 21): the two VFS of docs/incremental.md.
- * Pure C, no Python: SQLite calls them with the GIL released.
+/* Incremental backups (docs/incremental.md): the two VFS of
+ * docs/incremental.md. Pure C, no Python: SQLite calls them with the GIL
+ * released.
  *
  * The delta shim -- the recording destination.  A Delta is registered for a
  * path that need not exist.  A connection opened on that path through

@@ -10,25 +10,30 @@
 #include "apsw_backup.h"
 
 int
-read_file_header(sqlite3 *db, const char *schema, unsigned char *buf, int size)
+read_file_header(sqlite3 *db, const char *schema, unsigned char *buf, int size,
+                 int *io_rc)
 {
     sqlite3_file *file = NULL;
     sqlite3_int64 length = 0;
+    int rc;
+    *io_rc = SQLITE_OK;
     if (sqlite3_file_control(db, schema, SQLITE_FCNTL_FILE_POINTER, &file)
             != SQLITE_OK
         || file == NULL || file->pMethods == NULL) {
         return -1; /* no such schema, or no file behind it */
     }
-    if (file->pMethods->xFileSize(file, &length) != SQLITE_OK) {
+    if ((rc = file->pMethods->xFileSize(file, &length)) != SQLITE_OK) {
+        *io_rc = rc;
         return -1;
     }
     int want = length < size ? (int)length : size;
     if (want <= 0) {
         return 0;
     }
-    int rc = file->pMethods->xRead(file, buf, want, 0);
+    rc = file->pMethods->xRead(file, buf, want, 0);
     if (rc != SQLITE_OK) {
-        return -1; /* a short read means the file shrank meanwhile */
+        *io_rc = rc; /* a short read: the file shrank meanwhile */
+        return -1;
     }
     return want;
 }

@@ -9,7 +9,7 @@
  * (recording_read_back()).  Journals, WAL and temporary files pass through
  * untouched.
  *
- * Issue 21 (incremental backups) reuses the pieces: the VFS registration per
+ * Incremental backups can reuse the pieces: the VFS registration per
  * base VFS, the path registry xOpen consults, the write -> page mapping
  * (page size, partial writes, truncation) and the page hash table.
  */

@@ -13,7 +13,7 @@ import threading
 
 import apsw_backup
 
-# Words every message of the destination lock (SPEC 3.4) must contain.
+# Words every message of the destination lock (docs/locking.md) must contain.
 LOCK_WORDS = ("unfinished backup", "finish")
 
 
@@ -104,7 +104,7 @@ def page_size(conn, schema="main"):
 
 
 def user_loop(dest, dest_name, source, source_name, npages=100):
-    """The user's loop of SPEC 3; returns the (remaining, page_count) seen."""
+    """The user's loop of docs/api.md#backup; returns the (remaining, page_count) seen."""
     seen = []
     with dest.backup(dest_name, source, source_name) as b:
         while not b.done:

@@ -1,4 +1,4 @@
-"""Seeded concurrency stress of apsw_backup (issue 10 a; SPEC 3.6, 3.7).
+"""Seeded concurrency stress of apsw_backup (docs/locking.md).
 
 Several threads pick random operations on one shared pool of Connections
 (rollback-journal and WAL files, private and shared-cache in-memory
@@ -116,7 +116,7 @@ def expected_exceptions(ab):
     )
 
 
-# backup() refuses, with ValueError, a pair that is one database (SPEC 3.7).
+# backup() refuses, with ValueError, a pair that is one database (docs/locking.md).
 REFUSED_PAIRS = ("share one SQLite cache", "same database file")
 
 # Errors that are wrong even though their class is "expected": they mean

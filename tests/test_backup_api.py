@@ -1,5 +1,5 @@
-"""SPEC 3.1-3.3: Connection.backup() checks, step(), finish()/close(),
-attributes, context manager, bool and repr (issue 3, items 2 and 3)."""
+"""docs/api.md#backup: Connection.backup() checks, step(), finish()/close(),
+attributes, context manager, bool and repr."""
 
 import gc
 import sqlite3

@@ -1,4 +1,4 @@
-"""SPEC 3: the user's loop makes an exact copy (issue 3, items 1 and 6).
+"""docs/api.md#backup: the user's loop makes an exact copy.
 
 The loop is ``with dest.backup("main", src, "main") as b: while not b.done:
 b.step(100)`` (backup_helpers.user_loop), checked for every kind of source

@@ -1,5 +1,5 @@
-"""SPEC 3.2-3.3: step errors -- BUSY that can be retried, the two known traps
-reported clearly and at once, sticky errors (issue 3, items 4 and 5)."""
+"""docs/api.md#errors-from-step, docs/api.md#backup: step errors -- BUSY that can be retried, the two known traps
+reported clearly and at once, sticky errors."""
 
 import time
 

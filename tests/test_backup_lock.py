@@ -1,5 +1,5 @@
-"""SPEC 3.4-3.6: the destination lock, closing the source mid-backup, and
-garbage-collected backups (issue 3, items 7, 8 and 9)."""
+"""docs/locking.md: the destination lock, closing the source mid-backup, and
+garbage-collected backups."""
 
 import gc
 import os

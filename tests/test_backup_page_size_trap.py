@@ -1,8 +1,8 @@
-"""SPEC 3.2 and 3.7: the page-size trap (a WAL, in-memory or temp destination
+"""docs/api.md#errors-from-step, docs/locking.md: the page-size trap (a WAL, in-memory or temp destination
 whose page size differs from the source's) is explained, and no SQL runs on
 the destination while the backup is unfinished.
 
-Issue 10 defect 2: the message used to be built by PRAGMAs run on the
+Found in review: the message used to be built by PRAGMAs run on the
 destination while the backup held its write transaction; they committed the
 partial copy (WAL: "database disk image is malformed", the old table gone;
 in memory: a later query hung).  Each case runs in a subprocess with a

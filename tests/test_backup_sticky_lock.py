@@ -1,4 +1,4 @@
-"""Issue 10 defect 8 at the Backup level (SPEC 3.2, 6): an extended BUSY or
+"""A lock SQLite would report for ever, at the Backup level (docs/api.md#errors-from-step): an extended BUSY or
 LOCKED answer must not make a Backup answer it for ever.
 
 sqlite3_backup_step() retries only the exact SQLITE_BUSY and SQLITE_LOCKED

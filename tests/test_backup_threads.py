@@ -1,5 +1,4 @@
-"""SPEC 3.2, 3.5, 3.6: callbacks inside a step, the GIL, and many threads
-(issue 3, items 10, 11 and 12).
+"""docs/api.md#errors-from-step, docs/locking.md: callbacks inside a step, the GIL, and many threads.
 
 Which busy handler runs during Backup.step()?  Found by experiment (the
 first two tests pin it): SQLite calls the busy handler of the connection
@@ -171,7 +170,7 @@ def test_exception_in_destination_busy_handler_during_backup_call_propagates(
 ):
     """backup() itself needs no lock (sqlite3_backup_init takes none).  If
     the destination's busy handler runs during it anyway, its exception
-    comes out of backup() as SPEC 2 says -- never a SystemError."""
+    comes out of backup() as docs/api.md#connection says -- never a SystemError."""
 
     class HandlerError(Exception):
         pass
@@ -259,7 +258,7 @@ def test_source_and_backup_from_another_thread_during_step_are_threading_violati
 
 
 def test_finish_from_another_thread_during_step_waits_for_the_step(sides):
-    """SPEC 3.7: finish() from another thread waits for the step in flight,
+    """docs/locking.md: finish() from another thread waits for the step in flight,
     then finishes (the partial copy rolled back, the destination unlocked)."""
     before = dump(sides.dest)
     b = sides.start("source")
@@ -290,7 +289,7 @@ def test_finish_from_another_thread_during_step_waits_for_the_step(sides):
     assert not finisher.is_alive(), "finish() in the other thread never returned"
     assert outcome["during_step"] == {}, "finish() did not wait for the step"
     # SQLite 3.40's finish answers BUSY after an abandoned BUSY step (the
-    # README's version notes); the backup is finished either way.
+    # SQLite versions in docs/testing.md); the backup is finished either way.
     if "exc" in outcome:
         assert type(outcome["exc"]) is apsw_backup.BusyError
         assert "rolled back" in str(outcome["exc"])

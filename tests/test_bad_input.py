@@ -1,11 +1,11 @@
-"""Bad input (issue 4, item 7; SPEC 2, 2a, 3, 5): every public callable
+"""Bad input (docs/api.md#connection, docs/api.md#cursor, docs/api.md#backup, docs/api.md#errors): every public callable
 with wrong types, out-of-range ints, NUL in names, on closed or finished
 objects.  Each case names the exact exception class it must raise (TypeError,
 ValueError -- UnicodeEncodeError is one --, OverflowError, an apsw_backup.Error
 subclass) with a non-empty message, or OK when the value is accepted; none
 may crash or hang.
 
-Where SPEC is silent the current, sensible behaviour is pinned; the cases
+Where the docs are silent the current, sensible behaviour is pinned; the cases
 that look questionable are marked "pinned:" below.  Callbacks that run
 while a call converts its bindings (a sequence's __getitem__, an iterable
 for executemany) and close the connection or the cursor underneath it run in
@@ -167,7 +167,7 @@ ARGUMENTS = [
         lambda o, v: o.conn().executemany("SELECT ?", v),
         outcomes(TypeError, list=OK, dict=OK),
     ),
-    # force is a bool or int for every close() (SPEC 3.3 for Backup.close).
+    # force is a bool or int for every close() (docs/api.md#backup for Backup.close).
     (
         "Connection.close.force",
         lambda o, v: o.conn().close(v),
@@ -454,7 +454,7 @@ def test_wrong_arguments_or_construction_is_type_error(objs, func):
 
 
 def test_exit_without_enter_is_runtime_error(objs):
-    # pinned: RuntimeError is not among SPEC 5's classes; it is Python's
+    # pinned: RuntimeError is not among the classes of docs/api.md#errors; it is Python's
     # usual answer to a protocol used out of order.
     check(RuntimeError, objs.conn().__exit__, None, None, None)
 
@@ -673,8 +673,7 @@ NUL_CALLS = {
 )
 @pytest.mark.parametrize("call", [pytest.param(v, id=k) for k, v in NUL_CALLS.items()])
 def test_nul_in_statements_is_value_error(call, sql):
-    """SQL text with a NUL character is refused like a name with one (SPEC
-    3.1; the standard library refuses it too), instead of the NUL ending
+    """SQL text with a NUL character is refused like a name with one (docs/api.md#backup; the standard library refuses it too), instead of the NUL ending
     the text early -- or the call spinning on it forever."""
     sql = sql.encode().decode("unicode_escape")
     result = run_isolated(calling(call.format(sql=sql)))

@@ -1,4 +1,4 @@
-"""The apsw-backup command (SPEC 4), run as a real process.
+"""The apsw-backup command (docs/command-line.md), run as a real process.
 
 Every run goes through ``sys.executable -m apsw_backup`` (the console script
 is the same main()) with a timeout.  Databases are built and checked with the
@@ -176,7 +176,7 @@ def test_missing_source_exits_1_naming_it_and_creates_no_file(tmp_path):
     [
         [],
         ["only-source.db"],
-        ["--demo", "extra.db"],
+        ["--demo", "folder", "extra.db"],
         ["--sleep", "-1", "a.db", "b.db"],
         ["--timeout", "soon", "a.db", "b.db"],
         ["--pages", "many", "a.db", "b.db"],
@@ -346,8 +346,13 @@ def test_backup_of_a_source_another_process_is_writing_to(tmp_path, journal):
     assert query(dest, "SELECT count(*) FROM t") == [(2000,)]
 
 
+@pytest.mark.heavy  # the demo paces itself to be watched: about 3 s
 def test_demo_backs_up_a_live_sample_shows_its_phases_and_keeps_its_files(tmp_path):
-    proc = run("--demo", "--progress", cwd=tmp_path)
+    cwd, temp = tmp_path / "cwd", tmp_path / "temp"
+    cwd.mkdir()
+    temp.mkdir()
+    env = {**os.environ, "TMPDIR": str(temp)}
+    proc = run("--demo", "--progress", cwd=cwd, env=env)
 
     assert proc.returncode == 0, proc.stderr
     found = re.search(
@@ -361,14 +366,39 @@ def test_demo_backs_up_a_live_sample_shows_its_phases_and_keeps_its_files(tmp_pa
     assert any(s.startswith("copying (restarted ") for s in states)
     assert any(s.startswith("verifying ") for s in states)
     assert any(s.startswith("done: ") for s in states)
-    # Every path it prints is there after it exits, in the folder it names.
-    source, backup = (tmp_path / found[1], tmp_path / found[2])
-    assert source.is_file() and backup.is_file()
-    (folder,) = os.listdir(tmp_path)
+    # Every path it prints is there after it exits, in the folder it names,
+    # which is under the system's temporary folder, not the current one.
+    assert os.listdir(cwd) == []
+    (folder,) = os.listdir(temp)
     assert folder.startswith("apsw-backup-demo-")
-    assert str(folder) in proc.stderr
-    assert f"apsw-backup verify {backup.relative_to(tmp_path)}" in proc.stderr
+    source, backup = (cwd / found[1], cwd / found[2])
+    assert source.is_file() and backup.is_file()
+    assert source.parent == temp / folder
+    assert f"the files are kept in {temp / folder}" in proc.stderr
+    assert f"apsw-backup verify {backup}" in proc.stderr
     assert run("verify", backup).returncode == 0
+
+
+def test_demo_writes_under_the_folder_it_is_given(tmp_path):
+    cwd, given = tmp_path / "cwd", tmp_path / "given"
+    cwd.mkdir()
+    given.mkdir()
+    proc = run("--demo", str(given), "--pages", "0", "--json", cwd=cwd)
+
+    assert proc.returncode == 0, proc.stderr
+    assert os.listdir(cwd) == []
+    (folder,) = os.listdir(given)
+    assert json.loads(proc.stdout)["source"] == str(given / folder / "live.db")
+    assert f"the files are kept in {given / folder}" in proc.stderr
+
+
+def test_demo_into_a_folder_that_is_not_there_exits_2_saying_so(tmp_path):
+    proc = run("--demo", str(tmp_path / "missing"), cwd=tmp_path)
+
+    assert proc.returncode == 2
+    assert "--demo cannot make its folder under" in proc.stderr
+    assert "missing" in proc.stderr and "--demo FOLDER" in proc.stderr
+    assert os.listdir(tmp_path) == []
 
 
 def test_console_script_runs_the_same_command(source, tmp_path):
@@ -402,7 +432,8 @@ def test_exit_codes_and_dest_states_are_documented_in_help_docstring_and_readme(
     import apsw_backup.cli
 
     help_text = run("--help").stdout
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    # The exit codes' table is in the command line's reference page.
+    readme = (Path(__file__).parent.parent / "docs" / "command-line.md").read_text()
     docstring = apsw_backup.cli.__doc__
     for text in (help_text, docstring):
         flat = " ".join(text.split())

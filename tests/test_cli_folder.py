@@ -1,8 +1,9 @@
-"""Backups as people keep them (issue 11 item 7, SPEC 4.1): DEST may be a
+"""Backups as people keep them (docs/command-line.md): DEST may be a
 folder (the copy is <SOURCE stem>-<UTC timestamp>.db there), --keep N
 rotates those backups only, once the new one is verified, and
 `apsw-backup verify FILE...` checks existing backups."""
 
+import fcntl
 import os
 import re
 import sqlite3
@@ -86,10 +87,14 @@ def test_backup_name_is_unique_even_at_the_same_microsecond(tmp_path):
     )
 
 
-def make_old_backups(folder, count):
+def make_old_backups(folder, count, source=None):
+    """Backups of source (default: the fixture's live.db) as --keep knows
+    them: so named, and marked with that source's real path."""
+    source = source or folder.parent / "live.db"
     paths = [folder / f"live-2020010{i}T000000.000000Z.db" for i in range(1, count + 1)]
     for path in paths:
         make_target(path)
+        os.setxattr(path, "user.apsw_backup.source", os.fsencode(source.resolve()))
     return paths
 
 
@@ -110,9 +115,10 @@ def test_keep_deletes_the_oldest_backups_of_that_name_pattern_only(source, folde
     temporary = (
         folder / "live-20190103T000000.000000Z.db.apsw-backup-1-0123abcd.partial"
     )
-    temporary.write_text("another run's, maybe live")
-
-    proc = run("--json", "--keep", "3", source, folder)
+    temporary.write_text("another run's, live: it holds its lock")
+    with open(temporary, "rb") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        proc = run("--json", "--keep", "3", source, folder)
 
     assert proc.returncode == 0, proc.stderr
     summary = json_of(proc)
@@ -141,13 +147,16 @@ def test_keep_removes_the_side_files_of_a_deleted_backup(source, folder):
 
 
 def test_keep_never_deletes_the_new_backup_even_if_the_clock_went_back(source, folder):
-    future = folder / "live-29990101T000000.000000Z.db"
-    make_target(future)
+    # A backup dated later than now (the clock ran ahead, or went back since)
+    # is kept and reported, never counted as the newest (docs/cli.md#folders-and---keep).
+    (future,) = make_old_backups(folder, 1)
+    future = future.rename(folder / "live-29990101T000000.000000Z.db")
     proc = run("--json", "--keep", "1", source, folder)
     assert proc.returncode == 0, proc.stderr
     new = json_of(proc)["dest"]
     assert os.path.exists(new)
-    assert not future.exists()
+    assert future.exists()
+    assert json_of(proc)["future_dated"] == [str(future)]
 
 
 def test_keep_deletes_nothing_when_the_new_backup_fails_verification(tmp_path, folder):

@@ -1,6 +1,6 @@
 """The command's failure messages name the OS cause and the cure, speak of
 SOURCE and DEST (never copy(), finish() or "target"), and --json prints one
-JSON object for failures too (issue 11 item 5, SPEC 4.1).
+JSON object for failures too (docs/command-line.md).
 
 Permission cases run the command without root's DAC capabilities
 (setpriv); read-only and full file systems are a tmpfs in a private mount

@@ -1,5 +1,5 @@
 """The progress line names its phase, fits the terminal at every redraw and
-ends with a clean final line (issue 11 item 6, SPEC 4.1).
+ends with a clean final line (docs/command-line.md).
 
 The command runs with stderr on a pseudo-terminal of a set width; the test
 reads what it draws there.  Each \\r begins a redraw.

@@ -1,6 +1,5 @@
 """A DEST that is SOURCE or one of SOURCE's side files is refused, exit 2,
-DEST untouched, before anything else is looked at (issue 11 item 1, SPEC
-4.1): a copy written to live.db-wal is deleted by the next open of live.db."""
+DEST untouched, before anything else is looked at (docs/command-line.md): a copy written to live.db-wal is deleted by the next open of live.db."""
 
 import os
 import sqlite3

@@ -1,5 +1,4 @@
-"""SIGINT (and SIGTERM) tell the truth about DEST in every phase (issue 11
-item 4, SPEC 4.1).
+"""SIGINT (and SIGTERM) tell the truth about DEST in every phase (docs/command-line.md).
 
 Each phase is reached deterministically: the command's test-only pause hook
 (APSW_BACKUP_TEST_PAUSE) makes it stop there and wait for the signal, or a

@@ -470,7 +470,7 @@ def test_finish_while_a_connection_close_finishes_it_returns_once_finished(
 ):
     """finish() called while another thread's close() is finishing the
     backup waits for that finish: afterwards the destination is unlocked
-    (SPEC: finish() always finishes; the destination is then unlocked)."""
+    (docs/locking.md: finish() always finishes; the destination is then unlocked)."""
     report = run_child(LET_GO_DURING_ANOTHER_FINISH, tmp_path, "source", "finish")
     assert report["CLOSER_INSIDE"] is True
     assert report["FINISH_RETURNED_EARLY"] is False, report

@@ -1,4 +1,4 @@
-"""copy() and acopy() (SPEC 4): a whole online backup of a live database.
+"""copy() and acopy() (docs/api.md#copy-and-acopy): a whole online backup of a live database.
 
 Sources are built with the standard library's sqlite3 (the same libsqlite3),
 which also plays the other connections: a writer, a lock holder, and the
@@ -519,7 +519,7 @@ def test_snapshot_ends_its_read_transaction_when_copy_fails(source, target):
 @pytest.mark.skipif(
     tuple(map(int, apsw_backup.sqlite_lib_version().split("."))) < (3, 34),
     reason="SQLite < 3.34 has no sqlite3_txn_state: txn_state() cannot tell a "
-    "read transaction from a write one (README, SQLite versions)",
+    "read transaction from a write one (docs/testing.md, SQLite versions)",
 )
 def test_snapshot_uses_and_leaves_open_a_read_transaction_the_source_had(
     source, tmp_path

@@ -1,5 +1,4 @@
-"""copy() never spins on a lock SQLite made permanent (issue 10 defect 8,
-SPEC 6: no retry loop spins forever on a state retrying cannot clear).
+"""copy() never spins on a lock SQLite made permanent (docs/api.md#copy-and-acopy: no retry loop spins forever on a state retrying cannot clear).
 
 The cause: sqlite3_backup_step() retries only the exact codes SQLITE_BUSY
 and SQLITE_LOCKED.  Any other code, extended BUSY codes included, is stored

@@ -1,5 +1,5 @@
-"""The file a copy() produces (issue 10 defect 5, issue 11 items 1, 2, 3, 5,
-9; SPEC 4.1): refusals of the source's own files, the atomic new target and
+"""The file a copy() produces (docs/api.md#copy-and-acopy,
+docs/command-line.md): refusals of the source's own files, the atomic new target and
 its temporary files, a single self-contained result with nothing left
 beside it, standard-library connections, OS causes, and arguments checked
 before anything is created.
@@ -504,7 +504,7 @@ def test_timeout_zero_with_nothing_locked_says_the_deadline_passed(tmp_path, sou
     assert listing(tmp_path) == ["source.db"]
 
 
-# Issue 13 item 3: the source's WAL growth during the copy.
+# The source's WAL growth during the copy.
 
 
 def test_wal_growth_reports_bytes_the_source_wal_grew_during_the_copy(tmp_path):

@@ -1,5 +1,5 @@
 """copy(flush_every=...): the target written out in slices as the copy goes
-(SPEC 6, gentle on the disk).  The speed effect is measured by
+(docs/performance.md, gentle on the disk).  The speed effect is measured by
 `python benchmarks/run.py --only disk_gentle`; these tests pin what is
 flushed, when, through which descriptor, and what a failed flush leaves."""
 

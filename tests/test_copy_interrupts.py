@@ -1,5 +1,4 @@
-"""Every copy()/acopy() guarantee at every interruption point (issue 10 (b),
-SPEC 4, 4.1).
+"""Every copy()/acopy() guarantee at every interruption point (docs/api.md#copy-and-acopy, docs/command-line.md).
 
 Interruptions: an exception and KeyboardInterrupt raised from the progress
 callback at each status, from verify, from a busy handler of the source;

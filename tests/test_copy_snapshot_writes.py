@@ -1,5 +1,4 @@
-"""No write to the source is lost to copy()'s snapshot (issue 10 defect 3,
-SPEC 4.1).
+"""No write to the source is lost to copy()'s snapshot (docs/command-line.md).
 
 copy() used to begin its snapshot with BEGIN on the caller's source
 connection and end it with ROLLBACK, discarding whatever the application

@@ -1,4 +1,4 @@
-"""Crash consistency (issue 4, item 5): a backup killed with SIGKILL at a
+"""Crash consistency: a backup killed with SIGKILL at a
 random moment leaves its destination either as it was or as a complete copy
 of the source -- never anything in between, never corrupt.
 

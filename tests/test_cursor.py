@@ -1,4 +1,4 @@
-"""Cursor (SPEC §2a): statements, bindings, values, rows and closing."""
+"""Cursor (docs/api.md#cursor): statements, bindings, values, rows and closing."""
 
 import pytest
 

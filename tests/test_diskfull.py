@@ -1,4 +1,4 @@
-"""Disk full (issue 4, item 6; SPEC 3.2, 3.3): a backup whose destination
+"""Disk full (docs/api.md#errors-from-step, docs/api.md#backup): a backup whose destination
 runs out of space fails with FullError or IOError and a clear message, the
 error is sticky, finish() rolls back (reporting the same error), and the
 destination keeps its old content and passes integrity_check.

@@ -1,5 +1,5 @@
 """The extension returns new references to None, True and False on the
-CPython it runs on (issue 12 item 4).
+CPython it runs on.
 
 The extension is one abi3 build (`_apsw_backup.abi3.so`, Limited API 3.10)
 for every CPython from 3.10 on.  Built with the headers of CPython 3.12 or

@@ -1,4 +1,4 @@
-"""Every I/O call of a backup failing in turn (issue 12 item 1, SPEC 7).
+"""Every I/O call of a backup failing in turn (docs/testing.md).
 
 tests/faults/faultshim.c wraps the default VFS of the one libsqlite3 the
 extension uses; tests/faults/iofaults.py makes, for each case (new, existing,

@@ -1,8 +1,8 @@
-"""SPEC 3.7: objects inherited through os.fork() never call into SQLite in
+"""docs/locking.md: objects inherited through os.fork() never call into SQLite in
 the child -- not in dealloc, not at exit -- and using them raises
 ForkingViolationError, which names fork.
 
-Issue 10 defect 6: a child that only called sys.exit(0) during a backup ran
+Found in review: a child that only called sys.exit(0) during a backup ran
 finalizers that rolled back the parent's backup through the inherited
 handles; the parent's next step failed with IOError and the destination
 was left corrupt (1 row of 3000).  Every case runs in a subprocess that

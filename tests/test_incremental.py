@@ -1,4 +1,4 @@
-"""Incremental backups (issue 21): every restore is byte-identical to a full
+"""Incremental backups (docs/incremental.md): every restore is byte-identical to a full
 backup of the same state, and a damaged chain is refused naming the file.
 
 Each "full backup of the same state" is apsw_backup.copy() into a new file,

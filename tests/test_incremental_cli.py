@@ -1,4 +1,4 @@
-"""The incremental verbs of the command line (issue 21): --incremental,
+"""The incremental verbs of the command line (docs/incremental.md): --incremental,
 restore, list, verify FOLDER; their exit codes and what they print."""
 
 import json

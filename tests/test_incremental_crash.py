@@ -1,4 +1,4 @@
-"""Incremental backups killed with SIGKILL at random moments (issue 21):
+"""Incremental backups killed with SIGKILL at random moments (docs/incremental.md):
 every restore point reported made still restores, the folder never holds a
 file that list or the next run would take for a point, and the next run
 cleans up and carries on.  Plus the interrupted merge, made deterministic.

@@ -1,5 +1,5 @@
 """Every SQLite I/O call of an incremental run and of a restore failing in
-turn (issue 21: the I/O sweep covers --incremental and restore).
+turn (the I/O sweep covers --incremental and restore).
 
 tests/faults/faultshim.c wraps the default VFS (the source, the restored
 DEST and its checks go through it); for each route and each kind of call a

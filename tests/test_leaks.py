@@ -1,4 +1,4 @@
-"""Leaks (issue 4, item 3; SPEC 3.6 "no sequence of calls may leak a lock,
+"""Leaks (docs/locking.md "no sequence of calls may leak a lock,
 a reference or memory").
 
 One test runs 20,000 cycles after a warm-up.  A cycle opens a fresh
@@ -6,7 +6,7 @@ connection, makes a backup, steps it and ends it one of four ways (finish()
 after a step loop, a with-block, the garbage collector freeing an unfinished
 backup -- by reference count or through a reference cycle --, closing the
 source or the destination in mid-copy), runs one of the error paths of
-SPEC 3.1/3.2 (unknown schema name, source == destination, closed source,
+docs/api.md#backup, docs/api.md#errors-from-step (unknown schema name, source == destination, closed source,
 BUSY step then finish, step on a finished backup) and closes the fresh
 connection.  After the warm-up the cycles run in two equal windows:
 
@@ -16,7 +16,7 @@ connection.  After the warm-up the cycles run in two equal windows:
   both; what grows in one only is the interpreter rebuilding a table of
   its own whose old copy was allocated before tracing began, so its free
   is not seen (CPython 3.13 after a full suite: the interned-strings dict,
-  rebuilt once its slots are used up; README "Leak test on CPython 3.13");
+  rebuilt once its slots are used up; docs/testing.md, "Leak test on CPython 3.13");
 - over both windows, memory SQLite holds (sqlite3_memory_used of the one
   shared libsqlite3, read through ctypes) grows by less than SQLITE_BOUND -- a leaked
   connection, backup or statement shows up here exactly;

@@ -1,4 +1,4 @@
-"""Module-level items (SPEC §0, §1) and the exception classes (SPEC §5)."""
+"""Module-level items (docs/api.md#module) and the exception classes (docs/api.md#errors)."""
 
 import re
 import shutil
@@ -56,7 +56,7 @@ RESULT_CODES = {
     "SQLITE_DONE": 101,
 }
 
-# SPEC §5: one class per primary result code, in code order (1..26).
+# docs/api.md#errors: one class per primary result code, in code order (1..26).
 CODE_ERRORS = [
     "SQLError",
     "InternalError",

@@ -1,5 +1,5 @@
 """Out of memory at every allocation of backup(), step() and finish()
-(issue 12 item 2, SPEC 7).
+(docs/testing.md).
 
 Each case runs tests/faults/oom_child.py in a fresh interpreter, which
 installs a counting allocator (SQLITE_CONFIG_MALLOC, through the ctypes-

@@ -1,4 +1,4 @@
-"""SPEC 3.7: ownership while the GIL is released; finish() waits, not refuses;
+"""docs/locking.md: ownership while the GIL is released; finish() waits, not refuses;
 source and destination that are one database are refused, never hung.
 
 The crash cases run in a subprocess: before the fix they died with SIGSEGV
@@ -73,7 +73,7 @@ def run_script(tmp_path, body):
 
 
 def test_backup_dropped_while_dest_force_close_waits_is_not_finished_twice(tmp_path):
-    """Issue 10 defect 1: SIGSEGV 3 of 3 runs before the fix."""
+    """Found in review: SIGSEGV 3 of 3 runs before the fix."""
     run_script(
         tmp_path,
         """
@@ -229,7 +229,7 @@ def pair(connect, src, dest):
 
 @pytest.mark.parametrize("how", ["finish", "close", "close_force", "exit"])
 def test_finish_while_source_busy_in_another_thread_waits_and_finishes(pair, how):
-    """Issue 10 defect 4: before, ThreadingViolationError and no finish."""
+    """Found in review: before, ThreadingViolationError and no finish."""
     src, dest, before = pair
     b = dest.backup("main", src, "main")
     b.step(3)
@@ -342,7 +342,7 @@ def run_bounded(code, tmp_path, timeout=20):
     ["file:memdb1?mode=memory&cache=shared", "file:{d}/shared.db?cache=shared"],
 )
 def test_backup_between_connections_sharing_a_cache_is_refused(tmp_path, uri):
-    """Issue 10 defect 7: step(-1) hung for ever (no CPU, deaf to
+    """Found in review: step(-1) hung for ever (no CPU, deaf to
     interrupt()) before the fix."""
     proc = run_bounded(
         f"""

@@ -1,5 +1,5 @@
 """A hypothesis state machine over three connections and their backups
-(issue 4, item 4; SPEC 2, 3, 5).
+(docs/api.md#connection, docs/api.md#backup, docs/api.md#errors).
 
 Connections: slot 0 and slot 2 are files in a temporary directory, slot 1 is
 ":memory:".  Rules write through a connection (create/drop table, insert,
@@ -12,7 +12,7 @@ The model holds, per connection, the tables and rows it reads through itself
 it is finished, complete, writing (it has taken the destination's write
 lock) and whether its last step was BUSY (then finishing it reports
 BusyError).  Every call is checked against the exact exception class the
-model predicts, so only documented classes (SPEC 3, 5) can pass, and no
+model predicts, so only documented classes (docs/api.md#backup, docs/api.md#errors) can pass, and no
 message may be empty or say "not an error".  After every rule:
 
 - a destination is locked (ThreadingViolationError naming the unfinished
@@ -288,7 +288,7 @@ class BackupMachine(RuleBasedStateMachine):
         source = self.slots[(dest_index + offset) % 3]
         dest_name = "nosuch" if bad_name == "dest" else "main"
         source_name = "nosuch" if bad_name == "source" else "main"
-        # SPEC 3.1, in order: destination closed, source closed, destination
+        # docs/api.md#backup, in order: destination closed, source closed, destination
         # busy with a backup (or the source locked as one's destination),
         # then sqlite3_backup_init's own refusals.
         if not dest.is_open or not source.is_open:
@@ -506,7 +506,7 @@ class BackupMachine(RuleBasedStateMachine):
 TestBackupStateMachine = BackupMachine.TestCase
 # The model reads txn_state() to know when a step must be BUSY (the source's
 # own write transaction): before SQLite 3.34 it cannot tell a read
-# transaction from a write one (README, SQLite versions).
+# transaction from a write one (docs/testing.md, SQLite versions).
 TestBackupStateMachine = pytest.mark.skipif(
     tuple(map(int, apsw_backup.sqlite_lib_version().split("."))) < (3, 34),
     reason="SQLite < 3.34: txn_state() cannot tell read from write",

@@ -19,6 +19,7 @@ SECONDS = 3
 THREADS = 4
 
 
+@pytest.mark.heavy  # about 3.5 s a seed
 @pytest.mark.parametrize("seed", [101, 202, 303])
 def test_random_threads_on_shared_objects_keep_every_guarantee(seed):
     status, lines, summary = stress.run_seed_subprocess(
@@ -60,6 +61,7 @@ def test_stress_driver_sees_a_crash_and_names_the_signal(tmp_path, monkeypatch):
     assert "killed by SIGKILL" in lines[0]
 
 
+@pytest.mark.heavy  # waits out a 6 s watchdog
 def test_stress_driver_sees_a_hang(tmp_path, monkeypatch):
     script = tmp_path / "hang.py"
     script.write_text("import time\ntime.sleep(60)\n")

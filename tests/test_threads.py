@@ -1,4 +1,4 @@
-"""Threads (SPEC §2): long SQLite calls release the GIL, a second thread
+"""Threads (docs/api.md#connection): long SQLite calls release the GIL, a second thread
 calling into a busy connection gets ThreadingViolationError, and interrupt()
 from another thread stops the long call with InterruptError."""
 

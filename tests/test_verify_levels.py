@@ -1,7 +1,7 @@
 """Verification levels (apsw_backup.verify): the full level splits
 PRAGMA integrity_check over threads without losing any of its checks; the
 result says ok / problems / could not verify, within a deadline, with
-progress (issue 20, parts 2 and 3)."""
+progress."""
 
 import sqlite3
 import struct

@@ -1,6 +1,6 @@
 """The page-recording VFS shim (PageRecorder) and the byte-exact check:
 every page SQLite writes to the destination is hashed as it is written, and
-re-read from the disk afterwards (issue 20, part 1)."""
+re-read from the disk afterwards."""
 
 import ctypes
 import os

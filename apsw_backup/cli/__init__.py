@@ -2,7 +2,7 @@
 
     apsw-backup [options] SOURCE DEST
     apsw-backup [options] SOURCE FOLDER/   (the copy is FOLDER/<stem>-<UTC time>.db)
-    apsw-backup verify [--json] FILE...
+    apsw-backup verify [--json] [--timeout S] FILE...
     apsw-backup --incremental SOURCE FOLDER/, restore, list, verify FOLDER
                                            (cli/incremental.py)
     apsw-backup --demo
@@ -28,24 +28,35 @@ what DEST holds):
        "DEST holds the complete, verified copy" (it came after that).
 A signal is acted on at the next safe point: after the step in progress,
 within --sleep seconds while waiting for a lock, at once while verifying.
+The exit status is always the exit code printed; with --json, one object of
+one schema says it for every outcome (docs/cli.md: "JSON output", "Exit
+codes"; apsw_backup.cli.output).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Sequence
 
 # apsw_backup is re-exported: tests patch apsw_backup.Connection through it.
 import apsw_backup as apsw_backup
 from apsw_backup.cli import incremental as _incremental
+from apsw_backup.cli import output
 from apsw_backup.cli.arguments import _Exit, _parse, _parse_verify
 from apsw_backup.cli.demo import _demo
-from apsw_backup.cli.errors import Failure
+from apsw_backup.cli.errors import EXIT_ERROR, Failure
 from apsw_backup.cli.failures import _fail
-from apsw_backup.cli.folder import backup_name
-from apsw_backup.cli.plan import _planned
+from apsw_backup.cli.folder import backup_name, release_folder_locks
+from apsw_backup.cli.plan import _planned, dest_says
 from apsw_backup.cli.run import _backup_command
-from apsw_backup.cli.signals import Interrupted, Interrupts, _signals
+from apsw_backup.cli.signals import (
+    Interrupted,
+    Interrupts,
+    _pause_for_tests,
+    _signals,
+    hold_until_exit,
+)
 from apsw_backup.cli.verification import (
     _problems_text,
     _raise_read_failure,
@@ -66,25 +77,85 @@ __all__ = [
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command with argv (default: sys.argv[1:]); the exit code."""
+    """Run the command with argv (default: sys.argv[1:]); the exit code.
+
+    Without argv this process is the command: its signal handlers stay
+    until it exits, so that the exit status is the exit code it printed.
+    """
+    program = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
-    as_json = "--json" in argv  # known before parsing: usage errors too
-    with _signals() as interrupts:
+    if program:
+        output.prepare()
+    _pause_for_tests("starting", None)
+    with _signals(keep=program) as interrupts:
         try:
-            if _incremental.wants(argv):
-                return _incremental.run(argv, interrupts)
-            if argv[:1] == ["verify"]:
-                return _verify_command(_parse_verify(argv[1:]), interrupts)
-            args = _parse(argv)
-            if args.demo:
-                return _demo(args, interrupts)
-            return _backup_command(_planned(args), args, interrupts)
-        except _Exit as done:  # --help, --version
-            return done.code
-        except Failure as failure:
-            return _fail(failure, as_json)
-        except Interrupted as stop:  # before anything was started
-            return _fail(
-                Failure(128 + stop.signum, "interrupted: nothing was written", stop),
-                as_json,
-            )
+            code = _command(argv, interrupts)
+        finally:
+            # Once the run has reported: another run cannot rotate its DEST
+            # away before it has said what DEST holds.
+            release_folder_locks()
+    output.finish()
+    if program:
+        _pause_for_tests("reported", interrupts)
+        hold_until_exit()
+    return code
+
+
+def _command(argv: list[str], interrupts: Interrupts) -> int:
+    as_json = "--json" in argv  # known before parsing: usage errors too
+    if _incremental.wants(argv):  # --incremental, restore, list, verify FOLDER
+        return _incremental.run(argv, interrupts)
+    verify = argv[:1] == ["verify"]
+    try:
+        if verify:
+            args = _parse_verify(argv[1:])
+            interrupts.check()
+            return _verify_command(args, interrupts)
+        args = _parse(argv)
+        interrupts.check()
+        if args.demo:
+            return _demo(args, interrupts)
+        return _backup_command(_planned(args), args, interrupts)
+    except _Exit as done:  # --help, --version
+        return done.code
+    except Failure as refused:
+        failure = refused
+    except Interrupted as stop:  # before anything was started
+        failure = Failure(128 + stop.signum, "interrupted: nothing was written", stop)
+    except Exception as exc:  # noqa: BLE001 - a bug: still one report
+        # (The backup itself reports its own errors: this is before it.)
+        message = f"unexpected {type(exc).__name__}: {exc}: please report it"
+        failure = Failure(EXIT_ERROR, message, exc)
+    _nothing_written(failure, argv, verify)
+    return _fail(failure, as_json, verify)
+
+
+def _nothing_written(failure: Failure, argv: list[str], verify: bool) -> None:
+    """A failure before the backup began (arguments, a signal): the --json
+    fields that say where DEST is and that nothing was written to it."""
+    if verify or "dest_state" in failure.fields:
+        return
+    source, dest = _positionals(argv)
+    state = "unchanged" if dest and os.path.lexists(dest) else "not created"
+    failure.fields.setdefault("source", source)
+    failure.fields.setdefault("dest", dest)
+    failure.fields["dest_state"] = state
+    if dest is not None:  # every failure's message ends saying so
+        failure.message = f"{failure.message.rstrip('.')}. {dest_says(dest, state)}"
+
+
+def _positionals(argv: list[str]) -> tuple[str | None, str | None]:
+    """SOURCE and DEST as far as they can be told from arguments that did
+    parse, or did (the words that are not options nor their values)."""
+    words: list[str | None] = []
+    takes_value = {"--pages", "--sleep", "--timeout", "--schema", "--keep"}
+    skip = False
+    for word in argv:
+        if skip:
+            skip = False
+        elif word in takes_value:
+            skip = True
+        elif word == "-" or not word.startswith("-"):
+            words.append(word)
+    words += [None, None]
+    return words[0], words[1]

@@ -13,8 +13,12 @@ from apsw_backup.cli.errors import EXIT_USAGE, PROG, Failure, UsageError
 
 EPILOG = """\
 DEST may be an existing folder (or end with /): the copy is then named
-<SOURCE stem>-<UTC timestamp>.db in it, and --keep N deletes the oldest
-backups of that exact name pattern, only once the new one is verified.
+<SOURCE stem>-<UTC timestamp>.db in it, marked as SOURCE's backup (extended
+attribute user.apsw_backup.source), and --keep N deletes SOURCE's backups
+older than the new one so that N remain, once the new one is verified: only
+files of that name pattern that carry SOURCE's mark, never a backup dated
+later than now (kept and reported), under a lock on the folder so that runs
+that overlap never delete each other's new backups.
 
 exit codes (the message, and "dest_state" in --json, say what DEST holds):
   0    the backup is complete (and verified, unless --no-verify)
@@ -27,6 +31,11 @@ exit codes (the message, and "dest_state" in --json, say what DEST holds):
        "DEST was not created" / "DEST was left as it was" (nothing changed),
        "DEST holds the complete copy, but it was not verified",
        "DEST holds the complete, verified copy"
+The exit status is always the printed exit code; with --json, one JSON
+object says it, and what DEST holds ("dest_state"), for every outcome;
+DEST may also be "incomplete" (its -journal restores it: keep that file)
+or hold "another file" that appeared there meanwhile (left alone).
+--timeout bounds the whole run, verification included.
 
 apsw-backup verify [--json] FILE... checks existing backups (exit 0, 1, 3).
 
@@ -37,8 +46,14 @@ restore points (docs/incremental.md):
   apsw-backup verify FOLDER..."""
 
 VERIFY_EPILOG = """\
-exit codes: 0 every FILE passed, 1 a FILE could not be read, 3 a FILE failed
-verification (the highest applies), 130 interrupted (SIGINT), 143 SIGTERM."""
+FILE is only read: it is opened read-only, so a -wal beside it is neither
+applied to it nor deleted.  An empty (0-byte) file is not a backup: it fails.
+
+exit codes: 0 every FILE passed, 1 a FILE could not be read (or --timeout
+passed), 3 a FILE failed verification (the highest applies), 130 interrupted
+(SIGINT), 143 SIGTERM."""
+
+VERIFY_LOCK_WAIT = 60.0  # seconds verify waits for a lock without --timeout
 
 
 class _Exit(Exception):
@@ -72,7 +87,7 @@ def _parser() -> argparse.ArgumentParser:
     add("dest", nargs="?", metavar="DEST", help="file (or folder) to write the copy to")
     add(
         "--pages",
-        type=int,
+        type=_pages,
         default=256,
         metavar="N",
         help="pages per step (256; <= 0: all at once)",
@@ -116,8 +131,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     add(
         "--demo",
-        action="store_true",
-        help="back up a sample database that another connection keeps writing to",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="FOLDER",
+        help="back up a sample database that another connection keeps writing "
+        "to, in a new folder under FOLDER (default: the system's temporary "
+        "folder); says where",
     )
     add("--version", action="version", version=f"%(prog)s {__version__}")
     return parser  # fmt: skip
@@ -130,6 +150,24 @@ def _seconds(text: str) -> float:
         value = math.nan
     if not value >= 0 or math.isinf(value):
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds >= 0")
+    return value
+
+
+PAGES_MAX = 2**31 - 1  # SQLite takes the pages per step as a C int
+
+
+def _pages(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a whole number of pages"
+        ) from None
+    if value > PAGES_MAX:
+        raise argparse.ArgumentTypeError(
+            f"{text} pages per step is more than {PAGES_MAX}, the most SQLite "
+            "takes: give a smaller number, or 0 to copy everything in one step"
+        )
     return value
 
 
@@ -163,6 +201,14 @@ def _parse_verify(argv: Sequence[str]) -> argparse.Namespace:
     )
     parser.add_argument("files", nargs="+", metavar="FILE", help="backup to check")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=None,
+        metavar="S",
+        help="give up after S seconds, all FILEs together (default: no limit "
+        f"for the check itself; a lock is waited for {VERIFY_LOCK_WAIT:g} s at most)",
+    )
     parser.add_argument(
         "--progress",
         action=argparse.BooleanOptionalAction,

@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
-import sys
 import tempfile
 import threading
 import time
 
 import apsw_backup
-from apsw_backup.cli.errors import PROG
+from apsw_backup.cli import output
+from apsw_backup.cli.errors import EXIT_USAGE, PROG, Failure
 from apsw_backup.cli.plan import Job, _plan
 from apsw_backup.cli.run import _backup_command
 from apsw_backup.cli.signals import Interrupts
@@ -22,13 +22,11 @@ DEMO_PAUSE = 0.03  # seconds the demo waits after each step, so it can be watche
 def _demo(args: argparse.Namespace, interrupts: Interrupts) -> int:
     """Back up a sample database while another connection keeps writing to it.
 
-    The files are made in a new folder in the current one (or the temporary
-    folder, if the current one is not writable) and left there.
+    The files are made in a new folder under the one given (--demo FOLDER),
+    else under the system's temporary folder (tempfile.gettempdir(): $TMPDIR,
+    else /tmp), never in the current one, and left there; it says where.
     """
-    if os.access(".", os.W_OK):
-        folder = os.path.relpath(tempfile.mkdtemp(prefix="apsw-backup-demo-", dir="."))
-    else:
-        folder = tempfile.mkdtemp(prefix="apsw-backup-demo-")
+    folder = _demo_folder(None if args.demo is True else args.demo)
     source = os.path.join(folder, "live.db")
     make_sample(source)
     args.source, args.dest = source, os.path.join(folder, "backups") + os.sep
@@ -52,19 +50,33 @@ def _demo(args: argparse.Namespace, interrupts: Interrupts) -> int:
         _demo_epilogue(folder, job)
 
 
+def _demo_folder(parent: str | None) -> str:
+    """A new folder for the demo's files under parent (None: the temp folder)."""
+    where = tempfile.gettempdir() if parent is None else parent
+    try:
+        return tempfile.mkdtemp(prefix="apsw-backup-demo-", dir=where)
+    except OSError as error:
+        reason = error.strerror or str(error)
+        raise Failure(
+            EXIT_USAGE,
+            f"--demo cannot make its folder under {where!r}: {reason}. "
+            "Give a folder you can write to: --demo FOLDER",
+            error,
+        ) from error
+
+
 def _say(text: str) -> None:
-    print(f"{PROG} --demo: {text}", file=sys.stderr)
+    output.err(f"{PROG} --demo: {text}")
 
 
 def _demo_epilogue(folder: str, job: Job) -> None:
     kept = [f"{folder}{os.sep}live.db (the sample)"]
     if os.path.exists(job.dest):
         kept.append(f"{job.dest} (its backup)")
-    print(
+    output.err(
         f"{PROG} --demo: the files are kept in {folder}: {', '.join(kept)}. "
         f"Check the backup again with: {PROG} verify {shlex.quote(job.dest)}; "
-        f"delete the folder when done: rm -r {shlex.quote(folder)}",
-        file=sys.stderr,
+        f"delete the folder when done: rm -r {shlex.quote(folder)}"
     )
 
 

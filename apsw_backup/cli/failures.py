@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
-import sys
 import time
 from typing import Any
 
 import apsw_backup
+from apsw_backup import files
+from apsw_backup.cli import output
 from apsw_backup.cli.errors import (
     EXIT_ERROR,
     EXIT_VERIFY,
@@ -19,12 +20,14 @@ from apsw_backup.cli.errors import (
     _os_cause,
     _q,
 )
-from apsw_backup.cli.plan import Job, _check_folder, _check_source
+from apsw_backup.cli.open_problems import cause_of
+from apsw_backup.cli.plan import Job, _check_folder, _check_source, _stale_message
 from apsw_backup.cli.signals import Interrupted
 from apsw_backup.cli.summary import _print_json
 from apsw_backup.cli.verification import (
     VerificationError,
     VerificationFailed,
+    VerificationTimeout,
     _problems_text,
 )
 
@@ -49,6 +52,19 @@ def _failure(exc: BaseException, job: Job, args: argparse.Namespace) -> Failure:
         )
         failure.fields["integrity"] = exc.problems
         return failure
+    if isinstance(exc, VerificationTimeout):
+        return Failure(
+            EXIT_ERROR,
+            f"BusyError: {exc} (--timeout {args.timeout:g}), so the copy was not "
+            "verified. Retry later, or with a longer --timeout"
+            + (
+                ": end the other connection's long transaction on DEST first"
+                if exc.locked
+                else ""
+            )
+            + f". {job.says()}",
+            _busy(str(exc)),
+        )
     if isinstance(exc, VerificationError):
         return Failure(
             EXIT_ERROR,
@@ -57,6 +73,12 @@ def _failure(exc: BaseException, job: Job, args: argparse.Namespace) -> Failure:
             exc.error,
         )
     return Failure(EXIT_ERROR, f"{_explain(exc, job, args)}. {job.says()}", exc)
+
+
+def _busy(message: str) -> apsw_backup.BusyError:
+    error = apsw_backup.BusyError(message)
+    error.result = error.extendedresult = apsw_backup.SQLITE_BUSY
+    return error
 
 
 def _explain(exc: BaseException, job: Job, args: argparse.Namespace) -> str:
@@ -70,18 +92,39 @@ def _explain(exc: BaseException, job: Job, args: argparse.Namespace) -> str:
         isinstance(exc, (apsw_backup.IOError, OSError)) and _dest_is_full(job)
     ):
         return _full_text(job)
-    if isinstance(exc, (apsw_backup.CantOpenError, apsw_backup.ReadOnlyError)):
-        found = _path_problem(job)
+    if isinstance(
+        exc,
+        (apsw_backup.CantOpenError, apsw_backup.ReadOnlyError, apsw_backup.IOError),
+    ):
+        found = cause_of(job.source, "SOURCE") or _path_problem(job)
         if found:
             return found
+    if isinstance(exc, files.StaleSideFileError):
+        return _stale_message(exc)
     if isinstance(exc, FileExistsError):
         return (
             f"another file appeared at DEST {_q(job.dest)} while the copy was "
-            "made, and was left alone: run the backup again"
+            "made (another run, or another program, created it): the copy "
+            "was not put in its place. Run the backup again (with --overwrite "
+            "to replace that file), or choose another DEST"
         )
     if isinstance(exc, OSError):
         return f"file system error on {_q(exc.filename or job.dest)}: {_os_cause(exc)}"
+    role = _ROLES.get(getattr(exc, "role", None) or "")
+    code = getattr(exc, "os_errno", None)
+    if role and isinstance(code, int):  # copy()'s structure, in our words
+        cause = files.os_cause(OSError(code, os.strerror(code)))
+        path = str(getattr(exc, "filename", None) or job.dest)
+        return f"{type(exc).__name__}: cannot use {role} {_q(path)}: it {cause}"
     return f"{type(exc).__name__}: {in_cli_terms(str(exc))}"
+
+
+# copy()'s roles of the paths it refuses (apsw_backup.copy._cannot).
+_ROLES = {
+    "source database": "SOURCE",
+    "target": "DEST",
+    "target's folder": "DEST's folder",
+}
 
 
 # copy()'s words for what the command calls SOURCE and DEST, longest first.
@@ -172,29 +215,46 @@ def _headline(failure: Failure) -> str:
     return type(failure.error).__name__ if failure.error is not None else "failed"
 
 
-def _fail(failure: Failure, as_json: bool) -> int:
-    print(f"{PROG}: {failure.message}", file=sys.stderr)
+def _fail(failure: Failure, as_json: bool, verify: bool = False) -> int:
+    output.err(f"{PROG}: {failure.message}")
     if as_json:
-        _print_json(_failure_object(failure))
+        obj = _verify_failure_object(failure) if verify else _failure_object(failure)
+        _print_json(obj)
     return failure.code
 
 
 def _error_object(error: BaseException | None, message: str) -> dict[str, Any]:
+    code = getattr(error, "errno", None)
     return {
         "class": type(error).__name__ if error is not None else "Error",
         "message": message,
         "result": getattr(error, "result", None),
         "extendedresult": getattr(error, "extendedresult", None),
-        "errno": getattr(error, "errno", None),
+        "errno": code if isinstance(code, int) else None,
     }
 
 
 def _failure_object(failure: Failure) -> dict[str, Any]:
+    fields = dict(failure.fields)
+    integrity = fields.pop("integrity", None)
+    return output.backup_object(
+        ok=False,
+        exit_code=failure.code,
+        error=_error_object(failure.error, failure.message),
+        verified=False if integrity else None,
+        integrity=integrity,
+        **fields,
+    )
+
+
+def _verify_failure_object(failure: Failure) -> dict[str, Any]:
+    """`verify`'s --json object for a failure before any FILE was checked
+    (its arguments)."""
     return {
         "ok": False,
         "exit_code": failure.code,
         "error": _error_object(failure.error, failure.message),
-        **failure.fields,
+        "files": [],
     }
 
 
@@ -203,6 +263,7 @@ def _job_fields(job: Job) -> dict[str, Any]:
         "source": job.source,
         "dest": job.dest,
         "dest_state": job.state(),
+        "folder": job.folder,
         "pages_copied": job.copied,
         "page_count": job.total,
     }

@@ -1,9 +1,32 @@
-"""DEST folders: backup names and rotation (--keep)."""
+"""DEST folders: backup names, the folder lock, and rotation (--keep).
+
+The rules (docs/cli.md, "Folders and --keep"):
+
+- a backup made into a folder is named <SOURCE stem>-<UTC time>.db and
+  marked, before it is put in place, with SOURCE's identity (its real path,
+  in the extended attribute files.SOURCE_MARK): rotation counts and deletes
+  only files so named *and* so marked -- another database with the same
+  stem, a file copied in by hand, a backup of an older version are never
+  touched;
+- every run that publishes into the folder holds the folder's flock() from
+  just before its new backup is put in place until it has reported (shared;
+  exclusive when it rotates), so a run never deletes a backup another run
+  is still reporting, and two rotations never overlap;
+- rotation keeps the `keep` newest backups of SOURCE, its own new one
+  always among them, and deletes only backups older than its own new one:
+  a newer one made by a run that overlapped is never touched;
+- a backup dated later than now (a clock that ran ahead) is kept, not
+  counted, and reported; a backup with no table in it (1 page or less) is
+  not counted, and a new one with none rotates nothing;
+- a backup's database file is deleted before its side files, and what
+  could not be deleted is reported, with the new DEST said to be in place.
+"""
 
 from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -15,15 +38,16 @@ if TYPE_CHECKING:
     from apsw_backup.cli.plan import Job
 
 
-def _same_path(a: str, b: str) -> bool:
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return os.path.realpath(a) == os.path.realpath(b)
-
-
 STAMP = "%Y%m%dT%H%M%S.%fZ"  # sortable: name order is time order
 STAMP_PATTERN = r"\d{8}T\d{6}\.\d{6}Z"
+
+# Seconds a run waits for another run's hold on the folder lock (a publish,
+# a rotation and a report take milliseconds).
+FOLDER_LOCK_WAIT = 60.0
+
+# The folder locks this process holds: released once the run has reported
+# (main() calls release_folder_locks), or by the process's end.
+_HELD: list[files.FolderLock] = []
 
 
 def backup_name(folder: str, source: str, now: datetime | None = None) -> str:
@@ -38,37 +62,195 @@ def backup_name(folder: str, source: str, now: datetime | None = None) -> str:
         moment += timedelta(microseconds=1)
 
 
+def _name_pattern(source: str) -> re.Pattern[str]:
+    return re.compile(
+        re.escape(Path(source).stem) + "-(?P<stamp>" + STAMP_PATTERN + r")\.db"
+    )
+
+
+def _stamp(name: str) -> datetime | None:
+    match = re.search("(" + STAMP_PATTERN + r")\.db\Z", name)
+    if match is None:
+        return None
+    try:
+        return datetime.strptime(match[1], STAMP).replace(tzinfo=timezone.utc)
+    except ValueError:  # 99999999T... matches the pattern, is no time
+        return None
+
+
 def backups_of(folder: str, source: str) -> list[str]:
     """The backups of source in folder, oldest first: regular files named
-    exactly <stem>-<timestamp>.db, never a temporary file or anything else."""
-    pattern = re.compile(re.escape(Path(source).stem) + "-" + STAMP_PATTERN + r"\.db")
-    found = []
-    for entry in os.scandir(folder):
+    <stem>-<timestamp>.db (never a temporary file) and marked as backups of
+    this very source (files.marked_source)."""
+    return _named_like_backups(folder, source)[0]
+
+
+def _named_like_backups(folder: str, source: str) -> tuple[list[str], list[str]]:
+    """(the backups of source in folder, the regular files named like them
+    that carry no mark at all), each oldest first.  A file marked as another
+    source's backup is in neither list."""
+    pattern = _name_pattern(source)
+    identity = files.source_identity(source)
+    ours, unmarked = [], []
+    for entry in os.scandir(folder or "."):
         if (
             pattern.fullmatch(entry.name)
             and not files.is_temporary_name(entry.name)
             and entry.is_file(follow_symlinks=False)
         ):
-            found.append(entry.path)
-    return sorted(found)
+            mark = files.marked_source(entry.path)
+            if mark == identity:
+                ours.append(entry.path)
+            elif mark is None:
+                unmarked.append(entry.path)
+    return sorted(ours), sorted(unmarked)
 
 
-def rotate(job: Job, keep: int, interrupts: Interrupts) -> list[str]:
-    """Delete the oldest backups of job.source in job.folder so that `keep`
-    remain, the new one always among them; the paths deleted."""
+def pages_in(path: str) -> int:
+    """The page count in a database file's header (the file size over the
+    page size when the header's count is not valid); 0 for an empty or
+    unreadable file.  Read through SQLite (files.read_header), never a
+    descriptor of ours."""
+    try:
+        header = files.read_header(path)
+        size = os.stat(path).st_size
+    except OSError:
+        return 0
+    page_size = files.header_page_size(header)
+    if len(header) < 100 or not page_size:
+        return 0
+    if header[92:96] == header[24:28] and int.from_bytes(header[28:32], "big"):
+        return int.from_bytes(header[28:32], "big")
+    return size // page_size
+
+
+def holds_a_table(path: str) -> bool:
+    """Whether a backup has anything in it: a table needs a page of its
+    own, so a database of one page (or none) holds no table."""
+    return pages_in(path) > 1
+
+
+def hold_folder(
+    job: Job, exclusive: bool, interrupts: Interrupts, wait: float = FOLDER_LOCK_WAIT
+) -> bool:
+    """Take job.folder's lock (see files.FolderLock) for the rest of the
+    run; False if another run held it for `wait` seconds.  OSError if the
+    folder cannot be locked at all."""
     assert job.folder is not None
-    older = [
-        path
-        for path in backups_of(job.folder, job.source)
-        if not _same_path(path, job.dest) and not _same_path(path, job.source)
-    ]
-    deleted = []
-    for path in older[: max(0, len(older) - (keep - 1))]:
+    lock = files.FolderLock(job.folder)
+    if not lock.acquire(exclusive, wait, interrupts.check):
+        return False
+    _HELD.append(lock)
+    return True
+
+
+def release_folder_locks() -> None:
+    """Release the folder locks this run holds (once it has reported)."""
+    while _HELD:
+        _HELD.pop().release()
+
+
+@dataclass
+class Rotation:
+    """What --keep did: deleted (oldest first), not_deleted (path, OSError),
+    future (backups dated later than now: kept, not counted), skipped (why
+    nothing was considered for deletion, or None), unmarked (files named
+    like SOURCE's backups that carry no mark: never touched)."""
+
+    deleted: list[str] = field(default_factory=list)
+    not_deleted: list[tuple[str, OSError]] = field(default_factory=list)
+    future: list[str] = field(default_factory=list)
+    skipped: str | None = None
+    unmarked: list[str] = field(default_factory=list)
+
+
+def rotate(
+    job: Job, keep: int, interrupts: Interrupts, now: datetime | None = None
+) -> Rotation:
+    """Delete backups of job.source in job.folder so that `keep` remain,
+    the new one (job.dest) always among them.  Call with the folder's lock
+    held exclusive (hold_folder), the new backup in place and verified."""
+    assert job.folder is not None
+    rotation = Rotation()
+    if not job.has_table:
+        rotation.skipped = "the new backup holds no table"
+        return rotation
+    own = _stamp(os.path.basename(job.dest))
+    now = now or datetime.now(timezone.utc)
+    if own is None:  # not a name of ours: nothing to compare with
+        rotation.skipped = "the new backup's name has no time"
+        return rotation
+    own_info = os.stat(job.dest)
+    ours: list[tuple[datetime, str]] = []
+    backups, unmarked = _named_like_backups(job.folder, job.source)
+    for path in unmarked:  # never touched; the future-dated ones said so
+        stamp = _stamp(os.path.basename(path))
+        listed = rotation.future if stamp is not None and stamp > now else None
+        (rotation.unmarked if listed is None else listed).append(path)
+    for path in backups:
+        stamp = _stamp(os.path.basename(path))
+        info = _stat(path)
+        if stamp is None or info is None or _same(info, own_info):
+            continue
+        if stamp > now:
+            rotation.future.append(path)
+        else:
+            ours.append((stamp, path))
+    rotation.future.sort()
+    counted = sorted([(own, job.dest)] + [b for b in ours if holds_a_table(b[1])])
+    kept = {path for _, path in counted[-keep:]}
+    for stamp, path in sorted(ours):
+        if path in kept or stamp >= own:
+            continue
         interrupts.check()
-        for end in (*files.SIDE_FILES, ""):  # the database file last
-            try:
-                os.remove(path + end)
-            except FileNotFoundError:
-                pass
-        deleted.append(path)
-    return deleted
+        try:
+            remove_backup(path)
+        except OSError as exc:
+            rotation.not_deleted.append((path, exc))
+        else:
+            rotation.deleted.append(path)
+    _remove_orphan_side_files(job.folder, job.source)
+    return rotation
+
+
+def remove_backup(path: str) -> None:
+    """Delete a backup: its database file first, then its side files, so
+    that a failure leaves it whole (OSError of the first failure)."""
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+    failed: OSError | None = None
+    for side in files.side_paths(path):
+        try:
+            os.remove(side)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            failed = failed or exc
+    if failed is not None:
+        raise failed
+
+
+def _remove_orphan_side_files(folder: str, source: str) -> None:
+    """Side files named after a backup of SOURCE's name whose database file
+    is gone (a deletion that failed half way): nothing can use them, and a
+    new file of that name would apply them."""
+    pattern = _name_pattern(source)
+    for name in os.listdir(folder or "."):
+        for side in files.SIDE_FILES:
+            if name.endswith(side) and pattern.fullmatch(name[: -len(side)]):
+                path = os.path.join(folder, name)
+                if not os.path.lexists(path[: -len(side)]):
+                    files.remove_quietly(path)
+
+
+def _stat(path: str) -> os.stat_result | None:
+    try:
+        return os.stat(path, follow_symlinks=False)
+    except OSError:
+        return None
+
+
+def _same(a: os.stat_result, b: os.stat_result) -> bool:
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)

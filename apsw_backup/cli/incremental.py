@@ -1,4 +1,4 @@
-"""The incremental verbs (issue 21, docs/incremental.md):
+"""The incremental verbs (docs/incremental.md):
 
     apsw-backup --incremental SOURCE FOLDER/ [--keep N] [--max-chain N]
     apsw-backup restore BACKUP DEST [--at TIMESTAMP] [--overwrite]

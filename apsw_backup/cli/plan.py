@@ -22,7 +22,7 @@ from apsw_backup.cli.errors import (
     _os_cause,
     _q,
 )
-from apsw_backup.cli.folder import _same_path, backup_name
+from apsw_backup.cli.folder import backup_name
 
 SQLITE_HEADER = b"SQLite format 3\0"
 
@@ -39,12 +39,18 @@ class Job:
     page_size: int = 0
     started: float = field(default_factory=time.monotonic)
     committed: bool = False  # the last step completed: the copy is in DEST
+    published: bool = False  # copy() returned: a new DEST is our copy
+    other_file: bool = False  # another file appeared at a new DEST's name
+    torn: bool = False  # an existing DEST whose rollback did not happen
     verified: bool | None = None  # None: not verified (yet)
     copied: int = 0  # pages copied, as of the last step
     total: int = 0  # pages in SOURCE, as of the last step
     waits: int = 0  # steps that found the database locked
     restarts: int = 0  # times the copy was seen to start again
     written: int = 0  # pages written, restarts included
+    has_table: bool = True  # the copy holds a table (read before publishing)
+    marked: bool = False  # the copy carries SOURCE's mark (folder DEST)
+    report_fields: dict[str, object] = field(default_factory=dict)  # for --json
 
     def note_step(self, status: int, remaining: int, total: int) -> None:
         """Take in one progress call (before anything else can raise)."""
@@ -64,7 +70,13 @@ class Job:
 
     def state(self) -> str:
         """What DEST holds now (the "dest_state" of --json)."""
-        present = self.committed if self.existed else os.path.lexists(self.dest)
+        if self.torn:
+            return "needs recovery"
+        if self.other_file:
+            return "other file"
+        # A new DEST is ours once copy() put it in place, never because a
+        # file is at its name (another run's may be).
+        present = self.committed if self.existed else self.published
         if not present:
             return "unchanged" if self.existed else "not created"
         if self.verified is not None:
@@ -82,6 +94,13 @@ def dest_says(dest: str, state: str) -> str:
     return {
         "not created": f"DEST {q} was not created",
         "unchanged": f"DEST {q} was left as it was",
+        "needs recovery": f"DEST {q} is incomplete: SQLite could not roll it "
+        f"back yet; its rollback journal {_q(dest + '-journal')} restores the "
+        "previous content the next time DEST is opened with write access "
+        f"(e.g. sqlite3 {shlex.quote(dest)} 'PRAGMA quick_check'). Do not "
+        "delete or move that file: DEST is damaged without it",
+        "other file": f"DEST {q} holds another file, which appeared there "
+        "while the copy was made: it was left alone and the copy was discarded",
         "verified": f"DEST {q} holds the complete, verified copy",
         "failed verification": f"DEST {q} holds the copy that failed verification",
         "unverified": f"DEST {q} holds the complete copy, but it was not "
@@ -112,16 +131,21 @@ def _planned(args: argparse.Namespace) -> Job:
 def _plan(args: argparse.Namespace) -> Job:
     """Check SOURCE and DEST; the job.  Raises Failure; writes nothing."""
     source, dest = args.source, args.dest
+    _check_schema(args.schema)
     try:
         files.check_distinct(source, dest)
-    except ValueError as exc:
-        raise Failure(EXIT_USAGE, _same_file_message(source, dest), exc) from exc
+    except files.SameFileError as exc:
+        # --json's error class stays "ValueError", as copy() documents it.
+        error = ValueError(str(exc))
+        raise Failure(EXIT_USAGE, _same_file_message(exc), error) from exc
     _check_source(source)
     _check_source_header(source)
     folder = None
     if os.path.isdir(dest) or dest.endswith(("/", os.sep)):
         folder = dest
         _check_folder(folder, "DEST folder")
+        if args.keep is not None:
+            _check_rotation(folder)
         dest = backup_name(folder, source)
         existed = False
     elif args.keep is not None:
@@ -139,6 +163,7 @@ def _plan(args: argparse.Namespace) -> Job:
         else:
             _check_stale_side_files(dest)
         _check_folder(os.path.dirname(os.path.abspath(dest)), "DEST's folder")
+    _check_name_length(dest, folder is not None)
     return Job(
         source=source,
         dest=dest,
@@ -149,18 +174,91 @@ def _plan(args: argparse.Namespace) -> Job:
     )
 
 
-def _same_file_message(source: str, dest: str) -> str:
+def _check_name_length(dest: str, named_here: bool) -> None:
+    """Refuse a DEST whose file name is longer than its file system allows:
+    the name is at fault, not its folder (a limit counted in bytes: a name
+    of 100 characters may be 400 bytes)."""
+    folder, name = os.path.split(os.path.abspath(dest))
+    try:
+        limit = os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    size = len(os.fsencode(name))
+    if size <= limit:
+        return
+    cure = (
+        "give SOURCE a shorter name, or name DEST as a file"
+        if named_here
+        else "choose a shorter name"
+    )
+    error = OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG), dest)
+    raise Failure(
+        EXIT_USAGE,
+        f"DEST's file name {name!r} is {size} bytes long, more than the {limit} "
+        "bytes a file name may have on its file system (ENAMETOOLONG): " + cure,
+        error,
+    )
+
+
+def _check_schema(schema: str) -> None:
+    """Refuse --schema temp: the temporary database of the command's own
+    connection to SOURCE is always empty, so the "backup" would hold
+    nothing -- and --keep would rotate real backups away for it."""
+    if schema.casefold() == "temp":
+        raise Failure(
+            EXIT_USAGE,
+            "--schema temp names the temporary database of the connection this "
+            "command opens on SOURCE, which is always empty: a backup of it "
+            "would hold nothing. Back up main (the default), the database file",
+            UsageError("--schema"),
+        )
+
+
+def _check_rotation(folder: str) -> None:
+    """Refuse --keep where rotation cannot be safe: backups must be marked
+    with their SOURCE (an extended attribute) and the folder lockable."""
+    problem = files.marks_supported(folder)
+    if problem is not None:
+        raise Failure(
+            EXIT_USAGE,
+            f"--keep recognises SOURCE's backups by a mark on each file (the "
+            f"extended attribute {files.SOURCE_MARK}), and the file system of "
+            f"DEST folder {_q(folder)} has no user extended attributes "
+            f"({_os_cause(problem)}): without it, another database's backups "
+            "of the same name could be deleted. Run without --keep (and delete "
+            "old backups yourself), or use a folder on a file system that has "
+            "them (ext4, XFS, Btrfs, tmpfs)",
+            problem,
+        )
+    problem = files.folder_lock_problem(folder)
+    if problem is not None:
+        raise Failure(
+            EXIT_USAGE,
+            f"--keep locks DEST folder {_q(folder)} (flock) while it rotates, so "
+            "that runs that overlap cannot delete each other's backups, and its "
+            f"file system refuses that lock ({_os_cause(problem)}). Run without "
+            "--keep, or use a folder on a local file system",
+            problem,
+        )
+
+
+_SIDE_FILE_NAMES = {
+    "-wal": "write-ahead log",
+    "-shm": "shared-memory index",
+    "-journal": "rollback journal",
+}
+
+
+def _same_file_message(error: files.SameFileError) -> str:
     what = "SOURCE itself"
-    for suffix, name in (
-        ("-wal", "write-ahead log"),
-        ("-shm", "shared-memory index"),
-        ("-journal", "rollback journal"),
-    ):
-        if _same_path(source + suffix, dest):
-            what = f"SOURCE's {name} ({suffix} file), which SQLite deletes or rewrites"
+    if error.side:
+        what = (
+            f"SOURCE's {_SIDE_FILE_NAMES[error.side]} ({error.side} file), which "
+            "SQLite deletes or rewrites"
+        )
     return (
-        f"DEST {_q(dest)} is {what}: a copy written there would be lost and "
-        f"could damage SOURCE {_q(source)}. Choose another DEST"
+        f"DEST {_q(error.path)} is {what}: a copy written there would be lost and "
+        f"could damage SOURCE {_q(error.source)}. Choose another DEST"
     )
 
 
@@ -180,19 +278,22 @@ def _check_side_file_name(dest: str) -> None:
 
 
 def _check_stale_side_files(dest: str) -> None:
-    """Refuse a new DEST whose -journal or -wal is already there: the next
-    open of the copy would apply it (a hot journal or a WAL of another
-    database) and corrupt the copy."""
-    for suffix in ("-journal", "-wal"):
-        if os.path.lexists(dest + suffix):
-            raise Failure(
-                EXIT_USAGE,
-                f"DEST {_q(dest)} does not exist, but {_q(dest + suffix)} is "
-                "there (left by a crash, or by another database of that name): "
-                "SQLite would apply it to the new copy and corrupt it. Move it "
-                "away once you know it is not needed, or choose another DEST",
-                UsageError("DEST"),
-            )
+    """The file layer's rule (files.check_no_stale_side_files), in the
+    command's words."""
+    try:
+        files.check_no_stale_side_files(dest, role="DEST")
+    except files.StaleSideFileError as exc:
+        message = _stale_message(exc)
+        raise Failure(EXIT_USAGE, message, UsageError("DEST")) from exc
+
+
+def _stale_message(error: files.StaleSideFileError) -> str:
+    return (
+        f"DEST {_q(error.path)} does not exist, but {_q(error.filename)} is "
+        "there (left by a crash, or by another database of that name): "
+        "SQLite would apply it to the new copy and corrupt it. Move it "
+        "away once you know it is not needed, or choose another DEST"
+    )
 
 
 def _check_source(source: str) -> None:
@@ -230,11 +331,10 @@ def _check_source(source: str) -> None:
 
 
 def _check_source_header(source: str) -> None:
-    # Reading the header with open() is safe here: this process has no
-    # SQLite connection to SOURCE yet, whose POSIX locks close() would drop.
+    # Through SQLite, never open(): main() may run inside an application
+    # whose own connection to SOURCE holds locks that a close() would drop.
     try:
-        with open(source, "rb") as file:
-            header = file.read(len(SQLITE_HEADER))
+        header = files.read_header(source, len(SQLITE_HEADER))
     except OSError as exc:
         cure = CURES.get(exc.errno or 0, "check the file")
         raise Failure(
@@ -322,31 +422,28 @@ def _check_existing_dest(dest: str, overwrite: bool) -> None:
             "it (it is replaced only once the copy is complete)",
             UsageError("DEST"),
         )
-    # No SQLite connection of this process has DEST open (see _check_source).
-    with open(dest, "rb") as file:
-        if file.read(len(SQLITE_HEADER)) != SQLITE_HEADER:
-            raise Failure(
-                EXIT_USAGE,
-                f"DEST {_q(dest)} is not an SQLite database: --overwrite replaces "
-                "a database only; delete the file yourself, or choose another DEST",
-                UsageError("DEST"),
-            )
+    try:
+        header = files.read_header(dest, len(SQLITE_HEADER))
+    except OSError as exc:
+        cure = CURES.get(exc.errno or 0, "check the file")
+        raise Failure(
+            EXIT_ERROR, f"cannot read DEST {_q(dest)}: {_os_cause(exc)}: {cure}", exc
+        ) from exc
+    if header != SQLITE_HEADER:
+        raise Failure(
+            EXIT_USAGE,
+            f"DEST {_q(dest)} is not an SQLite database: --overwrite replaces "
+            "a database only; delete the file yourself, or choose another DEST",
+            UsageError("DEST"),
+        )
     _check_writable(dest, "DEST")
 
 
 def header_page_size(path: str) -> int:
-    """The page size in a database file's header (0 when it cannot be read).
-
-    Read from the file, because asking SQLite needs a lock that a busy
-    database may not give.  Only call it while this process has no SQLite
-    connection to the file (closing a descriptor drops its POSIX locks).
-    """
+    """The page size in a database file's header (0 when it cannot be read),
+    read through SQLite (files.read_header): it takes no lock, so a busy
+    database answers too."""
     try:
-        with open(path, "rb") as file:
-            header = file.read(100)
+        return files.header_page_size(files.read_header(path))
     except OSError:
         return 0
-    if len(header) < 100 or not header.startswith(SQLITE_HEADER):
-        return 0
-    size = int.from_bytes(header[16:18], "big")
-    return 65536 if size == 1 else size

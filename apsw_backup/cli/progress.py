@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import TextIO
 
 import apsw_backup
+from apsw_backup.cli import output
 from apsw_backup.cli.errors import _count
 from apsw_backup.cli.plan import Job, _locked
 from apsw_backup.copy import CopyResult
@@ -19,7 +20,12 @@ REDRAW_EVERY = 0.1  # seconds between two redraws of the progress line
 
 
 def _progress_line(wanted: bool | None, job: Job) -> ProgressLine | None:
-    show = wanted if wanted is not None else sys.stderr.isatty()
+    if sys.stderr is None:
+        return None  # closed when the command started
+    try:
+        show = wanted if wanted is not None else sys.stderr.isatty()
+    except (OSError, ValueError):
+        show = False
     return ProgressLine(sys.stderr, job) if show else None
 
 
@@ -80,6 +86,7 @@ class ProgressLine:
         self._since = self._start  # when the phase began
         self._label = "verifying"
         self._copying_since = 0.0  # when the first pages were copied
+        self._broken = False  # the stream failed: nothing more is written
 
     def step(self, status: int) -> None:
         """After a step: redraw (the job has taken the step in)."""
@@ -179,15 +186,20 @@ class ProgressLine:
         line = fit([parts, self.terse(parts)], width)
         # Blank out what is left of a longer previous line, within the width,
         # and the two columns after it, where the terminal echoes "^C".
-        self._stream.write("\r" + line.ljust(min(self._width + 2, width - 1)))
-        self._stream.flush()
+        text = "\r" + line.ljust(min(self._width + 2, width - 1))
         self._width = len(line)
+        self._write(text)
+
+    def _write(self, text: str) -> None:
+        # A progress line that cannot be written (stderr closed, EPIPE) is
+        # given up: it must never stop the copy nor change its outcome.
+        if not self._broken and not output.write_to(self._stream, text):
+            self._broken = True
 
     def end(self, parts: list[str]) -> None:
         """Draw the final line and end it."""
         self._draw(parts)
-        self._stream.write("\n")
-        self._stream.flush()
+        self._write("\n")
 
 
 def _duration(seconds: float) -> str:

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import time
 
 import apsw_backup
-from apsw_backup.cli.errors import EXIT_OK, Failure
+from apsw_backup import files
+from apsw_backup.cli import output
+from apsw_backup.cli.dest_file import deadline_left, roll_back
+from apsw_backup.cli.errors import EXIT_ERROR, EXIT_OK, PROG, Failure, _count
 from apsw_backup.cli.failures import _failure, _headline, _job_fields
-from apsw_backup.cli.folder import rotate
+from apsw_backup.cli.folder import FOLDER_LOCK_WAIT, hold_folder, holds_a_table, rotate
 from apsw_backup.cli.plan import Job, _locked
 from apsw_backup.cli.progress import ProgressLine, _progress_line
 from apsw_backup.cli.signals import Interrupted, Interrupts, _pause_for_tests
@@ -16,6 +20,7 @@ from apsw_backup.cli.summary import _report
 from apsw_backup.cli.verification import (
     VerificationError,
     VerificationFailed,
+    VerificationTimeout,
     integrity_problems,
 )
 from apsw_backup.copy import copy
@@ -30,11 +35,15 @@ class Runner:
         interrupts: Interrupts,
         line: ProgressLine | None,
         pause: float = 0.0,
+        deadline: float | None = None,
     ) -> None:
+        self.deadline = deadline  # time.monotonic() by which the run ends
         self.job = job
         self.interrupts = interrupts
         self.line = line
         self.pause = pause  # --demo: seconds to wait after each step
+        self.keep: int | None = None  # --keep
+        self.timeout: float | None = None  # --timeout
 
     def progress(self, status: int, remaining: int, total: int) -> None:
         """copy()'s progress callback."""
@@ -51,15 +60,56 @@ class Runner:
             self._wait(self.pause)
         self.interrupts.check()
 
+    def before_publish(self, path: str) -> None:
+        """copy()'s verify callback, given the finished copy's file before it
+        is put in place: verify it (unless --no-verify); for a DEST folder,
+        see whether it holds a table, mark it as SOURCE's backup, and take
+        the folder's lock (exclusive for --keep) for the rest of the run."""
+        if self.job.verify:
+            self.verify(path)
+        if self.job.folder is None:
+            return
+        self.job.has_table = holds_a_table(path)
+        try:
+            files.mark_source(path, self.job.source)
+        except OSError:
+            self.job.marked = False  # --keep then deletes nothing (see rotate)
+        else:
+            self.job.marked = True
+        rotating = self.keep is not None
+        wait = self._lock_wait()
+        try:
+            held = hold_folder(self.job, rotating, self.interrupts, wait)
+        except OSError:
+            if rotating:  # checked in the plan: it worked a moment ago
+                raise
+            held = True  # a folder that cannot be locked: nothing is rotated
+        if not held:
+            raise Failure(
+                EXIT_ERROR,
+                f"another run held the lock on DEST folder {self.job.folder!r} "
+                f"for {wait:.2g} s, so the new backup was not put in "
+                f"place: run again once it is done. {self.job.says()}",
+                BlockingIOError(errno.EWOULDBLOCK, "folder locked", self.job.folder),
+            )
+
+    def _lock_wait(self) -> float:
+        """Seconds to wait for the folder's lock: FOLDER_LOCK_WAIT, or what is
+        left of --timeout if that is less."""
+        if self.timeout is None:
+            return FOLDER_LOCK_WAIT
+        left = self.timeout - (time.monotonic() - self.job.started)
+        return max(0.0, min(FOLDER_LOCK_WAIT, left))
+
     def verify(self, path: str) -> None:
-        """copy()'s verify callback: raises VerificationFailed/-Error."""
+        """Verify the copy: raises VerificationFailed/-Error."""
         if self.line is not None:
             self.line.verifying()
         if self.pause:
             self._wait(10 * self.pause)
         tick = self.line.tick if self.line is not None else None
         try:
-            problems = integrity_problems(path, self.interrupts, tick)
+            problems = integrity_problems(path, self.interrupts, tick, self.deadline)
         except apsw_backup.Error as exc:
             raise VerificationError(exc) from exc
         self.job.verified = not problems
@@ -78,8 +128,11 @@ def _backup_command(
     job: Job, args: argparse.Namespace, interrupts: Interrupts, pause: float = 0.0
 ) -> int:
     line = _progress_line(args.progress, job)
-    runner = Runner(job, interrupts, line, pause)
+    deadline = None if args.timeout is None else job.started + args.timeout
+    runner = Runner(job, interrupts, line, pause, deadline)
+    runner.keep, runner.timeout = args.keep, args.timeout
     deleted: list[str] = []
+    publishing = job.verify or job.folder is not None
     try:
         _pause_for_tests("opening", interrupts)
         interrupts.check()
@@ -90,17 +143,29 @@ def _backup_command(
             progress=runner.progress,
             name=args.schema,
             sleep=args.sleep,
-            timeout=args.timeout,
+            timeout=deadline_left(job, args.timeout),
             keep_wal=args.keep_wal,
-            verify=runner.verify if job.verify else None,
+            verify=runner.before_publish if publishing else None,
+            target_exists=job.existed,
         )
+        job.published = True
         _pause_for_tests("done", interrupts)
         interrupts.check()
         if args.keep is not None:
-            deleted = rotate(job, args.keep, interrupts)
-    except (Interrupted, VerificationFailed, VerificationError, Failure) as exc:
+            deleted = _rotated(job, args.keep, interrupts)
+    except (
+        Interrupted,
+        VerificationFailed,
+        VerificationError,
+        VerificationTimeout,
+        Failure,
+    ) as exc:
+        roll_back(job, deadline_left(job, args.timeout))
         failure = _failure(exc, job, args)
-    except (apsw_backup.Error, OSError) as exc:
+    except Exception as exc:  # noqa: BLE001 - reported, with what DEST holds
+        if isinstance(exc, FileExistsError) and not job.existed and not job.published:
+            job.other_file = True
+        roll_back(job, deadline_left(job, args.timeout))
         failure = _failure(exc, job, args)
     else:
         if line is not None:
@@ -111,3 +176,64 @@ def _backup_command(
         line.end(line.stopped_parts(_headline(failure)))
     failure.fields.update(_job_fields(job))
     raise failure
+
+
+def _rotated(job: Job, keep: int, interrupts: Interrupts) -> list[str]:
+    """Rotate (the folder's lock is held since before the new backup was put
+    in place); the paths deleted.  Raises Failure, saying that DEST is in
+    place, if a backup could not be deleted."""
+    if not job.marked:
+        raise Failure(
+            EXIT_ERROR,
+            f"the new backup could not be marked as SOURCE's ({files.SOURCE_MARK}), "
+            "so --keep deleted nothing: it could not tell SOURCE's backups "
+            f"apart. {job.says()}",
+            OSError(errno.ENOTSUP, "cannot mark the backup", job.dest),
+        )
+    rotation = rotate(job, keep, interrupts)
+    job.report_fields["future_dated"] = rotation.future
+    for path in rotation.future:
+        _warn(
+            f"kept {path!r}: it is dated later than now (a clock that ran "
+            "ahead?), so --keep neither counts nor deletes it; delete it "
+            "yourself if it is not wanted"
+        )
+    job.report_fields["unmarked"] = rotation.unmarked
+    if rotation.unmarked:
+        _warn(
+            f"left {_count(len(rotation.unmarked), 'file')} named like SOURCE's "
+            f"backups that carry no mark ({files.SOURCE_MARK}: made by hand, by "
+            "a version before marks, or another database's): --keep never "
+            f"deletes those, e.g. {rotation.unmarked[0]!r}"
+        )
+    if rotation.skipped:
+        job.report_fields["rotation_skipped"] = rotation.skipped
+        _warn(
+            f"{rotation.skipped}: --keep deleted nothing (an empty backup never rotates real ones away)"
+        )
+    if rotation.not_deleted:
+        failed = "; ".join(
+            f"{path!r} {files.os_cause(exc)}" for path, exc in rotation.not_deleted
+        )
+        done = (
+            f" (deleted {_count(len(rotation.deleted), 'other')})"
+            if rotation.deleted
+            else ""
+        )
+        failure = Failure(
+            EXIT_ERROR,
+            f"the new backup is in place, but --keep could not delete "
+            f"{_count(len(rotation.not_deleted), 'older backup')}{done}: {failed}. "
+            f"{job.says()}",
+            rotation.not_deleted[0][1],
+        )
+        failure.fields["deleted"] = rotation.deleted
+        failure.fields["not_deleted"] = [p for p, _ in rotation.not_deleted]
+        failure.fields["future_dated"] = rotation.future
+        failure.fields["unmarked"] = rotation.unmarked
+        raise failure
+    return rotation.deleted
+
+
+def _warn(text: str) -> None:
+    output.err(f"{PROG}: warning: {text}")

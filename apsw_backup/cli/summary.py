@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from typing import Any
 
+from apsw_backup.cli import output
+from apsw_backup.cli.dest_file import header_facts
 from apsw_backup.cli.errors import EXIT_OK, PROG, _count
 from apsw_backup.cli.plan import Job
 from apsw_backup.copy import CopyResult
 
 
 def _print_json(obj: dict[str, Any]) -> None:
-    print(json.dumps(obj))
-    sys.stdout.flush()
+    output.print_json(obj)
 
 
 def _report(
@@ -25,9 +24,10 @@ def _report(
         return
     verified = "integrity_check ok" if job.verify else "not verified"
     rotated = f"; deleted {_count(len(deleted), 'older backup')}" if deleted else ""
-    print(
-        f"{PROG}: copied {job.source} -> {job.dest}: {result.pages} pages "
-        f"({result.bytes / 1e6:.1f} MB) in {result.elapsed:.2f} s, "
+    pages, page_size, _ = _dest_figures(job, result)
+    output.out(
+        f"{PROG}: copied {job.source} -> {job.dest}: {pages} pages "
+        f"({pages * page_size / 1e6:.1f} MB) in {result.elapsed:.2f} s, "
         f"{_count(result.steps, 'step')}, {_count(result.restarts, 'restart')}"
         f"{', snapshot' if result.snapshot else ''}; {verified}{rotated}"
     )
@@ -36,35 +36,40 @@ def _report(
 def _summary(
     job: Job, args: argparse.Namespace, result: CopyResult, deleted: list[str]
 ) -> dict[str, Any]:
-    return {
-        "ok": True,
-        "exit_code": EXIT_OK,
-        "source": job.source,
-        "dest": job.dest,
-        "dest_state": job.state(),
-        "folder": job.folder,
-        "schema": args.schema,
-        "pages": result.pages,
-        "page_size": result.page_size,
-        "bytes": result.bytes,
-        "steps": result.steps,
-        "restarts": result.restarts,
-        "waits": result.waits,
-        "snapshot": result.snapshot,
-        "elapsed": round(result.elapsed, 6),
-        "wal_growth": getattr(result, "wal_growth", 0),
-        "journal_mode": "wal" if args.keep_wal and _is_wal(job.dest) else "delete",
-        "verified": True if job.verify else None,
-        "integrity": ["ok"] if job.verify else None,
-        "deleted": deleted,
-    }
+    pages, page_size, journal_mode = _dest_figures(job, result)
+    return output.backup_object(
+        ok=True,
+        exit_code=EXIT_OK,
+        source=job.source,
+        dest=job.dest,
+        dest_state=job.state(),
+        folder=job.folder,
+        schema=args.schema,
+        pages=pages,
+        page_size=page_size,
+        bytes=pages * page_size,
+        steps=result.steps,
+        restarts=result.restarts,
+        waits=result.waits,
+        snapshot=result.snapshot,
+        elapsed=round(result.elapsed, 6),
+        wal_growth=result.wal_growth,
+        journal_mode=journal_mode,
+        verified=True if job.verify else None,
+        integrity=["ok"] if job.verify else None,
+        deleted=deleted,
+        pages_copied=result.pages,
+        page_count=result.pages,
+        **job.report_fields,  # rotation: future_dated, unmarked, rotation_skipped
+    )
 
 
-def _is_wal(path: str) -> bool:
-    """Whether the file's header says WAL mode (read and write version 2)."""
-    try:
-        with open(path, "rb") as file:
-            header = file.read(20)
-    except OSError:
-        return False
-    return header[18:20] == b"\x02\x02"
+def _dest_figures(job: Job, result: CopyResult) -> tuple[int, int, str | None]:
+    """(pages, page size, journal mode) read from DEST's own header: they
+    describe the file that is there, not what the run meant to write."""
+    facts = header_facts(job.dest)
+    return (
+        facts.get("pages", result.pages),
+        facts.get("page_size", result.page_size),
+        facts.get("journal_mode"),
+    )

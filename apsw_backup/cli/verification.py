@@ -31,30 +31,54 @@ class VerificationError(Exception):
         self.error = error
 
 
+class VerificationTimeout(Exception):
+    """The check did not finish before the deadline (--timeout)."""
+
+    def __init__(self, seconds: float, locked: bool) -> None:
+        why = (
+            "the file was locked by another connection"
+            if locked
+            else ("the check needed more time")
+        )
+        super().__init__(f"gave up verifying after {seconds:.2f} s: {why}")
+        self.seconds = seconds
+        self.locked = locked
+
+
 def integrity_problems(
-    path: str, interrupts: Interrupts, tick: Callable[[], object] | None = None
+    path: str,
+    interrupts: Interrupts,
+    tick: Callable[[], object] | None = None,
+    deadline: float | None = None,
+    lock_wait: float | None = None,
 ) -> list[str]:
     """What PRAGMA integrity_check finds wrong with path ([]: nothing).
 
+    The file is opened read-only: verifying never writes to it (a -wal is
+    not checkpointed into it nor deleted).  The -wal and -shm that SQLite
+    creates to read a WAL database, when they were not there before, are
+    removed afterwards (an empty -wal: nothing is written to the file).
     The check runs in a worker thread so that a signal interrupts it at once
     (Connection.interrupt); this thread waits, redrawing the progress line.
-    The file is opened read-write when it may be, so that SQLite removes the
-    -wal/-shm files it makes for a WAL database when the check closes it;
-    nothing is written to it.  Raises apsw_backup.Error if it cannot be
-    read, Interrupted on a signal.
+    deadline (time.monotonic()): a lock is waited for, and the check runs,
+    until then at most; past it VerificationTimeout, as when a lock lasts
+    longer than lock_wait seconds.  Raises
+    apsw_backup.Error if it cannot be read, Interrupted on a signal.
     """
-    writable = os.access(path, os.W_OK) and os.access(
-        os.path.dirname(os.path.abspath(path)), os.W_OK
-    )
-    flags = (
-        apsw_backup.SQLITE_OPEN_READWRITE
-        if writable
-        else apsw_backup.SQLITE_OPEN_READONLY
-    )
-    conn = apsw_backup.Connection(path, flags)
+    existed = [os.path.lexists(path + side) for side in ("-wal", "-shm")]
+    conn = apsw_backup.Connection(path, apsw_backup.SQLITE_OPEN_READONLY)
     outcome: dict[str, Any] = {}
+    locked: list[float] = []  # when the lock being waited for was found
 
     def wait_for_lock(count: int) -> bool:
+        now = time.monotonic()
+        if count == 0 or not locked:
+            locked[:] = [now]
+        if deadline is not None and now >= deadline:
+            return False
+        if lock_wait is not None and now - locked[0] >= lock_wait:
+            outcome["lock_wait"] = True
+            return False
         time.sleep(0.01)
         return not interrupts.signum
 
@@ -65,19 +89,41 @@ def integrity_problems(
         except apsw_backup.Error as exc:
             outcome["error"] = exc
 
+    started = time.monotonic()
+    timed_out = False
     try:
         conn.set_busy_handler(wait_for_lock)
         worker = threading.Thread(target=check, name=f"{PROG} verify", daemon=True)
         with interrupts.watching(conn):
             worker.start()
             while worker.is_alive():
-                worker.join(REDRAW_EVERY)
+                wait = REDRAW_EVERY
+                if deadline is not None:
+                    wait = max(0.0, min(wait, deadline - time.monotonic()))
+                worker.join(wait)
                 if tick is not None:
                     tick()
+                if (
+                    worker.is_alive()
+                    and deadline is not None
+                    and time.monotonic() >= deadline
+                    and not timed_out
+                ):
+                    timed_out = True
+                    conn.interrupt()
     finally:
         conn.close(force=True)
+        _remove_what_reading_made(path, existed)
     interrupts.check()
     error = outcome.get("error")
+    if timed_out or (
+        isinstance(error, apsw_backup.BusyError)
+        and (
+            outcome.get("lock_wait")
+            or (deadline is not None and time.monotonic() >= deadline)
+        )
+    ):
+        raise VerificationTimeout(time.monotonic() - started, bool(locked))
     if isinstance(error, (apsw_backup.CorruptError, apsw_backup.NotADBError)):
         return [str(error)]
     if error is not None:
@@ -95,6 +141,32 @@ def integrity_problems(
     ]
     _raise_read_failure(found or rows)
     return found or rows
+
+
+def _remove_what_reading_made(path: str, existed: list[bool]) -> None:
+    """A read-only connection to a WAL database creates an empty -wal and a
+    -shm, and cannot remove them.  If they were not there before and the
+    -wal is still empty, a read-write connection opened and closed removes
+    them -- SQLite does so only as the last connection, under its locks;
+    with nothing in the -wal, closing writes nothing to the file."""
+    if any(existed):
+        return
+    try:
+        if os.stat(path + "-wal").st_size:
+            return
+    except OSError:
+        return
+    try:
+        conn = apsw_backup.Connection(path, apsw_backup.SQLITE_OPEN_READWRITE)
+    except apsw_backup.Error:
+        return
+    try:
+        conn.set_busy_timeout(100)
+        conn.execute("PRAGMA schema_version").fetchall()
+    except apsw_backup.Error:
+        pass
+    finally:
+        conn.close(force=True)
 
 
 # integrity_check reports a page it could not read as a problem of the file

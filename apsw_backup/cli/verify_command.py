@@ -6,10 +6,12 @@ import argparse
 import errno
 import os
 import stat
-import sys
+import time
 from typing import Any
 
 import apsw_backup
+from apsw_backup.cli import output
+from apsw_backup.cli.arguments import VERIFY_LOCK_WAIT
 from apsw_backup.cli.errors import (
     CURES,
     EXIT_ERROR,
@@ -20,13 +22,15 @@ from apsw_backup.cli.errors import (
     _os_cause,
     _q,
 )
-from apsw_backup.cli.failures import _error_object
+from apsw_backup.cli.failures import _busy, _error_object
+from apsw_backup.cli.open_problems import open_problem
 from apsw_backup.cli.plan import Job
 from apsw_backup.cli.progress import ProgressLine, _progress_line
 from apsw_backup.cli.signals import Interrupted, Interrupts
 from apsw_backup.cli.summary import _print_json
 from apsw_backup.cli.verification import (
     VerificationFailed,
+    VerificationTimeout,
     _problems_text,
     integrity_problems,
 )
@@ -36,8 +40,9 @@ def _verify_command(args: argparse.Namespace, interrupts: Interrupts) -> int:
     """apsw-backup verify FILE...: check each; the highest exit code."""
     results = []
     code = EXIT_OK
+    deadline = None if args.timeout is None else time.monotonic() + args.timeout
     for path in args.files:
-        item, item_code = _verify_one(path, args, interrupts)
+        item, item_code = _verify_one(path, args, interrupts, deadline)
         results.append(item)
         code = max(code, item_code)
         if item_code >= 128:
@@ -56,19 +61,22 @@ def _verify_command(args: argparse.Namespace, interrupts: Interrupts) -> int:
 
 
 def _verify_one(
-    path: str, args: argparse.Namespace, interrupts: Interrupts
+    path: str,
+    args: argparse.Namespace,
+    interrupts: Interrupts,
+    deadline: float | None = None,
 ) -> tuple[dict[str, Any], int]:
     """Check one FILE, report it; (its --json item, its exit code)."""
     line = _progress_line(args.progress, Job(path, path, True, True))
     if line is not None:
         line.verifying(f"verifying {path}")
-    code, message, error, problems = _outcome_of_check(path, interrupts, line)
+    code, message, error, problems = _outcome_of_check(path, interrupts, line, deadline)
     if line is not None:
         line.end([f"verified {path}: ok"] if not code else [f"stopped: {path}"])
     if code:
-        print(f"{PROG}: {message}", file=sys.stderr)
+        output.err(f"{PROG}: {message}")
     elif not args.json:
-        print(f"{PROG}: {message}")
+        output.out(f"{PROG}: {message}")
     item = {
         "file": path,
         "exit_code": code,
@@ -80,18 +88,42 @@ def _verify_one(
 
 
 def _outcome_of_check(
-    path: str, interrupts: Interrupts, line: ProgressLine | None
+    path: str,
+    interrupts: Interrupts,
+    line: ProgressLine | None,
+    deadline: float | None = None,
 ) -> tuple[int, str, BaseException | None, list[str] | None]:
     """(exit code, message, error, problems found or None if not checked)."""
     try:
-        _check_file(path)
-        problems = integrity_problems(path, interrupts, line.tick if line else None)
+        size = _check_file(path)
+        if not size:
+            empty = ["the file is empty (0 bytes): it is not a backup"]
+            message = (
+                f"verification failed: FILE {_q(path)} is empty (0 bytes): SQLite "
+                "would take it for an empty database, but it holds no backup"
+            )
+            return EXIT_VERIFY, message, VerificationFailed(empty), empty
+        problems = integrity_problems(
+            path,
+            interrupts,
+            line.tick if line else None,
+            deadline,
+            lock_wait=VERIFY_LOCK_WAIT,
+        )
     except Failure as failure:
         return failure.code, failure.message, failure.error, None
     except Interrupted as stop:
         return 128 + stop.signum, f"interrupted while verifying {_q(path)}", stop, None
+    except VerificationTimeout as exc:
+        cure = (
+            "end the other connection's long transaction, or retry later"
+            if exc.locked
+            else "retry with a longer --timeout"
+        )
+        message = f"cannot verify FILE {_q(path)}: {exc}: {cure}"
+        return EXIT_ERROR, message, _busy(str(exc)), None
     except apsw_backup.Error as exc:
-        message = f"cannot verify FILE {_q(path)}: {type(exc).__name__}: {exc}"
+        message = f"cannot verify FILE {_q(path)}: {open_problem(path, exc, 'FILE')}"
         return EXIT_ERROR, message, exc, None
     if problems:
         message = (
@@ -99,11 +131,11 @@ def _outcome_of_check(
             f"{_problems_text(problems)}"
         )
         return EXIT_VERIFY, message, VerificationFailed(problems), problems
-    size = os.path.getsize(path) / 1e6
-    return EXIT_OK, f"{path}: integrity_check ok ({size:.1f} MB)", None, []
+    return EXIT_OK, f"{path}: integrity_check ok ({size / 1e6:.1f} MB)", None, []
 
 
-def _check_file(path: str) -> None:
+def _check_file(path: str) -> int:
+    """FILE's size; Failure if it is not a regular file that can be read."""
     try:
         info = os.stat(path)
     except OSError as exc:
@@ -118,3 +150,4 @@ def _check_file(path: str) -> None:
             f"FILE {_q(path)} is not a regular file: name a backup file",
             error,
         )
+    return info.st_size

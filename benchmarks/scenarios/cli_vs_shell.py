@@ -19,7 +19,7 @@ process loads (.ci/sqlite-versions points LD_LIBRARY_PATH at another build,
 which may lack symbols the system shell links to), it is reported as
 unusable here, with its error, and the ratio is not measured.  Both SQLite
 versions are recorded, since the ratio compares the two builds.
-Target (SPEC 6): apsw-backup --no-verify <= 1.1x the shell (paired median).
+Target (docs/performance.md): apsw-backup --no-verify <= 1.1x the shell (paired median).
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ quick 8), in the OS cache, is copied to a new file beside it by:
 Each run is a fresh process: os.sync(), the writer starts, 0.3 s later the
 copy; the commits that began during the copy are kept; "none" keeps 1 s of
 the writer alone.  5 rounds (quick 1), contenders rotated; latencies pooled.
-Targets (SPEC 6): writer p99 during copy() <= 0.5x its p99 during cp +
+Targets (docs/performance.md): writer p99 during copy() <= 0.5x its p99 during cp +
 fsync; copy() defaults no more than 1.3x slower than copy(flush_every=None).
 """
 

@@ -10,7 +10,7 @@ journal mode, running the six (api, pages) cases in a rotated order, each
 with a fresh writer thread and a fresh target.  Reported: the median and
 worst time of the call, its steps, lock waits, restarts and whether it took
 the snapshot, and the writer's longest commit during the copy.
-Targets (SPEC 6): journal < 0.2 s median and < 0.5 s worst; WAL < 0.1 s
+Targets (docs/performance.md): journal < 0.2 s median and < 0.5 s worst; WAL < 0.1 s
 (read as: worst < 0.1 s).
 """
 

@@ -23,7 +23,7 @@ does), so each commit is known to have run a checkpoint or not.  Cases:
   holds no read mark meanwhile);
 - copy(pages=256) + pause 1 ms.
 
-Target (SPEC 6): p99 with copy() defaults <= 1.3x none; the copy no more
+Target (docs/performance.md): p99 with copy() defaults <= 1.3x none; the copy no more
 than 1.2x slower for whatever pacing is proposed.
 """
 

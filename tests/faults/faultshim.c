@@ -1,4 +1,4 @@
-/* Test-only fault injection for the system libsqlite3 (issue 12, SPEC 7).
+/* Test-only fault injection for the system libsqlite3 (docs/testing.md).
  *
  * Built by tests/faults/shim.py with the system compiler into a shared
  * object that links libsqlite3.so.0 -- so it lands in the very SQLite the
@@ -112,7 +112,7 @@ f_read(sqlite3_file *f, void *buf, int amount, sqlite3_int64 offset)
 }
 
 /* A write armed with rc FAULT_DROP reports success but never reaches the
- * file: a write lost by a disk or a driver (issue 20's detection test). */
+ * file: a write lost by a disk or a driver (the byte check of docs/verification.md). */
 #define FAULT_DROP (-1)
 
 static int

@@ -1,4 +1,4 @@
-"""I/O faults at every point of a backup (issue 12 item 1, SPEC 7).
+"""I/O faults at every point of a backup (docs/testing.md).
 
 A *case* is a source and a destination kind; a *route* is the way the
 backup is made (Backup.step(), copy() to a path or to a Connection, the
@@ -411,7 +411,7 @@ def _class_for(result):
 
 
 def leftover_problems(run):
-    """What copy() or the CLI left beside DEST (SPEC 4.1): nothing after a
+    """What copy() or the CLI left beside DEST (docs/command-line.md): nothing after a
     success; after a failure into a new DEST not even DEST, and for an
     existing DEST only SQLite's own files for rolling it back."""
     if run.route not in ("copy-path", "cli"):

@@ -1,4 +1,4 @@
-"""Out of memory at every allocation of a backup (issue 12 item 2, SPEC 7).
+"""Out of memory at every allocation of a backup (docs/testing.md).
 
 Run as a fresh process by tests/test_oom.py and .ci/faults:
 

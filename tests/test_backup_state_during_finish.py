@@ -1,11 +1,11 @@
-"""Attack review of issue 10 (branch `attack`): what other threads see of a
-Backup while a claimed finish runs (SPEC 3.3: "bool(backup) is True until
+"""What other threads see of a Backup while a claimed finish runs
+(docs/api.md#backup: "bool(backup) is True until
 finished. repr shows ... progress, or that it is finished").
 
 A12: while another thread's finish() waits in sqlite3_backup_finish (GIL
 released), bool(b) is True but repr(b) already says "finished" (repr tests
 `backup == NULL`, bool tests `backup != NULL || finishing`).  The same
-during restart_backup.  See /work/notes/attack-findings.md.
+during restart_backup.
 """
 
 import threading

@@ -1,5 +1,5 @@
-"""Attack review of issue 10 (branch `attack`): SPEC 3.7 / 4.1 -- a backup
-whose source and destination are one database must be refused, never hang.
+"""One database on both sides (docs/locking.md): a backup whose source and
+destination are one database must be refused, never hang.
 
 A4: the destination connection has ATTACHed the source's shared cache under
 another schema name: `step()` self-deadlocks inside SQLite (no CPU,
@@ -8,7 +8,7 @@ A5: the memdb VFS shares a database between connections by name
 (`file:/name?vfs=memdb`): no file, so the inode check cannot see it; every
 step is BUSY, and copy() with the default timeout=None retries for ever.
 
-See /work/notes/attack-findings.md.  Hang-prone cases run in a subprocess.
+Hang-prone cases run in a subprocess.
 """
 
 import subprocess
@@ -39,7 +39,7 @@ def run_child(code, tmp_path, timeout=20):
 @pytest.mark.skipif(
     tuple(map(int, ab.sqlite_lib_version().split("."))) < (3, 39),
     reason="listing the destination's schemas without SQL needs sqlite3_db_name "
-    "(3.39+); before it only main and temp are checked (README)",
+    "(3.39+); before it only main and temp are checked (docs/testing.md)",
 )
 def test_destination_attached_source_shared_cache_refused(tmp_path):
     proc = run_child(
@@ -167,8 +167,8 @@ def test_two_empty_memdb_databases_are_not_taken_for_one(sname, dname):
 def test_one_empty_shared_memdb_database_is_refused_or_ends_at_the_timeout():
     # SQLite 3.40 names a shared memdb database "/name" (refused as one
     # database); 3.46+ names it "" and an empty store has no address to
-    # compare, so the copy waits on its own lock until the timeout (README,
-    # "SQLite versions").  Either way it ends.
+    # compare, so the copy waits on its own lock until the timeout
+    # (docs/testing.md, SQLite versions).  Either way it ends.
     s = ab.Connection("file:/attack_e4?vfs=memdb", URI)
     d = ab.Connection("file:/attack_e4?vfs=memdb", URI)
     try:

@@ -1,7 +1,7 @@
-"""Attack review of issue 10 (branch `attack`): Python code that runs inside
+"""Re-entrancy (docs/locking.md): Python code that runs inside
 a method after its guard -- argument conversion (`__index__`), busy
 handlers, destructors -- must not be able to close or lock the connection
-under that method.  See /work/notes/attack-findings.md (A1).
+under that method (A1).
 
 Crash-prone cases run in a subprocess, bounded in time.
 """

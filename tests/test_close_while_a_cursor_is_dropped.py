@@ -1,4 +1,5 @@
-"""Attack review of issue 10 (branch `attack`), SPEC 3.7 ownership.
+"""Ownership (docs/locking.md): Connection.close() while another thread
+drops one of its cursors (a reproducer from an attack review).
 
 A9: Connection.close() walks its cursor list with borrowed pointers and
 calls cursor_close_internal(), which finalizes with the GIL released and
@@ -84,6 +85,7 @@ print("SURVIVED")
     shutil.which("valgrind") is None or under_asan(),
     reason="needs valgrind (and not the ASan build)",
 )
+@pytest.mark.heavy  # a valgrind run: about 4 s
 def test_interrupt_while_close_frees_the_handle():
     # The write happens inside libsqlite3, which ASan does not instrument:
     # valgrind sees it.

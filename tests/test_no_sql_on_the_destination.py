@@ -1,5 +1,4 @@
-"""Attack review of issue 10 (branch `attack`), SPEC 3.7: no SQL may run
-on a backup's destination while the backup is unfinished -- it can commit
+"""No SQL may run (docs/locking.md) on a backup's destination while the backup is unfinished -- it can commit
 the backup's write transaction (a partial copy).
 
 A8: a Cursor of the destination with a live statement on *another* schema
@@ -7,7 +6,7 @@ A8: a Cursor of the destination with a live statement on *another* schema
 during the backup finalizes the statement, and SQLite's autocommit then
 commits every schema's transaction -- the backup's partial copy included.
 finish() says "rolled back"; the destination is corrupt and its old content
-gone.  See /work/notes/attack-findings.md.
+gone.
 """
 
 import pytest

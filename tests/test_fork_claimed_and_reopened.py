@@ -1,4 +1,5 @@
-"""Attack review of issue 10 (branch `attack`): SPEC 3.7 fork rules.
+"""Fork (docs/locking.md): a Backup claimed by another thread at the moment
+of fork(), and an inherited Connection reopened in the child.
 
 A2: a Backup claimed by another thread's finish (or restart) at the moment
 of fork() is never released in the child: finish()/close(force=True)/
@@ -7,7 +8,7 @@ A3: a child that reopens an inherited Connection object (close(force=True),
 then __init__) revives the parent's Cursors and Backups, which then call
 into the parent's SQLite state (the destination ends up corrupt).
 
-See /work/notes/attack-findings.md.  Every case runs in a subprocess that
+Every case runs in a subprocess that
 forks, bounded in time.
 """
 

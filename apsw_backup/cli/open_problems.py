@@ -1,0 +1,112 @@
+"""Why SQLite could not open or read a database file, with the cure.
+
+SQLite's own words for these ("attempt to write a readonly database",
+"unable to open database file") name neither the cause nor the cure, and
+the errno it records may be that of a side file it tried to create
+(ENOENT for a -shm that is not there).  The cases, found from the files:
+
+- a hot -journal (a writer interrupted mid-transaction): reading needs the
+  rollback first, and that needs write access to the file and its folder;
+- a WAL database: reading needs its -wal and -shm, which SQLite creates in
+  the folder when they are not there -- impossible in a folder this user may
+  not write to, or on a read-only file system;
+- the file itself missing or unreadable (only then is ENOENT the cause).
+"""
+
+from __future__ import annotations
+
+import os
+
+import apsw_backup
+from apsw_backup.cli.dest_file import header_facts
+from apsw_backup.cli.errors import _os_cause, _q
+
+
+def open_problem(path: str, exc: apsw_backup.Error, role: str) -> str:
+    """exc (raised opening or reading the database at path, which plays
+    `role`: SOURCE, DEST, FILE) in words that name the cause and the cure."""
+    found = cause_of(path, role)
+    if found:
+        return found
+    text = f"{type(exc).__name__}: {exc}"
+    if "No such file or directory" in text and os.path.lexists(path):
+        # SQLite's errno is that of the last file it tried, which may be a
+        # side file; the file itself is there.
+        text += (
+            f" -- {role} {_q(path)} itself exists: the missing file is one SQLite "
+            "needed beside it (its -wal, -shm or -journal), which it could not "
+            "create there: check the folder's permissions and file system"
+        )
+    return text
+
+
+def cause_of(path: str, role: str) -> str | None:
+    """The cause and cure of a failure to read the database at path, from
+    the files; None when none of the known causes is there."""
+    try:
+        os.stat(path)
+    except OSError as exc:
+        return f"{role} {_q(path)} {_os_cause(exc)}: check the path"
+    if not os.access(path, os.R_OK):
+        return (
+            f"cannot read {role} {_q(path)}: permission denied (EACCES): run as "
+            "a user who may read it, or change its permissions"
+        )
+    folder = os.path.dirname(os.path.abspath(path))
+    denied = _cannot_write(folder)
+    if _is_hot(path + "-journal"):
+        blocked = denied or _cannot_write(path)
+        if blocked:
+            return (
+                f"{role} {_q(path)} has a hot journal {_q(path + '-journal')}: a "
+                "writer was interrupted in the middle of a transaction, and SQLite "
+                f"must roll that journal back before {role} can be read, which needs "
+                f"write access to {role} and its folder {_q(folder)}, and {blocked}. "
+                "Open it once as a user who may write there (the application's, "
+                f"which does so by itself), then run this again; never delete "
+                f"the -journal: {role} is damaged without it"
+            )
+    if header_facts(path).get("journal_mode") == "wal" and denied:
+        missing = [
+            side for side in ("-wal", "-shm") if not os.path.lexists(path + side)
+        ]
+        if missing:
+            what = " and ".join(path + side for side in missing)
+            if "read-only file system" in denied:
+                cure = (
+                    "remount it read-write, or copy the database file (with its "
+                    "-wal, if there is one) to a writable place and use that copy"
+                )
+            else:
+                cure = (
+                    "run as a user who may create files in that folder (the "
+                    "database's owner), or let the application keep the database "
+                    "open meanwhile (its -wal and -shm then exist)"
+                )
+            return (
+                f"{role} {_q(path)} is in WAL mode, and reading it needs its "
+                f"{' and '.join(missing)} file{'s' if len(missing) > 1 else ''} "
+                f"({what}), which SQLite must create in {_q(folder)}, and "
+                f"{denied}: {cure}"
+            )
+    return None
+
+
+def _is_hot(journal: str) -> bool:
+    try:
+        return os.stat(journal).st_size > 0
+    except OSError:
+        return False
+
+
+def _cannot_write(path: str) -> str | None:
+    """Why this process may not write path (a file or folder), or None."""
+    try:
+        if os.statvfs(path).f_flag & os.ST_RDONLY:
+            return "it is on a read-only file system (EROFS)"
+    except OSError:
+        pass
+    mode = os.W_OK | (os.X_OK if os.path.isdir(path) else 0)
+    if not os.access(path, mode):
+        return f"this user may not write to {_q(path)} (EACCES)"
+    return None
