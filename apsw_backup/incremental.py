@@ -584,20 +584,6 @@ def _lock_byte_page(page_size: int) -> int:
 # -- writing a point -------------------------------------------------------
 
 
-class _NewFile(files.NewFile):
-    """files.NewFile whose temporary file only the process that made it
-    removes: a child forked meanwhile (inside a step, say) that fails on its
-    inert objects must leave the parent's file alone."""
-
-    def __init__(self, final: str) -> None:
-        super().__init__(final)
-        self._owner = os.getpid()
-
-    def discard(self) -> None:
-        if os.getpid() == self._owner:
-            super().discard()
-
-
 def _final_name(folder: str, stem: str, kind: str, created: datetime) -> str:
     return os.path.join(folder, f"{stem}-{created.strftime(STAMP)}.{kind}{SUFFIX}")
 
@@ -760,7 +746,7 @@ def _write_point(source: _c.Connection, source_name: str, folder: str, stem: str
         created = created.replace(microsecond=(created.microsecond + 1) % 1_000_000)
         final = _final_name(folder, stem, kind, created)
     data_offset = _data_offset(source_name)
-    new = _NewFile(final)
+    new = files.NewFile(final)
     new.create()
     try:
         rec = _Recording(
@@ -822,7 +808,7 @@ def _materialize(chain: list[_Point], folder: str, stem: str) -> _Point:
     final = _final_name(folder, stem, "base", tip.info.created)
     data_offset = _data_offset(tip.info.source)
     pages = _ChainFiles(chain)
-    new = _NewFile(final)
+    new = files.NewFile(final)
     index: list[int] = []
     try:
         new.create()
@@ -1159,7 +1145,7 @@ def _restore_new(
 ) -> None:
     files.remove_stale(os.path.dirname(target))
     pages = _ChainFiles(chain)
-    new = _NewFile(target)
+    new = files.NewFile(target)
     try:
         new.create()
         P = pages.page_size

@@ -312,8 +312,8 @@ def sc_recorder(run: Run) -> None:
 
 
 def sc_incremental(run: Run) -> None:
-    """Issue 21's shims: a base and a delta from the source connection
-    through the delta shim (stepped), a restore through the overlay into the
+    """The incremental shims (docs/incremental.md): a base and a delta
+    from the source connection through the delta shim (stepped), a restore through the overlay into the
     destination (old content: written in SQLite's transaction), a query of
     a restore point.  The library's own connections are not in run.objs:
     the actions reach the source connection and the released windows."""
