@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import array
 import dataclasses
-import fcntl
 import os
 import re
 import struct
@@ -966,7 +965,7 @@ def incremental(
         result.elapsed = time.monotonic() - started
         return result
     finally:
-        os.close(lock)  # our own descriptor of the folder: drops the flock
+        lock.release()
 
 
 def _page_size_of(conn: _c.Connection) -> int:
@@ -976,24 +975,18 @@ def _page_size_of(conn: _c.Connection) -> int:
     return value
 
 
-def _lock_folder(folder: str) -> int:
-    """An exclusive flock() on the folder itself, for the whole run: two
-    runs at once would both write a child of the same point (a fork in the
-    chain that the next run would take for damage).  A descriptor of the
-    folder, never of a file SQLite has open."""
-    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
+def _lock_folder(folder: str) -> files.FolderLock:
+    """The folder's lock (files.FolderLock), exclusive, for the whole run:
+    two runs at once would both write a child of the same point (a fork in
+    the chain that the next run would take for damage); a plain backup's
+    rotation in the same folder takes turns with it too."""
+    lock = files.FolderLock(folder)
+    if not lock.acquire(True, 0.0):
         raise FolderBusyError(
-            f"another incremental backup is writing into {folder!r} (it holds "
-            "the folder's lock): try again once it has finished"
-        ) from None
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+            f"another backup is writing into {folder!r} (it holds the "
+            "folder's lock): try again once it has finished"
+        )
+    return lock
 
 
 def _rebase_reason(chain: list[_Point], max_chain: int, share: float) -> str:

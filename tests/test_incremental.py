@@ -425,7 +425,7 @@ def test_two_runs_into_one_folder_at_once_are_refused(setup):
     try:
         fcntl.flock(other, fcntl.LOCK_EX)
         change(src, 1)
-        with pytest.raises(inc.FolderBusyError, match="another incremental backup"):
+        with pytest.raises(inc.FolderBusyError, match="another backup is writing"):
             inc.incremental(src, folder)
     finally:
         os.close(other)
