@@ -1083,7 +1083,8 @@ def restore(
     """Rebuild the database of a restore point into dest.
 
     backup: a restore point file, or a folder (its newest point, or the
-    newest at or before `at`).  Every file of the chain is checked (its
+    newest at or before `at`), or a plain backup (an SQLite database file:
+    it is copied with copy(), a new dest checked with quick_check).  Every file of the chain is checked (its
     checksum, root hash, and link to its parent) before anything is
     written; a missing, reordered, truncated or altered file raises
     BrokenChainError naming it.
@@ -1104,19 +1105,22 @@ def restore(
     """
     started = time.monotonic()
     point = _resolve(backup, at)
-    chain = _chain_to(point, os.path.dirname(point))
-    _check_chain(chain)
     target = os.path.abspath(os.fspath(dest))
     if os.path.isdir(target):
         raise IsADirectoryError(
             f"DEST {target!r} is a folder: give the path of a database file"
         )
-    if os.path.lexists(target):
-        if not overwrite:
-            raise FileExistsError(
-                f"DEST {target!r} exists: pass overwrite=True (--overwrite) to "
-                "replace its content through SQLite's own transaction"
-            )
+    exists = os.path.lexists(target)
+    if exists and not overwrite:
+        raise FileExistsError(
+            f"DEST {target!r} exists: pass overwrite=True (--overwrite) to "
+            "replace its content through SQLite's own transaction"
+        )
+    if _parse_name(point) is None and not point.endswith(SUFFIX):
+        return _restore_plain(point, target, exists, keep_wal, timeout, progress)
+    chain = _chain_to(point, os.path.dirname(point))
+    _check_chain(chain)
+    if exists:
         return _restore_into_existing(chain, target, started, timeout, progress)
     _restore_new(chain, target, keep_wal, progress)
     return RestoreResult(
@@ -1127,6 +1131,61 @@ def restore(
         overwrote=False,
         writers_held=0.0,
         wal_growth=0,
+    )
+
+
+def _restore_plain(
+    path: str,
+    target: str,
+    exists: bool,
+    keep_wal: bool,
+    timeout: float | None,
+    progress: Callable[[int, int], Any] | None,
+) -> RestoreResult:
+    """BACKUP is a plain backup (an SQLite database file, as `apsw-backup
+    SOURCE DEST` makes): copy() it, a new DEST checked with quick_check
+    before it is renamed into place."""
+    started = time.monotonic()
+    if files.read_header(path, 16) != b"SQLite format 3\0":
+        raise ValueError(
+            f"{path!r} is neither a restore point (*{SUFFIX}) nor an SQLite "
+            "database: give a restore point, a folder of them, or a backup file"
+        )
+
+    def check(copied: str) -> None:
+        conn = _c.Connection(copied, _c.SQLITE_OPEN_READONLY)
+        try:
+            rows = [r[0] for r in conn.execute("PRAGMA quick_check").fetchall()]
+        finally:
+            conn.close()
+        _quick_check_result(rows, target)
+
+    step = None
+    if progress is not None:
+        report = progress
+
+        def step(status: int, remaining: int, total: int) -> None:
+            report(total - remaining, total)
+
+    wal = target + "-wal"
+    before = os.stat(wal).st_size if exists and os.path.exists(wal) else 0
+    result = copy(
+        path,
+        target,
+        timeout=timeout,
+        keep_wal=keep_wal,
+        progress=step,
+        verify=None if exists else check,
+    )
+    after = os.stat(wal).st_size if exists and os.path.exists(wal) else 0
+    return RestoreResult(
+        point=path,
+        dest=target,
+        pages=result.pages,
+        elapsed=time.monotonic() - started,
+        overwrote=exists,
+        writers_held=result.elapsed if exists else 0.0,
+        wal_growth=max(0, after - before),
     )
 
 

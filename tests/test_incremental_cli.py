@@ -154,3 +154,21 @@ def test_keep_counts_points_and_merges_rather_than_break_a_chain(tmp_path, capsy
     assert [p["kind"] for p in listed["points"]] == ["base", "delta", "delta"]
     assert run_json(capsys, "verify", str(folder))[0] == 0
     assert main(["--incremental", src, str(folder), "--keep", "0"]) == 2
+
+
+def test_restore_takes_a_plain_backup_file_too(tmp_path, capsys):
+    src = make_source(tmp_path / "app.db")
+    plain = tmp_path / "app-backup.db"
+    apsw_backup.copy(src, str(plain))
+    code, out = run_json(capsys, "restore", str(plain), str(tmp_path / "r.db"))
+    assert code == 0 and not out["overwrote"]
+    assert (tmp_path / "r.db").read_bytes() == plain.read_bytes()
+    live = make_source(tmp_path / "live.db", rows=3)
+    code, out = run_json(capsys, "restore", str(plain), live, "--overwrite")
+    assert code == 0 and out["overwrote"]
+    assert sqlite3.connect(live).execute("SELECT count(*) FROM t").fetchone() == (2000,)
+    junk = tmp_path / "notes.txt"
+    junk.write_text("not a database at all, but long enough " * 5)
+    code, out = run_json(capsys, "restore", str(junk), str(tmp_path / "x.db"))
+    assert code == 2 and "nor an SQLite database" in out["error"]
+    assert not (tmp_path / "x.db").exists()
