@@ -30,9 +30,10 @@ import dataclasses
 import os
 import re
 import struct
+import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -162,13 +163,46 @@ class ChainReport:
 class _Point:
     info: RestorePoint
     data_offset: int
-    index: list[int]  # page number of each stored page, in file order
-    manifest: bytes
+    index: Sequence[int]  # page number of each stored page, in file order
+    _manifest: bytes | None
     parent_root: bytes
     root: bytes
 
     def offset_of(self, position: int) -> int:
         return self.data_offset + position * self.info.page_size
+
+    @property
+    def manifest(self) -> bytes:
+        """The manifest, read again from the file (and checked again) if it
+        was dropped: a chain's points need not all hold theirs at once (16
+        bytes a page each)."""
+        if self._manifest is None:
+            again = _read_point(self.info.path)
+            if again.root != self.root:
+                raise _damaged(self.info.path, "changed since it was first read")
+            self._manifest = again._manifest
+            assert self._manifest is not None
+        return self._manifest
+
+    def drop(self) -> None:
+        self._manifest = None
+
+
+def _index_from_bytes(data: bytes) -> array.array[int]:
+    """An index (big-endian u64s) as an array: 8 bytes a page, not a
+    Python int's 30-odd."""
+    index = array.array("Q")
+    index.frombytes(data)
+    if sys.byteorder == "little":
+        index.byteswap()
+    return index
+
+
+def _index_to_bytes(index: Sequence[int]) -> bytes:
+    out = array.array("Q", index)
+    if sys.byteorder == "little":
+        out.byteswap()
+    return out.tobytes()
 
 
 def root_hash(page_size: int, manifest: bytes) -> bytes:
@@ -246,7 +280,9 @@ def _read_point(path: str) -> _Point:
         raise _damaged(path, "altered (its root hash does not match its manifest)")
     if kind > 1 or (kind == 0) != (parent_root == ZERO_HASH):
         raise _damaged(path, "damaged (its kind and parent disagree)")
-    index = list(struct.unpack(f">{stored}Q", index_bytes))
+    index = _index_from_bytes(index_bytes)
+    if index and (min(index) < 1 or max(index) > page_count):
+        raise _damaged(path, "damaged (its index names a page it does not have)")
     source = header[_HEADER.size : _HEADER.size + path_len].decode("utf-8", "replace")
     name = _parse_name(path)
     info = RestorePoint(
@@ -340,6 +376,9 @@ def _chains(paths: list[str]) -> tuple[list[list[_Point]], list[str], list[str]]
             chains.append([])
             continue
         chains[-1].append(p)
+    for chain in chains:
+        for p in chain[:-1]:
+            p.drop()  # only a chain's tip keeps its manifest in memory
     return [c for c in chains if c], problems, twins
 
 
@@ -411,6 +450,7 @@ def _chain_to(point_path: str, folder: str) -> list[_Point]:
                 child.info.path,
             )
         chain.insert(0, parent)
+        parent.drop()  # read again when needed: 16 bytes a page each
     return chain
 
 
@@ -558,7 +598,7 @@ class _ChainFiles:
 
 
 def _first_bad(
-    data: bytes, page_size: int, pages: range | list[int], manifest: bytes
+    data: bytes, page_size: int, pages: Sequence[int], manifest: bytes
 ) -> int | None:
     """The first of `pages` (held in that order in data) whose hash is not
     the manifest's, or None; the lock-byte page's zero hash is skipped.  A
@@ -605,12 +645,12 @@ def _data_offset(source: str) -> int:
     return (need + 4095) // 4096 * 4096
 
 
-def _finish_file(fd: int, header: bytes, index: list[int], manifest: bytes,
+def _finish_file(fd: int, header: bytes, index: Sequence[int], manifest: bytes,
                  parent_root: bytes, page_size: int) -> tuple[bytes, int]:  # fmt: skip
     """Write header, index, manifest and trailer around the pages already
     at the data offset; returns (root, file size)."""
     data_offset = len(header)
-    index_bytes = struct.pack(f">{len(index)}Q", *index)
+    index_bytes = _index_to_bytes(index)
     index_off = data_offset + len(index) * page_size
     manifest_off = index_off + len(index_bytes)
     root = root_hash(page_size, manifest)
@@ -635,12 +675,14 @@ def _write_all(fd: int, data: bytes, offset: int) -> None:
         offset += n
 
 
-def _compact(fd: int, data_offset: int, page_size: int, slots: list[int]) -> list[int]:
+def _compact(
+    fd: int, data_offset: int, page_size: int, slots: array.array[int]
+) -> array.array[int]:
     """Move the pages of live slots over the dead ones (a restart left
     them); the index of the pages, in file order."""
-    live = [pgno for pgno in slots if pgno]
-    if len(live) == len(slots):
+    if 0 not in slots:
         return slots
+    live = array.array("q", (pgno for pgno in slots if pgno))
     out = 0
     for position, pgno in enumerate(slots):
         if not pgno:
@@ -656,7 +698,7 @@ def _read_back(
     fd: int,
     data_offset: int,
     page_size: int,
-    index: list[int],
+    index: Sequence[int],
     manifest: bytes,
     path: str,
 ) -> None:
@@ -755,7 +797,7 @@ def _write_point(source: _c.Connection, source_name: str, folder: str, stem: str
         problem = _recording_problem(outcome, page_size)
         if problem:
             raise IncrementalError(problem)
-        slots = list(array.array("q", outcome["slot_pages"]))
+        slots = array.array("q", outcome["slot_pages"])
         index = _compact(new.fd, data_offset, page_size, slots)
         manifest = outcome["manifest"]
         if 1 in index:
@@ -808,7 +850,7 @@ def _materialize(chain: list[_Point], folder: str, stem: str) -> _Point:
     data_offset = _data_offset(tip.info.source)
     pages = _ChainFiles(chain)
     new = files.NewFile(final)
-    index: list[int] = []
+    index = array.array("Q")
     try:
         new.create()
         out = data_offset
@@ -1496,14 +1538,17 @@ def _verify_pages(point: _Point, parent: _Point | None) -> None:
     lock = _lock_byte_page(P)
     mine = bytearray(manifest[: inherited * HASH])
     theirs = parent.manifest[: inherited * HASH] if parent else b""
-    stored = set(point.index)
+    stored = bytearray(count + 1)  # a flag a page: not a set of ints
     for pgno in point.index:
+        if stored[pgno]:
+            raise _damaged(point.info.path, f"damaged (page {pgno} stored twice)")
+        stored[pgno] = 1
         if pgno <= inherited:
             mine[(pgno - 1) * HASH : pgno * HASH] = theirs[
                 (pgno - 1) * HASH : pgno * HASH
             ]
     missing = [
-        p for p in range(inherited + 1, count + 1) if p not in stored and p != lock
+        p for p in range(inherited + 1, count + 1) if not stored[p] and p != lock
     ]
     if mine != theirs or missing:
         bad = missing[0] if missing else _first_difference(mine, theirs)
@@ -1523,3 +1568,5 @@ def _first_difference(a: bytes | bytearray, b: bytes | bytearray) -> int:
 def _check_chain(chain: list[_Point]) -> None:
     for i, point in enumerate(chain):
         _verify_pages(point, chain[i - 1] if i else None)
+        if i:
+            chain[i - 1].drop()  # only the tip's is needed afterwards
