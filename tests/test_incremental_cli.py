@@ -172,3 +172,9 @@ def test_restore_takes_a_plain_backup_file_too(tmp_path, capsys):
     code, out = run_json(capsys, "restore", str(junk), str(tmp_path / "x.db"))
     assert code == 2 and "nor an SQLite database" in out["error"]
     assert not (tmp_path / "x.db").exists()
+
+
+@pytest.mark.parametrize("verb", [["restore"], ["list"], ["--incremental"]])
+def test_help_of_each_verb_exits_0(verb, capsys):
+    assert main([*verb, "--help"]) == 0
+    assert "usage: apsw-backup" in capsys.readouterr().out

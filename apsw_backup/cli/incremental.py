@@ -23,7 +23,7 @@ from typing import Any
 import apsw_backup
 from apsw_backup import files
 from apsw_backup import incremental as inc
-from apsw_backup.cli.arguments import _count_arg, _Parser, _seconds
+from apsw_backup.cli.arguments import _count_arg, _Exit, _Parser, _seconds
 from apsw_backup.cli.errors import (
     EXIT_ERROR,
     EXIT_OK,
@@ -58,6 +58,8 @@ def run(argv: Sequence[str], interrupts: Interrupts) -> int:
         if argv[0] == "verify":
             return _verify(_parse_verify(argv[1:]), interrupts)
         return _incremental(_parse_incremental(argv), interrupts)
+    except _Exit as done:  # --help
+        return done.code
     except Failure as failure:
         return _failed(failure.code, failure.message, as_json)
     except Interrupted as stop:
