@@ -127,6 +127,8 @@ def test_restore_of_a_broken_chain_exits_3_naming_the_file(points, tmp_path, cap
 
 
 def test_usage_errors_exit_2(tmp_path, capsys):
+    assert main(["verify", str(tmp_path)]) == 2  # no restore points there
+    assert "holds no restore points" in capsys.readouterr().err
     assert main(["restore", str(tmp_path)]) == 2
     assert main(["list", str(tmp_path / "nope")]) == 2
     assert main(["--incremental", str(tmp_path / "nope.db"), str(tmp_path)]) == 2
