@@ -111,6 +111,7 @@ class _ReadBack(TypedDict):
     mismatched_pages: list[int]
     unrecorded_pages: list[int]
     missing_pages: list[int]
+    direct: bool
 
 class _RecorderStats(TypedDict):
     page_size: int
@@ -124,6 +125,7 @@ class _RecorderStats(TypedDict):
     page_size_changes: int
     incomplete: bool
     open_files: int
+    syncs: int
 
 class Error(Exception):
     result: int | None

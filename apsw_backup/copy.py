@@ -34,6 +34,9 @@ from typing import TYPE_CHECKING, Literal, TypeGuard, TypeVar, Union
 from apsw_backup import _apsw_backup as _c
 from apsw_backup import files
 
+if TYPE_CHECKING:
+    from apsw_backup import verify as _verify
+
 Database = _c.Connection | str | os.PathLike[str]
 
 if TYPE_CHECKING:
@@ -46,6 +49,8 @@ if TYPE_CHECKING:
 Source = Union[Database, "sqlite3.Connection"]  # noqa: UP007 (forward ref)
 Progress = Callable[[int, int, int], object]
 Verify = Callable[[str], object]
+Level = Literal["default", "full"]
+VerifyProgress = Callable[["_verify.Progress"], object]
 Snapshot = bool | Literal["auto"]
 Outcome = int | _c.Error
 T = TypeVar("T")
@@ -105,7 +110,10 @@ class CopyResult:
     snapshot: whether copy() held a read transaction on the source;
     wal_growth: bytes the source's -wal file grew during the copy (0 when
     the source is not in WAL mode);
-    path: the target's file when the target was a path, else None.
+    path: the target's file when the target was a path, else None;
+    verification: with verify="default" or "full", the VerifyResult (which
+    checks ran, their outcomes and seconds: ``verification.to_json()``),
+    else None.
     """
 
     pages: int
@@ -118,6 +126,7 @@ class CopyResult:
     snapshot: bool = False
     wal_growth: int = 0
     path: str | None = None
+    verification: _verify.VerifyResult | None = None
 
 
 @dataclass(frozen=True)
@@ -132,9 +141,11 @@ class _Options:
     timeout: float | None
     snapshot: Snapshot
     keep_wal: bool
-    verify: Verify | None
+    verify: Verify | Level | None
     flush_every: int | None = FLUSH_EVERY
     target_exists: bool | None = None
+    verify_progress: VerifyProgress | None = None
+    before_publish: Verify | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.pages, int) or isinstance(self.pages, bool):
@@ -166,14 +177,25 @@ class _Options:
             raise TypeError(
                 f"keep_wal must be True or False, not {type(self.keep_wal).__name__}"
             )
-        if self.verify is not None and not callable(self.verify):
+        if isinstance(self.verify, str):
+            if self.verify not in ("default", "full"):
+                raise ValueError(
+                    f"verify must be 'default', 'full', a callable or None, not "
+                    f"{self.verify!r}"
+                )
+        elif self.verify is not None and not callable(self.verify):
             raise TypeError(
-                "verify must be callable (it is given the copy's path) or None"
+                "verify must be 'default', 'full', a callable (it is given the "
+                f"copy's path) or None, not {type(self.verify).__name__}"
             )
         if self.target_exists is not None and not isinstance(self.target_exists, bool):
             raise TypeError(
                 f"target_exists must be None, True or False, not {self.target_exists!r}"
             )
+        if self.verify_progress is not None and not callable(self.verify_progress):
+            raise TypeError("verify_progress must be callable or None")
+        if self.before_publish is not None and not callable(self.before_publish):
+            raise TypeError("before_publish must be callable or None")
         flush = self.flush_every
         if flush is not None and (
             not isinstance(flush, int) or isinstance(flush, bool)
@@ -522,6 +544,12 @@ class _TargetSide:
         self.flush_every = options.flush_every or 0
         self.was_wal = False
         self.schema = options.target_name
+        # verify="default"/"full": every page SQLite writes to a file opened
+        # here is hashed (PageRecorder) for the byte check; no_hashes says
+        # why the byte check cannot run when it cannot.
+        self.level = options.verify if isinstance(options.verify, str) else None
+        self.recorder: _c.PageRecorder | None = None
+        self.no_hashes: str | None = None
         if isinstance(target, _c.Connection):
             self.kind, self.user = "connection", target
             self.file = _schema_file(target, options.target_name, "target")
@@ -590,7 +618,7 @@ class _TargetSide:
         else:
             flags = _c.SQLITE_OPEN_READWRITE
         try:
-            self.conn = _c.Connection(path, flags)
+            self.conn = _c.Connection(path, flags, self._record(path))
         except _c.CantOpenError as exc:
             raise _renamed(exc, f"cannot open the target {self.file!r}: {exc}") from exc
         if self.new is None:
@@ -598,6 +626,17 @@ class _TargetSide:
             self.was_wal = files.header_is_wal(self.conn.file_header("main"))
         if self.flush_every:
             self._start_flushing()
+
+    def _record(self, path: str) -> str | None:
+        """The VFS to open the target with: a PageRecorder's, when verifying."""
+        if self.level is None:
+            return None
+        try:
+            self.recorder = _c.PageRecorder(path)
+        except ValueError as exc:  # another copy records this file now
+            self.no_hashes = str(exc)
+            return None
+        return self.recorder.vfs
 
     def _start_flushing(self) -> None:
         """Write the copy out in slices as it goes (flush_every).
@@ -656,6 +695,8 @@ class _TargetSide:
             return
         if not keep_wal and not self.was_wal:
             self._to_rollback_journal()
+        if self.recorder is not None:
+            self._settle_for_read_back()
         conn, self.conn = self.conn, None
         conn.close()
         if self.new is not None and not keep_wal:
@@ -667,6 +708,19 @@ class _TargetSide:
             for side in ("-wal", "-shm"):
                 if os.path.lexists(self.new.path + side):
                     os.remove(self.new.path + side)
+
+    def _settle_for_read_back(self) -> None:
+        """A copy left in WAL mode has pages in its -wal: checkpoint them into
+        the file, which the byte check reads.  Other readers of an existing
+        target can keep the checkpoint from finishing: then only the SQL
+        checks run (the byte check is reported as skipped, and why)."""
+        from apsw_backup import verify
+
+        assert self.conn is not None
+        try:
+            verify.settle(self.conn, self.schema)
+        except (_c.BusyError, _c.LockedError) as exc:
+            self.no_hashes = str(exc)
 
     def _to_rollback_journal(self) -> None:
         """A copy of a WAL source is a WAL database (the mode is in the
@@ -739,6 +793,8 @@ class _TargetSide:
         if self.user is None:
             _close_quietly(self.conn)
         self.conn = None
+        if self.recorder is not None:
+            self.recorder.close()
         if self.new is not None:
             self.new.discard()
 
@@ -821,6 +877,7 @@ class _Copy:
         self._locked_since = 0.0  # when the current run of locked steps began
         self._in_use_since = 0.0
         self._backup: _c.Backup | None = None
+        self._verification: _verify.VerifyResult | None = None
         # Every argument and path is checked before anything is created.
         self._src = _SourceSide(source, options)
         self._dst = _TargetSide(target, options)
@@ -1042,13 +1099,59 @@ class _Copy:
 
     def settle(self) -> None:
         """Put the complete copy in its final journal mode and close it."""
-        self._dst.settle(self._opts.keep_wal)
+        try:
+            self._dst.settle(self._opts.keep_wal)
+        except (_c.CorruptError, _c.NotADBError) as exc:
+            self._explain_damage(exc)
         self._src.close()
 
+    def _explain_damage(self, exc: _c.Error) -> None:
+        """The copy, just committed, reads as damaged: when its pages were
+        recorded, say which of them the disk changed or lost (raising
+        VerificationFailed); else re-raise exc."""
+        if self._dst.recorder is None or self._dst.no_hashes is not None:
+            raise exc
+        from apsw_backup import verify
+
+        result = verify.verify(
+            self._dst.work_file, "default", recorder=self._dst.recorder
+        )
+        if not any(p.check == "pages" for p in result.problems):
+            raise exc
+        self._verification = result
+        verify.raise_for(result)
+
     def verify(self) -> None:
-        """Hand the finished copy's path to the verify callable, if any."""
-        if self._opts.verify is not None:
-            self._opts.verify(self._dst.work_file)
+        """Verify the finished copy at the level asked for, or hand its path
+        to the verify callable; raises if it is not shown to be good."""
+        wanted = self._opts.verify
+        if wanted is None or not isinstance(wanted, str):
+            if wanted is not None:
+                wanted(self._dst.work_file)
+            self._before_publish()
+            return
+        from apsw_backup import verify
+
+        timeout = self._opts.timeout
+        if timeout is not None:
+            timeout = max(0.0, timeout - self._elapsed())
+        recorder = self._dst.recorder if self._dst.no_hashes is None else None
+        result = verify.verify(
+            self._dst.work_file,
+            wanted,
+            recorder=recorder,
+            progress=self._opts.verify_progress,
+            timeout=timeout,
+        )
+        if self._dst.no_hashes is not None and result.checks:
+            result.checks[0].detail["why"] = self._dst.no_hashes
+        self._verification = result
+        verify.raise_for(result)
+        self._before_publish()
+
+    def _before_publish(self) -> None:
+        if self._opts.before_publish is not None:
+            self._opts.before_publish(self._dst.work_file)
 
     def publish(self) -> None:
         """Put a new copy in place under the target's name."""
@@ -1067,6 +1170,7 @@ class _Copy:
             snapshot=self._src.snapshot,
             wal_growth=max(0, self._wal_max - self._wal_start),
             path=self._dst.path,
+            verification=self._verification,
         )
 
     def _read_page_size(self) -> int:
@@ -1201,9 +1305,11 @@ def copy(
     timeout: float | None = None,
     snapshot: Snapshot = "auto",
     keep_wal: bool = False,
-    verify: Verify | None = None,
+    verify: Verify | Level | None = None,
     flush_every: int | None = FLUSH_EVERY,
     target_exists: bool | None = None,
+    verify_progress: VerifyProgress | None = None,
+    before_publish: Verify | None = None,
 ) -> CopyResult:
     """Copy database `name` of `source` into `target_name` of `target`, online.
 
@@ -1261,11 +1367,37 @@ def copy(
     the copy is one self-contained file (an existing target that was in WAL
     mode before stays in WAL mode).  keep_wal=True leaves it in WAL mode.  A
     Connection target is left as SQLite leaves it.
-    verify: called as verify(path) with the finished copy's file -- for a new
-    target the temporary file, before it is renamed into place -- with no
-    connection of copy()'s open on it.  Its return value is ignored; if it
-    raises, the exception comes out unchanged (a new target is removed
-    first and never appears; an existing target keeps the complete copy).
+    verify: "default", "full", a callable, or None (no verification).
+    "default": every page SQLite writes to the target is hashed as it is
+    written (a private VFS over the default one); once the copy is complete
+    and synced the file is re-read from the disk (its cached pages dropped
+    first) and compared, while PRAGMA quick_check runs beside it.  Proves
+    the file holds exactly the bytes the backup produced and that they form
+    a sound database; misses an index that disagrees with its table and
+    CHECK constraints.  "full": the whole PRAGMA integrity_check as well,
+    split by table over read-only connections in threads (see
+    docs/verification.md).  A Connection target cannot be hashed: its
+    levels run the SQL checks only (``verification.checks`` says so).  A
+    copy that fails raises apsw_backup.verify.VerificationFailed (``pages``,
+    ``problems``, ``check``); one that could not be verified (an I/O error,
+    a lock, the timeout) VerificationIncomplete (``reason``).  Both carry
+    the VerifyResult as ``verification``; on success it is
+    ``CopyResult.verification``.  The timeout covers verification too.
+    A callable is called as verify(path) with the finished copy's file --
+    for a new target the temporary file, before it is renamed into place --
+    with no connection of copy()'s open on it.  Its return value is
+    ignored.  Whatever raises, the exception comes out unchanged (a new
+    target is removed first and never appears; an existing target keeps
+    the complete copy).
+    before_publish: called as before_publish(path) with the finished copy's
+    file once it passed verification (or, without verify, once complete),
+    just before a new target is renamed into place, with no connection of
+    copy()'s open on it; if it raises, as verify.
+    verify_progress: with a level, called about five times a second (from
+    the thread that runs the verification) with an
+    apsw_backup.verify.Progress: ``phase``, ``fraction`` 0..1, ``elapsed``,
+    ``eta`` (seconds or None), ``running`` (the checks running).  If it
+    raises, verification stops and the exception comes out.
     flush_every: bytes (default 2 MiB) the target file may grow by before
     copy() has them written out to the disk (on Linux sync_file_range,
     waiting for the slice before; elsewhere fdatasync), with a 1 MiB page
@@ -1319,6 +1451,8 @@ def copy(
         verify,
         flush_every,
         target_exists,
+        verify_progress,
+        before_publish,
     )
     job = _Copy(source, target, options)
     try:
@@ -1345,9 +1479,11 @@ async def acopy(
     timeout: float | None = None,
     snapshot: Snapshot = "auto",
     keep_wal: bool = False,
-    verify: Verify | None = None,
+    verify: Verify | Level | None = None,
     flush_every: int | None = FLUSH_EVERY,
     target_exists: bool | None = None,
+    verify_progress: VerifyProgress | None = None,
+    before_publish: Verify | None = None,
 ) -> CopyResult:
     """copy() as a coroutine: the same arguments, behaviour and result.
 
@@ -1375,6 +1511,8 @@ async def acopy(
         verify,
         flush_every,
         target_exists,
+        verify_progress,
+        before_publish,
     )
     job = _Copy(source, target, options)
     try:

@@ -10,22 +10,27 @@ Two levels (``verify(path, level=...)``):
     Plus ``PRAGMA quick_check``: every b-tree, the freelist and the page
     accounting are sound, NOT NULL holds.  Both run at once, in two threads.
     Proves: the file holds exactly the bytes SQLite produced, and they form
-    a sound database.  Misses: an index whose entries disagree with their
+    a sound database.  Through a handle of its own the re-read uses
+    O_DIRECT, leaving the page cache warm for quick_check.  Misses: an index whose entries disagree with their
     table (quick_check does not compare them), CHECK constraints.
     Without a recorder only quick_check runs (the byte check is reported
     as skipped).
 
 ``"full"``
-    The whole ``PRAGMA integrity_check``, split over several read-only
-    connections in threads (SQLite 3.33+; one connection before): one
+    The whole ``PRAGMA integrity_check``, split over several connections in
+    threads (SQLite 3.33+; one connection before): one
     ``integrity_check(TABLE)`` per table -- its b-trees, its rows against
     every index, UNIQUE, NOT NULL, CHECK -- and one whole ``quick_check``
     for what only a whole-file pass sees (the freelist, pages no b-tree
     uses, a page two b-trees share).  Together they make every check plain
-    ``integrity_check`` makes (tests/test_verify_full.py shows it on damaged
-    files).  The byte check too when a recorder is given.  SQLite accepts
-    only table names in ``integrity_check(X)``, so a table and its indexes
-    are the finest unit: the tables are handed out largest first.
+    ``integrity_check`` makes (tests/test_verify_levels.py shows it on
+    damaged files).  The byte check too when a recorder is given.  SQLite
+    accepts only table names in ``integrity_check(X)``, so a table and its
+    indexes are its finest unit: a table too large for one thread's share
+    is checked in pieces of our own instead (``_IndexSplit``: its rows,
+    range by range, looked up in every index; the index entry counts;
+    UNIQUE), when it can be mirrored exactly.  The pieces are handed out
+    largest first to threads that take the next one as they finish.
 
 The result is a :class:`VerifyResult`: ``ok``, ``problems`` (each with the
 page numbers where known) or ``unverified`` (the file could not be read,
@@ -42,6 +47,7 @@ connection is interrupted and the result is ``unverified``.
 
 from __future__ import annotations
 
+import math
 import os
 import queue
 import re
@@ -112,6 +118,8 @@ class VerifyResult:
     seconds: float
     reason: str | None = None  # why it could not verify
     error: BaseException | None = None
+    timed_out: bool = False  # the deadline (timeout) passed
+    locked: bool = False  # a check found the file locked by another connection
 
     @property
     def ok(self) -> bool:
@@ -127,12 +135,29 @@ class VerifyResult:
         """Every page number the problems name, sorted."""
         return sorted({p for problem in self.problems for p in problem.pages})
 
+    def summary(self) -> str:
+        """What was shown, in a few words: "pages re-read from the disk match,
+        quick_check ok" (the checks that ran and passed)."""
+        words = []
+        ran = {c.name: c.outcome for c in self.checks}
+        if ran.get("read_back") == OK:
+            words.append("pages re-read from the disk match")
+        if ran.get("integrity_check") == OK or any(
+            name.startswith("integrity_check(") for name in ran
+        ):
+            words.append("integrity_check ok")
+        elif ran.get("quick_check") == OK:
+            words.append("quick_check ok")
+        return ", ".join(words) or self.status
+
     def to_json(self) -> dict[str, Any]:
         return {
             "status": self.status,
             "level": self.level,
             "seconds": round(self.seconds, 3),
             "reason": self.reason,
+            "timed_out": self.timed_out,
+            "locked": self.locked,
             "problems": [
                 {"check": p.check, "message": p.message, "pages": list(p.pages)}
                 for p in self.problems
@@ -148,6 +173,83 @@ class VerifyResult:
                 for c in self.checks
             ],
         }
+
+
+class VerificationError(Exception):
+    """The copy was not shown to be good; ``verification``: the VerifyResult.
+
+    Raised by ``copy(..., verify="default" | "full")`` (see
+    :func:`raise_for`) as one of its two subclasses."""
+
+    def __init__(self, message: str, verification: VerifyResult) -> None:
+        super().__init__(message)
+        self.verification = verification
+
+    @property
+    def checks(self) -> list[CheckRecord]:
+        """Which checks ran, their outcomes and durations."""
+        return self.verification.checks
+
+
+class VerificationFailed(VerificationError):
+    """Verification found the copy damaged, or different from what SQLite
+    wrote (exit code 3 of the command line).  ``pages``: every page number
+    the problems name; ``problems``: their messages; ``check``: the first
+    check that found one ("pages", "quick_check", "integrity_check")."""
+
+    @property
+    def pages(self) -> list[int]:
+        return self.verification.pages
+
+    @property
+    def problems(self) -> list[str]:
+        return [p.message for p in self.verification.problems]
+
+    @property
+    def check(self) -> str:
+        return self.verification.problems[0].check
+
+
+class VerificationIncomplete(VerificationError):
+    """Verification could not finish (an I/O error, a file that stayed
+    locked, the deadline): nothing is known to be wrong with the copy, but
+    nothing was shown either (exit code 1).  ``reason`` says why; ``error``
+    is the exception behind it, if any."""
+
+    @property
+    def reason(self) -> str:
+        return self.verification.reason or "verification did not finish"
+
+    @property
+    def error(self) -> BaseException | None:
+        return self.verification.error
+
+
+def problems_text(problems: list[str], shown: int = 5) -> str:
+    """ "2 problem(s): first; second" (at most `shown` of them)."""
+    text = "; ".join(problems[:shown])
+    if len(problems) > shown:
+        text += f"; and {len(problems) - shown} more"
+    return f"{len(problems)} problem(s): {text}"
+
+
+def raise_for(result: VerifyResult) -> VerifyResult:
+    """Return an ``ok`` result; raise VerificationFailed for ``problems``,
+    VerificationIncomplete for ``unverified``."""
+    if result.status == PROBLEMS:
+        pages = result.pages
+        where = f" (page {_listed(pages, len(pages))})" if pages else ""
+        raise VerificationFailed(
+            f"verification ({result.level}) failed{where}: "
+            f"{problems_text([p.message for p in result.problems])}",
+            result,
+        )
+    if result.status == UNVERIFIED:
+        raise VerificationIncomplete(
+            f"the copy could not be verified ({result.level}): {result.reason}",
+            result,
+        )
+    return result
 
 
 class _Unverified(Exception):
@@ -206,18 +308,40 @@ def _raise_if_unreadable(lines: list[str], check: str) -> None:
 class _Run:
     """State shared by the worker threads of one verification."""
 
-    def __init__(self, path: str, deadline: float | None) -> None:
+    def __init__(
+        self, path: str, deadline: float | None, lock_wait: float | None = None
+    ) -> None:
         self.path = path
         self.deadline = deadline
+        self.lock_wait = lock_wait  # seconds a lock is waited for at most
+        self.locked_since: float | None = None  # a check found the file locked
         self.cancelled = threading.Event()
         self.timed_out = False
         self._lock = threading.Lock()
         self._connections: set[apsw_backup.Connection] = set()
+        # Read-only: verifying never writes to the file (a -wal is neither
+        # checkpointed into it nor deleted); see _remove_what_reading_made.
+        self.flags = apsw_backup.SQLITE_OPEN_READONLY
+        self.cache_kib = LOOKUP_CACHE_KIB
 
-    def open(self, flags: int) -> apsw_backup.Connection:
-        conn = apsw_backup.Connection(self.path, flags)
+    def share_cache(self, threads: int) -> None:
+        """LOOKUP_CACHE_KIB a connection, LOOKUP_CACHE_TOTAL_KIB in all."""
+        self.cache_kib = max(
+            2000, min(LOOKUP_CACHE_KIB, LOOKUP_CACHE_TOTAL_KIB // max(threads, 1))
+        )
+
+    def open(self, lookups: bool = False) -> apsw_backup.Connection:
+        """A connection for one check; `lookups`: it looks rows up in
+        indexes all over the file (integrity_check(T), the pieces), so it
+        gets a larger page cache (LOOKUP_CACHE)."""
+        conn = apsw_backup.Connection(self.path, self.flags)
 
         def wait_for_lock(count: int) -> bool:
+            now = time.monotonic()
+            if self.locked_since is None:
+                self.locked_since = now
+            if self.lock_wait is not None and now - self.locked_since >= self.lock_wait:
+                return False
             time.sleep(0.01)
             if self.cancelled.is_set():
                 return False
@@ -226,6 +350,13 @@ class _Run:
         conn.set_busy_handler(wait_for_lock)
         with self._lock:
             self._connections.add(conn)
+        try:
+            conn.execute("PRAGMA query_only=ON").fetchall()
+            if lookups:
+                conn.execute(f"PRAGMA cache_size=-{self.cache_kib}").fetchall()
+        except BaseException:
+            self.close(conn)
+            raise
         return conn
 
     def close(self, conn: apsw_backup.Connection) -> None:
@@ -260,10 +391,12 @@ class _Task:
     finished: bool = False
 
 
-def _sql_check(sql: str, check: str) -> Callable[[_Run, _Task], list[Problem]]:
+def _sql_check(
+    sql: str, check: str, lookups: bool = False
+) -> Callable[[_Run, _Task], list[Problem]]:
     def run(ctx: _Run, task: _Task) -> list[Problem]:
         ctx.check_cancelled()
-        conn = ctx.open(_open_flags)
+        conn = ctx.open(lookups)
         rows: list[tuple[Any, ...]] = []
         stopped: apsw_backup.Error | None = None
         try:
@@ -386,8 +519,6 @@ def _read_back_problems(
 
 # -- planning ----------------------------------------------------------------
 
-_open_flags = apsw_backup.SQLITE_OPEN_READONLY
-
 # Expected costs (seconds), measured on this project's benchmark database
 # (benchmarks/verify_speed.py): they only order the work and shape the
 # progress estimate.
@@ -447,7 +578,10 @@ def _table_weight(table: _Table, default_rows: int) -> float:
 
 
 def _plan(
-    ctx: _Run, level: str, recorder: apsw_backup.PageRecorder | None
+    ctx: _Run,
+    level: str,
+    recorder: apsw_backup.PageRecorder | None,
+    threads: int = 1,
 ) -> list[_Task]:
     path = ctx.path
     size = os.stat(path).st_size
@@ -468,13 +602,15 @@ def _plan(
     tasks.append(quick)
     if level == "default":
         return tasks
-    conn = ctx.open(_open_flags)
+    conn = ctx.open()
     try:
         tables = None
         if apsw_backup.SQLITE_VERSION_NUMBER and _runtime_version() >= (
             TABLE_CHECK_VERSION
         ):
             tables = _plan_tables(conn)
+        if tables is not None:
+            tasks += _table_tasks(conn, tables, threads, quick.weight)
     finally:
         ctx.close(conn)
     if tables is None:
@@ -486,24 +622,249 @@ def _plan(
             _Task(
                 CheckRecord("integrity_check"),
                 weight,
-                _sql_check("PRAGMA integrity_check", "integrity_check"),
+                _sql_check("PRAGMA integrity_check", "integrity_check", lookups=True),
             )
         )
         return tasks
+    return tasks
+
+
+def _table_tasks(
+    conn: apsw_backup.Connection, tables: list[_Table], threads: int, quick: float
+) -> list[_Task]:
+    """integrity_check(T) for each table; a table too large to leave the
+    other threads enough work (SQLite checks a table and all its indexes
+    as one unit) is checked in pieces instead, when it can be (see
+    _IndexSplit)."""
     known = [t.rows for t in tables if t.rows]
     default_rows = int(sum(known) / len(known)) if known else 1000
+    weights = {t.name: _table_weight(t, default_rows) for t in tables}
+    share = (sum(weights.values()) + quick) / max(threads, 1)
+    tasks = []
     for table in tables:
-        name = f"integrity_check({table.name})"
+        weight = weights[table.name]
+        split = None
+        if threads > 1 and table.indexes and weight > SPLIT_SHARE * share:
+            split = _IndexSplit.plan(conn, table.name)
+        if split is not None:
+            tasks += split.tasks(weight, max(2, math.ceil(weight / share * PIECES)))
+            continue
         tasks.append(
             _Task(
-                CheckRecord(name, detail={"table": table.name}),
-                _table_weight(table, default_rows),
+                CheckRecord(
+                    f"integrity_check({table.name})", detail={"table": table.name}
+                ),
+                weight,
                 _sql_check(
-                    f"PRAGMA integrity_check({_quote(table.name)})", "integrity_check"
+                    f"PRAGMA integrity_check({_quote(table.name)})",
+                    "integrity_check",
+                    lookups=True,
                 ),
             )
         )
     return tasks
+
+
+# The page cache (KiB) of a connection that looks rows up in indexes all
+# over the file: SQLite's default 2 MB makes each lookup read its leaf page
+# again (integrity_check(orders) of the benchmark: 1.6 s, 1.0-1.2 s with
+# 64 MiB); bounded in all, whatever the number of threads.  (Memory-mapped
+# I/O would be faster still, but turns an I/O error of the disk into a
+# SIGBUS: not for a tool that checks disks.)
+LOOKUP_CACHE_KIB = 64 * 1024
+LOOKUP_CACHE_TOTAL_KIB = 256 * 1024
+
+# A table whose expected check takes more than this part of one thread's
+# share of the work is split (when it can be), into about PIECES pieces
+# per share: small enough that the threads, taking the next piece as they
+# finish one, end close together whatever the estimates got wrong.
+SPLIT_SHARE = 0.6
+PIECES = 4
+
+
+@dataclass
+class _Index:
+    name: str
+    columns: list[tuple[str, str]]  # (column, collation) of each key column
+    unique: bool
+
+
+class _IndexSplit:
+    """What integrity_check(T) checks beyond quick_check, for a rowid table
+    T, in pieces that threads can share: each piece scans a range of
+    rowids and looks every row up in every index of T, as integrity_check
+    does ("row N missing from index I", N the row's position in the
+    table); one more piece compares the number of entries of each index
+    with the table's ("wrong # of entries in index I") and looks for
+    duplicates in UNIQUE indexes ("non-unique entry in index I").  The
+    b-trees themselves, NOT NULL and the page accounting are quick_check's,
+    which the full level runs whole.  A table this cannot mirror exactly --
+    WITHOUT ROWID, STRICT, CHECK constraints, generated columns, a partial
+    or expression index, or a query plan that would not look each entry up
+    by its key -- is not split (plan() returns None)."""
+
+    def __init__(self, table: str, indexes: list[_Index], lo: int, hi: int) -> None:
+        self.table = table
+        self.indexes = indexes
+        self.lo, self.hi = lo, hi
+
+    @classmethod
+    def plan(cls, conn: apsw_backup.Connection, table: str) -> _IndexSplit | None:
+        q = _quote(table)
+        (sql,) = conn.execute(
+            "SELECT sql FROM sqlite_master WHERE type='table' AND name=?", (table,)
+        ).fetchone() or ("",)
+        text = str(sql or "").upper()
+        if re.search(r"\b(CHECK|STRICT|VIRTUAL)\b|WITHOUT\s+ROWID", text):
+            return None
+        if any(
+            row[6] not in (0, 1) for row in conn.execute(f"PRAGMA table_xinfo({q})")
+        ):
+            return None  # generated columns
+        indexes = []
+        for _, name, unique, _origin, partial in conn.execute(
+            f"PRAGMA index_list({q})"
+        ):
+            if partial:
+                return None
+            columns = []
+            for row in conn.execute(f"PRAGMA index_xinfo({_quote(str(name))})"):
+                _, cid, column, _desc, coll, key = row
+                if not key:
+                    continue
+                if not isinstance(cid, int) or cid < 0 or column is None:
+                    return None  # an expression (or the rowid) as a key
+                columns.append((str(column), str(coll or "BINARY")))
+            indexes.append(_Index(str(name), columns, bool(unique)))
+        if not indexes:
+            return None
+        lo = _scalar(conn, f"SELECT min(rowid) FROM {q}")
+        hi = _scalar(conn, f"SELECT max(rowid) FROM {q}")
+        split = cls(table, indexes, int(lo or 0), int(hi or 0))
+        plan = " ".join(
+            str(row[-1])
+            for row in conn.execute("EXPLAIN QUERY PLAN " + split.lookup_sql(), (0, 0))
+        )
+        for index in indexes:
+            if f"COVERING INDEX {index.name} (" not in plan or "rowid=?" not in plan:
+                return None
+        return split
+
+    def lookup_sql(self) -> str:
+        """Rows of a rowid range missing from an index: one column per index
+        (1: missing)."""
+        q = _quote(self.table)
+        joins, missing = [], []
+        for k, index in enumerate(self.indexes):
+            alias = f"i{k}"
+            on = " AND ".join(
+                f"{alias}.{_quote(c)} IS t.{_quote(c)} COLLATE {_quote(coll)}"
+                for c, coll in index.columns
+            )
+            joins.append(
+                f"LEFT JOIN {q} AS {alias} INDEXED BY {_quote(index.name)} "
+                f"ON {on} AND {alias}.rowid = t.rowid"
+            )
+            missing.append(f"{alias}.rowid IS NULL")
+        return (
+            f"SELECT t.rowid, {', '.join(missing)} FROM {q} AS t NOT INDEXED "
+            f"{' '.join(joins)} WHERE t.rowid BETWEEN ? AND ? AND "
+            f"({' OR '.join(missing)})"
+        )
+
+    def tasks(self, weight: float, pieces: int) -> list[_Task]:
+        span = self.hi - self.lo + 1
+        step = max(1, -(-span // pieces))
+        tasks = []
+        for first in range(self.lo, self.hi + 1, step):
+            last = min(first + step - 1, self.hi)
+            tasks.append(
+                _Task(
+                    CheckRecord(
+                        f"integrity_check({self.table} rows {first}-{last})",
+                        detail={"table": self.table, "rowids": [first, last]},
+                    ),
+                    weight * (last - first + 1) / span,
+                    self._lookups(first, last),
+                )
+            )
+        tasks.append(
+            _Task(
+                CheckRecord(
+                    f"integrity_check({self.table} index counts)",
+                    detail={"table": self.table},
+                ),
+                weight * 0.1,
+                self._counts,
+            )
+        )
+        return tasks
+
+    def _lookups(self, first: int, last: int) -> Callable[[_Run, _Task], list[Problem]]:
+        def run(ctx: _Run, task: _Task) -> list[Problem]:
+            ctx.check_cancelled()
+            conn = ctx.open(lookups=True)
+            try:
+                missing = conn.execute(self.lookup_sql(), (first, last)).fetchall()
+                found = []
+                for row in missing[:_MAX_REPORTED]:
+                    # integrity_check numbers a row by its place in the table
+                    place = _scalar(
+                        conn,
+                        f"SELECT count(*) FROM {_quote(self.table)} NOT INDEXED "
+                        "WHERE rowid <= ?",
+                        (row[0],),
+                    )
+                    for index, gone in zip(self.indexes, row[1:], strict=True):
+                        if gone:
+                            found.append(f"row {place} missing from index {index.name}")
+            finally:
+                ctx.close(conn)
+            return [Problem("integrity_check", line) for line in found]
+
+        return run
+
+    def _counts(self, ctx: _Run, task: _Task) -> list[Problem]:
+        ctx.check_cancelled()
+        q = _quote(self.table)
+        conn = ctx.open()
+        found = []
+        try:
+            rows = _scalar(conn, f"SELECT count(*) FROM {q} NOT INDEXED")
+            for index in self.indexes:
+                # (count(*) would count the smallest index instead)
+                entries = _scalar(
+                    conn,
+                    f"SELECT coalesce(sum(1), 0) FROM {q} INDEXED BY "
+                    f"{_quote(index.name)}",
+                )
+                if entries != rows:
+                    found.append(f"wrong # of entries in index {index.name}")
+                if index.unique and self._duplicates(conn, index):
+                    found.append(f"non-unique entry in index {index.name}")
+        finally:
+            ctx.close(conn)
+        return [Problem("integrity_check", line) for line in found]
+
+    def _duplicates(self, conn: apsw_backup.Connection, index: _Index) -> bool:
+        cols = [f"{_quote(c)} COLLATE {_quote(coll)}" for c, coll in index.columns]
+        not_null = " AND ".join(f"{_quote(c)} IS NOT NULL" for c, _ in index.columns)
+        row = conn.execute(
+            f"SELECT 1 FROM {_quote(self.table)} INDEXED BY {_quote(index.name)} "
+            f"WHERE {not_null} GROUP BY {', '.join(cols)} HAVING count(*) > 1 "
+            "LIMIT 1"
+        ).fetchone()
+        return row is not None
+
+
+def _scalar(conn: apsw_backup.Connection, sql: str, args: tuple[Any, ...] = ()) -> Any:
+    """The first column of the first row of sql (None without a row)."""
+    row = conn.execute(sql, args).fetchone()
+    return None if row is None else row[0]
+
+
+# integrity_check stops at 100 problems; so do the pieces, each.
+_MAX_REPORTED = 100
 
 
 def _runtime_version() -> int:
@@ -644,6 +1005,7 @@ def verify(
     progress: Callable[[Progress], object] | None = None,
     timeout: float | None = None,
     threads: int | None = None,
+    lock_wait: float | None = None,
 ) -> VerifyResult:
     """Verify the database file at `path` (see the module's docstring).
 
@@ -653,6 +1015,10 @@ def verify(
     connection closed.  `threads`: how many checks run at once (default:
     the number of CPUs this process may use).  `timeout`: seconds; at the
     deadline the checks are interrupted and the result is "unverified".
+    `lock_wait`: seconds a check waits for another connection's lock at
+    most (None: until the deadline).  The file is opened read-only; the
+    -wal and -shm SQLite makes to read a WAL database are removed after,
+    when they were not there before (and the -wal is empty).
     """
     if level not in LEVELS:
         raise ValueError(
@@ -662,19 +1028,45 @@ def verify(
         raise ValueError("timeout must be >= 0 seconds (None: no limit)")
     begun = time.monotonic()
     path = os.fspath(path)
-    ctx = _Run(path, None if timeout is None else begun + timeout)
+    existed = [os.path.lexists(path + side) for side in ("-wal", "-shm")]
+    ctx = _Run(path, None if timeout is None else begun + timeout, lock_wait)
+    try:
+        result = _verify(ctx, level, recorder, progress, timeout, threads, begun)
+    finally:
+        _remove_what_reading_made(path, existed)
+    result.timed_out = ctx.timed_out
+    result.locked = ctx.locked_since is not None
+    if result.status == UNVERIFIED and ctx.timed_out and result.locked:
+        result.reason = f"{result.reason}: the file was locked by another connection"
+    return result
+
+
+def _verify(
+    ctx: _Run,
+    level: str,
+    recorder: apsw_backup.PageRecorder | None,
+    progress: Callable[[Progress], object] | None,
+    timeout: float | None,
+    threads: int | None,
+    begun: float,
+) -> VerifyResult:
     if threads is None:
         threads = (
             len(os.sched_getaffinity(0))
             if hasattr(os, "sched_getaffinity")
             else (os.cpu_count() or 1)
         )
+    ctx.share_cache(threads)
     phase = f"verifying ({level})"
+    if progress is not None:
+        # Once before any work: a caller learns at once that the phase began
+        # (and may stop it here, before a thread is started).
+        progress(Progress(phase, 0.0, 0.0, None, ()))
     planned: dict[str, Any] = {}
 
     def plan() -> None:
         try:
-            planned["tasks"] = _plan(ctx, level, recorder)
+            planned["tasks"] = _plan(ctx, level, recorder, threads)
         except BaseException as exc:
             planned["error"] = exc
 
@@ -743,6 +1135,32 @@ def verify(
             None if isinstance(first, _Unverified) else first,
         )
     return VerifyResult(OK, level, [], checks, seconds)
+
+
+def _remove_what_reading_made(path: str, existed: list[bool]) -> None:
+    """A read-only connection to a WAL database creates an empty -wal and a
+    -shm, and cannot remove them.  If they were not there before and the
+    -wal is still empty, a read-write connection opened and closed removes
+    them -- SQLite does so only as the last connection, under its locks;
+    with nothing in the -wal, closing writes nothing to the file."""
+    if any(existed):
+        return
+    try:
+        if os.stat(path + "-wal").st_size:
+            return
+    except OSError:
+        return
+    try:
+        conn = apsw_backup.Connection(path, apsw_backup.SQLITE_OPEN_READWRITE)
+    except apsw_backup.Error:
+        return
+    try:
+        conn.set_busy_timeout(100)
+        conn.execute("PRAGMA schema_version").fetchall()
+    except apsw_backup.Error:
+        pass
+    finally:
+        conn.close(force=True)
 
 
 def _reason(exc: BaseException) -> str:

@@ -12,8 +12,15 @@ interleaved and rotated over --rounds rounds, the file in the OS cache:
 - copy+shim: the same through a PageRecorder's VFS (every page hashed);
 - copy+shim+verify: the same, then verify(DEST, "default", recorder=...):
   the read-back from the disk (cache dropped) in parallel with quick_check;
+- cli: the whole command, `python -m apsw_backup SOURCE DEST` (the default
+  verification: copy() with its flushes, the byte check and quick_check,
+  the fsync and rename), timed from outside like the shell, start-up
+  included; cli --no-verify beside it;
 - then, on one copy: PRAGMA integrity_check on one connection, against
-  verify(DEST, "full") with 2 threads; quick_check alone for reference;
+  verify(DEST, "full") with 2 threads; quick_check alone for reference, and
+  integrity_check+cache: one integrity_check with the page cache the full
+  level gives its connections (verify.LOOKUP_CACHE_KIB), to tell that
+  gain from the one of using both cores;
 - the page hash's speed on one core: page_hash() of a 64 MiB buffer (the
   long-input loop), and of one 4 KiB page at a time from Python.
 
@@ -22,7 +29,8 @@ open to the end (the command line will add its start-up, ~30 ms, next
 round); the shell from outside, start-up included (a few ms).  Each
 contender's DEST is removed and `sync` run before every measurement.
 
-Targets (docs/verification.md): copy+shim+verify <= 1.5x shell; full verify >= 1.7x
+Targets (docs/verification.md): cli (the default verified backup) <= 1.5x
+shell; full verify >= 1.7x
 faster than integrity_check on 2 cores; the shim adds <= 5% to a copy;
 page hash >= 4 GB/s.  Ratios are medians of per-round ratios (paired).
 
@@ -149,9 +157,16 @@ def child_copy(source: str, dest: str, shim: bool, check: bool) -> dict:
 
 
 def child_check(path: str, how: str, threads: int) -> dict:
+    import resource
+
     import apsw_backup
     from apsw_backup import verify
 
+    def cpu() -> float:
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        return r.ru_utime + r.ru_stime
+
+    cpu0 = cpu()
     begun = time.perf_counter()
     if how == "full":
         result = verify.verify(path, "full", threads=threads)
@@ -159,11 +174,18 @@ def child_check(path: str, how: str, threads: int) -> dict:
         checks = {c.name: round(c.seconds, 3) for c in result.checks}
     else:
         conn = apsw_backup.Connection(path, apsw_backup.SQLITE_OPEN_READONLY)
+        if how.endswith("+cache"):  # the page cache the full level's checks get
+            how = how.removesuffix("+cache")
+            conn.execute(f"PRAGMA cache_size=-{verify.LOOKUP_CACHE_KIB}").fetchall()
         rows = conn.execute(f"PRAGMA {how}").fetchall()
         conn.close()
         assert rows == [("ok",)], rows
         checks = {}
-    return {"seconds": time.perf_counter() - begun, "checks": checks}
+    return {
+        "seconds": time.perf_counter() - begun,
+        "cpu": cpu() - cpu0,
+        "checks": checks,
+    }
 
 
 def child_hash() -> dict:
@@ -206,6 +228,18 @@ def run_shell(shell: str, source: str, dest: str) -> dict:
     begun = time.perf_counter()
     subprocess.run([shell, source, f'.backup "{dest}"'], check=True, timeout=1800)
     return {"seconds": time.perf_counter() - begun}
+
+
+def run_cli(source: str, dest: str, *options: str) -> dict:
+    command = [sys.executable, "-m", "apsw_backup", "--json", *options, source, dest]
+    begun = time.perf_counter()
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=1800)
+    seconds = time.perf_counter() - begun
+    if proc.returncode != 0:
+        raise RuntimeError(f"{command} failed:\n{proc.stderr[-3000:]}")
+    report = json.loads(proc.stdout)
+    checks = (report.get("verification") or {}).get("checks", [])
+    return {"seconds": seconds, "checks": {c["name"]: c["seconds"] for c in checks}}
 
 
 def fresh(dest: Path) -> None:
@@ -272,7 +306,8 @@ def main() -> int:
         "copy+shim": ("copy", "1", "0"),
         "copy+shim+verify": ("copy", "1", "1"),
     }
-    names = (["shell"] if shell else []) + list(contenders)
+    clis = {"cli --no-verify": ("--no-verify",), "cli": ()}
+    names = (["shell"] if shell else []) + list(contenders) + list(clis)
     times: dict[str, list[float]] = {n: [] for n in names}
     detail: dict[str, list[dict]] = {n: [] for n in names}
     for r in range(a.rounds):
@@ -282,6 +317,8 @@ def main() -> int:
             warm(source)
             if name == "shell":
                 out = run_shell(shell, str(source), str(dest))
+            elif name in clis:
+                out = run_cli(str(source), str(dest), *clis[name])
             else:
                 kind, shim, check = contenders[name]
                 out = run_child(kind, str(source), str(dest), shim, check)
@@ -293,8 +330,10 @@ def main() -> int:
     fresh(dest)
     run_child("copy", str(source), str(dest), "0", "0")
     warm(dest)
+    cpus: dict[str, list[float]] = {}
     checks: dict[str, list[float]] = {
         "integrity_check": [],
+        "integrity_check+cache": [],
         "full": [],
         "full (1 thread)": [],
         "quick_check": [],
@@ -307,6 +346,7 @@ def main() -> int:
             kind = "full" if how.startswith("full") else how
             out = run_child("check", str(dest), kind, str(threads))
             checks[how].append(out["seconds"])
+            cpus.setdefault(how, []).append(out["cpu"])
             if how == "full":
                 check_detail.append(out["checks"])
             elif threads == 1 and kind == "full":
@@ -328,6 +368,8 @@ def main() -> int:
         "times": times,
         "detail": detail,
         "checks": checks,
+        "check_cpu": cpus,
+        "load": os.getloadavg(),
         "full_check_tasks": check_detail,
         "hash": hashing,
     }
@@ -339,7 +381,10 @@ def main() -> int:
             f"| {name} | {med(times[name]):.3f} | {', '.join(f'{t:.2f}' for t in times[name])} |"
         )
     for how, xs in checks.items():
-        print(f"| {how} | {med(xs):.3f} | {', '.join(f'{t:.2f}' for t in xs)} |")
+        print(
+            f"| {how} | {med(xs):.3f} | {', '.join(f'{t:.2f}' for t in xs)} "
+            f"(CPU {', '.join(f'{t:.2f}' for t in cpus[how])}) |"
+        )
     verdicts = []
 
     def verdict(label: str, value: float, ok: bool, target: str) -> None:
@@ -348,9 +393,17 @@ def main() -> int:
 
     print()
     if shell:
-        r = paired("copy+shim+verify", "shell")
-        verdict("default verified copy / shell .backup", r, r <= 1.5, "target <= 1.5")
-        verdict("copy / shell .backup", paired("copy", "shell"), True, "for reference")
+        r = paired("cli", "shell")
+        verdict(
+            "apsw-backup (default verification) / shell .backup",
+            r,
+            r <= 1.5,
+            "target <= 1.5",
+        )
+        for name in ("copy+shim+verify", "cli --no-verify", "copy"):
+            verdict(
+                f"{name} / shell .backup", paired(name, "shell"), True, "for reference"
+            )
     r = paired("copy+shim", "copy")
     verdict("copy+shim / copy", r, r <= 1.05, "target <= 1.05")
     cpu_ratio = med([d["copy_cpu"] for d in detail["copy+shim"]]) / med(
@@ -376,6 +429,16 @@ def main() -> int:
             f"(tasks alone, s: {tasks})"
         )
         report["split_bound"] = bound
+        # How many cores the full check really had: its CPU time over its
+        # wall-clock time (a loaded machine leaves it less than --threads).
+        used = med(cpus["full"]) / med(checks["full"])
+        extra = med(cpus["full"]) / med(cpus["integrity_check"])
+        print(
+            f"  full check: {used:.2f} cores used on average; CPU time "
+            f"{extra:.2f}x one integrity_check's"
+        )
+        report["full_cores_used"] = used
+        report["full_cpu_ratio"] = extra
         report["tasks_alone"] = tasks
     g = hashing["gbps_long"]
     verdict("page hash GB/s, one core", g, g >= 4, "target >= 4")

@@ -39,6 +39,14 @@
  *    to the kernel about the inode's cached pages, harmless even if that
  *    descriptor were closed and reused meanwhile.  The read itself never
  *    depends on it: it always goes through the handle above.
+ *  - better, when the handle is our own one of the unix VFS: its
+ *    descriptor is ours alone, so it is switched to O_DIRECT (fcntl
+ *    F_SETFL; the descriptor found in the handle is checked to be the
+ *    file's by fstat first) and read in large aligned pieces straight from
+ *    the device.  The page cache is then left warm for the quick_check
+ *    that runs beside the read-back (dropping it made that check wait for
+ *    the disk).  A file system or page size that refuses O_DIRECT falls
+ *    back to the cache drop above.
  */
 #define _GNU_SOURCE
 #include "pageshim.h"
@@ -61,6 +69,9 @@
 #endif
 #define MAX_SHIMS 8
 #define READ_CHUNK (1 << 20)
+#define DIRECT_CHUNK \
+    (4 << 20) /* an O_DIRECT read: larger ones are not faster */
+#define DIRECT_ALIGN 4096
 #define PENDING_BYTE 0x40000000 /* SQLite's lock-byte offset */
 
 typedef struct ShimFile ShimFile;
@@ -92,6 +103,8 @@ struct Recording {
     RecordingStats stats;
     ShimFile *files; /* attached open files */
     sqlite3_int64 tamper_page;
+    int synced; /* read_back synced the file, and nothing was written
+                 * through the shim since: the next one need not sync */
 };
 
 /* -- registry ----------------------------------------------------------- */
@@ -267,6 +280,7 @@ record_write(ShimFile *f, const unsigned char *buf, int amt, sqlite3_int64 off,
     Recording *rec = f->rec;
     pthread_mutex_lock(&rec->mutex);
     rec->stats.writes++;
+    rec->synced = 0;
     int declared = off == 0 ? header_page_size(buf, amt) : 0;
     int rehash_all = 0;
     if (declared != 0 && declared != rec->page_size) {
@@ -312,6 +326,7 @@ record_truncate(ShimFile *f, sqlite3_int64 size)
     Recording *rec = f->rec;
     pthread_mutex_lock(&rec->mutex);
     rec->stats.truncates++;
+    rec->synced = 0;
     int P = rec->page_size;
     if (P != 0) {
         sqlite3_int64 keep = size / P;
@@ -334,6 +349,7 @@ record_failure(ShimFile *f, sqlite3_int64 off, sqlite3_int64 amt)
     Recording *rec = f->rec;
     pthread_mutex_lock(&rec->mutex);
     rec->stats.failed++;
+    rec->synced = 0;
     int P = rec->page_size;
     if (P != 0) {
         /* the write may have happened in part: nothing is claimed */
@@ -912,8 +928,18 @@ find_descriptor(dev_t dev, ino_t ino)
 static void
 fail(ReadBack *out, int rc, const char *what)
 {
+    /* The OS error the base VFS's failed call left, if it was one: the
+     * message names it, as SQLite's own errors do (sqlite3_system_errno is
+     * per connection, and this handle has none). */
+    int err = errno;
     out->rc = rc;
-    snprintf(out->message, sizeof(out->message), "%s", what);
+    if (rc != SQLITE_NOMEM && (rc & 0xff) != SQLITE_CORRUPT && err != 0) {
+        snprintf(out->message, sizeof(out->message), "%s (%s)", what,
+                 strerror(err));
+    }
+    else {
+        snprintf(out->message, sizeof(out->message), "%s", what);
+    }
 }
 
 static void
@@ -945,21 +971,84 @@ tamper(sqlite3_file *file, int P, sqlite3_int64 pgno)
     return rc;
 }
 
+/* The descriptor of our own handle of the unix VFS, switched to O_DIRECT;
+ * -1 if that cannot be done (another VFS, a file system without O_DIRECT).
+ * The unix VFS's file begins with its methods, its VFS, its inode info and
+ * then the descriptor (os_unix.c's unixFile, unchanged since 3.7); the
+ * descriptor is used only if fstat says it is this very file. */
+static int
+direct_descriptor(sqlite3_vfs *base, sqlite3_file *own, dev_t dev, ino_t ino,
+                  int *flags)
+{
+    struct unix_file_head {
+        const void *methods, *vfs, *inode;
+        int h;
+    };
+    if (own == NULL || strncmp(base->zName, "unix", 4) != 0
+        || base->szOsFile < (int)sizeof(struct unix_file_head)) {
+        return -1;
+    }
+    int fd = ((struct unix_file_head *)own)->h;
+    struct stat st;
+    if (fd < 0 || fstat(fd, &st) != 0 || st.st_dev != dev
+        || st.st_ino != ino) {
+        return -1;
+    }
+    *flags = fcntl(fd, F_GETFL);
+    if (*flags < 0 || fcntl(fd, F_SETFL, *flags | O_DIRECT) != 0) {
+        return -1;
+    }
+    return fd;
+}
+
+/* Read n pages from page p into buf: with O_DIRECT while *direct_fd
+ * allows (a refusal turns it off for good: the range's cache is dropped
+ * and it is read through the handle instead). */
+static int
+read_pages(sqlite3_file *file, int *direct_fd, int cache_fd,
+           unsigned char *buf, sqlite3_int64 p, sqlite3_int64 n, int P)
+{
+    off_t off = (off_t)((p - 1) * P);
+    size_t len = (size_t)(n * P);
+    if (*direct_fd >= 0) {
+        size_t done = 0;
+        while (done < len) {
+            ssize_t got =
+                pread(*direct_fd, buf + done, len - done, off + (off_t)done);
+            if (got <= 0) {
+                break;
+            }
+            done += (size_t)got;
+        }
+        if (done == len) {
+            return SQLITE_OK;
+        }
+        *direct_fd = -2; /* refused (alignment, file system): give it up */
+    }
+    if (*direct_fd == -2 && cache_fd >= 0) {
+        (void)posix_fadvise(cache_fd, off, (off_t)len, POSIX_FADV_DONTNEED);
+    }
+    return file->pMethods->xRead(file, buf, (int)len, (sqlite3_int64)off);
+}
+
 static void
-compare_pages(Recording *rec, sqlite3_file *file, sqlite3_int64 first,
-              sqlite3_int64 last, ReadBack *out)
+compare_pages(Recording *rec, sqlite3_file *file, int *direct_fd, int cache_fd,
+              sqlite3_int64 first, sqlite3_int64 last, ReadBack *out)
 {
     int P = rec->page_size;
-    sqlite3_int64 per_chunk = READ_CHUNK / P ? READ_CHUNK / P : 1;
-    unsigned char *buf = malloc((size_t)(per_chunk * P));
-    if (buf == NULL) {
+    int chunk = *direct_fd >= 0 ? DIRECT_CHUNK : READ_CHUNK;
+    sqlite3_int64 per_chunk = chunk / P ? chunk / P : 1;
+    unsigned char *buf = NULL;
+    if (posix_memalign((void **)&buf, DIRECT_ALIGN, (size_t)(per_chunk * P))
+        != 0) {
         fail(out, SQLITE_NOMEM, "out of memory reading the file back");
         return;
     }
     sqlite3_int64 lockpage = lock_byte_page(P);
     for (sqlite3_int64 p = first; p <= last; p += per_chunk) {
         sqlite3_int64 n = last - p + 1 < per_chunk ? last - p + 1 : per_chunk;
-        int rc = file->pMethods->xRead(file, buf, (int)(n * P), (p - 1) * P);
+        errno = 0;
+        int rc = read_pages(file, direct_fd, cache_fd, buf, p, n, P);
         if (rc != SQLITE_OK && rc != SQLITE_IOERR_SHORT_READ) {
             fail(out, rc, "reading the file back failed");
             break;
@@ -1027,6 +1116,7 @@ recording_read_back(Recording *rec, sqlite3_int64 first, sqlite3_int64 last,
         int flags = SQLITE_OPEN_MAIN_DB
                     | (rec->tamper_page ? SQLITE_OPEN_READWRITE
                                         : SQLITE_OPEN_READONLY);
+        errno = 0;
         int rc = base->xOpen(base, rec->path, own, flags, NULL);
         if (rc != SQLITE_OK) {
             if (own->pMethods != NULL) {
@@ -1047,7 +1137,15 @@ recording_read_back(Recording *rec, sqlite3_int64 first, sqlite3_int64 last,
     }
     int rc = SQLITE_OK;
     if (prepare) {
-        rc = file->pMethods->xSync(file, SQLITE_SYNC_NORMAL);
+        /* One sync serves every range read back after it (a read-back in
+         * ranges synced before each: a flush of the device's cache each
+         * time, half of its cost), until the shim sees a write again. */
+        errno = 0;
+        if (!rec->synced) {
+            rc = file->pMethods->xSync(file, SQLITE_SYNC_NORMAL);
+            rec->synced = rc == SQLITE_OK;
+            rec->stats.syncs++;
+        }
         if (rc == SQLITE_OK && rec->tamper_page > 0) {
             rc = tamper(file, P, rec->tamper_page);
             rec->tamper_page = 0;
@@ -1057,8 +1155,16 @@ recording_read_back(Recording *rec, sqlite3_int64 first, sqlite3_int64 last,
         }
     }
     int fd = have_id && out->rc == SQLITE_OK ? find_descriptor(dev, ino) : -1;
+    int direct_flags = 0;
+    int direct_fd =
+        prepare && have_id && out->rc == SQLITE_OK
+            ? direct_descriptor(rec->base, own, dev, ino, &direct_flags)
+            : -1;
+    int switched = direct_fd >= 0; /* restore its flags at the end */
+    int restore_fd = direct_fd;
     sqlite3_int64 size = 0;
     if (out->rc == SQLITE_OK) {
+        errno = 0;
         rc = file->pMethods->xFileSize(file, &size);
         if (rc != SQLITE_OK) {
             fail(out, rc, "reading the file's size failed");
@@ -1078,7 +1184,7 @@ recording_read_back(Recording *rec, sqlite3_int64 first, sqlite3_int64 last,
         sqlite3_int64 in_file =
             last < out->file_pages ? last : out->file_pages;
         if (first <= in_file) {
-            if (prepare && fd >= 0) {
+            if (prepare && fd >= 0 && direct_fd < 0) {
                 /* Drop only this range's cached pages, just before reading
                  * it, and have the device start on all of it at once: a
                  * quick_check reading the file meanwhile finds the rest of
@@ -1089,7 +1195,14 @@ recording_read_back(Recording *rec, sqlite3_int64 first, sqlite3_int64 last,
                     posix_fadvise(fd, from, len, POSIX_FADV_DONTNEED) == 0;
                 (void)posix_fadvise(fd, from, len, POSIX_FADV_WILLNEED);
             }
-            compare_pages(rec, file, first, in_file, out);
+            compare_pages(rec, file, &direct_fd, fd, first, in_file, out);
+            out->direct = direct_fd >= 0;
+            if (out->direct) {
+                out->cache_dropped = 1;
+            }
+            else if (direct_fd == -2 && fd >= 0) {
+                out->cache_dropped = 1; /* dropped range by range */
+            }
         }
         for (sqlite3_int64 p = in_file + 1 > first ? in_file + 1 : first;
              p <= last && p <= rec->pages; p++) {
@@ -1098,6 +1211,9 @@ recording_read_back(Recording *rec, sqlite3_int64 first, sqlite3_int64 last,
                 list_page(out->missing_pages, &out->n_missing_listed, p);
             }
         }
+    }
+    if (switched) {
+        (void)fcntl(restore_fd, F_SETFL, direct_flags);
     }
     pthread_mutex_unlock(&rec->mutex);
     if (own != NULL) {

@@ -37,6 +37,7 @@ typedef struct {
     int incomplete;          /* bookkeeping failed (memory): the hashes
                               * cannot prove anything */
     int open_files;          /* connections' files attached now */
+    sqlite3_int64 syncs;     /* syncs read_back made */
 } RecordingStats;
 
 /* The outcome of recording_read_back() over pages first..last. */
@@ -52,7 +53,11 @@ typedef struct {
     sqlite3_int64 unrecorded; /* pages of the file with no hash */
     sqlite3_int64 missing;    /* recorded pages past the file's end */
     int partial_tail;         /* file size not a multiple of page_size */
-    int cache_dropped;        /* posix_fadvise(DONTNEED) done first */
+    int cache_dropped;        /* the bytes came from the disk: read with
+                               * O_DIRECT, or posix_fadvise(DONTNEED)
+                               * done first */
+    int direct;               /* read with O_DIRECT (the page cache left
+                               * as it was, for the SQL checks beside) */
     int through_connection;   /* read through a connection's own handle
                                * (else a read-only handle of ours) */
     sqlite3_int64 bytes_read;

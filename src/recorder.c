@@ -242,20 +242,20 @@ static PyObject *
 recorder_stats(PageRecorder *self, PyObject *Py_UNUSED(ignored))
 {
     static const char *names[] = {
-        "page_size",  "pages",     "recorded",
-        "writes",     "hashed",    "reread",
-        "truncates",  "failed",    "page_size_changes",
-        "incomplete", "open_files"};
+        "page_size",  "pages",      "recorded",
+        "writes",     "hashed",     "reread",
+        "truncates",  "failed",     "page_size_changes",
+        "incomplete", "open_files", "syncs"};
     if (recorder_check(self) < 0) {
         return NULL;
     }
     RecordingStats s;
     recording_stats(self->rec, &s);
     return build_dict(
-        11, names, "iLLLLLLLibi", s.page_size, (long long)s.pages,
+        12, names, "iLLLLLLLibiL", s.page_size, (long long)s.pages,
         (long long)s.recorded, (long long)s.writes, (long long)s.hashed,
         (long long)s.reread, (long long)s.truncates, (long long)s.failed,
-        s.page_size_changes, s.incomplete, s.open_files);
+        s.page_size_changes, s.incomplete, s.open_files, (long long)s.syncs);
 }
 
 static PyObject *
@@ -279,12 +279,20 @@ static PyObject *
 recorder_read_back(PageRecorder *self, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"first", "last", "prepare", NULL};
-    static const char *names[] = {
-        "page_size",    "file_pages",       "checked",
-        "mismatched",   "unrecorded",       "missing",
-        "partial_tail", "cache_dropped",    "through_connection",
-        "bytes_read",   "mismatched_pages", "unrecorded_pages",
-        "missing_pages"};
+    static const char *names[] = {"page_size",
+                                  "file_pages",
+                                  "checked",
+                                  "mismatched",
+                                  "unrecorded",
+                                  "missing",
+                                  "partial_tail",
+                                  "cache_dropped",
+                                  "through_connection",
+                                  "bytes_read",
+                                  "mismatched_pages",
+                                  "unrecorded_pages",
+                                  "missing_pages",
+                                  "direct"};
     long long first = 1, last = -1;
     int prepare = 1;
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "|LLp:read_back", kwlist,
@@ -325,14 +333,14 @@ recorder_read_back(PageRecorder *self, PyObject *args, PyObject *kwds)
     }
     else {
         result = build_dict(
-            13, names, "iLLLLLbbbLOOO", out->page_size,
+            14, names, "iLLLLLbbbLOOOb", out->page_size,
             (long long)out->file_pages, (long long)out->checked,
             (long long)out->mismatched, (long long)out->unrecorded,
             (long long)out->missing, out->partial_tail, out->cache_dropped,
             out->through_connection, (long long)out->bytes_read,
             page_list(out->mismatched_pages, out->n_mismatched_listed),
             page_list(out->unrecorded_pages, out->n_unrecorded_listed),
-            page_list(out->missing_pages, out->n_missing_listed));
+            page_list(out->missing_pages, out->n_missing_listed), out->direct);
     }
     PyMem_Free(out);
     return result;

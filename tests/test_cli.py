@@ -12,7 +12,6 @@ import shutil
 import sqlite3
 import subprocess
 import sys
-import types
 
 import pytest
 from cli_helpers import (
@@ -27,7 +26,7 @@ from cli_helpers import (
 from copy_helpers import make_source, make_target, query
 
 import apsw_backup
-from apsw_backup import cli
+from apsw_backup import verify
 
 
 @pytest.fixture
@@ -46,7 +45,8 @@ def test_backup_prints_one_summary_line_and_copies(source, tmp_path):
     pages = query(source, "PRAGMA page_count")[0][0]
     assert re.fullmatch(
         rf"apsw-backup: copied .*source\.db -> .*dest\.db: {pages} pages "
-        r"\(\d+\.\d MB\) in \d+\.\d\d s, 2 steps, 0 restarts; integrity_check ok",
+        r"\(\d+\.\d MB\) in \d+\.\d\d s, 2 steps, 0 restarts; "
+        r"pages re-read from the disk match, quick_check ok",
         lines[0],
     )
     sql = "SELECT * FROM t ORDER BY id"
@@ -97,11 +97,21 @@ def test_progress_flag_draws_phase_percent_pages_rate_eta_on_stderr(source, tmp_
         states[0],
     )
     assert re.fullmatch(
-        rf"copied  100\.0%  {pages}/{pages} pages(  \d+\.\d MB/s)?", states[-3]
+        rf"copied  100\.0%  {pages}/{pages} pages(  \d+\.\d MB/s)?",
+        [s for s in states if s.startswith("copied")][-1],
     )
-    assert re.fullmatch(r"verifying \d+\.\d s", states[-2])
+    # The verification phase: its level, percent and ETA, ending at 100%.
+    verifying = [s for s in states if s.startswith("verifying")]
+    for state in verifying:
+        assert re.fullmatch(
+            r"verifying( \(default\))? \d+\.\d s(  \d+%  ETA (\d+:\d\d|--)( .*)?)?",
+            state,
+        ), state
+    assert re.match(r"verifying \(default\) \d+\.\d s  100%  ETA 0:00", verifying[-1])
+    assert states[-2] == verifying[-1]
     assert re.fullmatch(
-        rf"done: {pages} pages \(\d+\.\d MB\)  verified  \d+\.\d\d s  0 restarts",
+        rf"done: {pages} pages \(\d+\.\d MB\)  verified \(default\)  \d+\.\d\d s  "
+        "0 restarts",
         states[-1],
     )
 
@@ -208,7 +218,7 @@ def make_corrupt(path):
 def test_verification_failure_of_a_new_dest_exits_3_and_dest_never_appears(tmp_path):
     source = make_corrupt(tmp_path / "corrupt.db")
     dest = tmp_path / "dest.db"
-    proc = run("--json", source, dest)
+    proc = run("--json", "--verify", "full", source, dest)
 
     assert proc.returncode == 3
     assert "verification failed" in proc.stderr
@@ -228,7 +238,7 @@ def test_verification_failure_of_an_existing_dest_says_it_holds_the_failed_copy(
 ):
     source = make_corrupt(tmp_path / "corrupt.db")
     dest = make_target(tmp_path / "dest.db")
-    proc = run("--json", "--overwrite", source, dest)
+    proc = run("--json", "--overwrite", "--verify", "full", source, dest)
 
     assert proc.returncode == 3
     assert f"DEST '{dest}' holds the copy that failed verification" in proc.stderr
@@ -237,13 +247,13 @@ def test_verification_failure_of_an_existing_dest_says_it_holds_the_failed_copy(
 
 
 @pytest.mark.parametrize(
-    "code, cls",
+    "code, unreadable",
     [
-        (266, apsw_backup.IOError),  # SQLITE_IOERR_READ
-        (10, apsw_backup.IOError),
-        (7, apsw_backup.NoMemError),
-        (11, None),  # SQLITE_CORRUPT: the file's content, a real problem
-        (779, None),  # SQLITE_CORRUPT_PAGE
+        (266, True),  # SQLITE_IOERR_READ
+        (10, True),
+        (7, True),  # SQLITE_NOMEM
+        (11, False),  # SQLITE_CORRUPT: the file's content, a real problem
+        (779, False),  # SQLITE_CORRUPT_PAGE
     ],
 )
 @pytest.mark.parametrize(
@@ -254,24 +264,27 @@ def test_verification_failure_of_an_existing_dest_says_it_holds_the_failed_copy(
     ],
 )
 def test_a_page_integrity_check_could_not_read_is_a_failure_to_check(
-    code, cls, page, later
+    code, unreadable, page, later
 ):
     """integrity_check lists a page it could not read among the file's
     problems; an I/O error or out-of-memory there is not a damaged copy
-    (the fault sweep's CLI case shows it end to end)."""
-    found = [
-        "*** in database main ***\n"
-        f"{page}: unable to get the page. error code={code}\n"
-        f"{later}"
-    ]
-    if cls is None:
-        cli._raise_read_failure(found)  # left to be reported as found
+    (exit 1, not 3: the fault sweep's CLI case shows it end to end)."""
+    found = verify.problem_lines(
+        [
+            (
+                "*** in database main ***\n"
+                f"{page}: unable to get the page. error code={code}\n"
+                f"{later}",
+            )
+        ]
+    )
+    assert found == [f"{page}: unable to get the page. error code={code}", later]
+    if not unreadable:
+        verify._raise_if_unreadable(found, "integrity_check")  # left as found
         return
-    with pytest.raises(cls) as info:
-        cli._raise_read_failure(found)
-    assert info.value.extendedresult == code
-    assert info.value.result == code & 0xFF
-    assert page in str(info.value)
+    with pytest.raises(verify._Unverified) as info:
+        verify._raise_if_unreadable(found, "integrity_check")
+    assert page in str(info.value) and f"error code {code}" in str(info.value)
     assert "says nothing about the file's content" in str(info.value)
 
 
@@ -359,7 +372,7 @@ def test_demo_backs_up_a_live_sample_shows_its_phases_and_keeps_its_files(tmp_pa
         r"copied (\S+live\.db) -> (\S+live-\S+Z\.db): \d+ pages", proc.stdout
     )
     assert found, proc.stdout
-    assert "integrity_check ok" in proc.stdout
+    assert "pages re-read from the disk match, quick_check ok" in proc.stdout
     assert re.search(r"the writer committed [1-9]\d* times", proc.stderr)
     # (text=True reads each \r, which begins a redraw, as a line end.)
     states = [s.strip() for s in proc.stderr.splitlines()]
@@ -464,28 +477,28 @@ def test_python_m_and_the_console_script_share_main():
     assert 'apsw-backup = "apsw_backup.cli:main"' in pyproject
 
 
-def test_integrity_problems_counts_each_line_of_a_one_row_answer(tmp_path, monkeypatch):
+def test_one_row_answers_are_counted_a_problem_a_line(tmp_path, monkeypatch):
     # Damaged b-tree pages: SQLite can answer integrity_check with one row
     # that holds every problem, a line each, under "*** in database main ***"
     # (seen on 3.40 with 200 garbled pages: "reported 1 problem(s)" before).
-    from apsw_backup import cli
-
     answer = "*** in database main ***\nPage 5: btreeInitPage() returns error code 11"
     answer += "\nPage 6: btreeInitPage() returns error code 11"
-    real = cli.apsw_backup.Connection
+    real = apsw_backup.Connection
 
     class OneRow(real):
         def execute(self, sql, *args):
-            if sql == "PRAGMA integrity_check":
-                return types.SimpleNamespace(fetchall=lambda: [(answer,)])
+            if sql.startswith("PRAGMA quick_check"):
+                return iter([(answer,)])
             return super().execute(sql, *args)
 
-    monkeypatch.setattr(cli.apsw_backup, "Connection", OneRow)
+    monkeypatch.setattr(apsw_backup, "Connection", OneRow)
     path = tmp_path / "copy.db"
     sqlite3.connect(str(path)).execute("CREATE TABLE t(x)").connection.close()
-    found = cli.integrity_problems(str(path), cli.Interrupts())
+    result = verify.verify(path, "default")
+    found = [p.message for p in result.problems]
     assert found == [
         "Page 5: btreeInitPage() returns error code 11",
         "Page 6: btreeInitPage() returns error code 11",
     ]
-    assert cli._problems_text(found).startswith("2 problem(s): Page 5")
+    assert result.pages == [5, 6] and result.exit_code == 3
+    assert verify.problems_text(found).startswith("2 problem(s): Page 5")

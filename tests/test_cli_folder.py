@@ -171,7 +171,7 @@ def test_keep_deletes_nothing_when_the_new_backup_fails_verification(tmp_path, f
     )
     db.close()
     old = make_old_backups(folder, 3)
-    proc = run("--keep", "1", source, folder)
+    proc = run("--keep", "1", "--verify", "full", source, folder)
     assert proc.returncode == 3
     assert all(path.exists() for path in old)
     assert backups(folder) == [path.name for path in old]

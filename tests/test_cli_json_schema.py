@@ -101,11 +101,13 @@ def test_timeout(source, tmp_path):
 
 def test_verification_failure(tmp_path):
     corrupt = make_corrupt(tmp_path / "corrupt.db")
-    obj = check(run("--json", corrupt, tmp_path / "d.db"), 3)
+    # (an index that disagrees with its table: the full level finds it)
+    obj = check(run("--json", "--verify", "full", corrupt, tmp_path / "d.db"), 3)
     assert obj["verified"] is False
     assert obj["integrity"]
+    assert obj["verification"]["status"] == "problems"
     dest = make_target(tmp_path / "old.db")
-    obj = check(run("--json", "--overwrite", corrupt, dest), 3)
+    obj = check(run("--json", "--overwrite", "--verify", "full", corrupt, dest), 3)
     assert obj["dest_state"] == "failed verification"
 
 

@@ -475,7 +475,8 @@ def test_os_cause_words_for_each_errno():
         ({"target_name": "aux"}, ValueError, "target_name must be 'main'"),
         ({"sleep": float("inf")}, ValueError, "sleep"),
         ({"keep_wal": 1}, TypeError, "keep_wal"),
-        ({"verify": "yes"}, TypeError, "verify"),
+        ({"verify": "yes"}, ValueError, "verify"),
+        ({"verify": 1}, TypeError, "verify"),
     ],
 )
 def test_bad_arguments_create_nothing(tmp_path, source, kwargs, error, words):

@@ -3,6 +3,7 @@ PRAGMA integrity_check over threads without losing any of its checks; the
 result says ok / problems / could not verify, within a deadline, with
 progress."""
 
+import os
 import sqlite3
 import struct
 import threading
@@ -124,7 +125,7 @@ def test_the_split_check_finds_everything_plain_integrity_check_finds(tmp_path, 
 @needs_table_check
 def test_the_split_is_by_table_with_one_whole_quick_check(tmp_path):
     path = build(tmp_path / "db.db")
-    outcome = verify.verify(path, "full")
+    outcome = verify.verify(path, "full", threads=1)
     assert outcome.ok and outcome.exit_code == 0
     names = {c.name: c.outcome for c in outcome.checks}
     assert names == {
@@ -133,6 +134,109 @@ def test_the_split_is_by_table_with_one_whole_quick_check(tmp_path):
         "integrity_check(sqlite_master)": "ok",
         "integrity_check(users)": "ok",
         "integrity_check(events)": "ok",
+    }
+
+
+@needs_table_check
+def test_a_table_too_large_for_one_thread_is_checked_in_pieces(tmp_path):
+    """events holds most of the work: on 2 threads its rows are looked up
+    in its indexes range by range (as integrity_check(events) would), plus
+    one piece for the index entry counts; users stays one check."""
+    path = build(tmp_path / "db.db")
+    outcome = verify.verify(path, "full", threads=2)
+    assert outcome.ok
+    names = {c.name for c in outcome.checks}
+    pieces = sorted(n for n in names if n.startswith("integrity_check(events rows"))
+    assert len(pieces) >= 2 and "integrity_check(events)" not in names
+    assert {"integrity_check(events index counts)", "integrity_check(users)"} <= names
+    spans = [c.detail["rowids"] for c in outcome.checks if "rowids" in c.detail]
+    assert min(a for a, _ in spans) == 1 and max(b for _, b in spans) == 3000
+    assert sum(b - a + 1 for a, b in spans) == 3000  # every row, once
+
+
+def damage_index_content_with_gaps(path):
+    """Rows deleted first: integrity_check numbers a missing row by its
+    place in the table, not by its rowid; the pieces must too (85 rows
+    left: under integrity_check's limit of 100 problems)."""
+    build(path, rows=600)
+    db = sqlite3.connect(str(path))
+    db.execute("DELETE FROM events WHERE id % 7 != 0")
+    db.execute("PRAGMA writable_schema=ON")
+    db.execute(
+        "UPDATE sqlite_master SET sql='CREATE INDEX events_kind ON events(user_id)' "
+        "WHERE name='events_kind'"
+    )
+    db.commit()
+    db.close()
+
+
+def damage_extra_index_entries(path):
+    """An index with two entries more than its table has rows: events_user
+    is given the b-tree of an index of a copy of events with two rows more."""
+    build(path, rows=600)
+    db = sqlite3.connect(str(path))
+    db.executescript(
+        """
+        CREATE TABLE shadow(id INTEGER PRIMARY KEY, user_id, kind, at, body);
+        INSERT INTO shadow SELECT * FROM events;
+        INSERT INTO shadow(user_id, kind, at) VALUES (1, 'x', 1), (2, 'y', 2);
+        CREATE INDEX shadow_user ON shadow(user_id, at);
+        PRAGMA writable_schema=ON;
+        UPDATE sqlite_master SET rootpage=(
+            SELECT rootpage FROM sqlite_master WHERE name='shadow_user')
+        WHERE name='events_user';
+        DELETE FROM sqlite_master WHERE name='shadow_user';
+        """
+    )
+    db.commit()
+    db.close()
+
+
+def damage_duplicate_in_unique_index(path):
+    """Two equal entries in a UNIQUE index (its table rows made equal while
+    the index was not UNIQUE in the schema)."""
+    build(path, rows=600)
+    db = sqlite3.connect(str(path))
+    db.execute("PRAGMA writable_schema=ON")
+    db.execute(
+        "UPDATE sqlite_master SET sql='CREATE INDEX events_kind ON events(kind)' "
+        "WHERE name='events_kind'"
+    )
+    db.commit()
+    db.close()
+    db = sqlite3.connect(str(path))
+    db.execute("UPDATE events SET kind='same' WHERE id IN (5, 6)")
+    db.execute("PRAGMA writable_schema=ON")
+    db.execute(
+        "UPDATE sqlite_master SET "
+        "sql='CREATE UNIQUE INDEX events_kind ON events(kind)' "
+        "WHERE name='events_kind'"
+    )
+    db.commit()
+    db.close()
+
+
+SPLIT_DAMAGES = {
+    "index disagrees, rowids with gaps": damage_index_content_with_gaps,
+    "index entries of deleted rows": damage_extra_index_entries,
+    "duplicates in a UNIQUE index": damage_duplicate_in_unique_index,
+}
+
+
+@needs_table_check
+@pytest.mark.parametrize("damage", list(SPLIT_DAMAGES))
+def test_the_pieces_report_what_integrity_check_reports(tmp_path, damage):
+    path = tmp_path / "damaged.db"
+    SPLIT_DAMAGES[damage](path)
+    plain, stopped = plain_integrity_check(path)
+    assert plain and stopped is None, f"{damage}: not seen by integrity_check"
+    outcome = verify.verify(path, "full", threads=4)
+    assert any("events rows" in c.name for c in outcome.checks), "not split"
+    found = {p.message for p in outcome.problems}
+    assert [line for line in plain if line not in found] == []
+    # and nothing integrity_check itself does not say
+    assert found <= set(plain) | {
+        p.message for p in outcome.problems if p.check == "quick_check"
     }
 
 
@@ -217,6 +321,31 @@ def test_a_deadline_ends_verification_as_unverified(tmp_path):
     assert elapsed < 2.5, "the checks waited past the deadline"
 
 
+def wal_file_with_frames(folder):
+    """A WAL database whose last commit is only in its -wal."""
+    live = folder / "live.db"
+    db = sqlite3.connect(str(live), isolation_level=None)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA wal_autocheckpoint=0")
+    db.execute("CREATE TABLE t(x)")
+    db.execute("INSERT INTO t VALUES (1)")
+    copied = folder / "copied.db"
+    copied.write_bytes(live.read_bytes())
+    (folder / "copied.db-wal").write_bytes((folder / "live.db-wal").read_bytes())
+    db.close()
+    return copied
+
+
+@pytest.mark.parametrize("level", ["default", "full"])
+def test_verify_never_checkpoints_nor_deletes_a_wal_with_frames(tmp_path, level):
+    path = wal_file_with_frames(tmp_path)
+    wal = tmp_path / "copied.db-wal"
+    before = path.read_bytes(), wal.read_bytes()
+    outcome = verify.verify(path, level)
+    assert outcome.ok, outcome
+    assert (path.read_bytes(), wal.read_bytes()) == before
+
+
 def test_a_deadline_interrupts_a_running_check(tmp_path):
     path = build(tmp_path / "db.db", rows=40000)
     begun = time.monotonic()
@@ -253,7 +382,7 @@ def test_progress_reports_a_fraction_and_an_eta(tmp_path):
 @needs_table_check
 def test_the_result_says_what_ran_for_json(tmp_path):
     path = disagreeing_index(tmp_path / "db.db")
-    data = verify.verify(path, "full").to_json()
+    data = verify.verify(path, "full", threads=1).to_json()
     assert data["status"] == "problems" and data["level"] == "full"
     assert {c["name"] for c in data["checks"]} >= {
         "quick_check",
@@ -355,3 +484,30 @@ def test_virtual_and_without_rowid_tables_are_checked(tmp_path):
     outcome = verify.verify(path, "full")
     assert plain and outcome.status == verify.PROBLEMS
     assert set(plain) <= {p.message for p in outcome.problems}
+
+
+def test_a_locked_file_is_waited_for_lock_wait_or_the_deadline(tmp_path):
+    path = build(tmp_path / "db.db", rows=300)
+    holder = sqlite3.connect(str(path), isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        waited = verify.verify(path, "full", lock_wait=0.2)
+        timed = verify.verify(path, "default", timeout=0.3)
+    finally:
+        holder.execute("COMMIT")
+        holder.close()
+    assert waited.status == verify.UNVERIFIED and waited.exit_code == 1
+    assert waited.locked and not waited.timed_out
+    assert "locked by another connection" in (waited.reason or "")
+    assert timed.status == verify.UNVERIFIED and timed.locked and timed.timed_out
+    assert (timed.reason or "").endswith("the file was locked by another connection")
+    assert timed.to_json()["locked"] is True
+
+
+def test_verifying_a_wal_file_writes_nothing_and_leaves_nothing(tmp_path):
+    path = build(tmp_path / "db.db", rows=300, wal=True)
+    before = path.read_bytes()
+    for level in ("default", "full"):
+        assert verify.verify(path, level).ok
+    assert sorted(os.listdir(tmp_path)) == ["db.db"]
+    assert path.read_bytes() == before

@@ -3,6 +3,7 @@ every page SQLite writes to the destination is hashed as it is written, and
 re-read from the disk afterwards."""
 
 import ctypes
+import errno
 import os
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from verify_helpers import (
     backup_recorded,
     build,
     leaf_pages,
+    page_size_of,
     read_pages,
     root_page,
     write_page,
@@ -254,6 +256,49 @@ def test_read_back_reads_from_the_disk_not_the_page_cache(tmp_path):
     assert result["cache_dropped"] is True
     assert cached < size // 2
     assert from_disk >= size * 9 // 10
+
+
+def o_direct_works(folder):
+    scratch = folder / "direct.bin"  # ours alone: a descriptor is fine
+    scratch.write_bytes(bytes(1 << 16))
+    try:
+        fd = os.open(scratch, os.O_RDONLY | os.O_DIRECT)
+    except OSError:
+        return False
+    try:
+        import mmap
+
+        buf = mmap.mmap(-1, 1 << 16)
+        return os.preadv(fd, [buf], 0) == 1 << 16
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+        scratch.unlink()
+
+
+def test_read_back_of_its_own_handle_reads_with_o_direct(tmp_path):
+    """Through a handle of its own (no connection has the file open), the
+    read-back reads with O_DIRECT: from the device, leaving the cached pages
+    where they are for the quick_check that runs beside it (dropping them,
+    range by range, made that check wait for the disk)."""
+    if not o_direct_works(tmp_path):
+        pytest.skip("this file system refuses O_DIRECT")
+    source = build(tmp_path / "source.db", rows=20000)
+    dest = tmp_path / "dest.db"
+    counted = os.path.exists("/proc/self/io") and device_reads_are_counted(tmp_path)
+    with apsw_backup.PageRecorder(dest) as rec:
+        backup_recorded(source, dest, rec)  # closed: read_back uses its own
+        size = dest.stat().st_size
+        before = disk_reads() if counted else 0
+        result = rec.read_back()
+        from_disk = disk_reads() - before if counted else size
+        rec._tamper_on_read_back(4)
+        tampered = rec.read_back()
+    assert result["direct"] is True and result["cache_dropped"] is True
+    assert result["checked"] == size // page_size_of(dest) and not result["mismatched"]
+    assert from_disk >= size * 9 // 10
+    assert tampered["direct"] is True and tampered["mismatched_pages"] == [4]
 
 
 def test_reading_back_never_drops_another_connections_lock(tmp_path, source):
@@ -535,3 +580,52 @@ def test_a_recorder_inherited_through_fork_is_inert_and_a_new_one_works(
         check=False,
     )
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_a_failed_read_back_names_the_os_error(tmp_path):
+    """The read-back's own handle has no connection to ask for the OS error
+    (sqlite3_system_errno): the message names the one the failed read left.
+    Before: "reading the file back failed: <path>" alone."""
+    from faults import shim
+
+    loaded = shim.load(tmp_path)
+    if not loaded.registered():
+        loaded.register_vfs(default=False)
+    source = build(tmp_path / "source.db")
+    work = tmp_path / "work"
+    work.mkdir()
+    dest = work / "dest.db"
+    with apsw_backup.PageRecorder(dest, vfs="faultvfs") as rec:
+        backup_recorded(source, dest, rec)
+        loaded.reset(work)
+        loaded.arm("read", 1, True)  # every read of the read-back fails: EIO
+        try:
+            with pytest.raises(apsw_backup.IOError) as info:
+                rec.read_back()
+        finally:
+            loaded.disarm()
+    assert "reading the file back failed" in str(info.value)
+    assert os.strerror(errno.EIO) in str(info.value)
+    assert info.value.result == apsw_backup.SQLITE_IOERR
+
+
+def test_one_sync_serves_a_read_back_in_ranges_until_the_next_write(tmp_path, source):
+    """verify() reads back in 32 MiB ranges; each used to sync the file first
+    (a flush of the device's cache each time).  One sync serves them all,
+    until a write through the shim."""
+    dest = tmp_path / "dest.db"
+    with apsw_backup.PageRecorder(dest) as rec:
+        backup_recorded(source, dest, rec)
+        pages = rec.stats()["pages"]
+        for first in range(1, pages + 1, 10):
+            part = rec.read_back(first, first + 9)
+            assert part["mismatched"] == 0 and part["cache_dropped"] is True
+        assert rec.stats()["syncs"] == 1
+        conn = apsw_backup.Connection(str(dest), vfs=rec.vfs)
+        try:
+            conn.execute("CREATE TABLE more(x)")
+        finally:
+            conn.close()
+        assert rec.read_back()["mismatched"] == 0
+        rec.read_back()
+        assert rec.stats()["syncs"] == 2

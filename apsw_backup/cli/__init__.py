@@ -2,14 +2,14 @@
 
     apsw-backup [options] SOURCE DEST
     apsw-backup [options] SOURCE FOLDER/   (the copy is FOLDER/<stem>-<UTC time>.db)
-    apsw-backup verify [--json] [--timeout S] FILE...
+    apsw-backup verify [--level default|full] [--json] [--timeout S] FILE...
     apsw-backup --incremental SOURCE FOLDER/, restore, list, verify FOLDER
                                            (cli/incremental.py)
     apsw-backup --demo
     python -m apsw_backup ...              (the same command)
 
 The copy is made by copy() (online: other connections keep using SOURCE) and
-checked with PRAGMA integrity_check.  A DEST that does not exist is written
+verified (--verify default|full|none: docs/verification.md).  A DEST that does not exist is written
 to a temporary file beside it, verified, then renamed into place, so DEST
 either does not exist or is the complete, verified copy; an existing DEST
 (--overwrite) is written through SQLite's own transaction.
@@ -57,21 +57,13 @@ from apsw_backup.cli.signals import (
     _signals,
     hold_until_exit,
 )
-from apsw_backup.cli.verification import (
-    _problems_text,
-    _raise_read_failure,
-    integrity_problems,
-)
 from apsw_backup.cli.verify_command import _verify_command
 
 __all__ = [
     "Failure",
     "Interrupts",
-    "_problems_text",
-    "_raise_read_failure",
     "apsw_backup",
     "backup_name",
-    "integrity_problems",
     "main",
 ]
 

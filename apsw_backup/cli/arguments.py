@@ -10,8 +10,11 @@ from typing import NoReturn
 
 from apsw_backup._apsw_backup import __version__
 from apsw_backup.cli.errors import EXIT_USAGE, PROG, Failure, UsageError
+from apsw_backup.cli.verification import LEVELS_HELP
 
-EPILOG = """\
+LEVELS = ("default", "full", "none")
+
+EPILOG = f"""\
 DEST may be an existing folder (or end with /): the copy is then named
 <SOURCE stem>-<UTC timestamp>.db in it, marked as SOURCE's backup (extended
 attribute user.apsw_backup.source), and --keep N deletes SOURCE's backups
@@ -22,10 +25,11 @@ that overlap never delete each other's new backups.
 
 exit codes (the message, and "dest_state" in --json, say what DEST holds):
   0    the backup is complete (and verified, unless --no-verify)
-  1    SQLite, file system or backup error
+  1    SQLite, file system or backup error, or the copy could not be
+       verified (a read error, a lock, --timeout)
   2    usage error or refusal: nothing was written
-  3    verification failed: a new DEST was not created; an existing DEST
-       holds the copy that failed verification
+  3    verification failed (the message names the pages): a new DEST was
+       not created; an existing DEST holds the copy that failed verification
   130  interrupted by Ctrl-C (SIGINT), 143 by SIGTERM; then DEST holds what
        the message says:
        "DEST was not created" / "DEST was left as it was" (nothing changed),
@@ -37,7 +41,11 @@ DEST may also be "incomplete" (its -journal restores it: keep that file)
 or hold "another file" that appeared there meanwhile (left alone).
 --timeout bounds the whole run, verification included.
 
-apsw-backup verify [--json] FILE... checks existing backups (exit 0, 1, 3).
+{LEVELS_HELP}
+
+apsw-backup verify [--level default|full] [--json] [--timeout S] FILE... checks
+existing backups (exit 0, 1, 3); a stored file has no page hashes: default is
+then quick_check alone, and full (integrity_check, in threads) is the default.
 
 restore points (docs/incremental.md):
   apsw-backup --incremental SOURCE FOLDER/ [--keep N] [--max-chain N]
@@ -46,6 +54,12 @@ restore points (docs/incremental.md):
   apsw-backup verify FOLDER..."""
 
 VERIFY_EPILOG = """\
+levels: full (the default) runs PRAGMA integrity_check split by table over
+threads, one per CPU: it proves every b-tree, index, UNIQUE, CHECK and NOT
+NULL constraint sound.  default runs PRAGMA quick_check only (a stored file
+has no page hashes to compare): it misses an index that disagrees with its
+table and CHECK constraints.
+
 FILE is only read: it is opened read-only, so a -wal beside it is neither
 applied to it nor deleted.  An empty (0-byte) file is not a backup: it fails.
 
@@ -121,7 +135,16 @@ def _parser() -> argparse.ArgumentParser:
         help="leave the copy of a WAL database in WAL mode (default: one "
         "self-contained rollback-journal file)",
     )
-    add("--no-verify", action="store_true", help="skip PRAGMA integrity_check")
+    add(
+        "--verify",
+        choices=LEVELS,
+        default=None,
+        metavar="LEVEL",
+        help="default: re-read every page from the disk against its hash + "
+        "PRAGMA quick_check; full: also PRAGMA integrity_check, by table in "
+        "threads; none: no check (see the table below)",
+    )
+    add("--no-verify", action="store_true", help="--verify none")
     add("--json", action="store_true", help="print one JSON object on stdout")
     add(
         "--progress",
@@ -184,10 +207,14 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
         parser.error("--demo takes no SOURCE or DEST")
     if not args.demo and not (args.source and args.dest):
         parser.error("SOURCE and DEST are required (or try --demo)")
+    if args.no_verify and args.verify not in (None, "none"):
+        parser.error(f"--no-verify contradicts --verify {args.verify}: give one")
+    args.verify = "none" if args.no_verify else args.verify or "default"
+    args.no_verify = args.verify == "none"
     if args.keep is not None and args.no_verify:
         parser.error(
             "--keep deletes older backups only once the new one is verified: "
-            "it cannot be used with --no-verify"
+            "it cannot be used with --no-verify (--verify none)"
         )
     return args
 
@@ -200,6 +227,15 @@ def _parse_verify(argv: Sequence[str]) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("files", nargs="+", metavar="FILE", help="backup to check")
+    parser.add_argument(
+        "--level",
+        "--verify",
+        dest="level",
+        choices=LEVELS[:2],
+        default="full",
+        help="full (default): PRAGMA integrity_check, by table in threads; "
+        "default: PRAGMA quick_check only",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument(
         "--timeout",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import time
 from typing import Any
 
@@ -25,10 +24,10 @@ from apsw_backup.cli.plan import Job, _check_folder, _check_source, _stale_messa
 from apsw_backup.cli.signals import Interrupted
 from apsw_backup.cli.summary import _print_json
 from apsw_backup.cli.verification import (
-    VerificationError,
     VerificationFailed,
-    VerificationTimeout,
-    _problems_text,
+    VerificationIncomplete,
+    failed_message,
+    incomplete_message,
 )
 
 
@@ -42,36 +41,36 @@ def _failure(exc: BaseException, job: Job, args: argparse.Namespace) -> Failure:
             state += "; older backups may not all have been deleted (--keep)"
         return Failure(128 + exc.signum, f"interrupted: {state}", exc)
     if isinstance(exc, VerificationFailed):
-        failure = Failure(
-            EXIT_VERIFY,
-            f"verification failed: PRAGMA integrity_check of the copy reported "
-            f"{_problems_text(exc.problems)}. The copy holds SOURCE's pages as "
-            "they were, so SOURCE is probably damaged too: check it with "
-            f"{PROG} verify {shlex.quote(job.source)}. {job.says()}",
-            exc,
-        )
+        job.verified = False
+        message = failed_message(exc, "the copy", job.source)
+        failure = Failure(EXIT_VERIFY, f"{message}. {job.says()}", exc)
         failure.fields["integrity"] = exc.problems
+        failure.fields["verification"] = exc.verification.to_json()
         return failure
-    if isinstance(exc, VerificationTimeout):
-        return Failure(
+    if isinstance(exc, VerificationIncomplete) and exc.verification.timed_out:
+        timeout = f" (--timeout {args.timeout:g})" if args.timeout is not None else ""
+        failure = Failure(
             EXIT_ERROR,
-            f"BusyError: {exc} (--timeout {args.timeout:g}), so the copy was not "
-            "verified. Retry later, or with a longer --timeout"
+            f"BusyError: gave up verifying: {exc.reason}{timeout}, so the copy "
+            "was not verified. Retry later, or with a longer --timeout"
             + (
                 ": end the other connection's long transaction on DEST first"
-                if exc.locked
+                if exc.verification.locked
                 else ""
             )
             + f". {job.says()}",
-            _busy(str(exc)),
+            _busy(exc.reason),
         )
-    if isinstance(exc, VerificationError):
-        return Failure(
+        failure.fields["verification"] = exc.verification.to_json()
+        return failure
+    if isinstance(exc, VerificationIncomplete):
+        failure = Failure(
             EXIT_ERROR,
-            f"could not verify the copy: {type(exc.error).__name__}: {exc.error}. "
-            f"{job.says()}",
-            exc.error,
+            f"{incomplete_message(exc, 'the copy')}. {job.says()}",
+            exc.error or exc,
         )
+        failure.fields["verification"] = exc.verification.to_json()
+        return failure
     return Failure(EXIT_ERROR, f"{_explain(exc, job, args)}. {job.says()}", exc)
 
 

@@ -61,6 +61,7 @@ BACKUP_KEYS: dict[str, tuple[type | None, ...]] = {
     "journal_mode": (str, None),
     "verified": (bool, None),
     "integrity": (list, None),
+    "verification": (dict, None),  # the checks that ran, their seconds
     "deleted": (list,),
     "pages_copied": (int, None),
     "page_count": (int, None),
@@ -77,6 +78,7 @@ FILE_KEYS: dict[str, tuple[type | None, ...]] = {
     "exit_code": (int,),
     "verified": (bool, None),
     "integrity": (list, None),
+    "verification": (dict, None),  # the checks that ran, their seconds
     "error": (dict, None),
 }
 VERIFY_KEYS: dict[str, tuple[type | None, ...]] = {

@@ -15,6 +15,7 @@ from apsw_backup.cli import output
 from apsw_backup.cli.errors import _count
 from apsw_backup.cli.plan import Job, _locked
 from apsw_backup.copy import CopyResult
+from apsw_backup.verify import Progress
 
 REDRAW_EVERY = 0.1  # seconds between two redraws of the progress line
 
@@ -85,6 +86,7 @@ class ProgressLine:
         self._phase = "starting"
         self._since = self._start  # when the phase began
         self._label = "verifying"
+        self._verify: Progress | None = None  # the last verify() report
         self._copying_since = 0.0  # when the first pages were copied
         self._broken = False  # the stream failed: nothing more is written
 
@@ -102,7 +104,18 @@ class ProgressLine:
     def verifying(self, label: str = "verifying") -> None:
         """The verify phase begins."""
         self._label = label
+        self._verify = None
         self._set("verifying")
+
+    def verify_tick(self, progress: Progress) -> None:
+        """verify()'s report: redraw with its fraction and ETA if it is time,
+        and at once for the first report (it names the level) and the last."""
+        last = self._verify
+        self._verify = progress
+        if last is None or progress.fraction >= 1.0 > last.fraction:
+            self._draw(self.parts())
+        else:
+            self.tick()
 
     def tick(self) -> None:
         """Redraw if it is time (the clocks in the line move on)."""
@@ -121,7 +134,7 @@ class ProgressLine:
         job, now = self._job, self._clock()
         in_phase = now - self._since
         if self._phase == "verifying":
-            return [f"{self._label} {in_phase:.1f} s"]
+            return self._verify_parts(in_phase)
         done = self._phase == "copied"
         percent = 100.0 if done else 100.0 * job.copied / job.total if job.total else 0
         phase = {
@@ -137,6 +150,20 @@ class ProgressLine:
             parts += self._speed(now)
         return parts
 
+    def _verify_parts(self, in_phase: float) -> list[str]:
+        """verifying (full) 2.1 s  45%  ETA 0:03  integrity_check(orders)"""
+        p = self._verify
+        level = p.phase.partition("(")[2].rstrip(")") if p is not None else ""
+        head = f"{self._label} ({level})" if level else self._label
+        parts = [f"{head} {in_phase:.1f} s"]
+        if p is None:
+            return parts
+        parts.append(f"{100 * p.fraction:.0f}%")
+        parts.append(f"ETA {_duration(p.eta) if p.eta is not None else '--'}")
+        if p.running:
+            parts.append(", ".join(p.running))
+        return parts
+
     def terse(self, parts: list[str]) -> list[str]:
         """parts in fewer words, for a narrow terminal."""
         words = {" (restarted ": ", ", " times)": " restarts", " time)": " restart"}
@@ -145,6 +172,8 @@ class ProgressLine:
             for long, short in words.items():
                 part = part.replace(long, short)
             terse.append(part.removesuffix(" pages"))
+        if terse and terse[0].startswith("verifying"):
+            terse = [part.replace("integrity_check", "ic") for part in terse]
         if terse and terse[0].startswith("waiting for a lock "):
             terse[0] = "lock wait " + terse[0].removeprefix("waiting for a lock ")
         return terse
@@ -168,7 +197,11 @@ class ProgressLine:
         """The final line of a backup that succeeded."""
         return [
             f"done: {result.pages} pages ({result.bytes / 1e6:.1f} MB)",
-            "verified" if self._job.verify else "not verified",
+            f"verified ({result.verification.level})"
+            if result.verification is not None
+            else "verified"
+            if self._job.verify
+            else "not verified",
             f"{result.elapsed:.2f} s",
             _count(result.restarts, "restart"),
         ]

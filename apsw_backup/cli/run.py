@@ -17,12 +17,7 @@ from apsw_backup.cli.plan import Job, _locked
 from apsw_backup.cli.progress import ProgressLine, _progress_line
 from apsw_backup.cli.signals import Interrupted, Interrupts, _pause_for_tests
 from apsw_backup.cli.summary import _report
-from apsw_backup.cli.verification import (
-    VerificationError,
-    VerificationFailed,
-    VerificationTimeout,
-    integrity_problems,
-)
+from apsw_backup.cli.verification import Ticker, VerificationError
 from apsw_backup.copy import copy
 
 
@@ -60,13 +55,18 @@ class Runner:
             self._wait(self.pause)
         self.interrupts.check()
 
+    def ticker(self) -> Ticker:
+        """copy()'s verify_progress: the progress line, signals."""
+        return Ticker(self.interrupts, self.line, pause=10 * self.pause)
+
     def before_publish(self, path: str) -> None:
-        """copy()'s verify callback, given the finished copy's file before it
-        is put in place: verify it (unless --no-verify); for a DEST folder,
-        see whether it holds a table, mark it as SOURCE's backup, and take
-        the folder's lock (exclusive for --keep) for the rest of the run."""
+        """copy()'s before_publish callback, given the finished copy's file
+        once it passed verification, before it is put in place: for a DEST
+        folder, see whether it holds a table, mark it as SOURCE's backup,
+        and take the folder's lock (exclusive for --keep) for the rest of
+        the run."""
         if self.job.verify:
-            self.verify(path)
+            self.job.verified = True
         if self.job.folder is None:
             return
         self.job.has_table = holds_a_table(path)
@@ -101,21 +101,6 @@ class Runner:
         left = self.timeout - (time.monotonic() - self.job.started)
         return max(0.0, min(FOLDER_LOCK_WAIT, left))
 
-    def verify(self, path: str) -> None:
-        """Verify the copy: raises VerificationFailed/-Error."""
-        if self.line is not None:
-            self.line.verifying()
-        if self.pause:
-            self._wait(10 * self.pause)
-        tick = self.line.tick if self.line is not None else None
-        try:
-            problems = integrity_problems(path, self.interrupts, tick, self.deadline)
-        except apsw_backup.Error as exc:
-            raise VerificationError(exc) from exc
-        self.job.verified = not problems
-        if problems:
-            raise VerificationFailed(problems)
-
     def _wait(self, seconds: float) -> None:
         deadline = time.monotonic() + seconds
         while not self.interrupts.signum and time.monotonic() < deadline:
@@ -132,7 +117,6 @@ def _backup_command(
     runner = Runner(job, interrupts, line, pause, deadline)
     runner.keep, runner.timeout = args.keep, args.timeout
     deleted: list[str] = []
-    publishing = job.verify or job.folder is not None
     try:
         _pause_for_tests("opening", interrupts)
         interrupts.check()
@@ -145,21 +129,17 @@ def _backup_command(
             sleep=args.sleep,
             timeout=deadline_left(job, args.timeout),
             keep_wal=args.keep_wal,
-            verify=runner.before_publish if publishing else None,
+            verify=args.verify if job.verify else None,
             target_exists=job.existed,
+            verify_progress=runner.ticker(),
+            before_publish=runner.before_publish,
         )
         job.published = True
         _pause_for_tests("done", interrupts)
         interrupts.check()
         if args.keep is not None:
             deleted = _rotated(job, args.keep, interrupts)
-    except (
-        Interrupted,
-        VerificationFailed,
-        VerificationError,
-        VerificationTimeout,
-        Failure,
-    ) as exc:
+    except (Interrupted, VerificationError, Failure) as exc:
         roll_back(job, deadline_left(job, args.timeout))
         failure = _failure(exc, job, args)
     except Exception as exc:  # noqa: BLE001 - reported, with what DEST holds

@@ -9,6 +9,7 @@ from apsw_backup.cli import output
 from apsw_backup.cli.dest_file import header_facts
 from apsw_backup.cli.errors import EXIT_OK, PROG, _count
 from apsw_backup.cli.plan import Job
+from apsw_backup.cli.verification import verified_words
 from apsw_backup.copy import CopyResult
 
 
@@ -22,7 +23,7 @@ def _report(
     if args.json:
         _print_json(_summary(job, args, result, deleted))
         return
-    verified = "integrity_check ok" if job.verify else "not verified"
+    verified = verified_words(result.verification)
     rotated = f"; deleted {_count(len(deleted), 'older backup')}" if deleted else ""
     pages, page_size, _ = _dest_figures(job, result)
     output.out(
@@ -57,6 +58,7 @@ def _summary(
         journal_mode=journal_mode,
         verified=True if job.verify else None,
         integrity=["ok"] if job.verify else None,
+        verification=result.verification.to_json() if result.verification else None,
         deleted=deleted,
         pages_copied=result.pages,
         page_count=result.pages,

@@ -1,211 +1,139 @@
-"""Verification of a copy: PRAGMA integrity_check, interruptible."""
+"""Verification in the command: the levels, the progress ticks, the words.
+
+The checks themselves are apsw_backup.verify's; a backup asks copy() for
+them (verify="default" or "full"), `apsw-backup verify` calls verify()
+itself.  This module says what each level proves, draws the progress line
+while they run, stops them on a signal, and words their outcome.
+"""
 
 from __future__ import annotations
 
 import os
-import re
-import threading
+import shlex
 import time
-from collections.abc import Callable
-from typing import Any
 
-import apsw_backup
+from apsw_backup import verify
 from apsw_backup.cli.errors import PROG
-from apsw_backup.cli.progress import REDRAW_EVERY
 from apsw_backup.cli.signals import Interrupts, _pause_for_tests
-
-
-class VerificationFailed(Exception):
-    """PRAGMA integrity_check found problems in the copy."""
-
-    def __init__(self, problems: list[str]) -> None:
-        super().__init__(f"{len(problems)} problem(s)")
-        self.problems = problems
-
-
-class VerificationError(Exception):
-    """The copy could not be verified (it could not be opened or read)."""
-
-    def __init__(self, error: apsw_backup.Error) -> None:
-        super().__init__(str(error))
-        self.error = error
-
-
-class VerificationTimeout(Exception):
-    """The check did not finish before the deadline (--timeout)."""
-
-    def __init__(self, seconds: float, locked: bool) -> None:
-        why = (
-            "the file was locked by another connection"
-            if locked
-            else ("the check needed more time")
-        )
-        super().__init__(f"gave up verifying after {seconds:.2f} s: {why}")
-        self.seconds = seconds
-        self.locked = locked
-
-
-def integrity_problems(
-    path: str,
-    interrupts: Interrupts,
-    tick: Callable[[], object] | None = None,
-    deadline: float | None = None,
-    lock_wait: float | None = None,
-) -> list[str]:
-    """What PRAGMA integrity_check finds wrong with path ([]: nothing).
-
-    The file is opened read-only: verifying never writes to it (a -wal is
-    not checkpointed into it nor deleted).  The -wal and -shm that SQLite
-    creates to read a WAL database, when they were not there before, are
-    removed afterwards (an empty -wal: nothing is written to the file).
-    The check runs in a worker thread so that a signal interrupts it at once
-    (Connection.interrupt); this thread waits, redrawing the progress line.
-    deadline (time.monotonic()): a lock is waited for, and the check runs,
-    until then at most; past it VerificationTimeout, as when a lock lasts
-    longer than lock_wait seconds.  Raises
-    apsw_backup.Error if it cannot be read, Interrupted on a signal.
-    """
-    existed = [os.path.lexists(path + side) for side in ("-wal", "-shm")]
-    conn = apsw_backup.Connection(path, apsw_backup.SQLITE_OPEN_READONLY)
-    outcome: dict[str, Any] = {}
-    locked: list[float] = []  # when the lock being waited for was found
-
-    def wait_for_lock(count: int) -> bool:
-        now = time.monotonic()
-        if count == 0 or not locked:
-            locked[:] = [now]
-        if deadline is not None and now >= deadline:
-            return False
-        if lock_wait is not None and now - locked[0] >= lock_wait:
-            outcome["lock_wait"] = True
-            return False
-        time.sleep(0.01)
-        return not interrupts.signum
-
-    def check() -> None:
-        _pause_for_tests("verifying", interrupts)
-        try:
-            outcome["rows"] = conn.execute("PRAGMA integrity_check").fetchall()
-        except apsw_backup.Error as exc:
-            outcome["error"] = exc
-
-    started = time.monotonic()
-    timed_out = False
-    try:
-        conn.set_busy_handler(wait_for_lock)
-        worker = threading.Thread(target=check, name=f"{PROG} verify", daemon=True)
-        with interrupts.watching(conn):
-            worker.start()
-            while worker.is_alive():
-                wait = REDRAW_EVERY
-                if deadline is not None:
-                    wait = max(0.0, min(wait, deadline - time.monotonic()))
-                worker.join(wait)
-                if tick is not None:
-                    tick()
-                if (
-                    worker.is_alive()
-                    and deadline is not None
-                    and time.monotonic() >= deadline
-                    and not timed_out
-                ):
-                    timed_out = True
-                    conn.interrupt()
-    finally:
-        conn.close(force=True)
-        _remove_what_reading_made(path, existed)
-    interrupts.check()
-    error = outcome.get("error")
-    if timed_out or (
-        isinstance(error, apsw_backup.BusyError)
-        and (
-            outcome.get("lock_wait")
-            or (deadline is not None and time.monotonic() >= deadline)
-        )
-    ):
-        raise VerificationTimeout(time.monotonic() - started, bool(locked))
-    if isinstance(error, (apsw_backup.CorruptError, apsw_backup.NotADBError)):
-        return [str(error)]
-    if error is not None:
-        raise error
-    # Some SQLite versions answer the whole list as one row, one problem a
-    # line ("*** in database main ***" heads it): count problems, not rows.
-    rows = [str(row[0]) for row in outcome["rows"]]
-    if rows == ["ok"]:
-        return []
-    found = [
-        line
-        for row in rows
-        for line in row.splitlines()
-        if line.strip() and not line.startswith("*** in database ")
-    ]
-    _raise_read_failure(found or rows)
-    return found or rows
-
-
-def _remove_what_reading_made(path: str, existed: list[bool]) -> None:
-    """A read-only connection to a WAL database creates an empty -wal and a
-    -shm, and cannot remove them.  If they were not there before and the
-    -wal is still empty, a read-write connection opened and closed removes
-    them -- SQLite does so only as the last connection, under its locks;
-    with nothing in the -wal, closing writes nothing to the file."""
-    if any(existed):
-        return
-    try:
-        if os.stat(path + "-wal").st_size:
-            return
-    except OSError:
-        return
-    try:
-        conn = apsw_backup.Connection(path, apsw_backup.SQLITE_OPEN_READWRITE)
-    except apsw_backup.Error:
-        return
-    try:
-        conn.set_busy_timeout(100)
-        conn.execute("PRAGMA schema_version").fetchall()
-    except apsw_backup.Error:
-        pass
-    finally:
-        conn.close(force=True)
-
-
-# integrity_check reports a page it could not read as a problem of the file
-# ("Page 3: unable to get the page. error code=266" before SQLite 3.46, "Tree 2
-# page 3: ..." from 3.46 on), and the pages or index entries only it led to
-# as "never used" or "wrong # of entries".  An I/O error or out-of-memory
-# there says nothing about the file's content: it is a failure to check, not
-# a damaged copy.
-_UNREADABLE_PAGE = re.compile(
-    r"((?:Tree \d+ page|Page) \d+): unable to get the page\. error code=(\d+)"
+from apsw_backup.verify import (
+    VerificationError,
+    VerificationFailed,
+    VerificationIncomplete,
+    VerifyResult,
+    problems_text,
 )
-_READ_FAILURES = {
-    apsw_backup.SQLITE_IOERR: apsw_backup.IOError,
-    apsw_backup.SQLITE_NOMEM: apsw_backup.NoMemError,
-}
+
+__all__ = [
+    "LEVELS_HELP",
+    "Ticker",
+    "VerificationError",
+    "VerificationFailed",
+    "VerificationIncomplete",
+    "failed_message",
+    "incomplete_message",
+    "problems_text",
+    "size_mb",
+    "verified_words",
+]
+
+# What each level proves and misses: --help shows it (docs/verification.md
+# has the same table, with the costs).
+LEVELS_HELP = """\
+verification levels (--verify LEVEL; a problem found exits 3, naming pages):
+  level    runs                        proves                    misses
+  default  page re-read + quick_check  DEST holds exactly the    an index that
+           (every page of DEST read    bytes written; b-trees,   disagrees with
+           from the disk, compared     freelist, page use and    its table;
+           with its hash as written)   NOT NULL are sound        CHECK
+  full     default + integrity_check   all that, and every       nothing that
+           split by table, threads     index matches its table;  integrity_check
+                                       UNIQUE, CHECK hold        sees
+  none     nothing (= --no-verify)     nothing                   everything"""
 
 
-def _raise_read_failure(found: list[str]) -> None:
-    """Raise IOError/NoMemError if integrity_check could not read a page."""
-    for problem in found:
-        for page, code in _UNREADABLE_PAGE.findall(problem):
-            extended = int(code)
-            cls = _READ_FAILURES.get(extended & 0xFF)
-            if cls is None:
-                continue
-            what = "ran out of memory" if cls is apsw_backup.NoMemError else "failed"
-            error = cls(
-                f"reading the file {what} during PRAGMA integrity_check ({page}: "
-                f"SQLite error code {extended}), so the check could not finish; this "
-                "says nothing about the file's content: check the disk and "
-                "verify it again"
-            )
-            error.result = extended & 0xFF
-            error.extendedresult = extended
-            raise error
+class Ticker:
+    """verify()'s progress callback for one verification: draws the phase
+    on the progress line and stops the checks when a signal has arrived
+    (raising Interrupted; verify() ends its threads first)."""
+
+    def __init__(
+        self,
+        interrupts: Interrupts,
+        line: object | None,
+        label: str = "verifying",
+        pause: float = 0.0,
+    ) -> None:
+        self.interrupts = interrupts
+        self.line = line  # a ProgressLine, or None
+        self.label = label
+        self.pause = pause  # --demo: seconds to linger as the phase begins
+        self.started = False
+
+    def __call__(self, progress: verify.Progress) -> None:
+        if not self.started:
+            self.started = True
+            if self.line is not None:
+                self.line.verifying(self.label)  # type: ignore[attr-defined]
+            _pause_for_tests("verifying", self.interrupts)
+            self._linger()
+        if self.line is not None:
+            self.line.verify_tick(progress)  # type: ignore[attr-defined]
+        self.interrupts.check()
+
+    def _linger(self) -> None:
+        deadline = time.monotonic() + self.pause
+        while not self.interrupts.signum and time.monotonic() < deadline:
+            time.sleep(0.01)
+            if self.line is not None:
+                self.line.tick()  # type: ignore[attr-defined]
 
 
-def _problems_text(problems: list[str]) -> str:
-    shown = "; ".join(problems[:5])
-    if len(problems) > 5:
-        shown += f"; and {len(problems) - 5} more"
-    return f"{len(problems)} problem(s): {shown}"
+def verified_words(result: VerifyResult | None) -> str:
+    """The end of the summary line: what verification showed."""
+    if result is None:
+        return "not verified"
+    return result.summary()
+
+
+def failed_message(exc: VerificationFailed, what: str, source: str | None) -> str:
+    """The message of a verification that found problems in `what` (the
+    copy, or a FILE); `source`: the backup's SOURCE, if any."""
+    problems = exc.verification.problems
+    on_disk = [p.message for p in problems if p.check == "pages"]
+    if on_disk:
+        # Pages that differ from what SQLite wrote explain whatever else
+        # was found: DEST's disk changed or lost them, not SOURCE.
+        others = [p.message for p in problems if p.check != "pages"]
+        also = f" (and so {problems_text(others, 3)})" if others else ""
+        return (
+            f"verification failed: in {what}, {'; '.join(on_disk)}{also}. "
+            "SOURCE is not in question: the disk or file system under DEST "
+            "changed the file or lost a write. Check that disk, then back up "
+            "again"
+        )
+    check = exc.check
+    name = {"pages": "the page check", "quick_check": "PRAGMA quick_check"}.get(
+        check, "PRAGMA integrity_check"
+    )
+    text = (
+        f"verification failed: {name} of {what} reported {problems_text(exc.problems)}"
+    )
+    if source is not None:
+        text += (
+            ". The copy holds SOURCE's pages as they were, so SOURCE is probably "
+            f"damaged too: check it with {PROG} verify {shlex.quote(source)}"
+        )
+    return text
+
+
+def incomplete_message(exc: VerificationIncomplete, what: str) -> str:
+    error = exc.error
+    cause = f"{type(error).__name__}: {error}" if error is not None else exc.reason
+    return f"could not verify {what}: {cause}"
+
+
+def size_mb(path: str) -> str:
+    try:
+        return f"{os.path.getsize(path) / 1e6:.1f} MB"
+    except OSError:
+        return "? MB"

@@ -25,15 +25,17 @@ from apsw_backup.cli.errors import (
 from apsw_backup.cli.failures import _busy, _error_object
 from apsw_backup.cli.open_problems import open_problem
 from apsw_backup.cli.plan import Job
-from apsw_backup.cli.progress import ProgressLine, _progress_line
+from apsw_backup.cli.progress import _progress_line
 from apsw_backup.cli.signals import Interrupted, Interrupts
 from apsw_backup.cli.summary import _print_json
 from apsw_backup.cli.verification import (
+    Ticker,
     VerificationFailed,
-    VerificationTimeout,
-    _problems_text,
-    integrity_problems,
+    VerificationIncomplete,
+    failed_message,
+    incomplete_message,
 )
+from apsw_backup.verify import VerifyResult, raise_for, verify
 
 
 def _verify_command(args: argparse.Namespace, interrupts: Interrupts) -> int:
@@ -68,9 +70,10 @@ def _verify_one(
 ) -> tuple[dict[str, Any], int]:
     """Check one FILE, report it; (its --json item, its exit code)."""
     line = _progress_line(args.progress, Job(path, path, True, True))
-    if line is not None:
-        line.verifying(f"verifying {path}")
-    code, message, error, problems = _outcome_of_check(path, interrupts, line, deadline)
+    ticker = Ticker(interrupts, line, f"verifying {path}")
+    code, message, error, problems, result = _outcome_of_check(
+        path, args.level, ticker, deadline
+    )
     if line is not None:
         line.end([f"verified {path}: ok"] if not code else [f"stopped: {path}"])
     if code:
@@ -82,6 +85,7 @@ def _verify_one(
         "exit_code": code,
         "verified": None if problems is None else not problems,
         "integrity": None if problems is None else problems or ["ok"],
+        "verification": result.to_json() if result is not None else None,
         "error": _error_object(error, message) if code else None,
     }
     return item, code
@@ -89,11 +93,12 @@ def _verify_one(
 
 def _outcome_of_check(
     path: str,
-    interrupts: Interrupts,
-    line: ProgressLine | None,
+    level: str,
+    ticker: Ticker,
     deadline: float | None = None,
-) -> tuple[int, str, BaseException | None, list[str] | None]:
-    """(exit code, message, error, problems found or None if not checked)."""
+) -> tuple[int, str, BaseException | None, list[str] | None, VerifyResult | None]:
+    """(exit code, message, error, problems found or None if not checked,
+    the verification's result or None)."""
     try:
         size = _check_file(path)
         if not size:
@@ -102,36 +107,55 @@ def _outcome_of_check(
                 f"verification failed: FILE {_q(path)} is empty (0 bytes): SQLite "
                 "would take it for an empty database, but it holds no backup"
             )
-            return EXIT_VERIFY, message, VerificationFailed(empty), empty
-        problems = integrity_problems(
-            path,
-            interrupts,
-            line.tick if line else None,
-            deadline,
-            lock_wait=VERIFY_LOCK_WAIT,
+            return EXIT_VERIFY, message, _empty(empty), empty, None
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        result = raise_for(
+            verify(
+                path,
+                level,
+                progress=ticker,
+                timeout=timeout,
+                lock_wait=VERIFY_LOCK_WAIT,
+            )
         )
     except Failure as failure:
-        return failure.code, failure.message, failure.error, None
+        return failure.code, failure.message, failure.error, None, None
     except Interrupted as stop:
-        return 128 + stop.signum, f"interrupted while verifying {_q(path)}", stop, None
-    except VerificationTimeout as exc:
-        cure = (
-            "end the other connection's long transaction, or retry later"
-            if exc.locked
-            else "retry with a longer --timeout"
-        )
-        message = f"cannot verify FILE {_q(path)}: {exc}: {cure}"
-        return EXIT_ERROR, message, _busy(str(exc)), None
-    except apsw_backup.Error as exc:
-        message = f"cannot verify FILE {_q(path)}: {open_problem(path, exc, 'FILE')}"
-        return EXIT_ERROR, message, exc, None
-    if problems:
-        message = (
-            f"verification failed: PRAGMA integrity_check of {_q(path)} reported "
-            f"{_problems_text(problems)}"
-        )
-        return EXIT_VERIFY, message, VerificationFailed(problems), problems
-    return EXIT_OK, f"{path}: integrity_check ok ({size / 1e6:.1f} MB)", None, []
+        message = f"interrupted while verifying {_q(path)}"
+        return 128 + stop.signum, message, stop, None, None
+    except VerificationFailed as exc:
+        message = failed_message(exc, f"FILE {_q(path)}", None)
+        return EXIT_VERIFY, message, exc, exc.problems, exc.verification
+    except VerificationIncomplete as exc:
+        outcome = exc.verification
+        if outcome.timed_out or outcome.locked:
+            cure = (
+                "end the other connection's long transaction, or retry later"
+                if outcome.locked
+                else "retry with a longer --timeout"
+            )
+            message = f"cannot verify FILE {_q(path)}: {exc.reason}: {cure}"
+            return EXIT_ERROR, message, _busy(exc.reason), None, outcome
+        error = exc.error
+        if isinstance(error, apsw_backup.Error):
+            message = (
+                f"cannot verify FILE {_q(path)}: {open_problem(path, error, 'FILE')}"
+            )
+        else:
+            message = incomplete_message(exc, f"FILE {_q(path)}")
+        return EXIT_ERROR, message, error or exc, None, outcome
+    message = f"{path}: {result.summary()} ({level}, {size / 1e6:.1f} MB)"
+    return EXIT_OK, message, None, [], result
+
+
+def _empty(problems: list[str]) -> VerificationFailed:
+    """The VerificationFailed of an empty FILE (no check ran)."""
+    from apsw_backup.verify import PROBLEMS, Problem
+
+    found = [Problem("file", p) for p in problems]
+    return VerificationFailed(
+        problems[0], VerifyResult(PROBLEMS, "none", found, [], 0.0)
+    )
 
 
 def _check_file(path: str) -> int:
