@@ -30,9 +30,10 @@ import dataclasses
 import os
 import re
 import struct
+import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -88,6 +89,10 @@ class BrokenChainError(Exception):
 
 class IncrementalError(Exception):
     """The backup could not make a sound restore point (nothing was kept)."""
+
+
+class FolderBusyError(IncrementalError):
+    """Another incremental backup is writing into the same folder."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,13 +163,46 @@ class ChainReport:
 class _Point:
     info: RestorePoint
     data_offset: int
-    index: list[int]  # page number of each stored page, in file order
-    manifest: bytes
+    index: Sequence[int]  # page number of each stored page, in file order
+    _manifest: bytes | None
     parent_root: bytes
     root: bytes
 
     def offset_of(self, position: int) -> int:
         return self.data_offset + position * self.info.page_size
+
+    @property
+    def manifest(self) -> bytes:
+        """The manifest, read again from the file (and checked again) if it
+        was dropped: a chain's points need not all hold theirs at once (16
+        bytes a page each)."""
+        if self._manifest is None:
+            again = _read_point(self.info.path)
+            if again.root != self.root:
+                raise _damaged(self.info.path, "changed since it was first read")
+            self._manifest = again._manifest
+            assert self._manifest is not None
+        return self._manifest
+
+    def drop(self) -> None:
+        self._manifest = None
+
+
+def _index_from_bytes(data: bytes) -> array.array[int]:
+    """An index (big-endian u64s) as an array: 8 bytes a page, not a
+    Python int's 30-odd."""
+    index = array.array("Q")
+    index.frombytes(data)
+    if sys.byteorder == "little":
+        index.byteswap()
+    return index
+
+
+def _index_to_bytes(index: Sequence[int]) -> bytes:
+    out = array.array("Q", index)
+    if sys.byteorder == "little":
+        out.byteswap()
+    return out.tobytes()
 
 
 def root_hash(page_size: int, manifest: bytes) -> bytes:
@@ -242,7 +280,9 @@ def _read_point(path: str) -> _Point:
         raise _damaged(path, "altered (its root hash does not match its manifest)")
     if kind > 1 or (kind == 0) != (parent_root == ZERO_HASH):
         raise _damaged(path, "damaged (its kind and parent disagree)")
-    index = list(struct.unpack(f">{stored}Q", index_bytes))
+    index = _index_from_bytes(index_bytes)
+    if index and (min(index) < 1 or max(index) > page_count):
+        raise _damaged(path, "damaged (its index names a page it does not have)")
     source = header[_HEADER.size : _HEADER.size + path_len].decode("utf-8", "replace")
     name = _parse_name(path)
     info = RestorePoint(
@@ -287,11 +327,9 @@ def _stems(folder: str) -> dict[str, list[str]]:
     return by_stem
 
 
-def _chains(
-    paths: list[str], strict: bool
-) -> tuple[list[list[_Point]], list[str], list[str]]:
+def _chains(paths: list[str]) -> tuple[list[list[_Point]], list[str], list[str]]:
     """The chains the points of one stem form, oldest first; the problems
-    found (strict: the first one raises BrokenChainError); and the deltas a
+    found; and the deltas a
     base of the same moment and root stands for (left by a merge or a
     rebase that was interrupted before it removed them)."""
     chains: list[list[_Point]] = []
@@ -301,8 +339,6 @@ def _chains(
         try:
             entries.append(_read_point(path))
         except BrokenChainError as exc:
-            if strict:
-                raise
             problems.append(str(exc))
             entries.append(None)
     bases_at = {
@@ -336,12 +372,13 @@ def _chains(
                 "removed, renamed or replaced); restore from a point before it, "
                 "or make a new base"
             )
-            if strict:
-                raise BrokenChainError(message, p.info.path)
             problems.append(message)
             chains.append([])
             continue
         chains[-1].append(p)
+    for chain in chains:
+        for p in chain[:-1]:
+            p.drop()  # only a chain's tip keeps its manifest in memory
     return [c for c in chains if c], problems, twins
 
 
@@ -356,12 +393,6 @@ def list_points(folder: str | os.PathLike[str]) -> list[RestorePoint]:
         except BrokenChainError:
             continue
     return out
-
-
-def chain_of(info: RestorePoint, folder: str | None = None) -> list[RestorePoint]:
-    """The points from the base up to info (for list's chain column)."""
-    chain = _chain_to(info.path, folder or os.path.dirname(info.path))
-    return [p.info for p in chain]
 
 
 def _stamp(path: str) -> str:
@@ -419,6 +450,7 @@ def _chain_to(point_path: str, folder: str) -> list[_Point]:
                 child.info.path,
             )
         chain.insert(0, parent)
+        parent.drop()  # read again when needed: 16 bytes a page each
     return chain
 
 
@@ -566,7 +598,7 @@ class _ChainFiles:
 
 
 def _first_bad(
-    data: bytes, page_size: int, pages: range | list[int], manifest: bytes
+    data: bytes, page_size: int, pages: Sequence[int], manifest: bytes
 ) -> int | None:
     """The first of `pages` (held in that order in data) whose hash is not
     the manifest's, or None; the lock-byte page's zero hash is skipped.  A
@@ -613,12 +645,12 @@ def _data_offset(source: str) -> int:
     return (need + 4095) // 4096 * 4096
 
 
-def _finish_file(fd: int, header: bytes, index: list[int], manifest: bytes,
+def _finish_file(fd: int, header: bytes, index: Sequence[int], manifest: bytes,
                  parent_root: bytes, page_size: int) -> tuple[bytes, int]:  # fmt: skip
     """Write header, index, manifest and trailer around the pages already
     at the data offset; returns (root, file size)."""
     data_offset = len(header)
-    index_bytes = struct.pack(f">{len(index)}Q", *index)
+    index_bytes = _index_to_bytes(index)
     index_off = data_offset + len(index) * page_size
     manifest_off = index_off + len(index_bytes)
     root = root_hash(page_size, manifest)
@@ -643,12 +675,14 @@ def _write_all(fd: int, data: bytes, offset: int) -> None:
         offset += n
 
 
-def _compact(fd: int, data_offset: int, page_size: int, slots: list[int]) -> list[int]:
+def _compact(
+    fd: int, data_offset: int, page_size: int, slots: array.array[int]
+) -> array.array[int]:
     """Move the pages of live slots over the dead ones (a restart left
     them); the index of the pages, in file order."""
-    live = [pgno for pgno in slots if pgno]
-    if len(live) == len(slots):
+    if 0 not in slots:
         return slots
+    live = array.array("q", (pgno for pgno in slots if pgno))
     out = 0
     for position, pgno in enumerate(slots):
         if not pgno:
@@ -664,7 +698,7 @@ def _read_back(
     fd: int,
     data_offset: int,
     page_size: int,
-    index: list[int],
+    index: Sequence[int],
     manifest: bytes,
     path: str,
 ) -> None:
@@ -763,7 +797,7 @@ def _write_point(source: _c.Connection, source_name: str, folder: str, stem: str
         problem = _recording_problem(outcome, page_size)
         if problem:
             raise IncrementalError(problem)
-        slots = list(array.array("q", outcome["slot_pages"]))
+        slots = array.array("q", outcome["slot_pages"])
         index = _compact(new.fd, data_offset, page_size, slots)
         manifest = outcome["manifest"]
         if 1 in index:
@@ -816,7 +850,7 @@ def _materialize(chain: list[_Point], folder: str, stem: str) -> _Point:
     data_offset = _data_offset(tip.info.source)
     pages = _ChainFiles(chain)
     new = files.NewFile(final)
-    index: list[int] = []
+    index = array.array("Q")
     try:
         new.create()
         out = data_offset
@@ -901,73 +935,100 @@ def incremental(
         raise FileNotFoundError(
             f"the folder {folder!r} does not exist: create it first"
         )
-    files.remove_stale(folder)
-    own = not isinstance(source, _c.Connection)
-    if own:
-        source_name = os.path.abspath(os.fspath(source))  # type: ignore[arg-type]
-        if not os.path.isfile(source_name):
-            raise FileNotFoundError(
-                f"the source database {source_name!r} does not exist"
-            )
-        conn = _c.Connection(source_name, _c.SQLITE_OPEN_READONLY)
-    else:
-        conn = source  # type: ignore[assignment]
-        source_name = conn.filename
-        if not source_name:
-            raise ValueError(
-                "an in-memory database has no file to back up incrementally"
-            )
+    lock = _lock_folder(folder)
     try:
-        stem = Path(source_name).stem
-        chain, reason = _usable_chain(folder, stem, source_name)
-        page_size = _pragma_int(conn, "page_size")
-        if chain and chain[-1].info.page_size != page_size:
-            chain, reason = [], f"the page size changed to {page_size}"
-        if chain and len(chain) - 1 >= max_chain:
-            chain, reason = [], f"the chain reached max_chain ({max_chain} deltas)"
-        parent = chain[-1] if chain else None
-        sequence = parent.info.sequence + 1 if parent else _next_sequence(folder, stem)
-        try:
-            point, written, pages, restarts, counts = _write_point(
-                conn, source_name, folder, stem, parent, sequence, page_size, opts
-            )
-        except IncrementalError:
-            new_size = _pragma_int(conn, "page_size")
-            if new_size == page_size:
-                raise
-            chain, parent, reason = [], None, f"the page size changed to {new_size}"
-            point, written, pages, restarts, counts = _write_point(
-                conn, source_name, folder, stem, None, sequence, new_size, opts
-            )
-    finally:
+        files.remove_stale(folder)
+        own = not isinstance(source, _c.Connection)
         if own:
-            conn.close()
-    result = IncrementalResult(
-        path=point.info.path,
-        kind=point.info.kind,
-        page_count=point.info.page_count,
-        pages_written=pages,
-        bytes_written=written,
-        elapsed=0.0,
-        chain_length=len(chain) + 1,
-        root=point.root.hex(),
-        reason=reason if parent is None else "",
-        restarts=restarts,
-        recording=counts,
-    )
-    if parent is not None:
-        chain = chain + [point]
-        why = _rebase_reason(chain, max_chain, rebase_share)
-        if why:
-            base = _materialize(chain, folder, stem)
-            _remove(point.info.path)
-            result.path, result.kind, result.reason = base.info.path, "base", why
-            result.bytes_written += base.info.size
-            result.chain_length = 1
-    if keep is not None:
-        result.deleted, result.merged = _rotate(folder, stem, keep)
-    result.elapsed = time.monotonic() - started
-    return result
+            source_name = os.path.abspath(os.fspath(source))  # type: ignore[arg-type]
+            if not os.path.isfile(source_name):
+                raise FileNotFoundError(
+                    f"the source database {source_name!r} does not exist"
+                )
+            conn = _c.Connection(source_name, _c.SQLITE_OPEN_READONLY)
+        else:
+            conn = source  # type: ignore[assignment]
+            source_name = conn.filename
+            if not source_name:
+                raise ValueError(
+                    "an in-memory database has no file to back up incrementally"
+                )
+        try:
+            stem = Path(source_name).stem
+            chain, reason = _usable_chain(folder, stem, source_name)
+            page_size = _page_size_of(conn)
+            if chain and chain[-1].info.page_size != page_size:
+                chain, reason = [], f"the page size changed to {page_size}"
+            if chain and len(chain) - 1 >= max_chain:
+                chain, reason = [], f"the chain reached max_chain ({max_chain} deltas)"
+            parent = chain[-1] if chain else None
+            sequence = (
+                parent.info.sequence + 1 if parent else _next_sequence(folder, stem)
+            )
+            try:
+                point, written, pages, restarts, counts = _write_point(
+                    conn, source_name, folder, stem, parent, sequence, page_size, opts
+                )
+            except IncrementalError:
+                new_size = _page_size_of(conn)
+                if new_size == page_size:
+                    raise
+                chain, parent, reason = [], None, f"the page size changed to {new_size}"
+                point, written, pages, restarts, counts = _write_point(
+                    conn, source_name, folder, stem, None, sequence, new_size, opts
+                )
+        finally:
+            if own:
+                conn.close()
+        result = IncrementalResult(
+            path=point.info.path,
+            kind=point.info.kind,
+            page_count=point.info.page_count,
+            pages_written=pages,
+            bytes_written=written,
+            elapsed=0.0,
+            chain_length=len(chain) + 1,
+            root=point.root.hex(),
+            reason=reason if parent is None else "",
+            restarts=restarts,
+            recording=counts,
+        )
+        if parent is not None:
+            chain = chain + [point]
+            why = _rebase_reason(chain, max_chain, rebase_share)
+            if why:
+                base = _materialize(chain, folder, stem)
+                _remove(point.info.path)
+                result.path, result.kind, result.reason = base.info.path, "base", why
+                result.bytes_written += base.info.size
+                result.chain_length = 1
+        if keep is not None:
+            result.deleted, result.merged = _rotate(folder, stem, keep)
+        result.elapsed = time.monotonic() - started
+        return result
+    finally:
+        lock.release()
+
+
+def _page_size_of(conn: _c.Connection) -> int:
+    value = conn.execute("PRAGMA main.page_size").fetchall()[0][0]
+    if not isinstance(value, int):
+        raise TypeError(f"PRAGMA page_size answered {value!r}")
+    return value
+
+
+def _lock_folder(folder: str) -> files.FolderLock:
+    """The folder's lock (files.FolderLock), exclusive, for the whole run:
+    two runs at once would both write a child of the same point (a fork in
+    the chain that the next run would take for damage); a plain backup's
+    rotation in the same folder takes turns with it too."""
+    lock = files.FolderLock(folder)
+    if not lock.acquire(True, 0.0):
+        raise FolderBusyError(
+            f"another backup is writing into {folder!r} (it holds the "
+            "folder's lock): try again once it has finished"
+        )
+    return lock
 
 
 def _rebase_reason(chain: list[_Point], max_chain: int, share: float) -> str:
@@ -998,7 +1059,7 @@ def _usable_chain(folder: str, stem: str, source_name: str) -> tuple[list[_Point
     paths = _stems(folder).get(stem, [])
     if not paths:
         return [], "no restore point of this source yet"
-    chains, problems, twins = _chains(paths, strict=False)
+    chains, problems, twins = _chains(paths)
     for twin in twins:
         _remove(twin)  # its base is in place: finish the interrupted merge
     newest = [p for p in paths if p not in twins][-1]
@@ -1019,7 +1080,7 @@ def _rotate(folder: str, stem: str, keep: int) -> tuple[list[str], list[str]]:
     base merged into its first delta."""
     deleted: list[str] = []
     merged: list[str] = []
-    chains, _, _ = _chains(_stems(folder).get(stem, []), strict=False)
+    chains, _, _ = _chains(_stems(folder).get(stem, []))
     total = sum(len(c) for c in chains)
     while total > keep and len(chains) > 1:
         oldest = chains.pop(0)
@@ -1064,7 +1125,8 @@ def restore(
     """Rebuild the database of a restore point into dest.
 
     backup: a restore point file, or a folder (its newest point, or the
-    newest at or before `at`).  Every file of the chain is checked (its
+    newest at or before `at`), or a plain backup (an SQLite database file:
+    it is copied with copy(), a new dest checked with quick_check).  Every file of the chain is checked (its
     checksum, root hash, and link to its parent) before anything is
     written; a missing, reordered, truncated or altered file raises
     BrokenChainError naming it.
@@ -1085,19 +1147,22 @@ def restore(
     """
     started = time.monotonic()
     point = _resolve(backup, at)
-    chain = _chain_to(point, os.path.dirname(point))
-    _check_chain(chain)
     target = os.path.abspath(os.fspath(dest))
     if os.path.isdir(target):
         raise IsADirectoryError(
             f"DEST {target!r} is a folder: give the path of a database file"
         )
-    if os.path.lexists(target):
-        if not overwrite:
-            raise FileExistsError(
-                f"DEST {target!r} exists: pass overwrite=True (--overwrite) to "
-                "replace its content through SQLite's own transaction"
-            )
+    exists = os.path.lexists(target)
+    if exists and not overwrite:
+        raise FileExistsError(
+            f"DEST {target!r} exists: pass overwrite=True (--overwrite) to "
+            "replace its content through SQLite's own transaction"
+        )
+    if _parse_name(point) is None and not point.endswith(SUFFIX):
+        return _restore_plain(point, target, exists, keep_wal, timeout, progress)
+    chain = _chain_to(point, os.path.dirname(point))
+    _check_chain(chain)
+    if exists:
         return _restore_into_existing(chain, target, started, timeout, progress)
     _restore_new(chain, target, keep_wal, progress)
     return RestoreResult(
@@ -1108,6 +1173,61 @@ def restore(
         overwrote=False,
         writers_held=0.0,
         wal_growth=0,
+    )
+
+
+def _restore_plain(
+    path: str,
+    target: str,
+    exists: bool,
+    keep_wal: bool,
+    timeout: float | None,
+    progress: Callable[[int, int], Any] | None,
+) -> RestoreResult:
+    """BACKUP is a plain backup (an SQLite database file, as `apsw-backup
+    SOURCE DEST` makes): copy() it, a new DEST checked with quick_check
+    before it is renamed into place."""
+    started = time.monotonic()
+    if files.read_header(path, 16) != b"SQLite format 3\0":
+        raise ValueError(
+            f"{path!r} is neither a restore point (*{SUFFIX}) nor an SQLite "
+            "database: give a restore point, a folder of them, or a backup file"
+        )
+
+    def check(copied: str) -> None:
+        conn = _c.Connection(copied, _c.SQLITE_OPEN_READONLY)
+        try:
+            rows = [r[0] for r in conn.execute("PRAGMA quick_check").fetchall()]
+        finally:
+            conn.close()
+        _quick_check_result(rows, target)
+
+    step = None
+    if progress is not None:
+        report = progress
+
+        def step(status: int, remaining: int, total: int) -> None:
+            report(total - remaining, total)
+
+    wal = target + "-wal"
+    before = os.stat(wal).st_size if exists and os.path.exists(wal) else 0
+    result = copy(
+        path,
+        target,
+        timeout=timeout,
+        keep_wal=keep_wal,
+        progress=step,
+        verify=None if exists else check,
+    )
+    after = os.stat(wal).st_size if exists and os.path.exists(wal) else 0
+    return RestoreResult(
+        point=path,
+        dest=target,
+        pages=result.pages,
+        elapsed=time.monotonic() - started,
+        overwrote=exists,
+        writers_held=result.elapsed if exists else 0.0,
+        wal_growth=max(0, after - before),
     )
 
 
@@ -1354,7 +1474,7 @@ def verify_folder(folder: str | os.PathLike[str]) -> list[ChainReport]:
     folder = os.path.abspath(os.fspath(folder))
     reports = []
     for stem, paths in sorted(_stems(folder).items()):
-        chains, problems, _ = _chains(paths, strict=False)
+        chains, problems, _ = _chains(paths)
         for chain in chains:
             try:
                 _check_chain(chain)
@@ -1418,14 +1538,17 @@ def _verify_pages(point: _Point, parent: _Point | None) -> None:
     lock = _lock_byte_page(P)
     mine = bytearray(manifest[: inherited * HASH])
     theirs = parent.manifest[: inherited * HASH] if parent else b""
-    stored = set(point.index)
+    stored = bytearray(count + 1)  # a flag a page: not a set of ints
     for pgno in point.index:
+        if stored[pgno]:
+            raise _damaged(point.info.path, f"damaged (page {pgno} stored twice)")
+        stored[pgno] = 1
         if pgno <= inherited:
             mine[(pgno - 1) * HASH : pgno * HASH] = theirs[
                 (pgno - 1) * HASH : pgno * HASH
             ]
     missing = [
-        p for p in range(inherited + 1, count + 1) if p not in stored and p != lock
+        p for p in range(inherited + 1, count + 1) if not stored[p] and p != lock
     ]
     if mine != theirs or missing:
         bad = missing[0] if missing else _first_difference(mine, theirs)
@@ -1445,11 +1568,5 @@ def _first_difference(a: bytes | bytearray, b: bytes | bytearray) -> int:
 def _check_chain(chain: list[_Point]) -> None:
     for i, point in enumerate(chain):
         _verify_pages(point, chain[i - 1] if i else None)
-
-
-def _pragma_int(conn: _c.Connection, name: str) -> int:
-    """PRAGMA main.<name> as an int (an integer pragma always answers one)."""
-    value = conn.execute(f"PRAGMA main.{name}").fetchall()[0][0]
-    if not isinstance(value, int):
-        raise TypeError(f"PRAGMA {name} answered {value!r}, not an integer")
-    return value
+        if i:
+            chain[i - 1].drop()  # only the tip's is needed afterwards

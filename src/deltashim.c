@@ -12,7 +12,7 @@
  * to its parent's again, a truncation) is reused by the next kept page;
  * one still free at the end is compacted away by the Python side.
  *
- * Pitfalls the issue lists, and where they are met:
+ * The pitfalls of docs/incremental.md, and where they are met:
  *  - page 1 is written last by the backup: pages are addressed through the
  *    slot table, never by their order in the file;
  *  - after a restart SQLite may read back a page it spilled: a kept page is

@@ -414,3 +414,20 @@ def test_a_database_over_1_gib_never_stores_the_lock_byte_page(tmp_path):
     assert all(r.ok for r in inc.verify_folder(folder))
     with inc.open_restore_point(folder) as conn:
         assert conn.execute("SELECT count(*) FROM t").fetchall() == [(1400,)]
+
+
+def test_two_runs_into_one_folder_at_once_are_refused(setup):
+    import fcntl
+
+    src, folder = setup
+    inc.incremental(src, folder)
+    other = os.open(folder, os.O_RDONLY)  # another run holding the folder
+    try:
+        fcntl.flock(other, fcntl.LOCK_EX)
+        change(src, 1)
+        with pytest.raises(inc.FolderBusyError, match="another backup is writing"):
+            inc.incremental(src, folder)
+    finally:
+        os.close(other)
+    assert inc.incremental(src, folder).kind == "delta"
+    assert len(inc.list_points(folder)) == 2

@@ -127,6 +127,8 @@ def test_restore_of_a_broken_chain_exits_3_naming_the_file(points, tmp_path, cap
 
 
 def test_usage_errors_exit_2(tmp_path, capsys):
+    assert main(["verify", str(tmp_path)]) == 2  # no restore points there
+    assert "holds no restore points" in capsys.readouterr().err
     assert main(["restore", str(tmp_path)]) == 2
     assert main(["list", str(tmp_path / "nope")]) == 2
     assert main(["--incremental", str(tmp_path / "nope.db"), str(tmp_path)]) == 2
@@ -139,3 +141,42 @@ def test_os_errors_name_the_file_and_the_cause(points, tmp_path, capsys):
     code, out = run_json(capsys, "restore", str(folder), str(missing))
     assert code == 1
     assert "no-such-folder" in out["error"] and "ENOENT" in out["error"]
+
+
+def test_keep_counts_points_and_merges_rather_than_break_a_chain(tmp_path, capsys):
+    src = make_source(tmp_path / "app.db")
+    folder = tmp_path / "points"
+    folder.mkdir()
+    for n in range(5):
+        touch_rows(src, n + 2)
+        code, out = run_json(capsys, "--incremental", src, str(folder), "--keep", "3")
+        assert code == 0
+    assert out["merged"]  # the oldest delta became the base
+    code, listed = run_json(capsys, "list", str(folder))
+    assert [p["kind"] for p in listed["points"]] == ["base", "delta", "delta"]
+    assert run_json(capsys, "verify", str(folder))[0] == 0
+    assert main(["--incremental", src, str(folder), "--keep", "0"]) == 2
+
+
+def test_restore_takes_a_plain_backup_file_too(tmp_path, capsys):
+    src = make_source(tmp_path / "app.db")
+    plain = tmp_path / "app-backup.db"
+    apsw_backup.copy(src, str(plain))
+    code, out = run_json(capsys, "restore", str(plain), str(tmp_path / "r.db"))
+    assert code == 0 and not out["overwrote"]
+    assert (tmp_path / "r.db").read_bytes() == plain.read_bytes()
+    live = make_source(tmp_path / "live.db", rows=3)
+    code, out = run_json(capsys, "restore", str(plain), live, "--overwrite")
+    assert code == 0 and out["overwrote"]
+    assert sqlite3.connect(live).execute("SELECT count(*) FROM t").fetchone() == (2000,)
+    junk = tmp_path / "notes.txt"
+    junk.write_text("not a database at all, but long enough " * 5)
+    code, out = run_json(capsys, "restore", str(junk), str(tmp_path / "x.db"))
+    assert code == 2 and "nor an SQLite database" in out["error"]
+    assert not (tmp_path / "x.db").exists()
+
+
+@pytest.mark.parametrize("verb", [["restore"], ["list"], ["--incremental"]])
+def test_help_of_each_verb_exits_0(verb, capsys):
+    assert main([*verb, "--help"]) == 0
+    assert "usage: apsw-backup" in capsys.readouterr().out

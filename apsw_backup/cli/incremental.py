@@ -23,7 +23,7 @@ from typing import Any
 import apsw_backup
 from apsw_backup import files
 from apsw_backup import incremental as inc
-from apsw_backup.cli.arguments import _count_arg, _Parser, _seconds
+from apsw_backup.cli.arguments import _count_arg, _Exit, _Parser, _seconds
 from apsw_backup.cli.errors import (
     EXIT_ERROR,
     EXIT_OK,
@@ -58,6 +58,8 @@ def run(argv: Sequence[str], interrupts: Interrupts) -> int:
         if argv[0] == "verify":
             return _verify(_parse_verify(argv[1:]), interrupts)
         return _incremental(_parse_incremental(argv), interrupts)
+    except _Exit as done:  # --help
+        return done.code
     except Failure as failure:
         return _failed(failure.code, failure.message, as_json)
     except Interrupted as stop:
@@ -141,7 +143,11 @@ def _parse_incremental(argv: Sequence[str]) -> argparse.Namespace:
 def _parse_restore(argv: Sequence[str]) -> argparse.Namespace:
     parser = _parser("restore", "Rebuild a database from a restore point.")
     add = parser.add_argument
-    add("backup", metavar="BACKUP", help="a restore point file, or a folder of them")
+    add(
+        "backup",
+        metavar="BACKUP",
+        help="a restore point file, a folder of them, or a plain backup file",
+    )
     add("dest", metavar="DEST", help="the database to write")
     add(
         "--at",
@@ -303,7 +309,15 @@ def _verify(args: argparse.Namespace, interrupts: Interrupts) -> int:
                 "checks plain backups; do not mix the two)",
                 UsageError(),
             )
-        reports.extend(inc.verify_folder(folder))
+        found = inc.verify_folder(folder)
+        if not found:
+            raise Failure(
+                EXIT_USAGE,
+                f"{folder!r} holds no restore points (*{inc.SUFFIX}); "
+                "verify FILE checks plain backups",
+                UsageError(),
+            )
+        reports.extend(found)
     ok = all(r.ok for r in reports)
     code = EXIT_OK if ok else EXIT_VERIFY
     if args.json:
