@@ -49,7 +49,7 @@ if TYPE_CHECKING:
 Source = Union[Database, "sqlite3.Connection"]  # noqa: UP007 (forward ref)
 Progress = Callable[[int, int, int], object]
 Verify = Callable[[str], object]
-Level = Union[Literal["default"], Literal["full"]]  # a Union for stubtest
+Level = Literal["default"] | Literal["full"]  # a Union at runtime, for stubtest
 VerifyProgress = Callable[["_verify.Progress"], object]
 Snapshot = bool | Literal["auto"]
 Outcome = int | _c.Error
