@@ -10,12 +10,11 @@ import asyncio
 import itertools
 import math
 import sqlite3
-import subprocess
-import sys
 import threading
 import time
 
 import pytest
+from child_process import run_bounded
 from copy_helpers import make_source, make_target, query
 
 import apsw_backup
@@ -294,13 +293,7 @@ target.close()
 def test_progress_closing_target_or_source_gives_clean_error_not_crash(
     source, target, action, error, words
 ):
-    proc = subprocess.run(
-        [sys.executable, "-c", CALLBACK_CLOSES, str(source), str(target), action],
-        capture_output=True,
-        text=True,
-        timeout=BOUND,
-        check=False,
-    )
+    proc = run_bounded(CALLBACK_CLOSES, source, target, action, timeout=BOUND)
     assert proc.returncode == 0, proc.stderr
     name, _, message = proc.stdout.strip().partition("|")
     assert name == error

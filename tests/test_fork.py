@@ -10,13 +10,10 @@ forks, bounded in time.
 """
 
 import sqlite3
-import subprocess
-import sys
-import textwrap
 
 import pytest
 from attack_helpers import child_env
-from child_process import run_child
+from child_process import run_bounded, run_child
 
 import apsw_backup
 
@@ -68,12 +65,7 @@ CHILD_ACTIONS = {
 
 
 def run(tmp_path, child_does):
-    proc = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(PARENT), str(tmp_path), child_does],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    proc = run_bounded(PARENT, tmp_path, child_does, timeout=60)
     assert proc.returncode == 0, proc.stderr
     return dict(line.split(" ", 1) for line in proc.stdout.splitlines())
 
@@ -690,18 +682,6 @@ def test_a_child_forked_in_a_callback_is_not_inside_a_call_of_its_own(tmp_path):
 # forks, bounded in time.
 
 
-def run_bounded(code, args, timeout=60):
-    """args: the test's tmp_path, or (tmp_path, more...)."""
-    args = args if isinstance(args, tuple) else (args,)
-    return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code), *map(str, args)],
-        env=child_env(args[0]),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
 FORK_DURING_FINISH = """
 import os, sys, signal, threading, time
 import apsw_backup as ab
@@ -756,7 +736,9 @@ ta.join()
 
 @pytest.mark.parametrize("action", ["close_force", "finish", "exit"])
 def test_fork_while_other_thread_finishes(tmp_path, action):
-    proc = run_bounded(FORK_DURING_FINISH, (tmp_path, action))
+    proc = run_bounded(
+        FORK_DURING_FINISH, tmp_path, action, timeout=60, env=child_env(tmp_path)
+    )
     assert "CHILD 0" in proc.stdout, proc.stdout + proc.stderr[-2000:]
     if action == "close_force":
         assert "RETURNED False" in proc.stdout
@@ -810,7 +792,7 @@ print("ROWS", check.execute("SELECT count(*) FROM t").fetchall()[0][0])
 
 
 def test_reopened_connection_in_child_does_not_revive_parent_objects(tmp_path):
-    proc = run_bounded(REOPEN_IN_CHILD, tmp_path)
+    proc = run_bounded(REOPEN_IN_CHILD, tmp_path, timeout=60, env=child_env(tmp_path))
     assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
     # An inherited Connection is inert for ever: opening it again is
     # refused (ForkingViolationError), so nothing of the parent's can be
@@ -865,5 +847,7 @@ else:
 
 
 def test_child_forked_in_busy_handler_exits(tmp_path):
-    proc = run_bounded(FORK_IN_BUSY_HANDLER_CHILD_EXITS, tmp_path)
+    proc = run_bounded(
+        FORK_IN_BUSY_HANDLER_CHILD_EXITS, tmp_path, timeout=60, env=child_env(tmp_path)
+    )
     assert "CHILD 0" in proc.stdout, proc.stdout + proc.stderr[-2000:]

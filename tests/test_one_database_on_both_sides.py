@@ -11,31 +11,15 @@ step is BUSY, and copy() with the default timeout=None retries for ever.
 Hang-prone cases run in a subprocess.
 """
 
-import subprocess
-import sys
-import textwrap
-
 import pytest
 from attack_helpers import child_env
 from backup_helpers import build_file
+from child_process import run_bounded
 
 import apsw_backup
 import apsw_backup as ab
 
 URI = ab.SQLITE_OPEN_READWRITE | ab.SQLITE_OPEN_CREATE | ab.SQLITE_OPEN_URI
-
-
-def run_child(code, tmp_path, timeout=20):
-    try:
-        return subprocess.run(
-            [sys.executable, "-c", textwrap.dedent(code)],
-            env=child_env(tmp_path),
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-    except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"hung for {timeout} s: {exc.stdout!r}")
 
 
 @pytest.mark.skipif(
@@ -44,7 +28,7 @@ def run_child(code, tmp_path, timeout=20):
     "(3.39+); before it only main and temp are checked (docs/testing.md)",
 )
 def test_destination_attached_source_shared_cache_refused(tmp_path):
-    proc = run_child(
+    proc = run_bounded(
         """
         import apsw_backup as ab
         F = ab.SQLITE_OPEN_READWRITE | ab.SQLITE_OPEN_CREATE | ab.SQLITE_OPEN_URI
@@ -60,8 +44,8 @@ def test_destination_attached_source_shared_cache_refused(tmp_path):
             print("STEP", b.step(-1), flush=True)   # the defect: never returns
             b.finish()
         """,
-        tmp_path,
         timeout=15,
+        env=child_env(tmp_path),
     )
     assert "REFUSED" in proc.stdout and "cache" in proc.stdout, (
         proc.stdout + proc.stderr
@@ -81,7 +65,7 @@ def test_memdb_same_database_backup_refused():
 
 
 def test_memdb_same_database_copy_does_not_spin(tmp_path):
-    proc = run_child(
+    proc = run_bounded(
         """
         import apsw_backup as ab
         F = ab.SQLITE_OPEN_READWRITE | ab.SQLITE_OPEN_CREATE | ab.SQLITE_OPEN_URI
@@ -93,8 +77,8 @@ def test_memdb_same_database_copy_does_not_spin(tmp_path):
         except ValueError as exc:
             print("REFUSED", exc)
         """,
-        tmp_path,
         timeout=15,
+        env=child_env(tmp_path),
     )
     assert "REFUSED" in proc.stdout, proc.stdout + proc.stderr
 
@@ -189,15 +173,6 @@ def test_one_empty_shared_memdb_database_is_refused_or_ends_at_the_timeout():
 # -- the same, between connections of one file or one shared cache -----------
 
 
-def run_bounded(code, tmp_path, timeout=20):
-    return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code), str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
 @pytest.mark.parametrize(
     "uri",
     ["file:memdb1?mode=memory&cache=shared", "file:{d}/shared.db?cache=shared"],
@@ -220,6 +195,7 @@ def test_backup_between_connections_sharing_a_cache_is_refused(tmp_path, uri):
             print("refused:", exc)
         """,
         tmp_path,
+        timeout=20,
     )
     assert proc.returncode == 0, proc.stderr
     assert "refused:" in proc.stdout

@@ -19,6 +19,7 @@ import time
 import pytest
 from attack_helpers import child_env, under_asan
 from backup_helpers import dump
+from child_process import run_bounded
 
 import apsw_backup
 import apsw_backup as ab
@@ -67,12 +68,7 @@ print("survived")
 
 def run_script(tmp_path, body):
     script = PRELUDE + textwrap.dedent(body) + EPILOGUE
-    proc = subprocess.run(
-        [sys.executable, "-c", script, str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-    )
+    proc = run_bounded(script, tmp_path, timeout=TIMEOUT)
     assert proc.returncode == 0, (proc.returncode, proc.stderr[-3000:])
     assert "survived" in proc.stdout
     return proc
@@ -391,13 +387,7 @@ def test_cursor_dropped_while_connection_close_finalizes_it(tmp_path):
         if under_asan()
         else child_env(tmp_path, PYTHONMALLOC="debug")
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", UAF],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-    )
+    proc = run_bounded(UAF, timeout=120, env=env)
     assert proc.returncode == 0 and "SURVIVED" in proc.stdout, (
         proc.returncode,
         proc.stderr[-2000:],

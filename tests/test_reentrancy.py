@@ -9,16 +9,13 @@ locks are let go of.  Each reproducer runs in a child process: before the
 design it crashed (SIGSEGV) or hung.
 """
 
-import subprocess
-import sys
-import textwrap
-
 import pytest
 from attack_helpers import child_env
 from child_process import (
     ARM_COLLECTOR,
     COLLECTOR_RUNS_INSIDE_C_CALLS,
     NO_COLLECTION_INSIDE_C_CALLS,
+    run_bounded,
     run_child,
 )
 
@@ -285,16 +282,6 @@ def test_finalizer_run_while_finish_builds_its_error_never_waits_for_it(
 # Crash-prone cases run in a subprocess, bounded in time.
 
 
-def run_bounded(code, tmp_path, timeout=30):
-    return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        env=child_env(tmp_path),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
 def test_set_busy_timeout_index_closes_connection(tmp_path):
     proc = run_bounded(
         """
@@ -311,7 +298,7 @@ def test_set_busy_timeout_index_closes_connection(tmp_path):
         else:
             print("NO ERROR")
         """,
-        tmp_path,
+        env=child_env(tmp_path),
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "REFUSED" in proc.stdout and "closed" in proc.stdout
@@ -430,13 +417,7 @@ os._exit(0)
 
 
 def test_finish_from_busy_handler_cannot_deadlock(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-c", DEADLOCK, str(tmp_path)],
-        env=child_env(tmp_path),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    proc = run_bounded(DEADLOCK, tmp_path, timeout=60, env=child_env(tmp_path))
     assert "ALIVE [False, False]" in proc.stdout, proc.stdout + proc.stderr[-2000:]
 
 
@@ -488,16 +469,7 @@ def test_error_message_with_gil_cannot_deadlock_against_collected_backup(tmp_pat
     for attempt in range(3):
         folder = tmp_path / str(attempt)
         folder.mkdir()
-        try:
-            proc = subprocess.run(
-                [sys.executable, "-c", GIL_DEADLOCK, str(folder)],
-                env=child_env(tmp_path),
-                capture_output=True,
-                text=True,
-                timeout=20,
-            )
-        except subprocess.TimeoutExpired as exc:
-            pytest.fail(f"interpreter deadlocked (run {attempt}): {exc.stdout!r}")
+        proc = run_bounded(GIL_DEADLOCK, folder, timeout=20, env=child_env(tmp_path))
         assert "ALIVE [False, False, False]" in proc.stdout, (
             proc.stdout + proc.stderr[-2000:]
         )
@@ -554,14 +526,5 @@ os._exit(0)
 
 
 def test_cursor_dropped_in_busy_handler_cannot_deadlock(tmp_path):
-    try:
-        proc = subprocess.run(
-            [sys.executable, "-c", CURSOR_DEADLOCK, str(tmp_path)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            env=child_env(tmp_path),
-        )
-    except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"deadlocked: {exc.stdout!r}")
+    proc = run_bounded(CURSOR_DEADLOCK, tmp_path, timeout=60, env=child_env(tmp_path))
     assert "ALIVE [False, False]" in proc.stdout, proc.stdout + proc.stderr[-2000:]
