@@ -626,11 +626,12 @@ def test_acopy_cancelled_mid_copy_leaves_target_with_old_content(source, target)
 def test_acopy_cancelled_during_a_step_waits_for_it_then_finishes(
     source, target, locked
 ):
-    in_step = threading.Event()
+    in_step, step_may_end, step_ended = (threading.Event() for _ in range(3))
 
     def busy_handler(count):
         in_step.set()
-        time.sleep(0.3)
+        step_may_end.wait(BOUND)  # the step stays in flight until then
+        step_ended.set()
         return False
 
     async def main():
@@ -642,10 +643,16 @@ def test_acopy_cancelled_during_a_step_waits_for_it_then_finishes(
                 await asyncio.sleep(0.005)
             cancelled_at = time.monotonic()
             task.cancel()
+            done, _ = await asyncio.wait({task}, timeout=0.3)
+            assert not done, "the cancelled acopy() did not wait for its step"
+            assert not step_ended.is_set()
+            step_may_end.set()
             with pytest.raises(asyncio.CancelledError):
                 await task
+            assert step_ended.is_set()  # the step in flight was allowed to end
             return time.monotonic() - cancelled_at
         finally:
+            step_may_end.set()
             src.close()
 
     waited = asyncio.run(asyncio.wait_for(main(), BOUND))
