@@ -1,5 +1,6 @@
-"""docs/locking.md: the destination lock, closing the source mid-backup, and
-garbage-collected backups."""
+"""docs/locking.md: the destination lock (no SQL runs on a backup's
+destination while the backup is unfinished), closing the source mid-backup,
+and garbage-collected backups."""
 
 import gc
 import os
