@@ -1,6 +1,6 @@
 """Child-process helpers of the reproducers from an attack review
-(tests/test_close_while_a_cursor_is_dropped.py, test_fork_claimed_and_reopened.py,
-test_reentrancy_after_the_guard.py, test_same_database_refused.py).
+(tests/test_ownership.py, test_fork.py, test_reentrancy.py,
+test_one_database_on_both_sides.py).
 
 Their reproducers run in child processes, and some of them crash on the
 code they were written against.  Under .ci/sanitize a child inherits the

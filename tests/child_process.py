@@ -2,10 +2,11 @@
 
 The reproducers of crashes, hangs and fork defects cannot run inside
 pytest's own process: a SIGSEGV would take the run with it, a deadlock would
-never end, a fork would duplicate pytest.  run_child() runs a script in its
+never end, a fork would duplicate pytest.  run_bounded() runs a script in its
 own session (so that a grandchild forked by the script is killed with it),
-turns a crash or a hang into a test failure that says which, and returns
-the script's report: each line `KEY value` of its stdout, value read with
+turns a hang into a test failure that says so, and returns the finished
+process.  run_child() also fails the test on a crash (saying which signal)
+or a non-zero exit, and returns the script's report: each line `KEY value` of its stdout, value read with
 ast.literal_eval when it can be.
 """
 
@@ -30,17 +31,19 @@ def report(key, value):
 """
 
 
-def run_child(code, tmp_path, *args, timeout=30):
-    """Run `code` (after PRELUDE) with sys.argv[1] = tmp_path, then args.
-    Fails the test on a crash, a hang or a non-zero exit; returns the report
-    as a dict."""
-    script = PRELUDE + textwrap.dedent(code)
+def run_bounded(code, *args, timeout=30, env=None):
+    """Run `code` (dedented) as ``python -c code args...`` in its own
+    session (a grandchild it forks is killed with it), bounded in time.  A
+    hang kills the session and fails the test, saying so; any exit status
+    is returned, in a subprocess.CompletedProcess with text stdout and
+    stderr.  env: the child's environment (default: this process's; pass
+    child_env(tmp_path) for a reproducer that may crash on purpose)."""
     proc = subprocess.Popen(
-        [sys.executable, "-c", script, str(tmp_path), *map(str, args)],
+        [sys.executable, "-c", textwrap.dedent(code), *map(str, args)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=child_env(tmp_path),
+        env=env,
         start_new_session=True,
     )
     hung = False
@@ -60,6 +63,21 @@ def run_child(code, tmp_path, *args, timeout=30):
             f"HANG: no end within {timeout} s\nstdout: {out[-2000:]}\n"
             f"stderr: {err[-3000:]}"
         )
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def run_child(code, tmp_path, *args, timeout=30):
+    """Run `code` (after PRELUDE) with sys.argv[1] = tmp_path, then args.
+    Fails the test on a crash, a hang or a non-zero exit; returns the report
+    as a dict."""
+    proc = run_bounded(
+        PRELUDE + textwrap.dedent(code),
+        tmp_path,
+        *args,
+        timeout=timeout,
+        env=child_env(tmp_path),
+    )
+    out, err = proc.stdout, proc.stderr
     if proc.returncode < 0:
         pytest.fail(
             f"CRASH: killed by {signal.Signals(-proc.returncode).name}\n"

@@ -9,11 +9,8 @@ in memory: a later query hung).  Each case runs in a subprocess with a
 timeout, so the hang fails the test rather than the suite.
 """
 
-import subprocess
-import sys
-import textwrap
-
 import pytest
+from child_process import run_bounded
 
 SCRIPT = """
 import os, sys
@@ -66,12 +63,7 @@ if kind == "wal":
 def test_page_size_change_leaves_destination_intact_and_explained(
     tmp_path, kind, changer
 ):
-    proc = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(SCRIPT), str(tmp_path), kind, changer],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    proc = run_bounded(SCRIPT, tmp_path, kind, changer, timeout=60)
     assert proc.returncode == 0, proc.stderr
     lines = dict(line.split(" ", 1) for line in proc.stdout.splitlines())
     step = lines["STEP"]

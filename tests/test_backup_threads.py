@@ -317,18 +317,20 @@ def test_gil_is_released_during_large_step(connect):
     dest.execute("PRAGMA synchronous=off").fetchall()
 
     ticks = []
-    stop = threading.Event()
+    stop, ticking = threading.Event(), threading.Event()
 
     def ticker():
         while not stop.is_set():
             ticks.append(time.perf_counter())
+            if len(ticks) == 5:
+                ticking.set()
             time.sleep(0.001)
 
     thread = threading.Thread(target=ticker, daemon=True)
     thread.start()
     try:
         b = dest.backup("main", src, "main")
-        time.sleep(0.02)
+        assert ticking.wait(10), "the other thread never ticked"
         start = time.perf_counter()
         done = b.step(-1)
         end = time.perf_counter()

@@ -13,11 +13,10 @@ a subprocess, so a crash fails one test instead of the whole session; so do
 statements with a NUL character, which must not loop forever.
 """
 
-import subprocess
-import sys
 import textwrap
 
 import pytest
+from child_process import run_bounded
 
 import apsw_backup
 
@@ -629,16 +628,7 @@ def run_isolated(body, timeout=5):
     ``outcome``.  Returns {"RAISED": ..., "USABLE": ...}; fails on a crash
     or a hang."""
     code = PRELUDE + textwrap.dedent(body) + EPILOGUE
-    try:
-        proc = subprocess.run(
-            [sys.executable, "-c", code],
-            check=False,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"the call did not return within {timeout} s (it loops forever)")
+    proc = run_bounded(code, timeout=timeout)  # a hang: "HANG: no end within"
     assert proc.returncode == 0, (
         f"the interpreter died (exit {proc.returncode}): {proc.stderr[-2000:]}"
     )

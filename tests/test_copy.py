@@ -10,12 +10,11 @@ import asyncio
 import itertools
 import math
 import sqlite3
-import subprocess
-import sys
 import threading
 import time
 
 import pytest
+from child_process import run_bounded
 from copy_helpers import make_source, make_target, query
 
 import apsw_backup
@@ -294,13 +293,7 @@ target.close()
 def test_progress_closing_target_or_source_gives_clean_error_not_crash(
     source, target, action, error, words
 ):
-    proc = subprocess.run(
-        [sys.executable, "-c", CALLBACK_CLOSES, str(source), str(target), action],
-        capture_output=True,
-        text=True,
-        timeout=BOUND,
-        check=False,
-    )
+    proc = run_bounded(CALLBACK_CLOSES, source, target, action, timeout=BOUND)
     assert proc.returncode == 0, proc.stderr
     name, _, message = proc.stdout.strip().partition("|")
     assert name == error
@@ -633,11 +626,12 @@ def test_acopy_cancelled_mid_copy_leaves_target_with_old_content(source, target)
 def test_acopy_cancelled_during_a_step_waits_for_it_then_finishes(
     source, target, locked
 ):
-    in_step = threading.Event()
+    in_step, step_may_end, step_ended = (threading.Event() for _ in range(3))
 
     def busy_handler(count):
         in_step.set()
-        time.sleep(0.3)
+        step_may_end.wait(BOUND)  # the step stays in flight until then
+        step_ended.set()
         return False
 
     async def main():
@@ -649,10 +643,16 @@ def test_acopy_cancelled_during_a_step_waits_for_it_then_finishes(
                 await asyncio.sleep(0.005)
             cancelled_at = time.monotonic()
             task.cancel()
+            done, _ = await asyncio.wait({task}, timeout=0.3)
+            assert not done, "the cancelled acopy() did not wait for its step"
+            assert not step_ended.is_set()
+            step_may_end.set()
             with pytest.raises(asyncio.CancelledError):
                 await task
+            assert step_ended.is_set()  # the step in flight was allowed to end
             return time.monotonic() - cancelled_at
         finally:
+            step_may_end.set()
             src.close()
 
     waited = asyncio.run(asyncio.wait_for(main(), BOUND))

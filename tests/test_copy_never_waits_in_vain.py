@@ -1,20 +1,14 @@
-"""copy() waits only where waiting can help, and a forked child leaves the
-parent's copy alone (docs/locking.md).
+"""copy() waits only where waiting can help (docs/locking.md).
 
 - A target connection that is the destination of an unfinished Backup is
   refused at once with DestinationLockedError (no wait can end it).
 - copy() called from a connection's own busy handler, on that connection, is
   refused at once with ReentrancyError (its call cannot return meanwhile).
-- A progress callback that forks: the child's copy() stops, and its
-  clean-up removes nothing of the parent's new file, which the parent puts
-  in place complete.
+(A progress callback that forks: tests/test_fork.py.)
 """
 
-import os
 import sqlite3
 import time
-
-from child_process import run_child
 
 import apsw_backup
 
@@ -80,51 +74,3 @@ def test_copy_from_the_targets_own_busy_handler_is_refused_at_once(tmp_path):
         holder.close()
         dest.close()
         other.close()
-
-
-FORK_IN_PROGRESS = """
-import apsw_backup, sqlite3
-folder = sys.argv[1]
-source, target = os.path.join(folder, "s.db"), os.path.join(folder, "out.db")
-when = sys.argv[2]
-parent = os.getpid()
-calls = []
-
-def progress(status, remaining, total):
-    calls.append(status)
-    due = status == apsw_backup.SQLITE_DONE if when == "done" else len(calls) == 3
-    if due and os.getpid() == parent:
-        pid = os.fork()
-        if pid == 0:
-            return  # the child goes on inside copy()
-        os.waitpid(pid, 0)
-        report("after_child", sorted(os.listdir(folder)))
-
-try:
-    apsw_backup.copy(source, target, pages=20, progress=progress)
-    outcome = "ok"
-except BaseException as exc:
-    outcome = type(exc).__name__
-if os.getpid() != parent:
-    os._exit(0)
-report("outcome", outcome)
-conn = sqlite3.connect(target)
-report("check", conn.execute("PRAGMA integrity_check").fetchone()[0])
-report("rows", conn.execute("SELECT count(*) FROM t").fetchone()[0])
-conn.close()
-report("files", sorted(os.listdir(folder)))
-"""
-
-
-def test_a_child_forked_in_a_progress_callback_leaves_the_parents_copy(tmp_path):
-    make_source(str(tmp_path / "s.db"), rows=300)
-    for when in ("middle", "done"):
-        for name in os.listdir(tmp_path):
-            if name != "s.db":
-                os.remove(tmp_path / name)
-        result = run_child(FORK_IN_PROGRESS, tmp_path, when)
-        assert any(".partial" in name for name in result["after_child"]), result
-        assert result["outcome"] == "ok", result
-        assert result["check"] == "ok"
-        assert result["rows"] == 300
-        assert result["files"] == ["out.db", "s.db"]

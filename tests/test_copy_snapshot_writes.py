@@ -181,7 +181,7 @@ def test_writes_from_another_thread_during_copy_are_never_lost(
     src.set_busy_timeout(BOUND * 1000)
     thread_conn = src if source_kind == "connection" else None
     recorded, refused, failed = [], [], []
-    stop = threading.Event()
+    stop, copied, wrote_after_copy = (threading.Event() for _ in range(3))
 
     def write_all_along():
         conn = thread_conn or apsw_backup.Connection(str(live))
@@ -202,6 +202,8 @@ def test_writes_from_another_thread_during_copy_are_never_lost(
                     return
                 else:
                     recorded.append(n)
+                    if copied.is_set():
+                        wrote_after_copy.set()
                 time.sleep(0.001)
         finally:
             if conn is not thread_conn:
@@ -219,7 +221,8 @@ def test_writes_from_another_thread_during_copy_are_never_lost(
                 snapshot=snapshot,
                 progress=lambda *a: time.sleep(0.002),
             )
-            time.sleep(0.05)  # some writes after the copy too
+            copied.set()  # some writes after the copy too:
+            assert wrote_after_copy.wait(BOUND) or failed, "no write after the copy"
             stop.set()
             thread.join(BOUND)
         assert not thread.is_alive()

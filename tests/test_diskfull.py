@@ -28,6 +28,7 @@ import subprocess
 import sys
 
 import pytest
+from child_process import run_bounded
 
 import apsw_backup
 
@@ -187,22 +188,7 @@ def test_file_size_limit_raises_io_error_and_keeps_old_content(
     source, tmp_path, cache_kib, npages
 ):
     dest = make_old(tmp_path / "dest.db")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            CHILD,
-            str(source),
-            str(dest),
-            str(LIMIT),
-            str(cache_kib),
-            str(npages),
-        ],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = run_bounded(CHILD, source, dest, LIMIT, cache_kib, npages, timeout=120)
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     print(

@@ -16,11 +16,10 @@ committed row is lost (WAL mode).
 import asyncio
 import os
 import sqlite3
-import subprocess
-import sys
 import time
 
 import pytest
+from child_process import run_bounded
 
 import apsw_backup
 from apsw_backup import cli, files
@@ -226,12 +225,7 @@ conn.close()
 
 
 def other_process_writes(path):
-    proc = subprocess.run(
-        [sys.executable, "-c", WRITER, path],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    proc = run_bounded(WRITER, path, timeout=60)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.strip()
 

@@ -1,11 +1,15 @@
 """docs/locking.md: ownership while the GIL is released; finish() waits, not refuses;
-source and destination that are one database are refused, never hung.
+Connection.close() while another thread drops one of its cursors; what other
+threads see of a Backup while a claimed finish runs.  (Source and destination
+that are one database: tests/test_one_database_on_both_sides.py.)
 
 The crash cases run in a subprocess: before the fix they died with SIGSEGV
 (double finish / use after free), which would take pytest down with them.
 Each subprocess is bounded in time, so a hang fails the test instead.
 """
 
+import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -13,9 +17,12 @@ import threading
 import time
 
 import pytest
-from backup_helpers import build_file, dump
+from attack_helpers import child_env, under_asan
+from backup_helpers import dump
+from child_process import run_bounded
 
 import apsw_backup
+import apsw_backup as ab
 
 TIMEOUT = 60
 
@@ -61,12 +68,7 @@ print("survived")
 
 def run_script(tmp_path, body):
     script = PRELUDE + textwrap.dedent(body) + EPILOGUE
-    proc = subprocess.run(
-        [sys.executable, "-c", script, str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-    )
+    proc = run_bounded(script, tmp_path, timeout=TIMEOUT)
     assert proc.returncode == 0, (proc.returncode, proc.stderr[-3000:])
     assert "survived" in proc.stdout
     return proc
@@ -325,82 +327,6 @@ def test_exit_refused_from_a_callback_still_raises_the_body_exception(
     b.close(True)
 
 
-# -- defect 7: one database on both sides is refused, never hung ----------------
-
-
-def run_bounded(code, tmp_path, timeout=20):
-    return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code), str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
-@pytest.mark.parametrize(
-    "uri",
-    ["file:memdb1?mode=memory&cache=shared", "file:{d}/shared.db?cache=shared"],
-)
-def test_backup_between_connections_sharing_a_cache_is_refused(tmp_path, uri):
-    """Found in review: step(-1) hung for ever (no CPU, deaf to
-    interrupt()) before the fix."""
-    proc = run_bounded(
-        f"""
-        import sys, apsw_backup as ab
-        d = sys.argv[1]
-        flags = ab.SQLITE_OPEN_READWRITE | ab.SQLITE_OPEN_CREATE | ab.SQLITE_OPEN_URI
-        uri = {uri!r}.format(d=d)
-        a = ab.Connection(uri, flags)
-        a.execute("CREATE TABLE t(x); INSERT INTO t VALUES (1)")
-        b = ab.Connection(uri, flags)
-        try:
-            b.backup("main", a, "main").step(-1)
-        except ValueError as exc:
-            print("refused:", exc)
-        """,
-        tmp_path,
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert "refused:" in proc.stdout
-    assert "share one SQLite cache" in proc.stdout
-
-
-def test_backup_between_two_connections_of_one_file_is_refused(connect, src):
-    other = connect("src.db")
-    with pytest.raises(ValueError, match="same database file"):
-        other.backup("main", src, "main")
-    other.execute("SELECT 1").fetchall()  # nothing locked
-
-
-def test_backup_into_one_file_attached_elsewhere_is_refused(connect, src, tmp_path):
-    other = connect("other.db")
-    other.execute(f"ATTACH '{tmp_path / 'src.db'}' AS aux").fetchall()
-    with pytest.raises(ValueError, match="same database file"):
-        other.backup("aux", src, "main")
-    assert other.backup("main", src, "main").step(-1) is True
-
-
-def test_shared_cache_pair_on_other_schemas_still_works(tmp_path):
-    """Two connections sharing a cache may still copy between *different*
-    databases: only the same pager is refused."""
-    flags = (
-        apsw_backup.SQLITE_OPEN_READWRITE
-        | apsw_backup.SQLITE_OPEN_CREATE
-        | apsw_backup.SQLITE_OPEN_URI
-    )
-    uri = "file:memdb_other?mode=memory&cache=shared"
-    a = apsw_backup.Connection(uri, flags)
-    b = apsw_backup.Connection(uri, flags)
-    build_file(tmp_path / "s.db")
-    b.execute(f"ATTACH '{tmp_path / 's.db'}' AS s").fetchall()
-    bk = a.backup("main", b, "s")
-    assert bk.step(-1) is True
-    bk.finish()
-    assert a.execute("SELECT count(*) FROM t").fetchall() == [(400,)]
-    b.close()
-    a.close()
-
-
 def test_backup_collected_while_source_busy_is_finished_when_the_call_ends(pair):
     """A collected Backup whose source is inside another thread's call is not
     finished under that call (that could deadlock on SQLite's mutexes): a
@@ -420,3 +346,168 @@ def test_backup_collected_while_source_busy_is_finished_when_the_call_ends(pair)
             dest.execute("SELECT 1")  # still locked: the copy is not yet undone
         busy.thread.join(30)
     assert dump(dest) == before
+
+
+# ----------------------------------------------------------------------------
+# Ownership (docs/locking.md): Connection.close() while another thread
+# drops one of its cursors (a reproducer from an attack review).
+#
+# A9: Connection.close() walks its cursor list with borrowed pointers and
+# calls cursor_close_internal(), which finalizes with the GIL released and
+# then touches the cursor again (reset_state).  Another thread that drops
+# the cursor's last reference in that window frees it under close():
+# heap-use-after-free (ASan), SIGSEGV with PYTHONMALLOC=debug.
+#
+# The child runs with PYTHONMALLOC=debug so that the freed cursor is filled
+# with dead bytes and the use after free crashes on any build.
+
+
+UAF = r"""
+import threading, apsw_backup as ab
+for i in range(3000):
+    conn = ab.Connection(":memory:")
+    holder = [conn.execute("SELECT 1 UNION ALL SELECT 2")]  # live statement
+    ev = threading.Event()
+    def dropper():
+        ev.wait()
+        holder.clear()          # the cursor's last reference
+    t = threading.Thread(target=dropper)
+    t.start()
+    ev.set()
+    conn.close()                # finalizes that cursor, GIL released
+    t.join()
+print("SURVIVED")
+"""
+
+
+def test_cursor_dropped_while_connection_close_finalizes_it(tmp_path):
+    # Under the ASan build, ASan's allocator takes the place of debug malloc.
+    env = (
+        child_env(tmp_path)
+        if under_asan()
+        else child_env(tmp_path, PYTHONMALLOC="debug")
+    )
+    proc = run_bounded(UAF, timeout=120, env=env)
+    assert proc.returncode == 0 and "SURVIVED" in proc.stdout, (
+        proc.returncode,
+        proc.stderr[-2000:],
+    )
+
+
+INTERRUPT_DURING_CLOSE = r"""
+import sys, threading, apsw_backup as ab
+stop = False
+box = [ab.Connection(":memory:")]
+def hammer():
+    while not stop:
+        try:
+            box[0].interrupt()
+        except ab.Error:
+            pass
+t = threading.Thread(target=hammer)
+t.start()
+try:
+    for i in range(300):
+        c = ab.Connection(":memory:")
+        box[0] = c
+        c.close()      # sqlite3_close frees the handle, GIL released; db still set
+finally:
+    stop = True
+    t.join()
+print("SURVIVED")
+"""
+
+
+@pytest.mark.skipif(
+    shutil.which("valgrind") is None or under_asan(),
+    reason="needs valgrind (and not the ASan build)",
+)
+@pytest.mark.heavy  # a valgrind run: about 4 s
+def test_interrupt_while_close_frees_the_handle():
+    # The write happens inside libsqlite3, which ASan does not instrument:
+    # valgrind sees it.
+    env = dict(os.environ, PYTHONMALLOC="malloc")
+    proc = subprocess.run(
+        ["valgrind", "-q", sys.executable, "-c", INTERRUPT_DURING_CLOSE],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert "SURVIVED" in proc.stdout, proc.stderr[-2000:]
+    assert "connection_interrupt" not in proc.stderr, proc.stderr[-3000:]
+
+
+# ----------------------------------------------------------------------------
+# What other threads see of a Backup while a claimed finish runs
+# (docs/api.md#backup: "bool(backup) is True until
+# finished. repr shows ... progress, or that it is finished").
+#
+# A12: while another thread's finish() waits in sqlite3_backup_finish (GIL
+# released), bool(b) is True but repr(b) already says "finished" (repr tests
+# `backup == NULL`, bool tests `backup != NULL || finishing`).  The same
+# during restart_backup.
+
+
+LONG = (
+    "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i+1 FROM n "
+    "WHERE i<30000000) SELECT count(*) FROM n"
+)
+
+
+def busy(conn):
+    try:
+        conn.get_autocommit()
+    except ab.ThreadingViolationError:
+        return True
+    return False
+
+
+def wait_until(pred, bound=10):
+    deadline = time.monotonic() + bound
+    while not pred():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.001)
+
+
+def test_repr_and_bool_agree_during_another_threads_finish(tmp_path):
+    src = ab.Connection(str(tmp_path / "s.db"))
+    src.execute("CREATE TABLE t(x); INSERT INTO t VALUES (1)")
+    dst = ab.Connection(str(tmp_path / "d.db"))
+    b = dst.backup("main", src, "main")
+    b.step(1)
+    errors = []
+
+    def query():
+        try:
+            src.execute(LONG).fetchall()
+        except ab.InterruptError:
+            pass
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    tc = threading.Thread(target=query)
+    tc.start()
+    ta = None
+    try:
+        wait_until(lambda: busy(src) or not tc.is_alive())
+        ta = threading.Thread(target=b.finish)  # waits for the source's mutex
+        ta.start()
+        # The finish may end before it is seen (the query was between two
+        # statements): then both must say finished, which is checked too.
+        wait_until(lambda: busy(dst) or not ta.is_alive())
+        alive, text = bool(b), repr(b)
+    finally:
+        # An interrupt before the query's first step is forgotten: repeat.
+        deadline = time.monotonic() + 30
+        while tc.is_alive() and time.monotonic() < deadline:
+            src.interrupt()
+            tc.join(0.05)
+        if ta is not None:
+            ta.join(30)
+        tc.join(30)
+    assert not errors
+    assert not b
+    assert ("finished" in text) == (not alive), (alive, text)
+    src.close()
+    dst.close()

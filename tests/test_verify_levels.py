@@ -294,20 +294,25 @@ def test_bad_arguments_are_refused(tmp_path):
         verify.verify(path, timeout=-1)
 
 
-def hold_exclusive_lock(path, seconds, started):
+def hold_exclusive_lock(path, started, release, held):
+    """Holds an exclusive lock on path from `started` until the test sets
+    `release` (at most 30 s); held["until_released"] says whether the lock
+    was held all that time, i.e. all through what the test did meanwhile."""
     db = sqlite3.connect(str(path), isolation_level=None)
     db.execute("BEGIN EXCLUSIVE")
     db.execute("UPDATE users SET name = name")
     started.set()
-    time.sleep(seconds)
+    held["until_released"] = release.wait(30)
     db.execute("ROLLBACK")
     db.close()
 
 
 def test_a_deadline_ends_verification_as_unverified(tmp_path):
     path = build(tmp_path / "db.db", rows=300)
-    started = threading.Event()
-    holder = threading.Thread(target=hold_exclusive_lock, args=(path, 3.0, started))
+    started, release, held = threading.Event(), threading.Event(), {}
+    holder = threading.Thread(
+        target=hold_exclusive_lock, args=(path, started, release, held)
+    )
     holder.start()
     try:
         assert started.wait(30)
@@ -315,7 +320,9 @@ def test_a_deadline_ends_verification_as_unverified(tmp_path):
         outcome = verify.verify(path, "full", timeout=0.3)
         elapsed = time.monotonic() - begun
     finally:
+        release.set()
         holder.join(30)
+    assert held["until_released"], "the lock was let go of during verify()"
     assert outcome.status == verify.UNVERIFIED and outcome.exit_code == 1
     assert "did not finish within 0.3 s" in outcome.reason
     assert elapsed < 2.5, "the checks waited past the deadline"
@@ -361,15 +368,29 @@ def test_a_deadline_interrupts_a_running_check(tmp_path):
 
 def test_progress_reports_a_fraction_and_an_eta(tmp_path):
     path = build(tmp_path / "db.db", rows=300)
-    started = threading.Event()
-    holder = threading.Thread(target=hold_exclusive_lock, args=(path, 0.8, started))
+    started, release, held = threading.Event(), threading.Event(), {}
+    holder = threading.Thread(
+        target=hold_exclusive_lock, args=(path, started, release, held)
+    )
     holder.start()
     seen = []
+    released_by_progress = []
+
+    def progress(p):
+        seen.append(p)
+        if len(seen) == 3:  # reported while waiting for the lock: let it go
+            released_by_progress.append(True)
+            release.set()
+
     try:
         assert started.wait(30)
-        outcome = verify.verify(path, "full", progress=seen.append)
+        outcome = verify.verify(path, "full", progress=progress)
     finally:
+        release.set()
         holder.join(30)
+    assert released_by_progress and held["until_released"], (
+        "verify() did not report progress while it waited for the lock"
+    )
     assert outcome.ok
     assert len(seen) >= 2
     for p in seen:
@@ -416,8 +437,10 @@ def test_an_unreadable_page_is_a_failure_to_verify(tmp_path, monkeypatch):
 
 def test_interrupting_verification_stops_the_threads(tmp_path):
     path = build(tmp_path / "db.db", rows=300)
-    started = threading.Event()
-    holder = threading.Thread(target=hold_exclusive_lock, args=(path, 2.0, started))
+    started, release, held = threading.Event(), threading.Event(), {}
+    holder = threading.Thread(
+        target=hold_exclusive_lock, args=(path, started, release, held)
+    )
     holder.start()
 
     def stop(progress):
@@ -430,7 +453,9 @@ def test_interrupting_verification_stops_the_threads(tmp_path):
             verify.verify(path, "full", progress=stop)
         assert threading.active_count() <= before
     finally:
+        release.set()
         holder.join(30)
+    assert held["until_released"], "the lock was let go of during verify()"
 
 
 def test_busy_connections_do_not_leave_threads(tmp_path):

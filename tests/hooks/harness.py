@@ -685,7 +685,7 @@ SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "src"
 # Points the matrix cannot reach, and where they are tested instead.
 NOT_REACHED = {
     "restart_backup": "needs SQLite to answer an extended BUSY code (a WAL "
-    "being recovered by another process): tests/test_backup_sticky_lock.py",
+    "being recovered by another process): tests/test_extended_busy_codes.py",
     "drop_done_unraisable": "an orphan backup whose finish fails (an I/O "
     "error while a lock is held): tests/faults (I/O fault sweep)",
     "connection_exit_unraisable": "a with-block whose body raised and whose "

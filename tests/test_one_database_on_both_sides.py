@@ -11,29 +11,15 @@ step is BUSY, and copy() with the default timeout=None retries for ever.
 Hang-prone cases run in a subprocess.
 """
 
-import subprocess
-import sys
-import textwrap
-
 import pytest
 from attack_helpers import child_env
+from backup_helpers import build_file
+from child_process import run_bounded
 
+import apsw_backup
 import apsw_backup as ab
 
 URI = ab.SQLITE_OPEN_READWRITE | ab.SQLITE_OPEN_CREATE | ab.SQLITE_OPEN_URI
-
-
-def run_child(code, tmp_path, timeout=20):
-    try:
-        return subprocess.run(
-            [sys.executable, "-c", textwrap.dedent(code)],
-            env=child_env(tmp_path),
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-    except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"hung for {timeout} s: {exc.stdout!r}")
 
 
 @pytest.mark.skipif(
@@ -42,7 +28,7 @@ def run_child(code, tmp_path, timeout=20):
     "(3.39+); before it only main and temp are checked (docs/testing.md)",
 )
 def test_destination_attached_source_shared_cache_refused(tmp_path):
-    proc = run_child(
+    proc = run_bounded(
         """
         import apsw_backup as ab
         F = ab.SQLITE_OPEN_READWRITE | ab.SQLITE_OPEN_CREATE | ab.SQLITE_OPEN_URI
@@ -58,8 +44,8 @@ def test_destination_attached_source_shared_cache_refused(tmp_path):
             print("STEP", b.step(-1), flush=True)   # the defect: never returns
             b.finish()
         """,
-        tmp_path,
         timeout=15,
+        env=child_env(tmp_path),
     )
     assert "REFUSED" in proc.stdout and "cache" in proc.stdout, (
         proc.stdout + proc.stderr
@@ -79,7 +65,7 @@ def test_memdb_same_database_backup_refused():
 
 
 def test_memdb_same_database_copy_does_not_spin(tmp_path):
-    proc = run_child(
+    proc = run_bounded(
         """
         import apsw_backup as ab
         F = ab.SQLITE_OPEN_READWRITE | ab.SQLITE_OPEN_CREATE | ab.SQLITE_OPEN_URI
@@ -91,8 +77,8 @@ def test_memdb_same_database_copy_does_not_spin(tmp_path):
         except ValueError as exc:
             print("REFUSED", exc)
         """,
-        tmp_path,
         timeout=15,
+        env=child_env(tmp_path),
     )
     assert "REFUSED" in proc.stdout, proc.stdout + proc.stderr
 
@@ -182,3 +168,71 @@ def test_one_empty_shared_memdb_database_is_refused_or_ends_at_the_timeout():
     finally:
         d.close(force=True)
         s.close(force=True)
+
+
+# -- the same, between connections of one file or one shared cache -----------
+
+
+@pytest.mark.parametrize(
+    "uri",
+    ["file:memdb1?mode=memory&cache=shared", "file:{d}/shared.db?cache=shared"],
+)
+def test_backup_between_connections_sharing_a_cache_is_refused(tmp_path, uri):
+    """Found in review: step(-1) hung for ever (no CPU, deaf to
+    interrupt()) before the fix."""
+    proc = run_bounded(
+        f"""
+        import sys, apsw_backup as ab
+        d = sys.argv[1]
+        flags = ab.SQLITE_OPEN_READWRITE | ab.SQLITE_OPEN_CREATE | ab.SQLITE_OPEN_URI
+        uri = {uri!r}.format(d=d)
+        a = ab.Connection(uri, flags)
+        a.execute("CREATE TABLE t(x); INSERT INTO t VALUES (1)")
+        b = ab.Connection(uri, flags)
+        try:
+            b.backup("main", a, "main").step(-1)
+        except ValueError as exc:
+            print("refused:", exc)
+        """,
+        tmp_path,
+        timeout=20,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "refused:" in proc.stdout
+    assert "share one SQLite cache" in proc.stdout
+
+
+def test_backup_between_two_connections_of_one_file_is_refused(connect, src):
+    other = connect("src.db")
+    with pytest.raises(ValueError, match="same database file"):
+        other.backup("main", src, "main")
+    other.execute("SELECT 1").fetchall()  # nothing locked
+
+
+def test_backup_into_one_file_attached_elsewhere_is_refused(connect, src, tmp_path):
+    other = connect("other.db")
+    other.execute(f"ATTACH '{tmp_path / 'src.db'}' AS aux").fetchall()
+    with pytest.raises(ValueError, match="same database file"):
+        other.backup("aux", src, "main")
+    assert other.backup("main", src, "main").step(-1) is True
+
+
+def test_shared_cache_pair_on_other_schemas_still_works(tmp_path):
+    """Two connections sharing a cache may still copy between *different*
+    databases: only the same pager is refused."""
+    flags = (
+        apsw_backup.SQLITE_OPEN_READWRITE
+        | apsw_backup.SQLITE_OPEN_CREATE
+        | apsw_backup.SQLITE_OPEN_URI
+    )
+    uri = "file:memdb_other?mode=memory&cache=shared"
+    a = apsw_backup.Connection(uri, flags)
+    b = apsw_backup.Connection(uri, flags)
+    build_file(tmp_path / "s.db")
+    b.execute(f"ATTACH '{tmp_path / 's.db'}' AS s").fetchall()
+    bk = a.backup("main", b, "s")
+    assert bk.step(-1) is True
+    bk.finish()
+    assert a.execute("SELECT count(*) FROM t").fetchall() == [(400,)]
+    b.close()
+    a.close()
