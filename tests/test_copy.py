@@ -371,11 +371,15 @@ def test_locked_source_is_retried_after_growing_waits_then_every_sleep(
     gaps = [(a - start, b - a) for a, b in itertools.pairwise(busy_times)]
     short = [gap for at, gap in gaps if at < 0.9]
     long = [gap for at, gap in gaps if at > 1.1]
-    assert short[0] < 0.01  # 1 ms, then doubling...
-    assert short[:5] == sorted(short[:5])
-    assert sorted(short)[len(short) // 2] < 0.016 + 0.01  # ...to 16 ms while young
+    # 1 ms, then doubling to 16 ms while young: each wait is at least its
+    # step of the schedule (a loaded machine only adds to a gap, so the
+    # lower bounds are exact and the upper ones generous).
+    assert short[0] < 0.01
+    for i, gap in enumerate(short[:5]):
+        assert gap >= 0.9 * min(0.001 * 2**i, 0.016), (i, short[:5])
+    assert sorted(short)[len(short) // 2] < 0.016 + 0.02
     assert long
-    assert all(0.14 <= gap < 0.15 + 0.15 for gap in long)  # then every sleep
+    assert all(0.14 <= gap < 0.15 + 0.5 for gap in long)  # then every sleep
 
 
 def test_locked_source_with_timeout_gives_up_with_busy_error_after_about_timeout(

@@ -115,7 +115,7 @@ MOUNT_RAMFS = r"""
 set -e
 mount -t ramfs ramfs "$1"
 shift
-exec "$@"
+LD_PRELOAD=$CHILD_PRELOAD exec "$@"
 """
 
 
