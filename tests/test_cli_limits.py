@@ -226,6 +226,28 @@ def test_a_hot_journal_source_in_a_folder_the_user_cannot_write(unprivileged, tm
     assert os.path.getsize(f"{source}-journal") > 0  # still there
 
 
+@pytest.mark.parametrize("what", [[], ["verify"]])
+def test_a_hot_journal_source_the_user_may_write(tmp_path, what):
+    # Folder and file writable: SQLite still cannot roll the journal back
+    # through the read-only connection (SQLITE_READONLY_ROLLBACK).  The
+    # message names the hot journal and the cure, not "attempt to write a
+    # readonly database".
+    source = make_source(tmp_path / "source.db")
+    make_hot_journal(source)
+    journal = (tmp_path / "source.db-journal").read_bytes()
+    args = [*what, source] if what else [source, tmp_path / "dest.db"]
+    proc = run(*args)
+    assert proc.returncode == 1, proc.stderr
+    assert "has a hot journal" in proc.stderr
+    assert "interrupted in the middle of a transaction" in proc.stderr
+    assert f"sqlite3 {source} 'PRAGMA quick_check'" in proc.stderr
+    assert "attempt to write a readonly database" not in proc.stderr
+    assert (tmp_path / "source.db-journal").read_bytes() == journal  # untouched
+    # The cure works: opened once read-write, it is backed up and verified.
+    sqlite3.connect(source).execute("PRAGMA quick_check").fetchall()
+    assert run(*args).returncode == 0
+
+
 def test_a_wal_source_in_a_folder_the_user_cannot_write(unprivileged, tmp_path):
     folder = tmp_path / "data"
     folder.mkdir()

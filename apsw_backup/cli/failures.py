@@ -95,7 +95,7 @@ def _explain(exc: BaseException, job: Job, args: argparse.Namespace) -> str:
         exc,
         (apsw_backup.CantOpenError, apsw_backup.ReadOnlyError, apsw_backup.IOError),
     ):
-        found = cause_of(job.source, "SOURCE") or _path_problem(job)
+        found = cause_of(job.source, "SOURCE", exc) or _path_problem(job)
         if found:
             return found
     if isinstance(exc, files.StaleSideFileError):

@@ -6,7 +6,9 @@ the errno it records may be that of a side file it tried to create
 (ENOENT for a -shm that is not there).  The cases, found from the files:
 
 - a hot -journal (a writer interrupted mid-transaction): reading needs the
-  rollback first, and that needs write access to the file and its folder;
+  rollback first, and that needs write access to the file and its folder --
+  and a read-write connection: this command opens SOURCE and FILE read-only,
+  so SQLite says SQLITE_READONLY_ROLLBACK even where it could write;
 - a WAL database: reading needs its -wal and -shm, which SQLite creates in
   the folder when they are not there -- impossible in a folder this user may
   not write to, or on a read-only file system;
@@ -16,16 +18,17 @@ the errno it records may be that of a side file it tried to create
 from __future__ import annotations
 
 import os
+import shlex
 
 import apsw_backup
 from apsw_backup.cli.dest_file import header_facts
-from apsw_backup.cli.errors import _os_cause, _q
+from apsw_backup.cli.errors import PROG, _os_cause, _q
 
 
 def open_problem(path: str, exc: apsw_backup.Error, role: str) -> str:
     """exc (raised opening or reading the database at path, which plays
     `role`: SOURCE, DEST, FILE) in words that name the cause and the cure."""
-    found = cause_of(path, role)
+    found = cause_of(path, role, exc)
     if found:
         return found
     text = f"{type(exc).__name__}: {exc}"
@@ -40,9 +43,14 @@ def open_problem(path: str, exc: apsw_backup.Error, role: str) -> str:
     return text
 
 
-def cause_of(path: str, role: str) -> str | None:
-    """The cause and cure of a failure to read the database at path, from
-    the files; None when none of the known causes is there."""
+# SQLITE_READONLY_ROLLBACK: a read-only connection found a hot journal,
+# which only a connection that may write can roll back.
+READONLY_ROLLBACK = apsw_backup.SQLITE_READONLY | (3 << 8)
+
+
+def cause_of(path: str, role: str, exc: BaseException | None = None) -> str | None:
+    """The cause and cure of a failure (exc, if known) to read the database
+    at path, from the files; None when none of the known causes is there."""
     try:
         os.stat(path)
     except OSError as exc:
@@ -65,6 +73,17 @@ def cause_of(path: str, role: str) -> str | None:
                 "Open it once as a user who may write there (the application's, "
                 f"which does so by itself), then run this again; never delete "
                 f"the -journal: {role} is damaged without it"
+            )
+        if getattr(exc, "extendedresult", None) == READONLY_ROLLBACK:
+            return (
+                f"{role} {_q(path)} has a hot journal {_q(path + '-journal')}: a "
+                "writer was interrupted in the middle of a transaction (it "
+                f"crashed or was killed), and SQLite must roll that journal back "
+                f"before {role} can be read; {PROG} opens {role} read-only, so it "
+                "never does that itself. Open it once read-write as its owner "
+                f"(sqlite3 {shlex.quote(path)} 'PRAGMA quick_check', or start the "
+                "application, which does so by itself), then run this again; "
+                f"never delete the -journal: {role} is damaged without it"
             )
     if header_facts(path).get("journal_mode") == "wal" and denied:
         missing = [
