@@ -244,6 +244,34 @@ def test_a_backup_that_cannot_be_deleted_is_reported_with_dest_in_place(source, 
     assert not gone.exists()
 
 
+def test_a_side_file_left_of_a_deleted_backup_is_reported_as_it_is(source, folder):
+    # The database file goes, its -wal cannot: not_deleted names the -wal
+    # (what is left), the message says the database file was deleted, and
+    # the backup is listed as deleted -- never the .db that is gone.
+    if shutil.which("chattr") is None:
+        pytest.skip("no chattr(1)")
+    old = old_backup(folder, "20200101T000000.000000Z", source)
+    wal = folder / (old.name + "-wal")
+    wal.write_bytes(b"junk")
+    if immutable(wal, True).returncode != 0:
+        pytest.skip("cannot make a file immutable here")
+    try:
+        proc = run("--json", "--keep", "1", source, folder)
+    finally:
+        immutable(wal, False)
+
+    assert proc.returncode == 1
+    result = json_of(proc)
+    assert not old.exists() and wal.exists()
+    assert result["not_deleted"] == [str(wal)]
+    assert result["deleted"] == [str(old)]
+    assert result["dest_state"] == "verified"
+    assert f"deleted the database file of 1 older backup ({str(old)!r})" in proc.stderr
+    assert f"{str(wal)!r} is not accessible" in proc.stderr
+    assert f"{str(old)!r} is not accessible" not in proc.stderr
+    assert "could not delete 1 older backup" not in proc.stderr
+
+
 def test_side_files_are_deleted_only_after_their_database(source, folder, tmp_path):
     # A failed deletion of a backup leaves it whole: the database file is
     # removed first, so a failure there leaves its side files as they were.
