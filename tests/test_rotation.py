@@ -27,6 +27,7 @@ from cli_helpers import (
 from copy_helpers import make_source, make_target, query
 
 from apsw_backup import copy, files
+from apsw_backup.cli import output
 
 MARK = "user.apsw_backup.source"
 
@@ -234,6 +235,13 @@ def test_a_backup_that_cannot_be_deleted_is_reported_with_dest_in_place(source, 
     assert result["dest_state"] == "verified"
     assert result["not_deleted"] == [str(stuck)]
     assert result["deleted"] == [str(gone)]
+    # The JSON says what dest_state says: the copy in place was verified,
+    # and describes it as a success's object does.
+    assert result["verified"] is True and result["integrity"] == ["ok"]
+    assert result["journal_mode"] is not None and result["pages"] > 1
+    assert result["pages_copied"] == result["page_count"] == result["pages"]
+    assert result["verification"] is not None
+    assert output.problems(result) == []
     assert os.path.exists(result["dest"]) and verified(result["dest"])
     assert "holds the complete, verified copy" in proc.stderr
     assert "the new backup is in place" in proc.stderr

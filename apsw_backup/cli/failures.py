@@ -236,11 +236,13 @@ def _error_object(error: BaseException | None, message: str) -> dict[str, Any]:
 def _failure_object(failure: Failure) -> dict[str, Any]:
     fields = dict(failure.fields)
     integrity = fields.pop("integrity", None)
+    # A failure after the copy was in place (--keep) says it was verified.
+    verified = fields.pop("verified", False if integrity else None)
     return output.backup_object(
         ok=False,
         exit_code=failure.code,
         error=_error_object(failure.error, failure.message),
-        verified=False if integrity else None,
+        verified=verified,
         integrity=integrity,
         **fields,
     )

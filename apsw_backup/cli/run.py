@@ -22,7 +22,7 @@ from apsw_backup.cli.folder import (
 from apsw_backup.cli.plan import Job, _locked
 from apsw_backup.cli.progress import ProgressLine, _progress_line
 from apsw_backup.cli.signals import Interrupted, Interrupts, _pause_for_tests
-from apsw_backup.cli.summary import _report
+from apsw_backup.cli.summary import _report, copy_fields
 from apsw_backup.cli.verification import Ticker, VerificationError
 from apsw_backup.copy import copy
 
@@ -123,6 +123,7 @@ def _backup_command(
     runner = Runner(job, interrupts, line, pause, deadline)
     runner.keep, runner.timeout = args.keep, args.timeout
     deleted: list[str] = []
+    result = None
     try:
         _pause_for_tests("opening", interrupts)
         interrupts.check()
@@ -161,6 +162,8 @@ def _backup_command(
     if line is not None:
         line.end(line.stopped_parts(_headline(failure)))
     failure.fields.update(_job_fields(job))
+    if result is not None and job.published:  # DEST is the copy (--keep failed)
+        failure.fields.update(copy_fields(job, args, result))
     raise failure
 
 
