@@ -81,6 +81,20 @@ _CAUSES = {
 }
 
 
+# SQLite's unix VFS names a database by its full path (absolute, symbolic
+# links resolved) and opens none whose full path with "-journal" is longer
+# than its MAX_PATHNAME, 512 bytes: "unable to open database file".
+SQLITE_MAX_PATHNAME = 512
+SQLITE_PATH_LIMIT = SQLITE_MAX_PATHNAME - len("-journal")
+
+
+def sqlite_path_size(path: str) -> int:
+    """The size in bytes of the full path SQLite opens the database at path
+    by (absolute, symbolic links resolved): more than SQLITE_PATH_LIMIT and
+    SQLite cannot open it."""
+    return len(os.fsencode(os.path.realpath(path)))
+
+
 def read_header(path: str, size: int = 100) -> bytes:
     """The first `size` (<= 100) bytes of the file at path, fewer if it is
     shorter: b"" for an empty file.

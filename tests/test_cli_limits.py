@@ -248,6 +248,54 @@ def test_a_hot_journal_source_the_user_may_write(tmp_path, what):
     assert run(*args).returncode == 0
 
 
+def deep_folder(tmp_path, size):
+    """A folder under tmp_path whose full path is `size` bytes long."""
+    path = os.path.realpath(tmp_path / "deep")
+    while len(path) < size:
+        path = os.path.join(path, "d" * min(200, max(1, size - len(path) - 1)))
+    os.makedirs(path)
+    assert len(os.fsencode(os.path.realpath(path))) == size
+    return path
+
+
+@pytest.mark.parametrize("what", ["backup", "verify", "dest"])
+def test_a_path_longer_than_sqlite_accepts_is_named_with_its_cure(tmp_path, what):
+    # SQLite's unix VFS opens no database whose full path is over 504
+    # bytes (512 with "-journal"): not an I/O error, a missing file or a
+    # permission, as the messages said.
+    folder = deep_folder(tmp_path, 600)
+    source = make_source(tmp_path / "source.db")
+    if what == "dest":
+        proc = run(source, os.path.join(folder, "dest.db"))
+        assert not os.listdir(folder)
+    else:
+        deep = os.path.join(folder, "app.db")
+        shutil.copy(source, deep)
+        args = ["verify", "app.db"] if what == "verify" else ["app.db", source]
+        proc = subprocess.run(
+            command(*args),
+            cwd=folder,
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
+            check=False,
+        )
+    assert proc.returncode == 1, proc.stderr
+    assert "is too long for SQLite" in proc.stderr
+    assert "mount --bind" in proc.stderr
+    for lie in ("EIO", "missing file", "permissions", "unable to open"):
+        assert lie not in proc.stderr
+
+
+def test_a_path_sqlite_accepts_is_backed_up(tmp_path):
+    # At the limit it works: the check blames no path SQLite can open.
+    folder = deep_folder(tmp_path, 504 - len("/app.db"))
+    source = make_source(os.path.join(folder, "app.db"))
+    proc = run(source, tmp_path / "out.db")
+    assert proc.returncode == 0, proc.stderr
+    assert run("verify", source).returncode == 0
+
+
 def test_a_wal_source_in_a_folder_the_user_cannot_write(unprivileged, tmp_path):
     folder = tmp_path / "data"
     folder.mkdir()

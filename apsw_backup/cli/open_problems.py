@@ -21,6 +21,7 @@ import os
 import shlex
 
 import apsw_backup
+from apsw_backup import files
 from apsw_backup.cli.dest_file import header_facts
 from apsw_backup.cli.errors import PROG, _os_cause, _q
 
@@ -60,6 +61,9 @@ def cause_of(path: str, role: str, exc: BaseException | None = None) -> str | No
             f"cannot read {role} {_q(path)}: permission denied (EACCES): run as "
             "a user who may read it, or change its permissions"
         )
+    too_long = path_too_long(path, role)
+    if too_long:
+        return too_long
     folder = os.path.dirname(os.path.abspath(path))
     denied = _cannot_write(folder)
     if _is_hot(path + "-journal"):
@@ -109,6 +113,27 @@ def cause_of(path: str, role: str, exc: BaseException | None = None) -> str | No
                 f"{denied}: {cure}"
             )
     return None
+
+
+def path_too_long(path: str, role: str, opened: str | None = None) -> str | None:
+    """Why SQLite cannot open the database at path (`role`): its full path
+    is longer than SQLite accepts; None if it is not.  opened: the file
+    SQLite opens for it, if another (DEST's temporary file)."""
+    size = files.sqlite_path_size(opened or path)
+    if size <= files.SQLITE_PATH_LIMIT:
+        return None
+    what = f"{role} {_q(path)}"
+    if opened:
+        what += f" (written first as {_q(os.path.basename(opened))} beside it)"
+    return (
+        f"the path of {what} is too long for SQLite: made absolute, with "
+        f"symbolic links resolved, it is {size} bytes, and SQLite opens no "
+        f"database whose path is over {files.SQLITE_PATH_LIMIT} bytes (its "
+        f"limit of {files.SQLITE_MAX_PATHNAME}, less 8 for the '-journal' it "
+        "names beside it). Give it a shorter path: a folder nearer the root, "
+        "or its folder bind-mounted at a short path (mount --bind); a "
+        "symbolic link or cd does not help, SQLite resolves both"
+    )
 
 
 def _is_hot(journal: str) -> bool:
