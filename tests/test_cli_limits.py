@@ -164,6 +164,57 @@ def test_verify_does_not_checkpoint_nor_delete_the_wal(tmp_path):
     assert (digest(backup), digest(f"{backup}-wal")) == before
 
 
+def test_verify_removes_the_shm_it_made_beside_a_wal(tmp_path):
+    # A WAL file with its -wal but no -shm: the read-only connections must
+    # create the -shm to read the -wal; verify removes it after, and leaves
+    # the file and its -wal as they were.
+    backup = wal_backup_with_frames(tmp_path)
+    before = digest(backup), digest(f"{backup}-wal")
+    assert not os.path.exists(f"{backup}-shm")
+    proc = run("verify", backup)
+    assert proc.returncode == 0, proc.stderr
+    assert not os.path.exists(f"{backup}-shm")
+    assert (digest(backup), digest(f"{backup}-wal")) == before
+    assert query(backup, "SELECT x FROM t") == [(1,)]  # the -wal still counts
+
+
+HOLD = """
+import sqlite3, sys, time
+# Read-only: its close leaves the -wal and the -shm it made.
+db = sqlite3.connect(f"file:{sys.argv[1]}?mode=ro", uri=True)
+db.execute("SELECT count(*) FROM t").fetchall()  # maps the -shm, holds SHARED
+print("open", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_shm_another_connection_uses_is_never_removed(tmp_path):
+    # Removing a -shm another process is using would split the database's
+    # connections between two wal-indexes: files.remove_unused_shm keeps it
+    # while any connection is open, and removes it once none is.
+    from apsw_backup import files
+
+    backup = wal_backup_with_frames(tmp_path)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(backup)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline() == "open\n"
+        assert os.path.exists(f"{backup}-shm")
+        assert files.remove_unused_shm(str(backup)) is False
+        assert os.path.exists(f"{backup}-shm")
+    finally:
+        holder.communicate(timeout=TIMEOUT)
+    assert holder.returncode == 0
+    assert os.path.exists(f"{backup}-shm")
+    assert files.remove_unused_shm(str(backup)) is True
+    assert not os.path.exists(f"{backup}-shm")
+    assert os.path.exists(f"{backup}-wal")
+
+
 def test_verify_leaves_nothing_beside_a_wal_file(tmp_path):
     path = make_source(tmp_path / "w.db", journal="wal")
     before = digest(path)
