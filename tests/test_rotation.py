@@ -112,6 +112,22 @@ def test_files_named_like_backups_but_not_marked_are_never_deleted(source, folde
     assert "carry no mark" in proc.stderr and str(foreign) not in proc.stderr
 
 
+def test_a_name_with_digits_that_are_not_ascii_is_not_a_backup(source, folder):
+    # A stamp is ASCII digits: full-width ones (U+FF10..) read as digits to
+    # \d and to strptime, but the name is not <stem>-<timestamp>.db -- even
+    # marked (a backup copied by hand with its mark), --keep leaves it.
+    look_alike = old_backup(
+        folder, "\uff12\uff10\uff12\uff100101T000000.000000Z", source
+    )
+    ours = old_backup(folder, "20200102T000000.000000Z", source)
+
+    proc = run("--json", "--keep", "1", source, folder)
+
+    assert proc.returncode == 0, proc.stderr
+    assert json_of(proc)["deleted"] == [str(ours)]
+    assert look_alike.exists()
+
+
 MOUNT_RAMFS = r"""
 set -e
 mount -t ramfs ramfs "$1"

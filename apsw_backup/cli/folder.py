@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 
 
 STAMP = "%Y%m%dT%H%M%S.%fZ"  # sortable: name order is time order
-STAMP_PATTERN = r"\d{8}T\d{6}\.\d{6}Z"
+STAMP_PATTERN = r"[0-9]{8}T[0-9]{6}\.[0-9]{6}Z"  # ASCII digits only
 
 # Seconds a run waits for another run's hold on the folder lock (a publish,
 # a rotation and a report take milliseconds).
