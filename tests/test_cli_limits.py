@@ -303,7 +303,11 @@ def deep_folder(tmp_path, size):
     """A folder under tmp_path whose full path is `size` bytes long."""
     path = os.path.realpath(tmp_path / "deep")
     while len(path) < size:
-        path = os.path.join(path, "d" * min(200, max(1, size - len(path) - 1)))
+        left = size - len(path) - 1  # for the next folder's name
+        step = min(200, left)
+        if 0 < left - step < 2:  # never leave room for a "/" alone
+            step -= 2
+        path = os.path.join(path, "d" * step)
     os.makedirs(path)
     assert len(os.fsencode(os.path.realpath(path))) == size
     return path
