@@ -49,8 +49,8 @@ def open_problem(path: str, exc: apsw_backup.Error, role: str) -> str:
 READONLY_ROLLBACK = apsw_backup.SQLITE_READONLY | (3 << 8)
 
 
-def cause_of(path: str, role: str, exc: BaseException | None = None) -> str | None:
-    """The cause and cure of a failure (exc, if known) to read the database
+def cause_of(path: str, role: str, error: BaseException | None = None) -> str | None:
+    """The cause and cure of a failure (error, if known) to read the database
     at path, from the files; None when none of the known causes is there."""
     try:
         os.stat(path)
@@ -78,7 +78,7 @@ def cause_of(path: str, role: str, exc: BaseException | None = None) -> str | No
                 f"which does so by itself), then run this again; never delete "
                 f"the -journal: {role} is damaged without it"
             )
-        if getattr(exc, "extendedresult", None) == READONLY_ROLLBACK:
+        if getattr(error, "extendedresult", None) == READONLY_ROLLBACK:
             return (
                 f"{role} {_q(path)} has a hot journal {_q(path + '-journal')}: a "
                 "writer was interrupted in the middle of a transaction (it "

@@ -340,8 +340,8 @@ def _check_source_header(source: str) -> None:
 
         too_long = path_too_long(source, "SOURCE")
         if too_long:
-            error = OSError(errno.ENAMETOOLONG, "too long for SQLite", source)
-            raise Failure(EXIT_ERROR, too_long, error) from exc
+            cause = OSError(errno.ENAMETOOLONG, "too long for SQLite", source)
+            raise Failure(EXIT_ERROR, too_long, cause) from exc
         cure = CURES.get(exc.errno or 0, "check the file")
         raise Failure(
             EXIT_ERROR,
