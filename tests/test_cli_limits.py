@@ -295,7 +295,9 @@ def test_a_hot_journal_source_the_user_may_write(tmp_path, what):
     assert "attempt to write a readonly database" not in proc.stderr
     assert (tmp_path / "source.db-journal").read_bytes() == journal  # untouched
     # The cure works: opened once read-write, it is backed up and verified.
-    sqlite3.connect(source).execute("PRAGMA quick_check").fetchall()
+    db = sqlite3.connect(source)
+    assert db.execute("PRAGMA quick_check").fetchall() == [("ok",)]
+    db.close()
     assert run(*args).returncode == 0
 
 
