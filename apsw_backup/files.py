@@ -81,6 +81,56 @@ _CAUSES = {
 }
 
 
+# SQLite's unix VFS names a database by its full path (absolute, symbolic
+# links resolved) and opens none whose full path with "-journal" is longer
+# than its MAX_PATHNAME, 512 bytes: "unable to open database file".
+SQLITE_MAX_PATHNAME = 512
+SQLITE_PATH_LIMIT = SQLITE_MAX_PATHNAME - len("-journal")
+
+
+def sqlite_path_size(path: str) -> int:
+    """The size in bytes of the full path SQLite opens the database at path
+    by (absolute, symbolic links resolved): more than SQLITE_PATH_LIMIT and
+    SQLite cannot open it."""
+    return len(os.fsencode(os.path.realpath(path)))
+
+
+# The bytes of a database file SQLite's unix VFS locks for SHARED: every
+# connection to a WAL database holds a shared lock on them while it is
+# open, so an exclusive lock on them means no other connection is there.
+_SHARED_FIRST = 0x40000000 + 2  # PENDING_BYTE + 2
+_SHARED_SIZE = 510
+
+
+def remove_unused_shm(database: str) -> bool:
+    """Delete the -shm of the WAL database at `database` if no connection
+    uses it, as SQLite's last connection does: under an exclusive lock on
+    the database file's SHARED bytes, which no other connection then holds
+    nor can take while the -shm goes (a connection that opens the database
+    after creates a new -shm and rebuilds it from the -wal, which is kept).
+    True if it was deleted; False if another connection holds the database,
+    this process may not write it (the lock needs a descriptor open for
+    writing, nothing is written), or the -shm cannot be deleted.
+
+    Opens the database file with a descriptor of its own: never call it
+    while this process has an SQLite connection to that file (closing the
+    descriptor drops every POSIX lock of the process on it).
+    """
+    real = os.path.realpath(database)  # SQLite names the -shm after it
+    try:
+        fd = os.open(real, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, _SHARED_SIZE, _SHARED_FIRST)
+        os.remove(real + "-shm")
+    except OSError:
+        return False
+    finally:
+        os.close(fd)  # releases the lock
+    return True
+
+
 def read_header(path: str, size: int = 100) -> bytes:
     """The first `size` (<= 100) bytes of the file at path, fewer if it is
     shorter: b"" for an empty file.

@@ -164,6 +164,57 @@ def test_verify_does_not_checkpoint_nor_delete_the_wal(tmp_path):
     assert (digest(backup), digest(f"{backup}-wal")) == before
 
 
+def test_verify_removes_the_shm_it_made_beside_a_wal(tmp_path):
+    # A WAL file with its -wal but no -shm: the read-only connections must
+    # create the -shm to read the -wal; verify removes it after, and leaves
+    # the file and its -wal as they were.
+    backup = wal_backup_with_frames(tmp_path)
+    before = digest(backup), digest(f"{backup}-wal")
+    assert not os.path.exists(f"{backup}-shm")
+    proc = run("verify", backup)
+    assert proc.returncode == 0, proc.stderr
+    assert not os.path.exists(f"{backup}-shm")
+    assert (digest(backup), digest(f"{backup}-wal")) == before
+    assert query(backup, "SELECT x FROM t") == [(1,)]  # the -wal still counts
+
+
+HOLD = """
+import sqlite3, sys, time
+# Read-only: its close leaves the -wal and the -shm it made.
+db = sqlite3.connect(f"file:{sys.argv[1]}?mode=ro", uri=True)
+db.execute("SELECT count(*) FROM t").fetchall()  # maps the -shm, holds SHARED
+print("open", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_shm_another_connection_uses_is_never_removed(tmp_path):
+    # Removing a -shm another process is using would split the database's
+    # connections between two wal-indexes: files.remove_unused_shm keeps it
+    # while any connection is open, and removes it once none is.
+    from apsw_backup import files
+
+    backup = wal_backup_with_frames(tmp_path)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(backup)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline() == "open\n"
+        assert os.path.exists(f"{backup}-shm")
+        assert files.remove_unused_shm(str(backup)) is False
+        assert os.path.exists(f"{backup}-shm")
+    finally:
+        holder.communicate(timeout=TIMEOUT)
+    assert holder.returncode == 0
+    assert os.path.exists(f"{backup}-shm")
+    assert files.remove_unused_shm(str(backup)) is True
+    assert not os.path.exists(f"{backup}-shm")
+    assert os.path.exists(f"{backup}-wal")
+
+
 def test_verify_leaves_nothing_beside_a_wal_file(tmp_path):
     path = make_source(tmp_path / "w.db", journal="wal")
     before = digest(path)
@@ -224,6 +275,82 @@ def test_a_hot_journal_source_in_a_folder_the_user_cannot_write(unprivileged, tm
     assert "Open it once as a user who may write there" in proc.stderr
     assert "attempt to write a readonly database" not in proc.stderr
     assert os.path.getsize(f"{source}-journal") > 0  # still there
+
+
+@pytest.mark.parametrize("what", [[], ["verify"]])
+def test_a_hot_journal_source_the_user_may_write(tmp_path, what):
+    # Folder and file writable: SQLite still cannot roll the journal back
+    # through the read-only connection (SQLITE_READONLY_ROLLBACK).  The
+    # message names the hot journal and the cure, not "attempt to write a
+    # readonly database".
+    source = make_source(tmp_path / "source.db")
+    make_hot_journal(source)
+    journal = (tmp_path / "source.db-journal").read_bytes()
+    args = [*what, source] if what else [source, tmp_path / "dest.db"]
+    proc = run(*args)
+    assert proc.returncode == 1, proc.stderr
+    assert "has a hot journal" in proc.stderr
+    assert "interrupted in the middle of a transaction" in proc.stderr
+    assert f"sqlite3 {source} 'PRAGMA quick_check'" in proc.stderr
+    assert "attempt to write a readonly database" not in proc.stderr
+    assert (tmp_path / "source.db-journal").read_bytes() == journal  # untouched
+    # The cure works: opened once read-write, it is backed up and verified.
+    db = sqlite3.connect(source)
+    assert db.execute("PRAGMA quick_check").fetchall() == [("ok",)]
+    db.close()
+    assert run(*args).returncode == 0
+
+
+def deep_folder(tmp_path, size):
+    """A folder under tmp_path whose full path is `size` bytes long."""
+    path = os.path.realpath(tmp_path / "deep")
+    while len(path) < size:
+        left = size - len(path) - 1  # for the next folder's name
+        step = min(200, left)
+        if 0 < left - step < 2:  # never leave room for a "/" alone
+            step -= 2
+        path = os.path.join(path, "d" * step)
+    os.makedirs(path)
+    assert len(os.fsencode(os.path.realpath(path))) == size
+    return path
+
+
+@pytest.mark.parametrize("what", ["backup", "verify", "dest"])
+def test_a_path_longer_than_sqlite_accepts_is_named_with_its_cure(tmp_path, what):
+    # SQLite's unix VFS opens no database whose full path is over 504
+    # bytes (512 with "-journal"): not an I/O error, a missing file or a
+    # permission, as the messages said.
+    folder = deep_folder(tmp_path, 600)
+    source = make_source(tmp_path / "source.db")
+    if what == "dest":
+        proc = run(source, os.path.join(folder, "dest.db"))
+        assert not os.listdir(folder)
+    else:
+        deep = os.path.join(folder, "app.db")
+        shutil.copy(source, deep)
+        args = ["verify", "app.db"] if what == "verify" else ["app.db", source]
+        proc = subprocess.run(
+            command(*args),
+            cwd=folder,
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
+            check=False,
+        )
+    assert proc.returncode == 1, proc.stderr
+    assert "is too long for SQLite" in proc.stderr
+    assert "mount --bind" in proc.stderr
+    for lie in ("EIO", "missing file", "permissions", "unable to open"):
+        assert lie not in proc.stderr
+
+
+def test_a_path_sqlite_accepts_is_backed_up(tmp_path):
+    # At the limit it works: the check blames no path SQLite can open.
+    folder = deep_folder(tmp_path, 504 - len("/app.db"))
+    source = make_source(os.path.join(folder, "app.db"))
+    proc = run(source, tmp_path / "out.db")
+    assert proc.returncode == 0, proc.stderr
+    assert run("verify", source).returncode == 0
 
 
 def test_a_wal_source_in_a_folder_the_user_cannot_write(unprivileged, tmp_path):

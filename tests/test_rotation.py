@@ -27,6 +27,7 @@ from cli_helpers import (
 from copy_helpers import make_source, make_target, query
 
 from apsw_backup import copy, files
+from apsw_backup.cli import output
 
 MARK = "user.apsw_backup.source"
 
@@ -109,6 +110,22 @@ def test_files_named_like_backups_but_not_marked_are_never_deleted(source, folde
     # backups stay until deleted by hand); the other source's is not.
     assert json_of(proc)["unmarked"] == [str(by_hand)]
     assert "carry no mark" in proc.stderr and str(foreign) not in proc.stderr
+
+
+def test_a_name_with_digits_that_are_not_ascii_is_not_a_backup(source, folder):
+    # A stamp is ASCII digits: full-width ones (U+FF10..) read as digits to
+    # \d and to strptime, but the name is not <stem>-<timestamp>.db -- even
+    # marked (a backup copied by hand with its mark), --keep leaves it.
+    look_alike = old_backup(
+        folder, "\uff12\uff10\uff12\uff100101T000000.000000Z", source
+    )
+    ours = old_backup(folder, "20200102T000000.000000Z", source)
+
+    proc = run("--json", "--keep", "1", source, folder)
+
+    assert proc.returncode == 0, proc.stderr
+    assert json_of(proc)["deleted"] == [str(ours)]
+    assert look_alike.exists()
 
 
 MOUNT_RAMFS = r"""
@@ -234,6 +251,13 @@ def test_a_backup_that_cannot_be_deleted_is_reported_with_dest_in_place(source, 
     assert result["dest_state"] == "verified"
     assert result["not_deleted"] == [str(stuck)]
     assert result["deleted"] == [str(gone)]
+    # The JSON says what dest_state says: the copy in place was verified,
+    # and describes it as a success's object does.
+    assert result["verified"] is True and result["integrity"] == ["ok"]
+    assert result["journal_mode"] is not None and result["pages"] > 1
+    assert result["pages_copied"] == result["page_count"] == result["pages"]
+    assert result["verification"] is not None
+    assert output.problems(result) == []
     assert os.path.exists(result["dest"]) and verified(result["dest"])
     assert "holds the complete, verified copy" in proc.stderr
     assert "the new backup is in place" in proc.stderr
@@ -242,6 +266,34 @@ def test_a_backup_that_cannot_be_deleted_is_reported_with_dest_in_place(source, 
     # Its side file was left with it: the old backup is whole.
     assert (folder / (stuck.name + "-journal")).exists()
     assert not gone.exists()
+
+
+def test_a_side_file_left_of_a_deleted_backup_is_reported_as_it_is(source, folder):
+    # The database file goes, its -wal cannot: not_deleted names the -wal
+    # (what is left), the message says the database file was deleted, and
+    # the backup is listed as deleted -- never the .db that is gone.
+    if shutil.which("chattr") is None:
+        pytest.skip("no chattr(1)")
+    old = old_backup(folder, "20200101T000000.000000Z", source)
+    wal = folder / (old.name + "-wal")
+    wal.write_bytes(b"junk")
+    if immutable(wal, True).returncode != 0:
+        pytest.skip("cannot make a file immutable here")
+    try:
+        proc = run("--json", "--keep", "1", source, folder)
+    finally:
+        immutable(wal, False)
+
+    assert proc.returncode == 1
+    result = json_of(proc)
+    assert not old.exists() and wal.exists()
+    assert result["not_deleted"] == [str(wal)]
+    assert result["deleted"] == [str(old)]
+    assert result["dest_state"] == "verified"
+    assert f"deleted the database file of 1 older backup ({str(old)!r})" in proc.stderr
+    assert f"{str(wal)!r} is not accessible" in proc.stderr
+    assert f"{str(old)!r} is not accessible" not in proc.stderr
+    assert "could not delete 1 older backup" not in proc.stderr
 
 
 def test_side_files_are_deleted_only_after_their_database(source, folder, tmp_path):

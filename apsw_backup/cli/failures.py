@@ -19,7 +19,7 @@ from apsw_backup.cli.errors import (
     _os_cause,
     _q,
 )
-from apsw_backup.cli.open_problems import cause_of
+from apsw_backup.cli.open_problems import cause_of, path_too_long
 from apsw_backup.cli.plan import Job, _check_folder, _check_source, _stale_message
 from apsw_backup.cli.signals import Interrupted
 from apsw_backup.cli.summary import _print_json
@@ -95,7 +95,11 @@ def _explain(exc: BaseException, job: Job, args: argparse.Namespace) -> str:
         exc,
         (apsw_backup.CantOpenError, apsw_backup.ReadOnlyError, apsw_backup.IOError),
     ):
-        found = cause_of(job.source, "SOURCE") or _path_problem(job)
+        found = (
+            cause_of(job.source, "SOURCE", exc)
+            or _path_problem(job)
+            or _dest_too_long(job)
+        )
         if found:
             return found
     if isinstance(exc, files.StaleSideFileError):
@@ -156,6 +160,15 @@ def _path_problem(job: Job) -> str | None:
     except Failure as found:
         return found.message
     return None
+
+
+def _dest_too_long(job: Job) -> str | None:
+    """Whether the file SQLite opens for DEST -- a new DEST's temporary
+    file beside it, an existing DEST itself -- has too long a path."""
+    if job.existed:
+        return path_too_long(job.dest, "DEST")
+    temporary = files.temporary_path(os.path.realpath(job.dest))
+    return path_too_long(job.dest, "DEST", temporary)
 
 
 def _timeout_text(job: Job, timeout: float, elapsed: float) -> str:
@@ -236,11 +249,13 @@ def _error_object(error: BaseException | None, message: str) -> dict[str, Any]:
 def _failure_object(failure: Failure) -> dict[str, Any]:
     fields = dict(failure.fields)
     integrity = fields.pop("integrity", None)
+    # A failure after the copy was in place (--keep) says it was verified.
+    verified = fields.pop("verified", False if integrity else None)
     return output.backup_object(
         ok=False,
         exit_code=failure.code,
         error=_error_object(failure.error, failure.message),
-        verified=False if integrity else None,
+        verified=verified,
         integrity=integrity,
         **fields,
     )

@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 
 
 STAMP = "%Y%m%dT%H%M%S.%fZ"  # sortable: name order is time order
-STAMP_PATTERN = r"\d{8}T\d{6}\.\d{6}Z"
+STAMP_PATTERN = r"[0-9]{8}T[0-9]{6}\.[0-9]{6}Z"  # ASCII digits only
 
 # Seconds a run waits for another run's hold on the folder lock (a publish,
 # a rotation and a report take milliseconds).
@@ -152,13 +152,17 @@ def release_folder_locks() -> None:
 
 @dataclass
 class Rotation:
-    """What --keep did: deleted (oldest first), not_deleted (path, OSError),
+    """What --keep did: deleted (oldest first: backups whose database file
+    was deleted), not_deleted (path, OSError: backups whose database file
+    could not be deleted), sides_left (path, OSError: side files left of a
+    backup whose database file was deleted),
     future (backups dated later than now: kept, not counted), skipped (why
     nothing was considered for deletion, or None), unmarked (files named
     like SOURCE's backups that carry no mark: never touched)."""
 
     deleted: list[str] = field(default_factory=list)
     not_deleted: list[tuple[str, OSError]] = field(default_factory=list)
+    sides_left: list[tuple[str, OSError]] = field(default_factory=list)
     future: list[str] = field(default_factory=list)
     skipped: str | None = None
     unmarked: list[str] = field(default_factory=list)
@@ -206,10 +210,19 @@ def rotate(
         try:
             remove_backup(path)
         except OSError as exc:
-            rotation.not_deleted.append((path, exc))
+            if os.path.lexists(path):
+                rotation.not_deleted.append((path, exc))
+            else:  # its database file went, a side file stayed
+                rotation.deleted.append(path)
+                rotation.sides_left += [
+                    (side, exc)
+                    for side in files.side_paths(path)
+                    if os.path.lexists(side)
+                ]
         else:
             rotation.deleted.append(path)
     _remove_orphan_side_files(job.folder, job.source)
+    rotation.sides_left = [s for s in rotation.sides_left if os.path.lexists(s[0])]
     return rotation
 
 

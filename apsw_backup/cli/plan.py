@@ -336,6 +336,12 @@ def _check_source_header(source: str) -> None:
     try:
         header = files.read_header(source, len(SQLITE_HEADER))
     except OSError as exc:
+        from apsw_backup.cli.open_problems import path_too_long  # no cycle
+
+        too_long = path_too_long(source, "SOURCE")
+        if too_long:
+            cause = OSError(errno.ENAMETOOLONG, "too long for SQLite", source)
+            raise Failure(EXIT_ERROR, too_long, cause) from exc
         cure = CURES.get(exc.errno or 0, "check the file")
         raise Failure(
             EXIT_ERROR,

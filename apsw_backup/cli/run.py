@@ -12,11 +12,17 @@ from apsw_backup.cli import output
 from apsw_backup.cli.dest_file import deadline_left, roll_back
 from apsw_backup.cli.errors import EXIT_ERROR, EXIT_OK, PROG, Failure, _count
 from apsw_backup.cli.failures import _failure, _headline, _job_fields
-from apsw_backup.cli.folder import FOLDER_LOCK_WAIT, hold_folder, holds_a_table, rotate
+from apsw_backup.cli.folder import (
+    FOLDER_LOCK_WAIT,
+    Rotation,
+    hold_folder,
+    holds_a_table,
+    rotate,
+)
 from apsw_backup.cli.plan import Job, _locked
 from apsw_backup.cli.progress import ProgressLine, _progress_line
 from apsw_backup.cli.signals import Interrupted, Interrupts, _pause_for_tests
-from apsw_backup.cli.summary import _report
+from apsw_backup.cli.summary import _report, copy_fields
 from apsw_backup.cli.verification import Ticker, VerificationError
 from apsw_backup.copy import copy
 
@@ -117,6 +123,7 @@ def _backup_command(
     runner = Runner(job, interrupts, line, pause, deadline)
     runner.keep, runner.timeout = args.keep, args.timeout
     deleted: list[str] = []
+    result = None
     try:
         _pause_for_tests("opening", interrupts)
         interrupts.check()
@@ -155,6 +162,8 @@ def _backup_command(
     if line is not None:
         line.end(line.stopped_parts(_headline(failure)))
     failure.fields.update(_job_fields(job))
+    if result is not None and job.published:  # DEST is the copy (--keep failed)
+        failure.fields.update(copy_fields(job, args, result))
     raise failure
 
 
@@ -191,28 +200,59 @@ def _rotated(job: Job, keep: int, interrupts: Interrupts) -> list[str]:
         _warn(
             f"{rotation.skipped}: --keep deleted nothing (an empty backup never rotates real ones away)"
         )
-    if rotation.not_deleted:
-        failed = "; ".join(
-            f"{path!r} {files.os_cause(exc)}" for path, exc in rotation.not_deleted
-        )
-        done = (
-            f" (deleted {_count(len(rotation.deleted), 'other')})"
-            if rotation.deleted
-            else ""
-        )
+    if rotation.not_deleted or rotation.sides_left:
         failure = Failure(
             EXIT_ERROR,
-            f"the new backup is in place, but --keep could not delete "
-            f"{_count(len(rotation.not_deleted), 'older backup')}{done}: {failed}. "
+            f"the new backup is in place, but {_not_deleted_text(rotation)}. "
             f"{job.says()}",
-            rotation.not_deleted[0][1],
+            (rotation.not_deleted or rotation.sides_left)[0][1],
         )
         failure.fields["deleted"] = rotation.deleted
-        failure.fields["not_deleted"] = [p for p, _ in rotation.not_deleted]
+        failure.fields["not_deleted"] = [
+            p for p, _ in rotation.not_deleted + rotation.sides_left
+        ]
         failure.fields["future_dated"] = rotation.future
         failure.fields["unmarked"] = rotation.unmarked
         raise failure
     return rotation.deleted
+
+
+def _not_deleted_text(rotation: Rotation) -> str:
+    """What --keep could not delete: whole backups, and the side files left
+    of backups whose database file it deleted (those backups are gone)."""
+    parts = []
+    if rotation.not_deleted:
+        failed = "; ".join(
+            f"{path!r} {files.os_cause(exc)}" for path, exc in rotation.not_deleted
+        )
+        others = len(rotation.deleted) - len({_db(p) for p, _ in rotation.sides_left})
+        done = f" (deleted {_count(others, 'other')})" if others else ""
+        parts.append(
+            f"--keep could not delete "
+            f"{_count(len(rotation.not_deleted), 'older backup')}{done}: {failed}"
+        )
+    if rotation.sides_left:
+        gone = sorted({_db(p) for p, _ in rotation.sides_left})
+        failed = "; ".join(
+            f"{path!r} {files.os_cause(exc)}" for path, exc in rotation.sides_left
+        )
+        parts.append(
+            f"--keep deleted the database file of {_count(len(gone), 'older backup')} "
+            f"({', '.join(map(repr, gone))}), yet not "
+            f"{'its' if len(gone) == 1 else 'their'} side "
+            f"file{'s' if len(rotation.sides_left) > 1 else ''}: {failed} (with "
+            "the database file gone, what is left is of no use: delete it "
+            "once it can be)"
+        )
+    return "; and ".join(parts)
+
+
+def _db(side: str) -> str:
+    """The database file of a side file's path."""
+    for end in files.SIDE_FILES:
+        if side.endswith(end):
+            return side[: -len(end)]
+    return side
 
 
 def _warn(text: str) -> None:

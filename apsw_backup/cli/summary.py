@@ -37,7 +37,6 @@ def _report(
 def _summary(
     job: Job, args: argparse.Namespace, result: CopyResult, deleted: list[str]
 ) -> dict[str, Any]:
-    pages, page_size, journal_mode = _dest_figures(job, result)
     return output.backup_object(
         ok=True,
         exit_code=EXIT_OK,
@@ -45,25 +44,36 @@ def _summary(
         dest=job.dest,
         dest_state=job.state(),
         folder=job.folder,
-        schema=args.schema,
-        pages=pages,
-        page_size=page_size,
-        bytes=pages * page_size,
-        steps=result.steps,
-        restarts=result.restarts,
-        waits=result.waits,
-        snapshot=result.snapshot,
-        elapsed=round(result.elapsed, 6),
-        wal_growth=result.wal_growth,
-        journal_mode=journal_mode,
-        verified=True if job.verify else None,
-        integrity=["ok"] if job.verify else None,
-        verification=result.verification.to_json() if result.verification else None,
         deleted=deleted,
-        pages_copied=result.pages,
-        page_count=result.pages,
+        **copy_fields(job, args, result),
         **job.report_fields,  # rotation: future_dated, unmarked, rotation_skipped
     )
+
+
+def copy_fields(
+    job: Job, args: argparse.Namespace, result: CopyResult
+) -> dict[str, Any]:
+    """The --json fields that describe the copy in place at DEST (also in
+    the object of a run that failed after that: --keep)."""
+    pages, page_size, journal_mode = _dest_figures(job, result)
+    return {
+        "schema": args.schema,
+        "pages": pages,
+        "page_size": page_size,
+        "bytes": pages * page_size,
+        "steps": result.steps,
+        "restarts": result.restarts,
+        "waits": result.waits,
+        "snapshot": result.snapshot,
+        "elapsed": round(result.elapsed, 6),
+        "wal_growth": result.wal_growth,
+        "journal_mode": journal_mode,
+        "verified": True if job.verify else None,
+        "integrity": ["ok"] if job.verify else None,
+        "verification": result.verification.to_json() if result.verification else None,
+        "pages_copied": result.pages,
+        "page_count": result.pages,
+    }
 
 
 def _dest_figures(job: Job, result: CopyResult) -> tuple[int, int, str | None]:

@@ -10,6 +10,7 @@ import time
 from typing import Any
 
 import apsw_backup
+from apsw_backup import files
 from apsw_backup.cli import output
 from apsw_backup.cli.arguments import VERIFY_LOCK_WAIT
 from apsw_backup.cli.errors import (
@@ -71,9 +72,16 @@ def _verify_one(
     """Check one FILE, report it; (its --json item, its exit code)."""
     line = _progress_line(args.progress, Job(path, path, True, True))
     ticker = Ticker(interrupts, line, f"verifying {path}")
+    shm = os.path.realpath(path) + "-shm"
+    had_shm = os.path.lexists(shm)
     code, message, error, problems, result = _outcome_of_check(
         path, args.level, ticker, deadline
     )
+    if not had_shm and os.path.lexists(shm):
+        # The read-only connections made it to read FILE's -wal, and the
+        # library leaves it when the -wal was there: remove it unless a
+        # connection (of another process) now uses it.
+        files.remove_unused_shm(path)
     if line is not None:
         line.end([f"verified {path}: ok"] if not code else [f"stopped: {path}"])
     if code:
