@@ -112,11 +112,19 @@ def remove_unused_shm(database: str) -> bool:
     this process may not write it (the lock needs a descriptor open for
     writing, nothing is written), or the -shm cannot be deleted.
 
-    Opens the database file with a descriptor of its own: never call it
-    while this process has an SQLite connection to that file (closing the
-    descriptor drops every POSIX lock of the process on it).
+    Opens the database file with a descriptor of its own, so it does nothing
+    (False) while this process has the database or its -shm open at all --
+    an SQLite connection of its own, say: the exclusive lock would not
+    conflict with the process's own locks, and closing the descriptor would
+    drop them -- and where that cannot be seen (no /proc/self/fd).
     """
     real = os.path.realpath(database)  # SQLite names the -shm after it
+    if not os.path.isdir("/proc/self/fd"):
+        return False
+    for path in (real, real + "-shm"):
+        info = _stat(path)
+        if info is None or _open_descriptor_of((info.st_dev, info.st_ino)) >= 0:
+            return False
     try:
         fd = os.open(real, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
     except OSError:

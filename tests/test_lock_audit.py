@@ -272,3 +272,23 @@ def test_wal_mode_no_committed_row_is_lost(tmp_path, entry, kind):
     rows = [y for (y,) in check.execute("SELECT y FROM t WHERE y NOT LIKE 'v%'")]
     check.close()
     assert rows == ["app before", "other process", "app after"]
+
+
+def test_remove_unused_shm_never_touches_a_database_this_process_has_open(tmp_path):
+    """files.remove_unused_shm (verify's clean-up of a -shm it made) takes
+    an exclusive lock that would not conflict with this process's own
+    connection, and its descriptor's close would drop that connection's
+    locks: with the database open here, it does nothing."""
+    src = str(tmp_path / "app.db")
+    make_db(src, "wal")
+    app, execute = open_app("stdlib", src)
+    try:
+        hold(execute, "read")
+        before = snapshot(src)
+        assert before[src] and os.path.exists(src + "-shm")
+        assert files.remove_unused_shm(src) is False
+        assert os.path.exists(src + "-shm")
+        assert_same_locks(src, before)
+        execute("COMMIT")
+    finally:
+        app.close()
