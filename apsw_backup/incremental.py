@@ -1071,6 +1071,13 @@ def _usable_chain(folder: str, stem: str, source_name: str) -> tuple[list[_Point
     chain = chains[-1]
     if os.path.abspath(chain[0].info.source) != source_name:
         return [], f"the newest chain is of another source ({chain[0].info.source})"
+    try:
+        # Every page of the chain against its manifest before a delta is
+        # added on it: a delta on a damaged parent could never be restored.
+        # It reads the chain's files once (about the database's size).
+        _check_chain(chain)
+    except BrokenChainError as exc:
+        return [], f"the newest chain is damaged, a new base instead: {exc}"
     return chain, ""
 
 

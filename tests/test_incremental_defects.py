@@ -1,0 +1,50 @@
+"""Defects found in the incremental verbs (attack 19): each test failed
+before its fix."""
+
+import os
+import sqlite3
+
+import pytest
+
+from apsw_backup import incremental as inc
+
+
+def make_db(path, rows=600):
+    db = sqlite3.connect(str(path))
+    db.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)")
+    db.executemany(
+        "INSERT INTO t VALUES (?, ?)", ((i, os.urandom(500)) for i in range(rows))
+    )
+    db.commit()
+    db.close()
+    return path
+
+
+def touch_rows(path):
+    db = sqlite3.connect(str(path))
+    db.execute("UPDATE t SET v = randomblob(500) WHERE id % 50 = 3")
+    db.commit()
+    db.close()
+
+
+def flip_page_byte(point_path):
+    point = inc._read_point(point_path)
+    offset = point.data_offset + 3 * point.info.page_size + 100
+    with open(point_path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 1]))
+
+
+def test_no_delta_on_a_parent_whose_pages_are_damaged(tmp_path):
+    src = make_db(tmp_path / "app.db")
+    folder = tmp_path / "bk"
+    folder.mkdir()
+    first = inc.incremental(src, folder)
+    flip_page_byte(first.path)
+    touch_rows(src)
+    second = inc.incremental(src, folder)
+    assert second.kind == "base"
+    assert first.path in second.reason and "damaged" in second.reason
+    inc.restore(folder, tmp_path / "r.db")  # the newest point restores
