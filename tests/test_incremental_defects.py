@@ -4,8 +4,6 @@ before its fix."""
 import os
 import sqlite3
 
-import pytest
-
 from apsw_backup import incremental as inc
 
 
