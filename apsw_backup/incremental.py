@@ -1159,6 +1159,7 @@ def restore(
         raise IsADirectoryError(
             f"DEST {target!r} is a folder: give the path of a database file"
         )
+    _check_not_side_file(point, target)
     exists = os.path.lexists(target)
     if exists and not overwrite:
         raise FileExistsError(
@@ -1181,6 +1182,22 @@ def restore(
         writers_held=0.0,
         wal_growth=0,
     )
+
+
+def _check_not_side_file(point: str, target: str) -> None:
+    """The plain backup's rules for DEST (files.py): not the backup's own
+    file nor one of its side files, and not named as another database's
+    side file (other.db-wal): opening that database would take the restored
+    copy for part of it, or delete it."""
+    files.check_distinct(point, target)
+    for suffix in files.SIDE_FILES:
+        owner = target[: -len(suffix)]
+        if target.endswith(suffix) and os.path.isfile(owner):
+            raise ValueError(
+                f"DEST {target!r} is the {suffix} file name of the database "
+                f"{owner!r}: SQLite would take the restored copy for part of "
+                "that database, or delete it. Choose another DEST"
+            )
 
 
 def _restore_plain(

@@ -4,6 +4,8 @@ before its fix."""
 import os
 import sqlite3
 
+import pytest
+
 from apsw_backup import incremental as inc
 
 
@@ -46,3 +48,16 @@ def test_no_delta_on_a_parent_whose_pages_are_damaged(tmp_path):
     assert second.kind == "base"
     assert first.path in second.reason and "damaged" in second.reason
     inc.restore(folder, tmp_path / "r.db")  # the newest point restores
+
+
+@pytest.mark.parametrize("side", ["-wal", "-journal", "-shm"])
+def test_restore_refuses_dest_named_as_another_databases_side_file(tmp_path, side):
+    src = make_db(tmp_path / "live.db", rows=50)
+    folder = tmp_path / "bk"
+    folder.mkdir()
+    inc.incremental(src, folder)
+    dest = str(src) + side
+    with pytest.raises(ValueError, match=side + " file name of the database"):
+        inc.restore(folder, dest)
+    assert not os.path.exists(dest)
+
