@@ -60,4 +60,3 @@ def test_restore_refuses_dest_named_as_another_databases_side_file(tmp_path, sid
     with pytest.raises(ValueError, match=side + " file name of the database"):
         inc.restore(folder, dest)
     assert not os.path.exists(dest)
-
