@@ -327,6 +327,48 @@ def _stems(folder: str) -> dict[str, list[str]]:
     return by_stem
 
 
+def _point_source(path: str) -> str | None:
+    """The source path a point's header records (absolute), or None when
+    its header cannot be read (verify and restore name what is wrong)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        head = _read_exact(fd, _HEADER.size, 0)
+        if len(head) < _HEADER.size or head[:8] != MAGIC:
+            return None
+        path_len = _HEADER.unpack(head)[-1]
+        raw = _read_exact(fd, path_len, _HEADER.size)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return os.path.abspath(raw.decode("utf-8", "replace"))
+
+
+def _of_source(paths: list[str], source: str) -> list[str]:
+    """The points of paths made from source: two databases of the same
+    name (s1/app.db, s2/app.db) may share a folder, and each has its own
+    chains, its own --keep.  A point whose header cannot be read stays in
+    (it is reported as damaged, never deleted by rotation)."""
+    source = os.path.abspath(source)
+    return [p for p in paths if _point_source(p) in (source, None)]
+
+
+def _by_source(paths: list[str]) -> dict[str | None, list[str]]:
+    groups: dict[str | None, list[str]] = {}
+    for path in paths:
+        groups.setdefault(_point_source(path), []).append(path)
+    unknown = groups.pop(None, [])
+    if unknown and groups:
+        for source in groups:  # reported with every source's chains
+            groups[source] = sorted(groups[source] + unknown, key=paths.index)
+    elif unknown:
+        groups[None] = unknown
+    return groups
+
+
 def _chains(paths: list[str]) -> tuple[list[list[_Point]], list[str], list[str]]:
     """The chains the points of one stem form, oldest first; the problems
     found; and the deltas a
@@ -410,12 +452,12 @@ def _chain_to(point_path: str, folder: str) -> list[_Point]:
             f"(<stem>-<UTC time>.base{SUFFIX} or .delta{SUFFIX})"
         )
     target = os.path.abspath(point_path)
+    chain = [_read_point(target)]
     older = [
         p
-        for p in _stems(folder).get(name["stem"], [])
+        for p in _of_source(_stems(folder).get(name["stem"], []), chain[0].info.source)
         if os.path.abspath(p) != target and _stamp(p) < name["stamp"]
     ]
-    chain = [_read_point(target)]
     twin = target[: -len(".delta" + SUFFIX)] + ".base" + SUFFIX
     if chain[0].info.kind == "delta" and os.path.exists(twin):
         base = _read_point(twin)  # an interrupted merge: the base stands for it
@@ -963,7 +1005,9 @@ def incremental(
                 chain, reason = [], f"the chain reached max_chain ({max_chain} deltas)"
             parent = chain[-1] if chain else None
             sequence = (
-                parent.info.sequence + 1 if parent else _next_sequence(folder, stem)
+                parent.info.sequence + 1
+                if parent
+                else _next_sequence(folder, stem, source_name)
             )
             try:
                 point, written, pages, restarts, counts = _write_point(
@@ -1003,7 +1047,7 @@ def incremental(
                 result.bytes_written += base.info.size
                 result.chain_length = 1
         if keep is not None:
-            result.deleted, result.merged = _rotate(folder, stem, keep)
+            result.deleted, result.merged = _rotate(folder, stem, source_name, keep)
         result.elapsed = time.monotonic() - started
         return result
     finally:
@@ -1045,9 +1089,9 @@ def _rebase_reason(chain: list[_Point], max_chain: int, share: float) -> str:
     return ""
 
 
-def _next_sequence(folder: str, stem: str) -> int:
+def _next_sequence(folder: str, stem: str, source: str) -> int:
     highest = -1
-    for path in _stems(folder).get(stem, []):
+    for path in _of_source(_stems(folder).get(stem, []), source):
         try:
             highest = max(highest, _read_point(path).info.sequence)
         except BrokenChainError:
@@ -1056,7 +1100,7 @@ def _next_sequence(folder: str, stem: str) -> int:
 
 
 def _usable_chain(folder: str, stem: str, source_name: str) -> tuple[list[_Point], str]:
-    paths = _stems(folder).get(stem, [])
+    paths = _of_source(_stems(folder).get(stem, []), source_name)
     if not paths:
         return [], "no restore point of this source yet"
     chains, problems, twins = _chains(paths)
@@ -1081,13 +1125,15 @@ def _usable_chain(folder: str, stem: str, source_name: str) -> tuple[list[_Point
     return chain, ""
 
 
-def _rotate(folder: str, stem: str, keep: int) -> tuple[list[str], list[str]]:
+def _rotate(
+    folder: str, stem: str, source: str, keep: int
+) -> tuple[list[str], list[str]]:
     """Delete the oldest points of stem so that `keep` remain, never
     breaking a chain: whole older chains first, then the current chain's
     base merged into its first delta."""
     deleted: list[str] = []
     merged: list[str] = []
-    chains, _, _ = _chains(_stems(folder).get(stem, []))
+    chains, _, _ = _chains(_of_source(_stems(folder).get(stem, []), source))
     total = sum(len(c) for c in chains)
     while total > keep and len(chains) > 1:
         oldest = chains.pop(0)
@@ -1497,7 +1543,12 @@ def verify_folder(folder: str | os.PathLike[str]) -> list[ChainReport]:
     every unstored page's hash against its parent's, and each link."""
     folder = os.path.abspath(os.fspath(folder))
     reports = []
-    for stem, paths in sorted(_stems(folder).items()):
+    groups = [
+        (stem, group)
+        for stem, paths in sorted(_stems(folder).items())
+        for _, group in sorted(_by_source(paths).items(), key=repr)
+    ]
+    for stem, paths in groups:
         chains, problems, _ = _chains(paths)
         for chain in chains:
             try:

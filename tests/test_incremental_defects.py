@@ -60,3 +60,27 @@ def test_restore_refuses_dest_named_as_another_databases_side_file(tmp_path, sid
     with pytest.raises(ValueError, match=side + " file name of the database"):
         inc.restore(folder, dest)
     assert not os.path.exists(dest)
+
+
+def test_keep_and_chains_are_per_source_not_per_stem(tmp_path):
+    (tmp_path / "s1").mkdir()
+    (tmp_path / "s2").mkdir()
+    s1 = make_db(tmp_path / "s1" / "app.db", rows=50)
+    s2 = make_db(tmp_path / "s2" / "app.db", rows=80)
+    folder = tmp_path / "bk"
+    folder.mkdir()
+    inc.incremental(s1, folder, keep=1)
+    only = inc.incremental(s2, folder, keep=1)
+    assert only.deleted == []  # s1's point is not s2's to delete
+    touch_rows(s1)
+    inc.incremental(s1, folder, keep=1)
+    touch_rows(s2)
+    last = inc.incremental(s2, folder, keep=2)
+    assert last.kind == "delta" and last.deleted == []  # interleaved chains
+    assert os.path.exists(only.path)
+    for report in inc.verify_folder(folder):
+        assert report.ok, report.problems
+    inc.restore(last.path, tmp_path / "r2.db")
+    db = sqlite3.connect(str(tmp_path / "r2.db"))
+    assert db.execute("SELECT count(*) FROM t").fetchone()[0] == 80
+    db.close()
