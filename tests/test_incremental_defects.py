@@ -3,6 +3,8 @@ before its fix."""
 
 import os
 import sqlite3
+import subprocess
+import sys
 
 import pytest
 
@@ -84,3 +86,57 @@ def test_keep_and_chains_are_per_source_not_per_stem(tmp_path):
     db = sqlite3.connect(str(tmp_path / "r2.db"))
     assert db.execute("SELECT count(*) FROM t").fetchone()[0] == 80
     db.close()
+
+
+def closed_pipe():
+    """A pipe whose reader is gone (`| head -c1` once head has exited)."""
+    read, write = os.pipe()
+    os.close(read)
+    return write
+
+
+def run_cli(*argv, stdout=None, stderr=None):
+    return subprocess.run(
+        [sys.executable, "-m", "apsw_backup", *map(str, argv)],
+        stdout=stdout,
+        stderr=stderr,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize(
+    "verb",
+    [
+        ["--incremental", "--json", "{src}", "{bk}"],
+        ["--incremental", "{src}", "{bk}"],
+        ["restore", "--json", "{bk}", "{r}"],
+        ["restore", "{bk}", "{r}"],
+        ["verify", "--json", "{bk}"],
+        ["verify", "{bk}"],
+        ["list", "--json", "{bk}"],
+        ["list", "{bk}"],
+    ],
+)
+def test_a_reader_gone_does_not_change_the_exit_code(tmp_path, verb):
+    src = make_db(tmp_path / "app.db", rows=50)
+    bk = tmp_path / "bk"
+    bk.mkdir()
+    inc.incremental(src, bk)
+    argv = [a.format(src=src, bk=bk, r=tmp_path / "r.db") for a in verb]
+    for where in ("stdout", "stderr"):
+        write = closed_pipe()
+        try:
+            other = subprocess.PIPE
+            proc = run_cli(
+                *argv,
+                stdout=write if where == "stdout" else other,
+                stderr=write if where == "stderr" else other,
+            )
+        finally:
+            os.close(write)
+        said = (proc.stdout or b"") + (proc.stderr or b"")
+        assert proc.returncode == 0, said
+        assert b"Traceback" not in said and b"Exception ignored" not in said
+        if verb[0] == "restore":
+            os.remove(tmp_path / "r.db")

@@ -16,13 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from collections.abc import Sequence
 from typing import Any
 
 import apsw_backup
 from apsw_backup import files
 from apsw_backup import incremental as inc
+from apsw_backup.cli import output
 from apsw_backup.cli.arguments import _count_arg, _Exit, _Parser, _seconds
 from apsw_backup.cli.errors import (
     EXIT_ERROR,
@@ -85,13 +85,14 @@ def run(argv: Sequence[str], interrupts: Interrupts) -> int:
 def _failed(code: int, message: str, as_json: bool, **extra: Any) -> int:
     if as_json:
         _print({"ok": False, "exit_code": code, "error": message, **extra})
-    print(f"{PROG}: {message}", file=sys.stderr)
+    output.err(f"{PROG}: {message}")
     return code
 
 
 def _print(obj: dict[str, Any]) -> None:
-    print(json.dumps(obj, default=str))
-    sys.stdout.flush()
+    # Through output.py: a reader gone or a closed stream never changes the
+    # exit code (docs/cli.md#exit-codes).
+    output.out(json.dumps(obj, default=str))
 
 
 # -- parsers ---------------------------------------------------------------
@@ -215,16 +216,15 @@ def _incremental(args: argparse.Namespace, interrupts: Interrupts) -> int:
         _print({"ok": True, "exit_code": EXIT_OK, **vars(result)})
     else:
         why = f" ({result.reason})" if result.reason else ""
-        print(
+        output.err(
             f"{result.kind} {result.path}: {result.pages_written} of "
             f"{result.page_count} pages, {result.bytes_written} bytes written "
-            f"in {result.elapsed:.2f} s; chain of {result.chain_length}{why}",
-            file=sys.stderr,
+            f"in {result.elapsed:.2f} s; chain of {result.chain_length}{why}"
         )
         for path in result.deleted:
-            print(f"deleted {path}", file=sys.stderr)
+            output.err(f"deleted {path}")
         for path in result.merged:
-            print(f"merged {path} into a new base", file=sys.stderr)
+            output.err(f"merged {path} into a new base")
     return EXIT_OK
 
 
@@ -251,10 +251,9 @@ def _restore(args: argparse.Namespace, interrupts: Interrupts) -> int:
             if result.overwrote
             else ""
         )
-        print(
+        output.err(
             f"restored {result.point} into {result.dest}: {result.pages} pages "
-            f"in {result.elapsed:.2f} s{held}",
-            file=sys.stderr,
+            f"in {result.elapsed:.2f} s{held}"
         )
     return EXIT_OK
 
@@ -286,9 +285,9 @@ def _list(args: argparse.Namespace) -> int:
     if args.json:
         _print({"ok": True, "exit_code": EXIT_OK, "points": rows})
         return EXIT_OK
-    print(f"{'time (UTC)':27} {'kind':5} {'size':>12} {'chain':>5}  file")
+    output.out(f"{'time (UTC)':27} {'kind':5} {'size':>12} {'chain':>5}  file")
     for r in rows:
-        print(
+        output.out(
             f"{r['time']:27} {r['kind']:5} {r['size']:>12} {r['chain']:>5}  "
             f"{os.path.basename(str(r['path']))}"
         )
@@ -331,7 +330,7 @@ def _verify(args: argparse.Namespace, interrupts: Interrupts) -> int:
     else:
         for r in reports:
             state = "ok" if r.ok else "BROKEN"
-            print(f"{r.stem}: {len(r.points)} restore points, {state}", file=sys.stderr)
+            output.err(f"{r.stem}: {len(r.points)} restore points, {state}")
             for problem in r.problems:
-                print(f"  {problem}", file=sys.stderr)
+                output.err(f"  {problem}")
     return code
