@@ -154,6 +154,9 @@ class ChainReport:
     points: list[str]
     ok: bool
     problems: list[str]
+    # the files the problems name, in the same order (damaged, or not
+    # following the point before them)
+    at_fault: list[str] = dataclasses.field(default_factory=list)
 
 
 # -- reading a point -------------------------------------------------------
@@ -369,19 +372,21 @@ def _by_source(paths: list[str]) -> dict[str | None, list[str]]:
     return groups
 
 
-def _chains(paths: list[str]) -> tuple[list[list[_Point]], list[str], list[str]]:
+def _chains(
+    paths: list[str],
+) -> tuple[list[list[_Point]], list[BrokenChainError], list[str]]:
     """The chains the points of one stem form, oldest first; the problems
     found; and the deltas a
     base of the same moment and root stands for (left by a merge or a
     rebase that was interrupted before it removed them)."""
     chains: list[list[_Point]] = []
-    problems: list[str] = []
+    problems: list[BrokenChainError] = []
     entries: list[_Point | None] = []
     for path in paths:
         try:
             entries.append(_read_point(path))
         except BrokenChainError as exc:
-            problems.append(str(exc))
+            problems.append(exc)
             entries.append(None)
     bases_at = {
         (p.info.created, p.root) for p in entries if p and p.info.kind == "base"
@@ -414,7 +419,7 @@ def _chains(paths: list[str]) -> tuple[list[list[_Point]], list[str], list[str]]
                 "removed, renamed or replaced); restore from a point before it, "
                 "or make a new base"
             )
-            problems.append(message)
+            problems.append(BrokenChainError(message, p.info.path))
             chains.append([])
             continue
         chains[-1].append(p)
@@ -1554,13 +1559,14 @@ def verify_folder(folder: str | os.PathLike[str]) -> list[ChainReport]:
             try:
                 _check_chain(chain)
             except BrokenChainError as exc:
-                problems.append(str(exc))
+                problems.append(exc)
         reports.append(
             ChainReport(
                 stem=stem,
                 points=paths,
                 ok=not problems,
-                problems=problems,
+                problems=[str(p) for p in problems],
+                at_fault=[p.path or "" for p in problems],
             )
         )
     return reports
@@ -1576,7 +1582,13 @@ def verify_point(point: str | os.PathLike[str]) -> ChainReport:
         chain = _chain_to(path, os.path.dirname(path))
         _check_chain(chain)
     except BrokenChainError as exc:
-        return ChainReport(stem=stem, points=[path], ok=False, problems=[str(exc)])
+        return ChainReport(
+            stem=stem,
+            points=[path],
+            ok=False,
+            problems=[str(exc)],
+            at_fault=[exc.path or path],
+        )
     return ChainReport(
         stem=stem, points=[p.info.path for p in chain], ok=True, problems=[]
     )

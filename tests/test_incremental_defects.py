@@ -1,6 +1,7 @@
 """Defects found in the incremental verbs (attack 19): each test failed
 before its fix."""
 
+import json
 import os
 import sqlite3
 import subprocess
@@ -31,7 +32,8 @@ def touch_rows(path):
 
 def flip_page_byte(point_path):
     point = inc._read_point(point_path)
-    offset = point.data_offset + 3 * point.info.page_size + 100
+    position = min(3, len(point.index) - 1)
+    offset = point.data_offset + position * point.info.page_size + 100
     with open(point_path, "r+b") as f:
         f.seek(offset)
         b = f.read(1)
@@ -140,3 +142,30 @@ def test_a_reader_gone_does_not_change_the_exit_code(tmp_path, verb):
         assert b"Traceback" not in said and b"Exception ignored" not in said
         if verb[0] == "restore":
             os.remove(tmp_path / "r.db")
+
+
+def test_verify_json_of_a_folder_has_the_documented_keys(tmp_path, capsys):
+    from apsw_backup.cli import main
+    from apsw_backup.cli import output
+
+    src = make_db(tmp_path / "app.db", rows=80)
+    bk = tmp_path / "bk"
+    bk.mkdir()
+    inc.incremental(src, bk)
+    touch_rows(src)
+    delta = inc.incremental(src, bk).path
+    assert main(["verify", "--json", str(bk)]) == 0
+    good = json.loads(capsys.readouterr().out)
+    flip_page_byte(delta)
+    assert main(["verify", "--json", str(bk)]) == 3
+    bad = json.loads(capsys.readouterr().out)
+    assert main(["verify", "--json", str(bk), str(src)]) == 2  # a usage error
+    usage = json.loads(capsys.readouterr().out)
+    for obj in (good, bad, usage):
+        assert set(obj) == set(output.VERIFY_KEYS) | {"path", "chains"}
+        rest = {k: v for k, v in obj.items() if k not in ("path", "chains")}
+        assert output.problems(rest, verify=True) == []
+    assert good["error"] is None and good["path"] is None
+    assert bad["path"] == delta and delta in bad["error"]["message"]
+    assert [f["file"] for f in bad["files"] if f["exit_code"] == 3] == [delta]
+    assert usage["error"]["class"] == "UsageError" and usage["files"] == []

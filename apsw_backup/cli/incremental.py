@@ -50,41 +50,78 @@ def wants(argv: Sequence[str]) -> bool:
 
 def run(argv: Sequence[str], interrupts: Interrupts) -> int:
     as_json = "--json" in argv
+    verify = argv[:1] == ["verify"]
+
+    def failed(code: int, message: str, exc: BaseException | None, **extra: Any) -> int:
+        if verify:  # verify --json: the same keys in every outcome
+            extra = {"path": None, "files": [], "chains": [], **extra}
+        return _failed(code, message, as_json, exc, **extra)
+
     try:
         if argv[0] == "restore":
             return _restore(_parse_restore(argv[1:]), interrupts)
         if argv[0] == "list":
             return _list(_parse_list(argv[1:]))
-        if argv[0] == "verify":
+        if verify:
             return _verify(_parse_verify(argv[1:]), interrupts)
         return _incremental(_parse_incremental(argv), interrupts)
     except _Exit as done:  # --help
         return done.code
     except Failure as failure:
-        return _failed(failure.code, failure.message, as_json)
+        return failed(failure.code, failure.message, failure.error)
     except Interrupted as stop:
-        return _failed(
-            128 + stop.signum, "interrupted: nothing was kept or put in place", as_json
+        return failed(
+            128 + stop.signum, "interrupted: nothing was kept or put in place", stop
         )
     except inc.BrokenChainError as exc:
-        return _failed(EXIT_VERIFY, str(exc), as_json, path=exc.path)
+        return failed(EXIT_VERIFY, str(exc), exc, path=exc.path)
     except inc.IncrementalError as exc:
-        return _failed(EXIT_ERROR, str(exc), as_json)
+        return failed(EXIT_ERROR, str(exc), exc)
     except ValueError as exc:
-        return _failed(EXIT_USAGE, str(exc), as_json)
+        return failed(EXIT_USAGE, str(exc), exc)
+    except files.StaleSideFileError as exc:  # a refusal: nothing written
+        return failed(EXIT_USAGE, str(exc), exc)
     except OSError as exc:
         if exc.errno is None:  # ours: a refusal whose message says it all
-            return _failed(EXIT_USAGE, str(exc), as_json)
+            return failed(EXIT_USAGE, str(exc), exc)
         # the OS's: name the file, the cause and the cure
         where = f"{exc.filename!r} " if exc.filename else ""
-        return _failed(EXIT_ERROR, f"{where}{files.os_cause(exc)}", as_json)
+        return failed(EXIT_ERROR, f"{where}{files.os_cause(exc)}", exc)
     except apsw_backup.Error as exc:
-        return _failed(EXIT_ERROR, f"{type(exc).__name__}: {exc}", as_json)
+        return failed(EXIT_ERROR, _sqlite_message(exc), exc)
 
 
-def _failed(code: int, message: str, as_json: bool, **extra: Any) -> int:
+def _sqlite_message(exc: apsw_backup.Error) -> str:
+    """An SQLite error in words: its message (cause and cure), without the
+    Python class name in front."""
+    return str(exc)
+
+
+def _error_object(message: str, exc: BaseException | None) -> dict[str, Any]:
+    """The --json "error" object, with the keys of the plain command's
+    (output.ERROR_KEYS; docs/cli.md)."""
+    number = getattr(exc, "errno", None)
+    result = getattr(exc, "result", None)
+    extended = getattr(exc, "extendedresult", None)
+    return {
+        "class": type(exc).__name__ if exc is not None else "UsageError",
+        "message": message,
+        "result": result if isinstance(result, int) else None,
+        "extendedresult": extended if isinstance(extended, int) else None,
+        "errno": number if isinstance(number, int) else None,
+    }
+
+
+def _failed(
+    code: int,
+    message: str,
+    as_json: bool,
+    exc: BaseException | None = None,
+    **extra: Any,
+) -> int:
     if as_json:
-        _print({"ok": False, "exit_code": code, "error": message, **extra})
+        error = _error_object(message, exc)
+        _print({"ok": False, "exit_code": code, "error": error, **extra})
     output.err(f"{PROG}: {message}")
     return code
 
@@ -320,13 +357,7 @@ def _verify(args: argparse.Namespace, interrupts: Interrupts) -> int:
     ok = all(r.ok for r in reports)
     code = EXIT_OK if ok else EXIT_VERIFY
     if args.json:
-        _print(
-            {
-                "ok": ok,
-                "exit_code": code,
-                "chains": [vars(r) for r in reports],
-            }
-        )
+        _print(_verify_object(reports, code))
     else:
         for r in reports:
             state = "ok" if r.ok else "BROKEN"
@@ -334,3 +365,44 @@ def _verify(args: argparse.Namespace, interrupts: Interrupts) -> int:
             for problem in r.problems:
                 output.err(f"  {problem}")
     return code
+
+
+def _verify_object(reports: list[inc.ChainReport], code: int) -> dict[str, Any]:
+    """verify --json FOLDER (docs/incremental.md): the keys of verify FILE's
+    object (ok, exit_code, error, files) plus path (the first file at
+    fault, or null) and chains (one object per chain of a source)."""
+    faults = [
+        (path, problem)
+        for r in reports
+        for path, problem in zip(r.at_fault, r.problems, strict=False)
+    ]
+    error = None
+    if faults:
+        error = _error_object(faults[0][1], inc.BrokenChainError(faults[0][1]))
+    fault_of = {}
+    for path, problem in faults:
+        fault_of.setdefault(path, problem)
+    items = []
+    for r in reports:
+        for path in r.points:
+            problem = fault_of.get(path)
+            items.append(
+                {
+                    "file": path,
+                    "exit_code": EXIT_VERIFY if problem else EXIT_OK,
+                    "verified": problem is None,
+                    "integrity": None,
+                    "verification": None,
+                    "error": _error_object(problem, inc.BrokenChainError(problem))
+                    if problem
+                    else None,
+                }
+            )
+    return {
+        "ok": code == EXIT_OK,
+        "exit_code": code,
+        "error": error,
+        "path": faults[0][0] if faults else None,
+        "files": items,
+        "chains": [vars(r) for r in reports],
+    }
