@@ -145,8 +145,7 @@ def test_a_reader_gone_does_not_change_the_exit_code(tmp_path, verb):
 
 
 def test_verify_json_of_a_folder_has_the_documented_keys(tmp_path, capsys):
-    from apsw_backup.cli import main
-    from apsw_backup.cli import output
+    from apsw_backup.cli import main, output
 
     src = make_db(tmp_path / "app.db", rows=80)
     bk = tmp_path / "bk"
