@@ -56,6 +56,8 @@ ZERO_HASH = bytes(HASH)
 # pages, created (microseconds since the epoch, UTC), sequence, flags,
 # length of the source path; then the path (UTF-8), then zeros up to the
 # data offset (a multiple of 4096).
+# pages a step of copy() when a timeout is given (as the command's --pages)
+TIMED_STEP_PAGES = 256
 _HEADER = struct.Struct(">8sIIIIQQqQIH")
 # trailer: magic, index offset, manifest offset, parent root, root,
 # checksum, end magic.
@@ -748,6 +750,7 @@ def _read_back(
     index: Sequence[int],
     manifest: bytes,
     path: str,
+    opts: _RunOptions | None = None,
 ) -> None:
     """Re-read the stored pages from the disk and check them (the default
     verification of a restore point)."""
@@ -757,6 +760,8 @@ def _read_back(
         os.posix_fadvise(fd, data_offset, length, os.POSIX_FADV_DONTNEED)
     per_run = max(1, _READ_RUN // page_size)
     for start in range(0, len(index), per_run):
+        if opts is not None:
+            opts.check("reading the restore point back")
         chunk = index[start : start + per_run]
         data = _read_exact(fd, len(chunk) * page_size, data_offset + start * page_size)
         bad = _first_bad(data, page_size, chunk, manifest)
@@ -773,6 +778,35 @@ class _RunOptions:
     pages: int
     timeout: float | None
     progress: Any
+    started: float = dataclasses.field(default_factory=time.monotonic)
+
+    def left(self) -> float | None:
+        """Seconds left before the run's deadline (None: no timeout)."""
+        if self.timeout is None:
+            return None
+        return max(0.0, self.started + self.timeout - time.monotonic())
+
+    def expired(self) -> bool:
+        left = self.left()
+        return left is not None and left <= 0
+
+    def check(self, doing: str = "writing the restore point") -> None:
+        """IncrementalError once the deadline has passed: the timeout bounds
+        the whole run, not only the copy of the pages."""
+        if self.expired():
+            raise DeadlineError(self, doing)
+
+
+class DeadlineError(IncrementalError):
+    """The run's timeout passed before the restore point was complete."""
+
+    def __init__(self, opts: _RunOptions, doing: str) -> None:
+        super().__init__(
+            f"the incremental backup gave up after "
+            f"{time.monotonic() - opts.started:.2f} s while {doing}: its "
+            f"timeout ({opts.timeout:g} s) passed, and nothing was kept. To "
+            "finish it: retry with a longer timeout (--timeout), or none"
+        )
 
 
 class _Recording:
@@ -799,11 +833,19 @@ class _Recording:
                 done = copy(
                     source,
                     dest,
-                    pages=opts.pages,
-                    timeout=opts.timeout,
-                    progress=opts.progress,
+                    # with a timeout: steps, so that the deadline is seen
+                    # while the pages are read, not only once all are
+                    pages=opts.pages
+                    if opts.timeout is None or opts.pages > 0
+                    else TIMED_STEP_PAGES,
+                    timeout=opts.left(),
+                    progress=_checking(opts),
                 )
+            except DeadlineError:
+                raise
             except _c.Error as exc:
+                if opts.expired():  # copy()'s deadline: the run's
+                    raise DeadlineError(opts, "copying the pages") from exc
                 # the shim's own failure (writing the restore point) is the
                 # cause to report, not SQLite's generic "disk I/O error"
                 why = _c._delta_result(self.capsule)
@@ -820,6 +862,17 @@ class _Recording:
             return outcome
         finally:
             _c._delta_close(self.capsule)
+
+
+def _checking(opts: _RunOptions) -> Callable[[int, int, int], Any]:
+    """copy()'s progress callback: the caller's, then the run's deadline."""
+
+    def step(status: int, remaining: int, total: int) -> None:
+        if opts.progress is not None:
+            opts.progress(status, remaining, total)
+        opts.check("copying the pages")
+
+    return step
 
 
 def _write_point(source: _c.Connection, source_name: str, folder: str, stem: str,
@@ -858,8 +911,10 @@ def _write_point(source: _c.Connection, source_name: str, folder: str, stem: str
         root, size = _finish_file(
             new.fd, header, index, manifest, parent_root, page_size
         )
-        _read_back(new.fd, data_offset, page_size, index, manifest, final)
+        opts.check("writing the restore point")
+        _read_back(new.fd, data_offset, page_size, index, manifest, final, opts)
         point = _read_written(new.path, final)
+        opts.check("reading the restore point back")
         new.publish()
     except BaseException:
         new.discard()
@@ -976,7 +1031,7 @@ def incremental(
     if keep is not None and (not isinstance(keep, int) or keep < 1):
         raise ValueError(f"keep must be an int >= 1 or None, not {keep!r}")
     started = time.monotonic()
-    opts = _RunOptions(pages, timeout, progress)
+    opts = _RunOptions(pages, timeout, progress, started)
     folder = os.path.abspath(os.fspath(folder))
     if not os.path.isdir(folder):
         raise FileNotFoundError(
@@ -1002,7 +1057,7 @@ def incremental(
                 )
         try:
             stem = Path(source_name).stem
-            chain, reason = _usable_chain(folder, stem, source_name)
+            chain, reason = _usable_chain(folder, stem, source_name, opts)
             page_size = _page_size_of(conn)
             if chain and chain[-1].info.page_size != page_size:
                 chain, reason = [], f"the page size changed to {page_size}"
@@ -1104,7 +1159,9 @@ def _next_sequence(folder: str, stem: str, source: str) -> int:
     return highest + 1
 
 
-def _usable_chain(folder: str, stem: str, source_name: str) -> tuple[list[_Point], str]:
+def _usable_chain(
+    folder: str, stem: str, source_name: str, opts: _RunOptions | None = None
+) -> tuple[list[_Point], str]:
     paths = _of_source(_stems(folder).get(stem, []), source_name)
     if not paths:
         return [], "no restore point of this source yet"
@@ -1124,7 +1181,7 @@ def _usable_chain(folder: str, stem: str, source_name: str) -> tuple[list[_Point
         # Every page of the chain against its manifest before a delta is
         # added on it: a delta on a damaged parent could never be restored.
         # It reads the chain's files once (about the database's size).
-        _check_chain(chain)
+        _check_chain(chain, opts)
     except BrokenChainError as exc:
         return [], f"the newest chain is damaged, a new base instead: {exc}"
     return chain, ""
@@ -1594,7 +1651,9 @@ def verify_point(point: str | os.PathLike[str]) -> ChainReport:
     )
 
 
-def _verify_pages(point: _Point, parent: _Point | None) -> None:
+def _verify_pages(
+    point: _Point, parent: _Point | None, opts: _RunOptions | None = None
+) -> None:
     """Every stored page of point against its manifest, every unstored one's
     hash against its parent's: BrokenChainError naming the file."""
     P = point.info.page_size
@@ -1608,6 +1667,8 @@ def _verify_pages(point: _Point, parent: _Point | None) -> None:
     try:
         per_run = max(1, _READ_RUN // P)
         for start in range(0, len(point.index), per_run):
+            if opts is not None:
+                opts.check("checking the chain the new point extends")
             chunk = point.index[start : start + per_run]
             data = _read_exact(fd, len(chunk) * P, point.offset_of(start))
             bad = _first_bad(data, P, chunk, manifest)
@@ -1652,8 +1713,8 @@ def _first_difference(a: bytes | bytearray, b: bytes | bytearray) -> int:
     return 0
 
 
-def _check_chain(chain: list[_Point]) -> None:
+def _check_chain(chain: list[_Point], opts: _RunOptions | None = None) -> None:
     for i, point in enumerate(chain):
-        _verify_pages(point, chain[i - 1] if i else None)
+        _verify_pages(point, chain[i - 1] if i else None, opts)
         if i:
             chain[i - 1].drop()  # only the tip's is needed afterwards

@@ -168,3 +168,15 @@ def test_verify_json_of_a_folder_has_the_documented_keys(tmp_path, capsys):
     assert bad["path"] == delta and delta in bad["error"]["message"]
     assert [f["file"] for f in bad["files"] if f["exit_code"] == 3] == [delta]
     assert usage["error"]["class"] == "UsageError" and usage["files"] == []
+
+
+def test_timeout_bounds_the_whole_incremental_run(tmp_path):
+    src = make_db(tmp_path / "app.db", rows=30000)  # ~17 MB
+    folder = tmp_path / "bk"
+    folder.mkdir()
+    with pytest.raises(inc.IncrementalError, match=r"timeout \(0.01 s\) passed"):
+        inc.incremental(src, folder, timeout=0.01)
+    assert inc.list_points(folder) == []  # nothing kept
+    assert [n for n in os.listdir(folder) if not n.startswith(".")] == []
+    inc.incremental(src, folder, timeout=60)  # a timeout long enough
+    assert len(inc.list_points(folder)) == 1
