@@ -40,7 +40,7 @@ from typing import Any
 
 from apsw_backup import _apsw_backup as _c
 from apsw_backup import files
-from apsw_backup.copy import FLUSH_EVERY, copy
+from apsw_backup.copy import FLUSH_EVERY, _header_of, copy
 
 FORMAT_VERSION = 1
 MAGIC = b"APSWBKP\x00"
@@ -1047,6 +1047,7 @@ def incremental(
                 raise FileNotFoundError(
                     f"the source database {source_name!r} does not exist"
                 )
+            side_existed = any(map(os.path.lexists, files.side_paths(source_name)))
             conn = _c.Connection(source_name, _c.SQLITE_OPEN_READONLY)
         else:
             conn = source  # type: ignore[assignment]
@@ -1084,6 +1085,8 @@ def incremental(
         finally:
             if own:
                 conn.close()
+                if not side_existed:
+                    _leave_no_side_files(source_name)
         result = IncrementalResult(
             path=point.info.path,
             kind=point.info.kind,
@@ -1112,6 +1115,31 @@ def incremental(
         return result
     finally:
         lock.release()
+
+
+def _leave_no_side_files(path: str) -> None:
+    """copy()'s rule (copy.py, _leave_no_side_files): a read-only connection
+    cannot checkpoint, so closing it on a WAL database leaves -wal and -shm
+    beside it.  They were not there before the run: a read-write connection
+    opened and closed now removes them -- only if it is the last one, as
+    SQLite decides under its own locks."""
+    if not files.header_is_wal(_header_of(path)):
+        return
+    if not any(os.path.lexists(p) for p in files.side_paths(path)):
+        return
+    try:
+        conn = _c.Connection(path, _c.SQLITE_OPEN_READWRITE)
+    except _c.Error:
+        return
+    try:
+        conn.execute("PRAGMA schema_version").fetchall()
+    except _c.Error:
+        pass
+    finally:
+        try:
+            conn.close()
+        except _c.Error:
+            pass
 
 
 def _page_size_of(conn: _c.Connection) -> int:

@@ -180,3 +180,24 @@ def test_timeout_bounds_the_whole_incremental_run(tmp_path):
     assert [n for n in os.listdir(folder) if not n.startswith(".")] == []
     inc.incremental(src, folder, timeout=60)  # a timeout long enough
     assert len(inc.list_points(folder)) == 1
+
+
+def test_incremental_leaves_no_wal_or_shm_beside_source(tmp_path):
+    src = tmp_path / "live.db"
+    db = sqlite3.connect(str(src))
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("CREATE TABLE t(x)")
+    db.execute("INSERT INTO t VALUES (1)")
+    db.commit()
+    db.close()
+    assert sorted(os.listdir(tmp_path)) == ["live.db"]
+    folder = tmp_path / "bk"
+    folder.mkdir()
+    inc.incremental(src, folder)
+    assert sorted(os.listdir(tmp_path)) == ["bk", "live.db"]
+    # side files that were there before are left alone (another connection's)
+    other = sqlite3.connect(str(src))
+    other.execute("SELECT count(*) FROM t").fetchall()
+    inc.incremental(src, folder)
+    assert os.path.exists(str(src) + "-wal")
+    other.close()
