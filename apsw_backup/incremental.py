@@ -288,7 +288,7 @@ def _read_point(path: str) -> _Point:
     index = _index_from_bytes(index_bytes)
     if index and (min(index) < 1 or max(index) > page_count):
         raise _damaged(path, "damaged (its index names a page it does not have)")
-    source = header[_HEADER.size : _HEADER.size + path_len].decode("utf-8", "replace")
+    source = os.fsdecode(header[_HEADER.size : _HEADER.size + path_len])
     name = _parse_name(path)
     info = RestorePoint(
         path=path,
@@ -349,7 +349,7 @@ def _point_source(path: str) -> str | None:
         return None
     finally:
         os.close(fd)
-    return os.path.abspath(raw.decode("utf-8", "replace"))
+    return os.path.abspath(os.fsdecode(raw))
 
 
 def _of_source(paths: list[str], source: str) -> list[str]:
@@ -679,7 +679,7 @@ def _final_name(folder: str, stem: str, kind: str, created: datetime) -> str:
 def _header(kind: str, page_size: int, data_offset: int, page_count: int,
             stored: int, created: datetime, sequence: int, wal: bool,
             source: str) -> bytes:  # fmt: skip
-    encoded = source.encode("utf-8")
+    encoded = os.fsencode(source)
     micros = int(created.timestamp() * 1_000_000)
     micros = (micros // 1_000_000) * 1_000_000 + created.microsecond
     head = _HEADER.pack(
@@ -690,7 +690,7 @@ def _header(kind: str, page_size: int, data_offset: int, page_count: int,
 
 
 def _data_offset(source: str) -> int:
-    need = _HEADER.size + len(source.encode("utf-8"))
+    need = _HEADER.size + len(os.fsencode(source))
     return (need + 4095) // 4096 * 4096
 
 
@@ -886,6 +886,7 @@ def _write_point(source: _c.Connection, source_name: str, folder: str, stem: str
     while any(os.path.lexists(_final_name(folder, stem, k, created)) for k in KINDS):
         created = created.replace(microsecond=(created.microsecond + 1) % 1_000_000)
         final = _final_name(folder, stem, kind, created)
+    _check_name_length(final, source_name)
     data_offset = _data_offset(source_name)
     new = files.NewFile(final)
     new.create()
@@ -921,6 +922,25 @@ def _write_point(source: _c.Connection, source_name: str, folder: str, stem: str
         raise
     counts = {k: int(outcome[k]) for k in ("writes", "unchanged", "unkept_reads")}
     return point, size, len(index), int(outcome["restarts"]), counts
+
+
+def _check_name_length(final: str, source_name: str) -> None:
+    """Refuse a restore point name longer than the folder's file system
+    allows (its file name is SOURCE's stem plus a 36-byte time and kind)."""
+    folder, name = os.path.split(final)
+    try:
+        limit = os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    size = len(os.fsencode(name))
+    if size > limit:
+        raise ValueError(
+            f"the restore point's file name would be {size} bytes long, more "
+            f"than the {limit} bytes a file name may have in {folder!r} "
+            f"(ENAMETOOLONG): it is SOURCE's name {os.path.basename(source_name)!r} "
+            "plus its time and kind. Back up a copy or a link of SOURCE with a "
+            "shorter name"
+        )
 
 
 def _recording_problem(outcome: dict[str, Any], page_size: int) -> str:
@@ -1048,6 +1068,7 @@ def incremental(
                     f"the source database {source_name!r} does not exist"
                 )
             side_existed = any(map(os.path.lexists, files.side_paths(source_name)))
+            _check_wal_readable(source_name)
             conn = _c.Connection(source_name, _c.SQLITE_OPEN_READONLY)
         else:
             conn = source  # type: ignore[assignment]
@@ -1115,6 +1136,35 @@ def incremental(
         return result
     finally:
         lock.release()
+
+
+def _check_wal_readable(path: str) -> None:
+    """A WAL database without its -shm is read by creating the -shm beside
+    it: in a folder that cannot be written to (a read-only file system, or
+    no write permission) SQLite could only say "unable to open database
+    file"; say why, and what to do, before trying."""
+    if not files.header_is_wal(_header_of(path)):
+        return
+    if os.path.lexists(path + "-shm"):
+        return
+    folder = os.path.dirname(path)
+    read_only = False
+    try:
+        read_only = bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except (OSError, AttributeError):
+        pass
+    if read_only or not os.access(folder, os.W_OK):
+        cause = (
+            "its file system is read-only (EROFS)"
+            if read_only
+            else "this user may not write to it (EACCES)"
+        )
+        raise IncrementalError(
+            f"the source database {path!r} is in WAL mode, and reading it "
+            f"needs its -shm file created in {folder!r}, but {cause}: mount "
+            "it read-write, run as a user who may write there, or back up a "
+            "copy of the database",
+        )
 
 
 def _leave_no_side_files(path: str) -> None:

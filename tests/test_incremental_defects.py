@@ -201,3 +201,54 @@ def test_incremental_leaves_no_wal_or_shm_beside_source(tmp_path):
     inc.incremental(src, folder)
     assert os.path.exists(str(src) + "-wal")
     other.close()
+
+
+def test_a_source_name_that_is_not_utf8(tmp_path):
+    src = os.path.join(os.fsencode(tmp_path), b"\xff.db")
+    db = sqlite3.connect(src)
+    db.execute("CREATE TABLE t(x)")
+    db.commit()
+    db.close()
+    folder = tmp_path / "bk"
+    folder.mkdir()
+    first = inc.incremental(os.fsdecode(src), folder)
+    assert inc._read_point(first.path).info.source == os.fsdecode(src)
+    second = inc.incremental(os.fsdecode(src), folder)
+    assert second.kind == "delta"  # the chain is recognised as its source's
+
+
+def test_a_restore_point_name_too_long_is_refused_naming_source(tmp_path):
+    src = make_db(tmp_path / ("c" * 225 + ".db"), rows=5)
+    folder = tmp_path / "bk"
+    folder.mkdir()
+    with pytest.raises(ValueError, match="SOURCE's name .* shorter name"):
+        inc.incremental(src, folder)
+    assert os.listdir(folder) == []
+
+
+def test_a_wal_source_on_a_read_only_file_system(tmp_path):
+    from cli_helpers import can_mount, in_mount
+
+    if not can_mount(tmp_path):
+        pytest.skip("cannot mount a tmpfs in a private mount namespace here")
+    made = tmp_path / "made.db"
+    db = sqlite3.connect(str(made))
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("CREATE TABLE t(x)")
+    db.commit()
+    db.close()
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    bk = tmp_path / "bk"
+    bk.mkdir()
+    source = folder / "w.db"
+    proc = in_mount(
+        folder,
+        "size=1m",
+        ["--incremental", source, bk],
+        setup=f"cp {made} {source}",
+        remount="ro",
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert "in WAL mode" in proc.stderr and "(EROFS)" in proc.stderr
+    assert "unable to open database file" not in proc.stderr
