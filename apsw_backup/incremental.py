@@ -1352,6 +1352,8 @@ def restore(
             f"DEST {target!r} exists: pass overwrite=True (--overwrite) to "
             "replace its content through SQLite's own transaction"
         )
+    if exists:
+        _check_dest_is_a_database(target)
     if _parse_name(point) is None and not point.endswith(SUFFIX):
         return _restore_plain(point, target, exists, keep_wal, timeout, progress)
     chain = _chain_to(point, os.path.dirname(point))
@@ -1368,6 +1370,23 @@ def restore(
         writers_held=0.0,
         wal_growth=0,
     )
+
+
+def _check_dest_is_a_database(target: str) -> None:
+    """--overwrite replaces a database's content: an existing DEST that is
+    not an SQLite database (a text file, a typo) is refused, named."""
+    if not os.path.isfile(target):
+        raise ValueError(
+            f"DEST {target!r} exists and is not a regular file: give the path "
+            "of a database file"
+        )
+    header = files.read_header(target, 16)
+    if header and header != b"SQLite format 3\0":
+        raise ValueError(
+            f"DEST {target!r} exists and is not an SQLite database (it does not "
+            "start with the SQLite header): overwrite replaces a database's "
+            "content. Check the name, or move the file away first"
+        )
 
 
 def _check_not_side_file(point: str, target: str) -> None:

@@ -252,3 +252,49 @@ def test_a_wal_source_on_a_read_only_file_system(tmp_path):
     assert proc.returncode == 1, proc.stderr
     assert "in WAL mode" in proc.stderr and "(EROFS)" in proc.stderr
     assert "unable to open database file" not in proc.stderr
+
+
+def test_restore_overwrite_refuses_a_dest_that_is_not_a_database(tmp_path):
+    src = make_db(tmp_path / "app.db", rows=5)
+    folder = tmp_path / "bk"
+    folder.mkdir()
+    inc.incremental(src, folder)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("notes, not a database\n")
+    with pytest.raises(ValueError, match="notes.txt' exists and is not an SQLite"):
+        inc.restore(folder, notes, overwrite=True)
+    assert notes.read_text() == "notes, not a database\n"
+
+
+def test_restore_busy_message_names_dest_in_the_commands_words(tmp_path):
+    src = make_db(tmp_path / "app.db", rows=5)
+    folder = tmp_path / "bk"
+    folder.mkdir()
+    inc.incremental(src, folder)
+    live = tmp_path / "live.db"
+    make_db(live, rows=3)
+    locker = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sqlite3, sys, time\n"
+            f"c = sqlite3.connect({str(live)!r}, isolation_level=None)\n"
+            "c.execute('BEGIN EXCLUSIVE'); print('locked', flush=True)\n"
+            "time.sleep(20)\n",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert locker.stdout.readline().strip() == "locked"
+        proc = run_cli(
+            "restore", "--overwrite", "--timeout", "0.3", folder, live,
+            stderr=subprocess.PIPE,
+        )  # fmt: skip
+    finally:
+        locker.kill()
+        locker.wait(timeout=10)
+    said = proc.stderr.decode()
+    assert proc.returncode == 1, said
+    assert str(live) in said and "--timeout" in said
+    assert "copy()" not in said and "None" not in said

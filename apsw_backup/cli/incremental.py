@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -270,15 +271,18 @@ def _restore(args: argparse.Namespace, interrupts: Interrupts) -> int:
         interrupts.check()
 
     interrupts.check()
-    result = inc.restore(
-        args.backup,
-        args.dest,
-        at=args.at,
-        overwrite=args.overwrite,
-        keep_wal=args.keep_wal,
-        timeout=args.timeout,
-        progress=progress,
-    )
+    try:
+        result = inc.restore(
+            args.backup,
+            args.dest,
+            at=args.at,
+            overwrite=args.overwrite,
+            keep_wal=args.keep_wal,
+            timeout=args.timeout,
+            progress=progress,
+        )
+    except apsw_backup.Error as exc:
+        raise Failure(EXIT_ERROR, _restore_failed(args.dest, exc), exc) from exc
     if args.json:
         _print({"ok": True, "exit_code": EXIT_OK, **vars(result)})
     else:
@@ -293,6 +297,17 @@ def _restore(args: argparse.Namespace, interrupts: Interrupts) -> int:
             f"in {result.elapsed:.2f} s{held}"
         )
     return EXIT_OK
+
+
+def _restore_failed(dest: str, exc: BaseException) -> str:
+    """An SQLite error of restore in the command's words: DEST named, the
+    library's names (copy(), timeout=, None) as the options of the command."""
+    text = str(exc)
+    text = text.replace("copy() gave up", "the restore gave up")
+    text = re.sub(r"\(timeout=([0-9.]+) s\)", r"(--timeout \1)", text)
+    text = text.replace("with a longer timeout (or None)", "with a longer --timeout")
+    text = text.replace("the target", "DEST")
+    return f"restore into DEST {dest!r} failed: {text}"
 
 
 def _list(args: argparse.Namespace) -> int:
