@@ -800,12 +800,13 @@ class _RunOptions:
 class DeadlineError(IncrementalError):
     """The run's timeout passed before the restore point was complete."""
 
-    def __init__(self, opts: _RunOptions, doing: str) -> None:
+    def __init__(self, opts: _RunOptions, doing: str, detail: str = "") -> None:
+        why = f" ({detail.rstrip('.')})" if detail else ""
         super().__init__(
             f"the incremental backup gave up after "
             f"{time.monotonic() - opts.started:.2f} s while {doing}: its "
-            f"timeout ({opts.timeout:g} s) passed, and nothing was kept. To "
-            "finish it: retry with a longer timeout (--timeout), or none"
+            f"timeout ({opts.timeout:g} s) passed, and nothing was kept{why}. "
+            "To finish it: retry with a longer timeout (--timeout), or none"
         )
 
 
@@ -838,14 +839,14 @@ class _Recording:
                     pages=opts.pages
                     if opts.timeout is None or opts.pages > 0
                     else TIMED_STEP_PAGES,
-                    timeout=opts.left(),
-                    progress=_checking(opts),
+                    timeout=opts.left(),  # copy()'s deadline: the run's
+                    progress=opts.progress,
                 )
             except DeadlineError:
                 raise
             except _c.Error as exc:
                 if opts.expired():  # copy()'s deadline: the run's
-                    raise DeadlineError(opts, "copying the pages") from exc
+                    raise DeadlineError(opts, "copying the pages", str(exc)) from exc
                 # the shim's own failure (writing the restore point) is the
                 # cause to report, not SQLite's generic "disk I/O error"
                 why = _c._delta_result(self.capsule)
@@ -862,17 +863,6 @@ class _Recording:
             return outcome
         finally:
             _c._delta_close(self.capsule)
-
-
-def _checking(opts: _RunOptions) -> Callable[[int, int, int], Any]:
-    """copy()'s progress callback: the caller's, then the run's deadline."""
-
-    def step(status: int, remaining: int, total: int) -> None:
-        if opts.progress is not None:
-            opts.progress(status, remaining, total)
-        opts.check("copying the pages")
-
-    return step
 
 
 def _write_point(source: _c.Connection, source_name: str, folder: str, stem: str,

@@ -266,6 +266,33 @@ def test_restore_overwrite_refuses_a_dest_that_is_not_a_database(tmp_path):
     assert notes.read_text() == "notes, not a database\n"
 
 
+def locked(path):
+    """A process holding an exclusive lock on path (killed by the caller)."""
+    locker = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sqlite3, sys, time\n"
+            f"c = sqlite3.connect({str(path)!r}, isolation_level=None)\n"
+            "c.execute('BEGIN EXCLUSIVE'); print('locked', flush=True)\n"
+            "time.sleep(20)\n",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert locker.stdout.readline().strip() == "locked"
+    return locker
+
+
+def run_locked(path, *argv):
+    locker = locked(path)
+    try:
+        return run_cli(*argv, stderr=subprocess.PIPE)
+    finally:
+        locker.kill()
+        locker.wait(timeout=10)
+
+
 def test_restore_busy_message_names_dest_in_the_commands_words(tmp_path):
     src = make_db(tmp_path / "app.db", rows=5)
     folder = tmp_path / "bk"
@@ -273,28 +300,20 @@ def test_restore_busy_message_names_dest_in_the_commands_words(tmp_path):
     inc.incremental(src, folder)
     live = tmp_path / "live.db"
     make_db(live, rows=3)
-    locker = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import sqlite3, sys, time\n"
-            f"c = sqlite3.connect({str(live)!r}, isolation_level=None)\n"
-            "c.execute('BEGIN EXCLUSIVE'); print('locked', flush=True)\n"
-            "time.sleep(20)\n",
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert locker.stdout.readline().strip() == "locked"
-        proc = run_cli(
-            "restore", "--overwrite", "--timeout", "0.3", folder, live,
-            stderr=subprocess.PIPE,
-        )  # fmt: skip
-    finally:
-        locker.kill()
-        locker.wait(timeout=10)
+    proc = run_locked(live, "restore", "--overwrite", "--timeout", "0.3", folder, live)
     said = proc.stderr.decode()
     assert proc.returncode == 1, said
     assert str(live) in said and "--timeout" in said
     assert "copy()" not in said and "None" not in said
+
+
+def test_incremental_busy_source_message_has_cause_and_cure(tmp_path):
+    src = make_db(tmp_path / "app.db", rows=5)
+    folder = tmp_path / "bk"
+    folder.mkdir()
+    proc = run_locked(src, "--incremental", "--timeout", "0.3", src, folder)
+    said = proc.stderr.decode()
+    assert proc.returncode == 1, said
+    assert "locked by another connection" in said and "--timeout" in said
+    assert "copy()" not in said and "None" not in said and "Error:" not in said
+    assert inc.list_points(folder) == []

@@ -77,7 +77,7 @@ def run(argv: Sequence[str], interrupts: Interrupts) -> int:
     except inc.BrokenChainError as exc:
         return failed(EXIT_VERIFY, str(exc), exc, path=exc.path)
     except inc.IncrementalError as exc:
-        return failed(EXIT_ERROR, str(exc), exc)
+        return failed(EXIT_ERROR, _sqlite_message(exc), exc)
     except ValueError as exc:
         return failed(EXIT_USAGE, str(exc), exc)
     except files.StaleSideFileError as exc:  # a refusal: nothing written
@@ -92,10 +92,17 @@ def run(argv: Sequence[str], interrupts: Interrupts) -> int:
         return failed(EXIT_ERROR, _sqlite_message(exc), exc)
 
 
-def _sqlite_message(exc: apsw_backup.Error) -> str:
+def _sqlite_message(exc: Exception) -> str:
     """An SQLite error in words: its message (cause and cure), without the
-    Python class name in front."""
-    return str(exc)
+    Python class name in front, the library's names as the command's."""
+    return _command_words(str(exc)).replace("copy() gave up", "the backup gave up")
+
+
+def _command_words(text: str) -> str:
+    """copy()'s message with the library's names (timeout=, None) as the
+    command's options."""
+    text = re.sub(r"\(timeout=([0-9.]+) s\)", r"(--timeout \1)", text)
+    return text.replace("with a longer timeout (or None)", "with a longer --timeout")
 
 
 def _error_object(message: str, exc: BaseException | None) -> dict[str, Any]:
@@ -302,10 +309,7 @@ def _restore(args: argparse.Namespace, interrupts: Interrupts) -> int:
 def _restore_failed(dest: str, exc: BaseException) -> str:
     """An SQLite error of restore in the command's words: DEST named, the
     library's names (copy(), timeout=, None) as the options of the command."""
-    text = str(exc)
-    text = text.replace("copy() gave up", "the restore gave up")
-    text = re.sub(r"\(timeout=([0-9.]+) s\)", r"(--timeout \1)", text)
-    text = text.replace("with a longer timeout (or None)", "with a longer --timeout")
+    text = _command_words(str(exc)).replace("copy() gave up", "the restore gave up")
     text = text.replace("the target", "DEST")
     return f"restore into DEST {dest!r} failed: {text}"
 
