@@ -1344,6 +1344,8 @@ def restore(
         )
     if exists:
         _check_dest_is_a_database(target)
+    else:  # the plain backup's rule, in restore's words (DEST)
+        files.check_no_stale_side_files(target, role="DEST")
     if _parse_name(point) is None and not point.endswith(SUFFIX):
         return _restore_plain(point, target, exists, keep_wal, timeout, progress)
     chain = _chain_to(point, os.path.dirname(point))

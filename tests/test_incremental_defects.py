@@ -317,3 +317,17 @@ def test_incremental_busy_source_message_has_cause_and_cure(tmp_path):
     assert "locked by another connection" in said and "--timeout" in said
     assert "copy()" not in said and "None" not in said and "Error:" not in said
     assert inc.list_points(folder) == []
+
+
+def test_restore_refuses_a_new_dest_with_a_stale_journal_naming_dest(tmp_path):
+    src = make_db(tmp_path / "app.db", rows=5)
+    folder = tmp_path / "bk"
+    folder.mkdir()
+    inc.incremental(src, folder)
+    (tmp_path / "r.db-journal").write_bytes(b"x" * 512)
+    proc = run_cli("restore", folder, tmp_path / "r.db", stderr=subprocess.PIPE)
+    said = proc.stderr.decode()
+    assert proc.returncode == 2, said
+    assert "the new DEST" in said and "r.db-journal" in said
+    assert "choose another DEST" in said
+    assert not (tmp_path / "r.db").exists()
