@@ -159,6 +159,8 @@ class ChainReport:
     # the files the problems name, in the same order (damaged, or not
     # following the point before them)
     at_fault: list[str] = dataclasses.field(default_factory=list)
+    # the database the points were made from (None: no header readable)
+    source: str | None = None
 
 
 # -- reading a point -------------------------------------------------------
@@ -1695,11 +1697,11 @@ def verify_folder(folder: str | os.PathLike[str]) -> list[ChainReport]:
     folder = os.path.abspath(os.fspath(folder))
     reports = []
     groups = [
-        (stem, group)
+        (stem, source, group)
         for stem, paths in sorted(_stems(folder).items())
-        for _, group in sorted(_by_source(paths).items(), key=repr)
+        for source, group in sorted(_by_source(paths).items(), key=repr)
     ]
-    for stem, paths in groups:
+    for stem, source, paths in groups:
         chains, problems, _ = _chains(paths)
         for chain in chains:
             try:
@@ -1713,6 +1715,7 @@ def verify_folder(folder: str | os.PathLike[str]) -> list[ChainReport]:
                 ok=not problems,
                 problems=[str(p) for p in problems],
                 at_fault=[p.path or "" for p in problems],
+                source=source,
             )
         )
     return reports

@@ -331,3 +331,23 @@ def test_restore_refuses_a_new_dest_with_a_stale_journal_naming_dest(tmp_path):
     assert "the new DEST" in said and "r.db-journal" in said
     assert "choose another DEST" in said
     assert not (tmp_path / "r.db").exists()
+
+
+def test_list_and_verify_say_which_source_points_are_of(tmp_path, capsys):
+    from apsw_backup.cli import main
+
+    (tmp_path / "s1").mkdir()
+    (tmp_path / "s2").mkdir()
+    s1 = make_db(tmp_path / "s1" / "app.db", rows=5)
+    s2 = make_db(tmp_path / "s2" / "app.db", rows=5)
+    folder = tmp_path / "bk"
+    folder.mkdir()
+    inc.incremental(s1, folder)
+    inc.incremental(s2, folder)
+    assert main(["list", "--json", str(folder)]) == 0
+    rows = json.loads(capsys.readouterr().out)["points"]
+    assert sorted(r["source"] for r in rows) == sorted([str(s1), str(s2)])
+    assert main(["verify", str(folder)]) == 0
+    said = capsys.readouterr().err
+    assert f"app (of {s1}): 1 restore points, ok" in said
+    assert f"app (of {s2}): 1 restore points, ok" in said

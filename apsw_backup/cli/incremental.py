@@ -336,6 +336,7 @@ def _list(args: argparse.Namespace) -> int:
                 "sequence": p.sequence,
                 "root": p.root,
                 "parent_root": p.parent_root,
+                "source": p.source,
             }
         )
     if args.json:
@@ -380,7 +381,8 @@ def _verify(args: argparse.Namespace, interrupts: Interrupts) -> int:
     else:
         for r in reports:
             state = "ok" if r.ok else "BROKEN"
-            output.err(f"{r.stem}: {len(r.points)} restore points, {state}")
+            of = f" (of {r.source})" if r.source else ""
+            output.err(f"{r.stem}{of}: {len(r.points)} restore points, {state}")
             for problem in r.problems:
                 output.err(f"  {problem}")
     return code
