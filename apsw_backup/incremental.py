@@ -40,7 +40,7 @@ from typing import Any
 
 from apsw_backup import _apsw_backup as _c
 from apsw_backup import files
-from apsw_backup.copy import FLUSH_EVERY, copy
+from apsw_backup.copy import FLUSH_EVERY, _header_of, copy
 
 FORMAT_VERSION = 1
 MAGIC = b"APSWBKP\x00"
@@ -56,6 +56,8 @@ ZERO_HASH = bytes(HASH)
 # pages, created (microseconds since the epoch, UTC), sequence, flags,
 # length of the source path; then the path (UTF-8), then zeros up to the
 # data offset (a multiple of 4096).
+# pages a step of copy() when a timeout is given (as the command's --pages)
+TIMED_STEP_PAGES = 256
 _HEADER = struct.Struct(">8sIIIIQQqQIH")
 # trailer: magic, index offset, manifest offset, parent root, root,
 # checksum, end magic.
@@ -154,6 +156,11 @@ class ChainReport:
     points: list[str]
     ok: bool
     problems: list[str]
+    # the files the problems name, in the same order (damaged, or not
+    # following the point before them)
+    at_fault: list[str] = dataclasses.field(default_factory=list)
+    # the database the points were made from (None: no header readable)
+    source: str | None = None
 
 
 # -- reading a point -------------------------------------------------------
@@ -283,7 +290,7 @@ def _read_point(path: str) -> _Point:
     index = _index_from_bytes(index_bytes)
     if index and (min(index) < 1 or max(index) > page_count):
         raise _damaged(path, "damaged (its index names a page it does not have)")
-    source = header[_HEADER.size : _HEADER.size + path_len].decode("utf-8", "replace")
+    source = os.fsdecode(header[_HEADER.size : _HEADER.size + path_len])
     name = _parse_name(path)
     info = RestorePoint(
         path=path,
@@ -327,19 +334,63 @@ def _stems(folder: str) -> dict[str, list[str]]:
     return by_stem
 
 
-def _chains(paths: list[str]) -> tuple[list[list[_Point]], list[str], list[str]]:
+def _point_source(path: str) -> str | None:
+    """The source path a point's header records (absolute), or None when
+    its header cannot be read (verify and restore name what is wrong)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        head = _read_exact(fd, _HEADER.size, 0)
+        if len(head) < _HEADER.size or head[:8] != MAGIC:
+            return None
+        path_len = _HEADER.unpack(head)[-1]
+        raw = _read_exact(fd, path_len, _HEADER.size)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return os.path.abspath(os.fsdecode(raw))
+
+
+def _of_source(paths: list[str], source: str) -> list[str]:
+    """The points of paths made from source: two databases of the same
+    name (s1/app.db, s2/app.db) may share a folder, and each has its own
+    chains, its own --keep.  A point whose header cannot be read stays in
+    (it is reported as damaged, never deleted by rotation)."""
+    source = os.path.abspath(source)
+    return [p for p in paths if _point_source(p) in (source, None)]
+
+
+def _by_source(paths: list[str]) -> dict[str | None, list[str]]:
+    groups: dict[str | None, list[str]] = {}
+    for path in paths:
+        groups.setdefault(_point_source(path), []).append(path)
+    unknown = groups.pop(None, [])
+    if unknown and groups:
+        for source in groups:  # reported with every source's chains
+            groups[source] = sorted(groups[source] + unknown, key=paths.index)
+    elif unknown:
+        groups[None] = unknown
+    return groups
+
+
+def _chains(
+    paths: list[str],
+) -> tuple[list[list[_Point]], list[BrokenChainError], list[str]]:
     """The chains the points of one stem form, oldest first; the problems
     found; and the deltas a
     base of the same moment and root stands for (left by a merge or a
     rebase that was interrupted before it removed them)."""
     chains: list[list[_Point]] = []
-    problems: list[str] = []
+    problems: list[BrokenChainError] = []
     entries: list[_Point | None] = []
     for path in paths:
         try:
             entries.append(_read_point(path))
         except BrokenChainError as exc:
-            problems.append(str(exc))
+            problems.append(exc)
             entries.append(None)
     bases_at = {
         (p.info.created, p.root) for p in entries if p and p.info.kind == "base"
@@ -372,7 +423,7 @@ def _chains(paths: list[str]) -> tuple[list[list[_Point]], list[str], list[str]]
                 "removed, renamed or replaced); restore from a point before it, "
                 "or make a new base"
             )
-            problems.append(message)
+            problems.append(BrokenChainError(message, p.info.path))
             chains.append([])
             continue
         chains[-1].append(p)
@@ -410,12 +461,12 @@ def _chain_to(point_path: str, folder: str) -> list[_Point]:
             f"(<stem>-<UTC time>.base{SUFFIX} or .delta{SUFFIX})"
         )
     target = os.path.abspath(point_path)
+    chain = [_read_point(target)]
     older = [
         p
-        for p in _stems(folder).get(name["stem"], [])
+        for p in _of_source(_stems(folder).get(name["stem"], []), chain[0].info.source)
         if os.path.abspath(p) != target and _stamp(p) < name["stamp"]
     ]
-    chain = [_read_point(target)]
     twin = target[: -len(".delta" + SUFFIX)] + ".base" + SUFFIX
     if chain[0].info.kind == "delta" and os.path.exists(twin):
         base = _read_point(twin)  # an interrupted merge: the base stands for it
@@ -630,7 +681,7 @@ def _final_name(folder: str, stem: str, kind: str, created: datetime) -> str:
 def _header(kind: str, page_size: int, data_offset: int, page_count: int,
             stored: int, created: datetime, sequence: int, wal: bool,
             source: str) -> bytes:  # fmt: skip
-    encoded = source.encode("utf-8")
+    encoded = os.fsencode(source)
     micros = int(created.timestamp() * 1_000_000)
     micros = (micros // 1_000_000) * 1_000_000 + created.microsecond
     head = _HEADER.pack(
@@ -641,7 +692,7 @@ def _header(kind: str, page_size: int, data_offset: int, page_count: int,
 
 
 def _data_offset(source: str) -> int:
-    need = _HEADER.size + len(source.encode("utf-8"))
+    need = _HEADER.size + len(os.fsencode(source))
     return (need + 4095) // 4096 * 4096
 
 
@@ -701,6 +752,7 @@ def _read_back(
     index: Sequence[int],
     manifest: bytes,
     path: str,
+    opts: _RunOptions | None = None,
 ) -> None:
     """Re-read the stored pages from the disk and check them (the default
     verification of a restore point)."""
@@ -710,6 +762,8 @@ def _read_back(
         os.posix_fadvise(fd, data_offset, length, os.POSIX_FADV_DONTNEED)
     per_run = max(1, _READ_RUN // page_size)
     for start in range(0, len(index), per_run):
+        if opts is not None:
+            opts.check("reading the restore point back")
         chunk = index[start : start + per_run]
         data = _read_exact(fd, len(chunk) * page_size, data_offset + start * page_size)
         bad = _first_bad(data, page_size, chunk, manifest)
@@ -726,6 +780,36 @@ class _RunOptions:
     pages: int
     timeout: float | None
     progress: Any
+    started: float = dataclasses.field(default_factory=time.monotonic)
+
+    def left(self) -> float | None:
+        """Seconds left before the run's deadline (None: no timeout)."""
+        if self.timeout is None:
+            return None
+        return max(0.0, self.started + self.timeout - time.monotonic())
+
+    def expired(self) -> bool:
+        left = self.left()
+        return left is not None and left <= 0
+
+    def check(self, doing: str = "writing the restore point") -> None:
+        """IncrementalError once the deadline has passed: the timeout bounds
+        the whole run, not only the copy of the pages."""
+        if self.expired():
+            raise DeadlineError(self, doing)
+
+
+class DeadlineError(IncrementalError):
+    """The run's timeout passed before the restore point was complete."""
+
+    def __init__(self, opts: _RunOptions, doing: str, detail: str = "") -> None:
+        why = f" ({detail.rstrip('.')})" if detail else ""
+        super().__init__(
+            f"the incremental backup gave up after "
+            f"{time.monotonic() - opts.started:.2f} s while {doing}: its "
+            f"timeout ({opts.timeout:g} s) passed, and nothing was kept{why}. "
+            "To finish it: retry with a longer timeout (--timeout), or none"
+        )
 
 
 class _Recording:
@@ -752,11 +836,19 @@ class _Recording:
                 done = copy(
                     source,
                     dest,
-                    pages=opts.pages,
-                    timeout=opts.timeout,
+                    # with a timeout: steps, so that the deadline is seen
+                    # while the pages are read, not only once all are
+                    pages=opts.pages
+                    if opts.timeout is None or opts.pages > 0
+                    else TIMED_STEP_PAGES,
+                    timeout=opts.left(),  # copy()'s deadline: the run's
                     progress=opts.progress,
                 )
+            except DeadlineError:
+                raise
             except _c.Error as exc:
+                if opts.expired():  # copy()'s deadline: the run's
+                    raise DeadlineError(opts, "copying the pages", str(exc)) from exc
                 # the shim's own failure (writing the restore point) is the
                 # cause to report, not SQLite's generic "disk I/O error"
                 why = _c._delta_result(self.capsule)
@@ -786,6 +878,7 @@ def _write_point(source: _c.Connection, source_name: str, folder: str, stem: str
     while any(os.path.lexists(_final_name(folder, stem, k, created)) for k in KINDS):
         created = created.replace(microsecond=(created.microsecond + 1) % 1_000_000)
         final = _final_name(folder, stem, kind, created)
+    _check_name_length(final, source_name)
     data_offset = _data_offset(source_name)
     new = files.NewFile(final)
     new.create()
@@ -811,14 +904,35 @@ def _write_point(source: _c.Connection, source_name: str, folder: str, stem: str
         root, size = _finish_file(
             new.fd, header, index, manifest, parent_root, page_size
         )
-        _read_back(new.fd, data_offset, page_size, index, manifest, final)
+        opts.check("writing the restore point")
+        _read_back(new.fd, data_offset, page_size, index, manifest, final, opts)
         point = _read_written(new.path, final)
+        opts.check("reading the restore point back")
         new.publish()
     except BaseException:
         new.discard()
         raise
     counts = {k: int(outcome[k]) for k in ("writes", "unchanged", "unkept_reads")}
     return point, size, len(index), int(outcome["restarts"]), counts
+
+
+def _check_name_length(final: str, source_name: str) -> None:
+    """Refuse a restore point name longer than the folder's file system
+    allows (its file name is SOURCE's stem plus a 36-byte time and kind)."""
+    folder, name = os.path.split(final)
+    try:
+        limit = os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    size = len(os.fsencode(name))
+    if size > limit:
+        raise ValueError(
+            f"the restore point's file name would be {size} bytes long, more "
+            f"than the {limit} bytes a file name may have in {folder!r} "
+            f"(ENAMETOOLONG): it is SOURCE's name {os.path.basename(source_name)!r} "
+            "plus its time and kind. Back up a copy or a link of SOURCE with a "
+            "shorter name"
+        )
 
 
 def _recording_problem(outcome: dict[str, Any], page_size: int) -> str:
@@ -929,7 +1043,7 @@ def incremental(
     if keep is not None and (not isinstance(keep, int) or keep < 1):
         raise ValueError(f"keep must be an int >= 1 or None, not {keep!r}")
     started = time.monotonic()
-    opts = _RunOptions(pages, timeout, progress)
+    opts = _RunOptions(pages, timeout, progress, started)
     folder = os.path.abspath(os.fspath(folder))
     if not os.path.isdir(folder):
         raise FileNotFoundError(
@@ -945,6 +1059,8 @@ def incremental(
                 raise FileNotFoundError(
                     f"the source database {source_name!r} does not exist"
                 )
+            side_existed = any(map(os.path.lexists, files.side_paths(source_name)))
+            _check_wal_readable(source_name)
             conn = _c.Connection(source_name, _c.SQLITE_OPEN_READONLY)
         else:
             conn = source  # type: ignore[assignment]
@@ -955,7 +1071,7 @@ def incremental(
                 )
         try:
             stem = Path(source_name).stem
-            chain, reason = _usable_chain(folder, stem, source_name)
+            chain, reason = _usable_chain(folder, stem, source_name, opts)
             page_size = _page_size_of(conn)
             if chain and chain[-1].info.page_size != page_size:
                 chain, reason = [], f"the page size changed to {page_size}"
@@ -963,7 +1079,9 @@ def incremental(
                 chain, reason = [], f"the chain reached max_chain ({max_chain} deltas)"
             parent = chain[-1] if chain else None
             sequence = (
-                parent.info.sequence + 1 if parent else _next_sequence(folder, stem)
+                parent.info.sequence + 1
+                if parent
+                else _next_sequence(folder, stem, source_name)
             )
             try:
                 point, written, pages, restarts, counts = _write_point(
@@ -980,6 +1098,8 @@ def incremental(
         finally:
             if own:
                 conn.close()
+                if not side_existed:
+                    _leave_no_side_files(source_name)
         result = IncrementalResult(
             path=point.info.path,
             kind=point.info.kind,
@@ -1003,11 +1123,65 @@ def incremental(
                 result.bytes_written += base.info.size
                 result.chain_length = 1
         if keep is not None:
-            result.deleted, result.merged = _rotate(folder, stem, keep)
+            result.deleted, result.merged = _rotate(folder, stem, source_name, keep)
         result.elapsed = time.monotonic() - started
         return result
     finally:
         lock.release()
+
+
+def _check_wal_readable(path: str) -> None:
+    """A WAL database without its -shm is read by creating the -shm beside
+    it: in a folder that cannot be written to (a read-only file system, or
+    no write permission) SQLite could only say "unable to open database
+    file"; say why, and what to do, before trying."""
+    if not files.header_is_wal(_header_of(path)):
+        return
+    if os.path.lexists(path + "-shm"):
+        return
+    folder = os.path.dirname(path)
+    read_only = False
+    try:
+        read_only = bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except (OSError, AttributeError):
+        pass
+    if read_only or not os.access(folder, os.W_OK):
+        cause = (
+            "its file system is read-only (EROFS)"
+            if read_only
+            else "this user may not write to it (EACCES)"
+        )
+        raise IncrementalError(
+            f"the source database {path!r} is in WAL mode, and reading it "
+            f"needs its -shm file created in {folder!r}, but {cause}: mount "
+            "it read-write, run as a user who may write there, or back up a "
+            "copy of the database",
+        )
+
+
+def _leave_no_side_files(path: str) -> None:
+    """copy()'s rule (copy.py, _leave_no_side_files): a read-only connection
+    cannot checkpoint, so closing it on a WAL database leaves -wal and -shm
+    beside it.  They were not there before the run: a read-write connection
+    opened and closed now removes them -- only if it is the last one, as
+    SQLite decides under its own locks."""
+    if not files.header_is_wal(_header_of(path)):
+        return
+    if not any(os.path.lexists(p) for p in files.side_paths(path)):
+        return
+    try:
+        conn = _c.Connection(path, _c.SQLITE_OPEN_READWRITE)
+    except _c.Error:
+        return
+    try:
+        conn.execute("PRAGMA schema_version").fetchall()
+    except _c.Error:
+        pass
+    finally:
+        try:
+            conn.close()
+        except _c.Error:
+            pass
 
 
 def _page_size_of(conn: _c.Connection) -> int:
@@ -1045,9 +1219,9 @@ def _rebase_reason(chain: list[_Point], max_chain: int, share: float) -> str:
     return ""
 
 
-def _next_sequence(folder: str, stem: str) -> int:
+def _next_sequence(folder: str, stem: str, source: str) -> int:
     highest = -1
-    for path in _stems(folder).get(stem, []):
+    for path in _of_source(_stems(folder).get(stem, []), source):
         try:
             highest = max(highest, _read_point(path).info.sequence)
         except BrokenChainError:
@@ -1055,8 +1229,10 @@ def _next_sequence(folder: str, stem: str) -> int:
     return highest + 1
 
 
-def _usable_chain(folder: str, stem: str, source_name: str) -> tuple[list[_Point], str]:
-    paths = _stems(folder).get(stem, [])
+def _usable_chain(
+    folder: str, stem: str, source_name: str, opts: _RunOptions | None = None
+) -> tuple[list[_Point], str]:
+    paths = _of_source(_stems(folder).get(stem, []), source_name)
     if not paths:
         return [], "no restore point of this source yet"
     chains, problems, twins = _chains(paths)
@@ -1071,16 +1247,25 @@ def _usable_chain(folder: str, stem: str, source_name: str) -> tuple[list[_Point
     chain = chains[-1]
     if os.path.abspath(chain[0].info.source) != source_name:
         return [], f"the newest chain is of another source ({chain[0].info.source})"
+    try:
+        # Every page of the chain against its manifest before a delta is
+        # added on it: a delta on a damaged parent could never be restored.
+        # It reads the chain's files once (about the database's size).
+        _check_chain(chain, opts)
+    except BrokenChainError as exc:
+        return [], f"the newest chain is damaged, a new base instead: {exc}"
     return chain, ""
 
 
-def _rotate(folder: str, stem: str, keep: int) -> tuple[list[str], list[str]]:
+def _rotate(
+    folder: str, stem: str, source: str, keep: int
+) -> tuple[list[str], list[str]]:
     """Delete the oldest points of stem so that `keep` remain, never
     breaking a chain: whole older chains first, then the current chain's
     base merged into its first delta."""
     deleted: list[str] = []
     merged: list[str] = []
-    chains, _, _ = _chains(_stems(folder).get(stem, []))
+    chains, _, _ = _chains(_of_source(_stems(folder).get(stem, []), source))
     total = sum(len(c) for c in chains)
     while total > keep and len(chains) > 1:
         oldest = chains.pop(0)
@@ -1152,12 +1337,17 @@ def restore(
         raise IsADirectoryError(
             f"DEST {target!r} is a folder: give the path of a database file"
         )
+    _check_not_side_file(point, target)
     exists = os.path.lexists(target)
     if exists and not overwrite:
         raise FileExistsError(
             f"DEST {target!r} exists: pass overwrite=True (--overwrite) to "
             "replace its content through SQLite's own transaction"
         )
+    if exists:
+        _check_dest_is_a_database(target)
+    else:  # the plain backup's rule, in restore's words (DEST)
+        files.check_no_stale_side_files(target, role="DEST")
     if _parse_name(point) is None and not point.endswith(SUFFIX):
         return _restore_plain(point, target, exists, keep_wal, timeout, progress)
     chain = _chain_to(point, os.path.dirname(point))
@@ -1174,6 +1364,39 @@ def restore(
         writers_held=0.0,
         wal_growth=0,
     )
+
+
+def _check_dest_is_a_database(target: str) -> None:
+    """--overwrite replaces a database's content: an existing DEST that is
+    not an SQLite database (a text file, a typo) is refused, named."""
+    if not os.path.isfile(target):
+        raise ValueError(
+            f"DEST {target!r} exists and is not a regular file: give the path "
+            "of a database file"
+        )
+    header = files.read_header(target, 16)
+    if header and header != b"SQLite format 3\0":
+        raise ValueError(
+            f"DEST {target!r} exists and is not an SQLite database (it does not "
+            "start with the SQLite header): overwrite replaces a database's "
+            "content. Check the name, or move the file away first"
+        )
+
+
+def _check_not_side_file(point: str, target: str) -> None:
+    """The plain backup's rules for DEST (files.py): not the backup's own
+    file nor one of its side files, and not named as another database's
+    side file (other.db-wal): opening that database would take the restored
+    copy for part of it, or delete it."""
+    files.check_distinct(point, target)
+    for suffix in files.SIDE_FILES:
+        owner = target[: -len(suffix)]
+        if target.endswith(suffix) and os.path.isfile(owner):
+            raise ValueError(
+                f"DEST {target!r} is the {suffix} file name of the database "
+                f"{owner!r}: SQLite would take the restored copy for part of "
+                "that database, or delete it. Choose another DEST"
+            )
 
 
 def _restore_plain(
@@ -1473,19 +1696,26 @@ def verify_folder(folder: str | os.PathLike[str]) -> list[ChainReport]:
     every unstored page's hash against its parent's, and each link."""
     folder = os.path.abspath(os.fspath(folder))
     reports = []
-    for stem, paths in sorted(_stems(folder).items()):
+    groups = [
+        (stem, source, group)
+        for stem, paths in sorted(_stems(folder).items())
+        for source, group in sorted(_by_source(paths).items(), key=repr)
+    ]
+    for stem, source, paths in groups:
         chains, problems, _ = _chains(paths)
         for chain in chains:
             try:
                 _check_chain(chain)
             except BrokenChainError as exc:
-                problems.append(str(exc))
+                problems.append(exc)
         reports.append(
             ChainReport(
                 stem=stem,
                 points=paths,
                 ok=not problems,
-                problems=problems,
+                problems=[str(p) for p in problems],
+                at_fault=[p.path or "" for p in problems],
+                source=source,
             )
         )
     return reports
@@ -1501,13 +1731,21 @@ def verify_point(point: str | os.PathLike[str]) -> ChainReport:
         chain = _chain_to(path, os.path.dirname(path))
         _check_chain(chain)
     except BrokenChainError as exc:
-        return ChainReport(stem=stem, points=[path], ok=False, problems=[str(exc)])
+        return ChainReport(
+            stem=stem,
+            points=[path],
+            ok=False,
+            problems=[str(exc)],
+            at_fault=[exc.path or path],
+        )
     return ChainReport(
         stem=stem, points=[p.info.path for p in chain], ok=True, problems=[]
     )
 
 
-def _verify_pages(point: _Point, parent: _Point | None) -> None:
+def _verify_pages(
+    point: _Point, parent: _Point | None, opts: _RunOptions | None = None
+) -> None:
     """Every stored page of point against its manifest, every unstored one's
     hash against its parent's: BrokenChainError naming the file."""
     P = point.info.page_size
@@ -1521,6 +1759,8 @@ def _verify_pages(point: _Point, parent: _Point | None) -> None:
     try:
         per_run = max(1, _READ_RUN // P)
         for start in range(0, len(point.index), per_run):
+            if opts is not None:
+                opts.check("checking the chain the new point extends")
             chunk = point.index[start : start + per_run]
             data = _read_exact(fd, len(chunk) * P, point.offset_of(start))
             bad = _first_bad(data, P, chunk, manifest)
@@ -1565,8 +1805,8 @@ def _first_difference(a: bytes | bytearray, b: bytes | bytearray) -> int:
     return 0
 
 
-def _check_chain(chain: list[_Point]) -> None:
+def _check_chain(chain: list[_Point], opts: _RunOptions | None = None) -> None:
     for i, point in enumerate(chain):
-        _verify_pages(point, chain[i - 1] if i else None)
+        _verify_pages(point, chain[i - 1] if i else None, opts)
         if i:
             chain[i - 1].drop()  # only the tip's is needed afterwards

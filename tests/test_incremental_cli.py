@@ -71,7 +71,7 @@ def test_restore_at_a_time_picks_the_point_then(points, tmp_path, capsys):
     code, out = run_json(
         capsys, "restore", str(folder), str(tmp_path / "x.db"), "--at", "2001-01-01"
     )
-    assert code == 2 and "at or before" in out["error"]
+    assert code == 2 and "at or before" in out["error"]["message"]
 
 
 def test_restore_refuses_an_existing_dest_without_overwrite(points, tmp_path, capsys):
@@ -79,7 +79,7 @@ def test_restore_refuses_an_existing_dest_without_overwrite(points, tmp_path, ca
     dest = make_source(tmp_path / "live.db", rows=3)
     before = open(dest, "rb").read()
     code, out = run_json(capsys, "restore", str(folder), dest)
-    assert code == 2 and "--overwrite" in out["error"]
+    assert code == 2 and "--overwrite" in out["error"]["message"]
     assert open(dest, "rb").read() == before
     code, out = run_json(capsys, "restore", str(folder), dest, "--overwrite")
     assert code == 0 and out["overwrote"] and out["writers_held"] > 0
@@ -122,7 +122,9 @@ def test_restore_of_a_broken_chain_exits_3_naming_the_file(points, tmp_path, cap
     _, folder, paths = points
     os.truncate(paths[1], os.path.getsize(paths[1]) - 1)
     code, out = run_json(capsys, "restore", str(folder), str(tmp_path / "r.db"))
-    assert code == 3 and out["path"] == paths[1] and "truncated" in out["error"]
+    assert (
+        code == 3 and out["path"] == paths[1] and "truncated" in out["error"]["message"]
+    )
     assert not (tmp_path / "r.db").exists()
 
 
@@ -140,7 +142,10 @@ def test_os_errors_name_the_file_and_the_cause(points, tmp_path, capsys):
     missing = tmp_path / "no-such-folder" / "r.db"
     code, out = run_json(capsys, "restore", str(folder), str(missing))
     assert code == 1
-    assert "no-such-folder" in out["error"] and "ENOENT" in out["error"]
+    assert (
+        "no-such-folder" in out["error"]["message"]
+        and "ENOENT" in out["error"]["message"]
+    )
 
 
 def test_keep_counts_points_and_merges_rather_than_break_a_chain(tmp_path, capsys):
@@ -172,7 +177,7 @@ def test_restore_takes_a_plain_backup_file_too(tmp_path, capsys):
     junk = tmp_path / "notes.txt"
     junk.write_text("not a database at all, but long enough " * 5)
     code, out = run_json(capsys, "restore", str(junk), str(tmp_path / "x.db"))
-    assert code == 2 and "nor an SQLite database" in out["error"]
+    assert code == 2 and "nor an SQLite database" in out["error"]["message"]
     assert not (tmp_path / "x.db").exists()
 
 

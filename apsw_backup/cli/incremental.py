@@ -16,13 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
+import re
 from collections.abc import Sequence
 from typing import Any
 
 import apsw_backup
 from apsw_backup import files
 from apsw_backup import incremental as inc
+from apsw_backup.cli import output
 from apsw_backup.cli.arguments import _count_arg, _Exit, _Parser, _seconds
 from apsw_backup.cli.errors import (
     EXIT_ERROR,
@@ -50,48 +51,93 @@ def wants(argv: Sequence[str]) -> bool:
 
 def run(argv: Sequence[str], interrupts: Interrupts) -> int:
     as_json = "--json" in argv
+    verify = argv[:1] == ["verify"]
+
+    def failed(code: int, message: str, exc: BaseException | None, **extra: Any) -> int:
+        if verify:  # verify --json: the same keys in every outcome
+            extra = {"path": None, "files": [], "chains": [], **extra}
+        return _failed(code, message, as_json, exc, **extra)
+
     try:
         if argv[0] == "restore":
             return _restore(_parse_restore(argv[1:]), interrupts)
         if argv[0] == "list":
             return _list(_parse_list(argv[1:]))
-        if argv[0] == "verify":
+        if verify:
             return _verify(_parse_verify(argv[1:]), interrupts)
         return _incremental(_parse_incremental(argv), interrupts)
     except _Exit as done:  # --help
         return done.code
     except Failure as failure:
-        return _failed(failure.code, failure.message, as_json)
+        return failed(failure.code, failure.message, failure.error)
     except Interrupted as stop:
-        return _failed(
-            128 + stop.signum, "interrupted: nothing was kept or put in place", as_json
+        return failed(
+            128 + stop.signum, "interrupted: nothing was kept or put in place", stop
         )
     except inc.BrokenChainError as exc:
-        return _failed(EXIT_VERIFY, str(exc), as_json, path=exc.path)
+        return failed(EXIT_VERIFY, str(exc), exc, path=exc.path)
     except inc.IncrementalError as exc:
-        return _failed(EXIT_ERROR, str(exc), as_json)
+        return failed(EXIT_ERROR, _sqlite_message(exc), exc)
     except ValueError as exc:
-        return _failed(EXIT_USAGE, str(exc), as_json)
+        return failed(EXIT_USAGE, str(exc), exc)
+    except files.StaleSideFileError as exc:  # a refusal: nothing written
+        return failed(EXIT_USAGE, str(exc), exc)
     except OSError as exc:
         if exc.errno is None:  # ours: a refusal whose message says it all
-            return _failed(EXIT_USAGE, str(exc), as_json)
+            return failed(EXIT_USAGE, str(exc), exc)
         # the OS's: name the file, the cause and the cure
         where = f"{exc.filename!r} " if exc.filename else ""
-        return _failed(EXIT_ERROR, f"{where}{files.os_cause(exc)}", as_json)
+        return failed(EXIT_ERROR, f"{where}{files.os_cause(exc)}", exc)
     except apsw_backup.Error as exc:
-        return _failed(EXIT_ERROR, f"{type(exc).__name__}: {exc}", as_json)
+        return failed(EXIT_ERROR, _sqlite_message(exc), exc)
 
 
-def _failed(code: int, message: str, as_json: bool, **extra: Any) -> int:
+def _sqlite_message(exc: Exception) -> str:
+    """An SQLite error in words: its message (cause and cure), without the
+    Python class name in front, the library's names as the command's."""
+    return _command_words(str(exc)).replace("copy() gave up", "the backup gave up")
+
+
+def _command_words(text: str) -> str:
+    """copy()'s message with the library's names (timeout=, None) as the
+    command's options."""
+    text = re.sub(r"\(timeout=([0-9.]+) s\)", r"(--timeout \1)", text)
+    return text.replace("with a longer timeout (or None)", "with a longer --timeout")
+
+
+def _error_object(message: str, exc: BaseException | None) -> dict[str, Any]:
+    """The --json "error" object, with the keys of the plain command's
+    (output.ERROR_KEYS; docs/cli.md)."""
+    number = getattr(exc, "errno", None)
+    result = getattr(exc, "result", None)
+    extended = getattr(exc, "extendedresult", None)
+    return {
+        "class": type(exc).__name__ if exc is not None else "UsageError",
+        "message": message,
+        "result": result if isinstance(result, int) else None,
+        "extendedresult": extended if isinstance(extended, int) else None,
+        "errno": number if isinstance(number, int) else None,
+    }
+
+
+def _failed(
+    code: int,
+    message: str,
+    as_json: bool,
+    exc: BaseException | None = None,
+    **extra: Any,
+) -> int:
     if as_json:
-        _print({"ok": False, "exit_code": code, "error": message, **extra})
-    print(f"{PROG}: {message}", file=sys.stderr)
+        error = _error_object(message, exc)
+        _print({"ok": False, "exit_code": code, "error": error, **extra})
+    output.err(f"{PROG}: {message}")
     return code
 
 
 def _print(obj: dict[str, Any]) -> None:
-    print(json.dumps(obj, default=str))
-    sys.stdout.flush()
+    # Through output.py: a reader gone or a closed stream never changes the
+    # exit code (docs/cli.md#exit-codes).
+    output.out(json.dumps(obj, default=str))
 
 
 # -- parsers ---------------------------------------------------------------
@@ -215,16 +261,15 @@ def _incremental(args: argparse.Namespace, interrupts: Interrupts) -> int:
         _print({"ok": True, "exit_code": EXIT_OK, **vars(result)})
     else:
         why = f" ({result.reason})" if result.reason else ""
-        print(
+        output.err(
             f"{result.kind} {result.path}: {result.pages_written} of "
             f"{result.page_count} pages, {result.bytes_written} bytes written "
-            f"in {result.elapsed:.2f} s; chain of {result.chain_length}{why}",
-            file=sys.stderr,
+            f"in {result.elapsed:.2f} s; chain of {result.chain_length}{why}"
         )
         for path in result.deleted:
-            print(f"deleted {path}", file=sys.stderr)
+            output.err(f"deleted {path}")
         for path in result.merged:
-            print(f"merged {path} into a new base", file=sys.stderr)
+            output.err(f"merged {path} into a new base")
     return EXIT_OK
 
 
@@ -233,15 +278,18 @@ def _restore(args: argparse.Namespace, interrupts: Interrupts) -> int:
         interrupts.check()
 
     interrupts.check()
-    result = inc.restore(
-        args.backup,
-        args.dest,
-        at=args.at,
-        overwrite=args.overwrite,
-        keep_wal=args.keep_wal,
-        timeout=args.timeout,
-        progress=progress,
-    )
+    try:
+        result = inc.restore(
+            args.backup,
+            args.dest,
+            at=args.at,
+            overwrite=args.overwrite,
+            keep_wal=args.keep_wal,
+            timeout=args.timeout,
+            progress=progress,
+        )
+    except apsw_backup.Error as exc:
+        raise Failure(EXIT_ERROR, _restore_failed(args.dest, exc), exc) from exc
     if args.json:
         _print({"ok": True, "exit_code": EXIT_OK, **vars(result)})
     else:
@@ -251,12 +299,19 @@ def _restore(args: argparse.Namespace, interrupts: Interrupts) -> int:
             if result.overwrote
             else ""
         )
-        print(
+        output.err(
             f"restored {result.point} into {result.dest}: {result.pages} pages "
-            f"in {result.elapsed:.2f} s{held}",
-            file=sys.stderr,
+            f"in {result.elapsed:.2f} s{held}"
         )
     return EXIT_OK
+
+
+def _restore_failed(dest: str, exc: BaseException) -> str:
+    """An SQLite error of restore in the command's words: DEST named, the
+    library's names (copy(), timeout=, None) as the options of the command."""
+    text = _command_words(str(exc)).replace("copy() gave up", "the restore gave up")
+    text = text.replace("the target", "DEST")
+    return f"restore into DEST {dest!r} failed: {text}"
 
 
 def _list(args: argparse.Namespace) -> int:
@@ -281,14 +336,15 @@ def _list(args: argparse.Namespace) -> int:
                 "sequence": p.sequence,
                 "root": p.root,
                 "parent_root": p.parent_root,
+                "source": p.source,
             }
         )
     if args.json:
         _print({"ok": True, "exit_code": EXIT_OK, "points": rows})
         return EXIT_OK
-    print(f"{'time (UTC)':27} {'kind':5} {'size':>12} {'chain':>5}  file")
+    output.out(f"{'time (UTC)':27} {'kind':5} {'size':>12} {'chain':>5}  file")
     for r in rows:
-        print(
+        output.out(
             f"{r['time']:27} {r['kind']:5} {r['size']:>12} {r['chain']:>5}  "
             f"{os.path.basename(str(r['path']))}"
         )
@@ -321,17 +377,53 @@ def _verify(args: argparse.Namespace, interrupts: Interrupts) -> int:
     ok = all(r.ok for r in reports)
     code = EXIT_OK if ok else EXIT_VERIFY
     if args.json:
-        _print(
-            {
-                "ok": ok,
-                "exit_code": code,
-                "chains": [vars(r) for r in reports],
-            }
-        )
+        _print(_verify_object(reports, code))
     else:
         for r in reports:
             state = "ok" if r.ok else "BROKEN"
-            print(f"{r.stem}: {len(r.points)} restore points, {state}", file=sys.stderr)
+            of = f" (of {r.source})" if r.source else ""
+            output.err(f"{r.stem}{of}: {len(r.points)} restore points, {state}")
             for problem in r.problems:
-                print(f"  {problem}", file=sys.stderr)
+                output.err(f"  {problem}")
     return code
+
+
+def _verify_object(reports: list[inc.ChainReport], code: int) -> dict[str, Any]:
+    """verify --json FOLDER (docs/incremental.md): the keys of verify FILE's
+    object (ok, exit_code, error, files) plus path (the first file at
+    fault, or null) and chains (one object per chain of a source)."""
+    faults = [
+        (path, problem)
+        for r in reports
+        for path, problem in zip(r.at_fault, r.problems, strict=False)
+    ]
+    error = None
+    if faults:
+        error = _error_object(faults[0][1], inc.BrokenChainError(faults[0][1]))
+    fault_of = {}
+    for path, problem in faults:
+        fault_of.setdefault(path, problem)
+    items = []
+    for r in reports:
+        for path in r.points:
+            problem = fault_of.get(path)
+            items.append(
+                {
+                    "file": path,
+                    "exit_code": EXIT_VERIFY if problem else EXIT_OK,
+                    "verified": problem is None,
+                    "integrity": None,
+                    "verification": None,
+                    "error": _error_object(problem, inc.BrokenChainError(problem))
+                    if problem
+                    else None,
+                }
+            )
+    return {
+        "ok": code == EXIT_OK,
+        "exit_code": code,
+        "error": error,
+        "path": faults[0][0] if faults else None,
+        "files": items,
+        "chains": [vars(r) for r in reports],
+    }
