@@ -468,10 +468,32 @@ class NewFile:
                     errno.EEXIST, os.strerror(errno.EEXIST), self.final
                 ) from exc
             os.rename(self.path, self.final)
+            self._settle(renamed=True)
         else:
-            os.remove(self.path)
-        fsync_folder(os.path.dirname(self.final))
+            self._settle(renamed=False)
         self._close()
+
+    def _settle(self, renamed: bool) -> None:
+        """After the link (or rename) to the final name: remove the
+        temporary name, fsync the folder.  If either fails, the final name
+        is taken back (it is this file: nobody else writes a name that did
+        not exist), so that "not created" stays true, and the error raised;
+        if that fails too, the copy stays in place and publishing succeeded
+        (the final name holds the complete copy).  Found by tests/fsfaults:
+        an EIO from the folder's fsync was reported as "DEST was not
+        created" with DEST in place."""
+        try:
+            if not renamed:
+                os.remove(self.path)
+            fsync_folder(os.path.dirname(self.final))
+        except OSError:
+            if _identity_of(self.final) != self._ident:
+                raise
+            try:
+                os.remove(self.final)
+            except OSError:
+                return
+            raise
 
     def discard(self) -> None:
         for path in (self.path, *side_paths(self.path)):

@@ -56,8 +56,9 @@ def integrity_problems(
 
     The file is opened read-only: verifying never writes to it (a -wal is
     not checkpointed into it nor deleted).  The -wal and -shm that SQLite
-    creates to read a WAL database, when they were not there before, are
-    removed afterwards (an empty -wal: nothing is written to the file).
+    creates to read a WAL database are removed afterwards while the -wal is
+    empty (nothing is written to the file), also when a verify that was
+    killed left them.
     The check runs in a worker thread so that a signal interrupts it at once
     (Connection.interrupt); this thread waits, redrawing the progress line.
     deadline (time.monotonic()): a lock is waited for, and the check runs,
@@ -65,7 +66,6 @@ def integrity_problems(
     longer than lock_wait seconds.  Raises
     apsw_backup.Error if it cannot be read, Interrupted on a signal.
     """
-    existed = [os.path.lexists(path + side) for side in ("-wal", "-shm")]
     conn = apsw_backup.Connection(path, apsw_backup.SQLITE_OPEN_READONLY)
     outcome: dict[str, Any] = {}
     locked: list[float] = []  # when the lock being waited for was found
@@ -113,7 +113,7 @@ def integrity_problems(
                     conn.interrupt()
     finally:
         conn.close(force=True)
-        _remove_what_reading_made(path, existed)
+        _remove_what_reading_made(path)
     interrupts.check()
     error = outcome.get("error")
     if timed_out or (
@@ -143,14 +143,15 @@ def integrity_problems(
     return found or rows
 
 
-def _remove_what_reading_made(path: str, existed: list[bool]) -> None:
+def _remove_what_reading_made(path: str) -> None:
     """A read-only connection to a WAL database creates an empty -wal and a
-    -shm, and cannot remove them.  If they were not there before and the
-    -wal is still empty, a read-write connection opened and closed removes
-    them -- SQLite does so only as the last connection, under its locks;
-    with nothing in the -wal, closing writes nothing to the file."""
-    if any(existed):
-        return
+    -shm, and cannot remove them.  While the -wal is empty, a read-write
+    connection opened and closed removes them -- SQLite does so only as the
+    last connection, under its locks (another program's open connection
+    keeps them); with nothing in the -wal, closing writes nothing to the
+    file.  Whether they were there before does not matter: a verify killed
+    while reading leaves them (found by tests/fsfaults), and the next one
+    must not keep them for ever."""
     try:
         if os.stat(path + "-wal").st_size:
             return

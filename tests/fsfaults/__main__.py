@@ -13,8 +13,13 @@ from .scenarios import SCENARIOS
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="fsfaults")
-    parser.add_argument("--bounded", type=int, metavar="N", default=None,
-                        help="N calls per scenario, each killed and failed once")
+    parser.add_argument(
+        "--bounded",
+        type=int,
+        metavar="N",
+        default=None,
+        help="N calls per scenario, each killed and failed once",
+    )
     parser.add_argument("--scenarios", default=",".join(SCENARIOS))
     parser.add_argument("--workdir", default=None)
     args = parser.parse_args(argv)

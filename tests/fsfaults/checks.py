@@ -227,7 +227,9 @@ def _check_folder(scenario, expected, snapshot, returncode, result, killed):
     if len(new) > 1:
         problems.append(f"more than one new backup: {new}")
     if len(good) < scenario.keep:
-        problems.append(f"{len(good)} good backups left, --keep {scenario.keep} promised")
+        problems.append(
+            f"{len(good)} good backups left, --keep {scenario.keep} promised"
+        )
     if returncode == 0:
         if len(new) != 1:
             problems.append(f"exit 0 but {len(new)} new backups")
@@ -280,7 +282,9 @@ def check_leftovers(scenario, expected, data):
         extra = sorted(set(left) - set(want))
         missing = sorted(set(want) - set(left) - set(expected.source_files))
     else:
-        backups = [n for n in left if n.startswith("backups/") and BACKUP_NAME.match(n[8:])]
+        backups = [
+            n for n in left if n.startswith("backups/") and BACKUP_NAME.match(n[8:])
+        ]
         extra = sorted(set(left) - {"src.db", *expected.source_files, *backups})
         missing = [] if len(backups) == scenario.keep else [f"{scenario.keep} backups"]
         if len(backups) > scenario.keep:

@@ -131,20 +131,26 @@ class Harness:
             return [f"hung (more than {TIMEOUT} s)"], True
         killed = code == -signal.SIGKILL
         landed = (
-            strace.injected_key(trace.read_text(errors="replace"), self.root, call.name, fault)
+            strace.injected_key(
+                trace.read_text(errors="replace"), self.root, call.name, fault
+            )
             == call.key
         )
         # A snapshot of the files as the run left them, for the checks.
         if self.snapshot.exists():
             shutil.rmtree(self.snapshot)
-        shutil.copytree(self.scenario.data(self.root), self.scenario.data(self.snapshot))
+        shutil.copytree(
+            self.scenario.data(self.root), self.scenario.data(self.snapshot)
+        )
         problems = checks.check_run(
             self.scenario, self.expected, self.snapshot, code, out, err, killed
         )
         # The next run, on the files as the faulted run left them.
         next_code, next_out, next_err = self.run(self.scenario.argv(self.root, True))
         if next_code != 0:
-            problems.append(f"the next run failed (exit {next_code}): {next_err[-300:]!r}")
+            problems.append(
+                f"the next run failed (exit {next_code}): {next_err[-300:]!r}"
+            )
         else:
             problems += checks.check_leftovers(
                 self.scenario, self.expected, self.scenario.data(self.root)

@@ -81,7 +81,9 @@ class Scenario:
             for stamp in OLD_STAMPS:
                 path = folder / f"src-{stamp}.db"
                 make_target(path)
-                os.setxattr(path, MARK, os.fsencode(os.path.realpath(self.source(root))))
+                os.setxattr(
+                    path, MARK, os.fsencode(os.path.realpath(self.source(root)))
+                )
 
     def old_backups(self, root):
         return [self.dest(root) / f"src-{stamp}.db" for stamp in OLD_STAMPS]
