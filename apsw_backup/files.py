@@ -538,15 +538,20 @@ def mark_source(path: str, source: str) -> None:
     setxattr(path, SOURCE_MARK, source_identity(source), follow_symlinks=False)
 
 
-def marked_source(path: str) -> bytes | None:
+def marked_source(path: str, strict: bool = False) -> bytes | None:
     """The source a file is marked as a backup of; None when it carries no
-    mark (or its mark cannot be read: then it is nobody's)."""
+    mark (or its mark cannot be read: then it is nobody's).  strict: an
+    OSError other than "no such attribute" (ENODATA, ENOTSUP) is raised, so
+    that a mark that exists but could not be read (EIO) is not taken for
+    no mark (found by tests/fsfaults)."""
     getxattr = getattr(os, "getxattr", None)
     if getxattr is None:
         return None
     try:
         return bytes(getxattr(path, SOURCE_MARK, follow_symlinks=False))
-    except OSError:
+    except OSError as exc:
+        if strict and exc.errno not in (errno.ENODATA, *_NO_XATTRS):
+            raise
         return None
 
 

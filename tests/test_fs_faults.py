@@ -253,3 +253,80 @@ def test_the_command_says_not_created_when_the_folder_fsync_fails(tmp_path):
     call = [c for c in calls if c.key == "fsync(ROOT/data)"][-1]
     problems, landed = harness.inject(call, "error=EIO")
     assert landed and problems == []
+
+
+# With --keep, what could not be read is never taken for what it is not.
+# Found by the harness ('keep', EIO at each call); each checked to fail
+# before its fix.
+
+UNREADABLE_HEADER = """\
+import errno, sys
+from apsw_backup import files
+from apsw_backup.cli import main
+real = files.read_header
+def read_header(path, *args):
+    if path.endswith(".partial"):
+        raise OSError(errno.EIO, "Input/output error", path)
+    return real(path, *args)
+files.read_header = read_header
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def keep_folder(tmp_path):
+    scenario = SCENARIOS["keep"]
+    scenario.build(tmp_path)
+    return scenario, scenario.source(tmp_path), scenario.dest(tmp_path)
+
+
+def test_keep_does_not_call_a_backup_whose_header_it_cannot_read_empty(tmp_path):
+    # It said "the new backup holds no table" (exit 0) when reading the new
+    # backup's header failed (EIO).
+    scenario, source, folder = keep_folder(tmp_path)
+    args = ["--json", "--keep", "1", str(source), f"{folder}/"]
+    proc = subprocess.run(
+        [sys.executable, "-c", UNREADABLE_HEADER, *args],
+        capture_output=True, text=True, timeout=TIMEOUT, check=False,
+    )  # fmt: skip
+    result = checks.printed(proc.stdout)
+    assert proc.returncode == 1, proc.stderr
+    assert "holds no table" not in proc.stderr
+    assert "header could not be read" in proc.stderr and "EIO" in proc.stderr
+    assert result["dest_state"] == "verified" and result["exit_code"] == 1
+    assert "could not be read" in result["rotation_skipped"]
+    assert result["deleted"] == []
+    assert len(os.listdir(folder)) == 3  # nothing deleted
+
+
+@needs_strace
+@pytest.mark.parametrize("syscall", ["lgetxattr", "newfstatat"])
+def test_keep_reports_an_old_backup_it_cannot_look_at(tmp_path, syscall):
+    # An EIO reading an older backup's mark (it was taken for "no mark":
+    # warned about as unmarked) or from its lstat (skipped silently):
+    # exit 0 with 3 backups left for --keep 2.  Now it is not deleted and
+    # said so with its cause (exit 1), as a backup that cannot be deleted.
+    harness = runner.Harness(SCENARIOS["keep"], tmp_path)
+    calls = harness.record()
+    old = "src-20200101T000000.000000Z.db"
+    marks = [c for c in calls if c.name == "lgetxattr" and f'{old}"' in c.line]
+    after = [
+        c
+        for c in calls[marks[0].index :]
+        if c.name == syscall and f'{old}"' in c.line and "SYMLINK_NOFOLLOW" in c.line
+    ]
+    call = (marks if syscall == "lgetxattr" else after)[0]
+    harness.reset()
+    argv = strace.command(
+        SCENARIOS["keep"].argv(harness.root),
+        tmp_path / "trace",
+        ("error=EIO", call.when),
+        call.name,
+    )
+    code, out, err = harness.run(argv)
+    result = checks.printed(out)
+    assert code == 1, err
+    assert result["not_deleted"] == [str(harness.root / "data" / "backups" / old)]
+    assert "EIO" in err and result["dest_state"] == "verified"
+    assert "no mark" not in err
+    problems, _landed = harness.inject(call, "error=EIO")
+    assert problems == []

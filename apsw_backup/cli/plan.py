@@ -49,6 +49,7 @@ class Job:
     restarts: int = 0  # times the copy was seen to start again
     written: int = 0  # pages written, restarts included
     has_table: bool = True  # the copy holds a table (read before publishing)
+    table_unknown: OSError | None = None  # why that could not be read
     marked: bool = False  # the copy carries SOURCE's mark (folder DEST)
     report_fields: dict[str, object] = field(default_factory=dict)  # for --json
 

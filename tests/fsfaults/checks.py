@@ -243,6 +243,14 @@ def _check_folder(scenario, expected, snapshot, returncode, result, killed):
             problems.append(f"dest_state {state!r} but {name} is not a good backup")
         elif state == "not created" and name in names:
             problems.append(f"dest_state 'not created' but {name} is there")
+        elif state == "unchanged" and (
+            new or os.path.basename(os.path.normpath(dest)) != folder.name
+        ):
+            # A refusal before the backup was named says the folder was
+            # left as it was: true only if no new backup is in it.
+            problems.append(f"dest_state 'unchanged' of {dest} with new backups {new}")
+        elif state == "unchanged":
+            pass
         elif state not in COMPLETE_STATES | {"not created"}:
             problems.append(f"dest_state {state!r} for a folder backup")
         for path in result.get("deleted") or []:
@@ -274,6 +282,21 @@ def expected_after_next_run(scenario, expected):
     return ["dst.db", "src.db", *expected.source_files]
 
 
+def _marked(path):
+    try:
+        return bool(os.getxattr(path, "user.apsw_backup.source"))
+    except OSError:
+        return False
+
+
+def _unmarked_backup(data, name):
+    return (
+        name.startswith("backups/")
+        and BACKUP_NAME.match(name[8:]) is not None
+        and not _marked(os.path.join(data, name))
+    )
+
+
 def check_leftovers(scenario, expected, data):
     """Problems with what is left in data after the next run."""
     left = listing(data)
@@ -283,8 +306,15 @@ def check_leftovers(scenario, expected, data):
         missing = sorted(set(want) - set(left) - set(expected.source_files))
     else:
         backups = [
-            n for n in left if n.startswith("backups/") and BACKUP_NAME.match(n[8:])
+            n
+            for n in left
+            if n.startswith("backups/")
+            and BACKUP_NAME.match(n[8:])
+            and _marked(os.path.join(data, n))
         ]
+        # A backup that could not be marked (its run said so, exit 1) is
+        # never deleted, and reported by every --keep run: by design.
+        left = [n for n in left if n in backups or not _unmarked_backup(data, n)]
         extra = sorted(set(left) - {"src.db", *expected.source_files, *backups})
         missing = [] if len(backups) == scenario.keep else [f"{scenario.keep} backups"]
         if len(backups) > scenario.keep:
