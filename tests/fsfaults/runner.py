@@ -3,7 +3,6 @@ sample: bounded) kill the run at it and make it fail, check the invariants
 (checks.py), run the command once more without a fault and check that run
 removed what the faulted one left."""
 
-import os
 import shutil
 import signal
 import subprocess
@@ -16,6 +15,24 @@ TIMEOUT = 60  # seconds a run may take before it counts as a hang
 KILL = "signal=KILL"
 ERRORS = ("error=ENOSPC", "error=EIO")
 EACCES = "error=EACCES"
+
+
+# Defects found and not fixed here, each pinned by an xfail(strict=True)
+# case in tests/test_fs_faults.py: (scenario, fault, the problem's start).
+# A problem that matches is counted as known, not failed on.
+KNOWN = [
+    # test_a_kill_during_the_switch_back_to_rollback_leaves_no_journal: a
+    # kill while copy() switches an existing DEST back from WAL to rollback
+    # mode leaves DEST in WAL mode and a -journal no later run removes.
+    ("existing-wal", KILL, "left after the next run: ['dst.db-journal']"),
+]
+
+
+def known(scenario, fault, problem):
+    return any(
+        scenario.name == name and fault == kind and problem.startswith(start)
+        for name, kind, start in KNOWN
+    )
 
 
 def faults_of(call):
@@ -51,13 +68,15 @@ class Result:
         self.runs = 0  # faulted runs
         self.drift = 0  # runs whose faulted call was not the recorded one
         self.problems = []  # (call, fault, sentence)
+        self.known = []  # the same, for the defects in KNOWN
         self.seconds = 0.0
 
     def line(self):
         return (
             f"{self.scenario.name}: {self.calls} calls ({self.thread_calls} in "
             f"another thread, not injected), {self.runs} runs, {self.drift} "
-            f"landed elsewhere, {len(self.problems)} problems ({self.seconds:.0f} s)"
+            f"landed elsewhere, {len(self.problems)} problems, {len(self.known)} "
+            f"known ({self.seconds:.0f} s)"
         )
 
 
@@ -178,8 +197,12 @@ def run_scenario(scenario, workdir, bounded=None, log=print):
             result.runs += 1
             result.drift += not landed
             for problem in problems:
-                result.problems.append((call, fault, problem))
-                log(f"PROBLEM {scenario.name} {call!r} {fault}: {problem}")
+                if known(scenario, fault, problem):
+                    result.known.append((call, fault, problem))
+                    log(f"known {scenario.name} {call!r} {fault}: {problem}")
+                else:
+                    result.problems.append((call, fault, problem))
+                    log(f"PROBLEM {scenario.name} {call!r} {fault}: {problem}")
     result.seconds = time.monotonic() - started
     shutil.rmtree(harness.work, ignore_errors=True)
     return result
@@ -189,15 +212,9 @@ def summary(results, seconds):
     calls = sum(r.calls for r in results)
     runs = sum(r.runs for r in results)
     problems = sum(len(r.problems) for r in results)
+    known_ = sum(len(r.known) for r in results)
     return (
         f"fsfaults: {len(results)} scenarios, {calls} calls, {runs} runs, "
-        f"{problems} problems ({seconds:.0f} s)"
+        f"{problems} problems ({seconds:.0f} s); {known_} hits of known "
+        "defects (xfail)"
     )
-
-
-def environment():
-    """The environment runs get: no sanitizer preload (strace is not built
-    with it), the test's own otherwise."""
-    env = dict(os.environ)
-    env.pop("LD_PRELOAD", None)
-    return env
