@@ -330,3 +330,34 @@ def test_keep_reports_an_old_backup_it_cannot_look_at(tmp_path, syscall):
     assert "no mark" not in err
     problems, _landed = harness.inject(call, "error=EIO")
     assert problems == []
+
+
+@needs_strace
+def test_an_error_looking_at_an_existing_dest_is_not_another_file_appearing(tmp_path):
+    # An EIO from the lstat() that decides "new or existing" was taken for
+    # "DEST does not exist" (os.path.lexists): the copy then found DEST at
+    # its name and said "another file appeared at DEST" (dest_state 'other
+    # file').  Found by the full matrix ('existing', EIO and ENOSPC);
+    # checked: failed before the fix.  Now exit 1 naming the cause, DEST
+    # left as it was.
+    harness = runner.Harness(SCENARIOS["existing"], tmp_path)
+    calls = harness.record()
+    lstats = [
+        c
+        for c in calls[:60]
+        if c.key == "newfstatat(ROOT/data/dst.db)" and "SYMLINK_NOFOLLOW" in c.line
+    ]
+    assert lstats
+    for call in lstats:
+        problems, landed = harness.inject(call, "error=EIO")
+        assert landed and problems == [], call
+    harness.reset()
+    argv = strace.command(
+        SCENARIOS["existing"].argv(harness.root),
+        tmp_path / "trace",
+        ("error=EIO", lstats[-1].when),
+        "newfstatat",
+    )
+    code, out, err = harness.run(argv)
+    assert code == 1 and "EIO" in err and "appeared" not in err, err
+    assert checks.printed(out)["dest_state"] == "unchanged"
