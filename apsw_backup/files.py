@@ -537,10 +537,32 @@ class NewFile:
                     errno.EEXIST, os.strerror(errno.EEXIST), self.final
                 ) from exc
             os.rename(self.path, self.final)
+            self._settle(renamed=True)
         else:
-            os.remove(self.path)
-        fsync_folder(os.path.dirname(self.final))
+            self._settle(renamed=False)
         self._close()
+
+    def _settle(self, renamed: bool) -> None:
+        """After the link (or rename) to the final name: remove the
+        temporary name, fsync the folder.  If either fails, the final name
+        is taken back (it is this file: nobody else writes a name that did
+        not exist), so that "not created" stays true, and the error raised;
+        if that fails too, the copy stays in place and publishing succeeded
+        (the final name holds the complete copy).  Found by tests/fsfaults:
+        an EIO from the folder's fsync was reported as "DEST was not
+        created" with DEST in place."""
+        try:
+            if not renamed:
+                os.remove(self.path)
+            fsync_folder(os.path.dirname(self.final))
+        except OSError:
+            if _identity_of(self.final) != self._ident:
+                raise
+            try:
+                os.remove(self.final)
+            except OSError:
+                return
+            raise
 
     def discard(self) -> None:
         if os.getpid() == self._pid:  # a forked child leaves the parent's file
@@ -586,15 +608,20 @@ def mark_source(path: str, source: str) -> None:
     setxattr(path, SOURCE_MARK, source_identity(source), follow_symlinks=False)
 
 
-def marked_source(path: str) -> bytes | None:
+def marked_source(path: str, strict: bool = False) -> bytes | None:
     """The source a file is marked as a backup of; None when it carries no
-    mark (or its mark cannot be read: then it is nobody's)."""
+    mark (or its mark cannot be read: then it is nobody's).  strict: an
+    OSError other than "no such attribute" (ENODATA, ENOTSUP) is raised, so
+    that a mark that exists but could not be read (EIO) is not taken for
+    no mark (found by tests/fsfaults)."""
     getxattr = getattr(os, "getxattr", None)
     if getxattr is None:
         return None
     try:
         return bytes(getxattr(path, SOURCE_MARK, follow_symlinks=False))
-    except OSError:
+    except OSError as exc:
+        if strict and exc.errno not in (errno.ENODATA, *_NO_XATTRS):
+            raise
         return None
 
 

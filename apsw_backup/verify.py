@@ -1142,9 +1142,11 @@ def _remove_what_reading_made(path: str, existed: list[bool]) -> None:
     -shm, and cannot remove them.  If they were not there before and the
     -wal is still empty, a read-write connection opened and closed removes
     them -- SQLite does so only as the last connection, under its locks;
-    with nothing in the -wal, closing writes nothing to the file."""
-    if any(existed):
-        return
+    with nothing in the -wal, closing writes nothing to the file.  An empty
+    -wal that was there before goes too (a verify killed while reading
+    leaves them: the next one must not keep them for ever); one holding
+    frames, or one another connection has open, stays."""
+    del existed  # kept in the signature: what was there is not the test
     try:
         if os.stat(path + "-wal").st_size:
             return

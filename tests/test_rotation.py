@@ -474,7 +474,8 @@ def test_an_interrupt_while_waiting_for_the_folder_lock(source, folder):
 
 
 @pytest.mark.heavy
-@pytest.mark.parametrize("seed", range(3))
+# .ci/fsfaults (the full file-system fault matrix) runs more seeds.
+@pytest.mark.parametrize("seed", range(int(os.environ.get("FSFAULTS_SEEDS", "3"))))
 def test_overlapping_runs_with_random_kills_leave_nothing_the_next_run_keeps(
     tmp_path, folder, seed
 ):

@@ -85,10 +85,13 @@ def backups_of(folder: str, source: str) -> list[str]:
     return _named_like_backups(folder, source)[0]
 
 
-def _named_like_backups(folder: str, source: str) -> tuple[list[str], list[str]]:
+def _named_like_backups(
+    folder: str, source: str, unreadable: dict[str, OSError] | None = None
+) -> tuple[list[str], list[str]]:
     """(the backups of source in folder, the regular files named like them
     that carry no mark at all), each oldest first.  A file marked as another
-    source's backup is in neither list."""
+    source's backup is in neither list; one whose mark could not be read
+    goes into `unreadable` (path: the OSError), when given."""
     pattern = _name_pattern(source)
     identity = files.source_identity(source)
     ours, unmarked = [], []
@@ -98,7 +101,12 @@ def _named_like_backups(folder: str, source: str) -> tuple[list[str], list[str]]
             and not files.is_temporary_name(entry.name)
             and entry.is_file(follow_symlinks=False)
         ):
-            mark = files.marked_source(entry.path)
+            try:
+                mark = files.marked_source(entry.path, strict=unreadable is not None)
+            except OSError as exc:
+                assert unreadable is not None
+                unreadable[entry.path] = exc
+                continue
             if mark == identity:
                 ours.append(entry.path)
             elif mark is None:
@@ -106,15 +114,17 @@ def _named_like_backups(folder: str, source: str) -> tuple[list[str], list[str]]
     return sorted(ours), sorted(unmarked)
 
 
-def pages_in(path: str) -> int:
+def pages_in(path: str, strict: bool = False) -> int:
     """The page count in a database file's header (the file size over the
     page size when the header's count is not valid); 0 for an empty or
-    unreadable file.  Read through SQLite (files.read_header), never a
-    descriptor of ours."""
+    unreadable file (strict: OSError if it cannot be read).  Read through
+    SQLite (files.read_header), never a descriptor of ours."""
     try:
         header = files.read_header(path)
         size = os.stat(path).st_size
     except OSError:
+        if strict:
+            raise
         return 0
     page_size = files.header_page_size(header)
     if len(header) < 100 or not page_size:
@@ -124,10 +134,11 @@ def pages_in(path: str) -> int:
     return size // page_size
 
 
-def holds_a_table(path: str) -> bool:
+def holds_a_table(path: str, strict: bool = False) -> bool:
     """Whether a backup has anything in it: a table needs a page of its
-    own, so a database of one page (or none) holds no table."""
-    return pages_in(path) > 1
+    own, so a database of one page (or none) holds no table.  strict:
+    OSError if its header cannot be read (it is not then said empty)."""
+    return pages_in(path, strict) > 1
 
 
 def hold_folder(
@@ -176,6 +187,14 @@ def rotate(
     held exclusive (hold_folder), the new backup in place and verified."""
     assert job.folder is not None
     rotation = Rotation()
+    if job.table_unknown is not None:
+        # Found by tests/fsfaults: an EIO reading the new backup's header
+        # was reported as "the new backup holds no table".
+        rotation.skipped = (
+            "the new backup's header could not be read "
+            f"({files.os_cause(job.table_unknown)})"
+        )
+        return rotation
     if not job.has_table:
         rotation.skipped = "the new backup holds no table"
         return rotation
@@ -186,25 +205,51 @@ def rotate(
         return rotation
     own_info = os.stat(job.dest)
     ours: list[tuple[datetime, str]] = []
-    backups, unmarked = _named_like_backups(job.folder, job.source)
+    # Backups whose file could not be looked at (not ENOENT): counted, and
+    # reported as not deleted where they would have been (found by
+    # tests/fsfaults: an EIO from their lstat dropped them silently, exit 0
+    # with more than --keep backups left).
+    unreadable: dict[str, OSError] = {}
+    unread_marks: dict[str, OSError] = {}
+    backups, unmarked = _named_like_backups(job.folder, job.source, unread_marks)
+    mine = os.path.basename(job.dest)
+    for path, exc in unread_marks.items():
+        stamp = _stamp(os.path.basename(path))
+        if os.path.basename(path) != mine and stamp is not None and stamp <= now:
+            unreadable[path] = exc
+            ours.append((stamp, path))
     for path in unmarked:  # never touched; the future-dated ones said so
         stamp = _stamp(os.path.basename(path))
         listed = rotation.future if stamp is not None and stamp > now else None
         (rotation.unmarked if listed is None else listed).append(path)
     for path in backups:
         stamp = _stamp(os.path.basename(path))
-        info = _stat(path)
-        if stamp is None or info is None or _same(info, own_info):
+        try:
+            info = os.stat(path, follow_symlinks=False)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            if os.path.basename(path) != mine and stamp is not None and stamp <= now:
+                unreadable[path] = exc
+                ours.append((stamp, path))
+            continue
+        if stamp is None or _same(info, own_info):
             continue
         if stamp > now:
             rotation.future.append(path)
         else:
             ours.append((stamp, path))
     rotation.future.sort()
-    counted = sorted([(own, job.dest)] + [b for b in ours if holds_a_table(b[1])])
+    counted = sorted(
+        [(own, job.dest)]
+        + [b for b in ours if b[1] in unreadable or holds_a_table(b[1])]
+    )
     kept = {path for _, path in counted[-keep:]}
     for stamp, path in sorted(ours):
         if path in kept or stamp >= own:
+            continue
+        if path in unreadable:
+            rotation.not_deleted.append((path, unreadable[path]))
             continue
         interrupts.check()
         try:
@@ -256,13 +301,6 @@ def _remove_orphan_side_files(folder: str, source: str) -> None:
                 path = os.path.join(folder, name)
                 if not os.path.lexists(path[: -len(side)]):
                     files.remove_quietly(path)
-
-
-def _stat(path: str) -> os.stat_result | None:
-    try:
-        return os.stat(path, follow_symlinks=False)
-    except OSError:
-        return None
 
 
 def _same(a: os.stat_result, b: os.stat_result) -> bool:

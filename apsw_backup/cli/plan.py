@@ -49,6 +49,7 @@ class Job:
     restarts: int = 0  # times the copy was seen to start again
     written: int = 0  # pages written, restarts included
     has_table: bool = True  # the copy holds a table (read before publishing)
+    table_unknown: OSError | None = None  # why that could not be read
     marked: bool = False  # the copy carries SOURCE's mark (folder DEST)
     report_fields: dict[str, object] = field(default_factory=dict)  # for --json
 
@@ -157,7 +158,7 @@ def _plan(args: argparse.Namespace) -> Job:
         )
     else:
         _check_side_file_name(dest)
-        existed = os.path.lexists(dest)
+        existed = _dest_exists(dest)
         if existed:
             _check_existing_dest(dest, args.overwrite)
         else:
@@ -172,6 +173,26 @@ def _plan(args: argparse.Namespace) -> Job:
         folder=folder,
         page_size=header_page_size(source),
     )
+
+
+def _dest_exists(dest: str) -> bool:
+    """Whether DEST exists: new or existing, decided once.  An error other
+    than "no such file" fails the run with its cause: os.path.lexists()
+    took an EIO for "absent", and the copy then found DEST at its name and
+    said "another file appeared at DEST" (found by tests/fsfaults)."""
+    try:
+        os.lstat(dest)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError as exc:
+        if exc.errno == errno.ENAMETOOLONG:
+            _check_name_length(dest, False)  # the name's fault: said as such
+        raise Failure(
+            EXIT_ERROR,
+            f"cannot tell whether DEST {_q(dest)} exists: it {files.os_cause(exc)}",
+            exc,
+        ) from exc
+    return True
 
 
 def _check_name_length(dest: str, named_here: bool) -> None:

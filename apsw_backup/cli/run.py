@@ -75,7 +75,10 @@ class Runner:
             self.job.verified = True
         if self.job.folder is None:
             return
-        self.job.has_table = holds_a_table(path)
+        try:
+            self.job.has_table = holds_a_table(path, strict=True)
+        except OSError as exc:
+            self.job.has_table, self.job.table_unknown = False, exc
         try:
             files.mark_source(path, self.job.source)
         except OSError:
@@ -195,6 +198,17 @@ def _rotated(job: Job, keep: int, interrupts: Interrupts) -> list[str]:
             "a version before marks, or another database's): --keep never "
             f"deletes those, e.g. {rotation.unmarked[0]!r}"
         )
+    if rotation.skipped and job.table_unknown is not None:
+        failure = Failure(
+            EXIT_ERROR,
+            f"the new backup is in place, but {rotation.skipped}, so --keep "
+            f"deleted nothing. {job.says()}",
+            job.table_unknown,
+        )
+        failure.fields["rotation_skipped"] = rotation.skipped
+        failure.fields["future_dated"] = rotation.future
+        failure.fields["unmarked"] = rotation.unmarked
+        raise failure
     if rotation.skipped:
         job.report_fields["rotation_skipped"] = rotation.skipped
         _warn(
