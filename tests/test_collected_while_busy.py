@@ -45,7 +45,7 @@ b.step(2)
 locker = sqlite3.connect(P("s.db"), isolation_level=None, check_same_thread=False)
 locker.execute("BEGIN IMMEDIATE")
 in_handler, release, acting = threading.Event(), threading.Event(), threading.Event()
-deadline = time.monotonic() + 10
+deadline = time.monotonic() + 60  # a safety valve only: slow under ASan
 def handler(n):
     in_handler.set()
     return not release.wait(0.01) and time.monotonic() < deadline
@@ -97,7 +97,7 @@ if drop == "cycle":
     gc.collect()
 disarm()
 acting.set()
-u.join(20)
+u.join(60)
 report("U_ALIVE", u.is_alive())
 locker.rollback()
 locker.close()
@@ -144,7 +144,16 @@ def test_backup_let_go_while_source_busy_survives_finalizers(tmp_path, drop, act
     reachable from the destination's lock; a finalizer calling
     dest.close(force=True) resurrected and freed it, and the deferral then
     wrote into freed memory (SIGSEGV)."""
-    report = run_child(BACKUP_LET_GO, tmp_path, drop, action)
+    for attempt in range(3):
+        # The armed collector runs the finalizer at the first tracked
+        # allocation after the drop; under the sanitizers' allocator that
+        # may come only after the source was let go (seen once in CI):
+        # the interleaving is tried again, and must happen.
+        folder = tmp_path / f"try{attempt}"
+        folder.mkdir()
+        report = run_child(BACKUP_LET_GO, folder, drop, action, timeout=150)
+        if report["RAN_WHILE_SOURCE_BUSY"] == [True]:
+            break
     assert report["RAN_WHILE_SOURCE_BUSY"] == [True], report
     assert report["U_ALIVE"] is False
     # The let-go backup was finished (destination unlocked and rolled
