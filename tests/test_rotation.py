@@ -492,6 +492,7 @@ def test_overlapping_runs_with_random_kills_leave_nothing_the_next_run_keeps(
     ]
     killed = set(rng.sample(range(6), 2))
     results = []
+    died = 0  # runs the kill ended (not those that had exited already)
     try:
         time.sleep(rng.uniform(0.05, 0.6))
         for index in killed:
@@ -499,6 +500,7 @@ def test_overlapping_runs_with_random_kills_leave_nothing_the_next_run_keeps(
         for index, proc in enumerate(runs):
             out, err = proc.communicate(timeout=TIMEOUT)
             if index in killed and proc.returncode == -signal.SIGKILL:
+                died += 1
                 continue
             assert proc.returncode == 0, err
             results.append(json_of_text(out))
@@ -510,7 +512,14 @@ def test_overlapping_runs_with_random_kills_leave_nothing_the_next_run_keeps(
     assert left and all(verified(p) for p in left if p.suffix == ".db")
     for result in results:
         if not os.path.exists(result["dest"]):
-            assert any(result["dest"] in r["deleted"] for r in results)
+            # Deleted by a run that reported it, or by one killed after its
+            # rotation (the reporting run had released the folder lock; a
+            # later run may delete an older backup, reported or not): then
+            # a newer backup is in place.  (.ci/fsfaults' 20 seeds showed
+            # the second case in 3 of them.)
+            reported = any(result["dest"] in r["deleted"] for r in results)
+            newer = [p for p in left if stamp_of(p) > stamp_of(result["dest"])]
+            assert reported or (died and newer), result["dest"]
     # The next run removes whatever the killed ones left, and rotates.
     last = run("--json", "--keep", "1", source, folder)
     assert last.returncode == 0, last.stderr
