@@ -400,22 +400,22 @@ def _verify_object(reports: list[inc.ChainReport], code: int) -> dict[str, Any]:
     error = None
     if faults:
         error = _error_object(faults[0][1], inc.BrokenChainError(faults[0][1]))
-    fault_of = {}
+    fault_of: dict[str, str] = {}
     for path, problem in faults:
         fault_of.setdefault(path, problem)
     items = []
     for r in reports:
         for path in r.points:
-            problem = fault_of.get(path)
+            found: str | None = fault_of.get(path)
             items.append(
                 {
                     "file": path,
-                    "exit_code": EXIT_VERIFY if problem else EXIT_OK,
-                    "verified": problem is None,
+                    "exit_code": EXIT_VERIFY if found else EXIT_OK,
+                    "verified": found is None,
                     "integrity": None,
                     "verification": None,
-                    "error": _error_object(problem, inc.BrokenChainError(problem))
-                    if problem
+                    "error": _error_object(found, inc.BrokenChainError(found))
+                    if found
                     else None,
                 }
             )
