@@ -501,16 +501,7 @@ class _SourceSide:
             return
         if not any(os.path.lexists(p) for p in files.side_paths(self.file)):
             return
-        try:
-            conn = _c.Connection(self.file, _c.SQLITE_OPEN_READWRITE)
-        except _c.Error:
-            return
-        try:
-            conn.execute("PRAGMA schema_version").fetchall()
-        except _c.Error:
-            pass
-        finally:
-            _close_quietly(conn)
+        files.close_as_last_connection(self.file)
 
 
 def _check_source_file(path: str) -> None:

@@ -178,6 +178,30 @@ def read_header(path: str, size: int = 100) -> bytes:
         conn.close()
 
 
+def close_as_last_connection(path: str, busy_ms: int = 0) -> None:
+    """Open a read-write connection to the database at path, read its
+    schema, and close it.  If it is the last connection to the database (of
+    any process), SQLite checkpoints the -wal and removes -wal and -shm as
+    it closes, under its own locks; otherwise nothing changes.  The one way
+    this library leaves no side files it made beside a database: it never
+    deletes them itself.  Any error is ignored (then the files stay)."""
+    try:
+        conn = _c.Connection(os.path.abspath(path), _c.SQLITE_OPEN_READWRITE)
+    except _c.Error:
+        return
+    try:
+        if busy_ms:
+            conn.set_busy_timeout(busy_ms)
+        conn.execute("PRAGMA schema_version").fetchall()
+    except _c.Error:
+        pass
+    finally:
+        try:
+            conn.close(True)
+        except _c.Error:
+            pass
+
+
 def header_is_wal(header: bytes) -> bool:
     """Whether a database header (read_header) says WAL mode."""
     return (

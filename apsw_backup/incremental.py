@@ -1169,19 +1169,7 @@ def _leave_no_side_files(path: str) -> None:
         return
     if not any(os.path.lexists(p) for p in files.side_paths(path)):
         return
-    try:
-        conn = _c.Connection(path, _c.SQLITE_OPEN_READWRITE)
-    except _c.Error:
-        return
-    try:
-        conn.execute("PRAGMA schema_version").fetchall()
-    except _c.Error:
-        pass
-    finally:
-        try:
-            conn.close()
-        except _c.Error:
-            pass
+    files.close_as_last_connection(path)
 
 
 def _page_size_of(conn: _c.Connection) -> int:

@@ -58,6 +58,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import apsw_backup
+from apsw_backup import files
 
 OK = "ok"
 PROBLEMS = "problems"
@@ -1028,12 +1029,11 @@ def verify(
         raise ValueError("timeout must be >= 0 seconds (None: no limit)")
     begun = time.monotonic()
     path = os.fspath(path)
-    existed = [os.path.lexists(path + side) for side in ("-wal", "-shm")]
     ctx = _Run(path, None if timeout is None else begun + timeout, lock_wait)
     try:
         result = _verify(ctx, level, recorder, progress, timeout, threads, begun)
     finally:
-        _remove_what_reading_made(path, existed)
+        _remove_what_reading_made(path)
     result.timed_out = ctx.timed_out
     result.locked = ctx.locked_since is not None
     if result.status == UNVERIFIED and ctx.timed_out and result.locked:
@@ -1137,32 +1137,21 @@ def _verify(
     return VerifyResult(OK, level, [], checks, seconds)
 
 
-def _remove_what_reading_made(path: str, existed: list[bool]) -> None:
+def _remove_what_reading_made(path: str) -> None:
     """A read-only connection to a WAL database creates an empty -wal and a
-    -shm, and cannot remove them.  If they were not there before and the
-    -wal is still empty, a read-write connection opened and closed removes
-    them -- SQLite does so only as the last connection, under its locks;
-    with nothing in the -wal, closing writes nothing to the file.  An empty
-    -wal that was there before goes too (a verify killed while reading
-    leaves them: the next one must not keep them for ever); one holding
-    frames, or one another connection has open, stays."""
-    del existed  # kept in the signature: what was there is not the test
+    -shm, and cannot remove them.  While the -wal is empty, the last
+    connection's close removes them (files.close_as_last_connection: SQLite
+    decides, under its locks; with nothing in the -wal, closing writes
+    nothing to the file).  Whether they were there before does not matter:
+    a verify killed while reading leaves them, and the next one must not
+    keep them for ever.  A -wal holding frames, or one another connection
+    has open, stays."""
     try:
         if os.stat(path + "-wal").st_size:
             return
     except OSError:
         return
-    try:
-        conn = apsw_backup.Connection(path, apsw_backup.SQLITE_OPEN_READWRITE)
-    except apsw_backup.Error:
-        return
-    try:
-        conn.set_busy_timeout(100)
-        conn.execute("PRAGMA schema_version").fetchall()
-    except apsw_backup.Error:
-        pass
-    finally:
-        conn.close(force=True)
+    files.close_as_last_connection(path, busy_ms=100)
 
 
 def _reason(exc: BaseException) -> str:
