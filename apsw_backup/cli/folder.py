@@ -78,13 +78,6 @@ def _stamp(name: str) -> datetime | None:
         return None
 
 
-def backups_of(folder: str, source: str) -> list[str]:
-    """The backups of source in folder, oldest first: regular files named
-    <stem>-<timestamp>.db (never a temporary file) and marked as backups of
-    this very source (files.marked_source)."""
-    return _named_like_backups(folder, source)[0]
-
-
 def _named_like_backups(
     folder: str, source: str, unreadable: dict[str, OSError] | None = None
 ) -> tuple[list[str], list[str]]:

@@ -11,7 +11,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
 
-import apsw_backup
 from apsw_backup import _command_start
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)  # exit code 128 + the signal's number
@@ -43,37 +42,21 @@ class Interrupts:
     copy() -- say between the last step committing an existing DEST and the
     progress callback learning of it -- would make the command's account of
     DEST wrong.  check() raises Interrupted where the command knows what DEST
-    holds.  A connection being verified is interrupted at once.
+    holds.  Verification sees it at its next progress report
+    (cli.verification.Ticker), and apsw_backup.verify stops its checks.
     """
 
     def __init__(self) -> None:
         self.signum = 0
-        self._watched: list[apsw_backup.Connection] = []
 
     def note(self, signum: int, frame: FrameType | None) -> None:
         """The signal handler."""
         self.signum = self.signum or signum
-        for conn in list(self._watched):
-            try:
-                conn.interrupt()
-            except apsw_backup.Error:
-                pass  # closed meanwhile: nothing to stop
 
     def check(self) -> None:
         """Raise Interrupted if a signal has arrived."""
         if self.signum:
             raise Interrupted(self.signum)
-
-    @contextmanager
-    def watching(self, conn: apsw_backup.Connection) -> Iterator[None]:
-        """Interrupt conn's statement when a signal arrives."""
-        self._watched.append(conn)
-        try:
-            if self.signum:
-                conn.interrupt()
-            yield
-        finally:
-            self._watched.remove(conn)
 
 
 @contextmanager
