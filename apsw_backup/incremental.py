@@ -520,6 +520,14 @@ def _resolve(backup: str | os.PathLike[str], at: datetime | str | None) -> str:
                 f"({', '.join(sorted(stems))}): name a restore point file"
             )
         candidates = next(iter(stems.values()))
+        sources = [source for source in _by_source(candidates) if source is not None]
+        if len(sources) > 1:
+            # One stem, several databases (s1/app.db, s2/app.db): the newest
+            # point of the folder may be another database's.
+            raise ValueError(
+                f"the folder {path!r} holds restore points of several databases "
+                f"({', '.join(sorted(sources))}): name a restore point file"
+            )
         if when is not None:
             candidates = [
                 p

@@ -90,6 +90,31 @@ def test_keep_and_chains_are_per_source_not_per_stem(tmp_path):
     db.close()
 
 
+def test_restore_of_a_folder_shared_by_two_databases_of_one_name_is_refused(
+    tmp_path,
+):
+    """docs/incremental.md: a BACKUP folder holding several sources' points
+    is refused -- also when they share a stem (s1/app.db, s2/app.db): its
+    newest point may be the other database's, and --overwrite would put
+    that database's rows into the live one."""
+    (tmp_path / "s1").mkdir()
+    (tmp_path / "s2").mkdir()
+    s1 = make_db(tmp_path / "s1" / "app.db", rows=50)
+    s2 = make_db(tmp_path / "s2" / "app.db", rows=80)
+    folder = tmp_path / "bk"
+    folder.mkdir()
+    inc.incremental(s1, folder)
+    inc.incremental(s2, folder)
+    before = (tmp_path / "s1" / "app.db").read_bytes()
+    for kwargs in ({}, {"at": "2099-01-01T00:00:00Z"}):
+        with pytest.raises(ValueError, match="several databases"):
+            inc.restore(folder, tmp_path / "out.db", **kwargs)
+        assert not (tmp_path / "out.db").exists()
+    with pytest.raises(ValueError, match="several databases"):
+        inc.restore(folder, s1, overwrite=True)
+    assert (tmp_path / "s1" / "app.db").read_bytes() == before
+
+
 def closed_pipe():
     """A pipe whose reader is gone (`| head -c1` once head has exited)."""
     read, write = os.pipe()
