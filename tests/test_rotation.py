@@ -296,6 +296,30 @@ def test_a_side_file_left_of_a_deleted_backup_is_reported_as_it_is(source, folde
     assert "could not delete 1 older backup" not in proc.stderr
 
 
+def test_an_orphan_side_file_that_cannot_be_removed_is_reported(source, folder):
+    # A side file whose backup's database file an earlier run deleted: this
+    # run tries to remove it; when it cannot, it says so (exit 1, listed in
+    # not_deleted) and never that it deleted that backup's database file.
+    if shutil.which("chattr") is None:
+        pytest.skip("no chattr(1)")
+    shm = folder / "live-20200101T000001.000000Z.db-shm"
+    shm.write_bytes(b"junk")
+    if immutable(shm, True).returncode != 0:
+        pytest.skip("cannot make a file immutable here")
+    try:
+        proc = run("--json", "--keep", "1", source, folder)
+    finally:
+        immutable(shm, False)
+
+    assert proc.returncode == 1
+    result = json_of(proc)
+    assert result["dest_state"] == "verified"
+    assert result["not_deleted"] == [str(shm)]
+    assert f"{str(shm)!r} is not accessible" in proc.stderr
+    assert "deleted the database file" not in proc.stderr
+    assert output.problems(result) == []
+
+
 def test_side_files_are_deleted_only_after_their_database(source, folder, tmp_path):
     # A failed deletion of a backup leaves it whole: the database file is
     # removed first, so a failure there leaves its side files as they were.

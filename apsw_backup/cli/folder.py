@@ -159,7 +159,9 @@ class Rotation:
     """What --keep did: deleted (oldest first: backups whose database file
     was deleted), not_deleted (path, OSError: backups whose database file
     could not be deleted), sides_left (path, OSError: side files left of a
-    backup whose database file was deleted),
+    backup whose database file was deleted), orphans_left (path, OSError:
+    side files of a backup whose database file an earlier run deleted,
+    that this run could not remove),
     future (backups dated later than now: kept, not counted), skipped (why
     nothing was considered for deletion, or None), unmarked (files named
     like SOURCE's backups that carry no mark: never touched)."""
@@ -167,6 +169,7 @@ class Rotation:
     deleted: list[str] = field(default_factory=list)
     not_deleted: list[tuple[str, OSError]] = field(default_factory=list)
     sides_left: list[tuple[str, OSError]] = field(default_factory=list)
+    orphans_left: list[tuple[str, OSError]] = field(default_factory=list)
     future: list[str] = field(default_factory=list)
     skipped: str | None = None
     unmarked: list[str] = field(default_factory=list)
@@ -259,7 +262,12 @@ def rotate(
                 ]
         else:
             rotation.deleted.append(path)
-    _remove_orphan_side_files(job.folder, job.source)
+    left = {side for side, _ in rotation.sides_left}
+    rotation.orphans_left = [
+        (side, exc)
+        for side, exc in _remove_orphan_side_files(job.folder, job.source)
+        if side not in left
+    ]
     rotation.sides_left = [s for s in rotation.sides_left if os.path.lexists(s[0])]
     return rotation
 
@@ -283,17 +291,25 @@ def remove_backup(path: str) -> None:
         raise failed
 
 
-def _remove_orphan_side_files(folder: str, source: str) -> None:
+def _remove_orphan_side_files(folder: str, source: str) -> list[tuple[str, OSError]]:
     """Side files named after a backup of SOURCE's name whose database file
     is gone (a deletion that failed half way): nothing can use them, and a
-    new file of that name would apply them."""
+    new file of that name would apply them.  Returns those it could not
+    remove, with why (reported like any side file left)."""
     pattern = _name_pattern(source)
+    failed = []
     for name in os.listdir(folder or "."):
         for side in files.SIDE_FILES:
             if name.endswith(side) and pattern.fullmatch(name[: -len(side)]):
                 path = os.path.join(folder, name)
                 if not os.path.lexists(path[: -len(side)]):
-                    files.remove_quietly(path)
+                    try:
+                        os.remove(path)
+                    except FileNotFoundError:
+                        pass
+                    except OSError as exc:
+                        failed.append((path, exc))
+    return failed
 
 
 def _same(a: os.stat_result, b: os.stat_result) -> bool:

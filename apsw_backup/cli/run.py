@@ -214,17 +214,16 @@ def _rotated(job: Job, keep: int, interrupts: Interrupts) -> list[str]:
         _warn(
             f"{rotation.skipped}: --keep deleted nothing (an empty backup never rotates real ones away)"
         )
-    if rotation.not_deleted or rotation.sides_left:
+    left = rotation.not_deleted + rotation.sides_left + rotation.orphans_left
+    if left:
         failure = Failure(
             EXIT_ERROR,
             f"the new backup is in place, but {_not_deleted_text(rotation)}. "
             f"{job.says()}",
-            (rotation.not_deleted or rotation.sides_left)[0][1],
+            left[0][1],
         )
         failure.fields["deleted"] = rotation.deleted
-        failure.fields["not_deleted"] = [
-            p for p, _ in rotation.not_deleted + rotation.sides_left
-        ]
+        failure.fields["not_deleted"] = [p for p, _ in left]
         failure.fields["future_dated"] = rotation.future
         failure.fields["unmarked"] = rotation.unmarked
         raise failure
@@ -257,6 +256,15 @@ def _not_deleted_text(rotation: Rotation) -> str:
             f"file{'s' if len(rotation.sides_left) > 1 else ''}: {failed} (with "
             "the database file gone, what is left is of no use: delete it "
             "once it can be)"
+        )
+    if rotation.orphans_left:
+        failed = "; ".join(
+            f"{path!r} {files.os_cause(exc)}" for path, exc in rotation.orphans_left
+        )
+        parts.append(
+            "--keep could not remove what an earlier deletion left of an older "
+            f"backup whose database file is gone: {failed} (of no use: delete "
+            "it once it can be)"
         )
     return "; and ".join(parts)
 
