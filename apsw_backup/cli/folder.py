@@ -88,7 +88,9 @@ def _named_like_backups(
     pattern = _name_pattern(source)
     identity = files.source_identity(source)
     ours, unmarked = [], []
-    for entry in os.scandir(folder or "."):
+    # By name (oldest stamp first): the same order on every run, whatever
+    # order the directory lists them in.
+    for entry in sorted(os.scandir(folder or "."), key=lambda e: e.name):
         if (
             pattern.fullmatch(entry.name)
             and not files.is_temporary_name(entry.name)
