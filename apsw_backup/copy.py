@@ -62,6 +62,9 @@ AUTO_SNAPSHOT_AFTER = 3
 # Seconds a connection may stay in use by another call (another thread's)
 # before copy() gives up: it may be a call copy() runs inside, never ending.
 IN_USE_LIMIT = 5.0
+# After a failed copy into an existing file, seconds copy() waits for
+# another connection's lock to roll a hot journal back (files.roll_back_hot_journal).
+ROLLBACK_WAIT = 5.0
 
 # The first wait after a locked step; each further locked step in a row
 # doubles it, up to SHORT_WAIT_MAX, until the lock has lasted LONG_LOCK
@@ -541,6 +544,9 @@ class _TargetSide:
         self.level = options.verify if isinstance(options.verify, str) else None
         self.recorder: _c.PageRecorder | None = None
         self.no_hashes: str | None = None
+        # An existing file target a failed write left torn, with the hot
+        # -journal that restores it (see roll_back).
+        self.torn = False
         if isinstance(target, _c.Connection):
             self.kind, self.user = "connection", target
             self.file = _schema_file(target, options.target_name, "target")
@@ -779,6 +785,20 @@ class _TargetSide:
                     self.file,
                 ) from exc
 
+    def roll_back(self) -> None:
+        """After a failure, with the Backup finished: close an existing file
+        target and have SQLite roll back the hot journal a failed write
+        (ENOSPC, EIO) leaves -- SQLite cannot roll back on the connection
+        that failed, only at the next open -- so that "left as it was" is
+        true when copy() says it.  self.torn when that could not be done.
+        A new target is removed instead (close); a Connection target is the
+        caller's: SQLite rolls it back when that connection next reads."""
+        if self.kind != "existing" or self.conn is None:
+            return
+        conn, self.conn = self.conn, None
+        _close_quietly(conn)
+        self.torn = files.roll_back_hot_journal(self.file, ROLLBACK_WAIT)
+
     def close(self) -> None:
         """Close what was opened here; an unpublished new copy is removed."""
         if self.user is None:
@@ -868,6 +888,7 @@ class _Copy:
         self._locked_since = 0.0  # when the current run of locked steps began
         self._in_use_since = 0.0
         self._backup: _c.Backup | None = None
+        self._stopped_at = (0, 0)  # (pages copied, total) when it was given up
         self._verification: _verify.VerifyResult | None = None
         # Every argument and path is checked before anything is created.
         self._src = _SourceSide(source, options)
@@ -920,13 +941,26 @@ class _Copy:
     def close(self) -> None:
         """Finish the backup, end the snapshot, close what was opened here."""
         try:
-            if self._backup is not None:
-                self._backup.close(True)
+            self._give_up()
         finally:
             try:
                 self._src.close()
             finally:
                 self._dst.close()
+
+    def _give_up(self) -> None:
+        """Finish an unfinished Backup (SQLite rolls the target back) and
+        roll back what a failed write left in an existing file target, so
+        that a message about the target says what it holds now (_left_as).
+        Idempotent; after a complete copy there is nothing to do."""
+        if self._backup is not None:
+            backup, self._backup = self._backup, None
+            committed = backup.done
+            self._stopped_at = (backup.page_count - backup.remaining, backup.page_count)
+            self._restarts += backup.restarts
+            backup.close(True)
+            if not committed:
+                self._dst.roll_back()
 
     def step(self) -> Outcome:
         """Take the snapshot if it is due, then copy the next pages.
@@ -976,9 +1010,11 @@ class _Copy:
         return _c.SQLITE_OK
 
     def _flush_failed(self, exc: OSError) -> _c.Error:
+        """The error of a failed flush, as a step's (_final adds what the
+        target holds)."""
         error = _c.IOError(
             f"writing the copy to {self._dst.file or 'the target'!r} failed: "
-            f"writing it out to the disk: {exc.strerror or exc}; {self._left_as()}. Check the "
+            f"writing it out to the disk: {exc.strerror or exc}. Check the "
             "target's disk, or copy to another one"
         )
         error.__cause__ = exc
@@ -1191,6 +1227,7 @@ class _Copy:
     def _final(self, error: _c.Error) -> _c.Error:
         """A final step error, in copy()'s terms where the OS cause is known."""
         if isinstance(error, _c.FullError):
+            self._give_up()
             return _renamed(
                 error,
                 f"the copy into {self._dst.file or 'the target'!r} ran out of space "
@@ -1198,11 +1235,26 @@ class _Copy:
                 "max_page_count): free some space or copy to another disk; "
                 f"{self._left_as()}. SQLite said: {error}",
             )
+        if isinstance(error, _c.IOError):
+            self._give_up()
+            said = _renamed(error, f"{error}; {self._left_as()}")
+            said.__cause__ = error.__cause__
+            return said
         return error
 
     def _left_as(self) -> str:
+        """What the target holds after a failure: true once _give_up ran
+        (close() runs it before copy() returns or raises)."""
         if self._dst.new is not None:
             return "the new target was not created"
+        if self._dst.torn:
+            journal = self._dst.file + "-journal"
+            return (
+                f"the target {self._dst.file!r} is left incomplete: SQLite could "
+                f"not roll it back now, and its rollback journal {journal!r} "
+                "restores its previous content the next time the database is "
+                "opened for writing. Do not delete or move that file"
+            )
         return "the target was rolled back to its previous content"
 
     def _elapsed(self) -> float:
@@ -1213,13 +1265,12 @@ class _Copy:
         if timeout is None or self._elapsed() < timeout:
             return
         last = outcome if isinstance(outcome, _c.Error) else None
+        self._give_up()
         error = _c.BusyError(self._timeout_message())
         raise _with_codes(error, _c.SQLITE_BUSY) from last
 
     def _timeout_message(self) -> str:
-        backup = self._backup
-        total = backup.page_count if backup is not None else 0
-        copied = total - backup.remaining if backup is not None else 0
+        copied, total = self._stopped_at  # _give_up ran
         restarts = self._restarts_so_far()
         causes, cures = [], ["retry later or with a longer timeout (or None)"]
         if self._waits:

@@ -202,6 +202,48 @@ def close_as_last_connection(path: str, busy_ms: int = 0) -> None:
             pass
 
 
+def roll_back_hot_journal(path: str, seconds: float = 5.0) -> bool:
+    """After a failed write into the existing database at path: if it has
+    a -journal, open it so that SQLite rolls a hot journal back now (a
+    read of the schema takes a shared lock, and with it SQLite restores the
+    pages the journal holds).  Waits up to `seconds` for another
+    connection's lock: a -journal beside a database another connection
+    holds locked is that connection's live transaction, not a leftover.
+
+    Returns True when the database is still torn: its -journal, not empty,
+    could not be rolled back (no write access, an I/O error); it restores
+    the database on the next read-write open, and must not be deleted.
+    False: nothing was left to roll back, or it was rolled back now, or
+    another connection holds the database (its journal is its own)."""
+    if not os.path.lexists(path + "-journal"):
+        return False
+    try:
+        conn = _c.Connection(os.path.abspath(path), _c.SQLITE_OPEN_READWRITE)
+    except _c.Error:
+        return _journal_left(path)
+    try:
+        conn.set_busy_timeout(int(max(0.0, min(seconds, 60.0)) * 1000))
+        conn.execute("SELECT count(*) FROM sqlite_master").fetchall()
+    except (_c.BusyError, _c.LockedError):
+        return False
+    except _c.Error:
+        return _journal_left(path)
+    finally:
+        try:
+            conn.close(True)
+        except _c.Error:
+            pass
+    return False
+
+
+def _journal_left(path: str) -> bool:
+    """Whether the database at path has a -journal that is not empty."""
+    try:
+        return os.stat(path + "-journal").st_size > 0
+    except OSError:
+        return False
+
+
 def header_is_wal(header: bytes) -> bool:
     """Whether a database header (read_header) says WAL mode."""
     return (

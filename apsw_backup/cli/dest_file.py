@@ -12,11 +12,9 @@
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any
 
-import apsw_backup
 from apsw_backup import files
 from apsw_backup.cli.plan import Job
 
@@ -24,40 +22,14 @@ ROLLBACK_LIMIT = 5.0  # seconds roll_back() waits for another connection's lock
 
 
 def roll_back(job: Job, seconds: float | None = None) -> None:
-    """After a failed copy into an existing DEST: if DEST has a -journal,
-    open DEST so that SQLite rolls a hot journal back now; job.torn if that
-    could not be done (DEST is then not "as it was" until it is)."""
+    """After a failed copy into an existing DEST: let SQLite roll a hot
+    journal back now (files.roll_back_hot_journal; copy() already did, when
+    it opened DEST itself); job.torn if that could not be done (DEST is then
+    not "as it was" until it is)."""
     if not job.existed or job.committed or job.published:
         return
-    if not os.path.lexists(job.dest + "-journal"):
-        return
-    limit = ROLLBACK_LIMIT if seconds is None else max(0.0, min(seconds, 60.0))
-    try:
-        conn = apsw_backup.Connection(job.dest, apsw_backup.SQLITE_OPEN_READWRITE)
-    except apsw_backup.Error:
-        job.torn = True
-        return
-    try:
-        conn.set_busy_timeout(int(limit * 1000))
-        # Any read of the schema takes a shared lock, and with it SQLite
-        # rolls a hot journal back (a journal whose writer is gone).
-        conn.execute("SELECT count(*) FROM sqlite_master").fetchall()
-    except (apsw_backup.BusyError, apsw_backup.LockedError):
-        # Another connection holds DEST locked: the -journal is its own
-        # transaction's (a live one), not one this run left behind.
-        pass
-    except apsw_backup.Error:
-        job.torn = _journal_left(job.dest)
-    finally:
-        conn.close(force=True)
-
-
-def _journal_left(dest: str) -> bool:
-    """Whether DEST's -journal is still there, not empty (stat only)."""
-    try:
-        return os.stat(dest + "-journal").st_size > 0
-    except OSError:
-        return False
+    limit = ROLLBACK_LIMIT if seconds is None else seconds
+    job.torn = files.roll_back_hot_journal(job.dest, limit)
 
 
 def header_facts(path: str) -> dict[str, Any]:
