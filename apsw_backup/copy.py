@@ -392,9 +392,10 @@ class _SourceSide:
         try:
             self.own = _c.Connection(self.file, _c.SQLITE_OPEN_READONLY)
         except _c.CantOpenError as exc:
-            raise _renamed(
+            error = _renamed(
                 exc, f"cannot open the source database {self.file!r}: {exc}"
-            ) from exc
+            )
+            raise files.with_facts(error, role="source", path=self.file) from exc
         self.conn = self.own
         _schema_file(self.own, self.schema, "source")
         # SQLite names side files after the full path it reports.

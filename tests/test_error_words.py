@@ -302,3 +302,23 @@ def test_a_timeout_in_the_command_names_its_option_end_to_end(tmp_path):
     assert "Nothing was kept" in proc.stderr
     for word in LIBRARY_WORDS:
         assert word not in proc.stderr, (word, proc.stderr)
+
+
+@pytest.mark.parametrize("schema", ["aux", "other"])
+def test_a_schema_source_does_not_have_is_refused_in_the_commands_words(
+    tmp_path, schema
+):
+    """It reached copy(), whose SQLError spoke of "the source connection"
+    (the command rewrote "the source" as "SOURCE"); a file holds one
+    database, main: the command refuses any other name itself (exit 2)."""
+    source = make_source(tmp_path / "source.db")
+    dest = tmp_path / "dest.db"
+    proc = subprocess.run(
+        [sys.executable, "-m", "apsw_backup", "--schema", schema, str(source),
+         str(dest)],
+        capture_output=True, text=True, timeout=BOUND, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert f"--schema {schema!r}" in proc.stderr and "main" in proc.stderr
+    assert "connection" not in proc.stderr and "SQLError" not in proc.stderr
+    assert not dest.exists()

@@ -225,7 +225,16 @@ def _check_name_length(dest: str, named_here: bool) -> None:
 def _check_schema(schema: str) -> None:
     """Refuse --schema temp: the temporary database of the command's own
     connection to SOURCE is always empty, so the "backup" would hold
-    nothing -- and --keep would rotate real backups away for it."""
+    nothing -- and --keep would rotate real backups away for it.  Any other
+    name but main: SOURCE is a file, which holds one database, main."""
+    if schema.casefold() not in ("main", "temp"):
+        raise Failure(
+            EXIT_USAGE,
+            f"--schema {schema!r} is not a database of SOURCE: SOURCE is a "
+            "database file, which holds one database, main (attached databases "
+            "are files of their own: back them up by their path)",
+            UsageError("--schema"),
+        )
     if schema.casefold() == "temp":
         raise Failure(
             EXIT_USAGE,
