@@ -107,8 +107,8 @@ def _explain(exc: BaseException, job: Job, args: argparse.Namespace) -> str:
     # they are.
     ours = in_our_words(exc, locked=_locked_side(job))
     if ours is not None:
-        if isinstance(exc, (FileExistsError, files.StaleSideFileError)):
-            return ours  # the refusals: no class name in front, as plan's
+        if isinstance(exc, FileExistsError):  # the file at DEST: as plan says it
+            return ours
         return f"{type(exc).__name__}: {ours}"
     if isinstance(exc, OSError):
         return f"file system error on {_q(exc.filename or job.dest)}: {_os_cause(exc)}"
