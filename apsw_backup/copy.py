@@ -259,13 +259,13 @@ def _renamed(error: _c.Error, message: str) -> _c.Error:
 def _cannot(role: str, path: str, exc: OSError) -> _c.Error:
     """CantOpenError for a path the OS refused, naming the cause and cure.
 
-    It carries the structure for other front ends to word it their way:
-    role ("source database", "target", "target's folder"), filename (the
-    path) and os_errno (the OS's errno)."""
+    Its facts (files.with_facts): role ("source", "target", "target's
+    folder"), path and os_errno; filename is the path too."""
     error = _c.CantOpenError(
         f"cannot use the {role} {path!r}: it {files.os_cause(exc)}"
     )
-    vars(error).update(role=role, filename=path, os_errno=exc.errno)
+    files.with_facts(error, role=role, path=path, os_errno=exc.errno)
+    error.filename = path  # type: ignore[attr-defined]
     return _with_codes(error, _c.SQLITE_CANTOPEN)
 
 
@@ -395,9 +395,10 @@ class _SourceSide:
         try:
             self.own = _c.Connection(self.file, _c.SQLITE_OPEN_READONLY)
         except _c.CantOpenError as exc:
-            raise _renamed(
+            error = _renamed(
                 exc, f"cannot open the source database {self.file!r}: {exc}"
-            ) from exc
+            )
+            raise files.with_facts(error, role="source", path=self.file) from exc
         self.conn = self.own
         _schema_file(self.own, self.schema, "source")
         # SQLite names side files after the full path it reports.
@@ -512,11 +513,11 @@ def _check_source_file(path: str) -> None:
     try:
         info = os.stat(path)
     except OSError as exc:
-        raise _cannot("source database", path, exc) from exc
+        raise _cannot("source", path, exc) from exc
     if stat.S_ISDIR(info.st_mode):
-        raise _cannot("source database", path, IsADirectoryError(21, "", path))
+        raise _cannot("source", path, IsADirectoryError(21, "", path))
     if not os.access(path, os.R_OK):
-        raise _cannot("source database", path, PermissionError(13, "", path))
+        raise _cannot("source", path, PermissionError(13, "", path))
 
 
 class _TargetSide:
@@ -617,7 +618,11 @@ class _TargetSide:
         try:
             self.conn = _c.Connection(path, flags, self._record(path))
         except _c.CantOpenError as exc:
-            raise _renamed(exc, f"cannot open the target {self.file!r}: {exc}") from exc
+            error = _renamed(exc, f"cannot open the target {self.file!r}: {exc}")
+            state = "not created" if self.new is not None else "unchanged"
+            raise files.with_facts(
+                error, role="target", path=self.file, target_state=state
+            ) from exc
         if self.new is None:
             # Through the handle just opened: never a descriptor of ours.
             self.was_wal = files.header_is_wal(self.conn.file_header("main"))
@@ -766,6 +771,14 @@ class _TargetSide:
                 f"{exc.strerror or exc}. Remove {self.file + side!r} before the "
                 "target is opened again: SQLite would replay it over the copy"
             )
+            files.with_facts(
+                error,
+                role="target",
+                path=self.file,
+                side=side,
+                os_errno=exc.errno,
+                target_state="complete",
+            )
             raise _with_codes(error, _c.SQLITE_IOERR, _SQLITE_IOERR_DELETE) from exc
         finally:
             self.conn.execute("COMMIT").fetchall()
@@ -777,12 +790,19 @@ class _TargetSide:
             except files.StaleSideFileError:
                 raise
             except FileExistsError as exc:
-                raise FileExistsError(
+                error = FileExistsError(
                     exc.errno,
                     f"the target {self.file!r} was created by someone else while "
                     "the copy was made: the copy was not put in its place (nothing "
                     "was overwritten); remove that file or choose another target",
                     self.file,
+                )
+                raise files.with_facts(
+                    error,
+                    role="target",
+                    path=self.file,
+                    os_errno=exc.errno,
+                    target_state="not created",
                 ) from exc
 
     def roll_back(self) -> None:
@@ -841,20 +861,29 @@ def _check_expected(path: str, kind: str, target_exists: bool | None) -> None:
     re-created, since the caller's account of it would be wrong."""
     if target_exists is None or target_exists == (kind == "existing"):
         return
+    error: OSError
     if target_exists is False:
-        raise FileExistsError(
-            17,
+        error = FileExistsError(
+            errno.EEXIST,
             f"the target {path!r} exists now, but the caller found no file "
             "there (target_exists=False): another file appeared at its name, "
             "and was left alone; remove it or choose another target",
             path,
         )
-    raise FileNotFoundError(
-        2,
-        f"the target {path!r} does not exist now, but the caller found a "
-        "file there (target_exists=True): it was removed meanwhile; nothing "
-        "was created",
-        path,
+    else:
+        error = FileNotFoundError(
+            errno.ENOENT,
+            f"the target {path!r} does not exist now, but the caller found a "
+            "file there (target_exists=True): it was removed meanwhile; nothing "
+            "was created",
+            path,
+        )
+    raise files.with_facts(
+        error,
+        role="target",
+        path=path,
+        os_errno=error.errno,
+        target_state="not created",
     )
 
 
@@ -1018,6 +1047,13 @@ class _Copy:
             "target's disk, or copy to another one"
         )
         error.__cause__ = exc
+        files.with_facts(
+            error,
+            role="target",
+            path=self._dst.file,
+            os_errno=exc.errno,
+            target_state=self._left_state(),
+        )
         return _with_codes(error, _c.SQLITE_IOERR, _SQLITE_IOERR_WRITE)
 
     def steps(self, budget: float) -> list[tuple[Outcome, int, int]]:
@@ -1228,19 +1264,34 @@ class _Copy:
         """A final step error, in copy()'s terms where the OS cause is known."""
         if isinstance(error, _c.FullError):
             self._give_up()
-            return _renamed(
+            full = _renamed(
                 error,
                 f"the copy into {self._dst.file or 'the target'!r} ran out of space "
                 "(the target's disk is full, ENOSPC, or it reached its "
                 "max_page_count): free some space or copy to another disk; "
                 f"{self._left_as()}. SQLite said: {error}",
             )
+            return files.with_facts(
+                full,
+                role="target",
+                path=self._dst.file,
+                target_state=self._left_state(),
+            )
         if isinstance(error, _c.IOError):
             self._give_up()
             said = _renamed(error, f"{error}; {self._left_as()}")
             said.__cause__ = error.__cause__
-            return said
+            facts = {n: getattr(error, n, None) for n in files.FACTS}
+            facts["target_state"] = self._left_state()
+            return files.with_facts(said, **facts)
         return error
+
+    def _left_state(self) -> str:
+        """What the target holds once an unfinished copy is abandoned (true
+        once _give_up ran): see _left_as."""
+        if self._dst.new is not None:
+            return "not created"
+        return "incomplete" if self._dst.torn else "rolled back"
 
     def _left_as(self) -> str:
         """What the target holds after a failure: true once _give_up ran
@@ -1266,16 +1317,25 @@ class _Copy:
             return
         last = outcome if isinstance(outcome, _c.Error) else None
         self._give_up()
-        error = _c.BusyError(self._timeout_message())
+        copied, total = self._stopped_at
+        gave_up = files.GaveUp(
+            elapsed=self._elapsed(),
+            timeout=timeout,
+            pages_copied=copied,
+            page_count=total,
+            waits=self._waits,
+            restarts=self._restarts_so_far(),
+        )
+        error = _c.BusyError(self._timeout_message(gave_up))
+        files.with_facts(error, gave_up=gave_up, target_state=self._left_state())
         raise _with_codes(error, _c.SQLITE_BUSY) from last
 
-    def _timeout_message(self) -> str:
-        copied, total = self._stopped_at  # _give_up ran
-        restarts = self._restarts_so_far()
+    def _timeout_message(self, gave_up: files.GaveUp) -> str:
+        restarts = gave_up.restarts
         causes, cures = [], ["retry later or with a longer timeout (or None)"]
-        if self._waits:
+        if gave_up.waits:
             causes.append(
-                f"the database was locked by another connection {_times(self._waits)} "
+                f"the database was locked by another connection {_times(gave_up.waits)} "
                 f"(retried after waits growing from {FIRST_WAIT * 1000:g} ms, every "
                 f"{self._opts.sleep} s once a lock lasted {LONG_LOCK:g} s)"
             )
@@ -1293,9 +1353,10 @@ class _Copy:
                 "time than the timeout gave it"
             )
         return (
-            f"copy() gave up after {self._elapsed():.2f} s: its deadline passed "
-            f"(timeout={self._opts.timeout} s) with {copied} of {total} pages "
-            f"copied, and {self._left_as()}; {'; '.join(causes)}. "
+            f"copy() gave up after {gave_up.elapsed:.2f} s: its deadline passed "
+            f"(timeout={gave_up.timeout} s) with {gave_up.pages_copied} of "
+            f"{gave_up.page_count} pages copied, and {self._left_as()}; "
+            f"{'; '.join(causes)}. "
             f"To finish it: {', or '.join(cures)}"
         )
 

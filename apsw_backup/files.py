@@ -17,8 +17,9 @@ The one place the file rules live, shared by copy() and the command line:
   command's --keep) stands on: a lock on the folder, and each backup marked
   with the identity of the database it is a backup of.
 
-Refusals are exceptions with structure -- role ("source"/"target"), path,
-errno, the side file -- so that each front end words them its own way (the
+Errors carry facts -- role ("source"/"target"/"target's folder"), path,
+the OS's errno, the side file, what the target holds, a give-up's figures:
+with_facts() -- so that each front end words them its own way (the
 messages given here are copy()'s).
 
 A temporary file is named ``<target name>.apsw-backup-<pid>-<token>.partial``
@@ -40,7 +41,8 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from apsw_backup import _apsw_backup as _c
 
@@ -270,27 +272,89 @@ def os_cause(exc: OSError) -> str:
     return f"{what} ({name}): {cure}"
 
 
+# -- The facts an error carries ----------------------------------------------
+#
+# Every error this library raises about a file, and every give-up, carries
+# the same attributes (None where they do not apply), set by with_facts()
+# alone.  A front end words the error from them in its own terms (the
+# command line: SOURCE, DEST, --timeout); the library's own message, str(),
+# is its wording of the same facts.  Nothing reads the message back.
+
+FACTS = ("role", "path", "os_errno", "side", "target_state", "gave_up")
+ROLES = ("source", "target", "target's folder")
+# What the target holds after the failure: "not created" (a new target: no
+# copy at its name), "unchanged" (an existing one, never written), "rolled
+# back" (written, then rolled back to its previous content), "complete"
+# (it holds the complete copy: what failed came after), "incomplete" (an
+# existing one, torn by a failed write, that SQLite could not roll back yet:
+# its -journal restores it at the next read-write open; roll_back_hot_journal).
+TARGET_STATES = ("not created", "unchanged", "rolled back", "complete", "incomplete")
+
+
+@dataclass(frozen=True)
+class GaveUp:
+    """A give-up: the deadline (timeout, seconds) passed after elapsed
+    seconds; pages_copied of page_count (None: not known); waits: steps that
+    found the database locked; restarts: times the copy began again because
+    another connection wrote to the source."""
+
+    elapsed: float
+    timeout: float
+    pages_copied: int | None = None
+    page_count: int | None = None
+    waits: int = 0
+    restarts: int = 0
+
+
+_E = TypeVar("_E", bound=BaseException)
+
+
+def with_facts(error: _E, **facts: Any) -> _E:
+    """error, carrying the facts given and None for the others of FACTS:
+
+    - role: what path is to the copy: "source", "target", "target's folder";
+    - path: the file or folder concerned;
+    - os_errno: the OS's errno of the cause (an int), if the OS gave one;
+    - side: "-wal", "-shm" or "-journal" when the fact is about that side
+      file of path;
+    - target_state: what the target holds now (TARGET_STATES);
+    - gave_up: a GaveUp, when the deadline passed.
+    """
+    unknown = set(facts) - set(FACTS)
+    if unknown:
+        raise TypeError(f"not facts of an error: {sorted(unknown)}")
+    if facts.get("role") not in (None, *ROLES):
+        raise ValueError(f"role must be one of {ROLES}, not {facts['role']!r}")
+    if facts.get("target_state") not in (None, *TARGET_STATES):
+        raise ValueError(f"target_state must be one of {TARGET_STATES}")
+    for name in FACTS:
+        setattr(error, name, facts.get(name))
+    return error
+
+
 class SameFileError(ValueError):
     """The target is the source's database file (side "") or one of its side
     files (side "-wal", "-shm", "-journal").
 
-    role: "target"; path: the target as given; source: the source's file.
+    Facts (with_facts): role "target", path (the target as given), side;
+    and source: the source's file.
     """
 
     errno = None
 
-    def __init__(self, source: str, path: str, side: str, role: str = "target"):
-        self.source, self.path, self.side, self.role = source, path, side, role
+    def __init__(self, source: str, path: str, side: str) -> None:
+        with_facts(self, role="target", path=path, side=side)
+        self.source = source
         if side:
             message = (
-                f"the {role} {path!r} is the source's {side[1:]} file "
+                f"the target {path!r} is the source's {side[1:]} file "
                 f"{source + side!r} (source {source!r}): SQLite owns that file "
                 "and deletes or rewrites it, so a copy there would be lost; "
-                f"give the {role} another name"
+                "give the target another name"
             )
         else:
             message = (
-                f"the {role} {path!r} is the source database {source!r} itself "
+                f"the target {path!r} is the source database {source!r} itself "
                 "(the same database): copy it to another file"
             )
         super().__init__(message)
@@ -299,19 +363,22 @@ class SameFileError(ValueError):
 class StaleSideFileError(FileExistsError):
     """A new target's -journal or -wal is already there.
 
-    role: "target"; path: the target; side: "-journal" or "-wal";
-    filename: the stale file; errno: EEXIST.
+    Facts (with_facts): role "target", path (the target), side ("-journal"
+    or "-wal"), target_state "not created"; filename: the stale file;
+    errno: EEXIST.
     """
 
-    def __init__(self, path: str, side: str, role: str = "target") -> None:
+    def __init__(self, path: str, side: str) -> None:
         super().__init__(errno.EEXIST, os.strerror(errno.EEXIST), path + side)
-        self.path, self.side, self.role = path, side, role
+        with_facts(
+            self, role="target", path=path, side=side, target_state="not created"
+        )
         self.message = (
-            f"the new {role} {path!r} does not exist, but {path + side!r} is "
+            f"the new target {path!r} does not exist, but {path + side!r} is "
             "there (left by a crash, or by a deleted database of that name): "
             "SQLite would apply it to the copy when it is first opened and "
             "corrupt it.  Move it away once you know it is not needed, or "
-            f"choose another {role}"
+            "choose another target"
         )
 
     def __str__(self) -> str:
@@ -415,12 +482,12 @@ def check_distinct(source_path: str, target_path: str) -> None:
         raise SameFileError(source_path, target_path, found)
 
 
-def check_no_stale_side_files(path: str, role: str = "target") -> None:
+def check_no_stale_side_files(path: str) -> None:
     """Raise StaleSideFileError if a new database file at path would find a
     -journal or -wal already beside it (see APPLIED_SIDE_FILES)."""
     for side in APPLIED_SIDE_FILES:
         if os.path.lexists(path + side):
-            raise StaleSideFileError(path, side, role)
+            raise StaleSideFileError(path, side)
 
 
 def side_paths(path: str) -> list[str]:

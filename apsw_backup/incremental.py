@@ -808,15 +808,32 @@ class _RunOptions:
 
 
 class DeadlineError(IncrementalError):
-    """The run's timeout passed before the restore point was complete."""
+    """The run's timeout passed before the restore point was complete.
 
-    def __init__(self, opts: _RunOptions, doing: str, detail: str = "") -> None:
-        why = f" ({detail.rstrip('.')})" if detail else ""
+    Facts (files.with_facts): gave_up (a files.GaveUp: the run's elapsed
+    seconds and timeout; the lock waits, restarts and pages of copy()'s
+    give-up when it was copy() that gave up)."""
+
+    def __init__(
+        self, opts: _RunOptions, doing: str, cause: BaseException | None = None
+    ) -> None:
+        assert opts.timeout is not None
+        copied = getattr(cause, "gave_up", None)
+        gave_up = files.GaveUp(
+            elapsed=time.monotonic() - opts.started,
+            timeout=opts.timeout,
+            pages_copied=copied.pages_copied if copied else None,
+            page_count=copied.page_count if copied else None,
+            waits=copied.waits if copied else 0,
+            restarts=copied.restarts if copied else 0,
+        )
+        files.with_facts(self, gave_up=gave_up)
+        why = f" ({str(cause).rstrip('.')})" if cause is not None else ""
         super().__init__(
-            f"the incremental backup gave up after "
-            f"{time.monotonic() - opts.started:.2f} s while {doing}: its "
-            f"timeout ({opts.timeout:g} s) passed, and nothing was kept{why}. "
-            "To finish it: retry with a longer timeout (--timeout), or none"
+            f"the incremental backup gave up after {gave_up.elapsed:.2f} s "
+            f"while {doing}: its timeout ({gave_up.timeout:g} s) passed, and "
+            f"nothing was kept{why}. To finish it: retry with a longer "
+            "timeout, or None"
         )
 
 
@@ -856,7 +873,7 @@ class _Recording:
                 raise
             except _c.Error as exc:
                 if opts.expired():  # copy()'s deadline: the run's
-                    raise DeadlineError(opts, "copying the pages", str(exc)) from exc
+                    raise DeadlineError(opts, "copying the pages", exc) from exc
                 # the shim's own failure (writing the restore point) is the
                 # cause to report, not SQLite's generic "disk I/O error"
                 why = _c._delta_result(self.capsule)
@@ -1342,8 +1359,8 @@ def restore(
         )
     if exists:
         _check_dest_is_a_database(target)
-    else:  # the plain backup's rule, in restore's words (DEST)
-        files.check_no_stale_side_files(target, role="DEST")
+    else:  # the plain backup's rule
+        files.check_no_stale_side_files(target)
     if _parse_name(point) is None and not point.endswith(SUFFIX):
         return _restore_plain(point, target, exists, keep_wal, timeout, progress)
     chain = _chain_to(point, os.path.dirname(point))

@@ -15,12 +15,13 @@ from apsw_backup.cli.errors import (
     EXIT_VERIFY,
     PROG,
     Failure,
-    _count,
     _os_cause,
     _q,
+    gave_up_words,
+    in_our_words,
 )
 from apsw_backup.cli.open_problems import cause_of, path_too_long
-from apsw_backup.cli.plan import Job, _check_folder, _check_source, _stale_message
+from apsw_backup.cli.plan import Job, _check_folder, _check_source
 from apsw_backup.cli.signals import Interrupted
 from apsw_backup.cli.summary import _print_json
 from apsw_backup.cli.verification import (
@@ -86,7 +87,7 @@ def _explain(exc: BaseException, job: Job, args: argparse.Namespace) -> str:
     if isinstance(exc, apsw_backup.BusyError) and (
         args.timeout is not None and elapsed >= args.timeout
     ):
-        return _timeout_text(job, args.timeout, elapsed)
+        return f"BusyError: {_timeout_text(job, args.timeout, elapsed)}"
     if isinstance(exc, apsw_backup.FullError) or (
         isinstance(exc, (apsw_backup.IOError, OSError)) and _dest_is_full(job)
     ):
@@ -102,50 +103,21 @@ def _explain(exc: BaseException, job: Job, args: argparse.Namespace) -> str:
         )
         if found:
             return found
-    if isinstance(exc, files.StaleSideFileError):
-        return _stale_message(exc)
-    if isinstance(exc, FileExistsError):
-        return (
-            f"another file appeared at DEST {_q(job.dest)} while the copy was "
-            "made (another run, or another program, created it): the copy "
-            "was not put in its place. Run the backup again (with --overwrite "
-            "to replace that file), or choose another DEST"
-        )
+    # The library's own errors, from their facts; SQLite's and the OS's as
+    # they are.
+    ours = in_our_words(exc, locked=_locked_side(job))
+    if ours is not None:
+        if isinstance(exc, FileExistsError):  # the file at DEST: as plan says it
+            return ours
+        return f"{type(exc).__name__}: {ours}"
     if isinstance(exc, OSError):
         return f"file system error on {_q(exc.filename or job.dest)}: {_os_cause(exc)}"
-    role = _ROLES.get(getattr(exc, "role", None) or "")
-    code = getattr(exc, "os_errno", None)
-    if role and isinstance(code, int):  # copy()'s structure, in our words
-        cause = files.os_cause(OSError(code, os.strerror(code)))
-        path = str(getattr(exc, "filename", None) or job.dest)
-        return f"{type(exc).__name__}: cannot use {role} {_q(path)}: it {cause}"
-    return f"{type(exc).__name__}: {in_cli_terms(str(exc))}"
+    return f"{type(exc).__name__}: {exc}"
 
 
-# copy()'s roles of the paths it refuses (apsw_backup.copy._cannot).
-_ROLES = {
-    "source database": "SOURCE",
-    "target": "DEST",
-    "target's folder": "DEST's folder",
-}
-
-
-# copy()'s words for what the command calls SOURCE and DEST, longest first.
-CLI_TERMS = [
-    ("copy()", "the backup"),
-    ("finish()", "finishing the backup"),
-    ("the new target", "DEST"),
-    ("the target", "DEST"),
-    ("the source", "SOURCE"),
-    ("target", "DEST"),
-]
-
-
-def in_cli_terms(text: str) -> str:
-    """A message of copy() or SQLite in the command's terms (SOURCE, DEST)."""
-    for words, ours in CLI_TERMS:
-        text = text.replace(words, ours)
-    return text
+def _locked_side(job: Job) -> str:
+    """What a lock wait of this job waited for."""
+    return "SOURCE" if not job.existed else "SOURCE or DEST"
 
 
 def _path_problem(job: Job) -> str | None:
@@ -172,26 +144,16 @@ def _dest_too_long(job: Job) -> str | None:
 
 
 def _timeout_text(job: Job, timeout: float, elapsed: float) -> str:
-    causes = []
-    if job.waits:
-        where = "SOURCE" if not job.existed else "SOURCE or DEST"
-        causes.append(
-            f"{where} was locked by another connection ({_count(job.waits, 'retry', 'retries')})"
-        )
-    if job.restarts:
-        causes.append(
-            f"the copy started again {_count(job.restarts, 'time')} because other "
-            "connections wrote to SOURCE"
-        )
-    cause = "; ".join(causes) or "the time limit passed before the copy was complete"
-    copied = (
-        f"{job.copied} of {job.total} pages copied"
-        if job.total
-        else "no page copied yet"
-    )
-    return (
-        f"BusyError: gave up after {elapsed:.2f} s (--timeout {timeout:g}) with "
-        f"{copied}: {cause}. Retry later, or with a longer --timeout"
+    """The deadline passed: the figures are the job's, as its progress line
+    showed them."""
+    return gave_up_words(
+        elapsed,
+        timeout,
+        job.copied,
+        job.total,
+        job.waits,
+        job.restarts,
+        _locked_side(job),
     )
 
 

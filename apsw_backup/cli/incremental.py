@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,9 +29,11 @@ from apsw_backup.cli.errors import (
     EXIT_OK,
     EXIT_USAGE,
     EXIT_VERIFY,
+    HOLDS,
     PROG,
     Failure,
     UsageError,
+    in_our_words,
 )
 from apsw_backup.cli.signals import Interrupted, Interrupts
 
@@ -76,33 +77,33 @@ def run(argv: Sequence[str], interrupts: Interrupts) -> int:
         )
     except inc.BrokenChainError as exc:
         return failed(EXIT_VERIFY, str(exc), exc, path=exc.path)
+    except (files.SameFileError, files.StaleSideFileError) as exc:
+        # refusals: nothing written
+        return failed(EXIT_USAGE, _words(exc), exc)
+    except inc.DeadlineError as exc:
+        return failed(EXIT_ERROR, f"the backup {_words(exc)}. Nothing was kept", exc)
     except inc.IncrementalError as exc:
-        return failed(EXIT_ERROR, _sqlite_message(exc), exc)
+        return failed(EXIT_ERROR, _words(exc), exc)
     except ValueError as exc:
         return failed(EXIT_USAGE, str(exc), exc)
-    except files.StaleSideFileError as exc:  # a refusal: nothing written
-        return failed(EXIT_USAGE, str(exc), exc)
     except OSError as exc:
-        if exc.errno is None:  # ours: a refusal whose message says it all
+        if getattr(exc, "role", None) is not None:  # the library's, from its facts
+            return failed(EXIT_ERROR, _words(exc), exc)
+        if exc.errno is None:  # restore's refusals, whose message says it all
             return failed(EXIT_USAGE, str(exc), exc)
         # the OS's: name the file, the cause and the cure
         where = f"{exc.filename!r} " if exc.filename else ""
         return failed(EXIT_ERROR, f"{where}{files.os_cause(exc)}", exc)
     except apsw_backup.Error as exc:
-        return failed(EXIT_ERROR, _sqlite_message(exc), exc)
+        return failed(EXIT_ERROR, _words(exc), exc)
 
 
-def _sqlite_message(exc: Exception) -> str:
-    """An SQLite error in words: its message (cause and cure), without the
-    Python class name in front, the library's names as the command's."""
-    return _command_words(str(exc)).replace("copy() gave up", "the backup gave up")
-
-
-def _command_words(text: str) -> str:
-    """copy()'s message with the library's names (timeout=, None) as the
-    command's options."""
-    text = re.sub(r"\(timeout=([0-9.]+) s\)", r"(--timeout \1)", text)
-    return text.replace("with a longer timeout (or None)", "with a longer --timeout")
+def _words(exc: BaseException, source: str = "SOURCE", locked: str = "SOURCE") -> str:
+    """exc in the command's words: the library's errors from their facts
+    (errors.in_our_words), SQLite's own as they are (their message names
+    the cause and cure), without the Python class name in front."""
+    words = in_our_words(exc, source, locked)
+    return words if words is not None else str(exc)
 
 
 def _error_object(message: str, exc: BaseException | None) -> dict[str, Any]:
@@ -307,10 +308,12 @@ def _restore(args: argparse.Namespace, interrupts: Interrupts) -> int:
 
 
 def _restore_failed(dest: str, exc: BaseException) -> str:
-    """An SQLite error of restore in the command's words: DEST named, the
-    library's names (copy(), timeout=, None) as the options of the command."""
-    text = _command_words(str(exc)).replace("copy() gave up", "the restore gave up")
-    text = text.replace("the target", "DEST")
+    """A failure of restore in the command's words: DEST named, the cause
+    and cure, and what DEST holds when the library says."""
+    text = _words(exc, source="BACKUP", locked="BACKUP or DEST")
+    holds = HOLDS.get(getattr(exc, "target_state", None) or "")
+    if holds:
+        text = f"{text}. {holds}"
     return f"restore into DEST {dest!r} failed: {text}"
 
 

@@ -21,6 +21,7 @@ from apsw_backup.cli.errors import (
     UsageError,
     _os_cause,
     _q,
+    in_our_words,
 )
 from apsw_backup.cli.folder import backup_name
 
@@ -138,7 +139,7 @@ def _plan(args: argparse.Namespace) -> Job:
     except files.SameFileError as exc:
         # --json's error class stays "ValueError", as copy() documents it.
         error = ValueError(str(exc))
-        raise Failure(EXIT_USAGE, _same_file_message(exc), error) from exc
+        raise Failure(EXIT_USAGE, _refused(exc), error) from exc
     _check_source(source)
     _check_source_header(source)
     folder = None
@@ -224,7 +225,16 @@ def _check_name_length(dest: str, named_here: bool) -> None:
 def _check_schema(schema: str) -> None:
     """Refuse --schema temp: the temporary database of the command's own
     connection to SOURCE is always empty, so the "backup" would hold
-    nothing -- and --keep would rotate real backups away for it."""
+    nothing -- and --keep would rotate real backups away for it.  Any other
+    name but main: SOURCE is a file, which holds one database, main."""
+    if schema.casefold() not in ("main", "temp"):
+        raise Failure(
+            EXIT_USAGE,
+            f"--schema {schema!r} is not a database of SOURCE: SOURCE is a "
+            "database file, which holds one database, main (attached databases "
+            "are files of their own: back them up by their path)",
+            UsageError("--schema"),
+        )
     if schema.casefold() == "temp":
         raise Failure(
             EXIT_USAGE,
@@ -263,26 +273,6 @@ def _check_rotation(folder: str) -> None:
         )
 
 
-_SIDE_FILE_NAMES = {
-    "-wal": "write-ahead log",
-    "-shm": "shared-memory index",
-    "-journal": "rollback journal",
-}
-
-
-def _same_file_message(error: files.SameFileError) -> str:
-    what = "SOURCE itself"
-    if error.side:
-        what = (
-            f"SOURCE's {_SIDE_FILE_NAMES[error.side]} ({error.side} file), which "
-            "SQLite deletes or rewrites"
-        )
-    return (
-        f"DEST {_q(error.path)} is {what}: a copy written there would be lost and "
-        f"could damage SOURCE {_q(error.source)}. Choose another DEST"
-    )
-
-
 def _check_side_file_name(dest: str) -> None:
     """Refuse DEST named as another database's side file (other.db-wal):
     opening that database would apply the copy to it, or delete it."""
@@ -302,19 +292,16 @@ def _check_stale_side_files(dest: str) -> None:
     """The file layer's rule (files.check_no_stale_side_files), in the
     command's words."""
     try:
-        files.check_no_stale_side_files(dest, role="DEST")
+        files.check_no_stale_side_files(dest)
     except files.StaleSideFileError as exc:
-        message = _stale_message(exc)
-        raise Failure(EXIT_USAGE, message, UsageError("DEST")) from exc
+        raise Failure(EXIT_USAGE, _refused(exc), UsageError("DEST")) from exc
 
 
-def _stale_message(error: files.StaleSideFileError) -> str:
-    return (
-        f"DEST {_q(error.path)} does not exist, but {_q(error.filename)} is "
-        "there (left by a crash, or by another database of that name): "
-        "SQLite would apply it to the new copy and corrupt it. Move it "
-        "away once you know it is not needed, or choose another DEST"
-    )
+def _refused(error: files.SameFileError | files.StaleSideFileError) -> str:
+    """A refusal of the file layer, worded from its facts."""
+    words = in_our_words(error)
+    assert words is not None  # both carry their facts
+    return words
 
 
 def _check_source(source: str) -> None:
