@@ -22,7 +22,6 @@ This module is that loop, with the traps of a live database handled:
 from __future__ import annotations
 
 import errno
-import math
 import os
 import stat
 import sys
@@ -62,6 +61,9 @@ AUTO_SNAPSHOT_AFTER = 3
 # Seconds a connection may stay in use by another call (another thread's)
 # before copy() gives up: it may be a call copy() runs inside, never ending.
 IN_USE_LIMIT = 5.0
+# The longest wait between retries (sleep=): an hour; time.sleep() cannot
+# wait for much longer ones (OverflowError) and no lock is waited out so.
+SLEEP_MAX = 3600.0
 # After a failed copy into an existing file, seconds copy() waits for
 # another connection's lock to roll a hot journal back (files.roll_back_hot_journal).
 ROLLBACK_WAIT = 5.0
@@ -162,8 +164,11 @@ class _Options:
             raise TypeError("progress must be callable or None")
         for argument in ("name", "target_name"):
             _check_schema_name(argument, getattr(self, argument))
-        if not _is_number(self.sleep) or not 0 <= self.sleep < math.inf:
-            raise ValueError(f"sleep must be a finite number >= 0, not {self.sleep!r}")
+        if not _is_number(self.sleep) or not 0 <= self.sleep <= SLEEP_MAX:
+            raise ValueError(
+                f"sleep must be a number of seconds from 0 to {SLEEP_MAX:g}, "
+                f"not {self.sleep!r}"
+            )
         if self.timeout is not None and (
             not _is_number(self.timeout) or not self.timeout >= 0
         ):
@@ -269,6 +274,18 @@ def _cannot(role: str, path: str, exc: OSError) -> _c.Error:
     return _with_codes(error, _c.SQLITE_CANTOPEN)
 
 
+def _not_a_file(role: str, path: str) -> _c.Error:
+    """CantOpenError for a path that is a FIFO, socket or device: SQLite
+    would block opening a FIFO, or fail on it mid-copy."""
+    error = _c.CantOpenError(
+        f"cannot use the {role} {path!r}: it is not a regular file (a FIFO, "
+        "socket or device): give the path of a database file"
+    )
+    files.with_facts(error, role=role, path=path)
+    error.filename = path  # type: ignore[attr-defined]
+    return _with_codes(error, _c.SQLITE_CANTOPEN)
+
+
 def _is_stdlib_connection(obj: object) -> TypeGuard[sqlite3.Connection]:
     """Whether obj is a standard-library sqlite3.Connection."""
     module = sys.modules.get("sqlite3")
@@ -365,6 +382,8 @@ class _SourceSide:
             self.file = os.fspath(source)
             if not isinstance(self.file, str):
                 raise TypeError("a source path must be a str or os.PathLike of str")
+            # A path is a file: never SQLite's ":memory:" nor a "file:" URI.
+            self.file = os.path.abspath(self.file)
             if options.name.casefold() == "temp":
                 # copy()'s own connection to the file: its temp schema is
                 # always empty, and a backup of nothing must never pass for
@@ -516,6 +535,8 @@ def _check_source_file(path: str) -> None:
         raise _cannot("source", path, exc) from exc
     if stat.S_ISDIR(info.st_mode):
         raise _cannot("source", path, IsADirectoryError(21, "", path))
+    if not stat.S_ISREG(info.st_mode):
+        raise _not_a_file("source", path)
     if not os.access(path, os.R_OK):
         raise _cannot("source", path, PermissionError(13, "", path))
 
@@ -805,7 +826,7 @@ class _TargetSide:
                     target_state="not created",
                 ) from exc
 
-    def roll_back(self) -> None:
+    def roll_back(self, wait: float) -> None:
         """After a failure, with the Backup finished: close an existing file
         target and have SQLite roll back the hot journal a failed write
         (ENOSPC, EIO) leaves -- SQLite cannot roll back on the connection
@@ -817,7 +838,7 @@ class _TargetSide:
             return
         conn, self.conn = self.conn, None
         _close_quietly(conn)
-        self.torn = files.roll_back_hot_journal(self.file, ROLLBACK_WAIT)
+        self.torn = files.roll_back_hot_journal(self.file, wait)
 
     def close(self) -> None:
         """Close what was opened here; an unpublished new copy is removed."""
@@ -841,6 +862,8 @@ def _check_target_path(path: str) -> str:
     else:
         if stat.S_ISDIR(info.st_mode):
             raise _cannot("target", path, IsADirectoryError(21, "", path))
+        if not stat.S_ISREG(info.st_mode):
+            raise _not_a_file("target", path)
         _check_writable("target", path)
         _check_writable("target's folder", os.path.dirname(path))
         return "existing"
@@ -977,19 +1000,24 @@ class _Copy:
             finally:
                 self._dst.close()
 
-    def _give_up(self) -> None:
-        """Finish an unfinished Backup (SQLite rolls the target back) and
-        roll back what a failed write left in an existing file target, so
-        that a message about the target says what it holds now (_left_as).
-        Idempotent; after a complete copy there is nothing to do."""
+    def _give_up(self, write_failed: bool = False) -> None:
+        """Finish an unfinished Backup (SQLite rolls the target back) and,
+        after a failed write (write_failed: only that leaves a target torn),
+        roll back what it left in an existing file target, so that a message
+        about the target says what it holds now (_left_as).  The roll-back
+        waits for another connection's lock no longer than the timeout
+        leaves.  Idempotent; after a complete copy there is nothing to do."""
         if self._backup is not None:
             backup, self._backup = self._backup, None
             committed = backup.done
             self._stopped_at = (backup.page_count - backup.remaining, backup.page_count)
             self._restarts += backup.restarts
             backup.close(True)
-            if not committed:
-                self._dst.roll_back()
+            if not committed and write_failed:
+                wait = ROLLBACK_WAIT
+                if self._opts.timeout is not None:
+                    wait = min(wait, max(0.0, self._opts.timeout - self._elapsed()))
+                self._dst.roll_back(wait)
 
     def step(self) -> Outcome:
         """Take the snapshot if it is due, then copy the next pages.
@@ -1263,7 +1291,7 @@ class _Copy:
     def _final(self, error: _c.Error) -> _c.Error:
         """A final step error, in copy()'s terms where the OS cause is known."""
         if isinstance(error, _c.FullError):
-            self._give_up()
+            self._give_up(write_failed=True)
             full = _renamed(
                 error,
                 f"the copy into {self._dst.file or 'the target'!r} ran out of space "
@@ -1278,7 +1306,7 @@ class _Copy:
                 target_state=self._left_state(),
             )
         if isinstance(error, _c.IOError):
-            self._give_up()
+            self._give_up(write_failed=True)
             said = _renamed(error, f"{error}; {self._left_as()}")
             said.__cause__ = error.__cause__
             facts = {n: getattr(error, n, None) for n in files.FACTS}

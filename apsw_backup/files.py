@@ -342,9 +342,22 @@ class SameFileError(ValueError):
 
     errno = None
 
-    def __init__(self, source: str, path: str, side: str) -> None:
+    def __init__(self, source: str, path: str, side: str, role: str = "target") -> None:
+        self.source, self.target = source, path
+        if role == "source":
+            # The mirror: the source is named as one of the target's side
+            # files.  Opening the target, SQLite would take it for the
+            # target's journal or WAL, and apply or delete it.
+            with_facts(self, role="source", path=source, side=side)
+            super().__init__(
+                f"the source {source!r} is named as the target's {side[1:]} file "
+                f"(target {path!r}): opening the target, SQLite would take the "
+                "source for the target's own file and delete or apply it, so "
+                "the source would be lost; rename or copy the source to "
+                "another name first, or choose another target"
+            )
+            return
         with_facts(self, role="target", path=path, side=side)
-        self.source = source
         if side:
             message = (
                 f"the target {path!r} is the source's {side[1:]} file "
@@ -476,10 +489,15 @@ def side_file_of(source_path: str, target_path: str) -> str | None:
 
 def check_distinct(source_path: str, target_path: str) -> None:
     """Raise SameFileError (a ValueError), naming both, if target_path is the
-    source's database file or one of its side files (see side_file_of)."""
+    source's database file or one of its side files (see side_file_of), or
+    source_path one of the target's (role "source": SQLite, opening the
+    target, would delete or apply it)."""
     found = side_file_of(source_path, target_path)
     if found is not None:
         raise SameFileError(source_path, target_path, found)
+    found = side_file_of(target_path, source_path)
+    if found:  # the source is named as one of the target's side files
+        raise SameFileError(source_path, target_path, found, role="source")
 
 
 def check_no_stale_side_files(path: str) -> None:

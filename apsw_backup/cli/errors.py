@@ -104,6 +104,14 @@ def in_our_words(
     path = str(getattr(exc, "path", ""))
     side = getattr(exc, "side", None)
     who = f"{_ROLE_NAMES.get(role, source)} {_q(path)}"
+    if isinstance(exc, files.SameFileError) and role == "source":
+        return (
+            f"{who} is named as DEST's {_SIDE_FILE_NAMES.get(str(side), 'side file')} "
+            f"({side} file of DEST {_q(exc.target)}): opening DEST, SQLite would "
+            f"take {source} for DEST's own file and delete or apply it, so "
+            f"{source} would be lost. Rename or copy {source} to another name "
+            "first, or choose another DEST"
+        )
     if isinstance(exc, files.SameFileError):
         what = f"{source} itself"
         if side:

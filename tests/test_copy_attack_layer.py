@@ -1,0 +1,125 @@
+"""copy()'s file rules found missing by a blind attack (issue 19's class:
+one file layer): each test failed before its fix."""
+
+import os
+import sqlite3
+import threading
+import time
+
+import pytest
+
+import apsw_backup
+from apsw_backup import files
+
+
+def make(path, rows=50):
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE t(x)")
+    conn.executemany("INSERT INTO t VALUES (?)", [(b"x" * 500,)] * rows)
+    conn.commit()
+    conn.close()
+
+
+@pytest.mark.parametrize("side", ["-journal", "-wal", "-shm"])
+def test_a_source_named_as_the_targets_side_file_is_refused_and_kept(tmp_path, side):
+    # SQLite, opening the target, took the source for the target's own
+    # journal/WAL and deleted it (exit 0 for -journal): data lost.
+    target = tmp_path / "x.db"
+    make(target, 1)
+    source = tmp_path / f"x.db{side}"
+    make(source)
+    before = source.read_bytes()
+    with pytest.raises(files.SameFileError) as info:
+        apsw_backup.copy(str(source), str(target))
+    assert info.value.role == "source" and info.value.side == side
+    assert "rename or copy the source" in str(info.value)
+    assert source.read_bytes() == before
+
+
+def test_a_source_file_named_memory_is_the_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    make(tmp_path / ":memory:", 30)
+    result = apsw_backup.copy(":memory:", "out.db")
+    assert result.pages > 1
+    conn = sqlite3.connect(tmp_path / "out.db")
+    assert conn.execute("SELECT count(*) FROM t").fetchone() == (30,)
+    conn.close()
+
+
+@pytest.mark.parametrize("which", ["source", "target"])
+def test_a_fifo_is_refused_at_once(tmp_path, which):
+    # copy('fifo', ...) blocked for ever in SQLite's open (timeout=2 or not).
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    db = tmp_path / "db.db"
+    make(db)
+    args = (
+        (str(fifo), str(tmp_path / "out.db"))
+        if which == "source"
+        else (str(db), str(fifo))
+    )
+    result = {}
+
+    def run():
+        try:
+            apsw_backup.copy(*args, timeout=2)
+        except BaseException as exc:  # noqa: BLE001 - looked at below
+            result["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(10)
+    if thread.is_alive():  # unblock the open, then fail
+        os.close(os.open(fifo, os.O_RDWR | os.O_NONBLOCK))
+        pytest.fail("copy() hung on a FIFO")
+    error = result.get("error")
+    assert isinstance(error, apsw_backup.CantOpenError), error
+    assert "not a regular file" in str(error) and error.role == which
+
+
+def test_a_sleep_time_cannot_outgrow_time_sleep(tmp_path):
+    db = tmp_path / "db.db"
+    make(db)
+    with pytest.raises(ValueError, match="sleep must be a number of seconds from 0 to"):
+        apsw_backup.copy(str(db), str(tmp_path / "out.db"), sleep=1e308)
+    assert not (tmp_path / "out.db").exists()
+
+
+def test_the_timeout_bounds_a_copy_into_a_target_another_connection_locks(tmp_path):
+    # It lasted timeout + 5 s: the roll-back of a hot journal waited 5 s for
+    # the other connection's lock, though no write had failed.
+    db, target = tmp_path / "db.db", tmp_path / "target.db"
+    make(db, 200)
+    make(target, 1)
+    holder = sqlite3.connect(target, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    holder.execute("INSERT INTO t VALUES (1)")
+    try:
+        begun = time.monotonic()
+        with pytest.raises(apsw_backup.BusyError) as info:
+            apsw_backup.copy(str(db), str(target), timeout=0.5, verify=None)
+        took = time.monotonic() - begun
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert took < 3.0, took
+    assert info.value.target_state == "rolled back"
+
+
+def test_the_command_refuses_a_source_named_as_dests_side_file(tmp_path):
+    import subprocess
+    import sys
+
+    target = tmp_path / "x.db"
+    make(target, 1)
+    source = tmp_path / "x.db-journal"
+    make(source)
+    before = source.read_bytes()
+    proc = subprocess.run(
+        [sys.executable, "-m", "apsw_backup", "--overwrite", str(source), str(target)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert "is named as DEST's rollback journal" in proc.stderr
+    assert "target" not in proc.stderr
+    assert source.read_bytes() == before
