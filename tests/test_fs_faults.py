@@ -230,20 +230,13 @@ def test_a_kill_right_after_the_commit_leaves_dest_in_rollback_mode(tmp_path):
 
 @needs_strace
 @pytest.mark.heavy
-@pytest.mark.parametrize(
-    "name, dest_key",
-    [
-        ("existing-wal", "pwrite64(ROOT/data/dst.db)"),
-        ("new-wal", "pwrite64(ROOT/data/dst.db.apsw-backup-P.partial)"),
-    ],
-)
-def test_a_kill_at_any_call_after_the_commit_leaves_dest_in_rollback_mode(
-    tmp_path, name, dest_key
-):
+def test_a_kill_at_any_call_after_the_commit_leaves_dest_in_rollback_mode(tmp_path):
     # The whole window of the old switch, call by call (about 50 runs).
-    harness = runner.Harness(SCENARIOS[name], tmp_path)
+    # Checked: failed before the fix at kills from the commit's writes into
+    # DEST on: DEST was left, or the next run left it, in WAL mode.
+    harness = runner.Harness(SCENARIOS["existing-wal"], tmp_path)
     found = {}
-    for call in _after_the_commit(harness.record(), dest_key):
+    for call in _after_the_commit(harness.record(), "pwrite64(ROOT/data/dst.db)"):
         problems, _landed = harness.inject(call, runner.KILL)
         if problems:
             found[repr(call)] = problems
