@@ -1,4 +1,4 @@
-"""A copy of a WAL source is committed in rollback-journal mode (issue 19).
+"""A copy of a WAL source is committed in rollback-journal mode (docs/journal-mode.md).
 
 The backup API copies page 1 with the source's header, whose bytes 18 and
 19 say "WAL".  copy() used to commit that and then switch the target back

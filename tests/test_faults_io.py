@@ -99,9 +99,9 @@ def test_cli_read_error_while_verifying_is_reported_as_an_io_error(harness):
 
 def test_a_successful_copy_leaves_no_wal_beside_dest_when_its_delete_fails(harness):
     # A WAL source into an existing DEST.  The second xDelete of the run was
-    # DEST-wal's, when copy() switched DEST back to rollback mode; since
-    # issue 19 the copy is committed in rollback mode and no DEST-wal is
-    # made (tests/test_copy_rollback_mode.py).  Each xDelete the run makes
+    # DEST-wal's, when copy() switched DEST back to rollback mode; now the
+    # copy is committed in rollback mode and no DEST-wal is made
+    # (docs/journal-mode.md).  Each xDelete the run makes
     # now fails in turn (the commit's delete of DEST-journal fails the copy,
     # which leaves DEST to roll back): DEST old or complete, nothing stale
     # beside it.
