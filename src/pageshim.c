@@ -47,6 +47,12 @@
  *    that runs beside the read-back (dropping it made that check wait for
  *    the disk).  A file system or page size that refuses O_DIRECT falls
  *    back to the cache drop above.
+ *
+ * The rollback shim (pageshim_rollback_vfs) is this same VFS registered a
+ * second time per base VFS; its main database files also have a page 1
+ * saying WAL written saying rollback journal (shim_write), so that a
+ * backup of a WAL source commits a rollback-journal database
+ * (docs/journal-mode.md).
  */
 #define _GNU_SOURCE
 #include "pageshim.h"
