@@ -160,14 +160,15 @@ def says_wal(path):
 
 def check_rollback_mode(scenario, root):
     """Every DEST the command writes -- from a rollback DEST or a new one,
-    whatever SOURCE's mode -- is in rollback-journal mode (docs/cli.md):
+    whatever SOURCE's mode -- is in rollback-journal mode (docs/journal-mode.md):
     one file alone.  A DEST left in WAL mode stays so for every later run
     ('an existing WAL DEST stays WAL')."""
-    if scenario.kind == "verify":
+    if scenario.kind not in ("new", "existing", "folder"):
         return []
     dest = scenario.dest(root)
     if scenario.kind == "folder":
-        paths = [p for p in dest.iterdir() if BACKUP_NAME.match(p.name)]
+        names = os.listdir(dest) if dest.is_dir() else []
+        paths = [dest / n for n in names if BACKUP_NAME.match(n)]
     else:
         paths = [dest]
     return [
