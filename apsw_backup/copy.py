@@ -88,7 +88,6 @@ TARGET_CACHE_KIB = 1024
 
 _C_INT_MAX = 2**31 - 1
 _SQLITE_IOERR_WRITE = _c.SQLITE_IOERR | (3 << 8)
-_SQLITE_IOERR_DELETE = _c.SQLITE_IOERR | (10 << 8)
 
 FINISHED_OUTSIDE = (
     "the backup was finished outside copy(): the progress callback or another "
@@ -558,7 +557,7 @@ class _TargetSide:
         self.new: files.NewFile | None = None
         self.flusher: files.Flusher | None = None
         self.flush_every = options.flush_every or 0
-        self.was_wal = False
+        self.keep_wal = options.keep_wal
         self.schema = options.target_name
         # verify="default"/"full": every page SQLite writes to a file opened
         # here is hashed (PageRecorder) for the byte check; no_hashes says
@@ -637,29 +636,40 @@ class _TargetSide:
         else:
             flags = _c.SQLITE_OPEN_READWRITE
         try:
-            self.conn = _c.Connection(path, flags, self._record(path))
+            self.conn = _c.Connection(path, flags, self._vfs(path))
         except _c.CantOpenError as exc:
             error = _renamed(exc, f"cannot open the target {self.file!r}: {exc}")
             state = "not created" if self.new is not None else "unchanged"
             raise files.with_facts(
                 error, role="target", path=self.file, target_state=state
             ) from exc
-        if self.new is None:
-            # Through the handle just opened: never a descriptor of ours.
-            self.was_wal = files.header_is_wal(self.conn.file_header("main"))
         if self.flush_every:
             self._start_flushing()
 
-    def _record(self, path: str) -> str | None:
-        """The VFS to open the target with: a PageRecorder's, when verifying."""
-        if self.level is None:
-            return None
-        try:
-            self.recorder = _c.PageRecorder(path)
-        except ValueError as exc:  # another copy records this file now
-            self.no_hashes = str(exc)
-            return None
-        return self.recorder.vfs
+    def _vfs(self, path: str) -> str | None:
+        """The VFS to open the target with.
+
+        A copy of a WAL source is a WAL database: the backup copies page 1
+        with the source's header, whose bytes 18 and 19 say "WAL".  Unless
+        keep_wal, the target is opened through the rollback shim
+        (src/pageshim.c), which writes that page 1 saying "rollback
+        journal" instead: the copy is committed in rollback-journal mode,
+        in the one transaction that writes it, and never has to leave WAL
+        mode (a switch afterwards is a second transaction, and a kill
+        during it left the target in WAL mode beside a -journal).  A
+        target in WAL mode when the copy commits (an existing WAL database,
+        its users' choice) stays in WAL mode: the shim leaves alone the
+        writes of a connection in WAL mode.  When verifying, a
+        PageRecorder records what is written, through either shim.
+        """
+        if self.level is not None:
+            try:
+                self.recorder = _c.PageRecorder(path)
+            except ValueError as exc:  # another copy records this file now
+                self.no_hashes = str(exc)
+        if not self.keep_wal:
+            return _c._rollback_vfs()
+        return self.recorder.vfs if self.recorder is not None else None
 
     def _start_flushing(self) -> None:
         """Write the copy out in slices as it goes (flush_every).
@@ -712,25 +722,27 @@ class _TargetSide:
         """The file the copy is being written to."""
         return self.new.path if self.new is not None else self.file
 
-    def settle(self, keep_wal: bool) -> None:
-        """Leave the complete copy in its final journal mode and close it."""
+    def settle(self) -> None:
+        """Close the complete copy's connection; its journal mode is already
+        its final one (see _vfs).
+
+        Nothing more is asked of that connection: its cached page 1 is the
+        one the backup copied, which may still say "WAL" where the file, as
+        the rollback shim wrote it, says "rollback journal" -- and SQLite
+        keeps that cache while the file's change counter is the same, so
+        the next statement would open the target in WAL mode.  Whatever
+        follows opens a connection of its own.  A copy in WAL mode (kept,
+        or the existing target's mode) is checkpointed into the file by
+        that close when nobody else has it open; if others keep its -wal,
+        a fresh connection checkpoints it for the byte check (see
+        _settle_for_read_back).
+        """
         if self.user is not None or self.conn is None:
             return
-        if not keep_wal and not self.was_wal:
-            self._to_rollback_journal()
-        if self.recorder is not None:
-            self._settle_for_read_back()
         conn, self.conn = self.conn, None
         conn.close()
-        if self.new is not None and not keep_wal:
-            # In rollback-journal mode, with its last connection closed, the
-            # copy needs no -wal or -shm: all is in the file.  SQLite carries
-            # on when it cannot delete them (a failed xDelete); then they are
-            # removed here -- and if that fails too, the copy fails: the
-            # result must be one file alone.
-            for side in ("-wal", "-shm"):
-                if os.path.lexists(self.new.path + side):
-                    os.remove(self.new.path + side)
+        if self.recorder is not None and os.path.lexists(self.work_file + "-wal"):
+            self._settle_for_read_back()
 
     def _settle_for_read_back(self) -> None:
         """A copy left in WAL mode has pages in its -wal: checkpoint them into
@@ -739,70 +751,16 @@ class _TargetSide:
         checks run (the byte check is reported as skipped, and why)."""
         from apsw_backup import verify
 
-        assert self.conn is not None
+        assert self.recorder is not None
+        conn = _c.Connection(
+            self.work_file, _c.SQLITE_OPEN_READWRITE, self.recorder.vfs
+        )
         try:
-            verify.settle(self.conn, self.schema)
+            verify.settle(conn, "main")
         except (_c.BusyError, _c.LockedError) as exc:
             self.no_hashes = str(exc)
-
-    def _to_rollback_journal(self) -> None:
-        """A copy of a WAL source is a WAL database (the mode is in the
-        header SQLite copied); switch it back so it is one file alone.  An
-        existing target that other connections now read in WAL mode cannot
-        switch (SQLITE_BUSY): it stays in WAL mode, as it is theirs too."""
-        assert self.conn is not None
-        mode = f"PRAGMA {_quoted(self.schema)}.journal_mode"
-        try:
-            if str(self.conn.execute(mode).fetchall()[0][0]).lower() != "wal":
-                return
-            now = self.conn.execute(mode + "=DELETE").fetchall()[0][0]
-        except (_c.BusyError, _c.LockedError):
-            if self.new is not None:
-                raise
-            return
-        if self.new is None and str(now).lower() == "delete":
-            self._remove_stale_wal()
-
-    def _remove_stale_wal(self) -> None:
-        """Leaving WAL mode checkpointed every frame into the file, but
-        SQLite carries on when it cannot delete the -wal (a failed xDelete).
-        A -wal beside a rollback-journal database is not harmless: the next
-        connection to open the file finds it, goes back to WAL mode and
-        replays it over whatever was written since.  So it is removed here
-        (a new target's is removed once it is closed, see settle), under an
-        exclusive lock: no other connection is reading the file (one in WAL
-        mode would hold a shared lock all along) or can open it meanwhile.
-        If one took it first, it found the -wal and made it its own: then
-        it is left, as the WAL mode is (see _to_rollback_journal)."""
-        assert self.conn is not None
-        if not any(os.path.lexists(self.file + s) for s in ("-wal", "-shm")):
-            return
-        try:
-            self.conn.execute("BEGIN EXCLUSIVE").fetchall()
-        except (_c.BusyError, _c.LockedError):
-            return
-        try:
-            for side in ("-wal", "-shm"):
-                if os.path.lexists(self.file + side):
-                    os.remove(self.file + side)
-        except OSError as exc:
-            error = _c.IOError(
-                f"the copy in the target {self.file!r} is complete, but SQLite "
-                f"left its old {side} file beside it and removing that failed: "
-                f"{exc.strerror or exc}. Remove {self.file + side!r} before the "
-                "target is opened again: SQLite would replay it over the copy"
-            )
-            files.with_facts(
-                error,
-                role="target",
-                path=self.file,
-                side=side,
-                os_errno=exc.errno,
-                target_state="complete",
-            )
-            raise _with_codes(error, _c.SQLITE_IOERR, _SQLITE_IOERR_DELETE) from exc
         finally:
-            self.conn.execute("COMMIT").fetchall()
+            conn.close()
 
     def publish(self) -> None:
         if self.new is not None:
@@ -1189,9 +1147,9 @@ class _Copy:
         self._count_locked()
 
     def settle(self) -> None:
-        """Put the complete copy in its final journal mode and close it."""
+        """Close the complete copy (already in its final journal mode)."""
         try:
-            self._dst.settle(self._opts.keep_wal)
+            self._dst.settle()
         except (_c.CorruptError, _c.NotADBError) as exc:
             self._explain_damage(exc)
         self._src.close()
@@ -1494,10 +1452,11 @@ def copy(
     caught in copy()'s transaction.  A read transaction the source
     connection already has is used as it is and left open.
     keep_wal: a copy of a WAL source is itself a WAL database; by default a
-    target copy() opened itself is switched back to rollback-journal mode so
-    the copy is one self-contained file (an existing target that was in WAL
-    mode before stays in WAL mode).  keep_wal=True leaves it in WAL mode.  A
-    Connection target is left as SQLite leaves it.
+    target copy() opened itself is committed in rollback-journal mode (its
+    page 1 written saying so, in the copy's own transaction: never a switch
+    afterwards), so the copy is one self-contained file; an existing target
+    in WAL mode stays in WAL mode.  keep_wal=True leaves the copy in WAL
+    mode.  A Connection target is left as SQLite leaves it.
     verify: "default", "full", a callable, or None (no verification).
     "default": every page SQLite writes to the target is hashed as it is
     written (a private VFS over the default one); once the copy is complete

@@ -45,6 +45,9 @@ static PyMethodDef module_methods[] = {
     {"_page_hash_variants", module_page_hash_variants, METH_O,
      "_page_hash_variants(data) -> dict\n\nTests only: the hash by each "
      "long-input loop of this build."},
+    {"_rollback_vfs", module_rollback_vfs, METH_NOARGS,
+     "Private (apsw_backup.copy): the VFS shim that writes a page 1 saying "
+     "WAL as saying rollback journal (src/pageshim.h)."},
     {"_incremental_vfs_names", incremental_vfs_names, METH_NOARGS,
      "Private (apsw_backup.incremental): the delta and overlay VFS names."},
     {"_delta_open", incremental_delta_open, METH_VARARGS, "Private."},

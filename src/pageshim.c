@@ -47,6 +47,12 @@
  *    that runs beside the read-back (dropping it made that check wait for
  *    the disk).  A file system or page size that refuses O_DIRECT falls
  *    back to the cache drop above.
+ *
+ * The rollback shim (pageshim_rollback_vfs) is this same VFS registered a
+ * second time per base VFS; its main database files also have a page 1
+ * saying WAL written saying rollback journal (shim_write), so that a
+ * backup of a WAL source commits a rollback-journal database
+ * (docs/journal-mode.md).
  */
 #define _GNU_SOURCE
 #include "pageshim.h"
@@ -62,12 +68,13 @@
 #include <unistd.h>
 
 #define SHIM_PREFIX "apsw_backup-pages-"
+#define ROLLBACK_PREFIX "apsw_backup-rollback-"
 /* Not in the 3.26 headers the Linux wheels are built with (xOpen's name is
  * a plain `const char *` there, as used here). */
 #ifndef SQLITE_OK_SYMLINK
 #define SQLITE_OK_SYMLINK (SQLITE_OK | (2 << 8))
 #endif
-#define MAX_SHIMS 8
+#define MAX_SHIMS 16 /* a plain and a rollback shim per base VFS */
 #define READ_CHUNK (1 << 20)
 #define DIRECT_CHUNK \
     (4 << 20) /* an O_DIRECT read: larger ones are not faster */
@@ -83,6 +90,8 @@ struct ShimFile {
     dev_t dev;
     ino_t ino;
     int have_id;
+    int rollback; /* a main database file opened through a rollback shim */
+    int wal;      /* xShmMap was called: the connection is in WAL mode */
 };
 #define SHIM_HEAD ((int)((sizeof(ShimFile) + 7) & ~(size_t)7))
 
@@ -111,10 +120,12 @@ struct Recording {
 
 static pthread_mutex_t registry_mutex = PTHREAD_MUTEX_INITIALIZER;
 static Recording *registry;
-static struct {
-    sqlite3_vfs vfs;
+typedef struct {
+    sqlite3_vfs vfs; /* first: a shim's sqlite3_vfs * is its ShimVfs * */
     char name[96];
-} shims[MAX_SHIMS];
+    int rollback; /* rewrite page 1's WAL flags (see shim_write) */
+} ShimVfs;
+static ShimVfs shims[MAX_SHIMS];
 static int n_shims;
 static pthread_once_t fork_once = PTHREAD_ONCE_INIT;
 
@@ -394,15 +405,48 @@ shim_read(sqlite3_file *file, void *buf, int amt, sqlite3_int64 off)
     return REAL(file)->pMethods->xRead(REAL(file), buf, amt, off);
 }
 
+/* Whether a write is of a page 1 whose header says "WAL": the file
+ * format's write or read version (bytes 18 and 19) is 2. */
+static int
+page1_says_wal(const unsigned char *buf, int amt, sqlite3_int64 off)
+{
+    return off == 0 && amt >= 100 && memcmp(buf, "SQLite format 3", 16) == 0
+           && (buf[18] == 2 || buf[19] == 2);
+}
+
+/* Through a rollback shim, a page 1 that says "WAL" is written saying
+ * "rollback journal" (each of bytes 18 and 19 that is 2 becomes 1, what
+ * PRAGMA journal_mode=DELETE writes), while the connection is not in WAL
+ * mode: so the backup API's commit of a WAL source's page 1 (copied with
+ * its flags, backup.c) makes a rollback-journal database, in the same
+ * transaction.  A connection in WAL mode (it mapped the -shm) writes the
+ * main file only to checkpoint: its page 1 says what its WAL and its
+ * other users say, and is left alone.  The hash is of the bytes written. */
 static int
 shim_write(sqlite3_file *file, const void *buf, int amt, sqlite3_int64 off)
 {
     ShimFile *f = (ShimFile *)file;
+    unsigned char *rewritten = NULL;
+    if (f->rollback && !f->wal && page1_says_wal(buf, amt, off)) {
+        rewritten = sqlite3_malloc(amt);
+        if (rewritten == NULL) {
+            return SQLITE_IOERR_NOMEM;
+        }
+        memcpy(rewritten, buf, (size_t)amt);
+        for (int i = 18; i <= 19; i++) {
+            if (rewritten[i] == 2) {
+                rewritten[i] = 1;
+            }
+        }
+        buf = rewritten;
+    }
     int rc = f->real->pMethods->xWrite(f->real, buf, amt, off);
     if (f->rec == NULL) {
+        sqlite3_free(rewritten);
         return rc;
     }
     if (rc != SQLITE_OK) {
+        sqlite3_free(rewritten);
         record_failure(f, off, amt);
         return rc;
     }
@@ -412,6 +456,7 @@ shim_write(sqlite3_file *file, const void *buf, int amt, sqlite3_int64 off)
         page_hash(buf, (size_t)amt, hash);
     }
     record_write(f, buf, amt, off, shaped ? hash : NULL);
+    sqlite3_free(rewritten);
     return SQLITE_OK;
 }
 
@@ -483,6 +528,7 @@ static int
 shim_shm_map(sqlite3_file *file, int region, int size, int extend,
              void volatile **out)
 {
+    ((ShimFile *)file)->wal = 1;
     return REAL(file)->pMethods->xShmMap(REAL(file), region, size, extend,
                                          out);
 }
@@ -603,6 +649,7 @@ shim_open(sqlite3_vfs *vfs, const char *name, sqlite3_file *file, int flags,
         file->pMethods = &methods_v1;
     }
     if (rc == SQLITE_OK && (flags & SQLITE_OPEN_MAIN_DB) && name != NULL) {
+        f->rollback = ((ShimVfs *)vfs)->rollback;
         attach(f, name);
     }
     return rc;
@@ -698,8 +745,8 @@ shim_next_system_call(sqlite3_vfs *vfs, const char *name)
     return BASE(vfs)->xNextSystemCall(BASE(vfs), name);
 }
 
-sqlite3_vfs *
-pageshim_vfs(sqlite3_vfs *base)
+static sqlite3_vfs *
+shim_vfs(sqlite3_vfs *base, int rollback)
 {
     if (base == NULL) {
         base = sqlite3_vfs_find(NULL);
@@ -711,15 +758,16 @@ pageshim_vfs(sqlite3_vfs *base)
     sqlite3_vfs *found = NULL;
     pthread_mutex_lock(&registry_mutex);
     for (int i = 0; i < n_shims; i++) {
-        if (shims[i].vfs.pAppData == base) {
+        if (shims[i].vfs.pAppData == base && shims[i].rollback == rollback) {
             found = &shims[i].vfs;
         }
     }
     if (found == NULL && n_shims < MAX_SHIMS) {
         sqlite3_vfs *v = &shims[n_shims].vfs;
         char *name = shims[n_shims].name;
-        snprintf(name, sizeof(shims[0].name), "%s%s", SHIM_PREFIX,
-                 base->zName);
+        snprintf(name, sizeof(shims[0].name), "%s%s",
+                 rollback ? ROLLBACK_PREFIX : SHIM_PREFIX, base->zName);
+        shims[n_shims].rollback = rollback;
         memset(v, 0, sizeof(*v));
         v->iVersion = base->iVersion < 3 ? base->iVersion : 3;
         v->szOsFile = SHIM_HEAD + base->szOsFile;
@@ -757,6 +805,18 @@ pageshim_vfs(sqlite3_vfs *base)
     }
     pthread_mutex_unlock(&registry_mutex);
     return found;
+}
+
+sqlite3_vfs *
+pageshim_vfs(sqlite3_vfs *base)
+{
+    return shim_vfs(base, 0);
+}
+
+sqlite3_vfs *
+pageshim_rollback_vfs(sqlite3_vfs *base)
+{
+    return shim_vfs(base, 1);
 }
 
 /* -- Recordings -------------------------------------------------------------

@@ -71,6 +71,13 @@ typedef struct {
  * use under a private name; NULL when it cannot be (out of memory). */
 sqlite3_vfs *pageshim_vfs(sqlite3_vfs *base);
 
+/* The same shim, but its main database files also have a page 1 that says
+ * "WAL" (header bytes 18/19 = 2) written saying "rollback journal" (1),
+ * unless the connection is in WAL mode (see shim_write in pageshim.c):
+ * what copy() opens a target with when the copy is to end in rollback-
+ * journal mode.  Recordings attach to its files as to the plain shim's. */
+sqlite3_vfs *pageshim_rollback_vfs(sqlite3_vfs *base);
+
 /* A new Recording of `path` through the shim over `base`, registered so
  * that the shim's xOpen finds it; one reference, the caller's.
  * SQLITE_CONSTRAINT when another live Recording has the same path. */

@@ -14,6 +14,7 @@
 #include <stdarg.h>
 
 #define SHIM_PREFIX "apsw_backup-pages-"
+#define ROLLBACK_PREFIX "apsw_backup-rollback-"
 
 typedef struct {
     PyObject_HEAD
@@ -88,7 +89,8 @@ recorder_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         if (name == NULL) {
             return NULL;
         }
-        if (strncmp(name, SHIM_PREFIX, strlen(SHIM_PREFIX)) == 0) {
+        if (strncmp(name, SHIM_PREFIX, strlen(SHIM_PREFIX)) == 0
+            || strncmp(name, ROLLBACK_PREFIX, strlen(ROLLBACK_PREFIX)) == 0) {
             PyErr_Format(PyExc_ValueError,
                          "vfs %R is a PageRecorder's own VFS; name the VFS it "
                          "should record over (None: the default)",
@@ -454,6 +456,23 @@ PyType_Spec recorder_spec = {
     .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_IMMUTABLETYPE,
     .slots = recorder_slots,
 };
+
+/* _rollback_vfs() -> str: the name of the rollback shim over the default
+ * VFS (pageshim_rollback_vfs), registered on first use; copy() opens a
+ * path target through it when the copy is to end in rollback-journal
+ * mode. */
+PyObject *
+module_rollback_vfs(PyObject *module, PyObject *Py_UNUSED(ignored))
+{
+    sqlite3_vfs *shim = pageshim_rollback_vfs(NULL);
+    if (shim == NULL) {
+        return raise_sqlite_error((ModuleState *)PyModule_GetState(module),
+                                  SQLITE_NOMEM,
+                                  "the rollback VFS shim could not be "
+                                  "registered");
+    }
+    return PyUnicode_FromString(shim->zName);
+}
 
 /* page_hash(data) -> bytes: the 16-byte XXH3-128 of data. */
 PyObject *

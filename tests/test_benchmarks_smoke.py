@@ -112,3 +112,36 @@ def test_verify_speed_benchmark_reports_every_target(tmp_path):
     assert "copy+shim / copy" in targets and "page hash GB/s, one core" in targets
     assert any(t.startswith("integrity_check / full check") for t in targets)
     assert report["times"]["copy+shim+verify"]
+
+
+ROLLBACK_SHIM = RUN.with_name("rollback_shim.py")
+
+
+@pytest.mark.heavy
+@pytest.mark.skipif(
+    not ROLLBACK_SHIM.exists(), reason="benchmarks/ is not in this tree"
+)
+def test_rollback_shim_benchmark_reports_both_pairs(tmp_path):
+    out = tmp_path / "rollback_shim.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROLLBACK_SHIM),
+            "--mb",
+            "2",
+            "--rounds",
+            "1",
+            "--workdir",
+            str(tmp_path),
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    for name in ("backup, no fsync", "copy(), unverified"):
+        assert report[name]["shim_s"] > 0 and report[name]["cpu_ratio"] > 0

@@ -98,12 +98,22 @@ def test_cli_read_error_while_verifying_is_reported_as_an_io_error(harness):
 
 
 def test_a_successful_copy_leaves_no_wal_beside_dest_when_its_delete_fails(harness):
-    # The second xDelete of the run is the one of DEST-wal.
-    _, injected, problems, failed, _ = harness.one(
-        "wal-source", "copy-path", "delete", 2, False
-    )
-    assert injected and not failed
-    assert problems == []
+    # A WAL source into an existing DEST.  The second xDelete of the run was
+    # DEST-wal's, when copy() switched DEST back to rollback mode; now the
+    # copy is committed in rollback mode and no DEST-wal is made
+    # (docs/journal-mode.md).  Each xDelete the run makes
+    # now fails in turn (the commit's delete of DEST-journal fails the copy,
+    # which leaves DEST to roll back): DEST old or complete, nothing stale
+    # beside it.
+    calls, _, problems, failed, _ = harness.one("wal-source", "copy-path")
+    assert not failed and problems == []
+    assert calls["delete"] > 0
+    for nth in range(1, calls["delete"] + 1):
+        _, injected, problems, _, _ = harness.one(
+            "wal-source", "copy-path", "delete", nth, False
+        )
+        assert injected
+        assert problems == [], nth
 
 
 def test_a_failed_statement_names_the_os_error(harness):

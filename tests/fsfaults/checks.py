@@ -145,7 +145,37 @@ def check_run(scenario, expected, snapshot, returncode, stdout, stderr, killed):
         "verify": _check_verify,
     }[scenario.kind]
     problems += check(scenario, expected, snapshot, returncode, result, killed)
+    # Last: content() above rolled any hot journal back, as the next open of
+    # DEST would.
+    problems += check_rollback_mode(scenario, snapshot)
     return problems
+
+
+def says_wal(path):
+    """Whether a database file's header says WAL (bytes 18/19 = 2)."""
+    with open(path, "rb") as f:
+        header = f.read(100)
+    return len(header) == 100 and 2 in (header[18], header[19])
+
+
+def check_rollback_mode(scenario, root):
+    """Every DEST the command writes -- from a rollback DEST or a new one,
+    whatever SOURCE's mode -- is in rollback-journal mode (docs/journal-mode.md):
+    one file alone.  A DEST left in WAL mode stays so for every later run
+    ('an existing WAL DEST stays WAL')."""
+    if scenario.kind not in ("new", "existing", "folder"):
+        return []
+    dest = scenario.dest(root)
+    if scenario.kind == "folder":
+        names = os.listdir(dest) if dest.is_dir() else []
+        paths = [dest / n for n in names if BACKUP_NAME.match(n)]
+    else:
+        paths = [dest]
+    return [
+        f"{p.name} is in WAL mode (its header says so)"
+        for p in paths
+        if p.is_file() and os.path.getsize(p) >= 100 and says_wal(p)
+    ]
 
 
 def _complete(path, expected):

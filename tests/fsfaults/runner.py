@@ -20,12 +20,7 @@ EACCES = "error=EACCES"
 # Defects found and not fixed here, each pinned by an xfail(strict=True)
 # case in tests/test_fs_faults.py: (scenario, fault, the problem's start).
 # A problem that matches is counted as known, not failed on.
-KNOWN = [
-    # test_a_kill_during_the_switch_back_to_rollback_leaves_no_journal: a
-    # kill while copy() switches an existing DEST back from WAL to rollback
-    # mode leaves DEST in WAL mode and a -journal no later run removes.
-    ("existing-wal", KILL, "left after the next run: ['dst.db-journal']"),
-]
+KNOWN: list[tuple[str, str, str]] = []
 
 
 def known(scenario, fault, problem):
@@ -174,6 +169,7 @@ class Harness:
             problems += checks.check_leftovers(
                 self.scenario, self.expected, self.scenario.data(self.root)
             )
+            problems += checks.check_rollback_mode(self.scenario, self.root)
         return problems, landed
 
 
