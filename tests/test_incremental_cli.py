@@ -185,3 +185,45 @@ def test_restore_takes_a_plain_backup_file_too(tmp_path, capsys):
 def test_help_of_each_verb_exits_0(verb, capsys):
     assert main([*verb, "--help"]) == 0
     assert "usage: apsw-backup" in capsys.readouterr().out
+
+
+def test_restore_overwrite_interrupted_says_what_dest_holds(
+    points, tmp_path, capsys, monkeypatch
+):
+    # A SIGTERM noted at copy()'s last progress call (SQLite had committed
+    # DEST): the message says DEST holds the restored database (attack
+    # finding 14).
+    import signal
+
+    _, folder, _ = points
+    dest = make_source(tmp_path / "old.db", rows=10)
+    real = inc.restore
+    holder = {}
+
+    def restore(*a, progress, **kw):
+        def wrapped(done, total):
+            if done >= total:
+                holder["interrupts"].signum = signal.SIGTERM
+            progress(done, total)
+
+        return real(*a, progress=wrapped, **kw)
+
+    from apsw_backup.cli import incremental as cli_inc
+
+    monkeypatch.setattr(inc, "restore", restore)
+    real_run = cli_inc.run
+
+    def run(argv, interrupts):
+        holder["interrupts"] = interrupts
+        return real_run(argv, interrupts)
+
+    monkeypatch.setattr(cli_inc, "run", run)
+    code, out = run_json(capsys, "restore", str(folder), dest, "--overwrite")
+    assert code == 143
+    message = out["error"]["message"]
+    db = sqlite3.connect(dest)
+    rows = db.execute("SELECT count(*) FROM t").fetchone()[0]
+    db.close()
+    assert rows == 2000
+    assert "holds the restored database" in message
+    assert "nothing" not in message

@@ -7,8 +7,10 @@
 
 Exit codes: 0 ok, 1 SQLite or file system error, 2 usage error or refusal
 (nothing written), 3 a chain is broken or a point damaged (named), 130/143
-interrupted (nothing kept: a restore point or DEST is only ever renamed
-into place complete).
+interrupted: the message says what happened -- nothing kept (a restore
+point or a new DEST is only ever renamed into place complete), or, for
+restore --overwrite, DEST unchanged or (the signal came after SQLite
+committed it) holding the restored database.
 """
 
 from __future__ import annotations
@@ -275,7 +277,18 @@ def _incremental(args: argparse.Namespace, interrupts: Interrupts) -> int:
 
 
 def _restore(args: argparse.Namespace, interrupts: Interrupts) -> int:
+    # What DEST holds after a signal is read from what happened: an existing
+    # DEST is written by copy(), whose last progress call (all pages done)
+    # comes after SQLite committed it; a new DEST is only renamed into place
+    # once restore() returns.
+    existed = os.path.lexists(args.dest)
+    committed = False
+
     def progress(done: int, total: int) -> None:
+        nonlocal committed
+        if existed and total > 0 and done >= total:
+            committed = True  # DEST holds the restored database: no raise
+            return
         interrupts.check()
 
     interrupts.check()
@@ -289,8 +302,22 @@ def _restore(args: argparse.Namespace, interrupts: Interrupts) -> int:
             timeout=args.timeout,
             progress=progress,
         )
+    except Interrupted as stop:
+        state = "unchanged" if existed else "not created"
+        raise Failure(
+            128 + stop.signum,
+            f"interrupted: nothing was put in place; {HOLDS[state]} ({args.dest!r})",
+            stop,
+        ) from stop
     except apsw_backup.Error as exc:
         raise Failure(EXIT_ERROR, _restore_failed(args.dest, exc), exc) from exc
+    if interrupts.signum:  # arrived once DEST held the restored database
+        raise Failure(
+            128 + interrupts.signum,
+            f"interrupted after the restore was put in place: DEST "
+            f"{args.dest!r} holds the restored database of {result.point}",
+            Interrupted(interrupts.signum),
+        )
     if args.json:
         _print({"ok": True, "exit_code": EXIT_OK, **vars(result)})
     else:
