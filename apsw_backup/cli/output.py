@@ -67,8 +67,10 @@ BACKUP_KEYS: dict[str, tuple[type | None, ...]] = {
     "page_count": (int, None),
     # --keep (null without it): backups left because they are dated later
     # than now; files named like SOURCE's backups without its mark; why
-    # rotation deleted nothing (an empty backup); backups it failed to delete.
+    # rotation deleted nothing (an empty backup); backups it failed to delete;
+    # backups that do not look whole (damaged: kept, not counted).
     "future_dated": (list, None),
+    "damaged": (list, None),
     "unmarked": (list, None),
     "rotation_skipped": (str, None),
     "not_deleted": (list, None),
