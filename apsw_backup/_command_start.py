@@ -1,33 +1,33 @@
 """The apsw-backup command's first moments: SIGINT and SIGTERM are noted
-from the package's first line on, so that a signal at start-up is reported
-like any other (one JSON object, exit 130 or 143), not a traceback or a
-kill.  Only in the command's own process (the console script, or
+from this module's first statements on, so that a signal at start-up is
+reported like any other (one JSON object, exit 130 or 143), not a traceback
+or a kill.  Only in the command's own process (the console script, or
 ``python -m apsw_backup``): a program that imports the package keeps its
-signal handlers.  Standard library only, imported before anything else; it starts
-listening when imported.
+signal handlers.
+
+The package imports this module first, and it installs its handlers before
+it defines anything else, with only modules the interpreter has loaded
+already at start-up (sys, os) or that load in microseconds (signal): the
+window before them is Python's own start-up and the launcher's imports
+(docs/cli.md, "Signals", says what a signal does then).
 """
 
-from __future__ import annotations
-
-import os
-import signal
+import signal  # the first statement (no __future__ import: that is a module)
 import sys
-import threading
-from types import FrameType
-
-SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 # The first signal that arrived before the command installed its handlers.
 early_signum = 0
 
 
-def _note(signum: int, frame: FrameType | None) -> None:
+def _note(signum: int, frame: object) -> None:
     global early_signum
     early_signum = early_signum or signum
 
 
 def started_as_command() -> bool:
     """Whether this process is the apsw-backup command."""
+    import os  # loaded by the interpreter's start-up: no time
+
     main = sys.modules.get("__main__")
     spec = getattr(main, "__spec__", None)
     if getattr(spec, "name", None) == "apsw_backup.__main__":
@@ -48,15 +48,19 @@ def started_as_command() -> bool:
     return False
 
 
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 def listen() -> None:
     """Note SIGINT and SIGTERM from now on, in the command's process."""
     if not started_as_command():
         return
-    if threading.current_thread() is not threading.main_thread():
-        return
     for signum in SIGNALS:
         if signal.getsignal(signum) is not _note:
-            signal.signal(signum, _note)
+            try:
+                signal.signal(signum, _note)
+            except ValueError:  # not the main thread: handlers stay as they are
+                return
 
 
 listen()  # on import: the package imports this module first

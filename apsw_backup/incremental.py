@@ -543,7 +543,11 @@ def _resolve(backup: str | os.PathLike[str], at: datetime | str | None) -> str:
                 )
         return candidates[-1]
     if at is not None:
-        raise ValueError("at= chooses a point in a folder; BACKUP is a file")
+        raise files.with_facts(
+            ValueError("at= chooses a point in a folder; backup is a file"),
+            role="source",
+            path=path,
+        )
     if not os.path.exists(path):
         raise FileNotFoundError(f"no restore point or folder {path!r}")
     return path
@@ -1347,15 +1351,25 @@ def restore(
     point = _resolve(backup, at)
     target = os.path.abspath(os.fspath(dest))
     if os.path.isdir(target):
-        raise IsADirectoryError(
-            f"DEST {target!r} is a folder: give the path of a database file"
+        raise files.with_facts(
+            IsADirectoryError(
+                f"dest {target!r} is a folder: give the path of a database file"
+            ),
+            role="target",
+            path=target,
+            target_state="unchanged",
         )
     _check_not_side_file(point, target)
     exists = os.path.lexists(target)
     if exists and not overwrite:
-        raise FileExistsError(
-            f"DEST {target!r} exists: pass overwrite=True (--overwrite) to "
-            "replace its content through SQLite's own transaction"
+        raise files.with_facts(
+            FileExistsError(
+                f"dest {target!r} exists: pass overwrite=True to replace its "
+                "content through SQLite's own transaction"
+            ),
+            role="target",
+            path=target,
+            target_state="unchanged",
         )
     if exists:
         _check_dest_is_a_database(target)
@@ -1383,16 +1397,26 @@ def _check_dest_is_a_database(target: str) -> None:
     """--overwrite replaces a database's content: an existing DEST that is
     not an SQLite database (a text file, a typo) is refused, named."""
     if not os.path.isfile(target):
-        raise ValueError(
-            f"DEST {target!r} exists and is not a regular file: give the path "
-            "of a database file"
+        raise files.with_facts(
+            ValueError(
+                f"dest {target!r} exists and is not a regular file: give the "
+                "path of a database file"
+            ),
+            role="target",
+            path=target,
+            target_state="unchanged",
         )
     header = files.read_header(target, 16)
     if header and header != b"SQLite format 3\0":
-        raise ValueError(
-            f"DEST {target!r} exists and is not an SQLite database (it does not "
-            "start with the SQLite header): overwrite replaces a database's "
-            "content. Check the name, or move the file away first"
+        raise files.with_facts(
+            ValueError(
+                f"dest {target!r} exists and is not an SQLite database (it does "
+                "not start with the SQLite header): overwrite=True replaces a "
+                "database's content. Check the name, or move the file away first"
+            ),
+            role="target",
+            path=target,
+            target_state="unchanged",
         )
 
 
@@ -1405,10 +1429,16 @@ def _check_not_side_file(point: str, target: str) -> None:
     for suffix in files.SIDE_FILES:
         owner = target[: -len(suffix)]
         if target.endswith(suffix) and os.path.isfile(owner):
-            raise ValueError(
-                f"DEST {target!r} is the {suffix} file name of the database "
-                f"{owner!r}: SQLite would take the restored copy for part of "
-                "that database, or delete it. Choose another DEST"
+            raise files.with_facts(
+                ValueError(
+                    f"dest {target!r} is the {suffix} file name of the database "
+                    f"{owner!r}: SQLite would take the restored copy for part "
+                    "of that database, or delete it. Choose another dest"
+                ),
+                role="target",
+                path=owner,
+                side=suffix,
+                target_state="not created",
             )
 
 
@@ -1425,9 +1455,15 @@ def _restore_plain(
     before it is renamed into place."""
     started = time.monotonic()
     if files.read_header(path, 16) != b"SQLite format 3\0":
-        raise ValueError(
-            f"{path!r} is neither a restore point (*{SUFFIX}) nor an SQLite "
-            "database: give a restore point, a folder of them, or a backup file"
+        raise files.with_facts(
+            ValueError(
+                f"{path!r} is neither a restore point (*{SUFFIX}) nor an SQLite "
+                "database: give a restore point, a folder of them, or a backup "
+                "file"
+            ),
+            role="source",
+            path=path,
+            target_state="unchanged" if exists else "not created",
         )
 
     def check(copied: str) -> None:

@@ -131,3 +131,50 @@ def test_refuses_a_new_dest_with_a_stale_side_file(tmp_path, suffix):
     assert "SQLite would apply it to the new copy" in proc.stderr
     assert not (tmp_path / "dest.db").exists()
     assert stale.read_bytes() == b"left over" * 100
+
+
+# Attack findings 10 and 13, and --schema nosuch: refusals before anything
+# is written exit 2, name the right files and say nothing was written.
+
+
+def test_demo_with_source_and_dest_names_them_right(source, tmp_path):
+    dest = make_target(tmp_path / "ex.db")
+    before = digest(dest)
+    proc = run("--json", "--demo", tmp_path, source, dest)
+    assert proc.returncode == 2, proc.stderr
+    obj = json_of(proc)
+    assert obj["source"] == str(source) and obj["dest"] == str(dest)
+    assert obj["dest_state"] == "unchanged"
+    assert f"DEST '{dest}' was left as it was" in proc.stderr
+    proc = run("--demo", "--json", source, dest)  # --demo without FOLDER
+    assert json_of(proc)["dest"] == str(dest)
+    assert digest(dest) == before
+
+
+def test_a_wal_dest_of_another_page_size_is_refused_before_writing(tmp_path):
+    src = make_source(tmp_path / "src.db")
+    dest = tmp_path / "o.db"
+    db = sqlite3.connect(str(dest))
+    db.execute("PRAGMA page_size=512")
+    db.execute("PRAGMA journal_mode=wal")
+    db.execute("CREATE TABLE t(x)")
+    db.commit()
+    db.close()
+    before = digest(dest)
+    proc = run("--json", "--overwrite", src, dest)
+    assert proc.returncode == 2, proc.stderr
+    message = json_of(proc)["error"]["message"]
+    assert message.startswith(f"DEST '{dest}' is in WAL mode and its page size (512)")
+    assert "Nothing was written" in message and "SOURCE's (4096)" in message
+    assert "destination" not in message and "'main'" not in message
+    assert json_of(proc)["dest_state"] == "unchanged"
+    assert digest(dest) == before
+
+
+def test_schema_of_no_database_is_a_usage_error(source, tmp_path):
+    proc = run("--json", "--schema", "nosuch", source, tmp_path / "d.db")
+    assert proc.returncode == 2, proc.stderr
+    message = json_of(proc)["error"]["message"]
+    assert "--schema 'nosuch' is not a database of SOURCE" in message
+    assert "attached database" not in message.split("(")[0]
+    assert "was not created" in message

@@ -10,6 +10,7 @@ import os
 import signal
 import sqlite3
 import subprocess
+import sys
 
 import pytest
 from cli_helpers import (
@@ -308,3 +309,41 @@ def test_sigint_during_one_long_step_reports_what_dest_holds(tmp_path):
     else:
         assert UNVERIFIED in stderr
         assert holds_copy == [(1,)]
+
+
+# Attack finding 08: a SIGINT in the command's first moments printed a
+# KeyboardInterrupt traceback from inside the package (_command_start's
+# `import threading`, before its handlers).  The handlers are now installed
+# before the package imports any module of its own but signal.
+
+EARLY = r"""
+import signal, sys
+before = []
+class Watch:
+    def find_spec(self, name, path=None, target=None):
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            before.append(name)
+        return None
+sys.meta_path.insert(0, Watch())
+import apsw_backup
+print(" ".join(before))
+print(signal.getsignal(signal.SIGINT) is apsw_backup._command_start._note)
+"""
+
+
+def test_signal_handlers_come_before_any_import_of_the_package(tmp_path):
+    script = tmp_path / "apsw-backup"  # the console script's name: the command
+    script.write_text(EARLY)
+    proc = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=TIMEOUT
+    )
+    assert proc.returncode == 0, proc.stderr
+    imported, installed = proc.stdout.split("\n")[:2]
+    assert installed == "True"
+    # Imported with Python's own SIGINT handler (KeyboardInterrupt): the
+    # package, this module, and signal (if not loaded yet) -- nothing else.
+    assert set(imported.split()) <= {
+        "apsw_backup",
+        "apsw_backup._command_start",
+        "signal",
+    }, imported

@@ -185,3 +185,97 @@ def test_restore_takes_a_plain_backup_file_too(tmp_path, capsys):
 def test_help_of_each_verb_exits_0(verb, capsys):
     assert main([*verb, "--help"]) == 0
     assert "usage: apsw-backup" in capsys.readouterr().out
+
+
+def test_restore_overwrite_interrupted_says_what_dest_holds(
+    points, tmp_path, capsys, monkeypatch
+):
+    # A SIGTERM noted at copy()'s last progress call (SQLite had committed
+    # DEST): the message says DEST holds the restored database (attack
+    # finding 14).
+    import signal
+
+    _, folder, _ = points
+    dest = make_source(tmp_path / "old.db", rows=10)
+    real = inc.restore
+    holder = {}
+
+    def restore(*a, progress, **kw):
+        def wrapped(done, total):
+            if done >= total:
+                holder["interrupts"].signum = signal.SIGTERM
+            progress(done, total)
+
+        return real(*a, progress=wrapped, **kw)
+
+    from apsw_backup.cli import incremental as cli_inc
+
+    monkeypatch.setattr(inc, "restore", restore)
+    real_run = cli_inc.run
+
+    def run(argv, interrupts):
+        holder["interrupts"] = interrupts
+        return real_run(argv, interrupts)
+
+    monkeypatch.setattr(cli_inc, "run", run)
+    code, out = run_json(capsys, "restore", str(folder), dest, "--overwrite")
+    assert code == 143
+    message = out["error"]["message"]
+    db = sqlite3.connect(dest)
+    rows = db.execute("SELECT count(*) FROM t").fetchone()[0]
+    db.close()
+    assert rows == 2000
+    assert "holds the restored database" in message
+    assert "nothing" not in message
+
+
+def test_every_json_object_of_the_verbs_follows_the_schema(points, tmp_path, capsys):
+    # "error": null on success too (attack finding 07), and the error
+    # object's keys on failure.
+    from apsw_backup.cli import output
+
+    src, folder, _ = points
+    runs = [
+        ("--incremental", src, str(folder) + "/"),
+        ("restore", str(folder), str(tmp_path / "new.db")),
+        ("restore", str(folder), str(tmp_path / "new.db")),  # exists: exit 2
+        ("list", str(folder)),
+        ("list", str(tmp_path / "nosuch")),
+    ]
+    for argv in runs:
+        code, out = run_json(capsys, *argv)
+        assert output.verb_problems(out) == [], (argv, out)
+    assert output.verb_problems({"ok": True, "exit_code": 0}) == ["error is missing"]
+
+
+def test_restore_refusals_are_worded_by_the_command(tmp_path, capsys):
+    # restore()'s refusals carry facts; the command words them with BACKUP,
+    # DEST and --overwrite (attack finding 07).
+    src = make_source(tmp_path / "app.db", rows=10)
+    folder = tmp_path / "pts"
+    folder.mkdir()
+    assert main(["--incremental", src, str(folder) + "/"]) == 0
+    capsys.readouterr()
+    code, out = run_json(capsys, "restore", "--overwrite", src, src)
+    message = out["error"]["message"]
+    assert code == 2 and "is BACKUP itself" in message and "SOURCE" not in message
+    junk = tmp_path / "notdb.db"
+    junk.write_bytes(b"not a database at all")
+    code, out = run_json(capsys, "restore", "--overwrite", str(folder), str(junk))
+    message = out["error"]["message"]
+    assert code == 2 and "--overwrite replaces" in message
+    assert message.startswith("DEST ") and "unchanged" in message
+    code, out = run_json(capsys, "restore", str(folder), src)
+    message = out["error"]["message"]
+    assert code == 2 and "pass --overwrite" in message and "=True" not in message
+    code, out = run_json(capsys, "restore", str(junk), str(tmp_path / "x.db"))
+    message = out["error"]["message"]
+    assert code == 2 and message.startswith("BACKUP ") and "x.db" not in message
+    code, out = run_json(capsys, "restore", src, str(tmp_path / "y.db"), "--at", "2020")
+    assert code == 2 and "--at chooses" in out["error"]["message"]
+    code, out = run_json(capsys, "restore", str(folder), str(tmp_path))
+    assert code == 2 and out["error"]["message"].startswith("DEST ")
+    side = str(tmp_path / "app.db-wal")
+    code, out = run_json(capsys, "restore", str(folder), side)
+    message = out["error"]["message"]
+    assert code == 2 and "Choose another DEST" in message and "dest" not in message

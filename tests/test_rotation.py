@@ -569,3 +569,32 @@ def test_an_unmarked_future_dated_file_is_reported_as_future_dated(source, folde
     assert json_of(proc)["future_dated"] == [str(future)]
     assert json_of(proc)["unmarked"] == []
     assert future.exists() and str(future) in proc.stderr
+
+
+# Attack finding 06: a damaged (truncated) older backup.
+
+
+def test_keep_does_not_count_nor_delete_a_damaged_backup(source, folder):
+    older = [
+        old_backup(folder, f"2020010{day}T000000.000000Z", source) for day in (1, 2, 3)
+    ]
+    db = sqlite3.connect(str(older[2]))
+    db.execute("CREATE TABLE big(b)")
+    db.executemany("INSERT INTO big VALUES (randomblob(3000))", [()] * 30)
+    db.commit()
+    db.close()
+    os.truncate(older[2], os.path.getsize(older[2]) // 2)  # damaged
+
+    proc = run("--json", "--keep", "2", source, folder)
+
+    assert proc.returncode == 0, proc.stderr
+    summary = json_of(proc)
+    assert output.problems(summary) == []
+    # Two sound backups are kept: the new one and the newest sound older one.
+    assert summary["deleted"] == [str(older[0])]
+    assert summary["damaged"] == [str(older[2])]
+    assert older[1].exists() and older[2].exists()
+    assert "does not look whole" in proc.stderr and str(older[2]) in proc.stderr
+    proc = run("--keep", "2", source, folder)  # the text output says it too
+    assert proc.returncode == 0 and "does not look whole" in proc.stderr
+    assert older[2].exists() and not older[1].exists()

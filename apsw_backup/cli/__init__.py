@@ -141,13 +141,17 @@ def _positionals(argv: list[str]) -> tuple[str | None, str | None]:
     parse, or did (the words that are not options nor their values)."""
     words: list[str | None] = []
     takes_value = {"--pages", "--sleep", "--timeout", "--schema", "--keep"}
-    skip = False
+    skip = optional = False
     for word in argv:
-        if skip:
+        positional = word == "-" or not word.startswith("-")
+        if skip and (positional or not optional):
             skip = False
-        elif word in takes_value:
-            skip = True
-        elif word == "-" or not word.startswith("-"):
+        elif word in takes_value or word == "--demo":
+            # --demo's FOLDER is optional: the next word, unless an option
+            skip, optional = True, word == "--demo"
+            continue
+        elif positional:
             words.append(word)
+        skip = False
     words += [None, None]
     return words[0], words[1]

@@ -16,7 +16,8 @@ The rules (docs/cli.md, "Folders and --keep"):
   always among them, and deletes only backups older than its own new one:
   a newer one made by a run that overlapped is never touched;
 - a backup dated later than now (a clock that ran ahead) is kept, not
-  counted, and reported; a backup with no table in it (1 page or less) is
+  counted, and reported; so is one that does not look whole (looks_whole:
+  its header's page count x page size is not its size); a backup with no table in it (1 page or less) is
   not counted, and a new one with none rotates nothing;
 - a backup's database file is deleted before its side files, and what
   could not be deleted is reported, with the new DEST said to be in place.
@@ -129,6 +130,29 @@ def pages_in(path: str, strict: bool = False) -> int:
     return size // page_size
 
 
+def looks_whole(path: str) -> bool:
+    """Whether a backup looks whole by a cheap check: an SQLite header whose
+    page count x page size is the file's size (a truncated or overwritten
+    file is not).  A header whose page count SQLite marks as not valid
+    (written by a version before 3.7.0) needs a size that is a whole
+    number of pages.  Read through SQLite (files.read_header), never a
+    descriptor of ours; False if it cannot be read."""
+    try:
+        header = files.read_header(path)
+        size = os.stat(path).st_size
+    except OSError:
+        return False
+    page_size = files.header_page_size(header)
+    if len(header) < 100 or not header.startswith(b"SQLite format 3\0"):
+        return False
+    if not page_size:
+        return False
+    count = int.from_bytes(header[28:32], "big")
+    if header[92:96] == header[24:28] and count:
+        return count * page_size == size
+    return size > 0 and size % page_size == 0
+
+
 def holds_a_table(path: str, strict: bool = False) -> bool:
     """Whether a backup has anything in it: a table needs a page of its
     own, so a database of one page (or none) holds no table.  strict:
@@ -164,7 +188,9 @@ class Rotation:
     backup whose database file was deleted), orphans_left (path, OSError:
     side files of a backup whose database file an earlier run deleted,
     that this run could not remove),
-    future (backups dated later than now: kept, not counted), skipped (why
+    future (backups dated later than now: kept, not counted), damaged
+    (backups that do not look whole, looks_whole: kept, not counted, so
+    that --keep N keeps N sound ones), skipped (why
     nothing was considered for deletion, or None), unmarked (files named
     like SOURCE's backups that carry no mark: never touched)."""
 
@@ -173,6 +199,7 @@ class Rotation:
     sides_left: list[tuple[str, OSError]] = field(default_factory=list)
     orphans_left: list[tuple[str, OSError]] = field(default_factory=list)
     future: list[str] = field(default_factory=list)
+    damaged: list[str] = field(default_factory=list)
     skipped: str | None = None
     unmarked: list[str] = field(default_factory=list)
 
@@ -238,13 +265,22 @@ def rotate(
         else:
             ours.append((stamp, path))
     rotation.future.sort()
+    # A backup that does not look whole (truncated, overwritten) is neither
+    # counted among the N nor deleted: it is reported, so --keep N keeps N
+    # sound backups and a damaged one is left for a person to look at.
+    damaged = {b[1] for b in ours if b[1] not in unreadable and not looks_whole(b[1])}
+    rotation.damaged = sorted(damaged)
     counted = sorted(
         [(own, job.dest)]
-        + [b for b in ours if b[1] in unreadable or holds_a_table(b[1])]
+        + [
+            b
+            for b in ours
+            if b[1] in unreadable or (b[1] not in damaged and holds_a_table(b[1]))
+        ]
     )
     kept = {path for _, path in counted[-keep:]}
     for stamp, path in sorted(ours):
-        if path in kept or stamp >= own:
+        if path in kept or path in damaged or stamp >= own:
             continue
         if path in unreadable:
             rotation.not_deleted.append((path, unreadable[path]))

@@ -7,8 +7,10 @@
 
 Exit codes: 0 ok, 1 SQLite or file system error, 2 usage error or refusal
 (nothing written), 3 a chain is broken or a point damaged (named), 130/143
-interrupted (nothing kept: a restore point or DEST is only ever renamed
-into place complete).
+interrupted: the message says what happened -- nothing kept (a restore
+point or a new DEST is only ever renamed into place complete), or, for
+restore --overwrite, DEST unchanged or (the signal came after SQLite
+committed it) holding the restored database.
 """
 
 from __future__ import annotations
@@ -79,23 +81,79 @@ def run(argv: Sequence[str], interrupts: Interrupts) -> int:
         return failed(EXIT_VERIFY, str(exc), exc, path=exc.path)
     except (files.SameFileError, files.StaleSideFileError) as exc:
         # refusals: nothing written
-        return failed(EXIT_USAGE, _words(exc), exc)
+        backup = "BACKUP" if argv[0] == "restore" else "SOURCE"
+        return failed(EXIT_USAGE, _words(exc, source=backup), exc)
+    except (ValueError, OSError) as exc:
+        refusal = _refusal_words(exc) if argv[0] == "restore" else None
+        if refusal is not None:  # restore's refusals, from their facts
+            return failed(EXIT_USAGE, refusal, exc)
+        return _other_failure(exc, failed)
     except inc.DeadlineError as exc:
         return failed(EXIT_ERROR, f"the backup {_words(exc)}. Nothing was kept", exc)
     except inc.IncrementalError as exc:
         return failed(EXIT_ERROR, _words(exc), exc)
-    except ValueError as exc:
-        return failed(EXIT_USAGE, str(exc), exc)
-    except OSError as exc:
-        if getattr(exc, "role", None) is not None:  # the library's, from its facts
-            return failed(EXIT_ERROR, _words(exc), exc)
-        if exc.errno is None:  # restore's refusals, whose message says it all
-            return failed(EXIT_USAGE, str(exc), exc)
-        # the OS's: name the file, the cause and the cure
-        where = f"{exc.filename!r} " if exc.filename else ""
-        return failed(EXIT_ERROR, f"{where}{files.os_cause(exc)}", exc)
     except apsw_backup.Error as exc:
         return failed(EXIT_ERROR, _words(exc), exc)
+
+
+def _other_failure(exc: ValueError | OSError, failed: Any) -> int:
+    if isinstance(exc, ValueError):
+        return int(failed(EXIT_USAGE, str(exc), exc))
+    if getattr(exc, "role", None) is not None:  # the library's, from its facts
+        return int(failed(EXIT_ERROR, _words(exc), exc))
+    if exc.errno is None:  # a refusal whose message says it all
+        return int(failed(EXIT_USAGE, str(exc), exc))
+    # the OS's: name the file, the cause and the cure
+    where = f"{exc.filename!r} " if exc.filename else ""
+    return int(failed(EXIT_ERROR, f"{where}{files.os_cause(exc)}", exc))
+
+
+def _refusal_words(exc: BaseException) -> str | None:
+    """restore()'s own refusals (nothing written), worded from their facts
+    (files.with_facts) in the command's terms; None for any other error."""
+    role = getattr(exc, "role", None)
+    path = str(getattr(exc, "path", "") or "")
+    state = getattr(exc, "target_state", None)
+    side = getattr(exc, "side", None)
+    if role == "source" and isinstance(exc, ValueError):
+        if state is not None:  # read: not a point, not a database
+            return (
+                f"BACKUP {path!r} is neither a restore point (*{inc.SUFFIX}) "
+                "nor an SQLite database: give a restore point, a folder of "
+                "them, or a backup file. Nothing was written"
+            )
+        return (
+            f"--at chooses a point in a folder, but BACKUP {path!r} is a file: "
+            "give the folder, or drop --at. Nothing was written"
+        )
+    if role != "target" or state not in ("unchanged", "not created"):
+        return None
+    if isinstance(exc, IsADirectoryError):
+        return f"DEST {path!r} is a folder: give the path of a database file"
+    if isinstance(exc, FileExistsError) and state == "unchanged":
+        return (
+            f"DEST {path!r} exists: pass --overwrite to replace its content "
+            "through SQLite's own transaction. Nothing was written"
+        )
+    if isinstance(exc, ValueError) and side:
+        return (
+            f"DEST {path + side!r} is the {side} file name of the database "
+            f"{path!r}: SQLite would take the restored copy for part of that "
+            "database, or delete it. Choose another DEST. Nothing was written"
+        )
+    if isinstance(exc, ValueError) and not os.path.isfile(path):
+        return (
+            f"DEST {path!r} exists and is not a regular file: give the path of "
+            "a database file. Nothing was written"
+        )
+    if isinstance(exc, ValueError):
+        return (
+            f"DEST {path!r} exists and is not an SQLite database (it does not "
+            "start with the SQLite header): --overwrite replaces a database's "
+            "content. Check the name, or move the file away first. DEST is "
+            "unchanged"
+        )
+    return None
 
 
 def _words(exc: BaseException, source: str = "SOURCE", locked: str = "SOURCE") -> str:
@@ -259,7 +317,7 @@ def _incremental(args: argparse.Namespace, interrupts: Interrupts) -> int:
         progress=progress,
     )
     if args.json:
-        _print({"ok": True, "exit_code": EXIT_OK, **vars(result)})
+        _print({"ok": True, "exit_code": EXIT_OK, "error": None, **vars(result)})
     else:
         why = f" ({result.reason})" if result.reason else ""
         output.err(
@@ -275,7 +333,18 @@ def _incremental(args: argparse.Namespace, interrupts: Interrupts) -> int:
 
 
 def _restore(args: argparse.Namespace, interrupts: Interrupts) -> int:
+    # What DEST holds after a signal is read from what happened: an existing
+    # DEST is written by copy(), whose last progress call (all pages done)
+    # comes after SQLite committed it; a new DEST is only renamed into place
+    # once restore() returns.
+    existed = os.path.lexists(args.dest)
+    committed = False
+
     def progress(done: int, total: int) -> None:
+        nonlocal committed
+        if existed and total > 0 and done >= total:
+            committed = True  # DEST holds the restored database: no raise
+            return
         interrupts.check()
 
     interrupts.check()
@@ -289,10 +358,24 @@ def _restore(args: argparse.Namespace, interrupts: Interrupts) -> int:
             timeout=args.timeout,
             progress=progress,
         )
+    except Interrupted as stop:
+        state = "unchanged" if existed else "not created"
+        raise Failure(
+            128 + stop.signum,
+            f"interrupted: nothing was put in place; {HOLDS[state]} ({args.dest!r})",
+            stop,
+        ) from stop
     except apsw_backup.Error as exc:
         raise Failure(EXIT_ERROR, _restore_failed(args.dest, exc), exc) from exc
+    if interrupts.signum:  # arrived once DEST held the restored database
+        raise Failure(
+            128 + interrupts.signum,
+            f"interrupted after the restore was put in place: DEST "
+            f"{args.dest!r} holds the restored database of {result.point}",
+            Interrupted(interrupts.signum),
+        )
     if args.json:
-        _print({"ok": True, "exit_code": EXIT_OK, **vars(result)})
+        _print({"ok": True, "exit_code": EXIT_OK, "error": None, **vars(result)})
     else:
         held = (
             f"; writers of DEST held {result.writers_held:.2f} s, its -wal grew "
@@ -343,7 +426,7 @@ def _list(args: argparse.Namespace) -> int:
             }
         )
     if args.json:
-        _print({"ok": True, "exit_code": EXIT_OK, "points": rows})
+        _print({"ok": True, "exit_code": EXIT_OK, "error": None, "points": rows})
         return EXIT_OK
     output.out(f"{'time (UTC)':27} {'kind':5} {'size':>12} {'chain':>5}  file")
     for r in rows:

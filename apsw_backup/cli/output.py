@@ -67,8 +67,10 @@ BACKUP_KEYS: dict[str, tuple[type | None, ...]] = {
     "page_count": (int, None),
     # --keep (null without it): backups left because they are dated later
     # than now; files named like SOURCE's backups without its mark; why
-    # rotation deleted nothing (an empty backup); backups it failed to delete.
+    # rotation deleted nothing (an empty backup); backups it failed to delete;
+    # backups that do not look whole (damaged: kept, not counted).
     "future_dated": (list, None),
+    "damaged": (list, None),
     "unmarked": (list, None),
     "rotation_skipped": (str, None),
     "not_deleted": (list, None),
@@ -98,6 +100,31 @@ def backup_object(**fields: Any) -> dict[str, Any]:
     obj["dest_state"] = "not created"
     obj.update(fields)
     return obj
+
+
+# --incremental, restore and list (docs/incremental.md): these keys in every
+# outcome, with the result's fields on success (and path for exit 3).
+VERB_KEYS: dict[str, tuple[type | None, ...]] = {
+    "ok": (bool,),
+    "exit_code": (int,),
+    "error": (dict, None),
+}
+
+
+def verb_problems(obj: Any) -> list[str]:
+    """What is wrong with obj as a --json object of --incremental, restore
+    or list; [] when it follows the documented schema."""
+    if not isinstance(obj, dict):
+        return ["the output is not an object"]
+    # the result's fields are the verb's own: only these keys are checked
+    found = _against({k: v for k, v in obj.items() if k in VERB_KEYS}, VERB_KEYS, "")
+    if isinstance(obj.get("error"), dict):
+        found += _against(obj["error"], ERROR_KEYS, "error.")
+    if (obj.get("error") is None) != (obj.get("exit_code") == 0):
+        found.append("error must be null exactly when exit_code is 0")
+    if obj.get("ok") is not (obj.get("exit_code") == 0):
+        found.append("ok must be true exactly when exit_code is 0")
+    return found
 
 
 def problems(obj: Any, verify: bool = False) -> list[str]:

@@ -162,6 +162,7 @@ def _plan(args: argparse.Namespace) -> Job:
         existed = _dest_exists(dest)
         if existed:
             _check_existing_dest(dest, args.overwrite)
+            _check_wal_page_size(source, dest)
         else:
             _check_stale_side_files(dest)
         _check_folder(os.path.dirname(os.path.abspath(dest)), "DEST's folder")
@@ -451,6 +452,32 @@ def _check_existing_dest(dest: str, overwrite: bool) -> None:
             UsageError("DEST"),
         )
     _check_writable(dest, "DEST")
+
+
+def _check_wal_page_size(source: str, dest: str) -> None:
+    """Refuse, before anything is written, an existing DEST in WAL mode whose
+    page size is not SOURCE's: SQLite cannot change the page size of a WAL
+    database, so the backup's first step would fail (the library's
+    ReadOnlyError).  Headers read through SQLite (files.read_header)."""
+    try:
+        header = files.read_header(dest)
+    except OSError:
+        return  # _check_existing_dest read it; the copy reports a new error
+    wal = len(header) >= 20 and header[18] == 2 and header[19] == 2
+    dest_size = files.header_page_size(header)
+    source_size = header_page_size(source)
+    if not wal or not dest_size or not source_size or dest_size == source_size:
+        return
+    raise Failure(
+        EXIT_USAGE,
+        f"DEST {_q(dest)} is in WAL mode and its page size ({dest_size}) is not "
+        f"SOURCE's ({source_size}): SQLite cannot change the page size of a "
+        "database in WAL mode, so the copy cannot be written into it. Nothing "
+        f"was written. Give DEST the page size {source_size} first (PRAGMA "
+        f"journal_mode=DELETE, PRAGMA page_size={source_size}, VACUUM), or "
+        "choose another DEST",
+        UsageError("DEST"),
+    )
 
 
 def header_page_size(path: str) -> int:

@@ -190,6 +190,14 @@ def _rotated(job: Job, keep: int, interrupts: Interrupts) -> list[str]:
             "ahead?), so --keep neither counts nor deletes it; delete it "
             "yourself if it is not wanted"
         )
+    job.report_fields["damaged"] = rotation.damaged
+    for path in rotation.damaged:
+        _warn(
+            f"kept {path!r}: it does not look whole (its header's page count "
+            "x page size is not its size: truncated or overwritten?), so "
+            "--keep neither counts nor deletes it; check it with "
+            f"`{PROG} verify`, and delete it yourself if it is damaged"
+        )
     job.report_fields["unmarked"] = rotation.unmarked
     if rotation.unmarked:
         _warn(
@@ -207,6 +215,7 @@ def _rotated(job: Job, keep: int, interrupts: Interrupts) -> list[str]:
         )
         failure.fields["rotation_skipped"] = rotation.skipped
         failure.fields["future_dated"] = rotation.future
+        failure.fields["damaged"] = rotation.damaged
         failure.fields["unmarked"] = rotation.unmarked
         raise failure
     if rotation.skipped:
@@ -225,6 +234,7 @@ def _rotated(job: Job, keep: int, interrupts: Interrupts) -> list[str]:
         failure.fields["deleted"] = rotation.deleted
         failure.fields["not_deleted"] = [p for p, _ in left]
         failure.fields["future_dated"] = rotation.future
+        failure.fields["damaged"] = rotation.damaged
         failure.fields["unmarked"] = rotation.unmarked
         raise failure
     return rotation.deleted
