@@ -1,7 +1,8 @@
 """Defects the file-system fault harness's incremental scenarios found
 (tests/fsfaults/incremental.py; bounded pass in tests/test_fs_faults.py,
 full matrix in .ci/fsfaults), each as a small case of its own; each
-checked to fail before its fix."""
+checked to fail before its fix.  The heavy ones (strace) run with the
+bounded pass: .ci/fsfaults --bounded."""
 
 import errno
 import json
@@ -22,6 +23,7 @@ needs_strace = pytest.mark.skipif(STRACE is not None, reason=f"needs strace: {ST
 
 
 @needs_strace
+@pytest.mark.heavy
 @pytest.mark.parametrize("name", ["inc-base", "restore-existing"])
 def test_an_error_resolving_the_shims_path_is_not_out_of_memory(tmp_path, name):
     # The delta shim (--incremental) and the overlay (restore into an

@@ -1,4 +1,4 @@
-"""The incremental scenarios of the harness (issue 21, docs/incremental.md):
+"""The incremental scenarios of the harness (docs/incremental.md):
 `apsw-backup --incremental SOURCE FOLDER/` (a base into an empty folder, a
 delta on a chain of a rollback and of a WAL SOURCE, a delta whose --keep
 merges the oldest delta into a new base, a delta turned into a base by
@@ -351,6 +351,12 @@ class IncScenario:
                 problems.append(f"DEST exists but is not the restored point: {why}")
         if code == 0 and not complete:
             problems.append("exit 0 but DEST is not complete")
+        if code == 0 and result is not None:
+            point = str(result.get("point"))
+            if _stamp(point) != max(expected.restores):
+                problems.append(f"exit 0 names {point!r}, not the newest point")
+            if result.get("overwrote") is not self.existing:
+                problems.append(f"exit 0 says overwrote={result.get('overwrote')}")
         if code == 3:
             problems.append("exit 3 (a broken chain) of an intact folder")
         if (
