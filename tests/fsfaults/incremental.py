@@ -121,7 +121,8 @@ class IncScenario:
     old_backups = None
 
     def __init__(self, name, kind, wal_source=False, deltas=None, keep=None,
-                 rebase_share=None, existing=False, bounded=None):  # fmt: skip
+                 rebase_share=None, existing=False, dest_wal=False,
+                 bounded=None):  # fmt: skip
         self.name = name
         self.kind = kind
         self.wal_source = wal_source
@@ -129,6 +130,7 @@ class IncScenario:
         self.keep = keep
         self.rebase_share = rebase_share
         self.existing = existing
+        self.dest_wal = dest_wal  # an existing DEST in WAL mode
         # calls of the bounded pass (tests/test_fs_faults.py)
         self.bounded = bounded
 
@@ -191,6 +193,12 @@ class IncScenario:
                 live.close()
         if self.kind == "restore" and self.existing:
             make_target(self.dest(root))
+            if self.dest_wal:
+                db = sqlite3.connect(str(self.dest(root)), isolation_level=None)
+                try:
+                    assert db.execute("PRAGMA journal_mode=wal").fetchone()[0] == "wal"
+                finally:
+                    db.close()
         assert not [n for n in os.listdir(data) if files.is_temporary_name(n)]
 
     # -- what the files hold before any run ---------------------------------
@@ -420,5 +428,15 @@ SCENARIOS = {
         ),
         IncScenario("restore-new", "restore", wal_source=True, deltas=2, bounded=8),
         IncScenario("restore-existing", "restore", deltas=2, existing=True, bounded=8),
+        IncScenario("restore-new-rollback", "restore", deltas=2, bounded=5),
+        IncScenario(
+            "restore-existing-wal",
+            "restore",
+            wal_source=True,
+            deltas=2,
+            existing=True,
+            dest_wal=True,
+            bounded=5,
+        ),
     )
 }
