@@ -841,6 +841,13 @@ class DeadlineError(IncrementalError):
         )
 
 
+def _named(exc: OSError, path: str) -> OSError:
+    """exc with path as its file name if it has none (the shims' errors)."""
+    if exc.filename is not None or exc.errno is None:
+        return exc
+    return OSError(exc.errno, exc.strerror, path)
+
+
 class _Recording:
     """One run of the backup API into the delta shim."""
 
@@ -851,7 +858,10 @@ class _Recording:
         self.path = os.path.join(
             folder, f".apsw-backup-{os.getpid()}-{os.urandom(4).hex()}.virtual"
         )
-        self.capsule = _c._delta_open(self.path, fd, data_offset, page_size, parent)
+        try:
+            self.capsule = _c._delta_open(self.path, fd, data_offset, page_size, parent)
+        except OSError as exc:  # its path could not be resolved: name it
+            raise _named(exc, folder) from None
         self.vfs = delta_vfs
 
     def run(self, source: _c.Connection, opts: _RunOptions) -> dict[str, Any]:
@@ -1142,17 +1152,29 @@ def incremental(
             restarts=restarts,
             recording=counts,
         )
-        if parent is not None:
-            chain = chain + [point]
-            why = _rebase_reason(chain, max_chain, rebase_share)
-            if why:
-                base = _materialize(chain, folder, stem)
-                _remove(point.info.path)
-                result.path, result.kind, result.reason = base.info.path, "base", why
-                result.bytes_written += base.info.size
-                result.chain_length = 1
-        if keep is not None:
-            result.deleted, result.merged = _rotate(folder, stem, source_name, keep)
+        # The point is in place: a failure from here on (the rebase, --keep)
+        # leaves it there, complete, and says so (exc.kept_point).
+        kept = point.info.path
+        try:
+            if parent is not None:
+                chain = chain + [point]
+                why = _rebase_reason(chain, max_chain, rebase_share)
+                if why:
+                    base = _materialize(chain, folder, stem)
+                    kept = base.info.path  # it stands for the point from now
+                    _remove(point.info.path)
+                    result.path, result.kind, result.reason = (
+                        base.info.path,
+                        "base",
+                        why,
+                    )
+                    result.bytes_written += base.info.size
+                    result.chain_length = 1
+            if keep is not None:
+                result.deleted, result.merged = _rotate(folder, stem, source_name, keep)
+        except BaseException as exc:
+            exc.kept_point = kept  # type: ignore[attr-defined]
+            raise
         result.elapsed = time.monotonic() - started
         return result
     finally:
@@ -1701,6 +1723,8 @@ def _open_overlay(chain: list[_Point]) -> RestorePointConnection:
             pages.file_of.tobytes(),
             pages.offset_of.tobytes(),
         )
+    except OSError as exc:  # its path could not be resolved: name it
+        raise _named(exc, os.path.dirname(path)) from None
     finally:
         pages.close()
     try:

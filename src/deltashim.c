@@ -651,16 +651,24 @@ static const sqlite3_io_methods overlay_methods = {1,
 
 #define BASE(vfs) ((sqlite3_vfs *)(vfs)->pAppData)
 
+/* The absolute path, or NULL with *rc: SQLITE_NOMEM, or SQLITE_CANTOPEN
+ * with errno set when the base VFS could not resolve it (its lstat() of a
+ * component failed: an I/O error is not "out of memory"). */
 static char *
-full_path(sqlite3_vfs *base, const char *path)
+full_path(sqlite3_vfs *base, const char *path, int *rc)
 {
     char *full = malloc((size_t)base->mxPathname + 1);
     if (full == NULL) {
+        *rc = SQLITE_NOMEM;
         return NULL;
     }
-    int rc = base->xFullPathname(base, path, base->mxPathname + 1, full);
-    if (rc != SQLITE_OK && rc != (SQLITE_OK | (2 << 8))) {
+    errno = 0;
+    int got = base->xFullPathname(base, path, base->mxPathname + 1, full);
+    if (got != SQLITE_OK && got != (SQLITE_OK | (2 << 8))) {
+        int saved = errno ? errno : EIO;
         free(full);
+        errno = saved;
+        *rc = SQLITE_CANTOPEN;
         return NULL;
     }
     return full;
@@ -859,14 +867,18 @@ delta_new(const char *path, int fd, sqlite3_int64 data_offset, int page_size,
         return SQLITE_NOMEM;
     }
     d->fd = -1;
-    d->path = full_path(BASE(vfs), path);
+    int path_rc = SQLITE_OK;
+    d->path = full_path(BASE(vfs), path, &path_rc);
+    int path_errno = errno;
     size_t n = (size_t)parent_pages * PAGE_HASH_SIZE;
     d->parent = malloc(n ? n : 1);
     if (d->path == NULL || d->parent == NULL) {
+        int rc = d->path == NULL ? path_rc : SQLITE_NOMEM;
         free(d->path);
         free(d->parent);
         free(d);
-        return SQLITE_NOMEM;
+        errno = path_errno;
+        return rc;
     }
     memcpy(d->parent, parent, n);
     d->parent_pages = parent_pages;
@@ -1004,7 +1016,9 @@ overlay_new(const char *path, int page_size, sqlite3_int64 page_count,
         return SQLITE_NOMEM;
     }
     size_t n = (size_t)(page_count ? page_count : 1);
-    o->path = full_path(BASE(vfs), path);
+    int path_rc = SQLITE_OK;
+    o->path = full_path(BASE(vfs), path, &path_rc);
+    int path_errno = errno;
     o->fds = malloc(sizeof(int) * (size_t)(nfds ? nfds : 1));
     o->file_of = malloc(sizeof(int) * n);
     o->offset_of = malloc(sizeof(sqlite3_int64) * n);
@@ -1012,8 +1026,10 @@ overlay_new(const char *path, int page_size, sqlite3_int64 page_count,
     pthread_mutex_init(&o->mutex, NULL);
     if (o->path == NULL || o->fds == NULL || o->file_of == NULL
         || o->offset_of == NULL) {
+        int rc = o->path == NULL ? path_rc : SQLITE_NOMEM;
         overlay_unref(o);
-        return SQLITE_NOMEM;
+        errno = path_errno;
+        return rc;
     }
     for (int i = 0; i < nfds; i++) {
         o->fds[i] = dup(fds[i]);

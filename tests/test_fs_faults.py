@@ -13,12 +13,16 @@ import time
 import pytest
 from cli_helpers import TIMEOUT, run
 from copy_helpers import make_source
-from fsfaults import checks, runner, strace
+from fsfaults import checks, incremental, runner, strace
 from fsfaults.scenarios import SCENARIOS
 
 # Calls sampled per scenario in the bounded pass, each killed and failed
 # once (about 2 minutes for the six scenarios on 2 cores).
 BOUNDED = int(os.environ.get("FSFAULTS_BOUNDED", "30"))
+# The same for the incremental scenarios (--incremental, restore): each
+# scenario's own count, about 50 s for the seven; FSFAULTS_INC_BOUNDED
+# sets one count for all.
+INC_BOUNDED = os.environ.get("FSFAULTS_INC_BOUNDED")
 
 STRACE = strace.available()
 needs_strace = pytest.mark.skipif(
@@ -152,6 +156,21 @@ def test_bounded_pass(name, tmp_path, summary):
     summary.append(result)
     assert result.calls > 20, "the recording found too few calls"
     assert result.drift <= result.runs // 10, "faults landed on other calls"
+    assert not result.problems, "\n".join(
+        f"{call!r} {fault}: {problem}" for call, fault, problem in result.problems
+    )
+
+
+@needs_strace
+@pytest.mark.heavy
+@pytest.mark.parametrize("name", list(incremental.SCENARIOS))
+def test_bounded_pass_incremental(name, tmp_path, summary):
+    scenario = incremental.SCENARIOS[name]
+    bounded = int(INC_BOUNDED) if INC_BOUNDED else scenario.bounded
+    result = runner.run_scenario(scenario, tmp_path, bounded, log=lambda _: None)
+    summary.append(result)
+    assert result.calls > 20, "the recording found too few calls"
+    assert result.drift <= max(1, result.runs // 10), "faults landed on other calls"
     assert not result.problems, "\n".join(
         f"{call!r} {fault}: {problem}" for call, fault, problem in result.problems
     )

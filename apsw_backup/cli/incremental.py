@@ -59,6 +59,13 @@ def run(argv: Sequence[str], interrupts: Interrupts) -> int:
     def failed(code: int, message: str, exc: BaseException | None, **extra: Any) -> int:
         if verify:  # verify --json: the same keys in every outcome
             extra = {"path": None, "files": [], "chains": [], **extra}
+        kept = getattr(exc, "kept_point", None)
+        if kept:  # --incremental failed after its point was put in place
+            message = (
+                f"the restore point {kept!r} was made and is kept, but what "
+                f"came after it failed: {message}"
+            )
+            extra["kept_point"] = kept
         return _failed(code, message, as_json, exc, **extra)
 
     try:

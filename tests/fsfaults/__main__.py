@@ -7,8 +7,9 @@ import sys
 import tempfile
 import time
 
-from . import runner, strace
-from .scenarios import SCENARIOS
+from . import incremental, runner, scenarios, strace
+
+SCENARIOS = {**scenarios.SCENARIOS, **incremental.SCENARIOS}
 
 
 def main(argv=None):

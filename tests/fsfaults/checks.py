@@ -98,6 +98,8 @@ class Expected:
         if scenario.kind == "folder":
             for path in scenario.old_backups(root):
                 self.old_backups[path.name] = raw_digest(path)
+        if hasattr(scenario, "expect"):  # incremental.py's scenarios
+            scenario.expect(self, root)
 
 
 def _scratch_copy(path):
@@ -138,6 +140,8 @@ def check_run(scenario, expected, snapshot, returncode, stdout, stderr, killed):
             problems.append(f"SOURCE is damaged: {digest}")
         elif digest != expected.source:
             problems.append("SOURCE's rows changed")
+    if hasattr(scenario, "check"):  # incremental.py's scenarios
+        return problems + scenario.check(expected, snapshot, returncode, result, killed)
     check = {
         "new": _check_new,
         "existing": _check_existing,
@@ -329,6 +333,8 @@ def _unmarked_backup(data, name):
 
 def check_leftovers(scenario, expected, data):
     """Problems with what is left in data after the next run."""
+    if hasattr(scenario, "leftovers"):  # incremental.py's scenarios
+        return scenario.leftovers(expected, data)
     left = listing(data)
     want = expected_after_next_run(scenario, expected)
     if want is not None:

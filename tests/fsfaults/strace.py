@@ -71,10 +71,14 @@ class Call:
 
 def normalise(text, root):
     """The call's text without what differs between runs: the run folder,
-    temporary names' pid and token, backup timestamps, fd numbers."""
+    temporary names' pid and token (the shims' names too: .virtual for
+    the delta shim's, .overlay for a restore point's), backup timestamps,
+    fd numbers."""
     text = text.replace(str(root), "ROOT")
     text = re.sub(
-        r"\.apsw-backup-\d+-[0-9a-f]+\.partial", ".apsw-backup-P.partial", text
+        r"\.apsw-backup-\d+-[0-9a-f]+\.(partial|virtual|overlay)",
+        r".apsw-backup-P.\1",
+        text,
     )
     text = re.sub(r"\d{8}T\d{6}\.\d{6}Z", "STAMP", text)
     return text
