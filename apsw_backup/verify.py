@@ -742,21 +742,23 @@ class _IndexSplit:
         lo = _scalar(conn, f"SELECT min(rowid) FROM {q}")
         hi = _scalar(conn, f"SELECT max(rowid) FROM {q}")
         split = cls(table, indexes, int(lo or 0), int(hi or 0))
-        plan = " ".join(
-            str(row[-1])
-            for row in conn.execute("EXPLAIN QUERY PLAN " + split.lookup_sql(), (0, 0))
-        )
         for index in indexes:
+            plan = " ".join(
+                str(row[-1])
+                for row in conn.execute(
+                    "EXPLAIN QUERY PLAN " + split.lookup_sql([index]), (0, 0)
+                )
+            )
             if f"COVERING INDEX {index.name} (" not in plan or "rowid=?" not in plan:
                 return None
         return split
 
-    def lookup_sql(self) -> str:
+    def lookup_sql(self, indexes: list[_Index] | None = None) -> str:
         """Rows of a rowid range missing from an index: one column per index
-        (1: missing)."""
+        of `indexes` (default: all of them), 1 when missing."""
         q = _quote(self.table)
         joins, missing = [], []
-        for k, index in enumerate(self.indexes):
+        for k, index in enumerate(self.indexes if indexes is None else indexes):
             alias = f"i{k}"
             on = " AND ".join(
                 f"{alias}.{_quote(c)} IS t.{_quote(c)} COLLATE {_quote(coll)}"
@@ -774,21 +776,33 @@ class _IndexSplit:
         )
 
     def tasks(self, weight: float, pieces: int) -> list[_Task]:
+        """About `pieces` lookup pieces, each one index and one rowid range
+        (one index per piece: a connection then caches that index alone,
+        and two threads do not each read every index into a cache of
+        their own), and the piece of the counts."""
         span = self.hi - self.lo + 1
-        step = max(1, -(-span // pieces))
+        ranges = max(1, -(-pieces // len(self.indexes)))
+        step = max(1, -(-span // ranges))
+        share = weight / len(self.indexes)
         tasks = []
-        for first in range(self.lo, self.hi + 1, step):
-            last = min(first + step - 1, self.hi)
-            tasks.append(
-                _Task(
-                    CheckRecord(
-                        f"integrity_check({self.table} rows {first}-{last})",
-                        detail={"table": self.table, "rowids": [first, last]},
-                    ),
-                    weight * (last - first + 1) / span,
-                    self._lookups(first, last),
+        for index in self.indexes:
+            for first in range(self.lo, self.hi + 1, step):
+                last = min(first + step - 1, self.hi)
+                tasks.append(
+                    _Task(
+                        CheckRecord(
+                            f"integrity_check({self.table} rows {first}-{last} "
+                            f"in {index.name})",
+                            detail={
+                                "table": self.table,
+                                "index": index.name,
+                                "rowids": [first, last],
+                            },
+                        ),
+                        share * (last - first + 1) / span,
+                        self._lookups(index, first, last),
+                    )
                 )
-            )
         tasks.append(
             _Task(
                 CheckRecord(
@@ -801,12 +815,16 @@ class _IndexSplit:
         )
         return tasks
 
-    def _lookups(self, first: int, last: int) -> Callable[[_Run, _Task], list[Problem]]:
+    def _lookups(
+        self, index: _Index, first: int, last: int
+    ) -> Callable[[_Run, _Task], list[Problem]]:
         def run(ctx: _Run, task: _Task) -> list[Problem]:
             ctx.check_cancelled()
             conn = ctx.open(lookups=True)
             try:
-                missing = conn.execute(self.lookup_sql(), (first, last)).fetchall()
+                missing = conn.execute(
+                    self.lookup_sql([index]), (first, last)
+                ).fetchall()
                 found = []
                 for row in missing[:_MAX_REPORTED]:
                     # integrity_check numbers a row by its place in the table
@@ -816,9 +834,7 @@ class _IndexSplit:
                         "WHERE rowid <= ?",
                         (row[0],),
                     )
-                    for index, gone in zip(self.indexes, row[1:], strict=True):
-                        if gone:
-                            found.append(f"row {place} missing from index {index.name}")
+                    found.append(f"row {place} missing from index {index.name}")
             finally:
                 ctx.close(conn)
             return [Problem("integrity_check", line) for line in found]

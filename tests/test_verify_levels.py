@@ -140,8 +140,9 @@ def test_the_split_is_by_table_with_one_whole_quick_check(tmp_path):
 @needs_table_check
 def test_a_table_too_large_for_one_thread_is_checked_in_pieces(tmp_path):
     """events holds most of the work: on 2 threads its rows are looked up
-    in its indexes range by range (as integrity_check(events) would), plus
-    one piece for the index entry counts; users stays one check."""
+    in its indexes (as integrity_check(events) would), one index and one
+    range of rows a piece, plus one piece for the index entry counts;
+    users stays one check."""
     path = build(tmp_path / "db.db")
     outcome = verify.verify(path, "full", threads=2)
     assert outcome.ok
@@ -149,9 +150,14 @@ def test_a_table_too_large_for_one_thread_is_checked_in_pieces(tmp_path):
     pieces = sorted(n for n in names if n.startswith("integrity_check(events rows"))
     assert len(pieces) >= 2 and "integrity_check(events)" not in names
     assert {"integrity_check(events index counts)", "integrity_check(users)"} <= names
-    spans = [c.detail["rowids"] for c in outcome.checks if "rowids" in c.detail]
-    assert min(a for a, _ in spans) == 1 and max(b for _, b in spans) == 3000
-    assert sum(b - a + 1 for a, b in spans) == 3000  # every row, once
+    spans: dict[str, list[list[int]]] = {}
+    for c in outcome.checks:
+        if "rowids" in c.detail:
+            spans.setdefault(c.detail["index"], []).append(c.detail["rowids"])
+    assert sorted(spans) == ["events_kind", "events_user"]  # every index
+    for index, ranges in spans.items():
+        assert min(a for a, _ in ranges) == 1 and max(b for _, b in ranges) == 3000
+        assert sum(b - a + 1 for a, b in ranges) == 3000, index  # every row, once
 
 
 def damage_index_content_with_gaps(path):
