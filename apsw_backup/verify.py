@@ -324,6 +324,7 @@ class _Run:
         # checkpointed into it nor deleted); see _remove_what_reading_made.
         self.flags = apsw_backup.SQLITE_OPEN_READONLY
         self.cache_kib = LOOKUP_CACHE_KIB
+        self._local = threading.local()  # .conn: this thread's lookup connection
 
     def share_cache(self, threads: int) -> None:
         """LOOKUP_CACHE_KIB a connection, LOOKUP_CACHE_TOTAL_KIB in all."""
@@ -365,6 +366,31 @@ class _Run:
             self._connections.discard(conn)
         conn.close(force=True)
 
+    def lookup_connection(self) -> apsw_backup.Connection:
+        """This thread's connection for the checks that look rows up in
+        indexes (open(lookups=True)), kept from one check to the next: its
+        page cache stays filled, instead of every check allocating and
+        filling a large cache of its own (the allocations take SQLite's
+        global memory mutexes, which the threads then wait for)."""
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = self.open(lookups=True)
+        return conn
+
+    def done_with(self, conn: apsw_backup.Connection, failed: bool) -> None:
+        """After a check on lookup_connection(): one that failed closes it
+        (the thread's next check opens another), else it is kept."""
+        if failed:
+            if conn is getattr(self._local, "conn", None):
+                self._local.conn = None
+            self.close(conn)
+
+    def close_lookup_connection(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        self._local.conn = None
+        if conn is not None:
+            self.close(conn)
+
     def interrupt_all(self) -> None:
         with self._lock:
             live = list(self._connections)
@@ -397,9 +423,10 @@ def _sql_check(
 ) -> Callable[[_Run, _Task], list[Problem]]:
     def run(ctx: _Run, task: _Task) -> list[Problem]:
         ctx.check_cancelled()
-        conn = ctx.open(lookups)
+        conn = ctx.lookup_connection() if lookups else ctx.open()
         rows: list[tuple[Any, ...]] = []
         stopped: apsw_backup.Error | None = None
+        failed = True
         try:
             # Row by row: on a damaged file SQLite may report some problems
             # and then stop the statement with SQLITE_CORRUPT; keep both.
@@ -412,10 +439,16 @@ def _sql_check(
                 # plain integrity_check skips a virtual table whose module
                 # is not loaded; so do we
                 task.record.detail["skipped"] = str(exc)
+                failed = False
                 return []
             raise
+        else:
+            failed = False
         finally:
-            ctx.close(conn)
+            if lookups:
+                ctx.done_with(conn, failed or stopped is not None)
+            else:
+                ctx.close(conn)
         lines = problem_lines(rows) if rows else []
         _raise_if_unreadable(lines, check)
         if stopped is not None:
@@ -820,7 +853,8 @@ class _IndexSplit:
     ) -> Callable[[_Run, _Task], list[Problem]]:
         def run(ctx: _Run, task: _Task) -> list[Problem]:
             ctx.check_cancelled()
-            conn = ctx.open(lookups=True)
+            conn = ctx.lookup_connection()
+            failed = True
             try:
                 missing = conn.execute(
                     self.lookup_sql([index]), (first, last)
@@ -835,8 +869,9 @@ class _IndexSplit:
                         (row[0],),
                     )
                     found.append(f"row {place} missing from index {index.name}")
+                failed = False
             finally:
-                ctx.close(conn)
+                ctx.done_with(conn, failed)
             return [Problem("integrity_check", line) for line in found]
 
         return run
@@ -895,6 +930,13 @@ def _runtime_version() -> int:
 
 
 def _worker(ctx: _Run, work: queue.Queue[_Task | None], results: list[Any]) -> None:
+    try:
+        _work(ctx, work, results)
+    finally:
+        ctx.close_lookup_connection()
+
+
+def _work(ctx: _Run, work: queue.Queue[_Task | None], results: list[Any]) -> None:
     while True:
         task = work.get()
         if task is None:
