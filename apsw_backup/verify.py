@@ -28,9 +28,10 @@ Two levels (``verify(path, level=...)``):
     accepts only table names in ``integrity_check(X)``, so a table and its
     indexes are its finest unit: a table too large for one thread's share
     is checked in pieces of our own instead (``_IndexSplit``: its rows,
-    range by range, looked up in every index; the index entry counts;
-    UNIQUE), when it can be mirrored exactly.  The pieces are handed out
-    largest first to threads that take the next one as they finish.
+    looked up in its indexes, one index and one range of rows a piece;
+    the index entry counts; UNIQUE), when it can be mirrored exactly.  The
+    pieces are handed out largest first to threads that take the next one
+    as they finish, each thread on one connection of its own.
 
 The result is a :class:`VerifyResult`: ``ok``, ``problems`` (each with the
 page numbers where known) or ``unverified`` (the file could not be read,
@@ -726,9 +727,9 @@ class _Index:
 class _IndexSplit:
     """What integrity_check(T) checks beyond quick_check, for a rowid table
     T, in pieces that threads can share: each piece scans a range of
-    rowids and looks every row up in every index of T, as integrity_check
-    does ("row N missing from index I", N the row's position in the
-    table); one more piece compares the number of entries of each index
+    rowids and looks every row up in one index of T, as integrity_check
+    does in each ("row N missing from index I", N the row's position in
+    the table); one more piece compares the number of entries of each index
     with the table's ("wrong # of entries in index I") and looks for
     duplicates in UNIQUE indexes ("non-unique entry in index I").  The
     b-trees themselves, NOT NULL and the page accounting are quick_check's,
