@@ -317,6 +317,10 @@ def main() -> int:
     clis = {"cli --no-verify": ("--no-verify",), "cli": ()}
     names = (["shell"] if shell else []) + list(contenders) + list(clis)
     times: dict[str, list[float]] = {n: [] for n in names}
+    # The 1-minute load average after each measurement: other processes'
+    # work on this machine, which moves every figure (read the ratios of
+    # the quiet runs).
+    loads: list[float] = []
     detail: dict[str, list[dict]] = {n: [] for n in names}
     for r in range(a.rounds):
         order = names[r % len(names) :] + names[: r % len(names)]
@@ -330,9 +334,14 @@ def main() -> int:
             else:
                 kind, shim, check = contenders[name]
                 out = run_child(kind, str(source), str(dest), shim, check)
+            out["load"] = os.getloadavg()[0]
+            loads.append(out["load"])
             times[name].append(out["seconds"])
             detail[name].append(out)
-            print(f"round {r + 1} {name}: {out['seconds']:.3f} s", flush=True)
+            print(
+                f"round {r + 1} {name}: {out['seconds']:.3f} s (load {out['load']:.2f})",
+                flush=True,
+            )
 
     # the checks, on one verified copy
     fresh(dest)
@@ -355,6 +364,7 @@ def main() -> int:
             out = run_child("check", str(dest), kind, str(threads))
             checks[how].append(out["seconds"])
             cpus.setdefault(how, []).append(out["cpu"])
+            loads.append(os.getloadavg()[0])
             if how == "full":
                 check_detail.append(out["checks"])
             elif threads == 1 and kind == "full":
@@ -378,6 +388,7 @@ def main() -> int:
         "checks": checks,
         "check_cpu": cpus,
         "load": os.getloadavg(),
+        "loads": loads,
         "full_check_tasks": check_detail,
         "hash": hashing,
     }
@@ -393,6 +404,10 @@ def main() -> int:
             f"| {how} | {med(xs):.3f} | {', '.join(f'{t:.2f}' for t in xs)} "
             f"(CPU {', '.join(f'{t:.2f}' for t in cpus[how])}) |"
         )
+    print(
+        f"\nload average (1 min) after each measurement: {min(loads):.2f}-"
+        f"{max(loads):.2f}, median {med(loads):.2f}"
+    )
     verdicts = []
 
     def verdict(label: str, value: float, ok: bool, target: str) -> None:
