@@ -28,9 +28,10 @@ Two levels (``verify(path, level=...)``):
     accepts only table names in ``integrity_check(X)``, so a table and its
     indexes are its finest unit: a table too large for one thread's share
     is checked in pieces of our own instead (``_IndexSplit``: its rows,
-    range by range, looked up in every index; the index entry counts;
-    UNIQUE), when it can be mirrored exactly.  The pieces are handed out
-    largest first to threads that take the next one as they finish.
+    looked up in its indexes, one index and one range of rows a piece;
+    the index entry counts; UNIQUE), when it can be mirrored exactly.  The
+    pieces are handed out largest first to threads that take the next one
+    as they finish, each thread on one connection of its own.
 
 The result is a :class:`VerifyResult`: ``ok``, ``problems`` (each with the
 page numbers where known) or ``unverified`` (the file could not be read,
@@ -324,6 +325,7 @@ class _Run:
         # checkpointed into it nor deleted); see _remove_what_reading_made.
         self.flags = apsw_backup.SQLITE_OPEN_READONLY
         self.cache_kib = LOOKUP_CACHE_KIB
+        self._local = threading.local()  # .conn: this thread's lookup connection
 
     def share_cache(self, threads: int) -> None:
         """LOOKUP_CACHE_KIB a connection, LOOKUP_CACHE_TOTAL_KIB in all."""
@@ -365,6 +367,31 @@ class _Run:
             self._connections.discard(conn)
         conn.close(force=True)
 
+    def lookup_connection(self) -> apsw_backup.Connection:
+        """This thread's connection for the checks that look rows up in
+        indexes (open(lookups=True)), kept from one check to the next: its
+        page cache stays filled, instead of every check allocating and
+        filling a large cache of its own (the allocations take SQLite's
+        global memory mutexes, which the threads then wait for)."""
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = self.open(lookups=True)
+        return conn
+
+    def done_with(self, conn: apsw_backup.Connection, failed: bool) -> None:
+        """After a check on lookup_connection(): one that failed closes it
+        (the thread's next check opens another), else it is kept."""
+        if failed:
+            if conn is getattr(self._local, "conn", None):
+                self._local.conn = None
+            self.close(conn)
+
+    def close_lookup_connection(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        self._local.conn = None
+        if conn is not None:
+            self.close(conn)
+
     def interrupt_all(self) -> None:
         with self._lock:
             live = list(self._connections)
@@ -397,9 +424,10 @@ def _sql_check(
 ) -> Callable[[_Run, _Task], list[Problem]]:
     def run(ctx: _Run, task: _Task) -> list[Problem]:
         ctx.check_cancelled()
-        conn = ctx.open(lookups)
+        conn = ctx.lookup_connection() if lookups else ctx.open()
         rows: list[tuple[Any, ...]] = []
         stopped: apsw_backup.Error | None = None
+        failed = True
         try:
             # Row by row: on a damaged file SQLite may report some problems
             # and then stop the statement with SQLITE_CORRUPT; keep both.
@@ -412,10 +440,16 @@ def _sql_check(
                 # plain integrity_check skips a virtual table whose module
                 # is not loaded; so do we
                 task.record.detail["skipped"] = str(exc)
+                failed = False
                 return []
             raise
+        else:
+            failed = False
         finally:
-            ctx.close(conn)
+            if lookups:
+                ctx.done_with(conn, failed or stopped is not None)
+            else:
+                ctx.close(conn)
         lines = problem_lines(rows) if rows else []
         _raise_if_unreadable(lines, check)
         if stopped is not None:
@@ -693,9 +727,9 @@ class _Index:
 class _IndexSplit:
     """What integrity_check(T) checks beyond quick_check, for a rowid table
     T, in pieces that threads can share: each piece scans a range of
-    rowids and looks every row up in every index of T, as integrity_check
-    does ("row N missing from index I", N the row's position in the
-    table); one more piece compares the number of entries of each index
+    rowids and looks every row up in one index of T, as integrity_check
+    does in each ("row N missing from index I", N the row's position in
+    the table); one more piece compares the number of entries of each index
     with the table's ("wrong # of entries in index I") and looks for
     duplicates in UNIQUE indexes ("non-unique entry in index I").  The
     b-trees themselves, NOT NULL and the page accounting are quick_check's,
@@ -742,21 +776,23 @@ class _IndexSplit:
         lo = _scalar(conn, f"SELECT min(rowid) FROM {q}")
         hi = _scalar(conn, f"SELECT max(rowid) FROM {q}")
         split = cls(table, indexes, int(lo or 0), int(hi or 0))
-        plan = " ".join(
-            str(row[-1])
-            for row in conn.execute("EXPLAIN QUERY PLAN " + split.lookup_sql(), (0, 0))
-        )
         for index in indexes:
+            plan = " ".join(
+                str(row[-1])
+                for row in conn.execute(
+                    "EXPLAIN QUERY PLAN " + split.lookup_sql([index]), (0, 0)
+                )
+            )
             if f"COVERING INDEX {index.name} (" not in plan or "rowid=?" not in plan:
                 return None
         return split
 
-    def lookup_sql(self) -> str:
+    def lookup_sql(self, indexes: list[_Index] | None = None) -> str:
         """Rows of a rowid range missing from an index: one column per index
-        (1: missing)."""
+        of `indexes` (default: all of them), 1 when missing."""
         q = _quote(self.table)
         joins, missing = [], []
-        for k, index in enumerate(self.indexes):
+        for k, index in enumerate(self.indexes if indexes is None else indexes):
             alias = f"i{k}"
             on = " AND ".join(
                 f"{alias}.{_quote(c)} IS t.{_quote(c)} COLLATE {_quote(coll)}"
@@ -774,21 +810,33 @@ class _IndexSplit:
         )
 
     def tasks(self, weight: float, pieces: int) -> list[_Task]:
+        """About `pieces` lookup pieces, each one index and one rowid range
+        (one index per piece: a connection then caches that index alone,
+        and two threads do not each read every index into a cache of
+        their own), and the piece of the counts."""
         span = self.hi - self.lo + 1
-        step = max(1, -(-span // pieces))
+        ranges = max(1, -(-pieces // len(self.indexes)))
+        step = max(1, -(-span // ranges))
+        share = weight / len(self.indexes)
         tasks = []
-        for first in range(self.lo, self.hi + 1, step):
-            last = min(first + step - 1, self.hi)
-            tasks.append(
-                _Task(
-                    CheckRecord(
-                        f"integrity_check({self.table} rows {first}-{last})",
-                        detail={"table": self.table, "rowids": [first, last]},
-                    ),
-                    weight * (last - first + 1) / span,
-                    self._lookups(first, last),
+        for index in self.indexes:
+            for first in range(self.lo, self.hi + 1, step):
+                last = min(first + step - 1, self.hi)
+                tasks.append(
+                    _Task(
+                        CheckRecord(
+                            f"integrity_check({self.table} rows {first}-{last} "
+                            f"in {index.name})",
+                            detail={
+                                "table": self.table,
+                                "index": index.name,
+                                "rowids": [first, last],
+                            },
+                        ),
+                        share * (last - first + 1) / span,
+                        self._lookups(index, first, last),
+                    )
                 )
-            )
         tasks.append(
             _Task(
                 CheckRecord(
@@ -801,12 +849,17 @@ class _IndexSplit:
         )
         return tasks
 
-    def _lookups(self, first: int, last: int) -> Callable[[_Run, _Task], list[Problem]]:
+    def _lookups(
+        self, index: _Index, first: int, last: int
+    ) -> Callable[[_Run, _Task], list[Problem]]:
         def run(ctx: _Run, task: _Task) -> list[Problem]:
             ctx.check_cancelled()
-            conn = ctx.open(lookups=True)
+            conn = ctx.lookup_connection()
+            failed = True
             try:
-                missing = conn.execute(self.lookup_sql(), (first, last)).fetchall()
+                missing = conn.execute(
+                    self.lookup_sql([index]), (first, last)
+                ).fetchall()
                 found = []
                 for row in missing[:_MAX_REPORTED]:
                     # integrity_check numbers a row by its place in the table
@@ -816,11 +869,10 @@ class _IndexSplit:
                         "WHERE rowid <= ?",
                         (row[0],),
                     )
-                    for index, gone in zip(self.indexes, row[1:], strict=True):
-                        if gone:
-                            found.append(f"row {place} missing from index {index.name}")
+                    found.append(f"row {place} missing from index {index.name}")
+                failed = False
             finally:
-                ctx.close(conn)
+                ctx.done_with(conn, failed)
             return [Problem("integrity_check", line) for line in found]
 
         return run
@@ -879,6 +931,13 @@ def _runtime_version() -> int:
 
 
 def _worker(ctx: _Run, work: queue.Queue[_Task | None], results: list[Any]) -> None:
+    try:
+        _work(ctx, work, results)
+    finally:
+        ctx.close_lookup_connection()
+
+
+def _work(ctx: _Run, work: queue.Queue[_Task | None], results: list[Any]) -> None:
     while True:
         task = work.get()
         if task is None:

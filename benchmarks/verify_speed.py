@@ -15,7 +15,8 @@ interleaved and rotated over --rounds rounds, the file in the OS cache:
 - cli: the whole command, `python -m apsw_backup SOURCE DEST` (the default
   verification: copy() with its flushes, the byte check and quick_check,
   the fsync and rename), timed from outside like the shell, start-up
-  included; cli --no-verify beside it;
+  included (the package's bytecode compiled first, as pip does when it
+  installs it); cli --no-verify beside it;
 - then, on one copy: PRAGMA integrity_check on one connection, against
   verify(DEST, "full") with 2 threads; quick_check alone for reference, and
   integrity_check+cache: one integrity_check with the page cache the full
@@ -41,6 +42,7 @@ page hash >= 4 GB/s.  Ratios are medians of per-round ratios (paired).
 from __future__ import annotations
 
 import argparse
+import compileall
 import json
 import os
 import random
@@ -279,6 +281,12 @@ def main() -> int:
 
     import apsw_backup
 
+    # The package's bytecode, compiled as pip compiles it at install: the
+    # command's start-up is then an installed command's, not that of a
+    # checkout run with PYTHONDONTWRITEBYTECODE=1, which compiles every
+    # module from source at each start (40-70 ms here).
+    compileall.compile_dir(str(Path(apsw_backup.__file__).parent), quiet=1)
+
     work = Path(a.workdir or tempfile.gettempdir()) / "apsw_backup-verify-speed"
     work.mkdir(parents=True, exist_ok=True)
     source = work / f"source-{a.mb}mb.db"
@@ -309,6 +317,10 @@ def main() -> int:
     clis = {"cli --no-verify": ("--no-verify",), "cli": ()}
     names = (["shell"] if shell else []) + list(contenders) + list(clis)
     times: dict[str, list[float]] = {n: [] for n in names}
+    # The 1-minute load average after each measurement: other processes'
+    # work on this machine, which moves every figure (read the ratios of
+    # the quiet runs).
+    loads: list[float] = []
     detail: dict[str, list[dict]] = {n: [] for n in names}
     for r in range(a.rounds):
         order = names[r % len(names) :] + names[: r % len(names)]
@@ -322,9 +334,14 @@ def main() -> int:
             else:
                 kind, shim, check = contenders[name]
                 out = run_child(kind, str(source), str(dest), shim, check)
+            out["load"] = os.getloadavg()[0]
+            loads.append(out["load"])
             times[name].append(out["seconds"])
             detail[name].append(out)
-            print(f"round {r + 1} {name}: {out['seconds']:.3f} s", flush=True)
+            print(
+                f"round {r + 1} {name}: {out['seconds']:.3f} s (load {out['load']:.2f})",
+                flush=True,
+            )
 
     # the checks, on one verified copy
     fresh(dest)
@@ -347,6 +364,7 @@ def main() -> int:
             out = run_child("check", str(dest), kind, str(threads))
             checks[how].append(out["seconds"])
             cpus.setdefault(how, []).append(out["cpu"])
+            loads.append(os.getloadavg()[0])
             if how == "full":
                 check_detail.append(out["checks"])
             elif threads == 1 and kind == "full":
@@ -370,6 +388,7 @@ def main() -> int:
         "checks": checks,
         "check_cpu": cpus,
         "load": os.getloadavg(),
+        "loads": loads,
         "full_check_tasks": check_detail,
         "hash": hashing,
     }
@@ -385,6 +404,10 @@ def main() -> int:
             f"| {how} | {med(xs):.3f} | {', '.join(f'{t:.2f}' for t in xs)} "
             f"(CPU {', '.join(f'{t:.2f}' for t in cpus[how])}) |"
         )
+    print(
+        f"\nload average (1 min) after each measurement: {min(loads):.2f}-"
+        f"{max(loads):.2f}, median {med(loads):.2f}"
+    )
     verdicts = []
 
     def verdict(label: str, value: float, ok: bool, target: str) -> None:

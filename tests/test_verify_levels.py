@@ -140,8 +140,9 @@ def test_the_split_is_by_table_with_one_whole_quick_check(tmp_path):
 @needs_table_check
 def test_a_table_too_large_for_one_thread_is_checked_in_pieces(tmp_path):
     """events holds most of the work: on 2 threads its rows are looked up
-    in its indexes range by range (as integrity_check(events) would), plus
-    one piece for the index entry counts; users stays one check."""
+    in its indexes (as integrity_check(events) would), one index and one
+    range of rows a piece, plus one piece for the index entry counts;
+    users stays one check."""
     path = build(tmp_path / "db.db")
     outcome = verify.verify(path, "full", threads=2)
     assert outcome.ok
@@ -149,9 +150,14 @@ def test_a_table_too_large_for_one_thread_is_checked_in_pieces(tmp_path):
     pieces = sorted(n for n in names if n.startswith("integrity_check(events rows"))
     assert len(pieces) >= 2 and "integrity_check(events)" not in names
     assert {"integrity_check(events index counts)", "integrity_check(users)"} <= names
-    spans = [c.detail["rowids"] for c in outcome.checks if "rowids" in c.detail]
-    assert min(a for a, _ in spans) == 1 and max(b for _, b in spans) == 3000
-    assert sum(b - a + 1 for a, b in spans) == 3000  # every row, once
+    spans: dict[str, list[list[int]]] = {}
+    for c in outcome.checks:
+        if "rowids" in c.detail:
+            spans.setdefault(c.detail["index"], []).append(c.detail["rowids"])
+    assert sorted(spans) == ["events_kind", "events_user"]  # every index
+    for index, ranges in spans.items():
+        assert min(a for a, _ in ranges) == 1 and max(b for _, b in ranges) == 3000
+        assert sum(b - a + 1 for a, b in ranges) == 3000, index  # every row, once
 
 
 def damage_index_content_with_gaps(path):
@@ -536,3 +542,75 @@ def test_verifying_a_wal_file_writes_nothing_and_leaves_nothing(tmp_path):
         assert verify.verify(path, level).ok
     assert sorted(os.listdir(tmp_path)) == ["db.db"]
     assert path.read_bytes() == before
+
+
+@needs_table_check
+def test_each_thread_keeps_one_lookup_connection_for_all_its_pieces(
+    tmp_path, monkeypatch
+):
+    """The pieces and integrity_check(T) of one thread share a connection
+    (its page cache stays filled): no more lookup connections are opened
+    than there are threads, and all of them are closed at the end."""
+    path = build(tmp_path / "db.db")
+    opened, closed = [], []
+    real_open, real_close = verify._Run.open, verify._Run.close
+
+    def counting_open(self, lookups=False):
+        conn = real_open(self, lookups)
+        if lookups:
+            opened.append(conn)
+        return conn
+
+    def counting_close(self, conn):
+        closed.append(conn)
+        real_close(self, conn)
+
+    monkeypatch.setattr(verify._Run, "open", counting_open)
+    monkeypatch.setattr(verify._Run, "close", counting_close)
+    outcome = verify.verify(path, "full", threads=2)
+    assert outcome.ok
+    lookups = [c for c in outcome.checks if c.name.startswith("integrity_check(")]
+    assert len(lookups) >= 5  # pieces of events, users, sqlite_master
+    assert 1 <= len(opened) <= 2
+    assert all(conn in closed for conn in opened)
+
+
+@needs_table_check
+def test_a_piece_that_fails_does_not_leave_its_connection_to_the_next(
+    tmp_path, monkeypatch
+):
+    """A lookup that raised closes the thread's connection; the thread's
+    next piece opens a new one and still checks its rows."""
+    path = damage_index_content_with_gaps_path(tmp_path)
+    failures = []
+    real = verify._IndexSplit._lookups
+
+    def failing_once(self, index, first, last):
+        run = real(self, index, first, last)
+
+        def wrapped(ctx, task):
+            if not failures:
+                conn = ctx.lookup_connection()
+                failures.append(conn)
+                conn.close(force=True)  # the next execute on it raises
+            return run(ctx, task)
+
+        return wrapped
+
+    monkeypatch.setattr(verify._IndexSplit, "_lookups", failing_once)
+    outcome = verify.verify(path, "full", threads=2)
+    assert failures
+    failed = [c.name for c in outcome.checks if c.outcome == verify.UNVERIFIED]
+    assert len(failed) == 1, failed
+    # every other piece ran on a connection of its own, and found its rows
+    plain, _ = plain_integrity_check(path)
+    found = {p.message for p in outcome.problems}
+    assert found and found <= set(plain) | {
+        p.message for p in outcome.problems if p.check == "quick_check"
+    }
+
+
+def damage_index_content_with_gaps_path(tmp_path):
+    path = tmp_path / "damaged.db"
+    damage_index_content_with_gaps(path)
+    return path
