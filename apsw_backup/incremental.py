@@ -572,7 +572,9 @@ def _parse_time(value: datetime | str) -> datetime:
 
 
 class _ChainFiles:
-    """Open descriptors of a chain's files and where each page lives."""
+    """Open descriptors of a chain's files and where each page lives
+    (file_of: the chain's file holding the newest version of each page, -1
+    for none; offset_of: where in it), both as native arrays in bytes."""
 
     def __init__(self, chain: list[_Point]) -> None:
         tip = chain[-1]
@@ -581,79 +583,66 @@ class _ChainFiles:
         self.page_count = tip.info.page_count
         self.manifest = tip.manifest
         self.fds: list[int] = []
-        self.file_of = array.array("i", [-1]) * self.page_count
-        self.offset_of = array.array("q", [0]) * self.page_count
         try:
-            for number, point in enumerate(chain):
+            for point in chain:
                 if point.info.page_size != self.page_size:
                     raise _damaged(
                         point.info.path, "of another page size than its chain"
                     )
                 self.fds.append(os.open(point.info.path, os.O_RDONLY))
-                for position, pgno in enumerate(point.index):
-                    if not 1 <= pgno <= point.info.page_count:
-                        raise _damaged(
-                            point.info.path, "damaged (a page number out of range)"
-                        )
-                    if pgno <= self.page_count:
-                        self.file_of[pgno - 1] = number
-                        self.offset_of[pgno - 1] = point.offset_of(position)
+            self.file_of, self.offset_of, missing = _c._chain_map(
+                self.page_count,
+                self.page_size,
+                [(p.index.tobytes(), p.data_offset) for p in chain],  # type: ignore[attr-defined]
+            )
         except BaseException:
             self.close()
             raise
-        lock = _lock_byte_page(self.page_size)
-        for pgno in range(1, self.page_count + 1):
-            if self.file_of[pgno - 1] < 0 and pgno != lock:
-                raise _damaged(
-                    tip.info.path,
-                    f"incomplete (no file of its chain holds page {pgno})",
-                )
+        self.files = memoryview(self.file_of).cast("i")
+        if missing:
+            self.close()
+            raise _damaged(
+                tip.info.path,
+                f"incomplete (no file of its chain holds page {missing})",
+            )
 
     def close(self) -> None:
         fds, self.fds = self.fds, []
         for fd in fds:
             os.close(fd)
 
-    def runs(self) -> Any:
+    def runs(self, check: bool = False) -> Any:
         """(first page, count, bytes) over the whole database, in chunks of
-        about _READ_RUN bytes; the lock-byte page (never stored) as zeros.
-        Each file is read through a window of _READ_RUN bytes that moves
-        forward as its pages are needed (pages are stored in about the order
-        the backup wrote them, ascending), so the reads stay large whatever
-        the mix of files."""
+        about _READ_RUN bytes, each page from the newest file holding it (a
+        run of pages adjacent in one file read at once); the lock-byte page
+        (never stored) as zeros.  check: each page against the tip's
+        manifest."""
         P = self.page_size
         per_chunk = max(1, _READ_RUN // P)
-        windows: list[tuple[int, memoryview]] = [(-1, memoryview(b""))] * len(self.fds)
+        fds = tuple(self.fds)
         for first in range(1, self.page_count + 1, per_chunk):
             n = min(per_chunk, self.page_count - first + 1)
-            out = bytearray(n * P)
-            view = memoryview(out)
-            for i in range(n):
-                f = self.file_of[first + i - 1]
-                if f < 0:
-                    continue
-                off = self.offset_of[first + i - 1]
-                start, data = windows[f]
-                if not (0 <= off - start and off - start + P <= len(data)):
-                    start = off
-                    data = memoryview(_read_exact(self.fds[f], max(_READ_RUN, P), off))
-                    if len(data) < P:
-                        raise _damaged(self.chain[f].info.path, "truncated")
-                    windows[f] = (start, data)
-                view[i * P : (i + 1) * P] = data[off - start : off - start + P]
-            yield first, n, bytes(out)
+            data, bad = _c._gather_pages(
+                fds,
+                self.file_of,
+                self.offset_of,
+                P,
+                first,
+                n,
+                self.manifest if check else None,
+            )
+            if bad >= 0:
+                pgno = first + bad
+                raise _damaged(
+                    self.chain[self.files[pgno - 1]].info.path,
+                    f"altered, damaged or truncated (page {pgno} does not "
+                    "match its hash)",
+                )
+            yield first, n, data
 
     def checked_runs(self) -> Any:
         """runs(), each page checked against the tip's manifest."""
-        P = self.page_size
-        for pgno, n, data in self.runs():
-            bad = _first_bad(data, P, range(pgno, pgno + n), self.manifest)
-            if bad is not None:
-                raise _damaged(
-                    self.chain[self.file_of[bad - 1]].info.path,
-                    f"altered or damaged (page {bad} does not match its hash)",
-                )
-            yield pgno, n, data
+        return self.runs(check=True)
 
 
 def _first_bad(
@@ -978,7 +967,7 @@ def _materialize(chain: list[_Point], folder: str, stem: str) -> _Point:
         out = data_offset
         P = pages.page_size
         for pgno, n, data in pages.checked_runs():
-            kept = [i for i in range(n) if pages.file_of[pgno + i - 1] >= 0]
+            kept = [i for i in range(n) if pages.files[pgno + i - 1] >= 0]
             index.extend(pgno + i for i in kept)
             if len(kept) < n:  # the lock-byte page is not stored
                 data = b"".join(data[i * P : (i + 1) * P] for i in kept)
@@ -1347,10 +1336,10 @@ def restore(
     if _parse_name(point) is None and not point.endswith(SUFFIX):
         return _restore_plain(point, target, exists, keep_wal, timeout, progress)
     chain = _chain_to(point, os.path.dirname(point))
-    _check_chain(chain)
     if exists:
+        _check_chain(chain)
         return _restore_into_existing(chain, target, started, timeout, progress)
-    _restore_new(chain, target, keep_wal, progress)
+    _restore_new(chain, target, keep_wal, progress)  # checks the chain as it goes
     return RestoreResult(
         point=point,
         dest=target,
@@ -1459,37 +1448,127 @@ def _restore_new(
     files.remove_stale(os.path.dirname(target))
     pages = _ChainFiles(chain)
     new = files.NewFile(target)
+    checker: _RestoreChecker | None = None
     try:
         new.create()
         P = pages.page_size
-        # _check_chain() proved every stored page matches the tip's manifest
-        # (each file's pages its own, each unstored hash its parent's); the
-        # read-back below checks what reached the disk.
-        # Written out as it goes, as copy() does (files.Flusher): a restore
-        # never queues more than a few MiB of dirty data in front of other
-        # processes' fsyncs, and is not throttled all at once by the kernel.
+        # Three things at once: this thread writes the pages in order, each
+        # page from the newest file holding it and checked against the
+        # point's manifest; a second checks the whole chain (every stored
+        # page of every file against its manifest, the pages later points
+        # replaced too, and every unstored page's hash against its parent's)
+        # and then reads back from the disk, and checks, each slice of DEST
+        # once it has been written out.  Written out as it goes, as copy()
+        # does (files.Flusher): a restore never queues more than a few MiB
+        # of dirty data in front of other processes' fsyncs.
         flusher = files.Flusher(new.fd, FLUSH_EVERY)
-        for pgno, n, data in pages.runs():
+        checker = _RestoreChecker(chain, new.fd, P, pages.manifest, target)
+        for pgno, n, data in pages.checked_runs():
+            checker.raise_if_failed()
             _write_all(new.fd, data, (pgno - 1) * P)
             flusher.flush_if_grown()
+            checker.written_out(flusher.flushed)
             if progress is not None:
                 progress(pgno + n - 1, pages.page_count)
         os.ftruncate(new.fd, pages.page_count * P)
+        os.fsync(new.fd)
+        checker.written_out(pages.page_count * P)
         if chain[-1].info.wal:  # the mode switch rewrites page 1: in turn
-            _read_back_whole(new.fd, P, pages.manifest, target)
+            checker.finish()
             _check_database(new.path, keep_wal, target)
-        else:  # the byte check and quick_check side by side
-            _quick_check_while(
-                new.path,
-                target,
-                lambda: _read_back_whole(new.fd, P, pages.manifest, target),
-            )
+        else:  # the rest of the read-back and quick_check side by side
+            _quick_check_while(new.path, target, checker.finish)
         new.publish()
     except BaseException:
+        if checker is not None:
+            checker.abandon()
         new.discard()
         raise
     finally:
         pages.close()
+
+
+class _RestoreChecker:
+    """The checks of a restore into a new DEST that run beside the writing
+    (_restore_new): the whole chain, then DEST read back from the disk
+    slice by slice as it is written out."""
+
+    def __init__(
+        self, chain: list[_Point], fd: int, page_size: int, manifest: bytes, target: str
+    ) -> None:
+        self.chain, self.fd, self.page_size = chain, fd, page_size
+        self.manifest, self.target = manifest, target
+        self.error: BaseException | None = None
+        self.verified = 0  # bytes of DEST read back and checked
+        self.ready = 0  # bytes of DEST written out to the disk
+        self.final = False
+        self.stop = False
+        self.cond = threading.Condition()
+        self.thread = threading.Thread(target=self._run, name="apsw-backup restore check")
+        self.thread.start()
+
+    def written_out(self, upto: int) -> None:
+        with self.cond:
+            self.ready = max(self.ready, upto)
+            self.cond.notify()
+
+    def raise_if_failed(self) -> None:
+        if self.error is not None:
+            self.abandon()
+            raise self.error
+
+    def finish(self) -> None:
+        """Wait for the checks to end (after the last written_out()); raise
+        their failure."""
+        with self.cond:
+            self.final = True
+            self.cond.notify()
+        self.thread.join()
+        self.raise_if_failed()
+
+    def abandon(self) -> None:
+        with self.cond:
+            self.stop = True
+            self.cond.notify()
+        self.thread.join()
+
+    def _run(self) -> None:
+        try:
+            _check_chain(self.chain, stop=lambda: self.stop)
+            while True:
+                with self.cond:
+                    while not self.stop and not self.final and self.ready <= self.verified:
+                        self.cond.wait()
+                    if self.stop:
+                        return
+                    upto, final = self.ready, self.final
+                if upto > self.verified:
+                    self._read_back(self.verified, upto)
+                    self.verified = upto
+                elif final:
+                    return
+        except BaseException as exc:  # raised by the writing thread
+            self.error = exc
+
+    def _read_back(self, start: int, end: int) -> None:
+        """DEST's bytes [start, end), written out to the disk, dropped from
+        the cache and read back from the disk, against the manifest."""
+        P = self.page_size
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(self.fd, start, end - start, os.POSIX_FADV_DONTNEED)
+        per_run = max(1, _READ_RUN // P) * P
+        for offset in range(start, end, per_run):
+            if self.stop:
+                return
+            n = min(per_run, end - offset) // P
+            first = offset // P + 1
+            data = _read_exact(self.fd, n * P, offset)
+            bad = _first_bad(data, P, range(first, first + n), self.manifest)
+            if bad is not None:
+                raise IncrementalError(
+                    f"the restored copy of {self.target!r} did not read back as "
+                    f"written (page {bad}); nothing was put in place"
+                )
 
 
 def _read_back_whole(fd: int, page_size: int, manifest: bytes, target: str) -> None:
@@ -1645,8 +1724,8 @@ def _open_overlay(chain: list[_Point]) -> RestorePointConnection:
             pages.page_size,
             pages.page_count,
             tuple(pages.fds),
-            pages.file_of.tobytes(),
-            pages.offset_of.tobytes(),
+            pages.file_of,
+            pages.offset_of,
         )
     finally:
         pages.close()
@@ -1740,10 +1819,17 @@ def verify_point(point: str | os.PathLike[str]) -> ChainReport:
 
 
 def _verify_pages(
-    point: _Point, parent: _Point | None, opts: _RunOptions | None = None
+    point: _Point,
+    parent: _Point | None,
+    opts: _RunOptions | None = None,
+    dest: _Dest | None = None,
+    number: int = 0,
 ) -> None:
     """Every stored page of point against its manifest, every unstored one's
-    hash against its parent's: BrokenChainError naming the file."""
+    hash against its parent's: BrokenChainError naming the file.  dest: a
+    new database being written from the chain, point its file `number`:
+    the pages this point holds the newest version of are written to it as
+    they are checked (each page read once)."""
     P = point.info.page_size
     manifest = point.manifest
     try:
@@ -1753,18 +1839,24 @@ def _verify_pages(
             f"restore point {point.info.path!r} is missing", point.info.path
         ) from None
     try:
+        index = point.index.tobytes()  # type: ignore[attr-defined]
         per_run = max(1, _READ_RUN // P)
         for start in range(0, len(point.index), per_run):
             if opts is not None:
                 opts.check("checking the chain the new point extends")
-            chunk = point.index[start : start + per_run]
-            data = _read_exact(fd, len(chunk) * P, point.offset_of(start))
-            bad = _first_bad(data, P, chunk, manifest)
-            if bad is not None:
+            count = min(per_run, len(point.index) - start)
+            bad = _c._check_stored(
+                fd, index, point.data_offset, P, manifest, start, count,
+                dest.fd if dest else -1, dest.file_of if dest else b"", number,
+            )  # fmt: skip
+            if bad >= 0:
                 raise _damaged(
                     point.info.path,
-                    f"altered or damaged (page {bad} does not match its hash)",
+                    f"altered or damaged (page {point.index[bad]} does not "
+                    "match its hash)",
                 )
+            if dest is not None:
+                dest.wrote(count)
     finally:
         os.close(fd)
     # Every page not stored is its parent's: compare the manifests whole,
@@ -1801,8 +1893,33 @@ def _first_difference(a: bytes | bytearray, b: bytes | bytearray) -> int:
     return 0
 
 
-def _check_chain(chain: list[_Point], opts: _RunOptions | None = None) -> None:
+@dataclasses.dataclass
+class _Dest:
+    """A new database written while its chain is checked (_check_chain)."""
+
+    fd: int
+    file_of: bytes
+    flusher: Any
+    progress: Callable[[int, int], Any] | None
+    total: int
+    done: int = 0
+
+    def wrote(self, pages: int) -> None:
+        self.flusher.flush_if_grown()
+        self.done += pages
+        if self.progress is not None:
+            self.progress(min(self.done, self.total), self.total)
+
+
+def _check_chain(
+    chain: list[_Point],
+    opts: _RunOptions | None = None,
+    dest: _Dest | None = None,
+    stop: Callable[[], bool] | None = None,
+) -> None:
     for i, point in enumerate(chain):
-        _verify_pages(point, chain[i - 1] if i else None, opts)
+        if stop is not None and stop():
+            return
+        _verify_pages(point, chain[i - 1] if i else None, opts, dest, i)
         if i:
             chain[i - 1].drop()  # only the tip's is needed afterwards

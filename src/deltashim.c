@@ -275,23 +275,12 @@ dfile_close(sqlite3_file *file)
     return SQLITE_OK;
 }
 
+/* Record one page as SQLite writing it would (its mutex not held):
+ * hashed, compared with the parent's, kept or forgotten. */
 static int
-dfile_write(sqlite3_file *file, const void *buf, int amt, sqlite3_int64 off)
+record_page(Delta *d, const void *buf, sqlite3_int64 pgno)
 {
-    Delta *d = ((DeltaFile *)file)->delta;
     int P = d->page_size;
-    if (amt != P || off % P != 0) {
-        pthread_mutex_lock(&d->mutex);
-        char why[200];
-        snprintf(why, sizeof(why),
-                 "SQLite wrote %d bytes at offset %lld, not one page of %d "
-                 "bytes: did the source's page size change?",
-                 amt, (long long)off, P);
-        delta_fail(d, why);
-        pthread_mutex_unlock(&d->mutex);
-        return SQLITE_IOERR_WRITE;
-    }
-    sqlite3_int64 pgno = off / P + 1;
     unsigned char hash[PAGE_HASH_SIZE];
     page_hash(buf, (size_t)P, hash);
     int rc = SQLITE_OK;
@@ -344,12 +333,31 @@ dfile_write(sqlite3_file *file, const void *buf, int amt, sqlite3_int64 off)
     }
     if (rc == SQLITE_OK) {
         memcpy(d->hashes + (pgno - 1) * PAGE_HASH_SIZE, hash, PAGE_HASH_SIZE);
-        if (off + amt > d->size) {
-            d->size = off + amt;
+        if (pgno * P > d->size) {
+            d->size = pgno * P;
         }
     }
     pthread_mutex_unlock(&d->mutex);
     return rc;
+}
+
+static int
+dfile_write(sqlite3_file *file, const void *buf, int amt, sqlite3_int64 off)
+{
+    Delta *d = ((DeltaFile *)file)->delta;
+    int P = d->page_size;
+    if (amt != P || off % P != 0) {
+        pthread_mutex_lock(&d->mutex);
+        char why[200];
+        snprintf(why, sizeof(why),
+                 "SQLite wrote %d bytes at offset %lld, not one page of %d "
+                 "bytes: did the source's page size change?",
+                 amt, (long long)off, P);
+        delta_fail(d, why);
+        pthread_mutex_unlock(&d->mutex);
+        return SQLITE_IOERR_WRITE;
+    }
+    return record_page(d, buf, off / P + 1);
 }
 
 static int
@@ -984,6 +992,26 @@ delta_slots(Delta *d, sqlite3_int64 *out, sqlite3_int64 slots)
         out[i] = i < d->nslots ? d->page_of_slot[i] : 0;
     }
     pthread_mutex_unlock(&d->mutex);
+}
+
+int
+delta_record(Delta *d, const unsigned char *page, sqlite3_int64 pgno)
+{
+    return record_page(d, page, pgno);
+}
+
+void
+delta_failure(Delta *d, char *out, size_t size)
+{
+    pthread_mutex_lock(&d->mutex);
+    snprintf(out, size, "%s", d->failed ? d->message : "");
+    pthread_mutex_unlock(&d->mutex);
+}
+
+int
+delta_page_size(Delta *d)
+{
+    return d->page_size;
 }
 
 /* -- Overlay: the owner's side ---------------------------------------------

@@ -18,6 +18,7 @@
 #define APSW_BACKUP_DELTASHIM_H
 
 #include <sqlite3.h>
+#include <stddef.h>
 
 #include "hash.h"
 
@@ -57,6 +58,14 @@ void delta_result(Delta *d, DeltaResult *out);
 void delta_manifest(Delta *d, unsigned char *out, sqlite3_int64 page_count);
 /* Which page each data slot holds (0: a dead slot), `slots` entries. */
 void delta_slots(Delta *d, sqlite3_int64 *out, sqlite3_int64 slots);
+
+/* Record page pgno (page_size bytes) as if SQLite had written it there:
+ * what the backup API would have written, read by the caller (the fast
+ * path of incremental.c).  SQLITE_OK, or the failure (delta_failure says
+ * why). */
+int delta_record(Delta *d, const unsigned char *page, sqlite3_int64 pgno);
+void delta_failure(Delta *d, char *out, size_t size); /* "" if none */
+int delta_page_size(Delta *d);
 
 typedef struct Overlay Overlay;
 
