@@ -821,9 +821,16 @@ class _Recording:
         )
         self.capsule = _c._delta_open(self.path, fd, data_offset, page_size, parent)
         self.vfs = delta_vfs
+        self.page_size = page_size
 
-    def run(self, source: _c.Connection, opts: _RunOptions) -> dict[str, Any]:
+    def run(
+        self, source: _c.Connection, opts: _RunOptions, direct: bool = False
+    ) -> dict[str, Any]:
         try:
+            if direct:
+                outcome = self._read_directly(source, opts)
+                if outcome is not None:
+                    return outcome
             dest = _c.Connection(self.path, vfs=self.vfs)
             try:
                 # No journal file beside a file that does not exist; a small
@@ -863,12 +870,64 @@ class _Recording:
         finally:
             _c._delta_close(self.capsule)
 
+    def _read_directly(
+        self, source: _c.Connection, opts: _RunOptions
+    ) -> dict[str, Any] | None:
+        """The fast path (docs/incremental.md): the source's pages read in
+        runs through SQLite's own file handle, inside one read transaction,
+        and recorded as the backup API would have written them -- none of
+        the backup's page-by-page work.  Only for a database in rollback-
+        journal mode (its file is the whole database while the read lock is
+        held; in WAL mode newer pages may be in the -wal).  None when it
+        does not apply or the read lock is not had at once: the backup API
+        then does the copy, with its retries, the same way as always."""
+        try:
+            source.execute("BEGIN").fetchall()
+        except _c.Error:
+            return None
+        try:
+            try:
+                source.execute("SELECT 1 FROM main.sqlite_master LIMIT 1").fetchall()
+                header = source.file_header()
+                count = source.execute("PRAGMA main.page_count").fetchall()[0][0]
+                size = _page_size_of(source)
+            except _c.Error:
+                return None  # busy, a hot journal...: the backup API's way
+            if files.header_is_wal(header) or not count or size != self.page_size:
+                return None
+            per_run = max(1, _READ_RUN // size)
+            for first in range(1, count + 1, per_run):
+                opts.check("copying the pages")
+                try:
+                    _c._delta_read_source(
+                        self.capsule, source, first, min(per_run, count - first + 1), count
+                    )
+                except _c.Error as exc:
+                    why = _c._delta_result(self.capsule)
+                    if why["failed"]:
+                        raise IncrementalError(
+                            f"the incremental backup failed: {why['message']}; "
+                            "nothing was kept"
+                        ) from exc
+                    raise
+        finally:
+            source.execute("COMMIT").fetchall()
+        outcome = dict(_c._delta_result(self.capsule))
+        outcome["restarts"] = 0
+        return outcome
+
 
 def _write_point(source: _c.Connection, source_name: str, folder: str, stem: str,
                  parent: _Point | None, sequence: int, page_size: int,
-                 opts: _RunOptions) -> tuple[_Point, int, int, int, dict[str, int]]:  # fmt: skip
+                 opts: _RunOptions, direct: bool = False,
+                 before_publish: Callable[[], None] | None = None,
+                 ) -> tuple[_Point, int, int, int, dict[str, int]]:  # fmt: skip
     """Back source up as a point whose parent is `parent` (None: a base);
-    returns the point, bytes written, pages written and restarts."""
+    returns the point, bytes written, pages written and restarts.  direct:
+    source is our own connection, read in one transaction (the fast path
+    of _Recording).  before_publish() runs last before the point is put in
+    place (the check of the chain it extends): if it raises, nothing is
+    kept."""
     created = datetime.now(timezone.utc)
     kind = "delta" if parent is not None else "base"
     final = _final_name(folder, stem, kind, created)
@@ -883,7 +942,7 @@ def _write_point(source: _c.Connection, source_name: str, folder: str, stem: str
         rec = _Recording(
             folder, new.fd, data_offset, page_size, parent.manifest if parent else b""
         )
-        outcome = rec.run(source, opts)
+        outcome = rec.run(source, opts, direct)
         problem = _recording_problem(outcome, page_size)
         if problem:
             raise IncrementalError(problem)
@@ -905,6 +964,8 @@ def _write_point(source: _c.Connection, source_name: str, folder: str, stem: str
         _read_back(new.fd, data_offset, page_size, index, manifest, final, opts)
         point = _read_written(new.path, final)
         opts.check("reading the restore point back")
+        if before_publish is not None:
+            before_publish()
         new.publish()
     except BaseException:
         new.discard()
@@ -1080,10 +1141,24 @@ def incremental(
                 if parent
                 else _next_sequence(folder, stem, source_name)
             )
+            direct = own and opts.pages < 0 and opts.progress is None
+            # The chain the delta extends is checked while the source is read
+            # (a thread of its own: its reads and hashes release the GIL);
+            # the delta is put in place only once the chain is found sound.
+            checker = _ChainCheck(chain, opts) if parent is not None else None
             try:
                 point, written, pages, restarts, counts = _write_point(
-                    conn, source_name, folder, stem, parent, sequence, page_size, opts
-                )
+                    conn, source_name, folder, stem, parent, sequence, page_size,
+                    opts, direct, checker.result if checker else None,
+                )  # fmt: skip
+            except _DamagedChain as exc:
+                chain, parent = [], None
+                reason = f"the newest chain is damaged, a new base instead: {exc.cause}"
+                sequence = _next_sequence(folder, stem, source_name)
+                point, written, pages, restarts, counts = _write_point(
+                    conn, source_name, folder, stem, None, sequence, page_size,
+                    opts, direct,
+                )  # fmt: skip
             except IncrementalError:
                 new_size = _page_size_of(conn)
                 if new_size == page_size:
@@ -1092,6 +1167,9 @@ def incremental(
                 point, written, pages, restarts, counts = _write_point(
                     conn, source_name, folder, stem, None, sequence, new_size, opts
                 )
+            finally:
+                if checker is not None:
+                    checker.abandon()
         finally:
             if own:
                 conn.close()
@@ -1125,6 +1203,46 @@ def incremental(
         return result
     finally:
         lock.release()
+
+
+class _DamagedChain(Exception):
+    """The chain a delta was to extend is damaged: a base instead."""
+
+    def __init__(self, cause: BrokenChainError) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+class _ChainCheck:
+    """_check_chain() of the chain a new delta extends, in a thread of its
+    own while the source is read (both mostly outside the GIL)."""
+
+    def __init__(self, chain: list[_Point], opts: _RunOptions) -> None:
+        self.error: BaseException | None = None
+        self.stop = False
+        self.thread = threading.Thread(
+            target=self._run, args=(chain, opts), name="apsw-backup chain check"
+        )
+        self.thread.start()
+
+    def _run(self, chain: list[_Point], opts: _RunOptions) -> None:
+        try:
+            _check_chain(chain, opts, stop=lambda: self.stop)
+        except BaseException as exc:  # raised by the caller's thread
+            self.error = exc
+
+    def result(self) -> None:
+        """Wait for the check; _DamagedChain if the chain is damaged, or the
+        check's own failure (its deadline passed, an OSError)."""
+        self.thread.join()
+        if isinstance(self.error, BrokenChainError):
+            raise _DamagedChain(self.error)
+        if self.error is not None:
+            raise self.error
+
+    def abandon(self) -> None:
+        self.stop = True
+        self.thread.join()
 
 
 def _check_wal_readable(path: str) -> None:
@@ -1232,13 +1350,9 @@ def _usable_chain(
     chain = chains[-1]
     if os.path.abspath(chain[0].info.source) != source_name:
         return [], f"the newest chain is of another source ({chain[0].info.source})"
-    try:
-        # Every page of the chain against its manifest before a delta is
-        # added on it: a delta on a damaged parent could never be restored.
-        # It reads the chain's files once (about the database's size).
-        _check_chain(chain, opts)
-    except BrokenChainError as exc:
-        return [], f"the newest chain is damaged, a new base instead: {exc}"
+    # Every page of the chain is checked against its manifest before a
+    # delta is put in place on it (_ChainCheck, while the source is read): a
+    # delta on a damaged parent could never be restored.
     return chain, ""
 
 
@@ -1824,6 +1938,7 @@ def _verify_pages(
     opts: _RunOptions | None = None,
     dest: _Dest | None = None,
     number: int = 0,
+    stop: Callable[[], bool] | None = None,
 ) -> None:
     """Every stored page of point against its manifest, every unstored one's
     hash against its parent's: BrokenChainError naming the file.  dest: a
@@ -1844,6 +1959,8 @@ def _verify_pages(
         for start in range(0, len(point.index), per_run):
             if opts is not None:
                 opts.check("checking the chain the new point extends")
+            if stop is not None and stop():
+                return
             count = min(per_run, len(point.index) - start)
             bad = _c._check_stored(
                 fd, index, point.data_offset, P, manifest, start, count,
@@ -1920,6 +2037,6 @@ def _check_chain(
     for i, point in enumerate(chain):
         if stop is not None and stop():
             return
-        _verify_pages(point, chain[i - 1] if i else None, opts, dest, i)
+        _verify_pages(point, chain[i - 1] if i else None, opts, dest, i, stop)
         if i:
             chain[i - 1].drop()  # only the tip's is needed afterwards
