@@ -886,48 +886,67 @@ class _Recording:
         except _c.Error:
             return None
         try:
-            try:
-                source.execute("SELECT 1 FROM main.sqlite_master LIMIT 1").fetchall()
-                header = source.file_header()
-                count = source.execute("PRAGMA main.page_count").fetchall()[0][0]
-                size = _page_size_of(source)
-            except _c.Error:
-                return None  # busy, a hot journal...: the backup API's way
-            if files.header_is_wal(header) or not count or size != self.page_size:
-                return None
-            per_run = max(1, _READ_RUN // size)
-            for first in range(1, count + 1, per_run):
-                opts.check("copying the pages")
+            count = self._read_in_transaction(source, opts)
+        except BaseException:
+            if not source.get_autocommit():
                 try:
-                    _c._delta_read_source(
-                        self.capsule, source, first, min(per_run, count - first + 1), count
-                    )
-                except _c.Error as exc:
-                    why = _c._delta_result(self.capsule)
-                    if why["failed"]:
-                        raise IncrementalError(
-                            f"the incremental backup failed: {why['message']}; "
-                            "nothing was kept"
-                        ) from exc
-                    raise
-        finally:
+                    source.execute("ROLLBACK").fetchall()
+                except _c.Error:
+                    pass  # the first failure is the one to report
+            raise
+        if not source.get_autocommit():  # SQLite may have ended it (no memory)
             source.execute("COMMIT").fetchall()
+        if count is None:
+            return None
+        if opts.progress is not None:  # copy()'s one call of a whole-copy step
+            opts.progress(_c.SQLITE_DONE, 0, count)
         outcome = dict(_c._delta_result(self.capsule))
         outcome["restarts"] = 0
         return outcome
+
+    def _read_in_transaction(
+        self, source: _c.Connection, opts: _RunOptions
+    ) -> int | None:
+        """_read_directly's reads, in its transaction: the page count, or
+        None when the backup API is to do the copy."""
+        try:
+            source.execute("SELECT 1 FROM main.sqlite_master LIMIT 1").fetchall()
+            header = source.file_header()
+            count = source.execute("PRAGMA main.page_count").fetchall()[0][0]
+            size = _page_size_of(source)
+        except _c.Error:
+            return None  # busy, a hot journal...: the backup API's way
+        if files.header_is_wal(header) or not count or size != self.page_size:
+            return None
+        per_run = max(1, _READ_RUN // size)
+        for first in range(1, count + 1, per_run):
+            opts.check("copying the pages")
+            try:
+                _c._delta_read_source(
+                    self.capsule, source, first, min(per_run, count - first + 1), count
+                )
+            except _c.Error as exc:
+                why = _c._delta_result(self.capsule)
+                if why["failed"]:
+                    raise IncrementalError(
+                        f"the incremental backup failed: {why['message']}; "
+                        "nothing was kept"
+                    ) from exc
+                raise
+        return int(count)
 
 
 def _write_point(source: _c.Connection, source_name: str, folder: str, stem: str,
                  parent: _Point | None, sequence: int, page_size: int,
                  opts: _RunOptions, direct: bool = False,
-                 before_publish: Callable[[], None] | None = None,
+                 before_publish: Callable[[_Point, str], None] | None = None,
                  ) -> tuple[_Point, int, int, int, dict[str, int]]:  # fmt: skip
     """Back source up as a point whose parent is `parent` (None: a base);
     returns the point, bytes written, pages written and restarts.  direct:
     source is our own connection, read in one transaction (the fast path
-    of _Recording).  before_publish() runs last before the point is put in
-    place (the check of the chain it extends): if it raises, nothing is
-    kept."""
+    of _Recording).  before_publish(point, temporary path) runs last before
+    the point is put in place (the check of the chain it extends,
+    quick_check): if it raises, nothing is kept."""
     created = datetime.now(timezone.utc)
     kind = "delta" if parent is not None else "base"
     final = _final_name(folder, stem, kind, created)
@@ -965,7 +984,7 @@ def _write_point(source: _c.Connection, source_name: str, folder: str, stem: str
         point = _read_written(new.path, final)
         opts.check("reading the restore point back")
         if before_publish is not None:
-            before_publish()
+            before_publish(point, new.path)
         new.publish()
     except BaseException:
         new.discard()
@@ -1075,6 +1094,7 @@ def incremental(
     timeout: float | None = None,
     progress: Callable[[int, int, int], Any] | None = None,
     pages: int = -1,
+    quick_check: bool = False,
 ) -> IncrementalResult:
     """Back source up into folder as one new restore point.
 
@@ -1093,6 +1113,12 @@ def incremental(
     and checked, renamed into place, and the folder fsynced.
     pages, timeout and progress are copy()'s (pages per step: -1 reads the
     source in one step, under one read transaction).
+    Every point is verified by its hashes: its pages read back from the
+    disk, the chain it extends checked page by page.  quick_check: also run
+    PRAGMA quick_check on the database state the point stands for (through
+    the overlay) before it is put in place -- a structural check of the
+    source as it was read, at the cost of a full backup's quick_check
+    (docs/incremental.md, "Verification").
     """
     if not isinstance(max_chain, int) or max_chain < 0:
         raise ValueError(f"max_chain must be an int >= 0, not {max_chain!r}")
@@ -1141,15 +1167,16 @@ def incremental(
                 if parent
                 else _next_sequence(folder, stem, source_name)
             )
-            direct = own and opts.pages < 0 and opts.progress is None
+            direct = own and opts.pages < 0
             # The chain the delta extends is checked while the source is read
             # (a thread of its own: its reads and hashes release the GIL);
             # the delta is put in place only once the chain is found sound.
             checker = _ChainCheck(chain, opts) if parent is not None else None
+            before = _before_publish(chain, checker, quick_check, opts)
             try:
                 point, written, pages, restarts, counts = _write_point(
                     conn, source_name, folder, stem, parent, sequence, page_size,
-                    opts, direct, checker.result if checker else None,
+                    opts, direct, before,
                 )  # fmt: skip
             except _DamagedChain as exc:
                 chain, parent = [], None
@@ -1157,7 +1184,7 @@ def incremental(
                 sequence = _next_sequence(folder, stem, source_name)
                 point, written, pages, restarts, counts = _write_point(
                     conn, source_name, folder, stem, None, sequence, page_size,
-                    opts, direct,
+                    opts, direct, _before_publish([], None, quick_check, opts),
                 )  # fmt: skip
             except IncrementalError:
                 new_size = _page_size_of(conn)
@@ -1165,8 +1192,9 @@ def incremental(
                     raise
                 chain, parent, reason = [], None, f"the page size changed to {new_size}"
                 point, written, pages, restarts, counts = _write_point(
-                    conn, source_name, folder, stem, None, sequence, new_size, opts
-                )
+                    conn, source_name, folder, stem, None, sequence, new_size,
+                    opts, False, _before_publish([], None, quick_check, opts),
+                )  # fmt: skip
             finally:
                 if checker is not None:
                     checker.abandon()
@@ -1203,6 +1231,40 @@ def incremental(
         return result
     finally:
         lock.release()
+
+
+def _before_publish(
+    chain: list[_Point],
+    checker: _ChainCheck | None,
+    quick_check: bool,
+    opts: _RunOptions,
+) -> Callable[[_Point], None]:
+    """What must hold before a new point on chain is put in place: the
+    chain found sound (checker), and with quick_check the state the new
+    point stands for passing PRAGMA quick_check, read through the overlay
+    (the chain's files and the new one under its temporary name)."""
+
+    def check(point: _Point, temporary: str) -> None:
+        if checker is not None:
+            checker.result()
+        if not quick_check:
+            return
+        opts.check("running quick_check on the restore point")
+        here = dataclasses.replace(
+            point, info=dataclasses.replace(point.info, path=temporary)
+        )
+        with _Overlay([here] if point.info.kind == "base" else [*chain, here]) as conn:
+            try:
+                rows = [
+                    r[0] for r in conn.execute("PRAGMA main.quick_check").fetchall()
+                ]
+            except _c.Error as exc:
+                if exc.result not in (_c.SQLITE_CORRUPT, _c.SQLITE_NOTADB):
+                    raise
+                rows = [str(exc)]  # too damaged for quick_check to go on
+        _quick_check_result(rows, point.info.path, "the restore point")
+
+    return check
 
 
 class _DamagedChain(Exception):
@@ -1618,7 +1680,9 @@ class _RestoreChecker:
         self.final = False
         self.stop = False
         self.cond = threading.Condition()
-        self.thread = threading.Thread(target=self._run, name="apsw-backup restore check")
+        self.thread = threading.Thread(
+            target=self._run, name="apsw-backup restore check"
+        )
         self.thread.start()
 
     def written_out(self, upto: int) -> None:
@@ -1651,7 +1715,9 @@ class _RestoreChecker:
             _check_chain(self.chain, stop=lambda: self.stop)
             while True:
                 with self.cond:
-                    while not self.stop and not self.final and self.ready <= self.verified:
+                    while (
+                        not self.stop and not self.final and self.ready <= self.verified
+                    ):
                         self.cond.wait()
                     if self.stop:
                         return
@@ -1734,7 +1800,9 @@ _UNREADABLE = re.compile(r"unable to get the page\. error code=(\d+)")
 _CODE_WORDS = {7: "out of memory", 10: "a disk I/O error", 13: "the disk is full"}
 
 
-def _quick_check_result(rows: list[Any], target: str) -> None:
+def _quick_check_result(
+    rows: list[Any], target: str, what: str = "the restored copy of"
+) -> None:
     """Raise for anything but "ok": a page quick_check could not read (an
     I/O error, no memory) is a failure to check, not damage."""
     for row in rows:
@@ -1743,13 +1811,13 @@ def _quick_check_result(rows: list[Any], target: str) -> None:
             code = int(found[1])
             words = _CODE_WORDS.get(code & 0xFF, f"SQLite error code {code}")
             raise IncrementalError(
-                f"the restored copy of {target!r} could not be checked: "
+                f"{what} {target!r} could not be checked: "
                 f"quick_check could not read a page ({words}); nothing was "
                 "put in place"
             )
     if rows != ["ok"]:
         raise IncrementalError(
-            f"the restored copy of {target!r} fails quick_check: "
+            f"{what} {target!r} fails quick_check: "
             f"{'; '.join(map(str, rows[:5]))}; nothing was put in place"
         )
 

@@ -369,8 +369,8 @@ incremental_delta_read_source(PyObject *module, PyObject *args)
         return NULL;
     }
     int P = delta_page_size(d);
-    if (first < 1 || count < 0 || count > 65536 || first + count - 1 > page_count
-        || page_count > 0xFFFFFFFFLL) {
+    if (first < 1 || count < 0 || count > 65536
+        || first + count - 1 > page_count || page_count > 0xFFFFFFFFLL) {
         PyErr_SetString(PyExc_ValueError, "pages out of range");
         return NULL;
     }
@@ -608,8 +608,8 @@ incremental_chain_map(PyObject *Py_UNUSED(module), PyObject *args)
         const char *raw;
         Py_ssize_t len;
         long long data_offset;
-        if (!PyArg_ParseTuple(PyList_GetItem(files, f), "y#L:_chain_map",
-                              &raw, &len, &data_offset)) {
+        if (!PyArg_ParseTuple(PyList_GetItem(files, f), "y#L:_chain_map", &raw,
+                              &len, &data_offset)) {
             goto fail;
         }
         if (len % 8 != 0 || f > INT_MAX) {
