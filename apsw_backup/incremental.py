@@ -387,6 +387,8 @@ def _chains(
     problems: list[BrokenChainError] = []
     entries: list[_Point | None] = []
     for path in paths:
+        if entries and entries[-1] is not None:
+            entries[-1].drop()  # 16 bytes a page each: read again if needed
         try:
             entries.append(_read_point(path))
         except BrokenChainError as exc:
@@ -813,13 +815,21 @@ class _Recording:
     """One run of the backup API into the delta shim."""
 
     def __init__(
-        self, folder: str, fd: int, data_offset: int, page_size: int, parent: bytes
+        self,
+        folder: str,
+        fd: int,
+        data_offset: int,
+        page_size: int,
+        parent: bytes,
+        expected_pages: int = 0,
     ) -> None:
         delta_vfs, _ = _c._incremental_vfs_names()
         self.path = os.path.join(
             folder, f".apsw-backup-{os.getpid()}-{os.urandom(4).hex()}.virtual"
         )
-        self.capsule = _c._delta_open(self.path, fd, data_offset, page_size, parent)
+        self.capsule = _c._delta_open(
+            self.path, fd, data_offset, page_size, parent, expected_pages
+        )
         self.vfs = delta_vfs
         self.page_size = page_size
 
@@ -958,8 +968,14 @@ def _write_point(source: _c.Connection, source_name: str, folder: str, stem: str
     new = files.NewFile(final)
     new.create()
     try:
+        expected = source.execute("PRAGMA main.page_count").fetchall()[0][0]
         rec = _Recording(
-            folder, new.fd, data_offset, page_size, parent.manifest if parent else b""
+            folder,
+            new.fd,
+            data_offset,
+            page_size,
+            parent.manifest if parent else b"",
+            expected if isinstance(expected, int) else 0,
         )
         outcome = rec.run(source, opts, direct)
         problem = _recording_problem(outcome, page_size)
@@ -2004,15 +2020,11 @@ def _verify_pages(
     point: _Point,
     parent: _Point | None,
     opts: _RunOptions | None = None,
-    dest: _Dest | None = None,
-    number: int = 0,
     stop: Callable[[], bool] | None = None,
 ) -> None:
     """Every stored page of point against its manifest, every unstored one's
-    hash against its parent's: BrokenChainError naming the file.  dest: a
-    new database being written from the chain, point its file `number`:
-    the pages this point holds the newest version of are written to it as
-    they are checked (each page read once)."""
+    hash against its parent's: BrokenChainError naming the file.  stop():
+    give up quietly (the caller no longer needs the answer)."""
     P = point.info.page_size
     manifest = point.manifest
     try:
@@ -2031,80 +2043,38 @@ def _verify_pages(
                 return
             count = min(per_run, len(point.index) - start)
             bad = _c._check_stored(
-                fd, index, point.data_offset, P, manifest, start, count,
-                dest.fd if dest else -1, dest.file_of if dest else b"", number,
-            )  # fmt: skip
+                fd, index, point.data_offset, P, manifest, start, count
+            )
             if bad >= 0:
                 raise _damaged(
                     point.info.path,
                     f"altered or damaged (page {point.index[bad]} does not "
                     "match its hash)",
                 )
-            if dest is not None:
-                dest.wrote(count)
     finally:
         os.close(fd)
-    # Every page not stored is its parent's: compare the manifests whole,
-    # with the stored pages' entries taken from the parent's.
-    count = point.info.page_count
-    inherited = min(count, parent.info.page_count) if parent else 0
-    lock = _lock_byte_page(P)
-    mine = bytearray(manifest[: inherited * HASH])
-    theirs = parent.manifest[: inherited * HASH] if parent else b""
-    stored = bytearray(count + 1)  # a flag a page: not a set of ints
-    for pgno in point.index:
-        if stored[pgno]:
-            raise _damaged(point.info.path, f"damaged (page {pgno} stored twice)")
-        stored[pgno] = 1
-        if pgno <= inherited:
-            mine[(pgno - 1) * HASH : pgno * HASH] = theirs[
-                (pgno - 1) * HASH : pgno * HASH
-            ]
-    missing = [
-        p for p in range(inherited + 1, count + 1) if not stored[p] and p != lock
-    ]
-    if mine != theirs or missing:
-        bad = missing[0] if missing else _first_difference(mine, theirs)
+    # Every page not stored is its parent's (compared in C: a bit a page,
+    # no copy of either manifest).
+    what, pgno = _c._check_inherited(
+        manifest, parent.manifest if parent else None, index, P
+    )
+    if what == 1:
+        raise _damaged(point.info.path, f"damaged (page {pgno} stored twice)")
+    if what:
         raise _damaged(
             point.info.path,
-            f"inconsistent (page {bad} is neither stored nor its parent's)",
+            f"inconsistent (page {pgno} is neither stored nor its parent's)",
         )
-
-
-def _first_difference(a: bytes | bytearray, b: bytes | bytearray) -> int:
-    for i in range(0, len(a), HASH):
-        if a[i : i + HASH] != b[i : i + HASH]:
-            return i // HASH + 1
-    return 0
-
-
-@dataclasses.dataclass
-class _Dest:
-    """A new database written while its chain is checked (_check_chain)."""
-
-    fd: int
-    file_of: bytes
-    flusher: Any
-    progress: Callable[[int, int], Any] | None
-    total: int
-    done: int = 0
-
-    def wrote(self, pages: int) -> None:
-        self.flusher.flush_if_grown()
-        self.done += pages
-        if self.progress is not None:
-            self.progress(min(self.done, self.total), self.total)
 
 
 def _check_chain(
     chain: list[_Point],
     opts: _RunOptions | None = None,
-    dest: _Dest | None = None,
     stop: Callable[[], bool] | None = None,
 ) -> None:
     for i, point in enumerate(chain):
         if stop is not None and stop():
             return
-        _verify_pages(point, chain[i - 1] if i else None, opts, dest, i, stop)
+        _verify_pages(point, chain[i - 1] if i else None, opts, stop)
         if i:
             chain[i - 1].drop()  # only the tip's is needed afterwards

@@ -382,5 +382,6 @@ PyObject *incremental_delta_read_source(PyObject *module, PyObject *args);
 PyObject *incremental_gather_pages(PyObject *module, PyObject *args);
 PyObject *incremental_chain_map(PyObject *module, PyObject *args);
 PyObject *incremental_check_stored(PyObject *module, PyObject *args);
+PyObject *incremental_check_inherited(PyObject *module, PyObject *args);
 
 #endif /* APSW_BACKUP_H */

@@ -62,6 +62,7 @@ struct Delta {
     int page_size;
     unsigned char *parent;
     sqlite3_int64 parent_pages;
+    sqlite3_int64 expected; /* pages announced by the owner (0: unknown) */
     /* per page (slot n-1 is page n) */
     sqlite3_int64 cap;
     unsigned char *state;
@@ -143,6 +144,9 @@ grow_pages(Delta *d, sqlite3_int64 pgno)
     sqlite3_int64 want = d->cap ? d->cap : 1024;
     while (want < pgno) {
         want *= 2;
+    }
+    if (d->cap == 0 && d->expected >= pgno) {
+        want = d->expected; /* the size the owner announced: exactly */
     }
     unsigned char *s = realloc(d->state, (size_t)want);
     if (s == NULL) {
@@ -855,7 +859,8 @@ overlay_vfs(void)
 
 int
 delta_new(const char *path, int fd, sqlite3_int64 data_offset, int page_size,
-          const unsigned char *parent, sqlite3_int64 parent_pages, Delta **out)
+          const unsigned char *parent, sqlite3_int64 parent_pages,
+          sqlite3_int64 expected_pages, Delta **out)
 {
     *out = NULL;
     sqlite3_vfs *vfs = delta_vfs();
@@ -887,6 +892,7 @@ delta_new(const char *path, int fd, sqlite3_int64 data_offset, int page_size,
     }
     d->data_offset = data_offset;
     d->page_size = page_size;
+    d->expected = expected_pages > 0 ? expected_pages : 0;
     d->refs = 1;
     pthread_mutex_init(&d->mutex, NULL);
     int rc = SQLITE_OK;

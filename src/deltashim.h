@@ -47,10 +47,13 @@ sqlite3_vfs *delta_vfs(void);
 /* A Delta for `path` (through the VFS's xFullPathname), writing kept pages
  * into descriptor `fd` (duplicated) from byte `data_offset` on; `parent` is
  * the parent's manifest, parent_pages hashes of PAGE_HASH_SIZE bytes
- * (copied).  SQLITE_CONSTRAINT: the path is taken. */
+ * (copied); expected_pages, when known, sizes its page tables at once
+ * (they grow as needed: a page past it costs a copy of the tables).
+ * SQLITE_CONSTRAINT: the path is taken. */
 int delta_new(const char *path, int fd, sqlite3_int64 data_offset,
               int page_size, const unsigned char *parent,
-              sqlite3_int64 parent_pages, Delta **out);
+              sqlite3_int64 parent_pages, sqlite3_int64 expected_pages,
+              Delta **out);
 void delta_close(Delta *d); /* unregister, drop the owner's reference */
 void delta_result(Delta *d, DeltaResult *out);
 /* The manifest (page_count hashes; the lock-byte page's is all zeros) into

@@ -110,9 +110,10 @@ incremental_delta_open(PyObject *Py_UNUSED(module), PyObject *args)
     const char *path;
     int fd, page_size;
     long long data_offset;
+    long long expected = 0;
     PyObject *parent;
-    if (!PyArg_ParseTuple(args, "siLiS:_delta_open", &path, &fd, &data_offset,
-                          &page_size, &parent)) {
+    if (!PyArg_ParseTuple(args, "siLiS|L:_delta_open", &path, &fd,
+                          &data_offset, &page_size, &parent, &expected)) {
         return NULL;
     }
     if (!valid_page_size(page_size) || data_offset < 0) {
@@ -137,7 +138,7 @@ incremental_delta_open(PyObject *Py_UNUSED(module), PyObject *args)
     }
     int rc = delta_new(path, fd, data_offset, page_size,
                        (const unsigned char *)PyBytes_AsString(parent),
-                       n / PAGE_HASH_SIZE, &box->delta);
+                       n / PAGE_HASH_SIZE, expected, &box->delta);
     if (rc != SQLITE_OK) {
         Py_DECREF(capsule);
         return open_failed(rc, "recording");
@@ -643,37 +644,33 @@ fail:
     return NULL;
 }
 
-/* _check_stored(fd, index, data_offset, page_size, manifest, start, count,
- *               dest_fd, file_of, number) -> int
+/* _check_stored(fd, index, data_offset, page_size, manifest, start, count)
+ * -> int
  *
  * Stored pages start .. start+count-1 of one restore point (fd; index: the
  * native u64 page numbers of its stored pages, in file order; manifest:
- * its own), read with pread and each checked against its manifest entry.
- * When dest_fd >= 0, a page this point holds the newest version of
- * (file_of, native ints, says `number` for it) is also written to dest_fd
- * at (page - 1) * page_size: a chain is checked and a new database written
- * from it reading each page once.  Returns -1, or the position (in the
- * point's file order) of the first page that does not match or could not
- * be read whole (a truncated file).  OSError for a failed read or write.
- * The GIL is released while it works. */
+ * its own), read with one pread and each checked against its manifest
+ * entry (an entry of zeros -- the lock-byte page's, never stored -- is a
+ * mismatch).  Returns -1, or the position (in the point's file order) of
+ * the first page that does not match or could not be read whole (a
+ * truncated file).  OSError for a failed read.  The GIL is released while
+ * it reads and hashes. */
 PyObject *
 incremental_check_stored(PyObject *Py_UNUSED(module), PyObject *args)
 {
-    int fd, page_size, dest_fd, number;
-    const char *idx_raw, *want_raw, *fof_raw;
-    Py_ssize_t idx_len, want_len, fof_len;
+    int fd, page_size;
+    const char *idx_raw, *want_raw;
+    Py_ssize_t idx_len, want_len;
     long long data_offset, start, count;
-    if (!PyArg_ParseTuple(args, "iy#Liy#LLiy#i:_check_stored", &fd, &idx_raw,
+    if (!PyArg_ParseTuple(args, "iy#Liy#LL:_check_stored", &fd, &idx_raw,
                           &idx_len, &data_offset, &page_size, &want_raw,
-                          &want_len, &start, &count, &dest_fd, &fof_raw,
-                          &fof_len, &number)) {
+                          &want_len, &start, &count)) {
         return NULL;
     }
     long long stored = idx_len / 8;
     long long pages = want_len / PAGE_HASH_SIZE;
     if (!valid_page_size(page_size) || idx_len % 8 != 0 || start < 0
-        || count < 0 || start + count > stored || data_offset < 0
-        || (dest_fd >= 0 && fof_len / (Py_ssize_t)sizeof(int) < pages)) {
+        || count < 0 || start + count > stored || data_offset < 0) {
         PyErr_SetString(PyExc_ValueError, "inconsistent page map");
         return NULL;
     }
@@ -689,7 +686,6 @@ incremental_check_stored(PyObject *Py_UNUSED(module), PyObject *args)
         return PyErr_NoMemory();
     }
     const unsigned char *want = (const unsigned char *)want_raw;
-    const int *fof = (const int *)fof_raw;
     static const unsigned char zero[PAGE_HASH_SIZE];
     long long bad = -1;
     int err = 0;
@@ -701,8 +697,7 @@ incremental_check_stored(PyObject *Py_UNUSED(module), PyObject *args)
     }
     long long whole = got < 0 ? 0 : got / page_size;
     for (long long k = 0; !err && k < count; k++) {
-        unsigned long long pgno = idx[start + k];
-        const unsigned char *w = want + (pgno - 1) * PAGE_HASH_SIZE;
+        const unsigned char *w = want + (idx[start + k] - 1) * PAGE_HASH_SIZE;
         unsigned char h[PAGE_HASH_SIZE];
         if (k >= whole) {
             bad = start + k;
@@ -715,37 +710,6 @@ incremental_check_stored(PyObject *Py_UNUSED(module), PyObject *args)
             break;
         }
     }
-    /* the live pages, only once all were found sound: runs of adjacent
-     * page numbers in one write */
-    for (long long k = 0; !err && bad < 0 && dest_fd >= 0 && k < count;) {
-        unsigned long long pgno = idx[start + k];
-        if (fof[pgno - 1] != number) {
-            k++;
-            continue;
-        }
-        long long n = 1;
-        while (k + n < count && idx[start + k + n] == pgno + n
-               && fof[pgno + n - 1] == number) {
-            n++;
-        }
-        const unsigned char *p = buf + k * page_size;
-        size_t left = (size_t)(n * page_size);
-        off_t at = (off_t)((pgno - 1) * (unsigned long long)page_size);
-        while (left > 0) {
-            ssize_t w = pwrite(dest_fd, p, left, at);
-            if (w < 0 && errno == EINTR) {
-                continue;
-            }
-            if (w <= 0) {
-                err = w < 0 && errno ? errno : EIO;
-                break;
-            }
-            p += w;
-            left -= (size_t)w;
-            at += w;
-        }
-        k += n;
-    }
     Py_END_ALLOW_THREADS;
     free(buf);
     if (err) {
@@ -753,4 +717,81 @@ incremental_check_stored(PyObject *Py_UNUSED(module), PyObject *args)
         return PyErr_SetFromErrno(PyExc_OSError);
     }
     return PyLong_FromLongLong(bad);
+}
+
+/* _check_inherited(manifest, parent, index, page_size) -> (what, page)
+ *
+ * The rule of a point's unstored pages (docs/incremental.md): every page
+ * it does not store (index: the native u64 page numbers it stores) has its
+ * parent's hash (parent: the parent's manifest, or None for a base), and a
+ * page past the parent's end is stored unless it is the lock-byte page.
+ * what: 0 all hold; 1 page is stored twice; 2 page is neither stored nor
+ * its parent's.  A bit a page, no copy of either manifest. */
+PyObject *
+incremental_check_inherited(PyObject *Py_UNUSED(module), PyObject *args)
+{
+    const char *mine_raw, *idx_raw, *theirs_raw = NULL;
+    Py_ssize_t mine_len, idx_len, theirs_len = 0;
+    PyObject *parent;
+    int page_size;
+    if (!PyArg_ParseTuple(args, "y#Oy#i:_check_inherited", &mine_raw,
+                          &mine_len, &parent, &idx_raw, &idx_len,
+                          &page_size)) {
+        return NULL;
+    }
+    if (parent != Py_None) {
+        if (!PyBytes_Check(parent)) {
+            PyErr_SetString(PyExc_TypeError, "parent must be bytes or None");
+            return NULL;
+        }
+        theirs_raw = PyBytes_AsString(parent);
+        theirs_len = PyBytes_Size(parent);
+    }
+    if (!valid_page_size(page_size) || mine_len % PAGE_HASH_SIZE != 0
+        || theirs_len % PAGE_HASH_SIZE != 0 || idx_len % 8 != 0) {
+        PyErr_SetString(PyExc_ValueError, "inconsistent manifests");
+        return NULL;
+    }
+    long long count = mine_len / PAGE_HASH_SIZE;
+    long long theirs = theirs_len / PAGE_HASH_SIZE;
+    long long inherited = count < theirs ? count : theirs;
+    long long lock = 0x40000000LL / page_size + 1;
+    unsigned char *stored = calloc((size_t)(count / 8 + 1), 1);
+    if (stored == NULL) {
+        return PyErr_NoMemory();
+    }
+    const unsigned long long *idx = (const unsigned long long *)idx_raw;
+    const unsigned char *m = (const unsigned char *)mine_raw;
+    const unsigned char *t = (const unsigned char *)theirs_raw;
+    int what = 0;
+    long long page = 0;
+    for (Py_ssize_t k = 0; k < idx_len / 8; k++) {
+        unsigned long long p = idx[k];
+        if (p < 1 || p > (unsigned long long)count) {
+            what = 2; /* _read_point refuses these before: never here */
+            page = (long long)p;
+            break;
+        }
+        if (stored[p / 8] & (1u << (p % 8))) {
+            what = 1;
+            page = (long long)p;
+            break;
+        }
+        stored[p / 8] |= (unsigned char)(1u << (p % 8));
+    }
+    for (long long p = 1; what == 0 && p <= count; p++) {
+        if (stored[p / 8] & (1u << (p % 8))) {
+            continue;
+        }
+        if (p <= inherited
+                ? memcmp(m + (p - 1) * PAGE_HASH_SIZE,
+                         t + (p - 1) * PAGE_HASH_SIZE, PAGE_HASH_SIZE)
+                      != 0
+                : p != lock) {
+            what = 2;
+            page = p;
+        }
+    }
+    free(stored);
+    return Py_BuildValue("iL", what, page);
 }

@@ -58,6 +58,8 @@ static PyMethodDef module_methods[] = {
     {"_gather_pages", incremental_gather_pages, METH_VARARGS, "Private."},
     {"_chain_map", incremental_chain_map, METH_VARARGS, "Private."},
     {"_check_stored", incremental_check_stored, METH_VARARGS, "Private."},
+    {"_check_inherited", incremental_check_inherited, METH_VARARGS,
+     "Private."},
     {NULL, NULL, 0, NULL},
 };
 
