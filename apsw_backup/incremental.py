@@ -968,14 +968,13 @@ def _write_point(source: _c.Connection, source_name: str, folder: str, stem: str
     new = files.NewFile(final)
     new.create()
     try:
-        expected = source.execute("PRAGMA main.page_count").fetchall()[0][0]
         rec = _Recording(
             folder,
             new.fd,
             data_offset,
             page_size,
             parent.manifest if parent else b"",
-            expected if isinstance(expected, int) else 0,
+            _page_count_hint(source),
         )
         outcome = rec.run(source, opts, direct)
         problem = _recording_problem(outcome, page_size)
@@ -1007,6 +1006,17 @@ def _write_point(source: _c.Connection, source_name: str, folder: str, stem: str
         raise
     counts = {k: int(outcome[k]) for k in ("writes", "unchanged", "unkept_reads")}
     return point, size, len(index), int(outcome["restarts"]), counts
+
+
+def _page_count_hint(source: _c.Connection) -> int:
+    """The source's page count, to size the recording's tables at once; 0
+    when it cannot be had now (the source locked: copy() then waits for it,
+    with its timeout and messages)."""
+    try:
+        count = source.execute("PRAGMA main.page_count").fetchall()[0][0]
+    except _c.Error:
+        return 0
+    return count if isinstance(count, int) else 0
 
 
 def _check_name_length(final: str, source_name: str) -> None:
