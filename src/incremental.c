@@ -293,7 +293,7 @@ incremental_check_pages(PyObject *Py_UNUSED(module), PyObject *args)
     static const unsigned char zero[PAGE_HASH_SIZE];
     Py_ssize_t bad = -1;
     /* bytes are immutable and the caller holds them: the GIL can go */
-    Py_BEGIN_ALLOW_THREADS;
+    RELEASE_GIL("incremental_check_pages");
     for (Py_ssize_t i = 0; i < n / page_size; i++) {
         const unsigned char *want = e + i * PAGE_HASH_SIZE;
         if (memcmp(want, zero, PAGE_HASH_SIZE) == 0) {
@@ -306,7 +306,7 @@ incremental_check_pages(PyObject *Py_UNUSED(module), PyObject *args)
             break;
         }
     }
-    Py_END_ALLOW_THREADS;
+    REACQUIRE_GIL();
     return PyLong_FromSsize_t(bad);
 }
 
@@ -507,7 +507,7 @@ incremental_gather_pages(PyObject *Py_UNUSED(module), PyObject *args)
     const unsigned char *want = (const unsigned char *)want_raw;
     long long bad = -1;
     int err = 0;
-    Py_BEGIN_ALLOW_THREADS;
+    RELEASE_GIL("incremental_gather_pages");
     static const unsigned char zero[PAGE_HASH_SIZE];
     long long i = 0;
     while (i < count) {
@@ -553,7 +553,7 @@ incremental_gather_pages(PyObject *Py_UNUSED(module), PyObject *args)
         }
         i += n;
     }
-    Py_END_ALLOW_THREADS;
+    REACQUIRE_GIL();
     if (err) {
         errno = err;
         PyErr_SetFromErrno(PyExc_OSError);
@@ -689,7 +689,7 @@ incremental_check_stored(PyObject *Py_UNUSED(module), PyObject *args)
     static const unsigned char zero[PAGE_HASH_SIZE];
     long long bad = -1;
     int err = 0;
-    Py_BEGIN_ALLOW_THREADS;
+    RELEASE_GIL("incremental_check_stored");
     long long got = read_at(fd, buf, (size_t)(count * page_size),
                             data_offset + start * page_size);
     if (got < 0) {
@@ -710,7 +710,7 @@ incremental_check_stored(PyObject *Py_UNUSED(module), PyObject *args)
             break;
         }
     }
-    Py_END_ALLOW_THREADS;
+    REACQUIRE_GIL();
     free(buf);
     if (err) {
         errno = err;

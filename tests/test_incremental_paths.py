@@ -162,7 +162,36 @@ def flip(path, offset):
         f.write(bytes([b[0] ^ 0x10]))
 
 
-def test_a_damaged_page_a_later_point_replaced_is_still_refused(tmp_path):
+@pytest.fixture(params=["threaded", "in turn"])
+def check_mode(request, monkeypatch):
+    """The chain checked in a thread beside the copy, or first in the
+    calling thread (databases over THREADED_CHECK_PAGES)."""
+    if request.param == "in turn":
+        monkeypatch.setattr(inc, "THREADED_CHECK_PAGES", 0)
+    return request.param
+
+
+def test_both_check_modes_restore_identical_and_refuse_a_damaged_parent(
+    tmp_path, check_mode
+):
+    src = make_db(tmp_path / "src.db")
+    folder = tmp_path / "bk"
+    folder.mkdir()
+    first = inc.incremental(src, folder)
+    touch(src)
+    assert inc.incremental(src, folder).kind == "delta"
+    apsw_backup.copy(str(src), str(tmp_path / "full.db"))
+    inc.restore(folder, tmp_path / "r.db")
+    assert (tmp_path / "r.db").read_bytes() == (tmp_path / "full.db").read_bytes()
+    base = inc._read_point(first.path)
+    flip(first.path, base.offset_of(len(base.index) // 2) + 100)
+    touch(src)
+    again = inc.incremental(src, folder)
+    assert again.kind == "base" and "damaged" in again.reason
+    assert first.path in again.reason
+
+
+def test_a_damaged_page_a_later_point_replaced_is_still_refused(tmp_path, check_mode):
     folder, base, pgno = chain_with_a_replaced_page(tmp_path)
     P = base.info.page_size
     flip(base.info.path, base.offset_of(base.index.index(pgno)) + P // 2)
