@@ -911,6 +911,8 @@ class _Recording:
         then does the copy, with its retries, the same way as always."""
         try:
             source.execute("BEGIN").fetchall()
+        except _c.ForkingViolationError:
+            raise
         except _c.Error:
             return None
         try:
@@ -942,6 +944,8 @@ class _Recording:
             header = source.file_header()
             count = source.execute("PRAGMA main.page_count").fetchall()[0][0]
             size = _page_size_of(source)
+        except _c.ForkingViolationError:
+            raise
         except _c.Error:
             return None  # busy, a hot journal...: the backup API's way
         if files.header_is_wal(header) or not count or size != self.page_size:
@@ -992,7 +996,7 @@ def _write_point(source: _c.Connection, source_name: str, folder: str, stem: str
             data_offset,
             page_size,
             parent.manifest if parent else b"",
-            _page_count_hint(source),
+            _page_count_hint(source) if direct else 0,  # our own connection only
         )
         outcome = rec.run(source, opts, direct)
         problem = _recording_problem(outcome, page_size)
@@ -1032,6 +1036,8 @@ def _page_count_hint(source: _c.Connection) -> int:
     with its timeout and messages)."""
     try:
         count = source.execute("PRAGMA main.page_count").fetchall()[0][0]
+    except _c.ForkingViolationError:
+        raise  # a forked child: touch nothing more
     except _c.Error:
         return 0
     return count if isinstance(count, int) else 0
