@@ -76,6 +76,12 @@ MAX_CHAIN = 30
 REBASE_SHARE = 1.0  # the chain's deltas together, against the base's size
 VACUUM_SHARE = 0.5  # one delta storing more of the pages than this: a base
 DEST_CACHE_PAGES = -2000  # the recording's page cache (SQLite's default, 2 MB)
+# The check of a chain runs in a thread of its own beside the copy up to
+# this many pages (1 GiB of 4 KiB pages); above it, in the calling thread
+# first: the manifests a thread reads land in an allocator arena of its
+# own, ~70 bytes a page more at the peak (measured: 70 MB against 47 MB for
+# a delta of a 1.3 GB database), which would break the 64 MB bound.
+THREADED_CHECK_PAGES = 262_144
 
 
 class BrokenChainError(Exception):
@@ -184,11 +190,23 @@ class _Point:
         was dropped: a chain's points need not all hold theirs at once (16
         bytes a page each)."""
         if self._manifest is None:
-            again = _read_point(self.info.path)
-            if again.root != self.root:
+            # Only the manifest, checked by the root hash it must still have
+            # (the checksum of the rest was checked when the point was read).
+            P, stored = self.info.page_size, self.info.stored_pages
+            offset = self.data_offset + stored * P + 8 * stored
+            try:
+                fd = os.open(self.info.path, os.O_RDONLY)
+            except FileNotFoundError:
+                raise BrokenChainError(
+                    f"restore point {self.info.path!r} is missing", self.info.path
+                ) from None
+            try:
+                again = _read_exact(fd, HASH * self.info.page_count, offset)
+            finally:
+                os.close(fd)
+            if root_hash(P, again) != self.root:
                 raise _damaged(self.info.path, "changed since it was first read")
-            self._manifest = again._manifest
-            assert self._manifest is not None
+            self._manifest = again
         return self._manifest
 
     def drop(self) -> None:
@@ -387,6 +405,8 @@ def _chains(
     problems: list[BrokenChainError] = []
     entries: list[_Point | None] = []
     for path in paths:
+        if entries and entries[-1] is not None:
+            entries[-1].drop()  # 16 bytes a page each: read again if needed
         try:
             entries.append(_read_point(path))
         except BrokenChainError as exc:
@@ -576,7 +596,9 @@ def _parse_time(value: datetime | str) -> datetime:
 
 
 class _ChainFiles:
-    """Open descriptors of a chain's files and where each page lives."""
+    """Open descriptors of a chain's files and where each page lives
+    (file_of: the chain's file holding the newest version of each page, -1
+    for none; offset_of: where in it), both as native arrays in bytes."""
 
     def __init__(self, chain: list[_Point]) -> None:
         tip = chain[-1]
@@ -585,79 +607,66 @@ class _ChainFiles:
         self.page_count = tip.info.page_count
         self.manifest = tip.manifest
         self.fds: list[int] = []
-        self.file_of = array.array("i", [-1]) * self.page_count
-        self.offset_of = array.array("q", [0]) * self.page_count
         try:
-            for number, point in enumerate(chain):
+            for point in chain:
                 if point.info.page_size != self.page_size:
                     raise _damaged(
                         point.info.path, "of another page size than its chain"
                     )
                 self.fds.append(os.open(point.info.path, os.O_RDONLY))
-                for position, pgno in enumerate(point.index):
-                    if not 1 <= pgno <= point.info.page_count:
-                        raise _damaged(
-                            point.info.path, "damaged (a page number out of range)"
-                        )
-                    if pgno <= self.page_count:
-                        self.file_of[pgno - 1] = number
-                        self.offset_of[pgno - 1] = point.offset_of(position)
+            self.file_of, self.offset_of, missing = _c._chain_map(
+                self.page_count,
+                self.page_size,
+                [(p.index.tobytes(), p.data_offset) for p in chain],  # type: ignore[attr-defined]
+            )
         except BaseException:
             self.close()
             raise
-        lock = _lock_byte_page(self.page_size)
-        for pgno in range(1, self.page_count + 1):
-            if self.file_of[pgno - 1] < 0 and pgno != lock:
-                raise _damaged(
-                    tip.info.path,
-                    f"incomplete (no file of its chain holds page {pgno})",
-                )
+        self.files = memoryview(self.file_of).cast("i")
+        if missing:
+            self.close()
+            raise _damaged(
+                tip.info.path,
+                f"incomplete (no file of its chain holds page {missing})",
+            )
 
     def close(self) -> None:
         fds, self.fds = self.fds, []
         for fd in fds:
             os.close(fd)
 
-    def runs(self) -> Any:
+    def runs(self, check: bool = False) -> Any:
         """(first page, count, bytes) over the whole database, in chunks of
-        about _READ_RUN bytes; the lock-byte page (never stored) as zeros.
-        Each file is read through a window of _READ_RUN bytes that moves
-        forward as its pages are needed (pages are stored in about the order
-        the backup wrote them, ascending), so the reads stay large whatever
-        the mix of files."""
+        about _READ_RUN bytes, each page from the newest file holding it (a
+        run of pages adjacent in one file read at once); the lock-byte page
+        (never stored) as zeros.  check: each page against the tip's
+        manifest."""
         P = self.page_size
         per_chunk = max(1, _READ_RUN // P)
-        windows: list[tuple[int, memoryview]] = [(-1, memoryview(b""))] * len(self.fds)
+        fds = tuple(self.fds)
         for first in range(1, self.page_count + 1, per_chunk):
             n = min(per_chunk, self.page_count - first + 1)
-            out = bytearray(n * P)
-            view = memoryview(out)
-            for i in range(n):
-                f = self.file_of[first + i - 1]
-                if f < 0:
-                    continue
-                off = self.offset_of[first + i - 1]
-                start, data = windows[f]
-                if not (0 <= off - start and off - start + P <= len(data)):
-                    start = off
-                    data = memoryview(_read_exact(self.fds[f], max(_READ_RUN, P), off))
-                    if len(data) < P:
-                        raise _damaged(self.chain[f].info.path, "truncated")
-                    windows[f] = (start, data)
-                view[i * P : (i + 1) * P] = data[off - start : off - start + P]
-            yield first, n, bytes(out)
+            data, bad = _c._gather_pages(
+                fds,
+                self.file_of,
+                self.offset_of,
+                P,
+                first,
+                n,
+                self.manifest if check else None,
+            )
+            if bad >= 0:
+                pgno = first + bad
+                raise _damaged(
+                    self.chain[self.files[pgno - 1]].info.path,
+                    f"altered, damaged or truncated (page {pgno} does not "
+                    "match its hash)",
+                )
+            yield first, n, data
 
     def checked_runs(self) -> Any:
         """runs(), each page checked against the tip's manifest."""
-        P = self.page_size
-        for pgno, n, data in self.runs():
-            bad = _first_bad(data, P, range(pgno, pgno + n), self.manifest)
-            if bad is not None:
-                raise _damaged(
-                    self.chain[self.file_of[bad - 1]].info.path,
-                    f"altered or damaged (page {bad} does not match its hash)",
-                )
-            yield pgno, n, data
+        return self.runs(check=True)
 
 
 def _first_bad(
@@ -852,20 +861,35 @@ class _Recording:
     """One run of the backup API into the delta shim."""
 
     def __init__(
-        self, folder: str, fd: int, data_offset: int, page_size: int, parent: bytes
+        self,
+        folder: str,
+        fd: int,
+        data_offset: int,
+        page_size: int,
+        parent: bytes,
+        expected_pages: int = 0,
     ) -> None:
         delta_vfs, _ = _c._incremental_vfs_names()
         self.path = os.path.join(
             folder, f".apsw-backup-{os.getpid()}-{os.urandom(4).hex()}.virtual"
         )
         try:
-            self.capsule = _c._delta_open(self.path, fd, data_offset, page_size, parent)
+            self.capsule = _c._delta_open(
+                self.path, fd, data_offset, page_size, parent, expected_pages
+            )
         except OSError as exc:  # its path could not be resolved: name it
             raise _named(exc, folder) from None
         self.vfs = delta_vfs
+        self.page_size = page_size
 
-    def run(self, source: _c.Connection, opts: _RunOptions) -> dict[str, Any]:
+    def run(
+        self, source: _c.Connection, opts: _RunOptions, direct: bool = False
+    ) -> dict[str, Any]:
         try:
+            if direct:
+                outcome = self._read_directly(source, opts)
+                if outcome is not None:
+                    return outcome
             dest = _c.Connection(self.path, vfs=self.vfs)
             try:
                 # No journal file beside a file that does not exist; a small
@@ -905,12 +929,87 @@ class _Recording:
         finally:
             _c._delta_close(self.capsule)
 
+    def _read_directly(
+        self, source: _c.Connection, opts: _RunOptions
+    ) -> dict[str, Any] | None:
+        """The fast path (docs/incremental.md): the source's pages read in
+        runs through SQLite's own file handle, inside one read transaction,
+        and recorded as the backup API would have written them -- none of
+        the backup's page-by-page work.  Only for a database in rollback-
+        journal mode (its file is the whole database while the read lock is
+        held; in WAL mode newer pages may be in the -wal).  None when it
+        does not apply or the read lock is not had at once: the backup API
+        then does the copy, with its retries, the same way as always."""
+        try:
+            source.execute("BEGIN").fetchall()
+        except _c.ForkingViolationError:
+            raise
+        except _c.Error:
+            return None
+        try:
+            count = self._read_in_transaction(source, opts)
+        except BaseException:
+            if not source.get_autocommit():
+                try:
+                    source.execute("ROLLBACK").fetchall()
+                except _c.Error:
+                    pass  # the first failure is the one to report
+            raise
+        if not source.get_autocommit():  # SQLite may have ended it (no memory)
+            source.execute("COMMIT").fetchall()
+        if count is None:
+            return None
+        if opts.progress is not None:  # copy()'s one call of a whole-copy step
+            opts.progress(_c.SQLITE_DONE, 0, count)
+        outcome = dict(_c._delta_result(self.capsule))
+        outcome["restarts"] = 0
+        return outcome
+
+    def _read_in_transaction(
+        self, source: _c.Connection, opts: _RunOptions
+    ) -> int | None:
+        """_read_directly's reads, in its transaction: the page count, or
+        None when the backup API is to do the copy."""
+        try:
+            source.execute("SELECT 1 FROM main.sqlite_master LIMIT 1").fetchall()
+            header = source.file_header()
+            count = source.execute("PRAGMA main.page_count").fetchall()[0][0]
+            size = _page_size_of(source)
+        except _c.ForkingViolationError:
+            raise
+        except _c.Error:
+            return None  # busy, a hot journal...: the backup API's way
+        if files.header_is_wal(header) or not count or size != self.page_size:
+            return None
+        per_run = max(1, _READ_RUN // size)
+        for first in range(1, count + 1, per_run):
+            opts.check("copying the pages")
+            try:
+                _c._delta_read_source(
+                    self.capsule, source, first, min(per_run, count - first + 1), count
+                )
+            except _c.Error as exc:
+                why = _c._delta_result(self.capsule)
+                if why["failed"]:
+                    raise IncrementalError(
+                        f"the incremental backup failed: {why['message']}; "
+                        "nothing was kept"
+                    ) from exc
+                raise
+        return int(count)
+
 
 def _write_point(source: _c.Connection, source_name: str, folder: str, stem: str,
                  parent: _Point | None, sequence: int, page_size: int,
-                 opts: _RunOptions) -> tuple[_Point, int, int, int, dict[str, int]]:  # fmt: skip
+                 opts: _RunOptions, direct: bool = False,
+                 before_publish: Callable[[_Point, str], None] | None = None,
+                 ) -> tuple[_Point, int, int, int, dict[str, int]]:  # fmt: skip
     """Back source up as a point whose parent is `parent` (None: a base);
-    returns the point, bytes written, pages written and restarts."""
+    returns the point, bytes written, pages written and restarts.  direct:
+    source is our own connection, read in one transaction (the fast path
+    of _Recording).  before_publish(point, temporary path) runs last before
+    the point is put in place (the check of the chain it extends,
+    quick_check): if it raises, nothing is kept."""
     created = datetime.now(timezone.utc)
     kind = "delta" if parent is not None else "base"
     final = _final_name(folder, stem, kind, created)
@@ -923,9 +1022,14 @@ def _write_point(source: _c.Connection, source_name: str, folder: str, stem: str
     new.create()
     try:
         rec = _Recording(
-            folder, new.fd, data_offset, page_size, parent.manifest if parent else b""
+            folder,
+            new.fd,
+            data_offset,
+            page_size,
+            parent.manifest if parent else b"",
+            _page_count_hint(source) if direct else 0,  # our own connection only
         )
-        outcome = rec.run(source, opts)
+        outcome = rec.run(source, opts, direct)
         problem = _recording_problem(outcome, page_size)
         if problem:
             raise IncrementalError(problem)
@@ -947,12 +1051,27 @@ def _write_point(source: _c.Connection, source_name: str, folder: str, stem: str
         _read_back(new.fd, data_offset, page_size, index, manifest, final, opts)
         point = _read_written(new.path, final)
         opts.check("reading the restore point back")
+        if before_publish is not None:
+            before_publish(point, new.path)
         new.publish()
     except BaseException:
         new.discard()
         raise
     counts = {k: int(outcome[k]) for k in ("writes", "unchanged", "unkept_reads")}
     return point, size, len(index), int(outcome["restarts"]), counts
+
+
+def _page_count_hint(source: _c.Connection) -> int:
+    """The source's page count, to size the recording's tables at once; 0
+    when it cannot be had now (the source locked: copy() then waits for it,
+    with its timeout and messages)."""
+    try:
+        count = source.execute("PRAGMA main.page_count").fetchall()[0][0]
+    except _c.ForkingViolationError:
+        raise  # a forked child: touch nothing more
+    except _c.Error:
+        return 0
+    return count if isinstance(count, int) else 0
 
 
 def _check_name_length(final: str, source_name: str) -> None:
@@ -1009,7 +1128,7 @@ def _materialize(chain: list[_Point], folder: str, stem: str) -> _Point:
         out = data_offset
         P = pages.page_size
         for pgno, n, data in pages.checked_runs():
-            kept = [i for i in range(n) if pages.file_of[pgno + i - 1] >= 0]
+            kept = [i for i in range(n) if pages.files[pgno + i - 1] >= 0]
             index.extend(pgno + i for i in kept)
             if len(kept) < n:  # the lock-byte page is not stored
                 data = b"".join(data[i * P : (i + 1) * P] for i in kept)
@@ -1056,6 +1175,7 @@ def incremental(
     timeout: float | None = None,
     progress: Callable[[int, int, int], Any] | None = None,
     pages: int = -1,
+    quick_check: bool = False,
 ) -> IncrementalResult:
     """Back source up into folder as one new restore point.
 
@@ -1074,6 +1194,12 @@ def incremental(
     and checked, renamed into place, and the folder fsynced.
     pages, timeout and progress are copy()'s (pages per step: -1 reads the
     source in one step, under one read transaction).
+    Every point is verified by its hashes: its pages read back from the
+    disk, the chain it extends checked page by page.  quick_check: also run
+    PRAGMA quick_check on the database state the point stands for (through
+    the overlay) before it is put in place -- a structural check of the
+    source as it was read, at the cost of a full backup's quick_check
+    (docs/incremental.md, "Verification").
     """
     if not isinstance(max_chain, int) or max_chain < 0:
         raise ValueError(f"max_chain must be an int >= 0, not {max_chain!r}")
@@ -1122,18 +1248,43 @@ def incremental(
                 if parent
                 else _next_sequence(folder, stem, source_name)
             )
+            direct = own and opts.pages < 0
+            # The chain the delta extends is checked while the source is read
+            # (a thread of its own: its reads and hashes release the GIL);
+            # the delta is put in place only once the chain is found sound.
+            checker = (
+                _ChainCheck(chain, opts, parent.info.page_count <= THREADED_CHECK_PAGES)
+                if parent is not None
+                else None
+            )
+            before = _before_publish(chain, checker, quick_check, opts)
             try:
+                if checker is not None and checker.thread is None:
+                    checker.result()  # done already: a damaged chain, a base
                 point, written, pages, restarts, counts = _write_point(
-                    conn, source_name, folder, stem, parent, sequence, page_size, opts
-                )
+                    conn, source_name, folder, stem, parent, sequence, page_size,
+                    opts, direct, before,
+                )  # fmt: skip
+            except _DamagedChain as exc:
+                chain, parent = [], None
+                reason = f"the newest chain is damaged, a new base instead: {exc.cause}"
+                sequence = _next_sequence(folder, stem, source_name)
+                point, written, pages, restarts, counts = _write_point(
+                    conn, source_name, folder, stem, None, sequence, page_size,
+                    opts, direct, _before_publish([], None, quick_check, opts),
+                )  # fmt: skip
             except IncrementalError:
                 new_size = _page_size_of(conn)
                 if new_size == page_size:
                     raise
                 chain, parent, reason = [], None, f"the page size changed to {new_size}"
                 point, written, pages, restarts, counts = _write_point(
-                    conn, source_name, folder, stem, None, sequence, new_size, opts
-                )
+                    conn, source_name, folder, stem, None, sequence, new_size,
+                    opts, False, _before_publish([], None, quick_check, opts),
+                )  # fmt: skip
+            finally:
+                if checker is not None:
+                    checker.abandon()
         finally:
             if own:
                 conn.close()
@@ -1179,6 +1330,89 @@ def incremental(
         return result
     finally:
         lock.release()
+
+
+def _before_publish(
+    chain: list[_Point],
+    checker: _ChainCheck | None,
+    quick_check: bool,
+    opts: _RunOptions,
+) -> Callable[[_Point], None]:
+    """What must hold before a new point on chain is put in place: the
+    chain found sound (checker), and with quick_check the state the new
+    point stands for passing PRAGMA quick_check, read through the overlay
+    (the chain's files and the new one under its temporary name)."""
+
+    def check(point: _Point, temporary: str) -> None:
+        if checker is not None:
+            checker.result()
+        if not quick_check:
+            return
+        opts.check("running quick_check on the restore point")
+        here = dataclasses.replace(
+            point, info=dataclasses.replace(point.info, path=temporary)
+        )
+        with _Overlay([here] if point.info.kind == "base" else [*chain, here]) as conn:
+            try:
+                rows = [
+                    r[0] for r in conn.execute("PRAGMA main.quick_check").fetchall()
+                ]
+            except _c.Error as exc:
+                if exc.result not in (_c.SQLITE_CORRUPT, _c.SQLITE_NOTADB):
+                    raise
+                rows = [str(exc)]  # too damaged for quick_check to go on
+        _quick_check_result(rows, point.info.path, "the restore point")
+
+    return check
+
+
+class _DamagedChain(Exception):
+    """The chain a delta was to extend is damaged: a base instead."""
+
+    def __init__(self, cause: BrokenChainError) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+class _ChainCheck:
+    """_check_chain() of the chain a new delta extends, in a thread of its
+    own while the source is read (both mostly outside the GIL), or at once
+    in the calling thread (threaded=False: THREADED_CHECK_PAGES)."""
+
+    def __init__(
+        self, chain: list[_Point], opts: _RunOptions, threaded: bool = True
+    ) -> None:
+        self.error: BaseException | None = None
+        self.stop = False
+        self.thread: threading.Thread | None = None
+        if not threaded:
+            self._run(chain, opts)
+            return
+        self.thread = threading.Thread(
+            target=self._run, args=(chain, opts), name="apsw-backup chain check"
+        )
+        self.thread.start()
+
+    def _run(self, chain: list[_Point], opts: _RunOptions) -> None:
+        try:
+            _check_chain(chain, opts, stop=lambda: self.stop)
+        except BaseException as exc:  # raised by the caller's thread
+            self.error = exc
+
+    def result(self) -> None:
+        """Wait for the check; _DamagedChain if the chain is damaged, or the
+        check's own failure (its deadline passed, an OSError)."""
+        if self.thread is not None:
+            self.thread.join()
+        if isinstance(self.error, BrokenChainError):
+            raise _DamagedChain(self.error)
+        if self.error is not None:
+            raise self.error
+
+    def abandon(self) -> None:
+        self.stop = True
+        if self.thread is not None:
+            self.thread.join()
 
 
 def _check_wal_readable(path: str) -> None:
@@ -1286,13 +1520,9 @@ def _usable_chain(
     chain = chains[-1]
     if os.path.abspath(chain[0].info.source) != source_name:
         return [], f"the newest chain is of another source ({chain[0].info.source})"
-    try:
-        # Every page of the chain against its manifest before a delta is
-        # added on it: a delta on a damaged parent could never be restored.
-        # It reads the chain's files once (about the database's size).
-        _check_chain(chain, opts)
-    except BrokenChainError as exc:
-        return [], f"the newest chain is damaged, a new base instead: {exc}"
+    # Every page of the chain is checked against its manifest before a
+    # delta is put in place on it (_ChainCheck, while the source is read): a
+    # delta on a damaged parent could never be restored.
     return chain, ""
 
 
@@ -1400,10 +1630,10 @@ def restore(
     if _parse_name(point) is None and not point.endswith(SUFFIX):
         return _restore_plain(point, target, exists, keep_wal, timeout, progress)
     chain = _chain_to(point, os.path.dirname(point))
-    _check_chain(chain)
     if exists:
+        _check_chain(chain)
         return _restore_into_existing(chain, target, started, timeout, progress)
-    _restore_new(chain, target, keep_wal, progress)
+    _restore_new(chain, target, keep_wal, progress)  # checks the chain as it goes
     return RestoreResult(
         point=point,
         dest=target,
@@ -1534,37 +1764,143 @@ def _restore_new(
     files.remove_stale(os.path.dirname(target))
     pages = _ChainFiles(chain)
     new = files.NewFile(target)
+    checker: _RestoreChecker | None = None
     try:
         new.create()
         P = pages.page_size
-        # _check_chain() proved every stored page matches the tip's manifest
-        # (each file's pages its own, each unstored hash its parent's); the
-        # read-back below checks what reached the disk.
-        # Written out as it goes, as copy() does (files.Flusher): a restore
-        # never queues more than a few MiB of dirty data in front of other
-        # processes' fsyncs, and is not throttled all at once by the kernel.
+        # Three things at once: this thread writes the pages in order, each
+        # page from the newest file holding it and checked against the
+        # point's manifest; a second checks the whole chain (every stored
+        # page of every file against its manifest, the pages later points
+        # replaced too, and every unstored page's hash against its parent's;
+        # above THREADED_CHECK_PAGES this thread does that first) and then
+        # reads back from the disk, and checks, each slice of DEST once it
+        # has been written out.  Written out as it goes, as copy()
+        # does (files.Flusher): a restore never queues more than a few MiB
+        # of dirty data in front of other processes' fsyncs.
         flusher = files.Flusher(new.fd, FLUSH_EVERY)
-        for pgno, n, data in pages.runs():
+        threaded = pages.page_count <= THREADED_CHECK_PAGES
+        if not threaded:
+            _check_chain(chain)  # first, here: see THREADED_CHECK_PAGES
+        checker = _RestoreChecker(chain, new.fd, P, pages.manifest, target, threaded)
+        for pgno, n, data in pages.checked_runs():
+            checker.raise_if_failed()
             _write_all(new.fd, data, (pgno - 1) * P)
             flusher.flush_if_grown()
+            checker.written_out(flusher.flushed)
             if progress is not None:
                 progress(pgno + n - 1, pages.page_count)
         os.ftruncate(new.fd, pages.page_count * P)
+        os.fsync(new.fd)
+        checker.written_out(pages.page_count * P)
         if chain[-1].info.wal:  # the mode switch rewrites page 1: in turn
-            _read_back_whole(new.fd, P, pages.manifest, target)
+            checker.finish()
             _check_database(new.path, keep_wal, target)
-        else:  # the byte check and quick_check side by side
-            _quick_check_while(
-                new.path,
-                target,
-                lambda: _read_back_whole(new.fd, P, pages.manifest, target),
-            )
+        else:  # the rest of the read-back and quick_check side by side
+            _quick_check_while(new.path, target, checker.finish)
         new.publish()
     except BaseException:
+        if checker is not None:
+            checker.abandon()
         new.discard()
         raise
     finally:
         pages.close()
+
+
+class _RestoreChecker:
+    """The checks of a restore into a new DEST that run beside the writing
+    (_restore_new): the whole chain, then DEST read back from the disk
+    slice by slice as it is written out."""
+
+    def __init__(
+        self,
+        chain: list[_Point],
+        fd: int,
+        page_size: int,
+        manifest: bytes,
+        target: str,
+        check_chain: bool = True,
+    ) -> None:
+        self.chain, self.fd, self.page_size = chain, fd, page_size
+        self.check_chain = check_chain
+        self.manifest, self.target = manifest, target
+        self.error: BaseException | None = None
+        self.verified = 0  # bytes of DEST read back and checked
+        self.ready = 0  # bytes of DEST written out to the disk
+        self.final = False
+        self.stop = False
+        self.cond = threading.Condition()
+        self.thread = threading.Thread(
+            target=self._run, name="apsw-backup restore check"
+        )
+        self.thread.start()
+
+    def written_out(self, upto: int) -> None:
+        with self.cond:
+            self.ready = max(self.ready, upto)
+            self.cond.notify()
+
+    def raise_if_failed(self) -> None:
+        if self.error is not None:
+            self.abandon()
+            raise self.error
+
+    def finish(self) -> None:
+        """Wait for the checks to end (after the last written_out()); raise
+        their failure."""
+        with self.cond:
+            self.final = True
+            self.cond.notify()
+        self.thread.join()
+        self.raise_if_failed()
+
+    def abandon(self) -> None:
+        with self.cond:
+            self.stop = True
+            self.cond.notify()
+        self.thread.join()
+
+    def _run(self) -> None:
+        try:
+            if self.check_chain:
+                _check_chain(self.chain, stop=lambda: self.stop)
+            while True:
+                with self.cond:
+                    while (
+                        not self.stop and not self.final and self.ready <= self.verified
+                    ):
+                        self.cond.wait()
+                    if self.stop:
+                        return
+                    upto, final = self.ready, self.final
+                if upto > self.verified:
+                    self._read_back(self.verified, upto)
+                    self.verified = upto
+                elif final:
+                    return
+        except BaseException as exc:  # raised by the writing thread
+            self.error = exc
+
+    def _read_back(self, start: int, end: int) -> None:
+        """DEST's bytes [start, end), written out to the disk, dropped from
+        the cache and read back from the disk, against the manifest."""
+        P = self.page_size
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(self.fd, start, end - start, os.POSIX_FADV_DONTNEED)
+        per_run = max(1, _READ_RUN // P) * P
+        for offset in range(start, end, per_run):
+            if self.stop:
+                return
+            n = min(per_run, end - offset) // P
+            first = offset // P + 1
+            data = _read_exact(self.fd, n * P, offset)
+            bad = _first_bad(data, P, range(first, first + n), self.manifest)
+            if bad is not None:
+                raise IncrementalError(
+                    f"the restored copy of {self.target!r} did not read back as "
+                    f"written (page {bad}); nothing was put in place"
+                )
 
 
 def _read_back_whole(fd: int, page_size: int, manifest: bytes, target: str) -> None:
@@ -1616,7 +1952,9 @@ _UNREADABLE = re.compile(r"unable to get the page\. error code=(\d+)")
 _CODE_WORDS = {7: "out of memory", 10: "a disk I/O error", 13: "the disk is full"}
 
 
-def _quick_check_result(rows: list[Any], target: str) -> None:
+def _quick_check_result(
+    rows: list[Any], target: str, what: str = "the restored copy of"
+) -> None:
     """Raise for anything but "ok": a page quick_check could not read (an
     I/O error, no memory) is a failure to check, not damage."""
     for row in rows:
@@ -1625,13 +1963,13 @@ def _quick_check_result(rows: list[Any], target: str) -> None:
             code = int(found[1])
             words = _CODE_WORDS.get(code & 0xFF, f"SQLite error code {code}")
             raise IncrementalError(
-                f"the restored copy of {target!r} could not be checked: "
+                f"{what} {target!r} could not be checked: "
                 f"quick_check could not read a page ({words}); nothing was "
                 "put in place"
             )
     if rows != ["ok"]:
         raise IncrementalError(
-            f"the restored copy of {target!r} fails quick_check: "
+            f"{what} {target!r} fails quick_check: "
             f"{'; '.join(map(str, rows[:5]))}; nothing was put in place"
         )
 
@@ -1720,8 +2058,8 @@ def _open_overlay(chain: list[_Point]) -> RestorePointConnection:
             pages.page_size,
             pages.page_count,
             tuple(pages.fds),
-            pages.file_of.tobytes(),
-            pages.offset_of.tobytes(),
+            pages.file_of,
+            pages.offset_of,
         )
     except OSError as exc:  # its path could not be resolved: name it
         raise _named(exc, os.path.dirname(path)) from None
@@ -1817,10 +2155,14 @@ def verify_point(point: str | os.PathLike[str]) -> ChainReport:
 
 
 def _verify_pages(
-    point: _Point, parent: _Point | None, opts: _RunOptions | None = None
+    point: _Point,
+    parent: _Point | None,
+    opts: _RunOptions | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> None:
     """Every stored page of point against its manifest, every unstored one's
-    hash against its parent's: BrokenChainError naming the file."""
+    hash against its parent's: BrokenChainError naming the file.  stop():
+    give up quietly (the caller no longer needs the answer)."""
     P = point.info.page_size
     manifest = point.manifest
     try:
@@ -1830,56 +2172,47 @@ def _verify_pages(
             f"restore point {point.info.path!r} is missing", point.info.path
         ) from None
     try:
+        index = point.index.tobytes()  # type: ignore[attr-defined]
         per_run = max(1, _READ_RUN // P)
         for start in range(0, len(point.index), per_run):
             if opts is not None:
                 opts.check("checking the chain the new point extends")
-            chunk = point.index[start : start + per_run]
-            data = _read_exact(fd, len(chunk) * P, point.offset_of(start))
-            bad = _first_bad(data, P, chunk, manifest)
-            if bad is not None:
+            if stop is not None and stop():
+                return
+            count = min(per_run, len(point.index) - start)
+            bad = _c._check_stored(
+                fd, index, point.data_offset, P, manifest, start, count
+            )
+            if bad >= 0:
                 raise _damaged(
                     point.info.path,
-                    f"altered or damaged (page {bad} does not match its hash)",
+                    f"altered or damaged (page {point.index[bad]} does not "
+                    "match its hash)",
                 )
     finally:
         os.close(fd)
-    # Every page not stored is its parent's: compare the manifests whole,
-    # with the stored pages' entries taken from the parent's.
-    count = point.info.page_count
-    inherited = min(count, parent.info.page_count) if parent else 0
-    lock = _lock_byte_page(P)
-    mine = bytearray(manifest[: inherited * HASH])
-    theirs = parent.manifest[: inherited * HASH] if parent else b""
-    stored = bytearray(count + 1)  # a flag a page: not a set of ints
-    for pgno in point.index:
-        if stored[pgno]:
-            raise _damaged(point.info.path, f"damaged (page {pgno} stored twice)")
-        stored[pgno] = 1
-        if pgno <= inherited:
-            mine[(pgno - 1) * HASH : pgno * HASH] = theirs[
-                (pgno - 1) * HASH : pgno * HASH
-            ]
-    missing = [
-        p for p in range(inherited + 1, count + 1) if not stored[p] and p != lock
-    ]
-    if mine != theirs or missing:
-        bad = missing[0] if missing else _first_difference(mine, theirs)
+    # Every page not stored is its parent's (compared in C: a bit a page,
+    # no copy of either manifest).
+    what, pgno = _c._check_inherited(
+        manifest, parent.manifest if parent else None, index, P
+    )
+    if what == 1:
+        raise _damaged(point.info.path, f"damaged (page {pgno} stored twice)")
+    if what:
         raise _damaged(
             point.info.path,
-            f"inconsistent (page {bad} is neither stored nor its parent's)",
+            f"inconsistent (page {pgno} is neither stored nor its parent's)",
         )
 
 
-def _first_difference(a: bytes | bytearray, b: bytes | bytearray) -> int:
-    for i in range(0, len(a), HASH):
-        if a[i : i + HASH] != b[i : i + HASH]:
-            return i // HASH + 1
-    return 0
-
-
-def _check_chain(chain: list[_Point], opts: _RunOptions | None = None) -> None:
+def _check_chain(
+    chain: list[_Point],
+    opts: _RunOptions | None = None,
+    stop: Callable[[], bool] | None = None,
+) -> None:
     for i, point in enumerate(chain):
-        _verify_pages(point, chain[i - 1] if i else None, opts)
+        if stop is not None and stop():
+            return
+        _verify_pages(point, chain[i - 1] if i else None, opts, stop)
         if i:
             chain[i - 1].drop()  # only the tip's is needed afterwards

@@ -379,5 +379,10 @@ PyObject *incremental_delta_result(PyObject *module, PyObject *capsule);
 PyObject *incremental_overlay_open(PyObject *module, PyObject *args);
 PyObject *incremental_overlay_close(PyObject *module, PyObject *capsule);
 PyObject *incremental_check_pages(PyObject *module, PyObject *args);
+PyObject *incremental_delta_read_source(PyObject *module, PyObject *args);
+PyObject *incremental_gather_pages(PyObject *module, PyObject *args);
+PyObject *incremental_chain_map(PyObject *module, PyObject *args);
+PyObject *incremental_check_stored(PyObject *module, PyObject *args);
+PyObject *incremental_check_inherited(PyObject *module, PyObject *args);
 
 #endif /* APSW_BACKUP_H */

@@ -51,17 +51,26 @@
 
 enum { P_NONE = 0, P_SAME = 1, P_KEPT = 2, P_POISON = 4 };
 
-struct Delta {
+/* What a Delta and an Overlay share, first in both: the path the VFS
+ * finds it by, its place in the registry, its references (the owner's and
+ * each open file's) and its mutex. */
+typedef struct Entry Entry;
+struct Entry {
     pthread_mutex_t mutex;
     int refs;
     int registered;
-    Delta *next;
+    Entry *next;
     char *path;
+};
+
+struct Delta {
+    Entry e; /* first: a Delta is an Entry */
     int fd;
     sqlite3_int64 data_offset;
     int page_size;
     unsigned char *parent;
     sqlite3_int64 parent_pages;
+    sqlite3_int64 expected; /* pages announced by the owner (0: unknown) */
     /* per page (slot n-1 is page n) */
     sqlite3_int64 cap;
     unsigned char *state;
@@ -78,11 +87,7 @@ struct Delta {
 };
 
 struct Overlay {
-    pthread_mutex_t mutex;
-    int refs;
-    int registered;
-    Overlay *next;
-    char *path;
+    Entry e; /* first: an Overlay is an Entry */
     int page_size;
     sqlite3_int64 page_count;
     int nfds;
@@ -102,8 +107,7 @@ typedef struct {
 } OverlayFile;
 
 static pthread_mutex_t registry_mutex = PTHREAD_MUTEX_INITIALIZER;
-static Delta *deltas;
-static Overlay *overlays;
+static Entry *deltas, *overlays; /* the registry: one list a VFS */
 static pthread_once_t vfs_once = PTHREAD_ONCE_INIT;
 static sqlite3_vfs delta_vfs_struct, overlay_vfs_struct;
 static int vfs_ok;
@@ -114,6 +118,88 @@ registry_after_fork_child(void)
     pthread_mutex_init(&registry_mutex, NULL);
     deltas = NULL;
     overlays = NULL;
+}
+
+/* -- the registry (Delta and Overlay alike) -------------------------------
+ */
+
+static void
+entry_init(Entry *e)
+{
+    e->refs = 1;
+    pthread_mutex_init(&e->mutex, NULL);
+}
+
+/* Drop a reference: 1 when it was the last (the caller frees the object,
+ * whose mutex is destroyed here), else 0. */
+static int
+entry_unref(Entry *e)
+{
+    pthread_mutex_lock(&e->mutex);
+    int left = --e->refs;
+    pthread_mutex_unlock(&e->mutex);
+    if (left > 0) {
+        return 0;
+    }
+    pthread_mutex_destroy(&e->mutex);
+    return 1;
+}
+
+/* The entry of `list` registered for `name`, with a reference taken for
+ * the caller, or NULL. */
+static Entry *
+registry_find(Entry *const *list, const char *name)
+{
+    Entry *found = NULL;
+    pthread_mutex_lock(&registry_mutex);
+    for (Entry *e = *list; e != NULL; e = e->next) {
+        if (strcmp(e->path, name) == 0) {
+            found = e;
+            pthread_mutex_lock(&e->mutex);
+            e->refs++;
+            pthread_mutex_unlock(&e->mutex);
+            break;
+        }
+    }
+    pthread_mutex_unlock(&registry_mutex);
+    return found;
+}
+
+/* Register e (its path set) on `list`: SQLITE_CONSTRAINT if the path is
+ * taken. */
+static int
+registry_add(Entry **list, Entry *e)
+{
+    int rc = SQLITE_OK;
+    pthread_mutex_lock(&registry_mutex);
+    for (Entry *other = *list; other != NULL; other = other->next) {
+        if (strcmp(other->path, e->path) == 0) {
+            rc = SQLITE_CONSTRAINT;
+        }
+    }
+    if (rc == SQLITE_OK) {
+        e->registered = 1;
+        e->next = *list;
+        *list = e;
+    }
+    pthread_mutex_unlock(&registry_mutex);
+    return rc;
+}
+
+static void
+registry_remove(Entry **list, Entry *e)
+{
+    pthread_mutex_lock(&registry_mutex);
+    if (e->registered) {
+        for (Entry **p = list; *p != NULL; p = &(*p)->next) {
+            if (*p == e) {
+                *p = e->next;
+                break;
+            }
+        }
+        e->registered = 0;
+    }
+    pthread_mutex_unlock(&registry_mutex);
 }
 
 static sqlite3_int64
@@ -143,6 +229,9 @@ grow_pages(Delta *d, sqlite3_int64 pgno)
     sqlite3_int64 want = d->cap ? d->cap : 1024;
     while (want < pgno) {
         want *= 2;
+    }
+    if (d->cap == 0 && d->expected >= pgno) {
+        want = d->expected; /* the size the owner announced: exactly */
     }
     unsigned char *s = realloc(d->state, (size_t)want);
     if (s == NULL) {
@@ -244,17 +333,13 @@ full_pread(int fd, void *buf, size_t n, off_t off)
 static void
 delta_unref(Delta *d)
 {
-    pthread_mutex_lock(&d->mutex);
-    int left = --d->refs;
-    pthread_mutex_unlock(&d->mutex);
-    if (left > 0) {
+    if (!entry_unref(&d->e)) {
         return;
     }
-    pthread_mutex_destroy(&d->mutex);
     if (d->fd >= 0) {
         close(d->fd);
     }
-    free(d->path);
+    free(d->e.path);
     free(d->parent);
     free(d->state);
     free(d->hashes);
@@ -275,30 +360,19 @@ dfile_close(sqlite3_file *file)
     return SQLITE_OK;
 }
 
+/* Record one page as SQLite writing it would (its mutex not held):
+ * hashed, compared with the parent's, kept or forgotten. */
 static int
-dfile_write(sqlite3_file *file, const void *buf, int amt, sqlite3_int64 off)
+record_page(Delta *d, const void *buf, sqlite3_int64 pgno)
 {
-    Delta *d = ((DeltaFile *)file)->delta;
     int P = d->page_size;
-    if (amt != P || off % P != 0) {
-        pthread_mutex_lock(&d->mutex);
-        char why[200];
-        snprintf(why, sizeof(why),
-                 "SQLite wrote %d bytes at offset %lld, not one page of %d "
-                 "bytes: did the source's page size change?",
-                 amt, (long long)off, P);
-        delta_fail(d, why);
-        pthread_mutex_unlock(&d->mutex);
-        return SQLITE_IOERR_WRITE;
-    }
-    sqlite3_int64 pgno = off / P + 1;
     unsigned char hash[PAGE_HASH_SIZE];
     page_hash(buf, (size_t)P, hash);
     int rc = SQLITE_OK;
-    pthread_mutex_lock(&d->mutex);
+    pthread_mutex_lock(&d->e.mutex);
     if (grow_pages(d, pgno) < 0) {
         delta_fail(d, "out of memory recording a page");
-        pthread_mutex_unlock(&d->mutex);
+        pthread_mutex_unlock(&d->e.mutex);
         return SQLITE_NOMEM;
     }
     int was = d->state[pgno - 1] & 3;
@@ -344,12 +418,31 @@ dfile_write(sqlite3_file *file, const void *buf, int amt, sqlite3_int64 off)
     }
     if (rc == SQLITE_OK) {
         memcpy(d->hashes + (pgno - 1) * PAGE_HASH_SIZE, hash, PAGE_HASH_SIZE);
-        if (off + amt > d->size) {
-            d->size = off + amt;
+        if (pgno * P > d->size) {
+            d->size = pgno * P;
         }
     }
-    pthread_mutex_unlock(&d->mutex);
+    pthread_mutex_unlock(&d->e.mutex);
     return rc;
+}
+
+static int
+dfile_write(sqlite3_file *file, const void *buf, int amt, sqlite3_int64 off)
+{
+    Delta *d = ((DeltaFile *)file)->delta;
+    int P = d->page_size;
+    if (amt != P || off % P != 0) {
+        pthread_mutex_lock(&d->e.mutex);
+        char why[200];
+        snprintf(why, sizeof(why),
+                 "SQLite wrote %d bytes at offset %lld, not one page of %d "
+                 "bytes: did the source's page size change?",
+                 amt, (long long)off, P);
+        delta_fail(d, why);
+        pthread_mutex_unlock(&d->e.mutex);
+        return SQLITE_IOERR_WRITE;
+    }
+    return record_page(d, buf, off / P + 1);
 }
 
 static int
@@ -363,7 +456,7 @@ dfile_read(sqlite3_file *file, void *buf, int amt, sqlite3_int64 off)
     }
     int rc = SQLITE_OK;
     unsigned char *out = buf;
-    pthread_mutex_lock(&d->mutex);
+    pthread_mutex_lock(&d->e.mutex);
     while (amt > 0) {
         if (off >= d->size) {
             memset(out, 0, (size_t)amt);
@@ -391,7 +484,7 @@ dfile_read(sqlite3_file *file, void *buf, int amt, sqlite3_int64 off)
         off += n;
         amt -= n;
     }
-    pthread_mutex_unlock(&d->mutex);
+    pthread_mutex_unlock(&d->e.mutex);
     free(page);
     return rc;
 }
@@ -401,7 +494,7 @@ dfile_truncate(sqlite3_file *file, sqlite3_int64 size)
 {
     Delta *d = ((DeltaFile *)file)->delta;
     int P = d->page_size;
-    pthread_mutex_lock(&d->mutex);
+    pthread_mutex_lock(&d->e.mutex);
     sqlite3_int64 keep = (size + P - 1) / P;
     for (sqlite3_int64 p = keep + 1; p <= d->cap; p++) {
         if ((d->state[p - 1] & 3) == P_KEPT) {
@@ -410,7 +503,7 @@ dfile_truncate(sqlite3_file *file, sqlite3_int64 size)
         d->state[p - 1] = P_NONE;
     }
     d->size = size;
-    pthread_mutex_unlock(&d->mutex);
+    pthread_mutex_unlock(&d->e.mutex);
     return SQLITE_OK;
 }
 
@@ -426,9 +519,9 @@ static int
 dfile_file_size(sqlite3_file *file, sqlite3_int64 *size)
 {
     Delta *d = ((DeltaFile *)file)->delta;
-    pthread_mutex_lock(&d->mutex);
+    pthread_mutex_lock(&d->e.mutex);
     *size = d->size;
-    pthread_mutex_unlock(&d->mutex);
+    pthread_mutex_unlock(&d->e.mutex);
     return SQLITE_OK;
 }
 
@@ -497,13 +590,9 @@ static const sqlite3_io_methods delta_methods = {1,
 static void
 overlay_unref(Overlay *o)
 {
-    pthread_mutex_lock(&o->mutex);
-    int left = --o->refs;
-    pthread_mutex_unlock(&o->mutex);
-    if (left > 0) {
+    if (!entry_unref(&o->e)) {
         return;
     }
-    pthread_mutex_destroy(&o->mutex);
     for (int i = 0; i < o->nfds; i++) {
         if (o->fds[i] >= 0) {
             close(o->fds[i]);
@@ -512,7 +601,7 @@ overlay_unref(Overlay *o)
     free(o->fds);
     free(o->file_of);
     free(o->offset_of);
-    free(o->path);
+    free(o->e.path);
     free(o);
 }
 
@@ -682,18 +771,7 @@ delta_open(sqlite3_vfs *vfs, const char *name, sqlite3_file *file, int flags,
         return BASE(vfs)->xOpen(BASE(vfs), name, file, flags, out_flags);
     }
     file->pMethods = NULL;
-    Delta *found = NULL;
-    pthread_mutex_lock(&registry_mutex);
-    for (Delta *d = deltas; d != NULL; d = d->next) {
-        if (strcmp(d->path, name) == 0) {
-            found = d;
-            pthread_mutex_lock(&d->mutex);
-            d->refs++;
-            pthread_mutex_unlock(&d->mutex);
-            break;
-        }
-    }
-    pthread_mutex_unlock(&registry_mutex);
+    Delta *found = (Delta *)registry_find(&deltas, name);
     if (found == NULL) {
         return SQLITE_CANTOPEN;
     }
@@ -713,18 +791,7 @@ overlay_open(sqlite3_vfs *vfs, const char *name, sqlite3_file *file, int flags,
         return BASE(vfs)->xOpen(BASE(vfs), name, file, flags, out_flags);
     }
     file->pMethods = NULL;
-    Overlay *found = NULL;
-    pthread_mutex_lock(&registry_mutex);
-    for (Overlay *o = overlays; o != NULL; o = o->next) {
-        if (strcmp(o->path, name) == 0) {
-            found = o;
-            pthread_mutex_lock(&o->mutex);
-            o->refs++;
-            pthread_mutex_unlock(&o->mutex);
-            break;
-        }
-    }
-    pthread_mutex_unlock(&registry_mutex);
+    Overlay *found = (Overlay *)registry_find(&overlays, name);
     if (found == NULL) {
         return SQLITE_CANTOPEN;
     }
@@ -855,7 +922,8 @@ overlay_vfs(void)
 
 int
 delta_new(const char *path, int fd, sqlite3_int64 data_offset, int page_size,
-          const unsigned char *parent, sqlite3_int64 parent_pages, Delta **out)
+          const unsigned char *parent, sqlite3_int64 parent_pages,
+          sqlite3_int64 expected_pages, Delta **out)
 {
     *out = NULL;
     sqlite3_vfs *vfs = delta_vfs();
@@ -868,13 +936,13 @@ delta_new(const char *path, int fd, sqlite3_int64 data_offset, int page_size,
     }
     d->fd = -1;
     int path_rc = SQLITE_OK;
-    d->path = full_path(BASE(vfs), path, &path_rc);
+    d->e.path = full_path(BASE(vfs), path, &path_rc);
     int path_errno = errno;
     size_t n = (size_t)parent_pages * PAGE_HASH_SIZE;
     d->parent = malloc(n ? n : 1);
-    if (d->path == NULL || d->parent == NULL) {
-        int rc = d->path == NULL ? path_rc : SQLITE_NOMEM;
-        free(d->path);
+    if (d->e.path == NULL || d->parent == NULL) {
+        int rc = d->e.path == NULL ? path_rc : SQLITE_NOMEM;
+        free(d->e.path);
         free(d->parent);
         free(d);
         errno = path_errno;
@@ -884,28 +952,16 @@ delta_new(const char *path, int fd, sqlite3_int64 data_offset, int page_size,
     d->parent_pages = parent_pages;
     d->fd = dup(fd);
     if (d->fd < 0) {
-        free(d->path);
+        free(d->e.path);
         free(d->parent);
         free(d);
         return SQLITE_CANTOPEN;
     }
     d->data_offset = data_offset;
     d->page_size = page_size;
-    d->refs = 1;
-    pthread_mutex_init(&d->mutex, NULL);
-    int rc = SQLITE_OK;
-    pthread_mutex_lock(&registry_mutex);
-    for (Delta *e = deltas; e != NULL; e = e->next) {
-        if (strcmp(e->path, d->path) == 0) {
-            rc = SQLITE_CONSTRAINT;
-        }
-    }
-    if (rc == SQLITE_OK) {
-        d->registered = 1;
-        d->next = deltas;
-        deltas = d;
-    }
-    pthread_mutex_unlock(&registry_mutex);
+    d->expected = expected_pages > 0 ? expected_pages : 0;
+    entry_init(&d->e);
+    int rc = registry_add(&deltas, &d->e);
     if (rc != SQLITE_OK) {
         delta_unref(d);
         return rc;
@@ -917,17 +973,7 @@ delta_new(const char *path, int fd, sqlite3_int64 data_offset, int page_size,
 void
 delta_close(Delta *d)
 {
-    pthread_mutex_lock(&registry_mutex);
-    if (d->registered) {
-        for (Delta **p = &deltas; *p != NULL; p = &(*p)->next) {
-            if (*p == d) {
-                *p = d->next;
-                break;
-            }
-        }
-        d->registered = 0;
-    }
-    pthread_mutex_unlock(&registry_mutex);
+    registry_remove(&deltas, &d->e);
     delta_unref(d);
 }
 
@@ -935,7 +981,7 @@ void
 delta_result(Delta *d, DeltaResult *out)
 {
     memset(out, 0, sizeof(*out));
-    pthread_mutex_lock(&d->mutex);
+    pthread_mutex_lock(&d->e.mutex);
     int P = d->page_size;
     out->page_size = P;
     out->page_count = d->size / P;
@@ -969,13 +1015,13 @@ delta_result(Delta *d, DeltaResult *out)
             }
         }
     }
-    pthread_mutex_unlock(&d->mutex);
+    pthread_mutex_unlock(&d->e.mutex);
 }
 
 void
 delta_manifest(Delta *d, unsigned char *out, sqlite3_int64 page_count)
 {
-    pthread_mutex_lock(&d->mutex);
+    pthread_mutex_lock(&d->e.mutex);
     for (sqlite3_int64 p = 1; p <= page_count; p++) {
         unsigned char *to = out + (p - 1) * PAGE_HASH_SIZE;
         if (p <= d->cap && (d->state[p - 1] & 3) != P_NONE) {
@@ -985,17 +1031,37 @@ delta_manifest(Delta *d, unsigned char *out, sqlite3_int64 page_count)
             memset(to, 0, PAGE_HASH_SIZE);
         }
     }
-    pthread_mutex_unlock(&d->mutex);
+    pthread_mutex_unlock(&d->e.mutex);
 }
 
 void
 delta_slots(Delta *d, sqlite3_int64 *out, sqlite3_int64 slots)
 {
-    pthread_mutex_lock(&d->mutex);
+    pthread_mutex_lock(&d->e.mutex);
     for (sqlite3_int64 i = 0; i < slots; i++) {
         out[i] = i < d->nslots ? d->page_of_slot[i] : 0;
     }
-    pthread_mutex_unlock(&d->mutex);
+    pthread_mutex_unlock(&d->e.mutex);
+}
+
+int
+delta_record(Delta *d, const unsigned char *page, sqlite3_int64 pgno)
+{
+    return record_page(d, page, pgno);
+}
+
+void
+delta_failure(Delta *d, char *out, size_t size)
+{
+    pthread_mutex_lock(&d->e.mutex);
+    snprintf(out, size, "%s", d->failed ? d->message : "");
+    pthread_mutex_unlock(&d->e.mutex);
+}
+
+int
+delta_page_size(Delta *d)
+{
+    return d->page_size;
 }
 
 /* -- Overlay: the owner's side ---------------------------------------------
@@ -1017,16 +1083,15 @@ overlay_new(const char *path, int page_size, sqlite3_int64 page_count,
     }
     size_t n = (size_t)(page_count ? page_count : 1);
     int path_rc = SQLITE_OK;
-    o->path = full_path(BASE(vfs), path, &path_rc);
+    o->e.path = full_path(BASE(vfs), path, &path_rc);
     int path_errno = errno;
     o->fds = malloc(sizeof(int) * (size_t)(nfds ? nfds : 1));
     o->file_of = malloc(sizeof(int) * n);
     o->offset_of = malloc(sizeof(sqlite3_int64) * n);
-    o->refs = 1;
-    pthread_mutex_init(&o->mutex, NULL);
-    if (o->path == NULL || o->fds == NULL || o->file_of == NULL
+    entry_init(&o->e);
+    if (o->e.path == NULL || o->fds == NULL || o->file_of == NULL
         || o->offset_of == NULL) {
-        int rc = o->path == NULL ? path_rc : SQLITE_NOMEM;
+        int rc = o->e.path == NULL ? path_rc : SQLITE_NOMEM;
         overlay_unref(o);
         errno = path_errno;
         return rc;
@@ -1050,19 +1115,7 @@ overlay_new(const char *path, int page_size, sqlite3_int64 page_count,
            sizeof(sqlite3_int64) * (size_t)page_count);
     o->page_size = page_size;
     o->page_count = page_count;
-    int rc = SQLITE_OK;
-    pthread_mutex_lock(&registry_mutex);
-    for (Overlay *e = overlays; e != NULL; e = e->next) {
-        if (strcmp(e->path, o->path) == 0) {
-            rc = SQLITE_CONSTRAINT;
-        }
-    }
-    if (rc == SQLITE_OK) {
-        o->registered = 1;
-        o->next = overlays;
-        overlays = o;
-    }
-    pthread_mutex_unlock(&registry_mutex);
+    int rc = registry_add(&overlays, &o->e);
     if (rc != SQLITE_OK) {
         overlay_unref(o);
         return rc;
@@ -1074,16 +1127,6 @@ overlay_new(const char *path, int page_size, sqlite3_int64 page_count,
 void
 overlay_close(Overlay *o)
 {
-    pthread_mutex_lock(&registry_mutex);
-    if (o->registered) {
-        for (Overlay **p = &overlays; *p != NULL; p = &(*p)->next) {
-            if (*p == o) {
-                *p = o->next;
-                break;
-            }
-        }
-        o->registered = 0;
-    }
-    pthread_mutex_unlock(&registry_mutex);
+    registry_remove(&overlays, &o->e);
     overlay_unref(o);
 }

@@ -18,6 +18,7 @@
 #define APSW_BACKUP_DELTASHIM_H
 
 #include <sqlite3.h>
+#include <stddef.h>
 
 #include "hash.h"
 
@@ -46,10 +47,13 @@ sqlite3_vfs *delta_vfs(void);
 /* A Delta for `path` (through the VFS's xFullPathname), writing kept pages
  * into descriptor `fd` (duplicated) from byte `data_offset` on; `parent` is
  * the parent's manifest, parent_pages hashes of PAGE_HASH_SIZE bytes
- * (copied).  SQLITE_CONSTRAINT: the path is taken. */
+ * (copied); expected_pages, when known, sizes its page tables at once
+ * (they grow as needed: a page past it costs a copy of the tables).
+ * SQLITE_CONSTRAINT: the path is taken. */
 int delta_new(const char *path, int fd, sqlite3_int64 data_offset,
               int page_size, const unsigned char *parent,
-              sqlite3_int64 parent_pages, Delta **out);
+              sqlite3_int64 parent_pages, sqlite3_int64 expected_pages,
+              Delta **out);
 void delta_close(Delta *d); /* unregister, drop the owner's reference */
 void delta_result(Delta *d, DeltaResult *out);
 /* The manifest (page_count hashes; the lock-byte page's is all zeros) into
@@ -57,6 +61,14 @@ void delta_result(Delta *d, DeltaResult *out);
 void delta_manifest(Delta *d, unsigned char *out, sqlite3_int64 page_count);
 /* Which page each data slot holds (0: a dead slot), `slots` entries. */
 void delta_slots(Delta *d, sqlite3_int64 *out, sqlite3_int64 slots);
+
+/* Record page pgno (page_size bytes) as if SQLite had written it there:
+ * what the backup API would have written, read by the caller (the fast
+ * path of incremental.c).  SQLITE_OK, or the failure (delta_failure says
+ * why). */
+int delta_record(Delta *d, const unsigned char *page, sqlite3_int64 pgno);
+void delta_failure(Delta *d, char *out, size_t size); /* "" if none */
+int delta_page_size(Delta *d);
 
 typedef struct Overlay Overlay;
 

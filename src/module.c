@@ -56,6 +56,13 @@ static PyMethodDef module_methods[] = {
     {"_overlay_open", incremental_overlay_open, METH_VARARGS, "Private."},
     {"_overlay_close", incremental_overlay_close, METH_O, "Private."},
     {"_check_pages", incremental_check_pages, METH_VARARGS, "Private."},
+    {"_delta_read_source", incremental_delta_read_source, METH_VARARGS,
+     "Private."},
+    {"_gather_pages", incremental_gather_pages, METH_VARARGS, "Private."},
+    {"_chain_map", incremental_chain_map, METH_VARARGS, "Private."},
+    {"_check_stored", incremental_check_stored, METH_VARARGS, "Private."},
+    {"_check_inherited", incremental_check_inherited, METH_VARARGS,
+     "Private."},
     {NULL, NULL, 0, NULL},
 };
 

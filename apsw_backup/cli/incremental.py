@@ -1,6 +1,6 @@
 """The incremental verbs (docs/incremental.md):
 
-    apsw-backup --incremental SOURCE FOLDER/ [--keep N] [--max-chain N]
+    apsw-backup --incremental SOURCE FOLDER/ [--keep N] [--max-chain N] [--quick-check]
     apsw-backup restore BACKUP DEST [--at TIMESTAMP] [--overwrite]
     apsw-backup list FOLDER
     apsw-backup verify FOLDER...      (checks every chain)
@@ -236,6 +236,12 @@ def _parse_incremental(argv: Sequence[str]) -> argparse.Namespace:
         help=f"a new base after N deltas ({inc.MAX_CHAIN})",
     )
     add(
+        "--quick-check",
+        action="store_true",
+        help="also run quick_check on the state the new point stands for "
+        "(a full backup's cost; every point is checked by its hashes anyway)",
+    )
+    add(
         "--rebase-share",
         type=float,
         default=inc.REBASE_SHARE,
@@ -322,6 +328,7 @@ def _incremental(args: argparse.Namespace, interrupts: Interrupts) -> int:
         keep=args.keep,
         timeout=args.timeout,
         progress=progress,
+        quick_check=args.quick_check,
     )
     if args.json:
         _print({"ok": True, "exit_code": EXIT_OK, "error": None, **vars(result)})

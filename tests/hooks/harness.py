@@ -321,6 +321,7 @@ def sc_incremental(run: Run) -> None:
 
     folder = os.path.join(run.folder, "points")
     os.makedirs(folder, exist_ok=True)
+    parent_pid = os.getpid()
     run.connect("src", run.src_path)
     for second in (False, True):
         if "src" not in run.objs:
@@ -331,6 +332,19 @@ def sc_incremental(run: Run) -> None:
             return
         inc.incremental(run.objs["src"], folder, pages=25, rebase_share=10.0)
     inc.restore(folder, run.dest_path, overwrite=True)
+    # the source by its path: read directly through SQLite's file handle
+    # (rollback-journal mode), and a restore into a new file -- not in an
+    # inline fork's child (its own new connections are its own: it would
+    # write files of its own, which the harness takes for the parent's)
+    if os.getpid() != parent_pid:
+        return
+    own = os.path.join(run.folder, "own")
+    os.makedirs(own, exist_ok=True)
+    inc.incremental(run.src_path, own)
+    fresh = os.path.join(run.folder, "restored.db")
+    if os.path.exists(fresh):
+        os.remove(fresh)
+    inc.restore(own, fresh)
     conn = inc.open_restore_point(folder)
     try:
         assert conn.execute("SELECT count(*) FROM t").fetchall() == [(SOURCE_ROWS,)]
