@@ -84,8 +84,48 @@ def _rollback_vfs() -> str: ...
 # the delta shim and the overlay VFS.
 def _incremental_vfs_names() -> tuple[str, str]: ...
 def _delta_open(
-    path: str, fd: int, data_offset: int, page_size: int, parent: bytes, /
+    path: str,
+    fd: int,
+    data_offset: int,
+    page_size: int,
+    parent: bytes,
+    expected_pages: int = ...,
+    /,
 ) -> object: ...
+def _delta_read_source(
+    recording: object,
+    connection: Connection,
+    first: int,
+    count: int,
+    page_count: int,
+    /,
+) -> None: ...
+def _gather_pages(
+    fds: tuple[int, ...],
+    file_of: bytes,
+    offset_of: bytes,
+    page_size: int,
+    first: int,
+    count: int,
+    manifest: bytes | None,
+    /,
+) -> tuple[bytes, int]: ...
+def _chain_map(
+    page_count: int, page_size: int, files: list[tuple[bytes, int]], /
+) -> tuple[bytes, bytes, int]: ...
+def _check_stored(
+    fd: int,
+    index: bytes,
+    data_offset: int,
+    page_size: int,
+    manifest: bytes,
+    start: int,
+    count: int,
+    /,
+) -> int: ...
+def _check_inherited(
+    manifest: bytes, parent: bytes | None, index: bytes, page_size: int, /
+) -> tuple[int, int]: ...
 def _delta_close(capsule: object, /) -> None: ...
 def _delta_result(capsule: object, /) -> dict[str, Any]: ...
 def _overlay_open(

@@ -973,7 +973,7 @@ class _Recording:
         try:
             source.execute("SELECT 1 FROM main.sqlite_master LIMIT 1").fetchall()
             header = source.file_header()
-            count = source.execute("PRAGMA main.page_count").fetchall()[0][0]
+            count = int(source.execute("PRAGMA main.page_count").fetchall()[0][0] or 0)
             size = _page_size_of(source)
         except _c.ForkingViolationError:
             raise
@@ -1337,7 +1337,7 @@ def _before_publish(
     checker: _ChainCheck | None,
     quick_check: bool,
     opts: _RunOptions,
-) -> Callable[[_Point], None]:
+) -> Callable[[_Point, str], None]:
     """What must hold before a new point on chain is put in place: the
     chain found sound (checker), and with quick_check the state the new
     point stands for passing PRAGMA quick_check, read through the overlay
