@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import array
 import dataclasses
+import errno
 import os
 import re
 import struct
@@ -1793,8 +1794,10 @@ def _restore_new(
         os.ftruncate(new.fd, pages.page_count * P)
         os.fsync(new.fd)
         checker.written_out(pages.page_count * P)
-        if chain[-1].info.wal:  # the mode switch rewrites page 1: in turn
+        if chain[-1].info.wal:  # page 1 is rewritten: in turn
             checker.finish()
+            if not keep_wal:
+                _say_rollback_journal(new.fd)
             _check_database(new.path, keep_wal, target)
         else:  # the rest of the read-back and quick_check side by side
             _quick_check_while(new.path, target, checker.finish)
@@ -1972,6 +1975,20 @@ def _quick_check_result(
             f"{what} {target!r} fails quick_check: "
             f"{'; '.join(map(str, rows[:5]))}; nothing was put in place"
         )
+
+
+def _say_rollback_journal(fd: int) -> None:
+    """Page 1 of a restored WAL database, saying rollback-journal mode (its
+    bytes 18 and 19 set to 1), as copy() writes a copy of a WAL source (its
+    rollback shim, docs/journal-mode.md): the restore is then byte-identical
+    to copy()'s, one file, with no mode switch (a commit that would change
+    the file change counter).  fd: the new file's, ours alone; written,
+    synced and read back."""
+    if os.pwrite(fd, b"\x01\x01", 18) != 2:
+        raise OSError(errno.EIO, "short write of page 1's journal mode")
+    os.fsync(fd)
+    if os.pread(fd, 2, 18) != b"\x01\x01":
+        raise OSError(errno.EIO, "page 1's journal mode did not read back")
 
 
 def _check_database(path: str, keep_wal: bool, target: str) -> None:

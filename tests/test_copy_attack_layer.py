@@ -1,4 +1,4 @@
-"""copy()'s file rules found missing by a blind attack (issue 19's class:
+"""copy()'s file rules found missing by a blind attack (the file layer's class:
 one file layer): each test failed before its fix."""
 
 import os

@@ -1,5 +1,5 @@
 """The library's errors carry facts, and the command words them from the
-facts, never by rewriting the library's message (issue 19, "The layer").
+facts, never by rewriting the library's message (the file layer).
 
 For every library error the command reports that a test can provoke, the
 library's message says the library's words (target, copy(), timeout=),
@@ -371,6 +371,6 @@ def test_the_command_rewrites_no_message_by_string_replacement():
             found.add((path.name, function, method))
     assert found <= REPLACING_ALLOWED, sorted(found - REPLACING_ALLOWED)
     # It would have seen the rewriting there was (in_cli_terms, until
-    # issue 19's layer).
+    # the file layer).
     before = "def in_cli_terms(text):\n    return text.replace('copy()', 'x')\n"
     assert ("in_cli_terms", "replace") in replacing_calls(before)
