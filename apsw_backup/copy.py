@@ -88,6 +88,8 @@ TARGET_CACHE_KIB = 1024
 
 _C_INT_MAX = 2**31 - 1
 _SQLITE_IOERR_WRITE = _c.SQLITE_IOERR | (3 << 8)
+# A read-only connection found a hot journal it may not roll back.
+_SQLITE_READONLY_ROLLBACK = _c.SQLITE_READONLY | (3 << 8)
 
 FINISHED_OUTSIDE = (
     "the backup was finished outside copy(): the progress callback or another "
@@ -1001,6 +1003,11 @@ class _Copy:
                 self._backup = self._new_backup()
         except _c.ThreadingViolationError as exc:
             return exc
+        except _c.ReadOnlyError as exc:
+            hot = self._hot_journal(exc)
+            if hot is None:
+                raise
+            raise hot from exc
         self._steps += 1
         try:
             done = self._backup.step(self._step_pages)
@@ -1246,8 +1253,31 @@ class _Copy:
         self._waits += 1
         self._count_locked()
 
+    def _hot_journal(self, error: _c.Error) -> _c.Error | None:
+        """The error of a source with a hot journal, with its cause and cure
+        (None for another error): SQLite says only "attempt to write a
+        readonly database" (SQLITE_READONLY_ROLLBACK)."""
+        if error.extendedresult != _SQLITE_READONLY_ROLLBACK or not self._src.file:
+            return None
+        # Only the source is opened read-only: its hot journal.
+        source = self._src.file
+        return _renamed(
+            error,
+            f"the source database {source!r} has a hot journal "
+            f"{source + '-journal'!r}: a writer was interrupted in the middle "
+            "of a transaction (it crashed or was killed), and SQLite must roll "
+            "that journal back before the source can be read; copy() opens a "
+            "source path read-only, so it never does that itself. Open the "
+            "database once read-write (start the application, or run PRAGMA "
+            "quick_check on it in the sqlite3 shell), then copy again; never "
+            f"delete the -journal: the database is damaged without it. ({error})",
+        )
+
     def _final(self, error: _c.Error) -> _c.Error:
         """A final step error, in copy()'s terms where the OS cause is known."""
+        hot = self._hot_journal(error)
+        if hot is not None:
+            return hot
         if isinstance(error, _c.FullError):
             self._give_up(write_failed=True)
             full = _renamed(

@@ -123,3 +123,27 @@ def test_the_command_refuses_a_source_named_as_dests_side_file(tmp_path):
     assert "is named as DEST's rollback journal" in proc.stderr
     assert "target" not in proc.stderr
     assert source.read_bytes() == before
+
+
+def test_a_source_with_a_hot_journal_is_named_with_its_cure(tmp_path):
+    # copy() said only "attempt to write a readonly database".
+    import subprocess
+    import sys
+
+    db = tmp_path / "hj.db"
+    make(db, 300)
+    crash = (
+        "import sqlite3, os, sys\n"
+        "c = sqlite3.connect(sys.argv[1]); c.execute('PRAGMA cache_size=2')\n"
+        "c.execute('BEGIN'); c.execute('UPDATE t SET x=randomblob(600)')\n"
+        "os.kill(os.getpid(), 9)\n"
+    )
+    subprocess.run([sys.executable, "-c", crash, str(db)], timeout=60, check=False)
+    assert os.path.getsize(f"{db}-journal") > 0
+    with pytest.raises(apsw_backup.ReadOnlyError) as info:
+        apsw_backup.copy(str(db), str(tmp_path / "out.db"))
+    text = str(info.value)
+    assert f"has a hot journal '{db}-journal'" in text
+    assert "Open the database once read-write" in text
+    assert info.value.extendedresult == apsw_backup.SQLITE_READONLY | (3 << 8)
+    assert not (tmp_path / "out.db").exists()
