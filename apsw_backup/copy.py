@@ -813,6 +813,7 @@ class _TargetSide:
 
 def _check_target_path(path: str) -> str:
     """'existing' or 'new', or CantOpenError naming the OS cause and cure."""
+    _check_journal_name(path)
     try:
         info = os.stat(path)
     except FileNotFoundError:
@@ -836,6 +837,31 @@ def _check_target_path(path: str) -> str:
         raise _cannot("target's folder", folder, NotADirectoryError(20, "", folder))
     _check_writable("target's folder", folder)
     return "new"
+
+
+def _check_journal_name(path: str) -> None:
+    """A target whose -journal name would be longer than its folder allows
+    (255 bytes on most file systems) is refused: SQLite could never write
+    to it (the copy into it, and every later write, needs the -journal)."""
+    folder = os.path.dirname(path)
+    try:
+        limit = os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    size = len(os.fsencode(os.path.basename(path)))
+    if size + len("-journal") <= limit:
+        return
+    exc = OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG), path)
+    error = _c.CantOpenError(
+        f"cannot use the target {path!r}: its name is {size} bytes, so the name "
+        f"of its rollback journal (-journal) would be longer than the {limit} "
+        "bytes its folder allows, and SQLite could never write to it: give "
+        f"the target a name of at most {limit - len('-journal')} bytes"
+    )
+    files.with_facts(error, role="target", path=path, os_errno=errno.ENAMETOOLONG)
+    error.filename = path  # type: ignore[attr-defined]
+    error.__cause__ = exc
+    raise _with_codes(error, _c.SQLITE_CANTOPEN)
 
 
 def _check_expected(path: str, kind: str, target_exists: bool | None) -> None:

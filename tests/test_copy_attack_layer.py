@@ -147,3 +147,25 @@ def test_a_source_with_a_hot_journal_is_named_with_its_cure(tmp_path):
     assert "Open the database once read-write" in text
     assert info.value.extendedresult == apsw_backup.SQLITE_READONLY | (3 << 8)
     assert not (tmp_path / "out.db").exists()
+
+
+@pytest.mark.parametrize("size", [248, 255])
+def test_a_target_whose_journal_name_cannot_exist_is_refused(tmp_path, size):
+    # A 248-255 byte name was copied and reported verified; its -journal
+    # name is over 255 bytes, so no later write to it could ever happen.
+    db = tmp_path / "db.db"
+    make(db)
+    target = tmp_path / ("é" * ((size - 3) // 2) + "x" * ((size - 3) % 2) + ".db")
+    assert len(os.fsencode(target.name)) == size
+    with pytest.raises(apsw_backup.CantOpenError) as info:
+        apsw_backup.copy(str(db), str(target))
+    assert "of at most 247 bytes" in str(info.value)
+    assert sorted(os.listdir(tmp_path)) == ["db.db"]
+
+
+def test_a_target_name_of_247_bytes_is_copied(tmp_path):
+    db = tmp_path / "db.db"
+    make(db)
+    target = tmp_path / ("x" * 244 + ".db")
+    apsw_backup.copy(str(db), str(target))
+    assert target.exists()
