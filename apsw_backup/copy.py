@@ -1322,7 +1322,7 @@ class _Copy:
         if isinstance(error, _c.IOError):
             self._give_up(write_failed=True)
             said = _renamed(error, f"{error}; {self._left_as()}")
-            said.__cause__ = error.__cause__
+            said.__cause__ = error  # SQLite's (or the flush's) error, as it was
             facts = {n: getattr(error, n, None) for n in files.FACTS}
             facts["target_state"] = self._left_state()
             return files.with_facts(said, **facts)

@@ -374,3 +374,16 @@ def test_the_command_rewrites_no_message_by_string_replacement():
     # the file layer).
     before = "def in_cli_terms(text):\n    return text.replace('copy()', 'x')\n"
     assert ("in_cli_terms", "replace") in replacing_calls(before)
+
+
+def test_a_sqlite_io_error_copy_added_words_to_is_worded_from_sqlites_own():
+    # copy() adds what the target holds to SQLite's I/O error ("the new
+    # target was not created"); the command showed those library words.
+    from apsw_backup import files
+    from apsw_backup.cli.errors import in_our_words
+
+    sqlite_said = apsw_backup.IOError("disk I/O error (OS error: Input/output error)")
+    said = apsw_backup.IOError(f"{sqlite_said}; the new target was not created")
+    said.__cause__ = sqlite_said
+    files.with_facts(said, target_state="not created")
+    assert in_our_words(said) == str(sqlite_said)
