@@ -100,11 +100,13 @@ def in_our_words(
         )
     role = getattr(exc, "role", None)
     if role is None:
-        cause = exc.__cause__
-        if getattr(exc, "target_state", None) and isinstance(cause, apsw_backup.Error):
+        sqlite_error = exc.__cause__
+        if getattr(exc, "target_state", None) and isinstance(
+            sqlite_error, apsw_backup.Error
+        ):
             # copy()'s words of what the target holds added to SQLite's
             # error: SQLite's as it is (the command says what DEST holds).
-            return str(cause)
+            return str(sqlite_error)
         return None
     path = str(getattr(exc, "path", ""))
     side = getattr(exc, "side", None)
