@@ -148,13 +148,6 @@ def in_our_words(
     cause = None
     if isinstance(code, int):
         cause = files.os_cause(OSError(code, os.strerror(code)))
-    if side and getattr(exc, "target_state", None) == "complete":
-        return (
-            f"the copy in {who} is complete, but its old {side} file "
-            f"{_q(path + side)} could not be removed: it {cause or 'stayed'}. "
-            f"Remove it before DEST is opened again: SQLite would replay it "
-            "over the copy"
-        )
     if isinstance(exc, apsw_backup.FullError):
         return (
             f"the file system of {who} is full (ENOSPC), or DEST reached its "
