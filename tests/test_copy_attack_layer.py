@@ -1,5 +1,6 @@
-"""copy()'s file rules found missing by a blind attack (the file layer's class:
-one file layer): each test failed before its fix."""
+"""copy()'s file rules found missing by a blind attack, each fixed in the file
+layer (copy.py, files.py) where copy() and the command share it; each test
+failed before its fix."""
 
 import os
 import sqlite3
