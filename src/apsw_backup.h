@@ -168,8 +168,19 @@ struct Connection {
     PyObject *filename;
     PyObject *open_vfs;
     int open_flags;
+    /* Opened for a shared cache, or through a URI filename, or has run an
+     * ATTACH while reading URI filenames: it may share a cache, and is
+     * never used inside a busy handler, where SQLite holds the cache's
+     * mutex (locks.c, lock_try).  Set under the lock. */
+    int may_share;
+    int uri; /* it reads URI filenames (its name's, an ATTACH's) */
     long savepoint_level;
     PyObject *weakreflist;
+    /* On a thread's list of what waits for the end of a busy handler's
+     * call (locks.c, "later"): a live connection to settle (the list holds
+     * a reference; later_queued says it is on one) or a dead one to close. */
+    Connection *later_next;
+    int later_queued;
 };
 
 /* A statement whose cursor was let go of while its connection's lock was
@@ -245,9 +256,12 @@ ModuleState *state_from_type(PyTypeObject *type);
 
 /* locks.c: the connections' locks, fork, and the test hooks.
  *
- * lock_try() takes a connection's lock without waiting (GIL held): 0, or
- * -1 with InUseError (another thread holds it) or ReentrancyError (this
- * thread does: a callback of a call on it) set, naming `what`.
+ * lock_try_quiet() takes a connection's lock without waiting (GIL held):
+ * 0; -1 when another holds it; -2, inside a busy handler, for a connection
+ * that may share a cache (refused: settle_later() then settles it).
+ * lock_try() does the same with the error set, naming `what`: InUseError
+ * (another thread holds it), ReentrancyError (this thread does: a callback
+ * of a call on it; or -2).
  * lock_wait() takes up to two locks for finish() and close(): with the GIL
  * released and in address order when this thread holds no lock; as
  * lock_try() when it does (a callback never waits).  It owns a reference
@@ -257,10 +271,29 @@ ModuleState *state_from_type(PyTypeObject *type);
  * now lock; the cores it finished are put on *done, whose references
  * drop_done() drops once no lock is held (they may run any code). */
 extern _Thread_local int locks_held;
+/* Inside a busy handler: SQLite is in the middle of a call on this thread
+ * and holds its mutexes (a shared cache's is not recursive).  Until that
+ * call has returned nothing of ours calls SQLite on this thread on a
+ * connection that may share a cache (may_share): lock_try_quiet() refuses
+ * it, and what is let go of on it waits ("later", src/README.md). */
+extern _Thread_local int in_busy_handler;
+/* SQLite reads URI filenames without SQLITE_OPEN_URI (built so). */
+extern int uri_by_default;
+/* settle_later(): settle c's orphans (a statement, a backup core left
+ * there) once this thread's call has let go of its locks (the list holds a
+ * reference to c); close_later(): a dead connection let go of inside a busy
+ * handler, its memory kept until then, when connection_close_dead()
+ * (connection.c) closes and frees it. */
+void settle_later(Connection *c);
+void close_later(Connection *c);
+void connection_close_dead(Connection *c);
 int lock_try(Connection *c, const char *what);
 int lock_try_quiet(Connection *c);
 /* The error of a busy lock (InUseError or ReentrancyError); -1. */
 int busy_error(Connection *c, const char *what);
+/* The ReentrancyError of a connection that may share a cache, used inside
+ * a busy handler; -1. */
+int shared_cache_error(Connection *c, const char *what);
 int lock_wait(Connection *a, Connection *b, const char *what);
 void unlock(Connection *c, BackupCore **done);
 void drop_done(BackupCore *done);

@@ -55,11 +55,14 @@ enter_pair(Backup *self, Connection *source, Connection *dest)
     if (lock_try(source, "backup's source connection") < 0) {
         return -1;
     }
-    if (lock_try_quiet(dest) < 0) {
+    int rc = lock_try_quiet(dest);
+    if (rc < 0) {
         BackupCore *done = NULL;
         unlock(source, &done);
         drop_done(done);
-        return busy_error(dest, "backup's destination connection");
+        return rc == -2 ? shared_cache_error(dest,
+                                             "backup's destination connection")
+                        : busy_error(dest, "backup's destination connection");
     }
     (void)self;
     return 0;

@@ -11,6 +11,7 @@
 #include "apsw_backup.h"
 #include <structmember.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #define DEFAULT_FLAGS (SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE)
 
@@ -203,6 +204,20 @@ raise_already_open(ModuleState *st)
 }
 
 /* Open db (lock held): the handle, or NULL with the error captured. */
+/* The authorizer of a connection that reads URI filenames: an ATTACH may
+ * join a shared cache (cache=shared), so the connection may share from
+ * then on (lock held: the ATTACH is prepared by one of its calls). */
+static int
+note_attach(void *context, int action, const char *a, const char *b,
+            const char *c, const char *d)
+{
+    (void)a, (void)b, (void)c, (void)d;
+    if (action == SQLITE_ATTACH) {
+        ((Connection *)context)->may_share = 1;
+    }
+    return SQLITE_OK;
+}
+
 static sqlite3 *
 open_locked(Connection *self, const char *name, int flags, const char *vfs,
             DbError *error)
@@ -211,9 +226,15 @@ open_locked(Connection *self, const char *name, int flags, const char *vfs,
     struct stat main_stat;
     int rc, known = 0;
     RELEASE_GIL("open_locked");
+    if (!(flags & SQLITE_OPEN_SHAREDCACHE)) {
+        flags |= SQLITE_OPEN_PRIVATECACHE; /* a URI's cache=shared wins */
+    }
     rc = sqlite3_open_v2(name, &db, flags | SQLITE_OPEN_FULLMUTEX, vfs);
     if (rc == SQLITE_OK) {
         sqlite3_extended_result_codes(db, 1);
+        if (self->uri && !self->may_share) {
+            sqlite3_set_authorizer(db, note_attach, self);
+        }
         const char *fn = sqlite3_db_filename(db, "main");
         known = fn != NULL && fn[0] && stat(fn, &main_stat) == 0;
     }
@@ -288,6 +309,13 @@ connection_init(Connection *self, PyObject *args, PyObject *kwds)
         sqlite3_free(vfs_copy);
         return raise_already_open(st);
     }
+    /* A shared cache: asked for, or through a URI filename (ATTACH's are
+     * noted as they come: note_attach).  Otherwise the cache is private,
+     * whatever the process-wide sqlite3_enable_shared_cache() says. */
+    int uri = (flags & SQLITE_OPEN_URI) || uri_by_default;
+    const char *cname = PyBytes_AsString(name);
+    int may_share = (flags & SQLITE_OPEN_SHAREDCACHE)
+                    || (uri && strncmp(cname, "file:", 5) == 0);
     /* (ii) open, under our lock */
     if (lock_try(self, "connection") < 0) {
         Py_DECREF(name);
@@ -296,7 +324,17 @@ connection_init(Connection *self, PyObject *args, PyObject *kwds)
     }
     int already = self->db != NULL;
     sqlite3 *db = NULL;
+    if (!already && may_share && in_busy_handler > 0) {
+        self->owner = 0; /* as lock_try_quiet: nothing to settle */
+        locks_held--;
+        pthread_mutex_unlock(&self->mutex);
+        Py_DECREF(name);
+        sqlite3_free(vfs_copy);
+        return shared_cache_error(self, "new connection");
+    }
     if (!already) {
+        self->may_share = may_share;
+        self->uri = uri;
         db =
             open_locked(self, PyBytes_AsString(name), flags, vfs_copy, &error);
         if (db != NULL) {
@@ -580,17 +618,14 @@ connection_clear(Connection *self)
     return 0;
 }
 
-static void
-connection_dealloc(Connection *self)
+/* The end of a dealloc: the handle closed (unless inherited through
+ * fork(): the handle and the mutex are then the parent's, left alone), the
+ * memory freed.  Called by the dealloc, or once this thread's call has
+ * returned when the dealloc ran inside a busy handler (locks.c). */
+void
+connection_close_dead(Connection *self)
 {
     PyTypeObject *tp = Py_TYPE(self);
-    PyObject_GC_UnTrack(self);
-    if (self->weakreflist != NULL) {
-        PyObject_ClearWeakRefs((PyObject *)self);
-    }
-    /* Nobody can reach us: cursors, backups and whoever holds our lock
-     * hold a reference.  Inherited through fork(), the handle and the
-     * mutex are the parent's: left alone. */
     int forked = FORKED(self);
     while (self->orphans != NULL) {
         Orphan *o = self->orphans;
@@ -610,12 +645,31 @@ connection_dealloc(Connection *self)
     if (!forked) {
         pthread_mutex_destroy(&self->mutex);
     }
-    connection_clear(self);
-    Py_CLEAR(self->filename);
-    Py_CLEAR(self->open_vfs);
     freefunc tp_free = (freefunc)PyType_GetSlot(tp, Py_tp_free);
     tp_free(self);
     Py_DECREF(tp);
+}
+
+static void
+connection_dealloc(Connection *self)
+{
+    PyObject_GC_UnTrack(self);
+    if (self->weakreflist != NULL) {
+        PyObject_ClearWeakRefs((PyObject *)self);
+    }
+    /* Nobody can reach us: cursors, backups and whoever holds our lock
+     * hold a reference. */
+    connection_clear(self);
+    Py_CLEAR(self->filename);
+    Py_CLEAR(self->open_vfs);
+    if (in_busy_handler > 0 && self->may_share && !FORKED(self)
+        && (self->db != NULL || self->orphans != NULL)) {
+        /* SQLite is in the middle of a call on this thread: closing now
+         * could wait for ever on a mutex it holds (a shared cache's). */
+        close_later(self);
+        return;
+    }
+    connection_close_dead(self);
 }
 
 static PyObject *
@@ -753,6 +807,35 @@ connection_set_busy_timeout(Connection *self, PyObject *args, PyObject *kwds)
     Py_RETURN_NONE;
 }
 
+/* A process forked inside a busy handler, and its handler has returned:
+ * this is the child, in the middle of the parent's SQLite call.  Any way
+ * back to Python goes through SQLite, which would carry on or undo the
+ * parent's call on the parent's files (a rollback deletes the parent's
+ * journal, may write pages back).  So the child ends here, after flushing
+ * Python's standard streams and saying why on stderr: status 0, as the
+ * handler itself ran to its end.  GIL held. */
+static void
+child_stops_in_the_parents_call(void)
+{
+    static const char *names[] = {"stdout", "stderr"};
+    for (int i = 0; i < 2; i++) {
+        PyObject *stream = PySys_GetObject(names[i]); /* borrowed */
+        if (stream != NULL && stream != Py_None) {
+            PyObject *r = PyObject_CallMethod(stream, "flush", NULL);
+            Py_XDECREF(r);
+        }
+        PyErr_Clear();
+    }
+    static const char msg[] =
+        "apsw_backup: this process was forked inside a busy handler and "
+        "returned from it into the parent's SQLite call; it ends here "
+        "(going on would change the parent's database). End the child "
+        "inside the handler (os._exit) or fork outside it.\n";
+    ssize_t ignored = write(2, msg, sizeof msg - 1);
+    (void)ignored;
+    _exit(0);
+}
+
 /* Runs inside a SQLite call on the connection, GIL released, our lock held
  * by the thread SQLite runs in.  An exception from the handler stays set
  * and makes SQLite give up, so it comes out of the waiting call instead of
@@ -767,6 +850,9 @@ busy_trampoline(void *context, int count)
         return 0;
     }
     PyGILState_STATE gil = PyGILState_Ensure();
+    int outer = in_busy_handler;
+    unsigned long generation = fork_generation;
+    in_busy_handler = outer + 1;
     PyObject *handler = self->busy_handler;
     if (handler != NULL && !PyErr_Occurred()) {
         HOOK_VOID("busy_handler_call");
@@ -781,8 +867,12 @@ busy_trampoline(void *context, int count)
             }
         }
     }
+    if (fork_generation != generation) {
+        child_stops_in_the_parents_call(); /* does not return */
+    }
+    in_busy_handler = outer;
     PyGILState_Release(gil);
-    return FORKED(self) ? 0 : retry;
+    return retry;
 }
 
 static PyObject *

@@ -19,6 +19,15 @@
 #include <time.h>
 
 _Thread_local int locks_held;
+_Thread_local int in_busy_handler;
+int uri_by_default;
+
+/* What was let go of inside a busy handler, waiting for this thread's call
+ * to let go of its last lock (release_later): live connections whose
+ * orphans are to be settled, and dead ones whose handle is to be closed. */
+static _Thread_local Connection *later_settle;
+static _Thread_local Connection *later_close;
+static _Thread_local int releasing_later;
 
 static unsigned long
 this_thread(void)
@@ -54,6 +63,15 @@ lock_try_quiet(Connection *c)
     if (pthread_mutex_trylock(&c->mutex) != 0) {
         return -1;
     }
+    if (in_busy_handler > 0 && c->may_share) {
+        /* may_share is read under the lock (an ATTACH sets it, lock held).
+         * Let go of without settling (that would call SQLite); nothing was
+         * left to us in this moment, the GIL held throughout.  What waits
+         * on c is settled once this thread's call has returned. */
+        pthread_mutex_unlock(&c->mutex);
+        settle_later(c);
+        return -2;
+    }
     c->owner = this_thread();
     locks_held++;
     return 0;
@@ -62,10 +80,26 @@ lock_try_quiet(Connection *c)
 int
 lock_try(Connection *c, const char *what)
 {
-    if (lock_try_quiet(c) < 0) {
-        return busy_error(c, what);
+    int rc = lock_try_quiet(c);
+    if (rc == -2) {
+        return shared_cache_error(c, what);
     }
-    return 0;
+    return rc < 0 ? busy_error(c, what) : 0;
+}
+
+int
+shared_cache_error(Connection *c, const char *what)
+{
+    HOOK_VOID("shared_cache_error");
+    PyErr_Format(c->state->ReentrancyError,
+                 "The %s may share a cache with other connections (opened "
+                 "with SQLITE_OPEN_SHAREDCACHE, or through a URI filename or "
+                 "an ATTACH, which can ask for one): it cannot be used "
+                 "inside a busy handler, where SQLite holds that cache's "
+                 "lock and the call would wait on it for ever. Use it once "
+                 "the call the handler runs inside has returned",
+                 what);
+    return -1;
 }
 
 int
@@ -80,11 +114,14 @@ lock_wait(Connection *a, Connection *b, const char *what)
         if (lock_try(a, what) < 0) {
             return -1;
         }
-        if (b != NULL && lock_try_quiet(b) < 0) {
+        int rc = b != NULL ? lock_try_quiet(b) : 0;
+        if (rc < 0) {
             BackupCore *done = NULL;
             unlock(a, &done);
             drop_done(done);
-            return busy_error(b, what); /* built holding no lock */
+            /* built holding no lock */
+            return rc == -2 ? shared_cache_error(b, what)
+                            : busy_error(b, what);
         }
         return 0;
     }
@@ -170,6 +207,12 @@ finishable_orphan(Connection *c, int *took)
                 continue;
             }
             Connection *other = k->source == c ? k->dest : k->source;
+            if (in_busy_handler > 0 && other->may_share) {
+                /* Held by this thread's call in the middle of SQLite, or
+                 * refused below: finished once that call has returned. */
+                settle_later(other);
+                continue;
+            }
             if (other->owner == this_thread()) {
                 *took = 0;
                 return k;
@@ -233,9 +276,67 @@ unlock(Connection *c, BackupCore **done)
  * here, and the error of its finish, which nobody can be told of any more,
  * goes to sys.unraisablehook. */
 void
+settle_later(Connection *c)
+{
+    if (c->later_queued) {
+        return; /* on a list already (this thread's or another's) */
+    }
+    c->later_queued = 1;
+    Py_INCREF(c); /* the list's, dropped once settled */
+    c->later_next = later_settle;
+    later_settle = c;
+}
+
+void
+close_later(Connection *c)
+{
+    c->later_next = later_close;
+    later_close = c;
+}
+
+/* Once this thread's call has let go of its last lock (GIL held): close
+ * the dead connections, and settle the live ones -- the lock's holder does
+ * it if the lock is busy.  Each list is read afresh after every step (a
+ * step may run any code); a nested call leaves the work to the outer one. */
+static void
+release_later(void)
+{
+    if (releasing_later) {
+        return;
+    }
+    releasing_later = 1;
+    for (;;) {
+        Connection *c = later_close;
+        if (c != NULL) {
+            later_close = c->later_next;
+            c->later_next = NULL;
+            connection_close_dead(c);
+            continue;
+        }
+        c = later_settle;
+        if (c == NULL) {
+            break;
+        }
+        later_settle = c->later_next;
+        c->later_next = NULL;
+        c->later_queued = 0;
+        if (!FORKED(c) && lock_try_quiet(c) == 0) {
+            BackupCore *done = NULL;
+            unlock(c, &done); /* settles its orphans */
+            drop_done(done);
+        }
+        HOOK_VOID("release_later_decref");
+        Py_DECREF(c);
+    }
+    releasing_later = 0;
+}
+
+void
 drop_done(BackupCore *done)
 {
-    if (done == NULL) {
+    if (done == NULL
+        && (locks_held > 0 || in_busy_handler > 0
+            || (later_settle == NULL && later_close == NULL))) {
         return;
     }
     PyObject *et, *ev, *tb;
@@ -265,6 +366,9 @@ drop_done(BackupCore *done)
         HOOK_VOID("drop_done_decref");
         Py_XDECREF(source);
         Py_XDECREF(dest);
+    }
+    if (locks_held == 0 && in_busy_handler == 0) {
+        release_later();
     }
     PyErr_Restore(et, ev, tb);
 }
@@ -296,6 +400,10 @@ after_fork_in_child(void)
      * forked and carries on in the child is not taken for a callback. */
     fork_generation++;
     locks_held = 0;
+    /* What waited for the parent's call is the parent's: left alone. */
+    in_busy_handler = 0;
+    later_settle = later_close = NULL;
+    releasing_later = 0;
 }
 
 int

@@ -178,6 +178,7 @@ module_exec(PyObject *module)
         return -1;
     }
 #endif
+    uri_by_default = sqlite3_compileoption_used("USE_URI");
     if (install_fork_handler() < 0 || add_exceptions(module, st) < 0
         || add_type(module, &connection_spec, &st->ConnectionType) < 0
         || add_type(module, &cursor_spec, &st->CursorType) < 0

@@ -914,3 +914,60 @@ def test_a_child_forked_in_a_progress_callback_leaves_the_parents_copy(tmp_path)
         assert result["check"] == "ok"
         assert result["rows"] == 300
         assert result["files"] == ["out.db", "s.db"]
+
+
+# The busy handler of an autocommit write forks while the commit waits for
+# readers to go (the journal written, the database not yet).  The child's
+# handler returns: any way back goes through SQLite, whose giving up would
+# roll the parent's transaction back in the child -- deleting the parent's
+# journal under it.  The child ends there instead (status 0, a line on
+# stderr); the parent's commit goes on, and its journal stayed in place.
+FORK_AT_COMMIT = """
+import sqlite3, time
+import apsw_backup as ab
+d = sys.argv[1]
+path = os.path.join(d, "w.db")
+a = ab.Connection(path)
+a.execute("CREATE TABLE t(x); INSERT INTO t VALUES (1)")
+reader = sqlite3.connect(path, isolation_level=None)
+reader.execute("BEGIN")
+reader.execute("SELECT count(*) FROM t").fetchall()
+parent = os.getpid()
+state = {}
+def handler(n):
+    if os.getpid() != parent:
+        return True          # the child falls through, into SQLite's call
+    if n == 0:
+        pid = os.fork()
+        if pid == 0:
+            return True
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                state["child"] = os.waitstatus_to_exitcode(status)
+                break
+            time.sleep(0.01)
+        else:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            state["child"] = "still running"
+        state["journal"] = os.path.exists(path + "-journal")
+        reader.execute("ROLLBACK")
+    return n < 100
+a.set_busy_handler(handler)
+a.execute("INSERT INTO t VALUES (2)").fetchall()
+report("CHILD", state["child"])
+report("JOURNAL_KEPT", state["journal"])
+report("ROWS", a.execute("SELECT x FROM t ORDER BY x").fetchall())
+report("CHECK", a.execute("PRAGMA integrity_check").fetchall())
+"""
+
+
+def test_child_forked_at_commit_ends_without_touching_the_parents_files(tmp_path):
+    report = run_child(FORK_AT_COMMIT, tmp_path)
+    assert report["CHILD"] == 0
+    assert report["JOURNAL_KEPT"] is True, "the child rolled the parent back"
+    assert report["ROWS"] == [(1,), (2,)]
+    assert report["CHECK"] == [("ok",)]
+    assert "forked inside a busy handler" in report["_stderr"]

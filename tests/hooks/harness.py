@@ -36,6 +36,7 @@ import json
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -208,6 +209,59 @@ def sc_busy_step(run: Run) -> None:
     use(run, "b", "finish")
 
 
+def sc_shared_cache_busy(run: Run) -> None:
+    """Two connections of one shared cache: the writer's commit waits, in
+    its busy handler (holding the cache's mutex), for a reader of another
+    process-level connection.  The handler lets go of the other's cursor
+    and backup (released once the call has returned) and tries to use it
+    (refused); hostile actions run there too.  Afterwards the destination
+    is usable and nothing reads the source."""
+    flags = ab.SQLITE_OPEN_READWRITE | ab.SQLITE_OPEN_SHAREDCACHE
+    objs = run.objs
+    objs["src"] = ab.Connection(run.src_path, flags)
+    objs["src2"] = ab.Connection(run.src_path, flags)
+    run.connect("dest", run.dest_path)
+    use(run, "src", "execute", "CREATE TABLE IF NOT EXISTS u(x)")
+    objs["b"] = objs["dest"].backup("main", objs["src2"], "main")
+    use(run, "b", "step", 10)
+    if "src2" in objs:
+        objs["cursor"] = objs["src2"].execute("SELECT id FROM t")
+    use(run, "cursor", "fetchone")
+    reader = sqlite3.connect(run.src_path, isolation_level=None)
+    seen: dict[str, str] = {}
+    try:
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM t").fetchall()
+
+        def handler(count: int) -> bool:
+            if count == 0:
+                for name in ("cursor", "b"):
+                    objs.pop(name, None)
+                gc.collect()
+                try:
+                    use(run, "src2", "execute", "SELECT 1")
+                    seen["src2"] = "used"
+                except ab.ReentrancyError:
+                    seen["src2"] = "refused"
+                except ab.Error:
+                    seen["src2"] = "closed"
+            return count < 2
+
+        use(run, "src", "set_busy_handler", handler)
+        try:
+            use(run, "src", "execute", "INSERT INTO u VALUES (1)")
+        except ab.BusyError:
+            pass
+    finally:
+        reader.close()
+    assert seen.get("src2") != "used", "a shared-cache connection was used"
+    if "dest" in objs and "b" not in objs:
+        try:
+            use(run, "dest", "execute", "SELECT count(*) FROM old")
+        except ab.DestinationLockedError as exc:
+            raise AssertionError(f"a backup let go of still locks: {exc}") from None
+
+
 def sc_cursor(run: Run) -> None:
     run.connect("src", run.src_path)
     run.objs["cursor"] = run.objs["src"].execute(
@@ -360,6 +414,7 @@ SCENARIOS = {
     "orphans": sc_orphans,
     "close_with_backups": sc_close_with_backups,
     "busy_step": sc_busy_step,
+    "shared_cache_busy": sc_shared_cache_busy,
     "cursor": sc_cursor,
     "with_connection": sc_with_connection,
     "copy": sc_copy,
