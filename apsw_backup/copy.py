@@ -1600,17 +1600,115 @@ def copy(
         verify_progress,
         before_publish,
     )
-    job = _Copy(source, target, options)
+    existed = _target_existed(target)
     try:
-        while (wait := job.react(job.step())) is not None:
-            if wait:
-                time.sleep(wait)
-        job.settle()
-        job.verify()
-        job.publish()
-        return job.result()
+        job = _Copy(source, target, options)
+        try:
+            while (wait := job.react(job.step())) is not None:
+                if wait:
+                    time.sleep(wait)
+            job.settle()
+            job.verify()
+            job.publish()
+            return job.result()
+        finally:
+            job.close()
+    except (_c.NotADBError, _c.CorruptError) as exc:
+        raise _name_the_non_database(exc, source, target, existed) from exc
+
+
+def _path_of(side: object) -> str | None:
+    """The main file of a copy() argument, None when it has none (memory)."""
+    if isinstance(side, (str, bytes, os.PathLike)):
+        return os.fsdecode(side)
+    if isinstance(side, _c.Connection):
+        return side.filename or None
+    if _is_stdlib_connection(side):
+        return _schema_files(side).get("main") or None
+    return None
+
+
+def _target_existed(target: object) -> bool:
+    path = _path_of(target)
+    return not isinstance(target, (str, bytes, os.PathLike)) or (
+        path is not None and os.path.lexists(path)
+    )
+
+
+def _name_the_non_database(
+    exc: _c.Error, source: object, target: object, existed: bool
+) -> _c.Error:
+    """SQLite's bare "file is not a database" or "database disk image is
+    malformed", naming the side to blame and the cure; exc itself when it
+    already names its side or neither side is found to blame.  Not a
+    database: its header, read through an SQLite handle of its own.
+    Malformed: its schema cannot be read (a read-only connection of its
+    own).  Nothing was written into the target by then: SQLite stops when
+    it first reads what is wrong, and the backup copies pages without
+    reading them."""
+    if getattr(exc, "role", None) is not None:
+        return exc
+    for role, side in (("source", source), ("target", target)):
+        path = _path_of(side)
+        if path is None or (role == "target" and not existed):
+            continue
+        if isinstance(exc, _c.NotADBError):
+            try:
+                header = files.read_header(path, 16)
+            except OSError:
+                continue
+            if not header or header == b"SQLite format 3\x00":
+                continue
+            what = (
+                "is not an SQLite database (it does not begin with the SQLite header)"
+            )
+            cure = (
+                "name the database file to copy"
+                if role == "source"
+                else "copy() writes an existing target in place and never over "
+                "a file that is not a database: remove it, or name another target"
+            )
+        else:
+            if not _schema_is_damaged(path):
+                continue
+            what = f"is damaged: SQLite cannot read its schema ({exc})"
+            cure = (
+                "restore it from a backup, or save what can be read with the "
+                "sqlite3 shell's .recover"
+                if role == "source"
+                else "remove it, or name another target (copy() writes an "
+                "existing target in place, through its schema)"
+            )
+        error = _renamed(
+            exc,
+            f"the {role} {path!r} {what}: {cure}. The target "
+            + ("was left as it was" if existed else "was not created"),
+        )
+        return files.with_facts(
+            error,
+            role=role,
+            path=path,
+            target_state="unchanged" if existed else "not created",
+        )
+    return exc
+
+
+def _schema_is_damaged(path: str) -> bool:
+    """Whether reading the schema of the database at path fails as damaged
+    (a read-only connection of its own; any other failure: not known)."""
+    try:
+        conn = _c.Connection(path, _c.SQLITE_OPEN_READONLY)
+    except _c.Error:
+        return False
+    try:
+        conn.execute("SELECT count(*) FROM main.sqlite_master").fetchall()
+    except (_c.CorruptError, _c.NotADBError):
+        return True
+    except _c.Error:
+        return False
     finally:
-        job.close()
+        conn.close(True)
+    return False
 
 
 async def acopy(
@@ -1643,8 +1741,6 @@ async def acopy(
     a new target, while it was being renamed into place).  Never a partial
     copy.
     """
-    import asyncio  # here: importing it costs a CLI run ~25 ms
-
     options = _Options(
         pages,
         progress,
@@ -1660,7 +1756,17 @@ async def acopy(
         verify_progress,
         before_publish,
     )
-    job = _Copy(source, target, options)
+    existed = _target_existed(target)
+    try:
+        return await _acopy_job(_Copy(source, target, options))
+    except (_c.NotADBError, _c.CorruptError) as exc:
+        raise _name_the_non_database(exc, source, target, existed) from exc
+
+
+async def _acopy_job(job: _Copy) -> CopyResult:
+    """acopy()'s run of the job (closed at the end, whatever happens)."""
+    import asyncio  # here: importing it costs a CLI run ~25 ms
+
     try:
         while True:
             # Steps run in batches of a few ms in the worker (see

@@ -387,3 +387,94 @@ def test_a_sqlite_io_error_copy_added_words_to_is_worded_from_sqlites_own():
     said.__cause__ = sqlite_said
     files.with_facts(said, target_state="not created")
     assert in_our_words(said) == str(sqlite_said)
+
+
+@pytest.mark.parametrize("run", ["copy", "acopy"])
+@pytest.mark.parametrize("bad", ["source", "target"])
+def test_a_file_that_is_not_a_database_is_named_with_its_side(tmp_path, run, bad):
+    """SQLite says only "file is not a database": copy() names which file,
+    and the cure; the file is left as it was."""
+    import asyncio
+    import sqlite3
+
+    junk = tmp_path / "notes.txt"
+    junk.write_bytes(b"just some text, not a database\n" * 200)
+    good = tmp_path / "good.db"
+    with sqlite3.connect(good) as c:
+        c.execute("CREATE TABLE t(x)")
+    c.close()
+    source, target = (junk, tmp_path / "new.db") if bad == "source" else (good, junk)
+    before = junk.read_bytes()
+    with pytest.raises(apsw_backup.NotADBError) as info:
+        if run == "copy":
+            apsw_backup.copy(source, target)
+        else:
+            asyncio.run(apsw_backup.acopy(source, target))
+    said = str(info.value)
+    assert f"the {bad} {str(junk)!r} is not an SQLite database" in said, said
+    assert info.value.role == bad
+    assert info.value.path == str(junk)
+    if bad == "source":
+        assert "name the database file" in said
+        assert info.value.target_state == "not created"
+        assert not (tmp_path / "new.db").exists()
+    else:
+        assert "remove it, or name another target" in said
+        assert info.value.target_state == "unchanged"
+    assert junk.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        {"notes.txt", "good.db"}
+    )
+
+
+def _damaged_copy_of(good, bad):
+    """bad: good with its schema page's b-tree header made invalid."""
+    data = bytearray(good.read_bytes())
+    data[100] = 0x77  # not a b-tree page type
+    bad.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("bad", ["source", "target"])
+def test_a_damaged_database_is_named_with_its_side(tmp_path, bad):
+    """SQLite says only "database disk image is malformed": copy() names the
+    side whose schema cannot be read, and the cure; the command says it in
+    its words.  The damaged file is left as it was."""
+    import sqlite3
+
+    good = tmp_path / "good.db"
+    with sqlite3.connect(good) as c:
+        c.execute("CREATE TABLE t(x)")
+        c.executemany(
+            "INSERT INTO t VALUES (?)", [(os.urandom(300),) for _ in range(50)]
+        )
+    c.close()
+    damaged = tmp_path / "damaged.db"
+    _damaged_copy_of(good, damaged)
+    before = damaged.read_bytes()
+    source, target = (
+        (damaged, tmp_path / "new.db") if bad == "source" else (good, damaged)
+    )
+    with pytest.raises(apsw_backup.CorruptError) as info:
+        apsw_backup.copy(source, target)
+    said = str(info.value)
+    assert f"the {bad} {str(damaged)!r} is damaged" in said, said
+    assert info.value.role == bad and info.value.path == str(damaged)
+    assert damaged.read_bytes() == before
+    if bad == "target":
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "apsw_backup",
+                str(good),
+                str(damaged),
+                "--overwrite",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert proc.returncode == 1, proc.stderr
+        assert f"DEST {str(damaged)!r} is damaged" in proc.stderr, proc.stderr
+        assert "delete the file yourself" in proc.stderr
+        assert damaged.read_bytes() == before

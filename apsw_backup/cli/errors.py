@@ -144,6 +144,28 @@ def in_our_words(
             "its place. Run again (with --overwrite to replace that file), or "
             "choose another DEST"
         )
+    if isinstance(exc, (apsw_backup.CorruptError, apsw_backup.NotADBError)):
+        damaged = isinstance(exc, apsw_backup.CorruptError)
+        what = (
+            "is damaged: SQLite cannot read its schema"
+            if damaged
+            else "is not an SQLite database"
+        )
+        said = exc.__cause__ if exc.__cause__ is not None else exc
+        if role == "source":
+            cure = (
+                f"restore {source} from a backup, or save what can be read "
+                "with the sqlite3 shell's .recover"
+                if damaged
+                else f"name the database file as {source}"
+            )
+        else:
+            cure = (
+                "--overwrite replaces a database through its own "
+                "transaction, which needs its schema: delete the file "
+                "yourself (keep a copy if it matters), or choose another DEST"
+            )
+        return f"{who} {what} ({said}): {cure}"
     code = getattr(exc, "os_errno", None)
     cause = None
     if isinstance(code, int):
