@@ -918,6 +918,7 @@ class _Copy:
     """
 
     def __init__(self, source: Source, target: Source, options: _Options) -> None:
+        files.check_owned()  # not in a child forked during the caller's call
         self._opts = options
         self._start = time.monotonic()
         self._steps = self._waits = self._pages = self._page_size = 0
@@ -1602,19 +1603,24 @@ def copy(
     )
     existed = _target_existed(target)
     try:
-        job = _Copy(source, target, options)
-        try:
-            while (wait := job.react(job.step())) is not None:
-                if wait:
-                    time.sleep(wait)
-            job.settle()
-            job.verify()
-            job.publish()
-            return job.result()
-        finally:
-            job.close()
+        with files.owned_call():
+            return _run_copy(_Copy(source, target, options))
     except (_c.NotADBError, _c.CorruptError) as exc:
         raise _name_the_non_database(exc, source, target, existed) from exc
+
+
+def _run_copy(job: _Copy) -> CopyResult:
+    """copy()'s run of the job (closed at the end, whatever happens)."""
+    try:
+        while (wait := job.react(job.step())) is not None:
+            if wait:
+                time.sleep(wait)
+        job.settle()
+        job.verify()
+        job.publish()
+        return job.result()
+    finally:
+        job.close()
 
 
 def _path_of(side: object) -> str | None:
@@ -1758,7 +1764,8 @@ async def acopy(
     )
     existed = _target_existed(target)
     try:
-        return await _acopy_job(_Copy(source, target, options))
+        with files.owned_call():
+            return await _acopy_job(_Copy(source, target, options))
     except (_c.NotADBError, _c.CorruptError) as exc:
         raise _name_the_non_database(exc, source, target, existed) from exc
 

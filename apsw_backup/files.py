@@ -32,17 +32,20 @@ lock can be taken belongs to a dead run, whatever the PID in its name says
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
+import functools
 import os
 import re
 import stat
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 from apsw_backup import _apsw_backup as _c
 
@@ -635,6 +638,7 @@ class NewFile:
         may take the unlocked file for a dead run's and remove it (it does
         so under the lock): once the lock is ours, the name is checked to
         still be this file, and a new name is made if not."""
+        check_owned()
         for _ in range(100):
             fd = os.open(
                 self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666
@@ -801,12 +805,29 @@ class FolderLock:
     until it has reported.  So no run deletes a backup that another is
     still reporting, and rotations never overlap.  It is released by
     release() or by the process's end, whatever ends it.
+
+    A flock() belongs to the open descriptor, which a fork() shares: a
+    child (a multiprocessing worker, say) would hold the parent's lock for
+    as long as it lives.  So a child closes its copies at once: the lock
+    stays the parent's alone, and the child holds none.
     """
+
+    _held: weakref.WeakSet[FolderLock] = weakref.WeakSet()
 
     def __init__(self, folder: str) -> None:
         self.folder = folder or "."
         self.exclusive = False
         self._fd = -1
+
+    @classmethod
+    def _after_fork_in_child(cls) -> None:
+        for lock in list(cls._held):
+            if lock._fd >= 0:
+                fd, lock._fd = lock._fd, -1
+                try:
+                    os.close(fd)  # the child's copy: the parent keeps its lock
+                except OSError:
+                    pass
 
     @property
     def held(self) -> bool:
@@ -845,12 +866,18 @@ class FolderLock:
             os.close(fd)
             raise
         self._fd, self.exclusive = fd, exclusive
+        FolderLock._held.add(self)
         return True
 
     def release(self) -> None:
+        FolderLock._held.discard(self)
         if self._fd >= 0:
             fd, self._fd = self._fd, -1
             os.close(fd)  # a folder: no SQLite lock of this process on it
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=FolderLock._after_fork_in_child)
 
 
 def folder_lock_problem(folder: str) -> OSError | None:
@@ -992,3 +1019,57 @@ def _open_descriptor_of(ident: tuple[int, int]) -> int:
         if name.isdigit() and _identity(int(name)) == ident:
             return int(name)
     return -1
+
+
+# -- a call and the process it was started in ----------------------------
+#
+# A public call (copy(), restore(), incremental()) may be forked in the
+# middle -- by its progress callback, or by a destructor the garbage
+# collector runs anywhere.  The child carries on the parent's call from
+# that point; what the C core made before the fork is inert there
+# (ForkingViolationError), but what the call would do next (open new
+# connections, write or remove files) would act on the parent's files.  So
+# the outermost call of a thread notes its process, and every place that
+# writes, truncates or removes a file, or starts the next stage, first
+# calls check_owned(): in a child it raises, touching nothing.
+
+_owner = threading.local()
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+@contextlib.contextmanager
+def owned_call() -> Any:
+    """The outermost call of this thread notes the process it runs in."""
+    outer = getattr(_owner, "pid", None)
+    if outer is None:
+        _owner.pid = os.getpid()
+    try:
+        yield
+    finally:
+        if outer is None:
+            _owner.pid = None
+
+
+def owned(func: Callable[_P, _R]) -> Callable[_P, _R]:
+    """func as a call that a forked child does not carry on (check_owned)."""
+
+    @functools.wraps(func)
+    def call(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        with owned_call():
+            return func(*args, **kwargs)
+
+    return call
+
+
+def check_owned() -> None:
+    """ForkingViolationError in a child forked during this thread's call."""
+    pid = getattr(_owner, "pid", None)
+    if pid is not None and pid != os.getpid():
+        raise _c.ForkingViolationError(
+            f"this call was started by process {pid}, and this process is a "
+            "child forked during it (by a callback or a destructor): the "
+            "child stops it here, touching nothing of the parent's files. "
+            "Call it again in the child if the child needs its own"
+        )

@@ -722,6 +722,7 @@ def _finish_file(fd: int, header: bytes, index: Sequence[int], manifest: bytes,
                  parent_root: bytes, page_size: int) -> tuple[bytes, int]:  # fmt: skip
     """Write header, index, manifest and trailer around the pages already
     at the data offset; returns (root, file size)."""
+    files.check_owned()
     data_offset = len(header)
     index_bytes = _index_to_bytes(index)
     index_off = data_offset + len(index) * page_size
@@ -741,6 +742,7 @@ def _finish_file(fd: int, header: bytes, index: Sequence[int], manifest: bytes,
 
 
 def _write_all(fd: int, data: bytes, offset: int) -> None:
+    files.check_owned()
     view = memoryview(data)
     while view:
         n = os.pwrite(fd, view, offset)
@@ -1159,6 +1161,7 @@ def _read_written(path: str, final: str) -> _Point:
 
 
 def _remove(path: str) -> None:
+    files.check_owned()
     os.remove(path)
     files.fsync_folder(os.path.dirname(path))
 
@@ -1166,6 +1169,7 @@ def _remove(path: str) -> None:
 # -- incremental() ---------------------------------------------------------
 
 
+@files.owned
 def incremental(
     source: str | os.PathLike[str] | _c.Connection,
     folder: str | os.PathLike[str],
@@ -1567,6 +1571,7 @@ def _rotate(
 # -- restore() and friends -------------------------------------------------
 
 
+@files.owned
 def restore(
     backup: str | os.PathLike[str],
     dest: str | os.PathLike[str],
@@ -1791,6 +1796,7 @@ def _restore_new(
             checker.written_out(flusher.flushed)
             if progress is not None:
                 progress(pgno + n - 1, pages.page_count)
+        files.check_owned()
         os.ftruncate(new.fd, pages.page_count * P)
         os.fsync(new.fd)
         checker.written_out(pages.page_count * P)
@@ -1984,6 +1990,7 @@ def _say_rollback_journal(fd: int) -> None:
     to copy()'s, one file, with no mode switch (a commit that would change
     the file change counter).  fd: the new file's, ours alone; written,
     synced and read back."""
+    files.check_owned()
     if os.pwrite(fd, b"\x01\x01", 18) != 2:
         raise OSError(errno.EIO, "short write of page 1's journal mode")
     os.fsync(fd)

@@ -971,3 +971,61 @@ def test_child_forked_at_commit_ends_without_touching_the_parents_files(tmp_path
     assert report["ROWS"] == [(1,), (2,)]
     assert report["CHECK"] == [("ok",)]
     assert "forked inside a busy handler" in report["_stderr"]
+
+
+# restore() forked before it has made anything (a destructor the garbage
+# collector ran while it read DEST's header, simulated here): the child
+# carries on the parent's call from there, and must not restore into the
+# parent's DEST -- it stops, touching nothing; the parent restores.
+FORK_IN_RESTORE = """
+import hashlib, sqlite3, time
+from apsw_backup import files
+from apsw_backup import incremental as inc
+d = sys.argv[1]
+src, dest, folder = (os.path.join(d, n) for n in ("s.db", "d.db", "points"))
+os.mkdir(folder)
+for path, rows in ((src, 300), (dest, 1)):
+    c = sqlite3.connect(path)
+    c.execute("CREATE TABLE t(x)")
+    c.executemany("INSERT INTO t VALUES (?)", [(os.urandom(200),) for _ in range(rows)])
+    c.commit()
+    c.close()
+inc.incremental(src, folder)
+digest = lambda: hashlib.sha256(open(dest, "rb").read()).hexdigest()
+parent = os.getpid()
+state = {}
+real = files.read_header
+def forking(*args, **kwargs):
+    out = real(*args, **kwargs)
+    if os.getpid() == parent and "child" not in state:
+        before = digest()
+        pid = os.fork()
+        if pid == 0:
+            return out  # the child carries on restore()
+        _, status = os.waitpid(pid, 0)
+        state["child"] = os.waitstatus_to_exitcode(status)
+        state["unchanged"] = digest() == before
+    return out
+files.read_header = forking
+try:
+    inc.restore(folder, dest, overwrite=True)
+except BaseException as exc:
+    if os.getpid() != parent:
+        sys.stderr.write(f"CHILD {type(exc).__name__}: {exc}\\n")
+        os._exit(7 if isinstance(exc, __import__("apsw_backup").ForkingViolationError) else 8)
+    raise
+if os.getpid() != parent:
+    os._exit(9)  # the child restored: the defect
+report("CHILD", state["child"])
+report("UNCHANGED", state["unchanged"])
+c = sqlite3.connect(dest)
+report("ROWS", c.execute("SELECT count(*) FROM t").fetchone()[0])
+"""
+
+
+def test_child_forked_in_restore_stops_touching_nothing(tmp_path):
+    report = run_child(FORK_IN_RESTORE, tmp_path)
+    assert report["CHILD"] == 7, report["_stderr"][-2000:]
+    assert report["UNCHANGED"] is True
+    assert report["ROWS"] == 300
+    assert "forked during it" in report["_stderr"]

@@ -598,3 +598,36 @@ def test_keep_does_not_count_nor_delete_a_damaged_backup(source, folder):
     proc = run("--keep", "2", source, folder)  # the text output says it too
     assert proc.returncode == 0 and "does not look whole" in proc.stderr
     assert older[2].exists() and not older[1].exists()
+
+
+def test_a_forked_child_does_not_keep_the_folder_lock(tmp_path):
+    """A flock() belongs to the open descriptor, which fork() shares: a
+    child forked while a run held the folder's lock kept it for as long as
+    it lived, so the parent's next run met "another backup is writing into"
+    the folder.  The child closes its copy at once."""
+    lock = files.FolderLock(str(tmp_path))
+    assert lock.acquire(True, 0.0)
+    read, write = os.pipe()
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: holds nothing, waits to be told to go
+        try:
+            os.close(write)
+            os.write(ready_w, b"r" if not lock.held else b"h")
+            os.read(read, 1)
+        finally:
+            os._exit(0)
+    os.close(read)
+    os.close(ready_w)
+    try:
+        said = os.read(ready_r, 1)  # the child runs (its fork hooks have run)
+        assert said == b"r", "the child believes it holds the lock"
+        lock.release()
+        again = files.FolderLock(str(tmp_path))
+        assert again.acquire(True, 0.0), "the child still holds the lock"
+        again.release()
+    finally:
+        os.write(write, b"x")
+        os.close(write)
+        os.close(ready_r)
+        os.waitpid(pid, 0)

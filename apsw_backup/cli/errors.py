@@ -151,7 +151,7 @@ def in_our_words(
             if damaged
             else "is not an SQLite database"
         )
-        said = exc.__cause__ if exc.__cause__ is not None else exc
+        sqlite_said = exc.__cause__ if exc.__cause__ is not None else exc
         if role == "source":
             cure = (
                 f"restore {source} from a backup, or save what can be read "
@@ -165,7 +165,7 @@ def in_our_words(
                 "transaction, which needs its schema: delete the file "
                 "yourself (keep a copy if it matters), or choose another DEST"
             )
-        return f"{who} {what} ({said}): {cure}"
+        return f"{who} {what} ({sqlite_said}): {cure}"
     code = getattr(exc, "os_errno", None)
     cause = None
     if isinstance(code, int):

@@ -255,6 +255,8 @@ def sc_shared_cache_busy(run: Run) -> None:
     finally:
         reader.close()
     assert seen.get("src2") != "used", "a shared-cache connection was used"
+    if run.helper is not None:  # a hostile thread may still be finishing b
+        run.helper.join(RUN_SECONDS)
     if "dest" in objs and "b" not in objs:
         try:
             use(run, "dest", "execute", "SELECT count(*) FROM old")
