@@ -35,7 +35,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -68,9 +68,13 @@ _CHECKED_TRAILER = _TRAILER.size - HASH - 8  # what the checksum covers
 STAMP = "%Y%m%dT%H%M%S.%fZ"
 _NAME = re.compile(
     r"(?P<stem>.+)-(?P<stamp>\d{8}T\d{6}\.\d{6}Z)\.(?P<kind>base|delta)"
-    + re.escape(SUFFIX)
+    + re.escape(SUFFIX),
+    re.DOTALL,  # a stem may hold any character a file name may, \n too
 )
 _READ_RUN = 1 << 20  # bytes read at once when streaming pages
+
+# steps of a restore into an existing dest when progress is given
+RESTORE_STEPS = 64
 
 # Defaults of incremental(): see its docstring.
 MAX_CHAIN = 30
@@ -373,22 +377,42 @@ def _point_source(path: str) -> str | None:
     return os.path.abspath(os.fsdecode(raw))
 
 
+def _sources(paths: list[str]) -> dict[str, str | None]:
+    """The source each point's header records; None for a point whose
+    header cannot be read, or -- when the points name several sources --
+    one whose checks fail: a flipped bit in its recorded path must not
+    make it another database's point (reading its manifest costs 16 bytes
+    a page, paid only where a folder holds several sources)."""
+    found = {p: _point_source(p) for p in paths}
+    if len({s for s in found.values() if s is not None}) > 1:
+        for path, source in found.items():
+            if source is not None:
+                try:
+                    _read_point(path).drop()
+                except BrokenChainError:
+                    found[path] = None
+    return found
+
+
 def _of_source(paths: list[str], source: str) -> list[str]:
     """The points of paths made from source: two databases of the same
     name (s1/app.db, s2/app.db) may share a folder, and each has its own
-    chains, its own --keep.  A point whose header cannot be read stays in
-    (it is reported as damaged, never deleted by rotation)."""
+    chains, its own --keep.  A point whose source cannot be told stays in
+    (_chains and _chain_to report it as damaged only where the chain does
+    not link without it; rotation never deletes it)."""
     source = os.path.abspath(source)
-    return [p for p in paths if _point_source(p) in (source, None)]
+    found = _sources(paths)
+    return [p for p in paths if found[p] in (source, None)]
 
 
 def _by_source(paths: list[str]) -> dict[str | None, list[str]]:
     groups: dict[str | None, list[str]] = {}
+    found = _sources(paths)
     for path in paths:
-        groups.setdefault(_point_source(path), []).append(path)
+        groups.setdefault(found[path], []).append(path)
     unknown = groups.pop(None, [])
     if unknown and groups:
-        for source in groups:  # reported with every source's chains
+        for source in groups:  # read with every source's chains
             groups[source] = sorted(groups[source] + unknown, key=paths.index)
     elif unknown:
         groups[None] = unknown
@@ -404,25 +428,36 @@ def _chains(
     rebase that was interrupted before it removed them)."""
     chains: list[list[_Point]] = []
     problems: list[BrokenChainError] = []
-    entries: list[_Point | None] = []
+    entries: list[_Point | BrokenChainError] = []
     for path in paths:
-        if entries and entries[-1] is not None:
+        if entries and isinstance(entries[-1], _Point):
             entries[-1].drop()  # 16 bytes a page each: read again if needed
         try:
             entries.append(_read_point(path))
         except BrokenChainError as exc:
-            problems.append(exc)
-            entries.append(None)
+            entries.append(exc)
     bases_at = {
-        (p.info.created, p.root) for p in entries if p and p.info.kind == "base"
+        (p.info.created, p.root)
+        for p in entries
+        if isinstance(p, _Point) and p.info.kind == "base"
     }
     twins = []
+    # Files that cannot be read wait: if the next point links to the tip
+    # all the same, they were not of this chain (another source's, or an
+    # interrupted merge's): reported as strays (exc.stray), which break
+    # nothing; otherwise the first of them is the chain's problem.
+    unread: list[BrokenChainError] = []
+    # The last delta of a broken chain: deltas that follow it are of that
+    # broken chain, not each a new problem (the break is said once).
+    dangling: _Point | None = None
     for p in entries:
-        if p is None:
-            chains.append([])  # what follows cannot attach to it
+        if isinstance(p, BrokenChainError):
+            unread.append(p)
             continue
         if p.info.kind == "base":
             chains.append([p])
+            dangling = None
+            _settle_unread(unread, problems, linked=True)
             continue
         if (p.info.created, p.root) in bases_at:
             twins.append(p.info.path)
@@ -433,6 +468,20 @@ def _chains(
             or tip.root != p.parent_root
             or tip.info.sequence + 1 != p.info.sequence
         ):
+            if (
+                tip is None
+                and not unread
+                and dangling is not None
+                and dangling.root == p.parent_root
+                and dangling.info.sequence + 1 == p.info.sequence
+            ):
+                dangling = p  # follows the broken chain: already said
+                continue
+            dangling = p
+            if unread:  # the missing link is the file that cannot be read
+                _settle_unread(unread, problems, linked=False)
+                chains.append([])
+                continue
             before = (
                 f"the point before it, {tip.info.path!r},"
                 if tip
@@ -447,11 +496,24 @@ def _chains(
             problems.append(BrokenChainError(message, p.info.path))
             chains.append([])
             continue
+        _settle_unread(unread, problems, linked=True)
         chains[-1].append(p)
+    _settle_unread(unread, problems, linked=True)
     for chain in chains:
         for p in chain[:-1]:
             p.drop()  # only a chain's tip keeps its manifest in memory
     return [c for c in chains if c], problems, twins
+
+
+def _settle_unread(
+    unread: list[BrokenChainError], problems: list[BrokenChainError], linked: bool
+) -> None:
+    """_chains' files that could not be read, once it is known whether the
+    chain linked without them (strays) or broke where they are."""
+    for i, exc in enumerate(unread):
+        exc.stray = linked or i > 0  # type: ignore[attr-defined]
+        problems.append(exc)
+    unread.clear()
 
 
 def list_points(folder: str | os.PathLike[str]) -> list[RestorePoint]:
@@ -488,14 +550,18 @@ def _chain_to(point_path: str, folder: str) -> list[_Point]:
         for p in _of_source(_stems(folder).get(name["stem"], []), chain[0].info.source)
         if os.path.abspath(p) != target and _stamp(p) < name["stamp"]
     ]
-    twin = target[: -len(".delta" + SUFFIX)] + ".base" + SUFFIX
+    twin = _twin_base(target)
     if chain[0].info.kind == "delta" and os.path.exists(twin):
         base = _read_point(twin)  # an interrupted merge: the base stands for it
         if base.root == chain[0].root:
             chain = [base]
+    source_of = _sources(older + [target])
+    unread: BrokenChainError | None = None
     while chain[0].info.kind != "base":
         child = chain[0]
         if not older:
+            if unread is not None:
+                raise unread
             raise BrokenChainError(
                 f"the parent of restore point {child.info.path!r} is missing "
                 f"(no point before it has root {child.parent_root.hex()}): "
@@ -509,11 +575,22 @@ def _chain_to(point_path: str, folder: str) -> list[_Point]:
             and older[-1].endswith(".base" + SUFFIX)
         ):
             path = older.pop()  # a merge's base stands for the delta of its time
-        parent = _read_point(path)
+        try:
+            parent = _read_point(path)
+        except BrokenChainError as exc:
+            if source_of.get(path, "") is not None:
+                raise
+            # Its source cannot be told: another database's damaged point,
+            # perhaps.  The chain goes on without it if an older point
+            # links; if none does, this file is the one to name.
+            unread = unread or exc
+            continue
         if (
             parent.root != child.parent_root
             or parent.info.sequence + 1 != child.info.sequence
         ):
+            if unread is not None:
+                raise unread
             raise BrokenChainError(
                 f"restore point {child.info.path!r} does not follow "
                 f"{path!r}: its parent is missing, or the points are out of "
@@ -522,6 +599,7 @@ def _chain_to(point_path: str, folder: str) -> list[_Point]:
                 child.info.path,
             )
         chain.insert(0, parent)
+        unread = None  # linked past it: not of this chain
         parent.drop()  # read again when needed: 16 bytes a page each
     return chain
 
@@ -1013,11 +1091,11 @@ def _write_point(source: _c.Connection, source_name: str, folder: str, stem: str
     of _Recording).  before_publish(point, temporary path) runs last before
     the point is put in place (the check of the chain it extends,
     quick_check): if it raises, nothing is kept."""
-    created = datetime.now(timezone.utc)
+    created = _after_every_point(folder, stem, datetime.now(timezone.utc))
     kind = "delta" if parent is not None else "base"
     final = _final_name(folder, stem, kind, created)
     while any(os.path.lexists(_final_name(folder, stem, k, created)) for k in KINDS):
-        created = created.replace(microsecond=(created.microsecond + 1) % 1_000_000)
+        created += timedelta(microseconds=1)
         final = _final_name(folder, stem, kind, created)
     _check_name_length(final, source_name)
     data_offset = _data_offset(source_name)
@@ -1062,6 +1140,37 @@ def _write_point(source: _c.Connection, source_name: str, folder: str, stem: str
         raise
     counts = {k: int(outcome[k]) for k in ("writes", "unchanged", "unkept_reads")}
     return point, size, len(index), int(outcome["restarts"]), counts
+
+
+def _restore_step(page_count: int, progress: object) -> int:
+    """Pages a step of copy() into an existing dest: one whole-copy step
+    without progress; with it, RESTORE_STEPS steps, so that its calls come
+    while the copy can still be rolled back."""
+    if progress is None or page_count <= 1:
+        return -1
+    return max(1, -(-page_count // RESTORE_STEPS))
+
+
+def _twin_base(delta_path: str) -> str:
+    """The name of the base a merge makes of a delta (the same moment)."""
+    return delta_path[: -len(".delta" + SUFFIX)] + ".base" + SUFFIX
+
+
+def _after_every_point(folder: str, stem: str, now: datetime) -> datetime:
+    """now, or just after the newest point of stem in folder if that one
+    is not older: name order is chain order, so a new point is never named
+    before one already there -- whatever the clock did (stepped back by
+    NTP, a VM resumed, a clock that ran ahead for one run).  Its name and
+    header then say that moment, not the clock's."""
+    newest = None
+    for path in _stems(folder).get(stem, []):
+        name = _parse_name(path)
+        if name is not None:
+            stamp = datetime.strptime(name["stamp"], STAMP).replace(tzinfo=timezone.utc)
+            newest = stamp if newest is None else max(newest, stamp)
+    if newest is not None and now <= newest:
+        return newest + timedelta(microseconds=1)
+    return now
 
 
 def _page_count_hint(source: _c.Connection) -> int:
@@ -1328,6 +1437,14 @@ def incremental(
                     result.chain_length = 1
             if keep is not None:
                 result.deleted, result.merged = _rotate(folder, stem, source_name, keep)
+                if result.path in result.merged:
+                    # merged into a base of the same moment, which stands
+                    # for it from now on: the result names that file
+                    result.path = _twin_base(result.path)
+                    result.kind = "base"
+                    kept = result.path
+                if result.merged:
+                    result.chain_length = len(_chain_to(result.path, folder))
         except BaseException as exc:
             exc.kept_point = kept  # type: ignore[attr-defined]
             raise
@@ -1601,9 +1718,13 @@ def restore(
     transaction, so its other connections see the old database, then the
     new one; writers_held in the result is how long that transaction held
     their lock (the whole copy), wal_growth how much its -wal grew.
-    progress(pages_done, pages_total) is called as the work goes; if it
-    raises, nothing is put in place (an existing dest is rolled back) and
-    the exception comes out.
+    progress(pages_done, pages_total) is called as the work goes (some
+    RESTORE_STEPS times into an existing dest); if it raises, nothing
+    is put in place (an existing dest is rolled back) and the exception
+    comes out -- except from the last call into an existing dest,
+    (pages_total, pages_total), which comes once SQLite has committed the
+    restore: too late to undo it, the exception comes out and dest holds
+    the restored database.
     """
     started = time.monotonic()
     point = _resolve(backup, at)
@@ -1744,6 +1865,9 @@ def _restore_plain(
     result = copy(
         path,
         target,
+        pages=_restore_step(
+            int.from_bytes(files.read_header(path, 32)[28:32], "big"), progress
+        ),
         timeout=timeout,
         keep_wal=keep_wal,
         progress=step,
@@ -2032,7 +2156,17 @@ def _restore_into_existing(
             def step(status: int, remaining: int, total: int) -> None:
                 report(total - remaining, total)
 
-        result = copy(conn, target, timeout=timeout, snapshot=False, progress=step)
+        # In steps when progress is given: its calls then come while the
+        # copy is in SQLite's transaction, where raising rolls DEST back
+        # (one whole-copy step would call it only once DEST is replaced).
+        result = copy(
+            conn,
+            target,
+            pages=_restore_step(chain[-1].info.page_count, progress),
+            timeout=timeout,
+            snapshot=False,
+            progress=step,
+        )
     after = os.stat(wal).st_size if os.path.exists(wal) else 0
     return RestoreResult(
         point=chain[-1].info.path,
@@ -2136,8 +2270,15 @@ def verify_folder(folder: str | os.PathLike[str]) -> list[ChainReport]:
         for stem, paths in sorted(_stems(folder).items())
         for source, group in sorted(_by_source(paths).items(), key=repr)
     ]
+    strays: dict[str, tuple[str, BrokenChainError]] = {}
     for stem, source, paths in groups:
-        chains, problems, _ = _chains(paths)
+        chains, found, _ = _chains(paths)
+        problems = []
+        for problem in found:
+            if getattr(problem, "stray", False):
+                strays.setdefault(problem.path or "", (stem, problem))
+            else:
+                problems.append(problem)
         for chain in chains:
             try:
                 _check_chain(chain)
@@ -2151,6 +2292,18 @@ def verify_folder(folder: str | os.PathLike[str]) -> list[ChainReport]:
                 problems=[str(p) for p in problems],
                 at_fault=[p.path or "" for p in problems],
                 source=source,
+            )
+        )
+    for path, (stem, stray) in sorted(strays.items()):
+        # a point that belongs to no chain it could be read with
+        reports.append(
+            ChainReport(
+                stem=stem,
+                points=[path],
+                ok=False,
+                problems=[str(stray)],
+                at_fault=[path],
+                source=None,
             )
         )
     return reports
