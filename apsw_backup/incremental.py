@@ -37,7 +37,7 @@ import time
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from apsw_backup import _apsw_backup as _c
 from apsw_backup import files
@@ -1726,6 +1726,21 @@ def restore(
     restore: too late to undo it, the exception comes out and dest holds
     the restored database.
     """
+    return _while_points_stay(
+        _folder_of(backup),
+        lambda: _restore(backup, dest, at, overwrite, keep_wal, timeout, progress),
+    )
+
+
+def _restore(
+    backup: str | os.PathLike[str],
+    dest: str | os.PathLike[str],
+    at: datetime | str | None,
+    overwrite: bool,
+    keep_wal: bool,
+    timeout: float | None,
+    progress: Callable[[int, int], Any] | None,
+) -> RestoreResult:
     started = time.monotonic()
     point = _resolve(backup, at)
     target = os.path.abspath(os.fspath(dest))
@@ -2250,10 +2265,54 @@ def open_restore_point(
     """Open a restore point read-only, as a Connection (see restore() for
     backup and at).  The chain is checked as for restore(); pages are read
     from its files as SQLite asks for them.  Close it when done."""
-    point = _resolve(backup, at)
-    chain = _chain_to(point, os.path.dirname(point))
-    _check_chain(chain)
-    return _open_overlay(chain)
+
+    def open_it() -> RestorePointConnection:
+        point = _resolve(backup, at)
+        chain = _chain_to(point, os.path.dirname(point))
+        _check_chain(chain)
+        return _open_overlay(chain)
+
+    return _while_points_stay(_folder_of(backup), open_it)
+
+
+def _folder_of(backup: str | os.PathLike[str]) -> str:
+    path = os.path.abspath(os.fspath(backup))
+    return path if os.path.isdir(path) else os.path.dirname(path)
+
+
+def _listing(folder: str) -> list[str]:
+    try:
+        return sorted(e.name for e in os.scandir(folder) if _parse_name(e.name))
+    except OSError:
+        return []
+
+
+_T = TypeVar("_T")
+READ_TRIES = 3
+
+
+def _while_points_stay(folder: str, work: Callable[[], _T]) -> _T:
+    """work(), again (up to READ_TRIES times) when it met a point file
+    that is gone and the folder's points changed meanwhile: a run's --keep
+    merged or deleted points while this read them (readers take no lock,
+    so they never hold up a scheduled run).  Whatever failed had not
+    written anything yet, or rolled it back."""
+    for attempt in range(READ_TRIES):
+        before = _listing(folder)
+        try:
+            return work()
+        except (BrokenChainError, FileNotFoundError) as exc:
+            gone = getattr(exc, "path", None) or getattr(exc, "filename", None)
+            if (
+                attempt + 1 < READ_TRIES
+                and gone
+                and str(gone).endswith(SUFFIX)
+                and not os.path.exists(gone)
+                and _listing(folder) != before
+            ):
+                continue
+            raise
+    raise AssertionError("unreachable")
 
 
 # -- verify ----------------------------------------------------------------
@@ -2262,8 +2321,25 @@ def open_restore_point(
 def verify_folder(folder: str | os.PathLike[str]) -> list[ChainReport]:
     """Check every restore point of folder and every chain they form: each
     file's checksum and root hash, every stored page against its manifest,
-    every unstored page's hash against its parent's, and each link."""
+    every unstored page's hash against its parent's, and each link.  A
+    check that met a point removed meanwhile by a run's --keep is made
+    again (up to READ_TRIES times)."""
     folder = os.path.abspath(os.fspath(folder))
+    for attempt in range(READ_TRIES):
+        before = _listing(folder)
+        reports = _verify_folder(folder)
+        gone = [
+            f
+            for r in reports
+            for f in r.at_fault
+            if f.endswith(SUFFIX) and not os.path.exists(f)
+        ]
+        if not gone or _listing(folder) == before or attempt + 1 == READ_TRIES:
+            return reports
+    raise AssertionError("unreachable")
+
+
+def _verify_folder(folder: str) -> list[ChainReport]:
     reports = []
     groups = [
         (stem, source, group)

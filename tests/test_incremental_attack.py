@@ -212,3 +212,46 @@ def test_a_progress_that_raises_leaves_an_existing_dest_as_it_was(tmp_path, plai
         inc.restore(backup, live, overwrite=True, progress=cancel)
     assert calls and calls[0][0] < calls[0][1], calls
     assert count(live) == 10
+
+
+def test_verify_and_restore_meeting_a_keep_merge_read_again(tmp_path, monkeypatch):
+    """Readers take no folder lock (they never hold up a scheduled run): a
+    --keep merge that removed points while they read made them report a
+    sound folder as damaged.  They read again when a point they met is gone
+    and the folder changed."""
+    src, bk = tmp_path / "app.db", tmp_path / "bk"
+    bk.mkdir()
+    make_source(src, 500)
+    inc.incremental(src, bk)
+    change(src)
+    inc.incremental(src, bk)
+
+    def scheduled_run():
+        change(src)
+        inc.incremental(src, bk, keep=2)  # merges the base and first delta
+
+    real = inc._verify_pages
+    fired = []
+
+    def meanwhile(*args, **kwargs):
+        if not fired:
+            fired.append(1)
+            scheduled_run()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(inc, "_verify_pages", meanwhile)
+    assert [r.ok for r in inc.verify_folder(bk)] == [True]
+    assert fired
+    fired.clear()
+    real_chain_files = inc._ChainFiles
+
+    def chain_files(chain):
+        if not fired:
+            fired.append(1)
+            scheduled_run()
+        return real_chain_files(chain)
+
+    monkeypatch.setattr(inc, "_ChainFiles", chain_files)
+    inc.restore(bk, tmp_path / "r.db")
+    assert fired
+    assert count(tmp_path / "r.db") in (502, 503)
