@@ -284,6 +284,12 @@ def _read_point(path: str) -> _Point:
                 f"apsw_backup reads version {FORMAT_VERSION}: use a newer one",
                 path,
             )
+        if page_size < 512 or page_size > 65536 or page_size & (page_size - 1):
+            raise _damaged(
+                path, f"damaged (its page size, {page_size}, is none SQLite has)"
+            )
+        if data_offset < _HEADER.size + path_len or data_offset % 4096:
+            raise _damaged(path, "damaged (its header's data offset is wrong)")
         if size < data_offset + _TRAILER.size:
             raise _damaged(path, "truncated")
         header = _read_exact(fd, data_offset, 0)
@@ -498,7 +504,8 @@ def _chains(
             continue
         _settle_unread(unread, problems, linked=True)
         chains[-1].append(p)
-    _settle_unread(unread, problems, linked=True)
+    for exc in unread:  # the newest files: nothing tells they are not ours
+        problems.append(exc)
     for chain in chains:
         for p in chain[:-1]:
             p.drop()  # only a chain's tip keeps its manifest in memory

@@ -255,3 +255,33 @@ def test_verify_and_restore_meeting_a_keep_merge_read_again(tmp_path, monkeypatc
     inc.restore(bk, tmp_path / "r.db")
     assert fired
     assert count(tmp_path / "r.db") in (502, 503)
+
+
+def test_a_crafted_page_size_is_refused_as_damage(tmp_path):
+    """A point whose header says a page size SQLite cannot have (its hashes
+    made to match) is damaged, said so, naming it -- not a ValueError from
+    deep inside."""
+    import struct
+
+    src, bk = tmp_path / "app.db", tmp_path / "bk"
+    bk.mkdir()
+    make_source(src)
+    point = inc.incremental(src, bk).path
+    data = bytearray(open(point, "rb").read())
+    fields = list(inc._HEADER.unpack_from(data, 0))
+    fields[3] = 3  # page size
+    inc._HEADER.pack_into(data, 0, *fields)
+    trailer = list(inc._TRAILER.unpack_from(data, len(data) - inc._TRAILER.size))
+    data_offset, stored, count = fields[4], fields[6], fields[5]
+    index = bytes(data[trailer[1] : trailer[1] + 8 * stored])
+    manifest = bytes(data[trailer[2] : trailer[2] + 16 * count])
+    trailer[4] = inc.root_hash(3, manifest)
+    head = struct.pack(">8sQQ16s16s", *trailer[:5])
+    trailer[5] = inc._c.page_hash(bytes(data[:data_offset]) + index + manifest + head)
+    inc._TRAILER.pack_into(data, len(data) - inc._TRAILER.size, *trailer)
+    open(point, "wb").write(bytes(data))
+    (report,) = inc.verify_folder(bk)
+    assert not report.ok and report.at_fault == [point]
+    assert "page size" in report.problems[0]
+    with pytest.raises(inc.BrokenChainError):
+        inc.restore(bk, tmp_path / "r.db")
