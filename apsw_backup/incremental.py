@@ -1229,9 +1229,13 @@ def incremental(
                 raise FileNotFoundError(
                     f"the source database {source_name!r} does not exist"
                 )
-            side_existed = any(map(os.path.lexists, files.side_paths(source_name)))
-            _check_wal_readable(source_name)
+            # SQLite resolves symbolic links: its side files are beside the
+            # real file (copy()'s rule, from the name SQLite reports).
+            real = os.path.realpath(source_name)
+            _check_wal_readable(real)
             conn = _c.Connection(source_name, _c.SQLITE_OPEN_READONLY)
+            real = conn.filename or real
+            side_existed = any(map(os.path.lexists, files.side_paths(real)))
         else:
             conn = source  # type: ignore[assignment]
             source_name = conn.filename
@@ -1294,7 +1298,7 @@ def incremental(
             if own:
                 conn.close()
                 if not side_existed:
-                    _leave_no_side_files(source_name)
+                    _leave_no_side_files(real)
         result = IncrementalResult(
             path=point.info.path,
             kind=point.info.kind,

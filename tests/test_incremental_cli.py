@@ -279,3 +279,25 @@ def test_restore_refusals_are_worded_by_the_command(tmp_path, capsys):
     code, out = run_json(capsys, "restore", str(folder), side)
     message = out["error"]["message"]
     assert code == 2 and "Choose another DEST" in message and "dest" not in message
+
+
+# -- attack 21: messages that name the user's files (findings 6, 7, 8, 11) ---
+
+
+def test_a_wal_source_through_a_link_is_left_without_side_files(tmp_path, capsys):
+    # finding 7: SQLite puts -wal/-shm beside the link's target
+    real_dir, links, folder = (tmp_path / n for n in ("real", "links", "points"))
+    for d in (real_dir, links, folder):
+        d.mkdir()
+    src = make_source(real_dir / "app.db", rows=50)
+    db = sqlite3.connect(src)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.close()
+    assert sorted(os.listdir(real_dir)) == ["app.db"]
+    link = links / "app.db"
+    link.symlink_to(src)
+    assert main(["--incremental", str(link), str(folder)]) == 0
+    touch_rows(src)
+    assert main(["--incremental", str(link), str(folder)]) == 0
+    assert sorted(os.listdir(real_dir)) == ["app.db"]
+    assert sorted(os.listdir(links)) == ["app.db"]
