@@ -41,7 +41,7 @@ from typing import Any
 
 from apsw_backup import _apsw_backup as _c
 from apsw_backup import files
-from apsw_backup.copy import FLUSH_EVERY, _header_of, copy
+from apsw_backup.copy import FLUSH_EVERY, _check_source_file, _header_of, copy
 
 FORMAT_VERSION = 1
 MAGIC = b"APSWBKP\x00"
@@ -1216,6 +1216,11 @@ def incremental(
     opts = _RunOptions(pages, timeout, progress, started)
     folder = os.path.abspath(os.fspath(folder))
     if not os.path.isdir(folder):
+        if os.path.exists(folder):
+            raise NotADirectoryError(
+                f"the folder {folder!r} is a file, not a folder (ENOTDIR): "
+                "check the path, or name a folder for the restore points"
+            )
         raise FileNotFoundError(
             f"the folder {folder!r} does not exist: create it first"
         )
@@ -1225,10 +1230,7 @@ def incremental(
         own = not isinstance(source, _c.Connection)
         if own:
             source_name = os.path.abspath(os.fspath(source))  # type: ignore[arg-type]
-            if not os.path.isfile(source_name):
-                raise FileNotFoundError(
-                    f"the source database {source_name!r} does not exist"
-                )
+            _check_source_path(source_name)
             # SQLite resolves symbolic links: its side files are beside the
             # real file (copy()'s rule, from the name SQLite reports).
             real = os.path.realpath(source_name)
@@ -1422,6 +1424,29 @@ class _ChainCheck:
         self.stop = True
         if self.thread is not None:
             self.thread.join()
+
+
+def _check_source_path(path: str) -> None:
+    """copy()'s rules for a source path (a folder, a FIFO, an unreadable
+    file: CantOpenError naming it, the cause and the cure), and a file that
+    is not an SQLite database refused by its header (read through SQLite's
+    own handle), before anything is made from it."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"the source database {path!r} does not exist")
+    _check_source_file(path)
+    try:
+        header = files.read_header(path, 16)
+    except OSError:
+        return  # opening it names what is wrong
+    if header and header != b"SQLite format 3\x00":
+        error = _c.NotADBError(
+            f"the source {path!r} is not an SQLite database (it does not begin "
+            "with the SQLite header): name the database file to back up; "
+            "nothing was kept"
+        )
+        error.result = error.extendedresult = _c.SQLITE_NOTADB
+        error.__cause__ = _c.NotADBError("file is not a database")
+        raise files.with_facts(error, role="source", path=path)
 
 
 def _check_wal_readable(path: str) -> None:

@@ -301,3 +301,44 @@ def test_a_wal_source_through_a_link_is_left_without_side_files(tmp_path, capsys
     assert main(["--incremental", str(link), str(folder)]) == 0
     assert sorted(os.listdir(real_dir)) == ["app.db"]
     assert sorted(os.listdir(links)) == ["app.db"]
+
+
+def test_incremental_words_a_bad_source_or_folder_as_the_plain_backup(tmp_path, capsys):
+    # finding 11: no false "does not exist", no internal .virtual file
+    folder = tmp_path / "points"
+    folder.mkdir()
+    adir = tmp_path / "adir.db"
+    adir.mkdir()
+    pipe = tmp_path / "pipe.db"
+    os.mkfifo(pipe)
+    text = tmp_path / "text.db"
+    text.write_text("hello world" * 1000)
+    src = make_source(tmp_path / "app.db", rows=10)
+    notadir = tmp_path / "notadir"
+    notadir.write_text("x")
+    for source, words in (
+        (adir, "is a folder (EISDIR), not a database file"),
+        (pipe, "is not a regular file"),
+        (text, "is not an SQLite database (it does not begin with the SQLite"),
+    ):
+        code, out = run_json(capsys, "--incremental", str(source), str(folder))
+        message = out["error"]["message"]
+        assert code == 1 and message.startswith(f"SOURCE '{source}' {words}")
+        assert "does not exist" not in message and ".virtual" not in message
+        plain = main([str(source), str(tmp_path / "plain.db")])
+        assert plain == 1 and message in capsys.readouterr().err
+    code, out = run_json(capsys, "--incremental", src, str(notadir))
+    message = out["error"]["message"]
+    assert code == 2 and "is a file, not a folder" in message
+    assert "does not exist" not in message
+    assert os.listdir(folder) == []
+    # the library: the right classes, naming the path
+    with pytest.raises(apsw_backup.CantOpenError, match="is a folder"):
+        inc.incremental(adir, folder)
+    with pytest.raises(apsw_backup.CantOpenError, match="not a regular file"):
+        inc.incremental(pipe, folder)
+    with pytest.raises(apsw_backup.NotADBError, match="not an SQLite database"):
+        inc.incremental(text, folder)
+    with pytest.raises(NotADirectoryError, match="is a file, not a folder"):
+        inc.incremental(src, notadir)
+    assert os.listdir(folder) == []
