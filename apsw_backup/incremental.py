@@ -41,7 +41,14 @@ from typing import Any
 
 from apsw_backup import _apsw_backup as _c
 from apsw_backup import files
-from apsw_backup.copy import FLUSH_EVERY, _check_source_file, _header_of, copy
+from apsw_backup.copy import (
+    FLUSH_EVERY,
+    _cannot,
+    _check_journal_name,
+    _check_source_file,
+    _header_of,
+    copy,
+)
 
 FORMAT_VERSION = 1
 MAGIC = b"APSWBKP\x00"
@@ -1797,11 +1804,17 @@ def _restore_new(
     progress: Callable[[int, int], Any] | None,
 ) -> None:
     files.remove_stale(os.path.dirname(target))
-    pages = _ChainFiles(chain)
+    _check_journal_name(target)  # the plain restore's rule (copy())
     new = files.NewFile(target)
-    checker: _RestoreChecker | None = None
     try:
         new.create()
+    except OSError as exc:  # copy()'s words: DEST, or DEST's folder
+        if exc.errno == errno.ENAMETOOLONG:
+            raise _cannot("target", target, exc) from exc
+        raise _cannot("target's folder", os.path.dirname(target), exc) from exc
+    pages = _ChainFiles(chain)
+    checker: _RestoreChecker | None = None
+    try:
         P = pages.page_size
         # Three things at once: this thread writes the pages in order, each
         # page from the newest file holding it and checked against the
@@ -1836,7 +1849,7 @@ def _restore_new(
             _check_database(new.path, keep_wal, target)
         else:  # the rest of the read-back and quick_check side by side
             _quick_check_while(new.path, target, checker.finish)
-        new.publish()
+        _publish_restored(new, target)
     except BaseException:
         if checker is not None:
             checker.abandon()
@@ -1844,6 +1857,30 @@ def _restore_new(
         raise
     finally:
         pages.close()
+
+
+def _publish_restored(new: files.NewFile, target: str) -> None:
+    """new.publish(), a DEST that appeared meanwhile said as copy() says it
+    (role/path facts: the command's "another file appeared at DEST")."""
+    try:
+        new.publish()
+    except files.StaleSideFileError:
+        raise
+    except FileExistsError as exc:
+        error = FileExistsError(
+            exc.errno,
+            f"dest {target!r} was created by someone else while the restore "
+            "was made: the restored copy was not put in its place (nothing "
+            "was overwritten); remove that file or choose another dest",
+            target,
+        )
+        raise files.with_facts(
+            error,
+            role="target",
+            path=target,
+            os_errno=exc.errno,
+            target_state="not created",
+        ) from exc
 
 
 class _RestoreChecker:

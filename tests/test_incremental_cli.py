@@ -303,6 +303,48 @@ def test_a_wal_source_through_a_link_is_left_without_side_files(tmp_path, capsys
     assert sorted(os.listdir(links)) == ["app.db"]
 
 
+def test_restore_names_dest_and_its_folder_not_a_temporary_file(
+    points, tmp_path, capsys
+):
+    # finding 8: the plain restore's words, never the internal .partial name
+    _, folder, _ = points
+    missing = tmp_path / "nofolder" / "x.db"
+    code, out = run_json(capsys, "restore", str(folder), str(missing))
+    message = out["error"]["message"]
+    assert code == 1 and ".partial" not in message
+    assert f"DEST's folder '{missing.parent}'" in message and "ENOENT" in message
+    with pytest.raises(apsw_backup.CantOpenError) as raised:
+        inc.restore(folder, missing)
+    assert raised.value.role == "target's folder"
+    assert raised.value.path == str(missing.parent)
+    long = tmp_path / ("a" * 300 + ".db")
+    code, out = run_json(capsys, "restore", str(folder), str(long))
+    message = out["error"]["message"]
+    assert code == 1 and ".partial" not in message
+    assert f"DEST '{long}'" in message and "ENAMETOOLONG" in message
+
+
+def test_restore_says_another_file_appeared_at_dest(
+    points, tmp_path, capsys, monkeypatch
+):
+    # finding 8: DEST created by someone else while the restore was made
+    _, folder, _ = points
+    dest = tmp_path / "same.db"
+    real = inc._quick_check_while
+
+    def meanwhile(path, target, work):
+        real(path, target, work)
+        dest.write_bytes(b"theirs")
+
+    monkeypatch.setattr(inc, "_quick_check_while", meanwhile)
+    code, out = run_json(capsys, "restore", str(folder), str(dest))
+    message = out["error"]["message"]
+    assert code == 1 and ".partial" not in message
+    assert f"another file appeared at DEST '{dest}'" in message
+    assert dest.read_bytes() == b"theirs"
+    assert not [n for n in os.listdir(tmp_path) if n.endswith(".partial")]
+
+
 def test_incremental_words_a_bad_source_or_folder_as_the_plain_backup(tmp_path, capsys):
     # finding 11: no false "does not exist", no internal .virtual file
     folder = tmp_path / "points"
