@@ -1150,12 +1150,23 @@ def _materialize(chain: list[_Point], folder: str, stem: str) -> _Point:
         _read_back(new.fd, data_offset, pages.page_size, index, tip.manifest, final)
         point = _read_written(new.path, final)
         new.publish()
+    except OSError as exc:  # a full disk...: name the point being written
+        new.discard()
+        raise _as_written(exc, new.path, final) from exc
     except BaseException:
         new.discard()
         raise
     finally:
         pages.close()
     return point
+
+
+def _as_written(exc: OSError, temporary: str, final: str) -> OSError:
+    """exc naming final, the file being written, where it names none or
+    only final's temporary name (files.NewFile), which nobody gave."""
+    if exc.errno is None or exc.filename not in (None, temporary):
+        return exc
+    return OSError(exc.errno, exc.strerror, final)
 
 
 def _read_written(path: str, final: str) -> _Point:
@@ -1850,10 +1861,12 @@ def _restore_new(
         else:  # the rest of the read-back and quick_check side by side
             _quick_check_while(new.path, target, checker.finish)
         _publish_restored(new, target)
-    except BaseException:
+    except BaseException as exc:
         if checker is not None:
             checker.abandon()
         new.discard()
+        if isinstance(exc, OSError) and getattr(exc, "role", None) is None:
+            raise _dest_error(exc, new.path, target) from exc
         raise
     finally:
         pages.close()
@@ -1881,6 +1894,21 @@ def _publish_restored(new: files.NewFile, target: str) -> None:
             os_errno=exc.errno,
             target_state="not created",
         ) from exc
+
+
+def _dest_error(exc: OSError, temporary: str, target: str) -> OSError:
+    """An OS failure writing a new dest (ENOSPC, EIO...) naming dest, not
+    its temporary name, with copy()'s facts: nothing was put in place."""
+    named = _as_written(exc, temporary, target)
+    if named is exc:
+        return exc
+    return files.with_facts(
+        named,
+        role="target",
+        path=target,
+        os_errno=exc.errno,
+        target_state="not created",
+    )
 
 
 class _RestoreChecker:

@@ -1,9 +1,11 @@
 """The incremental verbs of the command line (docs/incremental.md): --incremental,
 restore, list, verify FOLDER; their exit codes and what they print."""
 
+import errno
 import json
 import os
 import sqlite3
+import sys
 
 import pytest
 
@@ -282,6 +284,50 @@ def test_restore_refusals_are_worded_by_the_command(tmp_path, capsys):
 
 
 # -- attack 21: messages that name the user's files (findings 6, 7, 8, 11) ---
+
+
+def _enospc(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_a_full_disk_in_a_restore_names_dest(points, tmp_path, capsys, monkeypatch):
+    # finding 6 (a): the OSError of a write into the new DEST named no file
+    _, folder, _ = points
+    dest = tmp_path / "restored.db"
+    monkeypatch.setattr(inc, "_write_all", _enospc)
+    code, out = run_json(capsys, "restore", str(folder), str(dest))
+    message = out["error"]["message"]
+    assert code == 1 and f"DEST '{dest}'" in message and "ENOSPC" in message
+    assert ".partial" not in message and not dest.exists()
+    assert not [n for n in os.listdir(tmp_path) if n.endswith(".partial")]
+    with pytest.raises(OSError) as raised:
+        inc.restore(folder, dest)
+    assert raised.value.errno == errno.ENOSPC and raised.value.filename == str(dest)
+
+
+def test_a_full_disk_in_a_rebase_names_the_new_base(tmp_path, capsys, monkeypatch):
+    # finding 6 (b): the rebase after a kept delta failed naming no file
+    src = make_source(tmp_path / "app.db")
+    folder = tmp_path / "points"
+    folder.mkdir()
+    assert main(["--incremental", src, str(folder)]) == 0
+    touch_rows(src, 200)
+    real = inc._write_all
+
+    def write_all(fd, data, offset):
+        if sys._getframe(1).f_code.co_name == "_materialize":
+            _enospc()
+        real(fd, data, offset)
+
+    monkeypatch.setattr(inc, "_write_all", write_all)
+    capsys.readouterr()
+    code, out = run_json(
+        capsys, "--incremental", src, str(folder), "--rebase-share", "0.0001"
+    )
+    message = out["error"]["message"]
+    tail = message.split("what came after it failed:")[-1]
+    assert code == 1 and out["kept_point"] and "ENOSPC" in tail
+    assert str(folder) in tail and ".base.apswb" in tail and ".partial" not in tail
 
 
 def test_a_wal_source_through_a_link_is_left_without_side_files(tmp_path, capsys):
