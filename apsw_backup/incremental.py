@@ -41,7 +41,14 @@ from typing import Any, TypeVar
 
 from apsw_backup import _apsw_backup as _c
 from apsw_backup import files
-from apsw_backup.copy import FLUSH_EVERY, _header_of, copy
+from apsw_backup.copy import (
+    FLUSH_EVERY,
+    _cannot,
+    _check_journal_name,
+    _check_source_file,
+    _header_of,
+    copy,
+)
 
 FORMAT_VERSION = 1
 MAGIC = b"APSWBKP\x00"
@@ -1259,12 +1266,23 @@ def _materialize(chain: list[_Point], folder: str, stem: str) -> _Point:
         _read_back(new.fd, data_offset, pages.page_size, index, tip.manifest, final)
         point = _read_written(new.path, final)
         new.publish()
+    except OSError as exc:  # a full disk...: name the point being written
+        new.discard()
+        raise _as_written(exc, new.path, final) from exc
     except BaseException:
         new.discard()
         raise
     finally:
         pages.close()
     return point
+
+
+def _as_written(exc: OSError, temporary: str, final: str) -> OSError:
+    """exc naming final, the file being written, where it names none or
+    only final's temporary name (files.NewFile), which nobody gave."""
+    if exc.errno is None or exc.filename not in (None, temporary):
+        return exc
+    return OSError(exc.errno, exc.strerror, final)
 
 
 def _read_written(path: str, final: str) -> _Point:
@@ -1332,6 +1350,11 @@ def incremental(
     opts = _RunOptions(pages, timeout, progress, started)
     folder = os.path.abspath(os.fspath(folder))
     if not os.path.isdir(folder):
+        if os.path.exists(folder):
+            raise NotADirectoryError(
+                f"the folder {folder!r} is a file, not a folder (ENOTDIR): "
+                "check the path, or name a folder for the restore points"
+            )
         raise FileNotFoundError(
             f"the folder {folder!r} does not exist: create it first"
         )
@@ -1341,13 +1364,14 @@ def incremental(
         own = not isinstance(source, _c.Connection)
         if own:
             source_name = os.path.abspath(os.fspath(source))  # type: ignore[arg-type]
-            if not os.path.isfile(source_name):
-                raise FileNotFoundError(
-                    f"the source database {source_name!r} does not exist"
-                )
-            side_existed = any(map(os.path.lexists, files.side_paths(source_name)))
-            _check_wal_readable(source_name)
+            _check_source_path(source_name)
+            # SQLite resolves symbolic links: its side files are beside the
+            # real file (copy()'s rule, from the name SQLite reports).
+            real = os.path.realpath(source_name)
+            _check_wal_readable(real)
             conn = _c.Connection(source_name, _c.SQLITE_OPEN_READONLY)
+            real = conn.filename or real
+            side_existed = any(map(os.path.lexists, files.side_paths(real)))
         else:
             conn = source  # type: ignore[assignment]
             source_name = conn.filename
@@ -1410,7 +1434,7 @@ def incremental(
             if own:
                 conn.close()
                 if not side_existed:
-                    _leave_no_side_files(source_name)
+                    _leave_no_side_files(real)
         result = IncrementalResult(
             path=point.info.path,
             kind=point.info.kind,
@@ -1542,6 +1566,29 @@ class _ChainCheck:
         self.stop = True
         if self.thread is not None:
             self.thread.join()
+
+
+def _check_source_path(path: str) -> None:
+    """copy()'s rules for a source path (a folder, a FIFO, an unreadable
+    file: CantOpenError naming it, the cause and the cure), and a file that
+    is not an SQLite database refused by its header (read through SQLite's
+    own handle), before anything is made from it."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"the source database {path!r} does not exist")
+    _check_source_file(path)
+    try:
+        header = files.read_header(path, 16)
+    except OSError:
+        return  # opening it names what is wrong
+    if header and header != b"SQLite format 3\x00":
+        error = _c.NotADBError(
+            f"the source {path!r} is not an SQLite database (it does not begin "
+            "with the SQLite header): name the database file to back up; "
+            "nothing was kept"
+        )
+        error.result = error.extendedresult = _c.SQLITE_NOTADB
+        error.__cause__ = _c.NotADBError("file is not a database")
+        raise files.with_facts(error, role="source", path=path)
 
 
 def _check_wal_readable(path: str) -> None:
@@ -1914,11 +1961,17 @@ def _restore_new(
     progress: Callable[[int, int], Any] | None,
 ) -> None:
     files.remove_stale(os.path.dirname(target))
-    pages = _ChainFiles(chain)
+    _check_journal_name(target)  # the plain restore's rule (copy())
     new = files.NewFile(target)
-    checker: _RestoreChecker | None = None
     try:
         new.create()
+    except OSError as exc:  # copy()'s words: DEST, or DEST's folder
+        if exc.errno == errno.ENAMETOOLONG:
+            raise _cannot("target", target, exc) from exc
+        raise _cannot("target's folder", os.path.dirname(target), exc) from exc
+    pages = _ChainFiles(chain)
+    checker: _RestoreChecker | None = None
+    try:
         P = pages.page_size
         # Three things at once: this thread writes the pages in order, each
         # page from the newest file holding it and checked against the
@@ -1953,14 +2006,55 @@ def _restore_new(
             _check_database(new.path, keep_wal, target)
         else:  # the rest of the read-back and quick_check side by side
             _quick_check_while(new.path, target, checker.finish)
-        new.publish()
-    except BaseException:
+        _publish_restored(new, target)
+    except BaseException as exc:
         if checker is not None:
             checker.abandon()
         new.discard()
+        if isinstance(exc, OSError) and getattr(exc, "role", None) is None:
+            raise _dest_error(exc, new.path, target) from exc
         raise
     finally:
         pages.close()
+
+
+def _publish_restored(new: files.NewFile, target: str) -> None:
+    """new.publish(), a DEST that appeared meanwhile said as copy() says it
+    (role/path facts: the command's "another file appeared at DEST")."""
+    try:
+        new.publish()
+    except files.StaleSideFileError:
+        raise
+    except FileExistsError as exc:
+        error = FileExistsError(
+            exc.errno,
+            f"dest {target!r} was created by someone else while the restore "
+            "was made: the restored copy was not put in its place (nothing "
+            "was overwritten); remove that file or choose another dest",
+            target,
+        )
+        raise files.with_facts(
+            error,
+            role="target",
+            path=target,
+            os_errno=exc.errno,
+            target_state="not created",
+        ) from exc
+
+
+def _dest_error(exc: OSError, temporary: str, target: str) -> OSError:
+    """An OS failure writing a new dest (ENOSPC, EIO...) naming dest, not
+    its temporary name, with copy()'s facts: nothing was put in place."""
+    named = _as_written(exc, temporary, target)
+    if named is exc:
+        return exc
+    return files.with_facts(
+        named,
+        role="target",
+        path=target,
+        os_errno=exc.errno,
+        target_state="not created",
+    )
 
 
 class _RestoreChecker:

@@ -1,9 +1,11 @@
 """The incremental verbs of the command line (docs/incremental.md): --incremental,
 restore, list, verify FOLDER; their exit codes and what they print."""
 
+import errno
 import json
 import os
 import sqlite3
+import sys
 
 import pytest
 
@@ -279,3 +281,152 @@ def test_restore_refusals_are_worded_by_the_command(tmp_path, capsys):
     code, out = run_json(capsys, "restore", str(folder), side)
     message = out["error"]["message"]
     assert code == 2 and "Choose another DEST" in message and "dest" not in message
+
+
+# -- attack 21: messages that name the user's files (findings 6, 7, 8, 11) ---
+
+
+def _enospc(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_a_full_disk_in_a_restore_names_dest(points, tmp_path, capsys, monkeypatch):
+    # finding 6 (a): the OSError of a write into the new DEST named no file
+    _, folder, _ = points
+    dest = tmp_path / "restored.db"
+    monkeypatch.setattr(inc, "_write_all", _enospc)
+    code, out = run_json(capsys, "restore", str(folder), str(dest))
+    message = out["error"]["message"]
+    assert code == 1 and f"DEST '{dest}'" in message and "ENOSPC" in message
+    assert ".partial" not in message and not dest.exists()
+    assert not [n for n in os.listdir(tmp_path) if n.endswith(".partial")]
+    with pytest.raises(OSError) as raised:
+        inc.restore(folder, dest)
+    assert raised.value.errno == errno.ENOSPC and raised.value.filename == str(dest)
+
+
+def test_a_full_disk_in_a_rebase_names_the_new_base(tmp_path, capsys, monkeypatch):
+    # finding 6 (b): the rebase after a kept delta failed naming no file
+    src = make_source(tmp_path / "app.db")
+    folder = tmp_path / "points"
+    folder.mkdir()
+    assert main(["--incremental", src, str(folder)]) == 0
+    touch_rows(src, 200)
+    real = inc._write_all
+
+    def write_all(fd, data, offset):
+        if sys._getframe(1).f_code.co_name == "_materialize":
+            _enospc()
+        real(fd, data, offset)
+
+    monkeypatch.setattr(inc, "_write_all", write_all)
+    capsys.readouterr()
+    code, out = run_json(
+        capsys, "--incremental", src, str(folder), "--rebase-share", "0.0001"
+    )
+    message = out["error"]["message"]
+    tail = message.split("what came after it failed:")[-1]
+    assert code == 1 and out["kept_point"] and "ENOSPC" in tail
+    assert str(folder) in tail and ".base.apswb" in tail and ".partial" not in tail
+
+
+def test_a_wal_source_through_a_link_is_left_without_side_files(tmp_path, capsys):
+    # finding 7: SQLite puts -wal/-shm beside the link's target
+    real_dir, links, folder = (tmp_path / n for n in ("real", "links", "points"))
+    for d in (real_dir, links, folder):
+        d.mkdir()
+    src = make_source(real_dir / "app.db", rows=50)
+    db = sqlite3.connect(src)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.close()
+    assert sorted(os.listdir(real_dir)) == ["app.db"]
+    link = links / "app.db"
+    link.symlink_to(src)
+    assert main(["--incremental", str(link), str(folder)]) == 0
+    touch_rows(src)
+    assert main(["--incremental", str(link), str(folder)]) == 0
+    assert sorted(os.listdir(real_dir)) == ["app.db"]
+    assert sorted(os.listdir(links)) == ["app.db"]
+
+
+def test_restore_names_dest_and_its_folder_not_a_temporary_file(
+    points, tmp_path, capsys
+):
+    # finding 8: the plain restore's words, never the internal .partial name
+    _, folder, _ = points
+    missing = tmp_path / "nofolder" / "x.db"
+    code, out = run_json(capsys, "restore", str(folder), str(missing))
+    message = out["error"]["message"]
+    assert code == 1 and ".partial" not in message
+    assert f"DEST's folder '{missing.parent}'" in message and "ENOENT" in message
+    with pytest.raises(apsw_backup.CantOpenError) as raised:
+        inc.restore(folder, missing)
+    assert raised.value.role == "target's folder"
+    assert raised.value.path == str(missing.parent)
+    long = tmp_path / ("a" * 300 + ".db")
+    code, out = run_json(capsys, "restore", str(folder), str(long))
+    message = out["error"]["message"]
+    assert code == 1 and ".partial" not in message
+    assert f"DEST '{long}'" in message and "ENAMETOOLONG" in message
+
+
+def test_restore_says_another_file_appeared_at_dest(
+    points, tmp_path, capsys, monkeypatch
+):
+    # finding 8: DEST created by someone else while the restore was made
+    _, folder, _ = points
+    dest = tmp_path / "same.db"
+    real = inc._quick_check_while
+
+    def meanwhile(path, target, work):
+        real(path, target, work)
+        dest.write_bytes(b"theirs")
+
+    monkeypatch.setattr(inc, "_quick_check_while", meanwhile)
+    code, out = run_json(capsys, "restore", str(folder), str(dest))
+    message = out["error"]["message"]
+    assert code == 1 and ".partial" not in message
+    assert f"another file appeared at DEST '{dest}'" in message
+    assert dest.read_bytes() == b"theirs"
+    assert not [n for n in os.listdir(tmp_path) if n.endswith(".partial")]
+
+
+def test_incremental_words_a_bad_source_or_folder_as_the_plain_backup(tmp_path, capsys):
+    # finding 11: no false "does not exist", no internal .virtual file
+    folder = tmp_path / "points"
+    folder.mkdir()
+    adir = tmp_path / "adir.db"
+    adir.mkdir()
+    pipe = tmp_path / "pipe.db"
+    os.mkfifo(pipe)
+    text = tmp_path / "text.db"
+    text.write_text("hello world" * 1000)
+    src = make_source(tmp_path / "app.db", rows=10)
+    notadir = tmp_path / "notadir"
+    notadir.write_text("x")
+    for source, words in (
+        (adir, "is a folder (EISDIR), not a database file"),
+        (pipe, "is not a regular file"),
+        (text, "is not an SQLite database (it does not begin with the SQLite"),
+    ):
+        code, out = run_json(capsys, "--incremental", str(source), str(folder))
+        message = out["error"]["message"]
+        assert code == 1 and message.startswith(f"SOURCE '{source}' {words}")
+        assert "does not exist" not in message and ".virtual" not in message
+        plain = main([str(source), str(tmp_path / "plain.db")])
+        assert plain == 1 and message in capsys.readouterr().err
+    code, out = run_json(capsys, "--incremental", src, str(notadir))
+    message = out["error"]["message"]
+    assert code == 2 and "is a file, not a folder" in message
+    assert "does not exist" not in message
+    assert os.listdir(folder) == []
+    # the library: the right classes, naming the path
+    with pytest.raises(apsw_backup.CantOpenError, match="is a folder"):
+        inc.incremental(adir, folder)
+    with pytest.raises(apsw_backup.CantOpenError, match="not a regular file"):
+        inc.incremental(pipe, folder)
+    with pytest.raises(apsw_backup.NotADBError, match="not an SQLite database"):
+        inc.incremental(text, folder)
+    with pytest.raises(NotADirectoryError, match="is a file, not a folder"):
+        inc.incremental(src, notadir)
+    assert os.listdir(folder) == []

@@ -24,7 +24,7 @@ from typing import Any
 import apsw_backup
 from apsw_backup import files
 from apsw_backup import incremental as inc
-from apsw_backup.cli import output
+from apsw_backup.cli import output, plan
 from apsw_backup.cli.arguments import _count_arg, _Exit, _Parser, _seconds
 from apsw_backup.cli.errors import (
     EXIT_ERROR,
@@ -319,6 +319,10 @@ def _incremental(args: argparse.Namespace, interrupts: Interrupts) -> int:
     def progress(status: int, remaining: int, total: int) -> None:
         interrupts.check()
 
+    if os.path.exists(args.source):  # a missing one: incremental()'s refusal
+        # the plain backup's words for a SOURCE that is a folder, a FIFO, an
+        # unreadable file or not a database (cli/plan.py)
+        plan.check_source(args.source)
     interrupts.check()
     result = inc.incremental(
         args.source,

@@ -305,6 +305,13 @@ def _refused(error: files.SameFileError | files.StaleSideFileError) -> str:
     return words
 
 
+def check_source(source: str) -> None:
+    """Failure (exit 1) for a SOURCE that is not a readable database file,
+    in the words of the plain backup (--incremental's SOURCE too)."""
+    _check_source(source)
+    _check_source_header(source)
+
+
 def _check_source(source: str) -> None:
     try:
         info = os.stat(source)
