@@ -511,8 +511,7 @@ def _chains(
             continue
         _settle_unread(unread, problems, linked=True)
         chains[-1].append(p)
-    for exc in unread:  # the newest files: nothing tells they are not ours
-        problems.append(exc)
+    problems.extend(unread)  # the newest files: nothing tells they are not ours
     for chain in chains:
         for p in chain[:-1]:
             p.drop()  # only a chain's tip keeps its manifest in memory

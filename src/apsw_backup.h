@@ -175,6 +175,10 @@ struct Connection {
     int may_share;
     int uri; /* it reads URI filenames (its name's, an ATTACH's) */
     long savepoint_level;
+    /* Who opened the outermost open with-block: its thread and asyncio
+     * task (an identity, never dereferenced; NULL: none). */
+    unsigned long with_thread;
+    const void *with_task;
     PyObject *weakreflist;
     /* On a thread's list of what waits for the end of a busy handler's
      * call (locks.c, "later"): a live connection to settle (the list holds
@@ -277,6 +281,9 @@ extern _Thread_local int locks_held;
  * connection that may share a cache (may_share): lock_try_quiet() refuses
  * it, and what is let go of on it waits ("later", src/README.md). */
 extern _Thread_local int in_busy_handler;
+/* An ATTACH refused by the authorizer inside a busy handler (connection.c):
+ * the prepare's SQLITE_AUTH is then said as a ReentrancyError. */
+extern _Thread_local int attach_refused;
 /* SQLite reads URI filenames without SQLITE_OPEN_URI (built so). */
 extern int uri_by_default;
 /* settle_later(): settle c's orphans (a statement, a backup core left

@@ -138,7 +138,8 @@ enum {
     PAIR_SHARED_CACHE,
     PAIR_SAME_FILE,
     PAIR_SAME_NAME,
-    PAIR_DEST_STATEMENT
+    PAIR_DEST_STATEMENT,
+    PAIR_DEST_TRANSACTION
 };
 
 /* Whether any schema of dest reads through `file` (the source's pager):
@@ -282,6 +283,11 @@ check_pair(Backup *self, Connection *dconn, const char *dname,
     if (dest_statement_running(dest)) {
         return PAIR_DEST_STATEMENT;
     }
+    if (!sqlite3_get_autocommit(dest)) {
+        /* A with-block's SAVEPOINT or a BEGIN: the backup commits its own
+         * transaction past it, and its rollback would not undo the copy. */
+        return PAIR_DEST_TRANSACTION;
+    }
     self->dest_in_memory = dfn == NULL || dfn[0] == '\0';
     if (self->dest_in_memory) {
         /* Private to the connection (no file lock to wait for), and not yet
@@ -329,6 +335,16 @@ refuse_pair(Backup *self, int pair)
                      "shares it between connections), so the copy could never "
                      "finish. Back up into another database",
                      self->repr_names);
+    }
+    else if (pair == PAIR_DEST_TRANSACTION) {
+        raise_error_format(
+            self->state, SQLITE_ERROR,
+            "destination database is in use: the destination connection has "
+            "an open transaction (a with-block, or BEGIN), which the backup "
+            "would commit past -- its rollback would not undo the copy. End "
+            "the transaction first (leave the with-block, COMMIT or "
+            "ROLLBACK), then start the backup (%U)",
+            self->repr_names);
     }
     else {
         raise_error_format(

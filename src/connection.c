@@ -204,6 +204,8 @@ raise_already_open(ModuleState *st)
 }
 
 /* Open db (lock held): the handle, or NULL with the error captured. */
+_Thread_local int attach_refused;
+
 /* The authorizer of a connection that reads URI filenames: an ATTACH may
  * join a shared cache (cache=shared), so the connection may share from
  * then on (lock held: the ATTACH is prepared by one of its calls). */
@@ -212,9 +214,15 @@ note_attach(void *context, int action, const char *a, const char *b,
             const char *c, const char *d)
 {
     (void)a, (void)b, (void)c, (void)d;
-    if (action == SQLITE_ATTACH) {
-        ((Connection *)context)->may_share = 1;
+    if (action != SQLITE_ATTACH) {
+        return SQLITE_OK;
     }
+    if (in_busy_handler > 0) {
+        /* It could join the cache whose mutex this thread holds now. */
+        attach_refused = 1;
+        return SQLITE_DENY;
+    }
+    ((Connection *)context)->may_share = 1;
     return SQLITE_OK;
 }
 
@@ -812,11 +820,43 @@ connection_set_busy_timeout(Connection *self, PyObject *args, PyObject *kwds)
  * back to Python goes through SQLite, which would carry on or undo the
  * parent's call on the parent's files (a rollback deletes the parent's
  * journal, may write pages back).  So the child ends here, after flushing
- * Python's standard streams and saying why on stderr: status 0, as the
- * handler itself ran to its end.  GIL held. */
+ * Python's standard streams and saying why on stderr: status 0 when the
+ * handler returned, n for sys.exit(n), 1 for any other exception (printed).
+ * GIL held. */
 static void
 child_stops_in_the_parents_call(void)
 {
+    /* The handler's way out says the child's status: sys.exit(n) is n (a
+     * message: printed, 1), any other exception is printed and 1. */
+    int status = 0;
+    if (PyErr_Occurred()) {
+        status = 1;
+        if (PyErr_ExceptionMatches(PyExc_SystemExit)) {
+            PyObject *et, *ev, *tb;
+            PyErr_Fetch(&et, &ev, &tb);
+            PyErr_NormalizeException(&et, &ev, &tb);
+            PyObject *code =
+                ev ? PyObject_GetAttrString(ev, "code") : Py_NewRef(Py_None);
+            if (code == NULL || code == Py_None) {
+                status = 0;
+            }
+            else if (PyLong_Check(code)) {
+                status = (int)PyLong_AsLong(code) & 0xff;
+            }
+            else {
+                PyObject_Print(code, stderr, Py_PRINT_RAW);
+                fputc('\n', stderr);
+            }
+            PyErr_Clear();
+            Py_XDECREF(code);
+            Py_XDECREF(et);
+            Py_XDECREF(ev);
+            Py_XDECREF(tb);
+        }
+        else {
+            PyErr_Print();
+        }
+    }
     static const char *names[] = {"stdout", "stderr"};
     for (int i = 0; i < 2; i++) {
         PyObject *stream = PySys_GetObject(names[i]); /* borrowed */
@@ -831,9 +871,10 @@ child_stops_in_the_parents_call(void)
         "returned from it into the parent's SQLite call; it ends here "
         "(going on would change the parent's database). End the child "
         "inside the handler (os._exit) or fork outside it.\n";
+    fflush(stderr);
     ssize_t ignored = write(2, msg, sizeof msg - 1);
     (void)ignored;
-    _exit(0);
+    _exit(status);
 }
 
 /* Runs inside a SQLite call on the connection, GIL released, our lock held
@@ -1203,13 +1244,64 @@ connection_interrupt(Connection *self, PyObject *Py_UNUSED(ignored))
     Py_RETURN_NONE;
 }
 
+/* The asyncio task running now, as an identity to compare (never
+ * dereferenced), or NULL: none, or asyncio not imported.  May run code. */
+static const void *
+current_task(void)
+{
+    PyObject *name = PyUnicode_FromString("asyncio");
+    if (name == NULL) {
+        return NULL;
+    }
+    PyObject *asyncio = PyImport_GetModule(name); /* not imported: NULL */
+    Py_DECREF(name);
+    if (asyncio == NULL) {
+        return NULL; /* an error set here is the caller's to raise */
+    }
+    PyObject *task = PyObject_CallMethod(asyncio, "current_task", NULL);
+    Py_DECREF(asyncio);
+    if (task == NULL) {
+        if (PyErr_ExceptionMatches(PyExc_RuntimeError)) {
+            PyErr_Clear(); /* no running event loop in this thread */
+        }
+        return NULL;
+    }
+    const void *identity = task == Py_None ? NULL : (const void *)task;
+    Py_DECREF(task); /* its loop keeps a running task alive */
+    return identity;
+}
+
 static PyObject *
 connection_enter(Connection *self, PyObject *Py_UNUSED(ignored))
 {
     char sql[96];
     DbError error;
+    /* (i) who opens it: with-blocks of a connection nest within one thread
+     * and one asyncio task; interleaved, each __exit__ would end the other's
+     * savepoint (a failed block's rows committed, a good one's lost). */
+    const void *task = current_task();
+    if (PyErr_Occurred()) {
+        return NULL;
+    }
     if (conn_enter(self, CHECK_OPEN | CHECK_UNLOCKED) < 0) {
         return NULL;
+    }
+    if (self->savepoint_level > 0
+        && (self->with_thread != (unsigned long)pthread_self()
+            || self->with_task != task)) {
+        conn_leave(self);
+        PyErr_SetString(
+            self->state->ThreadingViolationError,
+            "Another thread's or asyncio task's with-block is open on this "
+            "connection: with-blocks of one connection nest only within one "
+            "thread and task, or each would end the other's transaction. "
+            "Wait for that block to end, or give this thread or task a "
+            "connection of its own");
+        return NULL;
+    }
+    if (self->savepoint_level == 0) {
+        self->with_thread = (unsigned long)pthread_self();
+        self->with_task = task;
     }
     PyOS_snprintf(sql, sizeof(sql), "SAVEPOINT \"apsw_backup-%ld\"",
                   self->savepoint_level);

@@ -403,6 +403,17 @@ prepare_next(Cursor *self)
             if (stmt != NULL) {
                 sqlite3_finalize(stmt);
             }
+            if (attach_refused && !PyErr_Occurred()) {
+                attach_refused = 0;
+                PyErr_SetString(
+                    conn->state->ReentrancyError,
+                    "ATTACH cannot run inside a busy handler: the database "
+                    "it names could share a cache whose lock SQLite holds "
+                    "for the call the handler runs inside, and opening it "
+                    "would wait on that lock for ever. Attach it once that "
+                    "call has returned");
+            }
+            attach_refused = 0;
             if (!PyErr_Occurred()) {
                 raise_captured(conn->state, &error);
             }

@@ -22,12 +22,15 @@ _Thread_local int locks_held;
 _Thread_local int in_busy_handler;
 int uri_by_default;
 
-/* What was let go of inside a busy handler, waiting for this thread's call
- * to let go of its last lock (release_later): live connections whose
- * orphans are to be settled, and dead ones whose handle is to be closed. */
-static _Thread_local Connection *later_settle;
-static _Thread_local Connection *later_close;
-static _Thread_local int releasing_later;
+/* What was let go of inside a busy handler (release_later): live
+ * connections whose orphans are to be settled, and dead ones whose handle
+ * is to be closed.  One list for the process, under the GIL: drained by
+ * whichever thread next ends a call holding no lock and outside a busy
+ * handler -- not only the thread that queued it, whose call may last (a
+ * connection on another thread's list was left unsettled for as long). */
+static Connection *later_settle;
+static Connection *later_close;
+static int releasing_later;
 
 static unsigned long
 this_thread(void)
@@ -279,7 +282,7 @@ void
 settle_later(Connection *c)
 {
     if (c->later_queued) {
-        return; /* on a list already (this thread's or another's) */
+        return; /* on the list already */
     }
     c->later_queued = 1;
     Py_INCREF(c); /* the list's, dropped once settled */

@@ -142,3 +142,46 @@ def test_with_block_without_interrupt_commits(db):
         cursor = conn.execute("SELECT v FROM big")  # unfinished
         assert cursor.fetchone() == (1,)
     assert assert_transaction_ended(path, conn) == ["in block", "later"]
+
+
+def test_with_blocks_of_two_tasks_do_not_interleave(tmp_path):
+    """Two asyncio tasks (or threads) sharing a connection: interleaved
+    with-blocks ended each other's savepoints -- the block that raised had
+    its row committed, the one that succeeded had its row rolled back, with
+    no error.  A with-block is now refused while another thread's or task's
+    is open; the open one keeps its own transaction."""
+    import asyncio
+
+    path = str(tmp_path / "x.db")
+    c = apsw_backup.Connection(path)
+    c.execute("CREATE TABLE t(who)")
+    seen = {}
+
+    async def failing():
+        try:
+            with c:
+                c.execute("INSERT INTO t VALUES ('failed block')")
+                await asyncio.sleep(0.05)
+                raise ValueError("this block fails")
+        except ValueError:
+            pass
+
+    async def second():
+        await asyncio.sleep(0.01)
+        try:
+            with c:
+                c.execute("INSERT INTO t VALUES ('second block')")
+        except apsw_backup.ThreadingViolationError as exc:
+            seen["refused"] = str(exc)
+
+    async def main():
+        await asyncio.gather(failing(), second())
+
+    asyncio.run(main())
+    assert "with-block is open" in seen["refused"]
+    assert c.execute("SELECT who FROM t").fetchall() == []
+    with c:  # free again, and nested blocks of one task still nest
+        with c:
+            c.execute("INSERT INTO t VALUES ('nested')")
+    assert c.execute("SELECT who FROM t").fetchall() == [("nested",)]
+    c.close()
