@@ -922,6 +922,9 @@ class _Copy:
         self._opts = options
         self._start = time.monotonic()
         self._steps = self._waits = self._pages = self._page_size = 0
+        self._wrote = (
+            False  # a step ran: the target was written (in SQLite's transaction)
+        )
         self._restarts = 0  # of Backups replaced before the current one
         self._locked_in_a_row = self._in_use_in_a_row = 0
         self._locked_since = 0.0  # when the current run of locked steps began
@@ -1128,6 +1131,10 @@ class _Copy:
         backup = self._backup
         assert backup is not None
         status = outcome if isinstance(outcome, int) else _status(outcome)
+        if not isinstance(outcome, (_c.BusyError, _c.LockedError)):
+            # a step that ran (or failed writing): the target was written,
+            # in SQLite's transaction; one that met a lock wrote nothing
+            self._wrote = True
         if counts is None:
             counts = backup.remaining, backup.page_count
         remaining, total = counts
@@ -1334,7 +1341,9 @@ class _Copy:
         once _give_up ran): see _left_as."""
         if self._dst.new is not None:
             return "not created"
-        return "incomplete" if self._dst.torn else "rolled back"
+        if self._dst.torn:
+            return "incomplete"
+        return "rolled back" if self._wrote else "unchanged"
 
     def _left_as(self) -> str:
         """What the target holds after a failure: true once _give_up ran
@@ -1349,6 +1358,8 @@ class _Copy:
                 "restores its previous content the next time the database is "
                 "opened for writing. Do not delete or move that file"
             )
+        if not self._wrote:
+            return "the target was not changed (the copy never wrote to it)"
         return "the target was rolled back to its previous content"
 
     def _elapsed(self) -> float:

@@ -276,6 +276,11 @@ connection_init(Connection *self, PyObject *args, PyObject *kwds)
     /* (i) arguments */
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|iz:Connection", kwlist,
                                      &filename, &flags, &vfs)) {
+        if (PyErr_ExceptionMatches(PyExc_OverflowError)) {
+            PyErr_SetString(PyExc_OverflowError,
+                            "flags is out of range: it must fit a C int "
+                            "(combine the SQLITE_OPEN_* constants)");
+        }
         return -1;
     }
     if (FORKED(self)) {
@@ -800,6 +805,12 @@ connection_set_busy_timeout(Connection *self, PyObject *args, PyObject *kwds)
     }
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "i:set_busy_timeout", kwlist,
                                      &ms)) {
+        if (PyErr_ExceptionMatches(PyExc_OverflowError)) {
+            PyErr_SetString(PyExc_OverflowError,
+                            "milliseconds is out of range: it must fit a C "
+                            "int (0 or a negative value turns the busy "
+                            "timeout off)");
+        }
         return NULL;
     }
     if (conn_enter(self, CHECK_OPEN | CHECK_UNLOCKED) < 0) {

@@ -362,7 +362,18 @@ drop_done(BackupCore *done)
                     raise_error_object(source->state, rc, msg);
                     Py_DECREF(msg);
                 }
-                PyErr_WriteUnraisable(NULL);
+                /* Said as "Exception ignored in: <what>", not as a bare
+                 * traceback that looks like an uncaught exception. */
+                PyObject *t, *v, *b;
+                PyErr_Fetch(&t, &v, &b);
+                PyObject *what = PyUnicode_FromString(
+                    "the finish of a Backup let go of unfinished");
+                if (what == NULL) {
+                    PyErr_Clear();
+                }
+                PyErr_Restore(t, v, b);
+                PyErr_WriteUnraisable(what);
+                Py_XDECREF(what);
             }
             core_free(core);
         }

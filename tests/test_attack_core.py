@@ -13,6 +13,12 @@ and prints BUG while its defect is present.
 - repro_9: a backup made inside `with dest:` stayed committed when the
   block raised (backup() now refuses a destination with an open
   transaction).
+- repro_3: out-of-range set_busy_timeout() and flags= said only "signed
+  integer is greater than maximum" (now they name the argument and range).
+- repro_5: a let-go Backup's finish error reached sys.unraisablehook with
+  no object, printed as a bare traceback (now "Exception ignored in: ...").
+- repro_10: a copy() that never got the target's lock said target_state
+  "rolled back" (now "unchanged").
 """
 
 import os
@@ -25,7 +31,17 @@ HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "attack_core")
 
 
 @pytest.mark.parametrize(
-    "name", ["repro_1", "repro_4", "repro_6", "repro_6b", "repro_9"]
+    "name",
+    [
+        "repro_1",
+        "repro_3",
+        "repro_4",
+        "repro_5",
+        "repro_6",
+        "repro_6b",
+        "repro_9",
+        "repro_10",
+    ],
 )
 def test_attack_reproducer_finds_nothing(tmp_path, name):
     env = dict(os.environ, TMPDIR=str(tmp_path))

@@ -807,3 +807,15 @@ def test_bindings_callback_that_pulls_the_rug_gets_a_clear_answer(body, expected
     crash, a hang, or a statement run on a closed connection."""
     result = run_isolated(body)
     assert result == expected
+
+
+def test_out_of_range_numbers_name_their_argument_and_range(tmp_path):
+    """They said only "signed integer is greater than maximum"."""
+    c = apsw_backup.Connection(":memory:")
+    try:
+        with pytest.raises(OverflowError, match="milliseconds is out of range"):
+            c.set_busy_timeout(2**40)
+    finally:
+        c.close()
+    with pytest.raises(OverflowError, match="flags is out of range"):
+        apsw_backup.Connection(":memory:", 2**40)

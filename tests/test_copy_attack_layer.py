@@ -104,7 +104,7 @@ def test_the_timeout_bounds_a_copy_into_a_target_another_connection_locks(tmp_pa
         holder.execute("ROLLBACK")
         holder.close()
     assert took < 3.0, took
-    assert info.value.target_state == "rolled back"
+    assert info.value.target_state == "unchanged"  # never written: locked out
 
 
 def test_the_command_refuses_a_source_named_as_dests_side_file(tmp_path):
