@@ -246,7 +246,10 @@ def root_hash(page_size: int, manifest: bytes) -> bytes:
     """The root hash of a database state: of its page size, page count and
     every page's hash (docs/incremental.md)."""
     count = len(manifest) // HASH
-    return _c.page_hash(ROOT_PREFIX + struct.pack(">IQ", page_size, count) + manifest)
+    # hashed in pieces: a joined copy would be another 16 bytes a page
+    return _c._page_hash_parts(
+        (ROOT_PREFIX + struct.pack(">IQ", page_size, count), manifest)
+    )
 
 
 def _damaged(path: str, what: str) -> BrokenChainError:
@@ -316,7 +319,9 @@ def _read_point(path: str) -> _Point:
         manifest = _read_exact(fd, HASH * page_count, manifest_off)
     finally:
         os.close(fd)
-    digest = _c.page_hash(header + index_bytes + manifest + trailer[:_CHECKED_TRAILER])
+    digest = _c._page_hash_parts(
+        (header, index_bytes, manifest, trailer[:_CHECKED_TRAILER])
+    )
     if digest != checksum:
         raise _damaged(path, "altered or damaged (its checksum does not match)")
     if root_hash(page_size, manifest) != root:
@@ -822,12 +827,15 @@ def _finish_file(fd: int, header: bytes, index: Sequence[int], manifest: bytes,
     head = struct.pack(
         ">8sQQ16s16s", TRAILER_MAGIC, index_off, manifest_off, parent_root, root
     )
-    checksum = _c.page_hash(header + index_bytes + manifest + head)
+    # hashed and written in pieces: joined, the index and manifest would be
+    # copied twice more (24 bytes a page each time)
+    checksum = _c._page_hash_parts((header, index_bytes, manifest, head))
     trailer = head + checksum + END_MAGIC
     os.pwrite(fd, header, 0)
-    tail = index_bytes + manifest + trailer
-    _write_all(fd, tail, index_off)
-    size = index_off + len(tail)
+    _write_all(fd, index_bytes, index_off)
+    _write_all(fd, manifest, manifest_off)
+    size = manifest_off + len(manifest) + len(trailer)
+    _write_all(fd, trailer, size - len(trailer))
     os.ftruncate(fd, size)
     return root, size
 
@@ -1127,9 +1135,9 @@ def _write_point(source: _c.Connection, source_name: str, folder: str, stem: str
         problem = _recording_problem(outcome, page_size)
         if problem:
             raise IncrementalError(problem)
-        slots = array.array("q", outcome["slot_pages"])
+        slots = array.array("q", outcome.pop("slot_pages"))
         index = _compact(new.fd, data_offset, page_size, slots)
-        manifest = outcome["manifest"]
+        manifest = outcome.pop("manifest")
         if 1 in index:
             page1 = _read_exact(new.fd, 100, data_offset + index.index(1) * page_size)
             wal = page1[18:20] == b"\x02\x02"
@@ -1143,6 +1151,9 @@ def _write_point(source: _c.Connection, source_name: str, folder: str, stem: str
         )
         opts.check("writing the restore point")
         _read_back(new.fd, data_offset, page_size, index, manifest, final, opts)
+        written = len(index)
+        # the point read back holds its own index and manifest
+        del slots, index, manifest
         point = _read_written(new.path, final)
         opts.check("reading the restore point back")
         if before_publish is not None:
@@ -1152,7 +1163,7 @@ def _write_point(source: _c.Connection, source_name: str, folder: str, stem: str
         new.discard()
         raise
     counts = {k: int(outcome[k]) for k in ("writes", "unchanged", "unkept_reads")}
-    return point, size, len(index), int(outcome["restarts"]), counts
+    return point, size, written, int(outcome["restarts"]), counts
 
 
 def _restore_step(page_count: int, progress: object) -> int:

@@ -408,6 +408,7 @@ PyObject *backup_create(Connection *dest, PyObject *dest_name,
 /* recorder.c: PageRecorder (over pageshim.c) and the page hash */
 extern PyType_Spec recorder_spec;
 PyObject *module_page_hash(PyObject *module, PyObject *data);
+PyObject *module_page_hash_parts(PyObject *module, PyObject *parts);
 PyObject *module_rollback_vfs(PyObject *module, PyObject *ignored);
 PyObject *module_page_hash_variants(PyObject *module, PyObject *data);
 

@@ -419,6 +419,78 @@ hash_long(const unsigned char *p, size_t n, const LongLoop *loop)
     return h;
 }
 
+/* -- streaming: the hash of pieces, as of their concatenation ------------
+ *
+ * hash_long() above, fed piece by piece.  A block is run only once a byte
+ * after it has come (hash_long leaves the last block, even a full one, for
+ * the end), and the last 64 bytes before the pending ones are kept: the
+ * final stripe is the input's last 64 bytes, which may reach back into the
+ * block already run.  Up to 240 bytes in all, nothing has been run and the
+ * short-input functions take the pending bytes. */
+
+_Static_assert(HASH_STREAM_BLOCK == BLOCK, "one block of the long loop");
+
+void
+hash_stream_init(HashStream *s)
+{
+    static const u64 init[8] = {PRIME32_3, PRIME64_1, PRIME64_2, PRIME64_3,
+                                PRIME64_4, PRIME32_2, PRIME64_5, PRIME32_1};
+    memcpy(s->acc, init, sizeof(init));
+    s->total = 0;
+    s->pending = 0;
+}
+
+void
+hash_stream_update(HashStream *s, const void *data, size_t n)
+{
+    const LongLoop *loop = long_loop();
+    const unsigned char *p = (const unsigned char *)data;
+    s->total += n;
+    while (n > 0) {
+        if (s->pending == HASH_STREAM_BLOCK) {
+            /* a full block, and a byte follows it: run it, keep its tail */
+            loop->accumulate(s->acc, s->buf + STRIPE, STRIPES_PER_BLOCK,
+                             secret);
+            loop->scramble(s->acc);
+            memcpy(s->buf, s->buf + BLOCK, STRIPE);
+            s->pending = 0;
+        }
+        size_t room = HASH_STREAM_BLOCK - s->pending;
+        size_t take = n < room ? n : room;
+        memcpy(s->buf + STRIPE + s->pending, p, take);
+        s->pending += take;
+        p += take;
+        n -= take;
+    }
+}
+
+void
+hash_stream_digest(const HashStream *s, unsigned char out[16])
+{
+    Hash128 h;
+    const unsigned char *pending = s->buf + STRIPE;
+    if (s->total <= 240) {
+        h = s->total <= 16 ? hash_0to16(pending, (size_t)s->total)
+                           : hash_17to240(pending, (size_t)s->total);
+    }
+    else {
+        const LongLoop *loop = long_loop();
+        u64 acc[8];
+        memcpy(acc, s->acc, sizeof(acc));
+        size_t rest = s->pending; /* 1 .. BLOCK: the last block */
+        loop->accumulate(acc, pending, (rest - 1) / STRIPE, secret);
+        loop->accumulate(acc, pending + rest - STRIPE, 1,
+                         secret + SECRET_SIZE - 71);
+        u64 n = (u64)s->total;
+        h.low = merge(acc, n * PRIME64_1, secret + 11);
+        h.high = merge(acc, ~(n * PRIME64_2), secret + SECRET_SIZE - 75);
+    }
+    for (int i = 0; i < 8; i++) {
+        out[i] = (unsigned char)(h.high >> (56 - 8 * i));
+        out[8 + i] = (unsigned char)(h.low >> (56 - 8 * i));
+    }
+}
+
 Hash128
 xxh3_128_with(const void *data, size_t n, int variant)
 {

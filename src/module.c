@@ -42,6 +42,9 @@ static PyMethodDef module_methods[] = {
     {"page_hash", module_page_hash, METH_O,
      "page_hash(data) -> bytes\n\nThe 16-byte page hash of data: XXH3-128 "
      "(seed 0), most significant byte first, as xxHash's tools print it."},
+    {"_page_hash_parts", module_page_hash_parts, METH_O,
+     "_page_hash_parts(parts) -> bytes\n\npage_hash(b\"\".join(parts)) "
+     "without joining them: parts is a list or tuple of bytes."},
     {"_page_hash_variants", module_page_hash_variants, METH_O,
      "_page_hash_variants(data) -> dict\n\nTests only: the hash by each "
      "long-input loop of this build."},

@@ -106,3 +106,38 @@ def test_one_flipped_bit_changes_the_hash():
         assert apsw_backup.page_hash(page) != before
         page[bit // 8] ^= 1 << (bit % 8)
     assert apsw_backup.page_hash(page) == before
+
+
+# Lengths around every boundary of the streaming hash: the short-input
+# functions (16, 128, 240), one stripe (64), a block (1024), a block and a
+# stripe (the kept tail), and a few blocks.
+STREAM_LENGTHS = sorted(
+    set(range(0, 300))
+    | {
+        base + d
+        for base in (1024, 1088, 2048, 3072, 4096, 65536)
+        for d in range(-70, 71)
+        if base + d >= 0
+    }
+)
+
+
+def test_hash_of_parts_is_the_hash_of_their_concatenation():
+    rnd = random.Random(7)
+    for length in STREAM_LENGTHS:
+        data = bytes(rnd.getrandbits(8) for _ in range(length))
+        want = apsw_backup.page_hash(data)
+        cuts = sorted(rnd.randrange(0, length + 1) for _ in range(rnd.randrange(1, 6)))
+        pieces = [data[a:b] for a, b in zip([0] + cuts, cuts + [length], strict=True)]
+        assert _apsw_backup._page_hash_parts(pieces) == want, (length, cuts)
+        assert _apsw_backup._page_hash_parts(tuple(pieces) + (b"",)) == want
+        if length <= 2100:  # one byte at a time crosses every boundary
+            ones = [data[i : i + 1] for i in range(length)]
+            assert _apsw_backup._page_hash_parts(ones) == want, length
+    assert _apsw_backup._page_hash_parts([]) == apsw_backup.page_hash(b"")
+
+
+def test_hash_of_parts_refuses_what_is_not_bytes():
+    for bad in ("abc", [b"a", "b"], [b"a", bytearray(b"b")], b"ab", None):
+        with pytest.raises(TypeError, match="list or tuple of bytes"):
+            _apsw_backup._page_hash_parts(bad)
