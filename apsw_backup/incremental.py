@@ -360,17 +360,46 @@ def _read_point(path: str) -> _Point:
     return _Point(info, data_offset, index, manifest, parent_root, root)
 
 
-def _point_files(folder: str) -> list[str]:
+def _is_ours(path: str) -> bool:
+    """Whether a file named like a restore point is one, as far as a glance
+    tells: it begins with the format's magic or ends with its end marker.  A
+    point damaged by a flipped bit or truncated keeps one of the two (and is
+    reported as damaged); an empty file, or another program's file given
+    such a name, has neither: it is not a restore point, and takes no part
+    in naming, choosing a parent, restore, list or rotation -- only verify
+    reports it.  A file that cannot be read counts as ours (reported)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return True
+    try:
+        size = os.fstat(fd).st_size
+        head = os.pread(fd, len(MAGIC), 0)
+        tail = os.pread(fd, len(END_MAGIC), max(0, size - len(END_MAGIC)))
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+    return head == MAGIC or tail == END_MAGIC
+
+
+def _point_files(folder: str, everything: bool = False) -> list[str]:
+    """The restore points in folder, in name (time) order; everything: also
+    the files only named like one (verify reports them)."""
     found = []
     for entry in os.scandir(folder):
-        if _parse_name(entry.name) and entry.is_file(follow_symlinks=False):
+        if (
+            _parse_name(entry.name)
+            and entry.is_file(follow_symlinks=False)
+            and (everything or _is_ours(entry.path))
+        ):
             found.append(entry.path)
     return sorted(found, key=lambda p: (_parse_name(p)["stamp"], p))  # type: ignore[index]
 
 
-def _stems(folder: str) -> dict[str, list[str]]:
+def _stems(folder: str, everything: bool = False) -> dict[str, list[str]]:
     by_stem: dict[str, list[str]] = {}
-    for path in _point_files(folder):
+    for path in _point_files(folder, everything):
         by_stem.setdefault(_parse_name(path)["stem"], []).append(path)  # type: ignore[index]
     return by_stem
 
@@ -392,7 +421,9 @@ def _point_source(path: str) -> str | None:
         return None
     finally:
         os.close(fd)
-    return os.path.abspath(os.fsdecode(raw))
+    # a source is its real file: one database named through a symbolic link
+    # and by its own path is one source (one chain, one --keep)
+    return os.path.realpath(os.fsdecode(raw))
 
 
 def _sources(paths: list[str]) -> dict[str, str | None]:
@@ -418,7 +449,7 @@ def _of_source(paths: list[str], source: str) -> list[str]:
     chains, its own --keep.  A point whose source cannot be told stays in
     (_chains and _chain_to report it as damaged only where the chain does
     not link without it; rotation never deletes it)."""
-    source = os.path.abspath(source)
+    source = os.path.realpath(source)
     found = _sources(paths)
     return [p for p in paths if found[p] in (source, None)]
 
@@ -673,6 +704,12 @@ def _resolve(backup: str | os.PathLike[str], at: datetime | str | None) -> str:
 def _parse_time(value: datetime | str) -> datetime:
     if isinstance(value, datetime):
         return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+    if not isinstance(value, str):
+        raise TypeError(
+            "at must be a datetime, or a time as text (ISO 8601, e.g. "
+            f"'2026-12-01T00:00:00Z', or a point's stamp), not "
+            f"{type(value).__name__}"
+        )
     text = value.strip()
     try:
         return datetime.strptime(text, STAMP).replace(tzinfo=timezone.utc)
@@ -1018,10 +1055,7 @@ class _Recording:
                 # cause to report, not SQLite's generic "disk I/O error"
                 why = _c._delta_result(self.capsule)
                 if why["failed"]:
-                    raise IncrementalError(
-                        f"the incremental backup failed: {why['message']}; "
-                        "nothing was kept"
-                    ) from exc
+                    raise _shim_failure(why) from exc
                 raise
             finally:
                 dest.close()
@@ -1093,12 +1127,21 @@ class _Recording:
             except _c.Error as exc:
                 why = _c._delta_result(self.capsule)
                 if why["failed"]:
-                    raise IncrementalError(
-                        f"the incremental backup failed: {why['message']}; "
-                        "nothing was kept"
-                    ) from exc
+                    raise _shim_failure(why) from exc
                 raise
         return int(count)
+
+
+def _shim_failure(why: dict[str, Any]) -> Exception:
+    """The delta shim's own failure, which is the cause to report rather
+    than SQLite's generic "disk I/O error": an OSError with the OS's cause
+    when writing the point's file failed (a full disk is said as one, and
+    _write_point names the point's file), IncrementalError otherwise."""
+    if why.get("errno"):
+        return OSError(why["errno"], os.strerror(why["errno"]))
+    return IncrementalError(
+        f"the incremental backup failed: {why['message']}; nothing was kept"
+    )
 
 
 def _write_point(source: _c.Connection, source_name: str, folder: str, stem: str,
@@ -1118,7 +1161,9 @@ def _write_point(source: _c.Connection, source_name: str, folder: str, stem: str
     while any(os.path.lexists(_final_name(folder, stem, k, created)) for k in KINDS):
         created += timedelta(microseconds=1)
         final = _final_name(folder, stem, kind, created)
-    _check_name_length(final, source_name)
+    # a delta's name is the longer: checked on every run, a first base is
+    # not made when the deltas to follow could never be named
+    _check_name_length(_final_name(folder, stem, "delta", created), stem)
     data_offset = _data_offset(source_name)
     new = files.NewFile(final)
     new.create()
@@ -1132,6 +1177,8 @@ def _write_point(source: _c.Connection, source_name: str, folder: str, stem: str
             _page_count_hint(source) if direct else 0,  # our own connection only
         )
         outcome = rec.run(source, opts, direct)
+        if outcome["failed"] and outcome.get("errno"):
+            raise _shim_failure(outcome)
         problem = _recording_problem(outcome, page_size)
         if problem:
             raise IncrementalError(problem)
@@ -1159,6 +1206,9 @@ def _write_point(source: _c.Connection, source_name: str, folder: str, stem: str
         if before_publish is not None:
             before_publish(point, new.path)
         new.publish()
+    except OSError as exc:  # a full disk...: name the point being written
+        new.discard()
+        raise _as_written(exc, new.path, final) from exc
     except BaseException:
         new.discard()
         raise
@@ -1210,7 +1260,7 @@ def _page_count_hint(source: _c.Connection) -> int:
     return count if isinstance(count, int) else 0
 
 
-def _check_name_length(final: str, source_name: str) -> None:
+def _check_name_length(final: str, stem: str) -> None:
     """Refuse a restore point name longer than the folder's file system
     allows (its file name is SOURCE's stem plus a 36-byte time and kind)."""
     folder, name = os.path.split(final)
@@ -1221,9 +1271,9 @@ def _check_name_length(final: str, source_name: str) -> None:
     size = len(os.fsencode(name))
     if size > limit:
         raise ValueError(
-            f"the restore point's file name would be {size} bytes long, more "
+            f"the restore points' file names would be {size} bytes long, more "
             f"than the {limit} bytes a file name may have in {folder!r} "
-            f"(ENAMETOOLONG): it is SOURCE's name {os.path.basename(source_name)!r} "
+            f"(ENAMETOOLONG): it is SOURCE's name without its suffix ({stem!r}) "
             "plus its time and kind. Back up a copy or a link of SOURCE with a "
             "shorter name"
         )
@@ -1314,6 +1364,20 @@ def _remove(path: str) -> None:
 
 
 @files.owned
+def _check_shared_arguments(timeout: Any, progress: Any) -> None:
+    """copy()'s rules for the arguments incremental() and restore() share
+    with it, applied before anything is made (a timeout of -1 is not a
+    deadline that passed)."""
+    if timeout is not None and (
+        not isinstance(timeout, (int, float))
+        or isinstance(timeout, bool)
+        or not timeout >= 0
+    ):
+        raise ValueError(f"timeout must be None or a number >= 0, not {timeout!r}")
+    if progress is not None and not callable(progress):
+        raise TypeError("progress must be callable or None")
+
+
 def incremental(
     source: str | os.PathLike[str] | _c.Connection,
     folder: str | os.PathLike[str],
@@ -1356,6 +1420,12 @@ def incremental(
         raise ValueError(f"rebase_share must be > 0, not {rebase_share!r}")
     if keep is not None and (not isinstance(keep, int) or keep < 1):
         raise ValueError(f"keep must be an int >= 1 or None, not {keep!r}")
+    _check_shared_arguments(timeout, progress)
+    if not isinstance(pages, int) or isinstance(pages, bool):
+        raise TypeError(
+            f"pages must be an int (pages per step; <= 0: all at once), not "
+            f"{type(pages).__name__}"
+        )
     started = time.monotonic()
     opts = _RunOptions(pages, timeout, progress, started)
     folder = os.path.abspath(os.fspath(folder))
@@ -1381,16 +1451,21 @@ def incremental(
             _check_wal_readable(real)
             conn = _c.Connection(source_name, _c.SQLITE_OPEN_READONLY)
             real = conn.filename or real
+            # the source is its real file (_point_source): the same chain
+            # whichever symbolic link names it; the points' names keep the
+            # name given (a link of another name: another stem)
+            stem = Path(source_name).stem
+            source_name = real
             side_existed = any(map(os.path.lexists, files.side_paths(real)))
         else:
             conn = source  # type: ignore[assignment]
             source_name = conn.filename
+            stem = Path(source_name).stem
             if not source_name:
                 raise ValueError(
                     "an in-memory database has no file to back up incrementally"
                 )
         try:
-            stem = Path(source_name).stem
             chain, reason = _usable_chain(folder, stem, source_name, opts)
             page_size = _page_size_of(conn)
             if chain and chain[-1].info.page_size != page_size:
@@ -1704,7 +1779,7 @@ def _usable_chain(
             f"the newest restore point is unusable ({problems[-1] if problems else newest})",
         )
     chain = chains[-1]
-    if os.path.abspath(chain[0].info.source) != source_name:
+    if os.path.realpath(chain[0].info.source) != os.path.realpath(source_name):
         return [], f"the newest chain is of another source ({chain[0].info.source})"
     # Every page of the chain is checked against its manifest before a
     # delta is put in place on it (_ChainCheck, while the source is read): a
@@ -1790,6 +1865,12 @@ def restore(
     restore: too late to undo it, the exception comes out and dest holds
     the restored database.
     """
+    _check_shared_arguments(timeout, progress)
+    for name, flag in (("overwrite", overwrite), ("keep_wal", keep_wal)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be True or False, not {type(flag).__name__}")
+    if at is not None and not isinstance(at, (datetime, str)):
+        _parse_time(at)  # its TypeError, before anything
     return _while_points_stay(
         _folder_of(backup),
         lambda: _restore(backup, dest, at, overwrite, keep_wal, timeout, progress),
@@ -2454,7 +2535,7 @@ def _verify_folder(folder: str) -> list[ChainReport]:
     reports = []
     groups = [
         (stem, source, group)
-        for stem, paths in sorted(_stems(folder).items())
+        for stem, paths in sorted(_stems(folder, everything=True).items())
         for source, group in sorted(_by_source(paths).items(), key=repr)
     ]
     strays: dict[str, tuple[str, BrokenChainError]] = {}

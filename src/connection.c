@@ -855,8 +855,15 @@ child_stops_in_the_parents_call(void)
                 status = (int)PyLong_AsLong(code) & 0xff;
             }
             else {
-                PyObject_Print(code, stderr, Py_PRINT_RAW);
-                fputc('\n', stderr);
+                /* as the interpreter prints sys.exit("message") */
+                PyObject *text = PyObject_Str(code);
+                const char *utf8 =
+                    text ? PyUnicode_AsUTF8AndSize(text, NULL) : NULL;
+                if (utf8 != NULL) {
+                    fputs(utf8, stderr);
+                    fputc('\n', stderr);
+                }
+                Py_XDECREF(text);
             }
             PyErr_Clear();
             Py_XDECREF(code);

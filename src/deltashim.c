@@ -83,6 +83,7 @@ struct Delta {
     sqlite3_int64 size; /* the file's size as SQLite sees it */
     sqlite3_int64 writes, unchanged, unkept_reads;
     int failed;
+    int os_errno; /* the first failure's OS cause (0: none) */
     char message[200];
 };
 
@@ -398,11 +399,15 @@ record_page(Delta *d, const void *buf, sqlite3_int64 pgno)
         else if (full_pwrite(d->fd, buf, (size_t)P,
                              (off_t)(d->data_offset + slot * P))
                  < 0) {
+            int cause = errno ? errno : EIO;
+            if (!d->failed) {
+                d->os_errno = cause; /* a full disk is said as one */
+            }
             char why[200];
             snprintf(why, sizeof(why),
                      "writing a page to the restore point "
                      "failed: %s",
-                     strerror(errno));
+                     strerror(cause));
             delta_fail(d, why);
             if (was != P_KEPT) {
                 d->free_slots[d->nfree++] = slot;
@@ -990,6 +995,7 @@ delta_result(Delta *d, DeltaResult *out)
     out->unchanged = d->unchanged;
     out->unkept_reads = d->unkept_reads;
     out->failed = d->failed;
+    out->os_errno = d->os_errno;
     memcpy(out->message, d->message, sizeof(out->message));
     if (d->size % P != 0) {
         out->failed = 1;

@@ -40,6 +40,7 @@ typedef struct {
     sqlite3_int64 missing;      /* pages below page_count never written */
     sqlite3_int64 first_missing;
     int failed;        /* a write SQLite made could not be kept */
+    int os_errno;      /* the OS's cause, when a write to the file failed */
     char message[200]; /* why, when failed */
 } DeltaResult;
 

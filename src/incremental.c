@@ -185,15 +185,15 @@ incremental_delta_result(PyObject *module, PyObject *capsule)
                    r.page_count);
     delta_slots(d, (sqlite3_int64 *)PyBytes_AsString(slots), r.slots);
     return Py_BuildValue(
-        "{s:i,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:O,s:s,s:N,s:N}",
+        "{s:i,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:O,s:i,s:s,s:N,s:N}",
         "page_size", r.page_size, "page_count", (long long)r.page_count,
         "kept", (long long)r.kept, "slots", (long long)r.slots, "writes",
         (long long)r.writes, "unchanged", (long long)r.unchanged, "poisoned",
         (long long)r.poisoned, "first_poisoned", (long long)r.first_poisoned,
         "unkept_reads", (long long)r.unkept_reads, "missing",
         (long long)r.missing, "first_missing", (long long)r.first_missing,
-        "failed", r.failed ? Py_True : Py_False, "message", r.message,
-        "manifest", manifest, "slot_pages", slots);
+        "failed", r.failed ? Py_True : Py_False, "errno", r.os_errno,
+        "message", r.message, "manifest", manifest, "slot_pages", slots);
 }
 
 PyObject *
@@ -404,6 +404,12 @@ incremental_delta_read_source(PyObject *module, PyObject *args)
         }
         int amt = (int)((stop - pgno) * P);
         rc = file->pMethods->xRead(file, buf, amt, (pgno - 1) * P);
+        if (rc == SQLITE_IOERR_SHORT_READ) {
+            /* a file that ends inside its last page: the VFS zero-fills
+             * the rest, and SQLite's pager reads such a page as that (the
+             * backup API's copy has the same bytes) */
+            rc = SQLITE_OK;
+        }
         if (rc != SQLITE_OK) {
             read_failed = 1;
             break;

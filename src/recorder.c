@@ -516,72 +516,50 @@ module_page_hash(PyObject *Py_UNUSED(module), PyObject *data)
 
 /* _page_hash_parts(parts) -> bytes: page_hash(b"".join(parts)) without
  * the join (a manifest of 16 bytes a page is hashed where it lies).  parts:
- * a list or tuple of bytes; phase (i) takes a reference to each, so the
- * sequence changing meanwhile changes nothing. */
+ * a list or tuple of bytes, taken as a tuple first. */
 PyObject *
 module_page_hash_parts(PyObject *Py_UNUSED(module), PyObject *parts)
 {
+    static const char wrong[] =
+        "_page_hash_parts() takes a list or tuple of bytes";
     if (!PyList_Check(parts) && !PyTuple_Check(parts)) {
-        PyErr_SetString(PyExc_TypeError,
-                        "_page_hash_parts() takes a list or tuple of bytes");
+        PyErr_SetString(PyExc_TypeError, wrong);
         return NULL;
     }
     PyObject *items = PySequence_Tuple(parts);
     if (items == NULL) {
         return NULL;
     }
-    Py_ssize_t count = PyTuple_Size(items);
-    /* the pieces as C values, before the GIL is let go of */
-    struct piece {
-        const char *data;
-        Py_ssize_t size;
-    } *pieces = PyMem_Malloc(sizeof(*pieces) * (size_t)(count ? count : 1));
     HashStream *stream = PyMem_Malloc(sizeof(*stream));
-    if (pieces == NULL || stream == NULL) {
-        PyMem_Free(pieces);
-        PyMem_Free(stream);
+    if (stream == NULL) {
         Py_DECREF(items);
         return PyErr_NoMemory();
     }
-    for (Py_ssize_t i = 0; i < count; i++) {
-        PyObject *part = PyTuple_GetItem(items, i);
+    /* With the GIL held, and no Python code run meanwhile: a manifest (16
+     * bytes a page) hashes in a few milliseconds, and nothing here can
+     * block. */
+    hash_stream_init(stream);
+    Py_ssize_t count = PyTuple_Size(items);
+    int ok = count >= 0;
+    for (Py_ssize_t i = 0; ok && i < count; i++) {
+        PyObject *part = PyTuple_GetItem(items, i); /* borrowed */
         if (part == NULL || !PyBytes_Check(part)) {
-            PyMem_Free(pieces);
-            PyMem_Free(stream);
-            Py_DECREF(items);
             if (part != NULL) {
-                PyErr_SetString(PyExc_TypeError,
-                                "_page_hash_parts() takes a list or tuple "
-                                "of bytes");
+                PyErr_SetString(PyExc_TypeError, wrong);
             }
-            return NULL;
+            ok = 0;
+            break;
         }
-        pieces[i].data = PyBytes_AsString(part);
-        pieces[i].size = PyBytes_Size(part);
+        hash_stream_update(stream, PyBytes_AsString(part),
+                           (size_t)PyBytes_Size(part));
     }
     unsigned char h[PAGE_HASH_SIZE];
-    size_t total = 0;
-    for (Py_ssize_t i = 0; i < count; i++) {
-        total += (size_t)pieces[i].size;
-    }
-    hash_stream_init(stream);
-    if (total >= (1 << 16)) {
-        /* bytes cannot change, and `items` holds each one */
-        RELEASE_GIL("module_page_hash_parts");
-        for (Py_ssize_t i = 0; i < count; i++) {
-            hash_stream_update(stream, pieces[i].data, (size_t)pieces[i].size);
-        }
-        REACQUIRE_GIL();
-    }
-    else {
-        for (Py_ssize_t i = 0; i < count; i++) {
-            hash_stream_update(stream, pieces[i].data, (size_t)pieces[i].size);
-        }
-    }
     hash_stream_digest(stream, h);
-    PyMem_Free(pieces);
     PyMem_Free(stream);
     Py_DECREF(items);
+    if (!ok) {
+        return NULL;
+    }
     return PyBytes_FromStringAndSize((const char *)h, PAGE_HASH_SIZE);
 }
 

@@ -10,6 +10,7 @@ restore to their own state, nothing but points is left in the folder, and
 a DEST is absent, old, or the restored state -- never anything else.
 """
 
+import errno
 import os
 import shutil
 import sqlite3
@@ -257,13 +258,19 @@ def test_the_shims_own_write_failing_keeps_nothing(tmp_path):
         try:
             inc.incremental(src, folder)
             report("outcome", "made")
-        except inc.IncrementalError as exc:
-            report("outcome", str(exc))
+        except OSError as exc:
+            report("outcome", [type(exc).__name__, exc.errno, exc.filename])
         report("left", sorted(os.listdir(folder)))
         """,
         tmp_path,
     )
-    assert "File too large" in report["outcome"]
+    # the OS's cause, naming the point being written (not its temporary
+    # name): a full disk is said as one (the command: "... is on a full
+    # file system (no space left) (ENOSPC): free some space")
+    kind, code, filename = report["outcome"]
+    assert (kind, code) == ("OSError", errno.EFBIG)
+    assert os.path.basename(filename).endswith(".base.apswb"), filename
+    assert os.path.dirname(filename) == str(tmp_path / "points")
     assert report["left"] == []
 
 

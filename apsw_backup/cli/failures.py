@@ -230,7 +230,11 @@ def _verify_failure_object(failure: Failure) -> dict[str, Any]:
         "ok": False,
         "exit_code": failure.code,
         "error": _error_object(failure.error, failure.message),
+        # the verify verb's keys, whether its arguments were FILEs or
+        # FOLDERs of restore points (docs/cli.md)
+        "path": None,
         "files": [],
+        "chains": [],
     }
 
 

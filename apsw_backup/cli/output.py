@@ -87,7 +87,9 @@ VERIFY_KEYS: dict[str, tuple[type | None, ...]] = {
     "ok": (bool,),
     "exit_code": (int,),
     "error": (dict, None),
+    "path": (str, None),  # verify FOLDER's file at fault (docs/incremental.md)
     "files": (list,),
+    "chains": (list,),  # verify FOLDER's chains ([] for FILEs)
 }
 
 

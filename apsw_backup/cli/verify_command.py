@@ -57,7 +57,11 @@ def _verify_command(args: argparse.Namespace, interrupts: Interrupts) -> int:
                 "ok": code == EXIT_OK,
                 "exit_code": code,
                 "error": first["error"] if first and code else None,
+                # the keys of verify FOLDER too (docs/incremental.md): one
+                # shape for the verb; FILEs are plain backups, no chains
+                "path": None,
                 "files": results,
+                "chains": [],
             }
         )
     return code
