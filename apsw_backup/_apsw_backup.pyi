@@ -171,6 +171,7 @@ class _RecorderStats(TypedDict):
     incomplete: bool
     open_files: int
     syncs: int
+    attached: int
 
 class Error(Exception):
     result: int | None

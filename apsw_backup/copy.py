@@ -567,6 +567,9 @@ class _TargetSide:
         self.level = options.verify if isinstance(options.verify, str) else None
         self.recorder: _c.PageRecorder | None = None
         self.no_hashes: str | None = None
+        # connections this copy opened on the file through the recorder's
+        # shim: any other one is another writer (verify._check_only_the_owner_wrote)
+        self.own_opens = 0
         # An existing file target a failed write left torn, with the hot
         # -journal that restores it (see roll_back).
         self.torn = False
@@ -638,7 +641,9 @@ class _TargetSide:
         else:
             flags = _c.SQLITE_OPEN_READWRITE
         try:
-            self.conn = _c.Connection(path, flags, self._vfs(path))
+            vfs = self._vfs(path)
+            self.own_opens += self.recorder is not None
+            self.conn = _c.Connection(path, flags, vfs)
         except _c.CantOpenError as exc:
             error = _renamed(exc, f"cannot open the target {self.file!r}: {exc}")
             state = "not created" if self.new is not None else "unchanged"
@@ -754,6 +759,7 @@ class _TargetSide:
         from apsw_backup import verify
 
         assert self.recorder is not None
+        self.own_opens += 1
         conn = _c.Connection(
             self.work_file, _c.SQLITE_OPEN_READWRITE, self.recorder.vfs
         )
@@ -1204,7 +1210,10 @@ class _Copy:
         from apsw_backup import verify
 
         result = verify.verify(
-            self._dst.work_file, "default", recorder=self._dst.recorder
+            self._dst.work_file,
+            "default",
+            recorder=self._dst.recorder,
+            _own_opens=self._dst.own_opens,
         )
         if not any(p.check == "pages" for p in result.problems):
             raise exc
@@ -1232,6 +1241,7 @@ class _Copy:
             recorder=recorder,
             progress=self._opts.verify_progress,
             timeout=timeout,
+            _own_opens=self._dst.own_opens,
         )
         if self._dst.no_hashes is not None and result.checks:
             result.checks[0].detail["why"] = self._dst.no_hashes

@@ -670,11 +670,12 @@ class NewFile:
     def publish(self) -> None:
         """Put the file in place; FileExistsError if the final name appeared,
         StaleSideFileError if a -journal or -wal appeared beside it."""
+        check_owned()  # a child forked during the call: its words
         if os.getpid() != self._pid:
-            raise RuntimeError(
-                "this copy's new file belongs to the process that started the "
-                "copy, not to a child forked from it: finish the copy in the "
-                "parent"
+            raise _c.ForkingViolationError(
+                f"this new file was started by process {self._pid}, and this "
+                "process is a child forked from it: the child leaves it to "
+                "the parent, which puts it in place"
             )
         check_no_stale_side_files(self.final)
         os.fsync(self._fd)

@@ -326,6 +326,9 @@ class _Run:
         self.flags = apsw_backup.SQLITE_OPEN_READONLY
         self.cache_kib = LOOKUP_CACHE_KIB
         self._local = threading.local()  # .conn: this thread's lookup connection
+        # how many files its owner opened through the recorder's shim (None:
+        # not known); more means another connection had the file (below)
+        self.own_opens: int | None = None
 
     def share_cache(self, threads: int) -> None:
         """LOOKUP_CACHE_KIB a connection, LOOKUP_CACHE_TOTAL_KIB in all."""
@@ -499,9 +502,28 @@ def _read_back_task(
             cache_dropped=info.get("cache_dropped", False),
             through_connection=info.get("through_connection", False),
         )
+        _check_only_the_owner_wrote(ctx, recorder)
         return _read_back_problems(info, total, lists)
 
     return run
+
+
+def _check_only_the_owner_wrote(ctx: _Run, recorder: apsw_backup.PageRecorder) -> None:
+    """A recording keeps the writes of every connection of this process that
+    opens the file through its shim (a second copy into the same file,
+    started meanwhile): they cannot be told from the copy's own, so the
+    byte check would prove another writer's bytes.  Checked after the read
+    (a connection opened during it counts too)."""
+    if ctx.own_opens is None:
+        return
+    others = recorder.stats()["attached"] - ctx.own_opens
+    if others > 0:
+        raise _Unverified(
+            f"{others} other connection(s) of this process opened the file "
+            "while the copy was recorded (another copy into it?): their "
+            "writes cannot be told from the copy's, so its bytes cannot be "
+            "checked; verify again once nothing else writes it"
+        )
 
 
 def _listed(pages: list[int], count: int) -> str:
@@ -519,7 +541,9 @@ def _read_back_problems(
             Problem(
                 "pages",
                 f"{total['mismatched']} page(s) on the disk differ from what "
-                f"SQLite wrote: page {_listed(pages, total['mismatched'])}",
+                f"SQLite wrote: page {_listed(pages, total['mismatched'])} "
+                "(the disk or file system lost the writes, or another "
+                "connection wrote the file since)",
                 tuple(pages),
             )
         )
@@ -1066,6 +1090,7 @@ def verify(
     timeout: float | None = None,
     threads: int | None = None,
     lock_wait: float | None = None,
+    _own_opens: int | None = None,
 ) -> VerifyResult:
     """Verify the database file at `path` (see the module's docstring).
 
@@ -1089,6 +1114,7 @@ def verify(
     begun = time.monotonic()
     path = os.fspath(path)
     ctx = _Run(path, None if timeout is None else begun + timeout, lock_wait)
+    ctx.own_opens = _own_opens  # copy()'s: the files it opened while recording
     try:
         result = _verify(ctx, level, recorder, progress, timeout, threads, begun)
     finally:

@@ -621,6 +621,7 @@ attach(ShimFile *f, const char *name)
     f->rec = rec;
     f->next = rec->files;
     rec->files = f;
+    rec->stats.attached++;
     pthread_mutex_unlock(&rec->mutex);
 }
 

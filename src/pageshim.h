@@ -38,6 +38,11 @@ typedef struct {
                               * cannot prove anything */
     int open_files;          /* connections' files attached now */
     sqlite3_int64 syncs;     /* syncs read_back made */
+    sqlite3_int64 attached;  /* files ever attached (opened through the shim
+                              * while recording): more than its owner
+                              * opened means another connection of this
+                              * process had the file, its writes recorded as
+                              * the owner's */
 } RecordingStats;
 
 /* The outcome of recording_read_back() over pages first..last. */

@@ -247,17 +247,19 @@ recorder_stats(PageRecorder *self, PyObject *Py_UNUSED(ignored))
         "page_size",  "pages",      "recorded",
         "writes",     "hashed",     "reread",
         "truncates",  "failed",     "page_size_changes",
-        "incomplete", "open_files", "syncs"};
+        "incomplete", "open_files", "syncs",
+        "attached"};
     if (recorder_check(self) < 0) {
         return NULL;
     }
     RecordingStats s;
     recording_stats(self->rec, &s);
-    return build_dict(
-        12, names, "iLLLLLLLibiL", s.page_size, (long long)s.pages,
-        (long long)s.recorded, (long long)s.writes, (long long)s.hashed,
-        (long long)s.reread, (long long)s.truncates, (long long)s.failed,
-        s.page_size_changes, s.incomplete, s.open_files, (long long)s.syncs);
+    return build_dict(13, names, "iLLLLLLLibiLL", s.page_size,
+                      (long long)s.pages, (long long)s.recorded,
+                      (long long)s.writes, (long long)s.hashed,
+                      (long long)s.reread, (long long)s.truncates,
+                      (long long)s.failed, s.page_size_changes, s.incomplete,
+                      s.open_files, (long long)s.syncs, (long long)s.attached);
 }
 
 static PyObject *
@@ -413,7 +415,9 @@ static PyMethodDef recorder_methods[] = {
      "stats() -> dict\n\nWhat was recorded: page_size, pages, recorded, "
      "writes, hashed (from SQLite's buffers), reread (hashed by reading "
      "the page back at once: partial writes, a page-size change), "
-     "truncates, failed, page_size_changes, incomplete, open_files."},
+     "truncates, failed, page_size_changes, incomplete, open_files, "
+     "syncs, attached (files ever opened through the shim while "
+     "recording)."},
     {"close", (PyCFunction)recorder_close, METH_NOARGS,
      "close() -> None\n\nStop recording new opens of the file and let go "
      "of the hashes. Idempotent."},

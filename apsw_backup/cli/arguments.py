@@ -172,7 +172,9 @@ def _seconds(text: str) -> float:
     except ValueError:
         value = math.nan
     if not value >= 0 or math.isinf(value):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds >= 0")
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a finite number of seconds >= 0"
+        )
     return value
 
 

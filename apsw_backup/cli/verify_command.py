@@ -179,11 +179,20 @@ def _check_file(path: str) -> int:
         raise Failure(
             EXIT_ERROR, f"cannot read FILE {_q(path)}: {_os_cause(exc)}: {cure}", exc
         ) from exc
+    if stat.S_ISDIR(info.st_mode):
+        error: OSError = IsADirectoryError(
+            errno.EISDIR, os.strerror(errno.EISDIR), path
+        )
+        what = "a folder"
+    elif not stat.S_ISREG(info.st_mode):
+        # a FIFO, a device, a socket: the words and errno the backup's
+        # SOURCE has for it (files.py), not a folder's
+        error = OSError(errno.EINVAL, "not a regular file", path)
+        what = "not a regular file (a FIFO, a device or a socket)"
     if not stat.S_ISREG(info.st_mode):
-        error = IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
         raise Failure(
             EXIT_ERROR,
-            f"FILE {_q(path)} is not a regular file: name a backup file",
+            f"FILE {_q(path)} is {what}: name a backup file",
             error,
         )
     return info.st_size
