@@ -21,6 +21,7 @@ This module is that loop, with the traps of a live database handled:
 
 from __future__ import annotations
 
+import contextvars
 import errno
 import os
 import stat
@@ -1622,6 +1623,7 @@ def copy(
         verify_progress,
         before_publish,
     )
+    _refuse_waiting_for_itself(source, target)
     existed = _target_existed(target)
     try:
         with files.owned_call():
@@ -1630,8 +1632,50 @@ def copy(
         raise _name_the_non_database(exc, source, target, existed) from exc
 
 
+# The copies under way in this context (a thread, or an asyncio task): a
+# copy started from one of their callbacks into or from the file one of
+# them writes is refused (_refuse_waiting_for_itself).
+_UNDER_WAY: contextvars.ContextVar[tuple[_Copy, ...]] = contextvars.ContextVar(
+    "apsw_backup_copies_under_way", default=()
+)
+
+
+def _file_id(path: str | None) -> tuple[int, int] | None:
+    if not path:
+        return None
+    try:
+        info = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return (info.st_dev, info.st_ino)
+
+
+def _refuse_waiting_for_itself(source: object, target: object) -> None:
+    """A copy started from a callback of a copy in this same thread or task
+    (its progress, verify_progress, verify or before_publish), into or from
+    the file that copy writes: during the copy it would wait for ever for
+    the lock its caller holds until the callback returns; after it, it
+    would change the file under the caller's verification.  Refused at
+    once, as the same mistake with the target's Connection is."""
+    under_way = _UNDER_WAY.get()
+    if not under_way:
+        return
+    ours = {_file_id(_path_of(side)) for side in (source, target)} - {None}
+    for job in under_way:
+        written = job._dst.work_file if job._dst.user is None else job._dst.file
+        if _file_id(written) in ours:
+            raise _c.ReentrancyError(
+                f"copy() into or from {job._dst.file!r}, called from a callback "
+                "of the copy that is writing that file (same thread or task): "
+                "that copy holds the file until its callback returns, so this "
+                "one would wait for it for ever. Make this copy after that "
+                "one has returned"
+            )
+
+
 def _run_copy(job: _Copy) -> CopyResult:
     """copy()'s run of the job (closed at the end, whatever happens)."""
+    token = _UNDER_WAY.set(_UNDER_WAY.get() + (job,))
     try:
         while (wait := job.react(job.step())) is not None:
             if wait:
@@ -1641,6 +1685,7 @@ def _run_copy(job: _Copy) -> CopyResult:
         job.publish()
         return job.result()
     finally:
+        _UNDER_WAY.reset(token)
         job.close()
 
 
@@ -1783,6 +1828,7 @@ async def acopy(
         verify_progress,
         before_publish,
     )
+    _refuse_waiting_for_itself(source, target)
     existed = _target_existed(target)
     try:
         with files.owned_call():
@@ -1795,6 +1841,7 @@ async def _acopy_job(job: _Copy) -> CopyResult:
     """acopy()'s run of the job (closed at the end, whatever happens)."""
     import asyncio  # here: importing it costs a CLI run ~25 ms
 
+    token = _UNDER_WAY.set(_UNDER_WAY.get() + (job,))
     try:
         while True:
             # Steps run in batches of a few ms in the worker (see
@@ -1816,6 +1863,7 @@ async def _acopy_job(job: _Copy) -> CopyResult:
         await _off_loop(job.publish)
         return job.result()
     finally:
+        _UNDER_WAY.reset(token)
         job.close()
 
 

@@ -49,19 +49,100 @@ def files(tmp_path):
     return s1, s2, target
 
 
-def test_a_copy_started_from_anothers_verification(files):
+def test_a_copy_started_from_anothers_verification_is_refused(files):
+    """From a callback of the copy writing the file (same thread): refused
+    at once (ReentrancyError), and the first copy verifies its own bytes."""
     s1, s2, target = files
     inner = {}
 
     def progress(_):
         if not inner:
-            inner["result"] = ab.copy(s2, target, verify="default", timeout=20)
+            try:
+                ab.copy(s2, target, verify="default", timeout=20)
+                inner["said"] = "made"
+            except ab.ReentrancyError as exc:
+                inner["said"] = str(exc)
+
+    result = ab.copy(s1, target, verify="default", verify_progress=progress, timeout=20)
+    assert "called from a callback of the copy" in inner["said"]
+    state, detail = outcome(result)
+    assert state == "ok" and detail["checked"] == result.pages
+    assert rows_of(target) == 100
+
+
+def test_a_second_recording_connection_makes_the_check_unverified(files):
+    """Where the refusal cannot see it (another thread opened the file
+    through the recorder's shim while the copy recorded it), the check
+    proves nothing about the copy's own bytes: unverified, not "ok"."""
+    s1, s2, target = files
+    inner = {}
+
+    def progress(_):
+        if not inner:
+
+            def other():
+                inner["result"] = ab.copy(s2, target, verify="default", timeout=20)
+
+            t = threading.Thread(target=other)
+            t.start()
+            t.join(60)
 
     with pytest.raises(VerificationIncomplete, match="other connection"):
         ab.copy(s1, target, verify="default", verify_progress=progress, timeout=20)
     state, detail = outcome(inner["result"])
     assert state == "skipped" and "recording" in detail["why"]
     assert rows_of(target) == 150  # the second copy's, complete
+
+
+CHILD_NESTED = """
+    import apsw_backup as ab
+    import sqlite3
+    d = sys.argv[1]
+    for n, rows in (("s1.db", 100), ("s2.db", 100), ("t.db", 1)):
+        c = sqlite3.connect(os.path.join(d, n))
+        c.execute("CREATE TABLE t(x)")
+        c.executemany("INSERT INTO t VALUES (randomblob(3000))", [()] * rows)
+        c.commit()
+        c.close()
+    s1, s2, t = (os.path.join(d, n) for n in ("s1.db", "s2.db", "t.db"))
+    inner = {}
+
+    def call(args):
+        try:
+            ab.copy(*args)
+            return "made"
+        except ab.ReentrancyError as exc:
+            return type(exc).__name__
+
+    def cb(*_):
+        if not inner:
+            inner["into"] = call((s2, t))
+            inner["from"] = call((t, os.path.join(d, "x.db")))
+            inner["other"] = call((s2, os.path.join(d, "y.db")))
+
+    if sys.argv[2] == "copy":
+        ab.copy(s1, t, pages=10, progress=cb)
+    else:
+        import asyncio
+        asyncio.run(ab.acopy(s1, t, pages=10, progress=cb))
+    report("inner", inner)
+"""
+
+
+@pytest.mark.parametrize("how", ["copy", "acopy"])
+def test_a_copy_into_or_from_the_file_its_caller_writes_does_not_wait_for_ever(
+    tmp_path, how
+):
+    """It waited for ever for the lock its caller held until the callback
+    returned (timeout=None)."""
+    from child_process import run_child
+
+    report = run_child(CHILD_NESTED, tmp_path, how, timeout=60)
+    assert report["inner"] == {
+        "into": "ReentrancyError",
+        "from": "ReentrancyError",
+        "other": "made",
+    }
 
 
 def test_one_copy_alone_still_checks_its_bytes(files):
