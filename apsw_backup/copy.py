@@ -943,6 +943,8 @@ class _Copy:
         self._src = _SourceSide(source, options)
         self._dst = _TargetSide(target, options)
         files.check_distinct(self._src.file, self._dst.given)
+        if self._dst.user is None:  # a path: not another database's side file
+            files.check_not_named_as_side_file(self._dst.given)
         try:
             self._src.open()
             self._dst.open()
@@ -969,7 +971,9 @@ class _Copy:
         if pages > 0 or self._dst.flusher is None or self._opts.snapshot is False:
             return pages, False
         page_size = files.header_page_size(_header_of(self._src.file)) or 4096
-        return max(1, self._dst.flush_every // page_size), True
+        # a slice is a step of SQLite's (a C int of pages): a flush_every
+        # larger than that many pages is a slice of that many
+        return min(_C_INT_MAX, max(1, self._dst.flush_every // page_size)), True
 
     def _new_backup(self) -> _c.Backup:
         assert self._dst.conn is not None
@@ -1154,7 +1158,15 @@ class _Copy:
             self._src.end_snapshot()
             self._page_size = self._read_page_size()
             if self._opts.progress is not None:
-                self._opts.progress(status, remaining, total)
+                try:
+                    self._opts.progress(status, remaining, total)
+                except BaseException as exc:
+                    # Too late to undo: SQLite has committed.  A new target is
+                    # still not put in place; an existing one holds the copy,
+                    # and the exception says so (docs/api.md).
+                    if self._dst.new is None:
+                        _say_target_state(exc, self._dst.file, "complete")
+                    raise
             return None
         # The slices of a whole-copy step are not reported: pages <= 0 gets
         # the one call the standard library makes (plus any lock waits).
@@ -1671,6 +1683,17 @@ def _refuse_waiting_for_itself(source: object, target: object) -> None:
                 "one would wait for it for ever. Make this copy after that "
                 "one has returned"
             )
+
+
+def _say_target_state(exc: BaseException, path: str | None, state: str) -> None:
+    """Give exc (the caller's own, from a callback) the facts role, path and
+    target_state, where it takes attributes and has none of its own."""
+    if getattr(exc, "target_state", None) is not None:
+        return
+    try:
+        files.with_facts(exc, role="target", path=path, target_state=state)
+    except (AttributeError, TypeError):
+        pass  # an exception that takes no attributes: the docs say it
 
 
 def _run_copy(job: _Copy) -> CopyResult:

@@ -511,6 +511,29 @@ def check_no_stale_side_files(path: str) -> None:
             raise StaleSideFileError(path, side)
 
 
+def check_not_named_as_side_file(path: str) -> None:
+    """Refuse a target named as another database's side file (other.db-wal,
+    other.db-journal, other.db-shm, that database beside it): the first
+    time that database is opened, SQLite would apply the copy to it as its
+    journal or WAL, or delete it.  A ValueError with facts role "target",
+    path (the database it belongs to) and side."""
+    for spelled in dict.fromkeys((os.path.abspath(path), os.path.realpath(path))):
+        for suffix in SIDE_FILES:
+            owner = spelled[: -len(suffix)]
+            if spelled.endswith(suffix) and os.path.isfile(owner):
+                raise with_facts(
+                    ValueError(
+                        f"the target {path!r} is the {suffix} file name of the "
+                        f"database {owner!r}: SQLite would take the copy for "
+                        "part of that database (apply it, or delete it) the "
+                        "next time it is opened. Choose another target"
+                    ),
+                    role="target",
+                    path=owner,
+                    side=suffix,
+                )
+
+
 def side_paths(path: str) -> list[str]:
     return [path + suffix for suffix in SIDE_FILES]
 

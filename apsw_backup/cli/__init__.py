@@ -139,16 +139,24 @@ def _nothing_written(failure: Failure, argv: list[str], verify: bool) -> None:
 def _positionals(argv: list[str]) -> tuple[str | None, str | None]:
     """SOURCE and DEST as far as they can be told from arguments that did
     parse, or did (the words that are not options nor their values)."""
+    from apsw_backup.cli.arguments import _parser
+
     words: list[str | None] = []
-    takes_value = {"--pages", "--sleep", "--timeout", "--schema", "--keep"}
+    # the options that take a value, from the parser itself (a list kept
+    # here missed --verify: its value was taken for SOURCE); "?": optional
+    takes_value: dict[str, bool] = {}
+    for action in _parser()._actions:
+        if action.option_strings and action.nargs != 0:
+            for option in action.option_strings:
+                takes_value[option] = action.nargs == "?"
     skip = optional = False
     for word in argv:
         positional = word == "-" or not word.startswith("-")
         if skip and (positional or not optional):
             skip = False
-        elif word in takes_value or word == "--demo":
-            # --demo's FOLDER is optional: the next word, unless an option
-            skip, optional = True, word == "--demo"
+        elif word.split("=", 1)[0] in takes_value and "=" not in word:
+            # an optional value (--demo's FOLDER): the next word, unless an option
+            skip, optional = True, takes_value[word]
             continue
         elif positional:
             words.append(word)

@@ -108,7 +108,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     add(
         "--sleep",
-        type=_seconds,
+        type=_sleep_seconds,
         default=0.25,
         metavar="S",
         help="longest wait between retries while the database is locked (0.25)",
@@ -174,6 +174,19 @@ def _seconds(text: str) -> float:
     if not value >= 0 or math.isinf(value):
         raise argparse.ArgumentTypeError(
             f"{text!r} is not a finite number of seconds >= 0"
+        )
+    return value
+
+
+def _sleep_seconds(text: str) -> float:
+    """--sleep: seconds from 0 to copy()'s SLEEP_MAX (an hour)."""
+    from apsw_backup.copy import SLEEP_MAX
+
+    value = _seconds(text)
+    if value > SLEEP_MAX:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is more than {SLEEP_MAX:g} seconds (the longest wait "
+            "between retries)"
         )
     return value
 

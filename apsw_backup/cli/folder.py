@@ -17,7 +17,7 @@ The rules (docs/cli.md, "Folders and --keep"):
   a newer one made by a run that overlapped is never touched;
 - a backup dated later than now (a clock that ran ahead) is kept, not
   counted, and reported; so is one that does not look whole (looks_whole:
-  its header's page count x page size is not its size); a backup with no table in it (1 page or less) is
+  its header's page count x page size is not its size); a backup with no table in its schema is
   not counted, and a new one with none rotates nothing;
 - a backup's database file is deleted before its side files, and what
   could not be deleted is reported, with the new DEST said to be in place.
@@ -25,6 +25,7 @@ The rules (docs/cli.md, "Folders and --keep"):
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from apsw_backup import _apsw_backup as _c
 from apsw_backup import files
 from apsw_backup.cli.signals import Interrupts
 
@@ -154,10 +156,31 @@ def looks_whole(path: str) -> bool:
 
 
 def holds_a_table(path: str, strict: bool = False) -> bool:
-    """Whether a backup has anything in it: a table needs a page of its
-    own, so a database of one page (or none) holds no table.  strict:
-    OSError if its header cannot be read (it is not then said empty)."""
-    return pages_in(path, strict) > 1
+    """Whether a backup has anything in it: a table in its schema.  A table
+    needs a page of its own, so a database of one page (or none) holds none
+    (the header says so); a bigger one is asked (its tables may all have
+    been dropped, their pages left free).  Read through SQLite, read-only.
+    strict: OSError if it cannot be read (it is not then said empty);
+    otherwise a backup that cannot be read holds nothing, so it is never
+    counted among the N kept."""
+    if pages_in(path, strict) <= 1:
+        return False
+    try:
+        conn = _c.Connection(os.path.abspath(path), _c.SQLITE_OPEN_READONLY)
+        try:
+            conn.set_busy_timeout(1000)
+            rows = conn.execute(
+                "SELECT 1 FROM main.sqlite_master WHERE type = 'table' LIMIT 1"
+            ).fetchall()
+        finally:
+            conn.close()
+    except _c.Error as exc:
+        if strict:
+            raise OSError(
+                errno.EIO, f"SQLite cannot read its schema: {exc}", path
+            ) from exc
+        return False
+    return bool(rows)
 
 
 def hold_folder(
