@@ -281,44 +281,61 @@ def _read_point(path: str) -> _Point:
         fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
         raise BrokenChainError(f"restore point {path!r} is missing", path) from None
+    except (PermissionError, IsADirectoryError) as exc:  # named, as unreadable
+        raise BrokenChainError(
+            f"restore point {path!r} cannot be read: it {files.os_cause(exc)}",
+            path,
+        ) from None
     try:
-        size = os.fstat(fd).st_size
-        head = _read_exact(fd, _HEADER.size, 0)
-        if len(head) < _HEADER.size or head[:8] != MAGIC:
-            raise _damaged(path, "not a restore point (no header), or truncated")
-        (_, version, kind, page_size, data_offset, page_count, stored, created,
-         sequence, flags, path_len) = _HEADER.unpack(head)  # fmt: skip
-        if version != FORMAT_VERSION:
-            raise BrokenChainError(
-                f"restore point {path!r} has format version {version}; this "
-                f"apsw_backup reads version {FORMAT_VERSION}: use a newer one",
-                path,
-            )
-        if page_size < 512 or page_size > 65536 or page_size & (page_size - 1):
-            raise _damaged(
-                path, f"damaged (its page size, {page_size}, is none SQLite has)"
-            )
-        if data_offset < _HEADER.size + path_len or data_offset % 4096:
-            raise _damaged(path, "damaged (its header's data offset is wrong)")
-        if size < data_offset + _TRAILER.size:
-            raise _damaged(path, "truncated")
-        header = _read_exact(fd, data_offset, 0)
-        trailer = _read_exact(fd, _TRAILER.size, size - _TRAILER.size)
-        (tmagic, index_off, manifest_off, parent_root, root, checksum,
-         end) = _TRAILER.unpack(trailer)  # fmt: skip
-        expected_index = data_offset + stored * page_size
-        if (
-            tmagic != TRAILER_MAGIC
-            or end != END_MAGIC
-            or index_off != expected_index
-            or manifest_off != index_off + 8 * stored
-            or size != manifest_off + HASH * page_count + _TRAILER.size
-        ):
-            raise _damaged(path, "truncated or damaged (its trailer does not match)")
-        index_bytes = _read_exact(fd, 8 * stored, index_off)
-        manifest = _read_exact(fd, HASH * page_count, manifest_off)
+        return _read_open_point(path, fd)
+    except OSError as exc:  # EIO while reading it: the file is at fault
+        if exc.errno != errno.EIO:
+            raise
+        raise BrokenChainError(
+            f"restore point {path!r} cannot be read: it {files.os_cause(exc)}",
+            path,
+        ) from None
     finally:
         os.close(fd)
+
+
+def _read_open_point(path: str, fd: int) -> _Point:
+    """_read_point's work on its open descriptor."""
+    size = os.fstat(fd).st_size
+    head = _read_exact(fd, _HEADER.size, 0)
+    if len(head) < _HEADER.size or head[:8] != MAGIC:
+        raise _damaged(path, "not a restore point (no header), or truncated")
+    (_, version, kind, page_size, data_offset, page_count, stored, created,
+     sequence, flags, path_len) = _HEADER.unpack(head)  # fmt: skip
+    if version != FORMAT_VERSION:
+        raise BrokenChainError(
+            f"restore point {path!r} has format version {version}; this "
+            f"apsw_backup reads version {FORMAT_VERSION}: use a newer one",
+            path,
+        )
+    if page_size < 512 or page_size > 65536 or page_size & (page_size - 1):
+        raise _damaged(
+            path, f"damaged (its page size, {page_size}, is none SQLite has)"
+        )
+    if data_offset < _HEADER.size + path_len or data_offset % 4096:
+        raise _damaged(path, "damaged (its header's data offset is wrong)")
+    if size < data_offset + _TRAILER.size:
+        raise _damaged(path, "truncated")
+    header = _read_exact(fd, data_offset, 0)
+    trailer = _read_exact(fd, _TRAILER.size, size - _TRAILER.size)
+    (tmagic, index_off, manifest_off, parent_root, root, checksum,
+     end) = _TRAILER.unpack(trailer)  # fmt: skip
+    expected_index = data_offset + stored * page_size
+    if (
+        tmagic != TRAILER_MAGIC
+        or end != END_MAGIC
+        or index_off != expected_index
+        or manifest_off != index_off + 8 * stored
+        or size != manifest_off + HASH * page_count + _TRAILER.size
+    ):
+        raise _damaged(path, "truncated or damaged (its trailer does not match)")
+    index_bytes = _read_exact(fd, 8 * stored, index_off)
+    manifest = _read_exact(fd, HASH * page_count, manifest_off)
     digest = _c._page_hash_parts(
         (header, index_bytes, manifest, trailer[:_CHECKED_TRAILER])
     )
@@ -333,11 +350,17 @@ def _read_point(path: str) -> _Point:
         raise _damaged(path, "damaged (its index names a page it does not have)")
     source = os.fsdecode(header[_HEADER.size : _HEADER.size + path_len])
     name = _parse_name(path)
+    try:
+        made = datetime.fromtimestamp(created / 1e6, timezone.utc)
+    except (ValueError, OverflowError, OSError):
+        raise _damaged(path, "damaged (its time is none a clock has)") from None
+    if "\0" in source:
+        raise _damaged(path, "damaged (its recorded source path)")
     info = RestorePoint(
         path=path,
         stem=name["stem"] if name else Path(source).stem,
         kind=KINDS[kind],
-        created=datetime.fromtimestamp(created / 1e6, timezone.utc),
+        created=made,
         size=size,
         page_size=page_size,
         page_count=page_count,
@@ -421,6 +444,8 @@ def _point_source(path: str) -> str | None:
         return None
     finally:
         os.close(fd)
+    if b"\0" in raw or len(raw) < path_len:
+        return None  # damaged (a flipped bit in the length): said by its checks
     # a source is its real file: one database named through a symbolic link
     # and by its own path is one source (one chain, one --keep)
     return os.path.realpath(os.fsdecode(raw))
@@ -1166,7 +1191,12 @@ def _write_point(source: _c.Connection, source_name: str, folder: str, stem: str
     _check_name_length(_final_name(folder, stem, "delta", created), stem)
     data_offset = _data_offset(source_name)
     new = files.NewFile(final)
-    new.create()
+    try:
+        new.create()
+    except OSError as exc:  # the folder's problem, never the temporary name's
+        if exc.errno is None:
+            raise
+        raise OSError(exc.errno, exc.strerror, folder) from exc
     try:
         rec = _Recording(
             folder,
@@ -1459,6 +1489,13 @@ def incremental(
             side_existed = any(map(os.path.lexists, files.side_paths(real)))
         else:
             conn = source  # type: ignore[assignment]
+            if isinstance(conn, RestorePointConnection):
+                raise ValueError(
+                    "a restore point opened with open_restore_point() cannot be "
+                    "the SOURCE of incremental(): it is not a database file "
+                    "(its points would record a name that never exists). "
+                    "restore() it into a file and back that up, or copy() it"
+                )
             source_name = conn.filename
             stem = Path(source_name).stem
             if not source_name:
@@ -2060,9 +2097,12 @@ def _restore_new(
         if exc.errno == errno.ENAMETOOLONG:
             raise _cannot("target", target, exc) from exc
         raise _cannot("target's folder", os.path.dirname(target), exc) from exc
-    pages = _ChainFiles(chain)
+    pages: _ChainFiles | None = None
     checker: _RestoreChecker | None = None
     try:
+        # inside: a failure opening the chain's files (EMFILE) discards the
+        # temporary file too
+        pages = _ChainFiles(chain)
         P = pages.page_size
         # Three things at once: this thread writes the pages in order, each
         # page from the newest file holding it and checked against the
@@ -2106,7 +2146,8 @@ def _restore_new(
             raise _dest_error(exc, new.path, target) from exc
         raise
     finally:
-        pages.close()
+        if pages is not None:
+            pages.close()
 
 
 def _publish_restored(new: files.NewFile, target: str) -> None:

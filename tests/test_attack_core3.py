@@ -109,7 +109,8 @@ def test_sleep_over_an_hour_is_a_usage_error(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "bad", [["--verify", "bogus"], ["--pages", "abc"], ["--schema", "x", "--keep", "no"]]
+    "bad",
+    [["--verify", "bogus"], ["--pages", "abc"], ["--schema", "x", "--keep", "no"]],
 )
 def test_a_bad_option_value_never_takes_source_for_dest(tmp_path, bad):
     make(tmp_path / "s.db")
