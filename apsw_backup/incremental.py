@@ -288,13 +288,6 @@ def _read_point(path: str) -> _Point:
         ) from None
     try:
         return _read_open_point(path, fd)
-    except OSError as exc:  # EIO while reading it: the file is at fault
-        if exc.errno != errno.EIO:
-            raise
-        raise BrokenChainError(
-            f"restore point {path!r} cannot be read: it {files.os_cause(exc)}",
-            path,
-        ) from None
     finally:
         os.close(fd)
 

@@ -10,7 +10,6 @@ restore to their own state, nothing but points is left in the folder, and
 a DEST is absent, old, or the restored state -- never anything else.
 """
 
-import errno
 import os
 import shutil
 import sqlite3
@@ -237,41 +236,8 @@ def test_every_os_call_of_ours_failing_leaves_points_sound(
                         os.remove(folder / p)
 
 
-def test_the_shims_own_write_failing_keeps_nothing(tmp_path):
-    """A page the delta shim cannot write (the file size limit: EFBIG)."""
-    from child_process import run_child
-
-    report = run_child(
-        """
-        import resource, signal, sqlite3
-        from apsw_backup import incremental as inc
-        folder = os.path.join(sys.argv[1], "points")
-        os.mkdir(folder)
-        src = os.path.join(sys.argv[1], "src.db")
-        db = sqlite3.connect(src)
-        db.execute("CREATE TABLE t(v)")
-        db.executemany("INSERT INTO t VALUES (?)", [(os.urandom(1000),)] * 2000)
-        db.commit()
-        db.close()
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
-        try:
-            inc.incremental(src, folder)
-            report("outcome", "made")
-        except OSError as exc:
-            report("outcome", [type(exc).__name__, exc.errno, exc.filename])
-        report("left", sorted(os.listdir(folder)))
-        """,
-        tmp_path,
-    )
-    # the OS's cause, naming the point being written (not its temporary
-    # name): a full disk is said as one (the command: "... is on a full
-    # file system (no space left) (ENOSPC): free some space")
-    kind, code, filename = report["outcome"]
-    assert (kind, code) == ("OSError", errno.EFBIG)
-    assert os.path.basename(filename).endswith(".base.apswb"), filename
-    assert os.path.dirname(filename) == str(tmp_path / "points")
-    assert report["left"] == []
+# The shim's own failed write (EFBIG): tests/test_incremental_attack3.py,
+# test_the_shims_failed_write_says_the_os_cause_and_names_the_point.
 
 
 @pytest.mark.parametrize("route", ["incremental", "restore"])
