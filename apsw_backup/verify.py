@@ -762,10 +762,15 @@ class _IndexSplit:
     or expression index, or a query plan that would not look each entry up
     by its key -- is not split (plan() returns None)."""
 
-    def __init__(self, table: str, indexes: list[_Index], lo: int, hi: int) -> None:
+    def __init__(
+        self, table: str, indexes: list[_Index], lo: int, hi: int, rid: str = "rowid"
+    ) -> None:
         self.table = table
         self.indexes = indexes
         self.lo, self.hi = lo, hi
+        # the name that reaches the real rowid: a column of the table may be
+        # called rowid (or oid, or _rowid_), and then that name is the column
+        self.rid = rid
 
     @classmethod
     def plan(cls, conn: apsw_backup.Connection, table: str) -> _IndexSplit | None:
@@ -776,10 +781,13 @@ class _IndexSplit:
         text = str(sql or "").upper()
         if re.search(r"\b(CHECK|STRICT|VIRTUAL)\b|WITHOUT\s+ROWID", text):
             return None
-        if any(
-            row[6] not in (0, 1) for row in conn.execute(f"PRAGMA table_xinfo({q})")
-        ):
+        columns_of_t = list(conn.execute(f"PRAGMA table_xinfo({q})"))
+        if any(row[6] not in (0, 1) for row in columns_of_t):
             return None  # generated columns
+        names = {str(row[1]).lower() for row in columns_of_t}
+        rid = next((n for n in ("rowid", "_rowid_", "oid") if n not in names), None)
+        if rid is None:
+            return None  # every name of the rowid is a column's: not split
         indexes = []
         for _, name, unique, _origin, partial in conn.execute(
             f"PRAGMA index_list({q})"
@@ -797,9 +805,9 @@ class _IndexSplit:
             indexes.append(_Index(str(name), columns, bool(unique)))
         if not indexes:
             return None
-        lo = _scalar(conn, f"SELECT min(rowid) FROM {q}")
-        hi = _scalar(conn, f"SELECT max(rowid) FROM {q}")
-        split = cls(table, indexes, int(lo or 0), int(hi or 0))
+        lo = _scalar(conn, f"SELECT min({rid}) FROM {q}")
+        hi = _scalar(conn, f"SELECT max({rid}) FROM {q}")
+        split = cls(table, indexes, int(lo or 0), int(hi or 0), rid)
         for index in indexes:
             plan = " ".join(
                 str(row[-1])
@@ -822,14 +830,16 @@ class _IndexSplit:
                 f"{alias}.{_quote(c)} IS t.{_quote(c)} COLLATE {_quote(coll)}"
                 for c, coll in index.columns
             )
+            r = self.rid
             joins.append(
                 f"LEFT JOIN {q} AS {alias} INDEXED BY {_quote(index.name)} "
-                f"ON {on} AND {alias}.rowid = t.rowid"
+                f"ON {on} AND {alias}.{r} = t.{r}"
             )
-            missing.append(f"{alias}.rowid IS NULL")
+            missing.append(f"{alias}.{r} IS NULL")
+        r = self.rid
         return (
-            f"SELECT t.rowid, {', '.join(missing)} FROM {q} AS t NOT INDEXED "
-            f"{' '.join(joins)} WHERE t.rowid BETWEEN ? AND ? AND "
+            f"SELECT t.{r}, {', '.join(missing)} FROM {q} AS t NOT INDEXED "
+            f"{' '.join(joins)} WHERE t.{r} BETWEEN ? AND ? AND "
             f"({' OR '.join(missing)})"
         )
 
@@ -890,7 +900,7 @@ class _IndexSplit:
                     place = _scalar(
                         conn,
                         f"SELECT count(*) FROM {_quote(self.table)} NOT INDEXED "
-                        "WHERE rowid <= ?",
+                        f"WHERE {self.rid} <= ?",
                         (row[0],),
                     )
                     found.append(f"row {place} missing from index {index.name}")

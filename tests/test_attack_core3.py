@@ -125,3 +125,29 @@ def test_a_huge_flush_every_is_taken_as_rarely(tmp_path):
     make(src)
     result = ab.copy(src, tmp_path / "o.db", flush_every=2**43 + 1)
     assert result.pages > 1
+
+
+def test_figures_of_a_wal_dest_whose_checkpoint_a_reader_holds_back(tmp_path):
+    """(third helper) --overwrite into a WAL DEST with a reader: the file's
+    header is the old database's until a checkpoint; the figures are read
+    through SQLite (the -wal), not from that stale header."""
+    backup, dest = tmp_path / "bk.db", tmp_path / "live.db"
+    make(backup, rows=10)
+    live = sqlite3.connect(dest, isolation_level=None)
+    live.execute("PRAGMA journal_mode=wal")
+    live.execute("CREATE TABLE big(y)")
+    live.executemany("INSERT INTO big VALUES (randomblob(3000))", [()] * 40)
+    live.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    reader = sqlite3.connect(dest, isolation_level=None)
+    reader.execute("BEGIN")
+    reader.execute("SELECT count(*) FROM big").fetchone()
+    try:
+        code, out = cli("--overwrite", backup, dest)
+    finally:
+        reader.execute("COMMIT")
+        reader.close()
+    pages = live.execute("PRAGMA page_count").fetchone()[0]
+    live.close()
+    assert code == 0
+    assert out["pages"] == pages
+    assert out["bytes"] == pages * out["page_size"]

@@ -12,9 +12,11 @@
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
+from apsw_backup import _apsw_backup as _c
 from apsw_backup import files
 from apsw_backup.cli.plan import Job
 
@@ -50,7 +52,44 @@ def header_facts(path: str) -> dict[str, Any]:
     # matches "version-valid-for" (92), as every SQLite since 3.7.0 writes.
     if header[24:28] == header[92:96]:
         facts["pages"] = int.from_bytes(header[28:32], "big")
+    if facts["journal_mode"] == "wal" and _wal_size(path) > 0:
+        # The file's header is the last checkpoint's: the copy's own page 1
+        # may still be in the -wal (a reader kept the checkpoint from
+        # finishing).  Ask SQLite, which reads through the -wal.
+        facts.pop("pages", None)
+        facts.update(_through_sqlite(path))
     return facts
+
+
+def _wal_size(path: str) -> int:
+    """The size of path's -wal (0 when there is none): with none, the
+    header is the database's, and no connection (which would make a -wal
+    and a -shm beside DEST) is opened."""
+    try:
+        return os.stat(path + "-wal").st_size
+    except OSError:
+        return 0
+
+
+def _through_sqlite(path: str) -> dict[str, Any]:
+    """{"page_size", "pages"} of the database at path as SQLite reads it
+    (a read-only connection of its own: its close drops no lock of the
+    process's other connections, SQLite's unix VFS keeps the descriptor);
+    {} when it cannot be read (the caller then says what the copy wrote,
+    never the stale header's figure)."""
+    try:
+        conn = _c.Connection(os.path.abspath(path), _c.SQLITE_OPEN_READONLY)
+        try:
+            conn.set_busy_timeout(1000)
+            pages = conn.execute("PRAGMA main.page_count").fetchall()[0][0]
+            size = conn.execute("PRAGMA main.page_size").fetchall()[0][0]
+        finally:
+            conn.close()
+    except _c.Error:
+        return {}
+    if not isinstance(pages, int) or not isinstance(size, int):
+        return {}
+    return {"pages": pages, "page_size": size}
 
 
 def deadline_left(job: Job, timeout: float | None) -> float | None:
