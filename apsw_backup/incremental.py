@@ -143,6 +143,8 @@ class IncrementalResult:
     path: str
     kind: str
     page_count: int
+    # all the run wrote: its point, plus any base a rebase or a keep= merge
+    # wrote (so a delta merged away still counts, with the base it became)
     pages_written: int
     bytes_written: int
     elapsed: float
@@ -439,9 +441,12 @@ def _point_source(path: str) -> str | None:
         os.close(fd)
     if b"\0" in raw or len(raw) < path_len:
         return None  # damaged (a flipped bit in the length): said by its checks
-    # a source is its real file: one database named through a symbolic link
-    # and by its own path is one source (one chain, one --keep)
-    return os.path.realpath(os.fsdecode(raw))
+    # As recorded: a point records its source's real path (symbolic links
+    # resolved when it was made), so one database named through a link and
+    # by its own path is one source.  Never resolved again here: a link
+    # made or removed later must not move a point to another source (a
+    # delta made through a link left behind by a move would lose its base).
+    return os.path.abspath(os.fsdecode(raw))
 
 
 def _sources(paths: list[str]) -> dict[str, str | None]:
@@ -467,7 +472,7 @@ def _of_source(paths: list[str], source: str) -> list[str]:
     chains, its own --keep.  A point whose source cannot be told stays in
     (_chains and _chain_to report it as damaged only where the chain does
     not link without it; rotation never deletes it)."""
-    source = os.path.realpath(source)
+    source = os.path.abspath(source)
     found = _sources(paths)
     return [p for p in paths if found[p] in (source, None)]
 
@@ -1579,10 +1584,19 @@ def incremental(
                         "base",
                         why,
                     )
+                    # what the run wrote: its delta, and this base
                     result.bytes_written += base.info.size
+                    result.pages_written += base.info.stored_pages
                     result.chain_length = 1
             if keep is not None:
                 result.deleted, result.merged = _rotate(folder, stem, source_name, keep)
+                for delta in result.merged:  # each merge wrote a base
+                    try:
+                        merged = _read_point(_twin_base(delta)).info
+                    except BrokenChainError:
+                        continue  # a later merge of this run took it in turn
+                    result.bytes_written += merged.size
+                    result.pages_written += merged.stored_pages
                 if result.path in result.merged:
                     # merged into a base of the same moment, which stands
                     # for it from now on: the result names that file
@@ -1688,9 +1702,7 @@ def _check_source_path(path: str) -> None:
     file: CantOpenError naming it, the cause and the cure), and a file that
     is not an SQLite database refused by its header (read through SQLite's
     own handle), before anything is made from it."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"the source database {path!r} does not exist")
-    _check_source_file(path)
+    _check_source_file(path)  # a missing one too: copy()'s CantOpenError, facts
     try:
         header = files.read_header(path, 16)
     except OSError:
@@ -1809,7 +1821,7 @@ def _usable_chain(
             f"the newest restore point is unusable ({problems[-1] if problems else newest})",
         )
     chain = chains[-1]
-    if os.path.realpath(chain[0].info.source) != os.path.realpath(source_name):
+    if os.path.abspath(chain[0].info.source) != os.path.abspath(source_name):
         return [], f"the newest chain is of another source ({chain[0].info.source})"
     # Every page of the chain is checked against its manifest before a
     # delta is put in place on it (_ChainCheck, while the source is read): a
@@ -1930,6 +1942,9 @@ def _restore(
         )
     _check_not_side_file(point, target)
     exists = os.path.lexists(target)
+    if exists and not os.path.isfile(target):
+        # said first: --overwrite would not help (a dangling link, a FIFO)
+        _check_dest_is_a_database(target)
     if exists and not overwrite:
         raise files.with_facts(
             FileExistsError(
@@ -1966,11 +1981,13 @@ def _check_dest_is_a_database(target: str) -> None:
     """--overwrite replaces a database's content: an existing DEST that is
     not an SQLite database (a text file, a typo) is refused, named."""
     if not os.path.isfile(target):
+        what = (
+            "is a symbolic link to nothing"
+            if os.path.islink(target) and not os.path.exists(target)
+            else "exists and is not a regular file"
+        )
         raise files.with_facts(
-            ValueError(
-                f"dest {target!r} exists and is not a regular file: give the "
-                "path of a database file"
-            ),
+            ValueError(f"dest {target!r} {what}: give the path of a database file"),
             role="target",
             path=target,
             target_state="unchanged",

@@ -5,6 +5,7 @@ Each "full backup of the same state" is apsw_backup.copy() into a new file,
 taken right after the incremental run with the source unchanged between.
 """
 
+import errno
 import os
 import random
 import sqlite3
@@ -367,8 +368,11 @@ def test_damaged_base_that_passes_integrity_check_is_caught(tmp_path):
 def test_not_a_restore_point_and_missing_things(tmp_path):
     with pytest.raises(FileNotFoundError, match="no restore points"):
         inc.restore(tmp_path, tmp_path / "r.db")
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    # copy()'s words and facts for a missing source (blind attack, round 3)
+    with pytest.raises(apsw_backup.CantOpenError, match="does not exist") as caught:
         inc.incremental(tmp_path / "nope.db", tmp_path)
+    assert (caught.value.role, caught.value.os_errno) == ("source", errno.ENOENT)
+    assert caught.value.path == str(tmp_path / "nope.db")
     with pytest.raises(ValueError, match="max_chain"):
         inc.incremental(tmp_path / "nope.db", tmp_path, max_chain=-1)
     with pytest.raises(ValueError, match="ISO 8601"):

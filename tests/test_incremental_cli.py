@@ -135,7 +135,8 @@ def test_usage_errors_exit_2(tmp_path, capsys):
     assert "holds no restore points" in capsys.readouterr().err
     assert main(["restore", str(tmp_path)]) == 2
     assert main(["list", str(tmp_path / "nope")]) == 2
-    assert main(["--incremental", str(tmp_path / "nope.db"), str(tmp_path)]) == 2
+    # a missing SOURCE is the plain backup's exit 1, not a usage error
+    assert main(["--incremental", str(tmp_path / "nope.db"), str(tmp_path)]) == 1
     assert "does not exist" in capsys.readouterr().err
 
 

@@ -424,10 +424,18 @@ def _list(args: argparse.Namespace) -> int:
         raise Failure(EXIT_USAGE, f"{folder!r} is not a folder", UsageError())
     points = inc.list_points(folder)
     rows = []
+    # A base starts a chain; a delta is of its parent's chain (the point of
+    # its stem and source whose root is its parent root): points of two
+    # sources sharing the folder interleave in time, not in chains.
     chain_no = 0
+    chain_of: dict[tuple[str, str, str], int] = {}
     for p in points:
-        if p.kind == "base":
+        key = (p.stem, p.source)
+        parent = chain_of.get((*key, p.parent_root)) if p.kind != "base" else None
+        if parent is None:
             chain_no += 1
+            parent = chain_no
+        chain_of[(*key, p.root)] = parent
         rows.append(
             {
                 "path": p.path,
@@ -436,7 +444,7 @@ def _list(args: argparse.Namespace) -> int:
                 "size": p.size,
                 "database_size": p.database_size,
                 "pages_stored": p.stored_pages,
-                "chain": chain_no,
+                "chain": parent,
                 "sequence": p.sequence,
                 "root": p.root,
                 "parent_root": p.parent_root,
