@@ -132,7 +132,7 @@ def pages_in(path: str, strict: bool = False) -> int:
     return size // page_size
 
 
-def looks_whole(path: str) -> bool:
+def looks_whole(path: str, strict: bool = False) -> bool:
     """Whether a backup looks whole by a cheap check: an SQLite header whose
     page count x page size is the file's size (a truncated or overwritten
     file is not).  A header whose page count SQLite marks as not valid
@@ -143,6 +143,8 @@ def looks_whole(path: str) -> bool:
         header = files.read_header(path)
         size = os.stat(path).st_size
     except OSError:
+        if strict:  # strict: a file that cannot be read now is not "damaged"
+            raise
         return False
     page_size = files.header_page_size(header)
     if len(header) < 100 or not header.startswith(b"SQLite format 3\0"):
@@ -174,13 +176,28 @@ def holds_a_table(path: str, strict: bool = False) -> bool:
             ).fetchall()
         finally:
             conn.close()
-    except _c.Error as exc:
+    except _c.Error as exc:  # its cause says which: unreadable, or damaged
         if strict:
             raise OSError(
                 errno.EIO, f"SQLite cannot read its schema: {exc}", path
             ) from exc
         return False
     return bool(rows)
+
+
+def _holds_a_table_or_unreadable(path: str) -> bool:
+    """holds_a_table() of an older backup: OSError when it cannot be read
+    now (ours or SQLite's: CantOpenError, IOError, a lock), False when it
+    is damaged or holds no table."""
+    try:
+        return holds_a_table(path, strict=True)
+    except OSError as exc:
+        cause = exc.__cause__
+        if cause is None or isinstance(
+            cause, (_c.CantOpenError, _c.IOError, _c.NoMemError, _c.BusyError)
+        ):
+            raise
+        return False  # SQLite read it and found it damaged: holds nothing
 
 
 def hold_folder(
@@ -291,15 +308,26 @@ def rotate(
     # A backup that does not look whole (truncated, overwritten) is neither
     # counted among the N nor deleted: it is reported, so --keep N keeps N
     # sound backups and a damaged one is left for a person to look at.
-    damaged = {b[1] for b in ours if b[1] not in unreadable and not looks_whole(b[1])}
+    # Each older backup, once: unreadable now (a failed stat or read, ours
+    # or SQLite's: counted, never deleted, reported -- found by
+    # tests/fsfaults: an EIO there made it "damaged", so exit 0 with more
+    # than N left), damaged, or holding a table (counted) or not.
+    damaged: set[str] = set()
+    counted_old: set[str] = set()
+    for _, path in ours:
+        if path in unreadable:
+            continue
+        try:
+            if not looks_whole(path, strict=True):
+                damaged.add(path)
+            elif _holds_a_table_or_unreadable(path):
+                counted_old.add(path)
+        except OSError as exc:
+            unreadable[path] = exc
     rotation.damaged = sorted(damaged)
     counted = sorted(
         [(own, job.dest)]
-        + [
-            b
-            for b in ours
-            if b[1] in unreadable or (b[1] not in damaged and holds_a_table(b[1]))
-        ]
+        + [b for b in ours if b[1] in unreadable or b[1] in counted_old]
     )
     kept = {path for _, path in counted[-keep:]}
     for stamp, path in sorted(ours):
