@@ -2012,20 +2012,21 @@ def _check_not_side_file(point: str, target: str) -> None:
     side file (other.db-wal): opening that database would take the restored
     copy for part of it, or delete it."""
     files.check_distinct(point, target)
-    for suffix in files.SIDE_FILES:
-        owner = target[: -len(suffix)]
-        if target.endswith(suffix) and os.path.isfile(owner):
-            raise files.with_facts(
-                ValueError(
-                    f"dest {target!r} is the {suffix} file name of the database "
-                    f"{owner!r}: SQLite would take the restored copy for part "
-                    "of that database, or delete it. Choose another dest"
-                ),
-                role="target",
-                path=owner,
-                side=suffix,
-                target_state="not created",
-            )
+    try:
+        files.check_not_named_as_side_file(target)  # the one rule (files.py)
+    except ValueError as exc:
+        owner, suffix = exc.path, exc.side  # type: ignore[attr-defined]
+        raise files.with_facts(
+            ValueError(
+                f"dest {target!r} is the {suffix} file name of the database "
+                f"{owner!r}: SQLite would take the restored copy for part "
+                "of that database, or delete it. Choose another dest"
+            ),
+            role="target",
+            path=owner,
+            side=suffix,
+            target_state="not created",
+        ) from None
 
 
 def _restore_plain(

@@ -276,17 +276,19 @@ def _check_rotation(folder: str) -> None:
 
 def _check_side_file_name(dest: str) -> None:
     """Refuse DEST named as another database's side file (other.db-wal):
-    opening that database would apply the copy to it, or delete it."""
-    for suffix in files.SIDE_FILES:
-        owner = dest[: -len(suffix)]
-        if dest.endswith(suffix) and os.path.isfile(owner):
-            raise Failure(
-                EXIT_USAGE,
-                f"DEST {_q(dest)} is the {suffix} file name of the database "
-                f"{_q(owner)}: SQLite would take the copy for part of that "
-                "database. Choose another DEST",
-                UsageError("DEST"),
-            )
+    opening that database would apply the copy to it, or delete it (the
+    rule: files.check_not_named_as_side_file; the words: the command's)."""
+    try:
+        files.check_not_named_as_side_file(dest)
+    except ValueError as exc:
+        owner, suffix = exc.path, exc.side  # type: ignore[attr-defined]
+        raise Failure(
+            EXIT_USAGE,
+            f"DEST {_q(dest)} is the {suffix} file name of the database "
+            f"{_q(owner)}: SQLite would take the copy for part of that "
+            "database. Choose another DEST",
+            UsageError("DEST"),
+        ) from None
 
 
 def _check_stale_side_files(dest: str) -> None:
