@@ -75,7 +75,11 @@ _Bindings: TypeAlias = Sequence[_Bindable] | Mapping[str, _Bindable]
 def sqlite_lib_version() -> str: ...
 def page_hash(data: Buffer, /) -> bytes: ...
 def _page_hash_variants(data: bytes, /) -> dict[str, bytes]: ...
-def _page_hash_parts(parts: list[bytes] | tuple[bytes, ...], /) -> bytes: ...
+def _page_hash_parts(
+    parts: list[bytes | tuple[int, int, int]]
+    | tuple[bytes | tuple[int, int, int], ...],
+    /,
+) -> bytes: ...
 
 # Private, for apsw_backup.copy: the name of the VFS shim that writes a
 # page 1 saying WAL as saying rollback journal (src/pageshim.h).
@@ -89,8 +93,9 @@ def _delta_open(
     fd: int,
     data_offset: int,
     page_size: int,
-    parent: bytes,
-    expected_pages: int = ...,
+    parent: tuple[int, int, int] | None,
+    pages_fd: int,
+    slots_fd: int,
     /,
 ) -> object: ...
 def _delta_read_source(
@@ -101,43 +106,47 @@ def _delta_read_source(
     page_count: int,
     /,
 ) -> None: ...
-def _gather_pages(
-    fds: tuple[int, ...],
-    file_of: bytes,
-    offset_of: bytes,
+def _delta_manifest(recording: object, first: int, count: int, /) -> bytes: ...
+def _delta_slots(recording: object, start: int, count: int, /) -> bytes: ...
+def _delta_slot_of(recording: object, pgno: int, /) -> int: ...
+def _chain_open(
     page_size: int,
-    first: int,
-    count: int,
-    manifest: bytes | None,
+    page_count: int,
+    files: tuple[tuple[int, int, int, int], ...],
+    tip_manifest: int,
+    scratch_fd: int,
     /,
+) -> tuple[object, int]: ...
+def _chain_close(chain: object, /) -> None: ...
+def _chain_gather(
+    chain: object, first: int, count: int, check: bool, /
 ) -> tuple[bytes, int]: ...
-def _chain_map(
-    page_count: int, page_size: int, files: list[tuple[bytes, int]], /
-) -> tuple[bytes, bytes, int]: ...
+def _chain_file_of(chain: object, pgno: int, /) -> int: ...
 def _check_stored(
     fd: int,
-    index: bytes,
+    index_off: int,
     data_offset: int,
     page_size: int,
-    manifest: bytes,
+    manifest_off: int,
+    page_count: int,
     start: int,
     count: int,
     /,
 ) -> int: ...
 def _check_inherited(
-    manifest: bytes, parent: bytes | None, index: bytes, page_size: int, /
+    fd: int,
+    manifest_off: int,
+    page_count: int,
+    index_off: int,
+    stored: int,
+    parent: tuple[int, int, int] | None,
+    page_size: int,
+    scratch_fd: int,
+    /,
 ) -> tuple[int, int]: ...
 def _delta_close(capsule: object, /) -> None: ...
 def _delta_result(capsule: object, /) -> dict[str, Any]: ...
-def _overlay_open(
-    path: str,
-    page_size: int,
-    page_count: int,
-    fds: tuple[int, ...],
-    file_of: bytes,
-    offset_of: bytes,
-    /,
-) -> object: ...
+def _overlay_open(path: str, chain: object, /) -> object: ...
 def _overlay_close(capsule: object, /) -> None: ...
 def _check_pages(data: bytes, page_size: int, expected: bytes, /) -> int: ...
 

@@ -10,9 +10,10 @@ database.
 
 - incremental(source, folder) backs the source up into the folder: a base
   when the folder holds no usable chain for this source, else a delta.  The
-  ordinary backup API writes into a database that exists only in memory
-  (the delta shim, src/deltashim.c), which keeps only the pages whose hash
-  differs from the parent's manifest.
+  ordinary backup API writes into a database that exists nowhere as a
+  file (the delta shim, src/deltashim.c), which keeps only the pages whose
+  hash differs from the parent's manifest.  No table that grows with the
+  database is held in memory (docs/incremental.md, "Memory").
 - restore(backup, dest) rebuilds a database: into a new file, page by page
   from the chain, each page checked against the manifest, then
   quick_check; into an existing database (overwrite=True), through an
@@ -32,12 +33,13 @@ import os
 import re
 import struct
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 from apsw_backup import _apsw_backup as _c
 from apsw_backup import files
@@ -79,6 +81,9 @@ _NAME = re.compile(
     re.DOTALL,  # a stem may hold any character a file name may, \n too
 )
 _READ_RUN = 1 << 20  # bytes read at once when streaming pages
+# entries of an index, a manifest or a recording's table read or written at
+# once: what a run holds of a table that grows with the database
+_WINDOW = 65536
 
 # steps of a restore into an existing dest when progress is given
 RESTORE_STEPS = 64
@@ -88,12 +93,6 @@ MAX_CHAIN = 30
 REBASE_SHARE = 1.0  # the chain's deltas together, against the base's size
 VACUUM_SHARE = 0.5  # one delta storing more of the pages than this: a base
 DEST_CACHE_PAGES = -2000  # the recording's page cache (SQLite's default, 2 MB)
-# The check of a chain runs in a thread of its own beside the copy up to
-# this many pages (1 GiB of 4 KiB pages); above it, in the calling thread
-# first: the manifests a thread reads land in an allocator arena of its
-# own, ~70 bytes a page more at the peak (measured: 70 MB against 47 MB for
-# a delta of a 1.3 GB database), which would break the 64 MB bound.
-THREADED_CHECK_PAGES = 262_144
 
 
 class BrokenChainError(Exception):
@@ -188,10 +187,12 @@ class ChainReport:
 
 @dataclasses.dataclass
 class _Point:
+    """A point as read and checked.  Its index and manifest stay in its
+    file: they are read there a window at a time (docs/incremental.md,
+    "Memory"), through a descriptor from open()."""
+
     info: RestorePoint
     data_offset: int
-    index: Sequence[int]  # page number of each stored page, in file order
-    _manifest: bytes | None
     parent_root: bytes
     root: bytes
 
@@ -199,32 +200,64 @@ class _Point:
         return self.data_offset + position * self.info.page_size
 
     @property
-    def manifest(self) -> bytes:
-        """The manifest, read again from the file (and checked again) if it
-        was dropped: a chain's points need not all hold theirs at once (16
-        bytes a page each)."""
-        if self._manifest is None:
-            # Only the manifest, checked by the root hash it must still have
-            # (the checksum of the rest was checked when the point was read).
-            P, stored = self.info.page_size, self.info.stored_pages
-            offset = self.data_offset + stored * P + 8 * stored
-            try:
-                fd = os.open(self.info.path, os.O_RDONLY)
-            except FileNotFoundError:
-                raise BrokenChainError(
-                    f"restore point {self.info.path!r} is missing", self.info.path
-                ) from None
-            try:
-                again = _read_exact(fd, HASH * self.info.page_count, offset)
-            finally:
-                os.close(fd)
-            if root_hash(P, again) != self.root:
-                raise _damaged(self.info.path, "changed since it was first read")
-            self._manifest = again
-        return self._manifest
+    def index_off(self) -> int:
+        return self.offset_of(self.info.stored_pages)
 
-    def drop(self) -> None:
-        self._manifest = None
+    @property
+    def manifest_off(self) -> int:
+        return self.index_off + 8 * self.info.stored_pages
+
+    def open(self) -> int:
+        """A descriptor of the point's file, checked to be the file that was
+        read (its size and trailer): BrokenChainError naming it if it is
+        missing or changed since."""
+        path = self.info.path
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise BrokenChainError(f"restore point {path!r} is missing", path) from None
+        try:
+            size = os.fstat(fd).st_size
+            trailer = _read_exact(fd, _TRAILER.size, size - _TRAILER.size)
+            root = _TRAILER.unpack(trailer)[4] if len(trailer) == _TRAILER.size else b""
+            if size != self.info.size or root != self.root:
+                raise _damaged(path, "changed since it was first read")
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def hashes(self, fd: int, first: int, count: int) -> bytes:
+        """count manifest entries from page first, read from fd."""
+        data = _read_exact(fd, HASH * count, self.manifest_off + HASH * (first - 1))
+        if len(data) != HASH * count:
+            raise _damaged(self.info.path, "truncated")
+        return data
+
+    def positions(self, fd: int, start: int, count: int) -> array.array[int]:
+        """count index entries (page numbers) from position start."""
+        data = _read_exact(fd, 8 * count, self.index_off + 8 * start)
+        if len(data) != 8 * count:
+            raise _damaged(self.info.path, "truncated")
+        return _index_from_bytes(data)
+
+    # The whole index and manifest, for the tests only: the code reads
+    # windows (tests/test_incremental_memory.py proves no run calls these).
+    @property
+    def index(self) -> array.array[int]:
+        fd = self.open()
+        try:
+            return self.positions(fd, 0, self.info.stored_pages)
+        finally:
+            os.close(fd)
+
+    @property
+    def manifest(self) -> bytes:
+        fd = self.open()
+        try:
+            return self.hashes(fd, 1, self.info.page_count)
+        finally:
+            os.close(fd)
 
 
 def _index_from_bytes(data: bytes) -> array.array[int]:
@@ -248,9 +281,19 @@ def root_hash(page_size: int, manifest: bytes) -> bytes:
     """The root hash of a database state: of its page size, page count and
     every page's hash (docs/incremental.md)."""
     count = len(manifest) // HASH
-    # hashed in pieces: a joined copy would be another 16 bytes a page
     return _c._page_hash_parts(
         (ROOT_PREFIX + struct.pack(">IQ", page_size, count), manifest)
+    )
+
+
+def _file_root(fd: int, page_size: int, count: int, manifest_off: int) -> bytes:
+    """root_hash() of the manifest of count pages where it lies in fd (read
+    a block at a time: never all in memory)."""
+    return _c._page_hash_parts(
+        (
+            ROOT_PREFIX + struct.pack(">IQ", page_size, count),
+            (fd, manifest_off, HASH * count),
+        )
     )
 
 
@@ -329,20 +372,27 @@ def _read_open_point(path: str, fd: int) -> _Point:
         or size != manifest_off + HASH * page_count + _TRAILER.size
     ):
         raise _damaged(path, "truncated or damaged (its trailer does not match)")
-    index_bytes = _read_exact(fd, 8 * stored, index_off)
-    manifest = _read_exact(fd, HASH * page_count, manifest_off)
+    # index and manifest hashed where they lie, a block at a time
     digest = _c._page_hash_parts(
-        (header, index_bytes, manifest, trailer[:_CHECKED_TRAILER])
+        (
+            header,
+            (fd, index_off, 8 * stored),
+            (fd, manifest_off, HASH * page_count),
+            trailer[:_CHECKED_TRAILER],
+        )
     )
     if digest != checksum:
         raise _damaged(path, "altered or damaged (its checksum does not match)")
-    if root_hash(page_size, manifest) != root:
+    if _file_root(fd, page_size, page_count, manifest_off) != root:
         raise _damaged(path, "altered (its root hash does not match its manifest)")
     if kind > 1 or (kind == 0) != (parent_root == ZERO_HASH):
         raise _damaged(path, "damaged (its kind and parent disagree)")
-    index = _index_from_bytes(index_bytes)
-    if index and (min(index) < 1 or max(index) > page_count):
-        raise _damaged(path, "damaged (its index names a page it does not have)")
+    for start in range(0, stored, _WINDOW):
+        part = _index_from_bytes(
+            _read_exact(fd, 8 * min(_WINDOW, stored - start), index_off + 8 * start)
+        )
+        if part and (min(part) < 1 or max(part) > page_count):
+            raise _damaged(path, "damaged (its index names a page it does not have)")
     source = os.fsdecode(header[_HEADER.size : _HEADER.size + path_len])
     name = _parse_name(path)
     try:
@@ -375,7 +425,7 @@ def _read_open_point(path: str, fd: int) -> _Point:
             "it was renamed (points out of order); give it back its name",
             path,
         )
-    return _Point(info, data_offset, index, manifest, parent_root, root)
+    return _Point(info, data_offset, parent_root, root)
 
 
 def _is_ours(path: str) -> bool:
@@ -460,7 +510,7 @@ def _sources(paths: list[str]) -> dict[str, str | None]:
         for path, source in found.items():
             if source is not None:
                 try:
-                    _read_point(path).drop()
+                    _read_point(path)
                 except BrokenChainError:
                     found[path] = None
     return found
@@ -502,8 +552,6 @@ def _chains(
     problems: list[BrokenChainError] = []
     entries: list[_Point | BrokenChainError] = []
     for path in paths:
-        if entries and isinstance(entries[-1], _Point):
-            entries[-1].drop()  # 16 bytes a page each: read again if needed
         try:
             entries.append(_read_point(path))
         except BrokenChainError as exc:
@@ -571,9 +619,6 @@ def _chains(
         _settle_unread(unread, problems, linked=True)
         chains[-1].append(p)
     problems.extend(unread)  # the newest files: nothing tells they are not ours
-    for chain in chains:
-        for p in chain[:-1]:
-            p.drop()  # only a chain's tip keeps its manifest in memory
     return [c for c in chains if c], problems, twins
 
 
@@ -672,7 +717,6 @@ def _chain_to(point_path: str, folder: str) -> list[_Point]:
             )
         chain.insert(0, parent)
         unread = None  # linked past it: not of this chain
-        parent.drop()  # read again when needed: 16 bytes a page each
     return chain
 
 
@@ -752,34 +796,62 @@ def _parse_time(value: datetime | str) -> datetime:
 # -- streaming a chain's pages ---------------------------------------------
 
 
-class _ChainFiles:
-    """Open descriptors of a chain's files and where each page lives
-    (file_of: the chain's file holding the newest version of each page, -1
-    for none; offset_of: where in it), both as native arrays in bytes."""
+def _scratch(folder: str | None) -> IO[bytes]:
+    """An unnamed file of our own for a table that grows with the database
+    (src/table.h): in folder -- the folder the run makes its file in -- or
+    in the system's temporary folder (None: a reader, or a restore into an
+    existing DEST, which makes no file).  It has no name (O_TMPFILE
+    where the file system has it, else removed at once), so a crash leaves
+    nothing, and it is gone when closed."""
+    try:
+        return tempfile.TemporaryFile(dir=folder, prefix=".apsw-backup-scratch-")
+    except OSError as exc:
+        if exc.errno is None:
+            raise
+        where = folder if folder is not None else tempfile.gettempdir()
+        raise OSError(exc.errno, exc.strerror, where) from exc
 
-    def __init__(self, chain: list[_Point]) -> None:
+
+class _ChainFiles:
+    """Open descriptors of a chain's files (each checked to be the file that
+    was read) and the chain's page map (src/deltashim.h, ChainMap: where
+    the newest version of each page lives), kept in a scratch file in
+    scratch_dir (_scratch())."""
+
+    def __init__(self, chain: list[_Point], scratch_dir: str | None) -> None:
         tip = chain[-1]
         self.chain = chain
         self.page_size = tip.info.page_size
         self.page_count = tip.info.page_count
-        self.manifest = tip.manifest
         self.fds: list[int] = []
+        self.map: Any = None
+        self.scratch: IO[bytes] | None = None
         try:
             for point in chain:
                 if point.info.page_size != self.page_size:
                     raise _damaged(
                         point.info.path, "of another page size than its chain"
                     )
-                self.fds.append(os.open(point.info.path, os.O_RDONLY))
-            self.file_of, self.offset_of, missing = _c._chain_map(
-                self.page_count,
-                self.page_size,
-                [(p.index.tobytes(), p.data_offset) for p in chain],  # type: ignore[attr-defined]
-            )
+                self.fds.append(point.open())
+            self.scratch = _scratch(scratch_dir)
+            try:
+                self.map, missing = _c._chain_open(
+                    self.page_size,
+                    self.page_count,
+                    tuple(
+                        (fd, p.data_offset, p.index_off, p.info.stored_pages)
+                        for fd, p in zip(self.fds, chain, strict=True)
+                    ),
+                    tip.manifest_off,
+                    self.scratch.fileno(),
+                )
+            except ValueError:  # an index naming page 0: _read_point refuses it
+                raise _damaged(
+                    tip.info.path, "damaged (an index names page 0)"
+                ) from None
         except BaseException:
             self.close()
             raise
-        self.files = memoryview(self.file_of).cast("i")
         if missing:
             self.close()
             raise _damaged(
@@ -787,10 +859,24 @@ class _ChainFiles:
                 f"incomplete (no file of its chain holds page {missing})",
             )
 
+    @property
+    def tip_fd(self) -> int:
+        return self.fds[-1]
+
     def close(self) -> None:
+        chain_map, self.map = self.map, None
+        if chain_map is not None:
+            _c._chain_close(chain_map)
         fds, self.fds = self.fds, []
         for fd in fds:
             os.close(fd)
+        scratch, self.scratch = self.scratch, None
+        if scratch is not None:
+            scratch.close()
+
+    def file_of(self, pgno: int) -> str:
+        """The path of the chain's file holding page pgno."""
+        return self.chain[_c._chain_file_of(self.map, pgno)].info.path
 
     def runs(self, check: bool = False) -> Any:
         """(first page, count, bytes) over the whole database, in chunks of
@@ -800,22 +886,13 @@ class _ChainFiles:
         manifest."""
         P = self.page_size
         per_chunk = max(1, _READ_RUN // P)
-        fds = tuple(self.fds)
         for first in range(1, self.page_count + 1, per_chunk):
             n = min(per_chunk, self.page_count - first + 1)
-            data, bad = _c._gather_pages(
-                fds,
-                self.file_of,
-                self.offset_of,
-                P,
-                first,
-                n,
-                self.manifest if check else None,
-            )
+            data, bad = _c._chain_gather(self.map, first, n, check)
             if bad >= 0:
                 pgno = first + bad
                 raise _damaged(
-                    self.chain[self.files[pgno - 1]].info.path,
+                    self.file_of(pgno),
                     f"altered, damaged or truncated (page {pgno} does not "
                     "match its hash)",
                 )
@@ -826,23 +903,17 @@ class _ChainFiles:
         return self.runs(check=True)
 
 
-def _first_bad(
-    data: bytes, page_size: int, pages: Sequence[int], manifest: bytes
-) -> int | None:
-    """The first of `pages` (held in that order in data) whose hash is not
-    the manifest's, or None; the lock-byte page's zero hash is skipped.  A
-    short read counts as a mismatch of the first page missing."""
+def _first_bad(data: bytes, page_size: int, first: int, expected: bytes) -> int | None:
+    """The first page (pages first.. held in that order in data) whose hash
+    is not its entry in expected (their manifest entries), or None; the
+    lock-byte page's zero hash is skipped.  A short read counts as a
+    mismatch of the first page missing."""
     count = len(data) // page_size
-    if count < len(pages):
-        return pages[count]
-    if isinstance(pages, range) and pages.step == 1:
-        expected = manifest[(pages.start - 1) * HASH : (pages.stop - 1) * HASH]
-    else:
-        expected = b"".join([manifest[(p - 1) * HASH : p * HASH] for p in pages])
-    if len(expected) != len(pages) * HASH:
-        return pages[len(expected) // HASH]
+    wanted = len(expected) // HASH
+    if count < wanted:
+        return first + count
     i = _c._check_pages(data, page_size, expected)
-    return None if i < 0 else pages[i]
+    return None if i < 0 else first + i
 
 
 def _lock_byte_page(page_size: int) -> int:
@@ -874,27 +945,32 @@ def _data_offset(source: str) -> int:
     return (need + 4095) // 4096 * 4096
 
 
-def _finish_file(fd: int, header: bytes, index: Sequence[int], manifest: bytes,
+def _finish_file(fd: int, header: bytes, stored: int, page_count: int,
                  parent_root: bytes, page_size: int) -> tuple[bytes, int]:  # fmt: skip
-    """Write header, index, manifest and trailer around the pages already
-    at the data offset; returns (root, file size)."""
+    """Write header and trailer around the pages, index and manifest already
+    in the file (stored pages from the data offset, then the index, then the
+    manifest of page_count pages); returns (root, file size).  The root hash
+    and the checksum are of what the file holds, read back a block at a
+    time."""
     files.check_owned()
     data_offset = len(header)
-    index_bytes = _index_to_bytes(index)
-    index_off = data_offset + len(index) * page_size
-    manifest_off = index_off + len(index_bytes)
-    root = root_hash(page_size, manifest)
+    index_off = data_offset + stored * page_size
+    manifest_off = index_off + 8 * stored
+    root = _file_root(fd, page_size, page_count, manifest_off)
     head = struct.pack(
         ">8sQQ16s16s", TRAILER_MAGIC, index_off, manifest_off, parent_root, root
     )
-    # hashed and written in pieces: joined, the index and manifest would be
-    # copied twice more (24 bytes a page each time)
-    checksum = _c._page_hash_parts((header, index_bytes, manifest, head))
+    checksum = _c._page_hash_parts(
+        (
+            header,
+            (fd, index_off, 8 * stored),
+            (fd, manifest_off, HASH * page_count),
+            head,
+        )
+    )
     trailer = head + checksum + END_MAGIC
-    os.pwrite(fd, header, 0)
-    _write_all(fd, index_bytes, index_off)
-    _write_all(fd, manifest, manifest_off)
-    size = manifest_off + len(manifest) + len(trailer)
+    _write_all(fd, header, 0)
+    size = manifest_off + HASH * page_count + len(trailer)
     _write_all(fd, trailer, size - len(trailer))
     os.ftruncate(fd, size)
     return root, size
@@ -909,51 +985,77 @@ def _write_all(fd: int, data: bytes, offset: int) -> None:
         offset += n
 
 
-def _compact(
-    fd: int, data_offset: int, page_size: int, slots: array.array[int]
-) -> array.array[int]:
+def _slot_windows(capsule: Any, slots: int) -> Any:
+    """(start, the pages data slots start.. hold) a window at a time."""
+    for start in range(0, slots, _WINDOW):
+        part = array.array("q")
+        part.frombytes(_c._delta_slots(capsule, start, min(_WINDOW, slots - start)))
+        yield start, part
+
+
+def _compact(capsule: Any, fd: int, data_offset: int, page_size: int,
+             slots: int) -> tuple[int, int]:  # fmt: skip
     """Move the pages of live slots over the dead ones (a restart left
-    them); the index of the pages, in file order."""
-    if 0 not in slots:
-        return slots
-    live = array.array("q", (pgno for pgno in slots if pgno))
+    them), then write the index (the page of each, in file order) after
+    them; returns (pages stored, position of page 1 or -1).  Two passes
+    over the recording's slot table, a window at a time: the index is
+    written once no page remains to move below where it goes."""
     out = 0
-    for position, pgno in enumerate(slots):
-        if not pgno:
-            continue
-        if position != out:
-            data = _read_exact(fd, page_size, data_offset + position * page_size)
-            _write_all(fd, data, data_offset + out * page_size)
-        out += 1
-    return live
+    for start, part in _slot_windows(capsule, slots):
+        for k, pgno in enumerate(part):
+            if not pgno:
+                continue
+            position = start + k
+            if position != out:
+                data = _read_exact(fd, page_size, data_offset + position * page_size)
+                _write_all(fd, data, data_offset + out * page_size)
+            out += 1
+    stored, written, page1 = out, 0, -1
+    index_off = data_offset + stored * page_size
+    for _, part in _slot_windows(capsule, slots):
+        live = array.array("Q", (pgno for pgno in part if pgno))
+        if 1 in live:
+            page1 = written + live.index(1)
+        _write_all(fd, _index_to_bytes(live), index_off + 8 * written)
+        written += len(live)
+    return stored, page1
 
 
-def _read_back(
-    fd: int,
-    data_offset: int,
-    page_size: int,
-    index: Sequence[int],
-    manifest: bytes,
-    path: str,
-    opts: _RunOptions | None = None,
-) -> None:
-    """Re-read the stored pages from the disk and check them (the default
-    verification of a restore point)."""
-    os.fsync(fd)
-    length = len(index) * page_size
-    if hasattr(os, "posix_fadvise") and length:
-        os.posix_fadvise(fd, data_offset, length, os.POSIX_FADV_DONTNEED)
-    per_run = max(1, _READ_RUN // page_size)
-    for start in range(0, len(index), per_run):
+def _write_manifest(capsule: Any, fd: int, manifest_off: int, count: int) -> None:
+    """The recording's manifest into the file, a window at a time."""
+    for first in range(1, count + 1, _WINDOW):
+        n = min(_WINDOW, count - first + 1)
+        _write_all(
+            fd, _c._delta_manifest(capsule, first, n), manifest_off + HASH * (first - 1)
+        )
+
+
+def _read_back(point_fd: int, geometry: _Point, path: str,
+               opts: _RunOptions | None = None) -> None:  # fmt: skip
+    """Re-read the stored pages from the disk and check them against the
+    manifest (the default verification of a restore point): fsynced, the
+    pages dropped from the cache, then read a run at a time, the index and
+    manifest where they lie in the file."""
+    os.fsync(point_fd)
+    P, stored = geometry.info.page_size, geometry.info.stored_pages
+    if hasattr(os, "posix_fadvise") and stored:
+        os.posix_fadvise(
+            point_fd, geometry.data_offset, stored * P, os.POSIX_FADV_DONTNEED
+        )
+    per_run = max(1, _READ_RUN // P)
+    for start in range(0, stored, per_run):
         if opts is not None:
             opts.check("reading the restore point back")
-        chunk = index[start : start + per_run]
-        data = _read_exact(fd, len(chunk) * page_size, data_offset + start * page_size)
-        bad = _first_bad(data, page_size, chunk, manifest)
-        if bad is not None:
+        bad = _c._check_stored(
+            point_fd, geometry.index_off, geometry.data_offset, P,
+            geometry.manifest_off, geometry.info.page_count, start,
+            min(per_run, stored - start),
+        )  # fmt: skip
+        if bad >= 0:
+            pgno = geometry.positions(point_fd, bad, 1)[0]
             raise IncrementalError(
                 f"the restore point {path!r} did not read back as written "
-                f"(page {bad}): the disk or the file system lost data; it "
+                f"(page {pgno}): the disk or the file system lost data; it "
                 "was not kept"
             )
 
@@ -1028,65 +1130,80 @@ class _Recording:
         fd: int,
         data_offset: int,
         page_size: int,
-        parent: bytes,
-        expected_pages: int = 0,
+        parent: tuple[int, int, int] | None,
     ) -> None:
+        """parent: (fd, manifest offset, pages) of the parent's file, or
+        None for a base.  The recording's page and slot tables live in two
+        scratch files in folder (_scratch()); close() lets go of them."""
         delta_vfs, _ = _c._incremental_vfs_names()
         self.path = os.path.join(
             folder, f".apsw-backup-{os.getpid()}-{os.urandom(4).hex()}.virtual"
         )
+        self.capsule: Any = None
+        self.tables = [_scratch(folder)]
         try:
+            self.tables.append(_scratch(folder))
             self.capsule = _c._delta_open(
-                self.path, fd, data_offset, page_size, parent, expected_pages
-            )
+                self.path, fd, data_offset, page_size, parent,
+                self.tables[0].fileno(), self.tables[1].fileno(),
+            )  # fmt: skip
         except OSError as exc:  # its path could not be resolved: name it
+            self.close()
             raise _named(exc, folder) from None
+        except BaseException:
+            self.close()
+            raise
         self.vfs = delta_vfs
         self.page_size = page_size
+
+    def close(self) -> None:
+        capsule, self.capsule = self.capsule, None
+        if capsule is not None:
+            _c._delta_close(capsule)
+        tables, self.tables = self.tables, []
+        for table in tables:
+            table.close()
 
     def run(
         self, source: _c.Connection, opts: _RunOptions, direct: bool = False
     ) -> dict[str, Any]:
+        if direct:
+            outcome = self._read_directly(source, opts)
+            if outcome is not None:
+                return outcome
+        dest = _c.Connection(self.path, vfs=self.vfs)
         try:
-            if direct:
-                outcome = self._read_directly(source, opts)
-                if outcome is not None:
-                    return outcome
-            dest = _c.Connection(self.path, vfs=self.vfs)
-            try:
-                # No journal file beside a file that does not exist; a small
-                # cache bounds the memory (spilled pages come to the shim).
-                dest.execute("PRAGMA journal_mode=MEMORY").fetchall()
-                dest.execute(f"PRAGMA cache_size={DEST_CACHE_PAGES}").fetchall()
-                done = copy(
-                    source,
-                    dest,
-                    # with a timeout: steps, so that the deadline is seen
-                    # while the pages are read, not only once all are
-                    pages=opts.pages
-                    if opts.timeout is None or opts.pages > 0
-                    else TIMED_STEP_PAGES,
-                    timeout=opts.left(),  # copy()'s deadline: the run's
-                    progress=opts.progress,
-                )
-            except DeadlineError:
-                raise
-            except _c.Error as exc:
-                if opts.expired():  # copy()'s deadline: the run's
-                    raise DeadlineError(opts, "copying the pages", exc) from exc
-                # the shim's own failure (writing the restore point) is the
-                # cause to report, not SQLite's generic "disk I/O error"
-                why = _c._delta_result(self.capsule)
-                if why["failed"]:
-                    raise _shim_failure(why) from exc
-                raise
-            finally:
-                dest.close()
-            outcome = dict(_c._delta_result(self.capsule))
-            outcome["restarts"] = done.restarts
-            return outcome
+            # No journal file beside a file that does not exist; a small
+            # cache bounds the memory (spilled pages come to the shim).
+            dest.execute("PRAGMA journal_mode=MEMORY").fetchall()
+            dest.execute(f"PRAGMA cache_size={DEST_CACHE_PAGES}").fetchall()
+            done = copy(
+                source,
+                dest,
+                # with a timeout: steps, so that the deadline is seen
+                # while the pages are read, not only once all are
+                pages=opts.pages
+                if opts.timeout is None or opts.pages > 0
+                else TIMED_STEP_PAGES,
+                timeout=opts.left(),  # copy()'s deadline: the run's
+                progress=opts.progress,
+            )
+        except DeadlineError:
+            raise
+        except _c.Error as exc:
+            if opts.expired():  # copy()'s deadline: the run's
+                raise DeadlineError(opts, "copying the pages", exc) from exc
+            # the shim's own failure (writing the restore point) is the
+            # cause to report, not SQLite's generic "disk I/O error"
+            why = _c._delta_result(self.capsule)
+            if why["failed"]:
+                raise _shim_failure(why) from exc
+            raise
         finally:
-            _c._delta_close(self.capsule)
+            dest.close()
+        outcome = dict(_c._delta_result(self.capsule))
+        outcome["restarts"] = done.restarts
+        return outcome
 
     def _read_directly(
         self, source: _c.Connection, opts: _RunOptions
@@ -1195,14 +1312,19 @@ def _write_point(source: _c.Connection, source_name: str, folder: str, stem: str
         if exc.errno is None:
             raise
         raise OSError(exc.errno, exc.strerror, folder) from exc
+    parent_fd = -1
+    rec: _Recording | None = None
     try:
+        if parent is not None:
+            parent_fd = parent.open()
         rec = _Recording(
             folder,
             new.fd,
             data_offset,
             page_size,
-            parent.manifest if parent else b"",
-            _page_count_hint(source) if direct else 0,  # our own connection only
+            (parent_fd, parent.manifest_off, parent.info.page_count)
+            if parent
+            else None,
         )
         outcome = rec.run(source, opts, direct)
         if outcome["failed"] and outcome.get("errno"):
@@ -1210,26 +1332,26 @@ def _write_point(source: _c.Connection, source_name: str, folder: str, stem: str
         problem = _recording_problem(outcome, page_size)
         if problem:
             raise IncrementalError(problem)
-        slots = array.array("q", outcome.pop("slot_pages"))
-        index = _compact(new.fd, data_offset, page_size, slots)
-        manifest = outcome.pop("manifest")
-        if 1 in index:
-            page1 = _read_exact(new.fd, 100, data_offset + index.index(1) * page_size)
-            wal = page1[18:20] == b"\x02\x02"
+        stored, page1 = _compact(
+            rec.capsule, new.fd, data_offset, page_size, outcome["slots"]
+        )
+        count = int(outcome["page_count"])
+        manifest_off = data_offset + stored * (page_size + 8)
+        _write_manifest(rec.capsule, new.fd, manifest_off, count)
+        rec.close()  # its tables: all is in the file now
+        if page1 >= 0:
+            head = _read_exact(new.fd, 100, data_offset + page1 * page_size)
+            wal = head[18:20] == b"\x02\x02"
         else:
             wal = parent is not None and parent.info.wal
-        header = _header(kind, page_size, data_offset, len(manifest) // HASH, len(index),
+        header = _header(kind, page_size, data_offset, count, stored,
                          created, sequence, wal, source_name)  # fmt: skip
         parent_root = parent.root if parent else ZERO_HASH
-        root, size = _finish_file(
-            new.fd, header, index, manifest, parent_root, page_size
-        )
+        root, size = _finish_file(new.fd, header, stored, count, parent_root, page_size)
         opts.check("writing the restore point")
-        _read_back(new.fd, data_offset, page_size, index, manifest, final, opts)
-        written = len(index)
-        # the point read back holds its own index and manifest
-        del slots, index, manifest
         point = _read_written(new.path, final)
+        _read_back(new.fd, point, final, opts)
+        written = stored
         opts.check("reading the restore point back")
         if before_publish is not None:
             before_publish(point, new.path)
@@ -1240,6 +1362,11 @@ def _write_point(source: _c.Connection, source_name: str, folder: str, stem: str
     except BaseException:
         new.discard()
         raise
+    finally:
+        if rec is not None:
+            rec.close()
+        if parent_fd >= 0:
+            os.close(parent_fd)
     counts = {k: int(outcome[k]) for k in ("writes", "unchanged", "unkept_reads")}
     return point, size, written, int(outcome["restarts"]), counts
 
@@ -1273,19 +1400,6 @@ def _after_every_point(folder: str, stem: str, now: datetime) -> datetime:
     if newest is not None and now <= newest:
         return newest + timedelta(microseconds=1)
     return now
-
-
-def _page_count_hint(source: _c.Connection) -> int:
-    """The source's page count, to size the recording's tables at once; 0
-    when it cannot be had now (the source locked: copy() then waits for it,
-    with its timeout and messages)."""
-    try:
-        count = source.execute("PRAGMA main.page_count").fetchall()[0][0]
-    except _c.ForkingViolationError:
-        raise  # a forked child: touch nothing more
-    except _c.Error:
-        return 0
-    return count if isinstance(count, int) else 0
 
 
 def _check_name_length(final: str, stem: str) -> None:
@@ -1334,25 +1448,45 @@ def _materialize(chain: list[_Point], folder: str, stem: str) -> _Point:
     tip = chain[-1]
     final = _final_name(folder, stem, "base", tip.info.created)
     data_offset = _data_offset(tip.info.source)
-    pages = _ChainFiles(chain)
     new = files.NewFile(final)
-    index = array.array("Q")
+    pages = _ChainFiles(chain, folder)
     try:
         new.create()
+        P, count = pages.page_size, pages.page_count
+        lock = _lock_byte_page(P)
+        # every page but the lock-byte page (the chain holds all others:
+        # _ChainFiles refuses a chain missing one), in page order
+        stored = count - (1 if lock <= count else 0)
         out = data_offset
-        P = pages.page_size
         for pgno, n, data in pages.checked_runs():
-            kept = [i for i in range(n) if pages.files[pgno + i - 1] >= 0]
-            index.extend(pgno + i for i in kept)
-            if len(kept) < n:  # the lock-byte page is not stored
-                data = b"".join(data[i * P : (i + 1) * P] for i in kept)
+            if pgno <= lock < pgno + n:  # the lock-byte page is not stored
+                k = lock - pgno
+                data = data[: k * P] + data[(k + 1) * P :]
             _write_all(new.fd, data, out)
-            out += len(kept) * P
-        header = _header("base", pages.page_size, data_offset, pages.page_count, len(index),
+            out += len(data)
+        index_off = data_offset + stored * P
+        for start in range(0, stored, _WINDOW):
+            first = start + 1
+            part = [
+                p + (1 if p >= lock else 0)
+                for p in range(first, first + min(_WINDOW, stored - start))
+            ]
+            _write_all(new.fd, _index_to_bytes(part), index_off + 8 * start)
+        manifest_off = index_off + 8 * stored
+        for first in range(1, count + 1, _WINDOW):
+            n = min(_WINDOW, count - first + 1)
+            _write_all(
+                new.fd,
+                tip.hashes(pages.tip_fd, first, n),
+                manifest_off + HASH * (first - 1),
+            )
+        header = _header("base", P, data_offset, count, stored,
                          tip.info.created, tip.info.sequence, tip.info.wal, tip.info.source)  # fmt: skip
-        _finish_file(new.fd, header, index, tip.manifest, ZERO_HASH, pages.page_size)
-        _read_back(new.fd, data_offset, pages.page_size, index, tip.manifest, final)
+        root, _ = _finish_file(new.fd, header, stored, count, ZERO_HASH, P)
+        if root != tip.root:  # the manifest copied is the one that was checked
+            raise _damaged(tip.info.path, "changed since it was first read")
         point = _read_written(new.path, final)
+        _read_back(new.fd, point, final)
         new.publish()
     except OSError as exc:  # a full disk...: name the point being written
         new.discard()
@@ -1517,15 +1651,9 @@ def incremental(
             # The chain the delta extends is checked while the source is read
             # (a thread of its own: its reads and hashes release the GIL);
             # the delta is put in place only once the chain is found sound.
-            checker = (
-                _ChainCheck(chain, opts, parent.info.page_count <= THREADED_CHECK_PAGES)
-                if parent is not None
-                else None
-            )
+            checker = _ChainCheck(chain, opts) if parent is not None else None
             before = _before_publish(chain, checker, quick_check, opts)
             try:
-                if checker is not None and checker.thread is None:
-                    checker.result()  # done already: a damaged chain, a base
                 point, written, pages, restarts, counts = _write_point(
                     conn, source_name, folder, stem, parent, sequence, page_size,
                     opts, direct, before,
@@ -1634,7 +1762,11 @@ def _before_publish(
         here = dataclasses.replace(
             point, info=dataclasses.replace(point.info, path=temporary)
         )
-        with _Overlay([here] if point.info.kind == "base" else [*chain, here]) as conn:
+        overlay = _Overlay(
+            [here] if point.info.kind == "base" else [*chain, here],
+            os.path.dirname(temporary),
+        )
+        with overlay as conn:
             try:
                 rows = [
                     r[0] for r in conn.execute("PRAGMA main.quick_check").fetchall()
@@ -1658,18 +1790,13 @@ class _DamagedChain(Exception):
 
 class _ChainCheck:
     """_check_chain() of the chain a new delta extends, in a thread of its
-    own while the source is read (both mostly outside the GIL), or at once
-    in the calling thread (threaded=False: THREADED_CHECK_PAGES)."""
+    own while the source is read (both mostly outside the GIL).  Its memory
+    is a few windows, whatever the chain's size ("Memory" in
+    docs/incremental.md)."""
 
-    def __init__(
-        self, chain: list[_Point], opts: _RunOptions, threaded: bool = True
-    ) -> None:
+    def __init__(self, chain: list[_Point], opts: _RunOptions) -> None:
         self.error: BaseException | None = None
         self.stop = False
-        self.thread: threading.Thread | None = None
-        if not threaded:
-            self._run(chain, opts)
-            return
         self.thread = threading.Thread(
             target=self._run, args=(chain, opts), name="apsw-backup chain check"
         )
@@ -1684,8 +1811,7 @@ class _ChainCheck:
     def result(self) -> None:
         """Wait for the check; _DamagedChain if the chain is damaged, or the
         check's own failure (its deadline passed, an OSError)."""
-        if self.thread is not None:
-            self.thread.join()
+        self.thread.join()
         if isinstance(self.error, BrokenChainError):
             raise _DamagedChain(self.error)
         if self.error is not None:
@@ -1693,8 +1819,7 @@ class _ChainCheck:
 
     def abandon(self) -> None:
         self.stop = True
-        if self.thread is not None:
-            self.thread.join()
+        self.thread.join()
 
 
 def _check_source_path(path: str) -> None:
@@ -2113,23 +2238,19 @@ def _restore_new(
     try:
         # inside: a failure opening the chain's files (EMFILE) discards the
         # temporary file too
-        pages = _ChainFiles(chain)
+        pages = _ChainFiles(chain, os.path.dirname(target))
         P = pages.page_size
         # Three things at once: this thread writes the pages in order, each
         # page from the newest file holding it and checked against the
         # point's manifest; a second checks the whole chain (every stored
         # page of every file against its manifest, the pages later points
-        # replaced too, and every unstored page's hash against its parent's;
-        # above THREADED_CHECK_PAGES this thread does that first) and then
-        # reads back from the disk, and checks, each slice of DEST once it
+        # replaced too, and every unstored page's hash against its parent's)
+        # and then reads back from the disk, and checks, each slice of DEST once it
         # has been written out.  Written out as it goes, as copy()
         # does (files.Flusher): a restore never queues more than a few MiB
         # of dirty data in front of other processes' fsyncs.
         flusher = files.Flusher(new.fd, FLUSH_EVERY)
-        threaded = pages.page_count <= THREADED_CHECK_PAGES
-        if not threaded:
-            _check_chain(chain)  # first, here: see THREADED_CHECK_PAGES
-        checker = _RestoreChecker(chain, new.fd, P, pages.manifest, target, threaded)
+        checker = _RestoreChecker(chain, new.fd, P, target)
         for pgno, n, data in pages.checked_runs():
             checker.raise_if_failed()
             _write_all(new.fd, data, (pgno - 1) * P)
@@ -2210,13 +2331,12 @@ class _RestoreChecker:
         chain: list[_Point],
         fd: int,
         page_size: int,
-        manifest: bytes,
         target: str,
-        check_chain: bool = True,
     ) -> None:
         self.chain, self.fd, self.page_size = chain, fd, page_size
-        self.check_chain = check_chain
-        self.manifest, self.target = manifest, target
+        self.target = target
+        # the point's manifest, read where it lies a slice at a time
+        self.tip_fd = chain[-1].open()
         self.error: BaseException | None = None
         self.verified = 0  # bytes of DEST read back and checked
         self.ready = 0  # bytes of DEST written out to the disk
@@ -2226,7 +2346,11 @@ class _RestoreChecker:
         self.thread = threading.Thread(
             target=self._run, name="apsw-backup restore check"
         )
-        self.thread.start()
+        try:
+            self.thread.start()
+        except BaseException:
+            os.close(self.tip_fd)
+            raise
 
     def written_out(self, upto: int) -> None:
         with self.cond:
@@ -2244,19 +2368,24 @@ class _RestoreChecker:
         with self.cond:
             self.final = True
             self.cond.notify()
-        self.thread.join()
+        self._join()
         self.raise_if_failed()
 
     def abandon(self) -> None:
         with self.cond:
             self.stop = True
             self.cond.notify()
+        self._join()
+
+    def _join(self) -> None:
         self.thread.join()
+        fd, self.tip_fd = self.tip_fd, -1
+        if fd >= 0:
+            os.close(fd)
 
     def _run(self) -> None:
         try:
-            if self.check_chain:
-                _check_chain(self.chain, stop=lambda: self.stop)
+            _check_chain(self.chain, stop=lambda: self.stop)
             while True:
                 with self.cond:
                     while (
@@ -2287,29 +2416,13 @@ class _RestoreChecker:
             n = min(per_run, end - offset) // P
             first = offset // P + 1
             data = _read_exact(self.fd, n * P, offset)
-            bad = _first_bad(data, P, range(first, first + n), self.manifest)
+            expected = self.chain[-1].hashes(self.tip_fd, first, n)
+            bad = _first_bad(data, P, first, expected)
             if bad is not None:
                 raise IncrementalError(
                     f"the restored copy of {self.target!r} did not read back as "
                     f"written (page {bad}); nothing was put in place"
                 )
-
-
-def _read_back_whole(fd: int, page_size: int, manifest: bytes, target: str) -> None:
-    os.fsync(fd)
-    count = len(manifest) // HASH
-    if hasattr(os, "posix_fadvise"):
-        os.posix_fadvise(fd, 0, count * page_size, os.POSIX_FADV_DONTNEED)
-    per_run = max(1, _READ_RUN // page_size)
-    for first in range(1, count + 1, per_run):
-        n = min(per_run, count - first + 1)
-        data = _read_exact(fd, n * page_size, (first - 1) * page_size)
-        bad = _first_bad(data, page_size, range(first, first + n), manifest)
-        if bad is not None:
-            raise IncrementalError(
-                f"the restored copy of {target!r} did not read back as "
-                f"written (page {bad}); nothing was put in place"
-            )
 
 
 def _quick_check_while(path: str, target: str, work: Callable[[], None]) -> None:
@@ -2406,7 +2519,7 @@ def _restore_into_existing(
 ) -> RestoreResult:
     wal = target + "-wal"
     before = os.stat(wal).st_size if os.path.exists(wal) else 0
-    with _Overlay(chain) as conn:
+    with _Overlay(chain) as conn:  # creates no file: the temporary folder
         # the backup holds DEST's write lock from its first step to the end
         step = None
         if progress is not None:
@@ -2462,22 +2575,20 @@ class RestorePointConnection(_c.Connection):
         self.close()
 
 
-def _open_overlay(chain: list[_Point]) -> RestorePointConnection:
-    pages = _ChainFiles(chain)
+def _open_overlay(
+    chain: list[_Point], scratch_dir: str | None
+) -> RestorePointConnection:
+    """A read-only connection over the chain's overlay; its page map lives
+    in a scratch file in scratch_dir (_scratch()), which the overlay keeps
+    open (a descriptor of its own) until the connection is closed."""
+    pages = _ChainFiles(chain, scratch_dir)
     _, overlay_vfs = _c._incremental_vfs_names()
     path = (
         chain[-1].info.path
         + f".apsw-backup-{os.getpid()}-{os.urandom(4).hex()}.overlay"
     )
     try:
-        capsule = _c._overlay_open(
-            path,
-            pages.page_size,
-            pages.page_count,
-            tuple(pages.fds),
-            pages.file_of,
-            pages.offset_of,
-        )
+        capsule = _c._overlay_open(path, pages.map)
     except OSError as exc:  # its path could not be resolved: name it
         raise _named(exc, os.path.dirname(path)) from None
     finally:
@@ -2493,8 +2604,8 @@ def _open_overlay(chain: list[_Point]) -> RestorePointConnection:
 
 
 class _Overlay:
-    def __init__(self, chain: list[_Point]) -> None:
-        self.conn = _open_overlay(chain)
+    def __init__(self, chain: list[_Point], scratch_dir: str | None = None) -> None:
+        self.conn = _open_overlay(chain, scratch_dir)
 
     def __enter__(self) -> RestorePointConnection:
         return self.conn
@@ -2514,7 +2625,7 @@ def open_restore_point(
         point = _resolve(backup, at)
         chain = _chain_to(point, os.path.dirname(point))
         _check_chain(chain)
-        return _open_overlay(chain)
+        return _open_overlay(chain, None)  # a reader: the temporary folder
 
     return _while_points_stay(_folder_of(backup), open_it)
 
@@ -2659,40 +2770,50 @@ def _verify_pages(
 ) -> None:
     """Every stored page of point against its manifest, every unstored one's
     hash against its parent's: BrokenChainError naming the file.  stop():
-    give up quietly (the caller no longer needs the answer)."""
+    give up quietly (the caller no longer needs the answer).  The index and
+    both manifests are read where they lie, a window at a time; the set of
+    stored pages is a bitmap in a scratch file of the temporary folder (a
+    check is a reader: it writes nothing beside the points)."""
     P = point.info.page_size
-    manifest = point.manifest
+    fd = point.open()
+    parent_fd = -1
     try:
-        fd = os.open(point.info.path, os.O_RDONLY)
-    except FileNotFoundError:
-        raise BrokenChainError(
-            f"restore point {point.info.path!r} is missing", point.info.path
-        ) from None
-    try:
-        index = point.index.tobytes()  # type: ignore[attr-defined]
+        # the manifest is still the one the root hash was checked against
+        if _file_root(fd, P, point.info.page_count, point.manifest_off) != point.root:
+            raise _damaged(point.info.path, "changed since it was first read")
+        stored = point.info.stored_pages
         per_run = max(1, _READ_RUN // P)
-        for start in range(0, len(point.index), per_run):
+        for start in range(0, stored, per_run):
             if opts is not None:
                 opts.check("checking the chain the new point extends")
             if stop is not None and stop():
                 return
-            count = min(per_run, len(point.index) - start)
+            count = min(per_run, stored - start)
             bad = _c._check_stored(
-                fd, index, point.data_offset, P, manifest, start, count
-            )
+                fd, point.index_off, point.data_offset, P, point.manifest_off,
+                point.info.page_count, start, count,
+            )  # fmt: skip
             if bad >= 0:
+                pgno = point.positions(fd, bad, 1)[0]
                 raise _damaged(
                     point.info.path,
-                    f"altered or damaged (page {point.index[bad]} does not "
-                    "match its hash)",
+                    f"altered or damaged (page {pgno} does not match its hash)",
                 )
+        # Every page not stored is its parent's (compared in C, both
+        # manifests where they lie).
+        theirs = None
+        if parent is not None:
+            parent_fd = parent.open()
+            theirs = (parent_fd, parent.manifest_off, parent.info.page_count)
+        with _scratch(None) as bits:
+            what, pgno = _c._check_inherited(
+                fd, point.manifest_off, point.info.page_count, point.index_off,
+                stored, theirs, P, bits.fileno(),
+            )  # fmt: skip
     finally:
         os.close(fd)
-    # Every page not stored is its parent's (compared in C: a bit a page,
-    # no copy of either manifest).
-    what, pgno = _c._check_inherited(
-        manifest, parent.manifest if parent else None, index, P
-    )
+        if parent_fd >= 0:
+            os.close(parent_fd)
     if what == 1:
         raise _damaged(point.info.path, f"damaged (page {pgno} stored twice)")
     if what:
@@ -2711,5 +2832,3 @@ def _check_chain(
         if stop is not None and stop():
             return
         _verify_pages(point, chain[i - 1] if i else None, opts, stop)
-        if i:
-            chain[i - 1].drop()  # only the tip's is needed afterwards

@@ -37,6 +37,7 @@
  */
 #define _GNU_SOURCE
 #include "deltashim.h"
+#include "table.h"
 
 #include <errno.h>
 #include <pthread.h>
@@ -46,6 +47,7 @@
 #include <unistd.h>
 
 #define PENDING_BYTE 0x40000000
+#define TABLE_BLOCKS 8 /* cached blocks a table: 512 KiB */
 #define DELTA_VFS_NAME "apsw_backup-delta"
 #define OVERLAY_VFS_NAME "apsw_backup-overlay"
 
@@ -68,33 +70,45 @@ struct Delta {
     int fd;
     sqlite3_int64 data_offset;
     int page_size;
-    unsigned char *parent;
+    Table *parent; /* the parent's manifest in its file (NULL: a base) */
     sqlite3_int64 parent_pages;
-    sqlite3_int64 expected; /* pages announced by the owner (0: unknown) */
-    /* per page (slot n-1 is page n) */
-    sqlite3_int64 cap;
-    unsigned char *state;
-    unsigned char *hashes;
-    sqlite3_int64 *slot_of;
-    /* per data slot */
-    sqlite3_int64 slot_cap, nslots, nfree;
-    sqlite3_int64 *page_of_slot;
-    sqlite3_int64 *free_slots;
-    sqlite3_int64 size; /* the file's size as SQLite sees it */
+    Table *pages;      /* per page (entry n-1 is page n): a Record */
+    Table *slots;      /* per data slot: the page it holds (0: a dead slot) */
+    sqlite3_int64 top; /* the highest page number recorded */
+    sqlite3_int64 nslots; /* slots used in the data file */
+    sqlite3_int64 size;   /* the file's size as SQLite sees it */
     sqlite3_int64 writes, unchanged, unkept_reads;
     int failed;
     int os_errno; /* the first failure's OS cause (0: none) */
     char message[200];
 };
 
-struct Overlay {
-    Entry e; /* first: an Overlay is an Entry */
+/* A page's entry in Delta.pages: its hash, its data slot when kept, its
+ * state (P_*). */
+typedef struct {
+    unsigned char hash[PAGE_HASH_SIZE];
+    sqlite3_int64 slot;
+    unsigned char state;
+    unsigned char pad[7];
+} Record;
+
+struct ChainMap {
+    pthread_mutex_t mutex;
+    int refs;
     int page_size;
     sqlite3_int64 page_count;
     int nfds;
-    int *fds;
-    int *file_of;
-    sqlite3_int64 *offset_of;
+    int *fds;                   /* the chain's files, oldest first */
+    sqlite3_int64 *data_offset; /* of each */
+    Table *map;      /* per page: 0 none, else (file + 1) << 40 | position */
+    Table *manifest; /* the tip's, where it lies in its file */
+};
+
+#define MAP_SHIFT 40
+
+struct Overlay {
+    Entry e; /* first: an Overlay is an Entry */
+    ChainMap *map;
 };
 
 typedef struct {
@@ -221,69 +235,51 @@ delta_fail(Delta *d, const char *message)
     }
 }
 
-static int
-grow_pages(Delta *d, sqlite3_int64 pgno)
+/* A table of the recording failed: the run fails, saying why (its mutex
+ * held). */
+static void
+table_failed(Delta *d, Table *t, const char *doing)
 {
-    if (pgno <= d->cap) {
-        return 0;
+    int cause = table_errno(t);
+    if (!d->failed) {
+        d->os_errno = cause;
     }
-    sqlite3_int64 want = d->cap ? d->cap : 1024;
-    while (want < pgno) {
-        want *= 2;
-    }
-    if (d->cap == 0 && d->expected >= pgno) {
-        want = d->expected; /* the size the owner announced: exactly */
-    }
-    unsigned char *s = realloc(d->state, (size_t)want);
-    if (s == NULL) {
+    char why[200];
+    snprintf(why, sizeof(why), "%s failed: %s", doing, strerror(cause));
+    delta_fail(d, why);
+}
+
+static int
+get_record(Delta *d, sqlite3_int64 pgno, Record *r)
+{
+    if (table_get(d->pages, pgno - 1, r) < 0) {
+        table_failed(d, d->pages, "reading the recording's page table");
         return -1;
     }
-    d->state = s;
-    memset(s + d->cap, 0, (size_t)(want - d->cap));
-    unsigned char *h = realloc(d->hashes, (size_t)want * PAGE_HASH_SIZE);
-    if (h == NULL) {
-        return -1;
-    }
-    d->hashes = h;
-    sqlite3_int64 *so = realloc(d->slot_of, (size_t)want * sizeof(*so));
-    if (so == NULL) {
-        return -1;
-    }
-    d->slot_of = so;
-    d->cap = want;
     return 0;
 }
 
-/* A data slot for a page, or -1 (memory). */
-static sqlite3_int64
-take_slot(Delta *d)
+static int
+put_record(Delta *d, sqlite3_int64 pgno, const Record *r)
 {
-    if (d->nfree > 0) {
-        return d->free_slots[--d->nfree];
+    if (table_put(d->pages, pgno - 1, r) < 0) {
+        table_failed(d, d->pages, "writing the recording's page table");
+        return -1;
     }
-    if (d->nslots == d->slot_cap) {
-        sqlite3_int64 want = d->slot_cap ? d->slot_cap * 2 : 1024;
-        sqlite3_int64 *p = realloc(d->page_of_slot, (size_t)want * sizeof(*p));
-        if (p == NULL) {
-            return -1;
-        }
-        d->page_of_slot = p;
-        sqlite3_int64 *f = realloc(d->free_slots, (size_t)want * sizeof(*f));
-        if (f == NULL) {
-            return -1;
-        }
-        d->free_slots = f;
-        d->slot_cap = want;
+    if (pgno > d->top) {
+        d->top = pgno;
     }
-    return d->nslots++;
+    return 0;
 }
 
-static void
-free_slot(Delta *d, sqlite3_int64 pgno)
+static int
+set_slot(Delta *d, sqlite3_int64 slot, sqlite3_int64 pgno)
 {
-    sqlite3_int64 slot = d->slot_of[pgno - 1];
-    d->page_of_slot[slot] = 0;
-    d->free_slots[d->nfree++] = slot;
+    if (table_put(d->slots, slot, &pgno) < 0) {
+        table_failed(d, d->slots, "writing the recording's slot table");
+        return -1;
+    }
+    return 0;
 }
 
 static int
@@ -341,12 +337,9 @@ delta_unref(Delta *d)
         close(d->fd);
     }
     free(d->e.path);
-    free(d->parent);
-    free(d->state);
-    free(d->hashes);
-    free(d->slot_of);
-    free(d->page_of_slot);
-    free(d->free_slots);
+    table_free(d->parent);
+    table_free(d->pages);
+    table_free(d->slots);
     free(d);
 }
 
@@ -361,44 +354,56 @@ dfile_close(sqlite3_file *file)
     return SQLITE_OK;
 }
 
+/* 1 when page pgno has its parent's hash, 0 when not, -1: the parent's
+ * manifest could not be read (its mutex held). */
+static int
+same_as_parent(Delta *d, sqlite3_int64 pgno, const unsigned char *hash)
+{
+    if (pgno > d->parent_pages) {
+        return 0;
+    }
+    unsigned char theirs[PAGE_HASH_SIZE];
+    if (table_get(d->parent, pgno - 1, theirs) < 0) {
+        table_failed(d, d->parent, "reading the parent's manifest");
+        return -1;
+    }
+    return memcmp(theirs, hash, PAGE_HASH_SIZE) == 0;
+}
+
 /* Record one page as SQLite writing it would (its mutex not held):
- * hashed, compared with the parent's, kept or forgotten. */
+ * hashed, compared with the parent's, kept or forgotten.  A slot freed
+ * (a kept page found equal to its parent's again) is left dead: the
+ * Python side compacts dead slots away. */
 static int
 record_page(Delta *d, const void *buf, sqlite3_int64 pgno)
 {
     int P = d->page_size;
+    Record r;
     unsigned char hash[PAGE_HASH_SIZE];
     page_hash(buf, (size_t)P, hash);
-    int rc = SQLITE_OK;
     pthread_mutex_lock(&d->e.mutex);
-    if (grow_pages(d, pgno) < 0) {
-        delta_fail(d, "out of memory recording a page");
+    int same = -1;
+    if (get_record(d, pgno, &r) < 0
+        || (same = same_as_parent(d, pgno, hash)) < 0) {
         pthread_mutex_unlock(&d->e.mutex);
-        return SQLITE_NOMEM;
+        return SQLITE_IOERR_WRITE;
     }
-    int was = d->state[pgno - 1] & 3;
-    int same = pgno <= d->parent_pages
-               && memcmp(d->parent + (pgno - 1) * PAGE_HASH_SIZE, hash,
-                         PAGE_HASH_SIZE)
-                      == 0;
+    int was = r.state & 3;
     d->writes++;
     if (same) {
-        if (was == P_KEPT) {
-            free_slot(d, pgno);
+        if (was == P_KEPT && set_slot(d, r.slot, 0) < 0) {
+            pthread_mutex_unlock(&d->e.mutex);
+            return SQLITE_IOERR_WRITE;
         }
-        d->state[pgno - 1] = P_SAME;
+        r.state = P_SAME;
+        r.slot = 0;
         d->unchanged++;
     }
     else {
-        sqlite3_int64 slot =
-            was == P_KEPT ? d->slot_of[pgno - 1] : take_slot(d);
-        if (slot < 0) {
-            delta_fail(d, "out of memory recording a page");
-            rc = SQLITE_NOMEM;
-        }
-        else if (full_pwrite(d->fd, buf, (size_t)P,
-                             (off_t)(d->data_offset + slot * P))
-                 < 0) {
+        sqlite3_int64 slot = was == P_KEPT ? r.slot : d->nslots;
+        if (full_pwrite(d->fd, buf, (size_t)P,
+                        (off_t)(d->data_offset + slot * P))
+            < 0) {
             int cause = errno ? errno : EIO;
             if (!d->failed) {
                 d->os_errno = cause; /* a full disk is said as one */
@@ -409,26 +414,29 @@ record_page(Delta *d, const void *buf, sqlite3_int64 pgno)
                      "failed: %s",
                      strerror(cause));
             delta_fail(d, why);
-            if (was != P_KEPT) {
-                d->free_slots[d->nfree++] = slot;
-                d->page_of_slot[slot] = 0;
+            pthread_mutex_unlock(&d->e.mutex);
+            return SQLITE_IOERR_WRITE;
+        }
+        if (was != P_KEPT) {
+            if (set_slot(d, slot, pgno) < 0) {
+                pthread_mutex_unlock(&d->e.mutex);
+                return SQLITE_IOERR_WRITE;
             }
-            rc = SQLITE_IOERR_WRITE;
+            d->nslots++;
         }
-        else {
-            d->slot_of[pgno - 1] = slot;
-            d->page_of_slot[slot] = pgno;
-            d->state[pgno - 1] = P_KEPT;
-        }
+        r.slot = slot;
+        r.state = P_KEPT;
     }
-    if (rc == SQLITE_OK) {
-        memcpy(d->hashes + (pgno - 1) * PAGE_HASH_SIZE, hash, PAGE_HASH_SIZE);
-        if (pgno * P > d->size) {
-            d->size = pgno * P;
-        }
+    memcpy(r.hash, hash, PAGE_HASH_SIZE);
+    if (put_record(d, pgno, &r) < 0) {
+        pthread_mutex_unlock(&d->e.mutex);
+        return SQLITE_IOERR_WRITE;
+    }
+    if (pgno * P > d->size) {
+        d->size = pgno * P;
     }
     pthread_mutex_unlock(&d->e.mutex);
-    return rc;
+    return SQLITE_OK;
 }
 
 static int
@@ -471,18 +479,27 @@ dfile_read(sqlite3_file *file, void *buf, int amt, sqlite3_int64 off)
         sqlite3_int64 pgno = off / P + 1;
         int in_page = (int)(off % P);
         int n = P - in_page < amt ? P - in_page : amt;
-        int st = pgno <= d->cap ? d->state[pgno - 1] & 3 : P_NONE;
+        Record r;
+        if (get_record(d, pgno, &r) < 0) {
+            rc = SQLITE_IOERR_READ;
+            break;
+        }
+        int st = r.state & 3;
         memset(page, 0, (size_t)P);
         if (st == P_KEPT) {
-            off_t at = (off_t)(d->data_offset + d->slot_of[pgno - 1] * P);
+            off_t at = (off_t)(d->data_offset + r.slot * P);
             if (full_pread(d->fd, page, (size_t)P, at) != 1) {
                 rc = SQLITE_IOERR_READ;
                 break;
             }
         }
         else if (st == P_SAME) {
-            d->state[pgno - 1] |= P_POISON;
+            r.state |= P_POISON;
             d->unkept_reads++;
+            if (put_record(d, pgno, &r) < 0) {
+                rc = SQLITE_IOERR_READ;
+                break;
+            }
         }
         memcpy(out, page + in_page, (size_t)n);
         out += n;
@@ -499,17 +516,26 @@ dfile_truncate(sqlite3_file *file, sqlite3_int64 size)
 {
     Delta *d = ((DeltaFile *)file)->delta;
     int P = d->page_size;
+    int rc = SQLITE_OK;
     pthread_mutex_lock(&d->e.mutex);
     sqlite3_int64 keep = (size + P - 1) / P;
-    for (sqlite3_int64 p = keep + 1; p <= d->cap; p++) {
-        if ((d->state[p - 1] & 3) == P_KEPT) {
-            free_slot(d, p);
+    static const Record none;
+    for (sqlite3_int64 p = keep + 1; p <= d->top && rc == SQLITE_OK; p++) {
+        Record r;
+        if (get_record(d, p, &r) < 0
+            || ((r.state & 3) == P_KEPT && set_slot(d, r.slot, 0) < 0)
+            || (r.state != P_NONE && put_record(d, p, &none) < 0)) {
+            rc = SQLITE_IOERR_TRUNCATE;
         }
-        d->state[p - 1] = P_NONE;
     }
-    d->size = size;
+    if (rc == SQLITE_OK) {
+        d->size = size;
+        if (keep < d->top) {
+            d->top = keep;
+        }
+    }
     pthread_mutex_unlock(&d->e.mutex);
-    return SQLITE_OK;
+    return rc;
 }
 
 static int
@@ -589,6 +615,283 @@ static const sqlite3_io_methods delta_methods = {1,
                                                  NULL,
                                                  NULL};
 
+/* -- ChainMap -------------------------------------------------------------
+ */
+
+void
+chain_map_ref(ChainMap *m)
+{
+    pthread_mutex_lock(&m->mutex);
+    m->refs++;
+    pthread_mutex_unlock(&m->mutex);
+}
+
+void
+chain_map_unref(ChainMap *m)
+{
+    pthread_mutex_lock(&m->mutex);
+    int last = --m->refs == 0;
+    pthread_mutex_unlock(&m->mutex);
+    if (!last) {
+        return;
+    }
+    for (int i = 0; i < m->nfds; i++) {
+        if (m->fds[i] >= 0) {
+            close(m->fds[i]);
+        }
+    }
+    free(m->fds);
+    free(m->data_offset);
+    table_free(m->map);
+    table_free(m->manifest);
+    pthread_mutex_destroy(&m->mutex);
+    free(m);
+}
+
+/* (its mutex held) */
+static int
+map_entry(ChainMap *m, sqlite3_int64 pgno, int *file, sqlite3_int64 *offset)
+{
+    sqlite3_uint64 e;
+    if (table_get(m->map, pgno - 1, &e) < 0) {
+        return -1;
+    }
+    if (e == 0) {
+        *file = -1;
+        *offset = 0;
+        return 0;
+    }
+    *file = (int)((e >> MAP_SHIFT) - 1);
+    *offset = m->data_offset[*file]
+              + (sqlite3_int64)(e & ((1ULL << MAP_SHIFT) - 1)) * m->page_size;
+    return 0;
+}
+
+void
+chain_map_geometry(ChainMap *m, int *page_size, sqlite3_int64 *page_count)
+{
+    *page_size = m->page_size; /* fixed when made: no lock needed */
+    *page_count = m->page_count;
+}
+
+int
+chain_map_page(ChainMap *m, sqlite3_int64 pgno, int *file,
+               sqlite3_int64 *offset)
+{
+    pthread_mutex_lock(&m->mutex);
+    int rc = map_entry(m, pgno, file, offset);
+    pthread_mutex_unlock(&m->mutex);
+    return rc;
+}
+
+static sqlite3_uint64
+get8(const unsigned char *p)
+{
+    sqlite3_uint64 v = 0;
+    for (int i = 0; i < 8; i++) {
+        v = v << 8 | p[i];
+    }
+    return v;
+}
+
+/* Fill the map from file f's index (its mutex not needed: not shared
+ * yet).  0, or an SQLite code with *err. */
+static int
+map_file(ChainMap *m, int f, sqlite3_int64 index_off, sqlite3_int64 stored,
+         unsigned char *buf, size_t bufsize, int *err)
+{
+    sqlite3_int64 per = (sqlite3_int64)(bufsize / 8);
+    for (sqlite3_int64 k = 0; k < stored; k += per) {
+        sqlite3_int64 n = stored - k < per ? stored - k : per;
+        int got = full_pread(m->fds[f], buf, (size_t)n * 8,
+                             (off_t)(index_off + k * 8));
+        if (got != 1) {
+            *err = got < 0 && errno ? errno : EIO;
+            return SQLITE_IOERR;
+        }
+        for (sqlite3_int64 j = 0; j < n; j++) {
+            sqlite3_uint64 pgno = get8(buf + j * 8);
+            if (pgno < 1) {
+                return SQLITE_CORRUPT;
+            }
+            if (pgno > (sqlite3_uint64)m->page_count) {
+                continue; /* an older file of a longer database */
+            }
+            sqlite3_uint64 e = ((sqlite3_uint64)(f + 1) << MAP_SHIFT)
+                               | (sqlite3_uint64)(k + j);
+            if (table_put(m->map, (sqlite3_int64)pgno - 1, &e) < 0) {
+                *err = table_errno(m->map);
+                return SQLITE_IOERR;
+            }
+        }
+    }
+    return SQLITE_OK;
+}
+
+int
+chain_map_new(int page_size, sqlite3_int64 page_count, int nfds,
+              const int *fds, const sqlite3_int64 *data_offset,
+              const sqlite3_int64 *index_off, const sqlite3_int64 *stored,
+              sqlite3_int64 tip_manifest, int scratch_fd, ChainMap **out,
+              sqlite3_int64 *missing, int *err)
+{
+    *out = NULL;
+    *missing = 0;
+    *err = 0;
+    if (nfds < 1 || nfds >= (1 << 23)) {
+        return SQLITE_MISUSE;
+    }
+    ChainMap *m = calloc(1, sizeof(*m));
+    if (m == NULL) {
+        return SQLITE_NOMEM;
+    }
+    pthread_mutex_init(&m->mutex, NULL);
+    m->refs = 1;
+    m->page_size = page_size;
+    m->page_count = page_count;
+    m->fds = malloc(sizeof(int) * (size_t)nfds);
+    m->data_offset = malloc(sizeof(sqlite3_int64) * (size_t)nfds);
+    size_t bufsize = TABLE_BLOCK;
+    unsigned char *buf = malloc(bufsize);
+    if (m->fds == NULL || m->data_offset == NULL || buf == NULL) {
+        free(buf);
+        chain_map_unref(m);
+        return SQLITE_NOMEM;
+    }
+    int rc = SQLITE_OK;
+    for (int i = 0; i < nfds && rc == SQLITE_OK; i++) {
+        m->data_offset[i] = data_offset[i];
+        m->fds[i] = dup(fds[i]);
+        m->nfds = i + 1;
+        if (m->fds[i] < 0) {
+            *err = errno;
+            rc = SQLITE_IOERR;
+        }
+    }
+    if (rc == SQLITE_OK && ftruncate(scratch_fd, 0) < 0) { /* empty map */
+        *err = errno;
+        rc = SQLITE_IOERR;
+    }
+    if (rc == SQLITE_OK) {
+        m->map = table_new(scratch_fd, 0, 8, 1, TABLE_BLOCKS);
+        m->manifest = table_new(m->fds[nfds - 1], tip_manifest, PAGE_HASH_SIZE,
+                                0, TABLE_BLOCKS);
+        if (m->map == NULL || m->manifest == NULL) {
+            *err = errno;
+            rc = errno == ENOMEM ? SQLITE_NOMEM : SQLITE_IOERR;
+        }
+    }
+    for (int f = 0; f < nfds && rc == SQLITE_OK; f++) {
+        rc = map_file(m, f, index_off[f], stored[f], buf, bufsize, err);
+    }
+    free(buf);
+    sqlite3_int64 lock = lock_byte_page(page_size);
+    for (sqlite3_int64 p = 1; rc == SQLITE_OK && p <= page_count; p++) {
+        int file;
+        sqlite3_int64 at;
+        if (map_entry(m, p, &file, &at) < 0) {
+            *err = table_errno(m->map);
+            rc = SQLITE_IOERR;
+        }
+        else if (file < 0 && p != lock) {
+            *missing = p;
+            break;
+        }
+    }
+    if (rc != SQLITE_OK) {
+        chain_map_unref(m);
+        return rc;
+    }
+    *out = m;
+    return SQLITE_OK;
+}
+
+int
+chain_map_gather(ChainMap *m, sqlite3_int64 first, sqlite3_int64 count,
+                 unsigned char *out, int check, sqlite3_int64 *bad, int *err)
+{
+    static const unsigned char zero[PAGE_HASH_SIZE];
+    int P = m->page_size;
+    *bad = -1;
+    *err = 0;
+    pthread_mutex_lock(&m->mutex);
+    sqlite3_int64 i = 0;
+    while (i < count) {
+        int f;
+        sqlite3_int64 at;
+        if (map_entry(m, first + i, &f, &at) < 0) {
+            *err = table_errno(m->map);
+            break;
+        }
+        sqlite3_int64 n = 1;
+        if (f < 0) {
+            memset(out + i * P, 0, (size_t)P);
+        }
+        else {
+            /* a run of pages adjacent in one file: one read */
+            while (i + n < count) {
+                int g;
+                sqlite3_int64 next;
+                if (map_entry(m, first + i + n, &g, &next) < 0) {
+                    *err = table_errno(m->map);
+                    break;
+                }
+                if (g != f || next != at + n * P) {
+                    break;
+                }
+                n++;
+            }
+            if (*err) {
+                break;
+            }
+            size_t done = 0, want = (size_t)(n * P);
+            while (done < want) {
+                ssize_t r = pread(m->fds[f], out + i * P + done, want - done,
+                                  (off_t)(at + (sqlite3_int64)done));
+                if (r < 0 && errno == EINTR) {
+                    continue;
+                }
+                if (r < 0) {
+                    *err = errno ? errno : EIO;
+                    break;
+                }
+                if (r == 0) {
+                    break;
+                }
+                done += (size_t)r;
+            }
+            if (*err) {
+                break;
+            }
+            if (done < want) { /* short: the file was truncated */
+                *bad = i + (sqlite3_int64)(done / (size_t)P);
+                break;
+            }
+        }
+        for (sqlite3_int64 k = i; check && k < i + n; k++) {
+            unsigned char want_hash[PAGE_HASH_SIZE], got[PAGE_HASH_SIZE];
+            if (table_get(m->manifest, first + k - 1, want_hash) < 0) {
+                *err = table_errno(m->manifest);
+                break;
+            }
+            if (memcmp(want_hash, zero, PAGE_HASH_SIZE) == 0) {
+                continue;
+            }
+            page_hash(out + k * P, (size_t)P, got);
+            if (memcmp(got, want_hash, PAGE_HASH_SIZE) != 0) {
+                *bad = k;
+                break;
+            }
+        }
+        if (*err || *bad >= 0) {
+            break;
+        }
+        i += n;
+    }
+    pthread_mutex_unlock(&m->mutex);
+    return *err ? -1 : 0;
+}
+
 /* -- Overlay: file methods -------------------------------------------------
  */
 
@@ -598,14 +901,9 @@ overlay_unref(Overlay *o)
     if (!entry_unref(&o->e)) {
         return;
     }
-    for (int i = 0; i < o->nfds; i++) {
-        if (o->fds[i] >= 0) {
-            close(o->fds[i]);
-        }
+    if (o->map != NULL) {
+        chain_map_unref(o->map);
     }
-    free(o->fds);
-    free(o->file_of);
-    free(o->offset_of);
     free(o->e.path);
     free(o);
 }
@@ -621,19 +919,23 @@ ofile_close(sqlite3_file *file)
     return SQLITE_OK;
 }
 
-/* One whole page, straight into SQLite's buffer (the common case). */
+/* One whole page into buf: from the newest file holding it, zeros for
+ * none (the lock-byte page).  Page 1's WAL flag says rollback journal. */
 static int
 ofile_read_page(Overlay *o, unsigned char *buf, sqlite3_int64 pgno)
 {
-    int P = o->page_size;
-    int which = o->file_of[pgno - 1];
+    ChainMap *m = o->map;
+    int P = m->page_size;
+    int which;
+    sqlite3_int64 at;
+    if (chain_map_page(m, pgno, &which, &at) < 0) {
+        return SQLITE_IOERR_READ;
+    }
     if (which < 0) {
         memset(buf, 0, (size_t)P);
         return SQLITE_OK;
     }
-    if (full_pread(o->fds[which], buf, (size_t)P,
-                   (off_t)o->offset_of[pgno - 1])
-        != 1) {
+    if (full_pread(m->fds[which], buf, (size_t)P, (off_t)at) != 1) {
         return SQLITE_IOERR_READ;
     }
     if (pgno == 1 && buf[18] == 2 && buf[19] == 2) {
@@ -646,8 +948,9 @@ static int
 ofile_read(sqlite3_file *file, void *buf, int amt, sqlite3_int64 off)
 {
     Overlay *o = ((OverlayFile *)file)->overlay;
-    int P = o->page_size;
-    if (amt == P && off % P == 0 && off / P < o->page_count) {
+    int P = o->map->page_size;
+    sqlite3_int64 end = o->map->page_count * P;
+    if (amt == P && off % P == 0 && off < end) {
         return ofile_read_page(o, buf, off / P + 1);
     }
     unsigned char *page = malloc((size_t)P);
@@ -656,27 +959,17 @@ ofile_read(sqlite3_file *file, void *buf, int amt, sqlite3_int64 off)
     }
     int rc = SQLITE_OK;
     unsigned char *out = buf;
-    sqlite3_int64 end = o->page_count * P;
     while (amt > 0) {
         if (off >= end) {
             memset(out, 0, (size_t)amt);
             rc = SQLITE_IOERR_SHORT_READ;
             break;
         }
-        sqlite3_int64 pgno = off / P + 1;
         int in_page = (int)(off % P);
         int n = P - in_page < amt ? P - in_page : amt;
-        int which = o->file_of[pgno - 1];
-        memset(page, 0, (size_t)P);
-        if (which >= 0
-            && full_pread(o->fds[which], page, (size_t)P,
-                          (off_t)o->offset_of[pgno - 1])
-                   != 1) {
-            rc = SQLITE_IOERR_READ;
+        rc = ofile_read_page(o, page, off / P + 1);
+        if (rc != SQLITE_OK) {
             break;
-        }
-        if (pgno == 1 && page[18] == 2 && page[19] == 2) {
-            page[18] = page[19] = 1; /* one file: no -wal to look for */
         }
         memcpy(out, page + in_page, (size_t)n);
         out += n;
@@ -709,7 +1002,7 @@ static int
 ofile_file_size(sqlite3_file *file, sqlite3_int64 *size)
 {
     Overlay *o = ((OverlayFile *)file)->overlay;
-    *size = o->page_count * o->page_size;
+    *size = o->map->page_count * o->map->page_size;
     return SQLITE_OK;
 }
 
@@ -927,8 +1220,8 @@ overlay_vfs(void)
 
 int
 delta_new(const char *path, int fd, sqlite3_int64 data_offset, int page_size,
-          const unsigned char *parent, sqlite3_int64 parent_pages,
-          sqlite3_int64 expected_pages, Delta **out)
+          int parent_fd, sqlite3_int64 parent_manifest,
+          sqlite3_int64 parent_pages, int pages_fd, int slots_fd, Delta **out)
 {
     *out = NULL;
     sqlite3_vfs *vfs = delta_vfs();
@@ -940,32 +1233,31 @@ delta_new(const char *path, int fd, sqlite3_int64 data_offset, int page_size,
         return SQLITE_NOMEM;
     }
     d->fd = -1;
+    entry_init(&d->e);
     int path_rc = SQLITE_OK;
     d->e.path = full_path(BASE(vfs), path, &path_rc);
-    int path_errno = errno;
-    size_t n = (size_t)parent_pages * PAGE_HASH_SIZE;
-    d->parent = malloc(n ? n : 1);
-    if (d->e.path == NULL || d->parent == NULL) {
-        int rc = d->e.path == NULL ? path_rc : SQLITE_NOMEM;
-        free(d->e.path);
-        free(d->parent);
-        free(d);
+    if (d->e.path == NULL) {
+        int path_errno = errno;
+        delta_unref(d);
         errno = path_errno;
+        return path_rc;
+    }
+    if (parent_pages > 0) {
+        d->parent = table_new(parent_fd, parent_manifest, PAGE_HASH_SIZE, 0,
+                              TABLE_BLOCKS);
+    }
+    d->pages = table_new(pages_fd, 0, sizeof(Record), 1, TABLE_BLOCKS);
+    d->slots = table_new(slots_fd, 0, sizeof(sqlite3_int64), 1, TABLE_BLOCKS);
+    d->fd = dup(fd);
+    if ((parent_pages > 0 && d->parent == NULL) || d->pages == NULL
+        || d->slots == NULL || d->fd < 0) {
+        int rc = errno == ENOMEM ? SQLITE_NOMEM : SQLITE_CANTOPEN;
+        delta_unref(d);
         return rc;
     }
-    memcpy(d->parent, parent, n);
     d->parent_pages = parent_pages;
-    d->fd = dup(fd);
-    if (d->fd < 0) {
-        free(d->e.path);
-        free(d->parent);
-        free(d);
-        return SQLITE_CANTOPEN;
-    }
     d->data_offset = data_offset;
     d->page_size = page_size;
-    d->expected = expected_pages > 0 ? expected_pages : 0;
-    entry_init(&d->e);
     int rc = registry_add(&deltas, &d->e);
     if (rc != SQLITE_OK) {
         delta_unref(d);
@@ -994,19 +1286,13 @@ delta_result(Delta *d, DeltaResult *out)
     out->writes = d->writes;
     out->unchanged = d->unchanged;
     out->unkept_reads = d->unkept_reads;
-    out->failed = d->failed;
-    out->os_errno = d->os_errno;
-    memcpy(out->message, d->message, sizeof(out->message));
-    if (d->size % P != 0) {
-        out->failed = 1;
-        snprintf(out->message, sizeof(out->message),
-                 "the copy's size (%lld bytes) is not a whole number of "
-                 "pages",
-                 (long long)d->size);
-    }
     sqlite3_int64 lockpage = lock_byte_page(P);
-    for (sqlite3_int64 p = 1; p <= out->page_count; p++) {
-        int st = p <= d->cap ? d->state[p - 1] : P_NONE;
+    for (sqlite3_int64 p = 1; p <= out->page_count && !d->failed; p++) {
+        Record r;
+        if (get_record(d, p, &r) < 0) {
+            break;
+        }
+        int st = r.state;
         if ((st & 3) == P_KEPT) {
             out->kept++;
         }
@@ -1021,33 +1307,71 @@ delta_result(Delta *d, DeltaResult *out)
             }
         }
     }
+    out->failed = d->failed;
+    out->os_errno = d->os_errno;
+    memcpy(out->message, d->message, sizeof(out->message));
+    if (!out->failed && d->size % P != 0) {
+        out->failed = 1;
+        snprintf(out->message, sizeof(out->message),
+                 "the copy's size (%lld bytes) is not a whole number of "
+                 "pages",
+                 (long long)d->size);
+    }
     pthread_mutex_unlock(&d->e.mutex);
 }
 
-void
-delta_manifest(Delta *d, unsigned char *out, sqlite3_int64 page_count)
+int
+delta_manifest(Delta *d, unsigned char *out, sqlite3_int64 first,
+               sqlite3_int64 count)
 {
+    int rc = 0;
     pthread_mutex_lock(&d->e.mutex);
-    for (sqlite3_int64 p = 1; p <= page_count; p++) {
-        unsigned char *to = out + (p - 1) * PAGE_HASH_SIZE;
-        if (p <= d->cap && (d->state[p - 1] & 3) != P_NONE) {
-            memcpy(to, d->hashes + (p - 1) * PAGE_HASH_SIZE, PAGE_HASH_SIZE);
+    for (sqlite3_int64 k = 0; k < count && rc == 0; k++) {
+        unsigned char *to = out + k * PAGE_HASH_SIZE;
+        Record r;
+        if (get_record(d, first + k, &r) < 0) {
+            rc = -1;
+        }
+        else if ((r.state & 3) != P_NONE) {
+            memcpy(to, r.hash, PAGE_HASH_SIZE);
         }
         else {
             memset(to, 0, PAGE_HASH_SIZE);
         }
     }
     pthread_mutex_unlock(&d->e.mutex);
+    return rc;
 }
 
-void
-delta_slots(Delta *d, sqlite3_int64 *out, sqlite3_int64 slots)
+int
+delta_slots(Delta *d, sqlite3_int64 *out, sqlite3_int64 start,
+            sqlite3_int64 count)
 {
+    int rc = 0;
     pthread_mutex_lock(&d->e.mutex);
-    for (sqlite3_int64 i = 0; i < slots; i++) {
-        out[i] = i < d->nslots ? d->page_of_slot[i] : 0;
+    for (sqlite3_int64 i = 0; i < count && rc == 0; i++) {
+        out[i] = 0;
+        if (start + i < d->nslots
+            && table_get(d->slots, start + i, &out[i]) < 0) {
+            table_failed(d, d->slots, "reading the recording's slot table");
+            rc = -1;
+        }
     }
     pthread_mutex_unlock(&d->e.mutex);
+    return rc;
+}
+
+sqlite3_int64
+delta_slot_of(Delta *d, sqlite3_int64 pgno)
+{
+    sqlite3_int64 slot = -1;
+    pthread_mutex_lock(&d->e.mutex);
+    Record r;
+    if (get_record(d, pgno, &r) == 0 && (r.state & 3) == P_KEPT) {
+        slot = r.slot;
+    }
+    pthread_mutex_unlock(&d->e.mutex);
+    return slot;
 }
 
 int
@@ -1074,9 +1398,7 @@ delta_page_size(Delta *d)
  */
 
 int
-overlay_new(const char *path, int page_size, sqlite3_int64 page_count,
-            const int *fds, int nfds, const int *file_of,
-            const sqlite3_int64 *offset_of, Overlay **out)
+overlay_new(const char *path, ChainMap *map, Overlay **out)
 {
     *out = NULL;
     sqlite3_vfs *vfs = overlay_vfs();
@@ -1087,40 +1409,17 @@ overlay_new(const char *path, int page_size, sqlite3_int64 page_count,
     if (o == NULL) {
         return SQLITE_NOMEM;
     }
-    size_t n = (size_t)(page_count ? page_count : 1);
+    entry_init(&o->e);
     int path_rc = SQLITE_OK;
     o->e.path = full_path(BASE(vfs), path, &path_rc);
-    int path_errno = errno;
-    o->fds = malloc(sizeof(int) * (size_t)(nfds ? nfds : 1));
-    o->file_of = malloc(sizeof(int) * n);
-    o->offset_of = malloc(sizeof(sqlite3_int64) * n);
-    entry_init(&o->e);
-    if (o->e.path == NULL || o->fds == NULL || o->file_of == NULL
-        || o->offset_of == NULL) {
-        int rc = o->e.path == NULL ? path_rc : SQLITE_NOMEM;
+    if (o->e.path == NULL) {
+        int path_errno = errno;
         overlay_unref(o);
         errno = path_errno;
-        return rc;
+        return path_rc;
     }
-    for (int i = 0; i < nfds; i++) {
-        o->fds[i] = dup(fds[i]);
-        o->nfds = i + 1;
-        if (o->fds[i] < 0) {
-            overlay_unref(o);
-            return SQLITE_CANTOPEN;
-        }
-    }
-    for (sqlite3_int64 i = 0; i < page_count; i++) {
-        if (file_of[i] >= nfds || file_of[i] < -1) {
-            overlay_unref(o);
-            return SQLITE_MISUSE;
-        }
-    }
-    memcpy(o->file_of, file_of, sizeof(int) * (size_t)page_count);
-    memcpy(o->offset_of, offset_of,
-           sizeof(sqlite3_int64) * (size_t)page_count);
-    o->page_size = page_size;
-    o->page_count = page_count;
+    chain_map_ref(map);
+    o->map = map;
     int rc = registry_add(&overlays, &o->e);
     if (rc != SQLITE_OK) {
         overlay_unref(o);

@@ -46,22 +46,29 @@ typedef struct {
 
 sqlite3_vfs *delta_vfs(void);
 /* A Delta for `path` (through the VFS's xFullPathname), writing kept pages
- * into descriptor `fd` (duplicated) from byte `data_offset` on; `parent` is
- * the parent's manifest, parent_pages hashes of PAGE_HASH_SIZE bytes
- * (copied); expected_pages, when known, sizes its page tables at once
- * (they grow as needed: a page past it costs a copy of the tables).
- * SQLITE_CONSTRAINT: the path is taken. */
+ * into descriptor `fd` (duplicated) from byte `data_offset` on.  The
+ * parent's manifest (parent_pages hashes) is read where it lies: in
+ * descriptor parent_fd from byte parent_manifest (unused for a base, 0
+ * pages).  The page and slot tables live in the scratch files pages_fd and
+ * slots_fd (table.h; all descriptors duplicated), so memory stays a few
+ * blocks whatever the database's size.  SQLITE_CONSTRAINT: the path is
+ * taken. */
 int delta_new(const char *path, int fd, sqlite3_int64 data_offset,
-              int page_size, const unsigned char *parent,
-              sqlite3_int64 parent_pages, sqlite3_int64 expected_pages,
+              int page_size, int parent_fd, sqlite3_int64 parent_manifest,
+              sqlite3_int64 parent_pages, int pages_fd, int slots_fd,
               Delta **out);
 void delta_close(Delta *d); /* unregister, drop the owner's reference */
 void delta_result(Delta *d, DeltaResult *out);
-/* The manifest (page_count hashes; the lock-byte page's is all zeros) into
- * out, which has room for page_count * PAGE_HASH_SIZE bytes. */
-void delta_manifest(Delta *d, unsigned char *out, sqlite3_int64 page_count);
-/* Which page each data slot holds (0: a dead slot), `slots` entries. */
-void delta_slots(Delta *d, sqlite3_int64 *out, sqlite3_int64 slots);
+/* count hashes of the manifest from page first (the lock-byte page's and
+ * an unwritten page's are all zeros) into out.  0, or -1: a table could
+ * not be read (delta_failure says why, DeltaResult.os_errno the cause). */
+int delta_manifest(Delta *d, unsigned char *out, sqlite3_int64 first,
+                   sqlite3_int64 count);
+/* Which page data slots start.. hold (0: a dead slot); 0 or -1 as above. */
+int delta_slots(Delta *d, sqlite3_int64 *out, sqlite3_int64 start,
+                sqlite3_int64 count);
+/* The data slot of page pgno, or -1 when it is not kept. */
+sqlite3_int64 delta_slot_of(Delta *d, sqlite3_int64 pgno);
 
 /* Record page pgno (page_size bytes) as if SQLite had written it there:
  * what the backup API would have written, read by the caller (the fast
@@ -71,16 +78,49 @@ int delta_record(Delta *d, const unsigned char *page, sqlite3_int64 pgno);
 void delta_failure(Delta *d, char *out, size_t size); /* "" if none */
 int delta_page_size(Delta *d);
 
+/* Where each page of a chain's tip lives: the newest of the chain's files
+ * holding it.  Built from the files' indexes read where they lie, kept in
+ * a scratch file (table.h): a few blocks of memory whatever the size.
+ * Shared, reference-counted and locked: an Overlay holds one, and the
+ * restore reads pages through one (from any thread). */
+typedef struct ChainMap ChainMap;
+
+/* The map of a chain of nfds files, oldest first: descriptor fds[f]
+ * (duplicated) stores stored[f] pages from byte data_offset[f], its index
+ * (big-endian u64 page numbers, in file order) at index_off[f].  The tip
+ * (the last file) holds page_count pages; its manifest is at tip_manifest.
+ * The map's table lives in scratch_fd.  *missing: the first page no file
+ * holds other than the lock-byte page, or 0.  SQLITE_OK; SQLITE_NOMEM;
+ * SQLITE_IOERR with *err the OS errno (EIO: an index ended early);
+ * SQLITE_CORRUPT: an index names page 0. */
+int chain_map_new(int page_size, sqlite3_int64 page_count, int nfds,
+                  const int *fds, const sqlite3_int64 *data_offset,
+                  const sqlite3_int64 *index_off, const sqlite3_int64 *stored,
+                  sqlite3_int64 tip_manifest, int scratch_fd, ChainMap **out,
+                  sqlite3_int64 *missing, int *err);
+void chain_map_ref(ChainMap *m);
+void chain_map_unref(ChainMap *m);
+void chain_map_geometry(ChainMap *m, int *page_size,
+                        sqlite3_int64 *page_count);
+/* The file (index into the chain, -1 for none) holding page pgno, and
+ * where.  0, or -1 (the map could not be read). */
+int chain_map_page(ChainMap *m, sqlite3_int64 pgno, int *file,
+                   sqlite3_int64 *offset);
+/* Pages first.. of the tip into out (count pages), each checked against
+ * the tip's manifest when check (an all-zero entry, the lock-byte page's,
+ * is not).  *bad: the first page (0-based in the run) that does not match
+ * or ends early, or -1.  0, or -1 with *err (an OS errno). */
+int chain_map_gather(ChainMap *m, sqlite3_int64 first, sqlite3_int64 count,
+                     unsigned char *out, int check, sqlite3_int64 *bad,
+                     int *err);
+
 typedef struct Overlay Overlay;
 
 sqlite3_vfs *overlay_vfs(void);
-/* An Overlay for `path` of page_count pages: page n is read from
- * descriptor fds[file_of[n-1]] (duplicated) at offset_of[n-1]; a file
- * index of -1 reads as zeros (the lock-byte page).  Page 1's WAL flag is
- * presented as rollback-journal mode (one file, nothing beside it). */
-int overlay_new(const char *path, int page_size, sqlite3_int64 page_count,
-                const int *fds, int nfds, const int *file_of,
-                const sqlite3_int64 *offset_of, Overlay **out);
+/* An Overlay for `path`: page n as the map says (a reference is taken);
+ * page 1's WAL flag is presented as rollback-journal mode (one file,
+ * nothing beside it). */
+int overlay_new(const char *path, ChainMap *map, Overlay **out);
 void overlay_close(Overlay *o);
 
 #endif /* APSW_BACKUP_DELTASHIM_H */

@@ -5,6 +5,7 @@
  * (with the GIL released, inside Backup.step() and Cursor calls). */
 #include "apsw_backup.h"
 #include "deltashim.h"
+#include "table.h"
 
 #include <errno.h>
 #include <limits.h>
@@ -13,6 +14,7 @@
 
 #define DELTA_CAPSULE "apsw_backup.Delta"
 #define OVERLAY_CAPSULE "apsw_backup.Overlay"
+#define CHAIN_CAPSULE "apsw_backup.ChainMap"
 
 /* A box remembers the fork generation it was made in: a forked child's
  * copy lets go of nothing (the objects' mutexes may have been held by
@@ -26,6 +28,48 @@ typedef struct {
     Overlay *overlay;
     unsigned long fork_generation;
 } OverlayBox;
+
+typedef struct {
+    ChainMap *map;
+    unsigned long fork_generation;
+} ChainBox;
+
+static void
+chain_box_destroy(PyObject *capsule)
+{
+    ChainBox *box = PyCapsule_GetPointer(capsule, CHAIN_CAPSULE);
+    if (box != NULL) {
+        if (box->map != NULL && box->fork_generation == fork_generation) {
+            chain_map_unref(box->map);
+        }
+        PyMem_Free(box);
+    }
+}
+
+static ChainMap *
+chain_of(PyObject *module, PyObject *capsule)
+{
+    ChainBox *box = PyCapsule_GetPointer(capsule, CHAIN_CAPSULE);
+    if (box == NULL) {
+        return NULL;
+    }
+    if (box->fork_generation != fork_generation) {
+        raise_forked((ModuleState *)PyModule_GetState(module),
+                     "a restore point's chain");
+        return NULL;
+    }
+    if (box->map == NULL) {
+        PyErr_SetString(PyExc_ValueError, "the chain is closed");
+    }
+    return box->map;
+}
+
+static PyObject *
+raise_errno(int err)
+{
+    errno = err ? err : EIO;
+    return PyErr_SetFromErrno(PyExc_OSError);
+}
 
 static void
 delta_box_destroy(PyObject *capsule)
@@ -104,26 +148,32 @@ incremental_vfs_names(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(arg))
     return Py_BuildValue("(ss)", d->zName, o->zName);
 }
 
+/* _delta_open(path, fd, data_offset, page_size, parent, pages_fd,
+ * slots_fd): parent is None (a base) or (fd, manifest offset, pages) of the
+ * parent's file; pages_fd and slots_fd are scratch files for the
+ * recording's tables (deltashim.h). */
 PyObject *
 incremental_delta_open(PyObject *Py_UNUSED(module), PyObject *args)
 {
     const char *path;
-    int fd, page_size;
+    int fd, page_size, pages_fd, slots_fd;
     long long data_offset;
-    long long expected = 0;
     PyObject *parent;
-    if (!PyArg_ParseTuple(args, "siLiS|L:_delta_open", &path, &fd,
-                          &data_offset, &page_size, &parent, &expected)) {
+    if (!PyArg_ParseTuple(args, "siLiOii:_delta_open", &path, &fd,
+                          &data_offset, &page_size, &parent, &pages_fd,
+                          &slots_fd)) {
         return NULL;
     }
-    if (!valid_page_size(page_size) || data_offset < 0) {
+    int parent_fd = -1;
+    long long parent_off = 0, parent_pages = 0;
+    if (parent != Py_None
+        && !PyArg_ParseTuple(parent, "iLL:_delta_open", &parent_fd,
+                             &parent_off, &parent_pages)) {
+        return NULL;
+    }
+    if (!valid_page_size(page_size) || data_offset < 0 || parent_off < 0
+        || parent_pages < 0) {
         PyErr_SetString(PyExc_ValueError, "bad page size or data offset");
-        return NULL;
-    }
-    Py_ssize_t n = PyBytes_Size(parent);
-    if (n % PAGE_HASH_SIZE != 0) {
-        PyErr_SetString(PyExc_ValueError,
-                        "the parent manifest is not a list of page hashes");
         return NULL;
     }
     DeltaBox *box = PyMem_Calloc(1, sizeof(*box));
@@ -136,9 +186,8 @@ incremental_delta_open(PyObject *Py_UNUSED(module), PyObject *args)
         PyMem_Free(box);
         return NULL;
     }
-    int rc = delta_new(path, fd, data_offset, page_size,
-                       (const unsigned char *)PyBytes_AsString(parent),
-                       n / PAGE_HASH_SIZE, expected, &box->delta);
+    int rc = delta_new(path, fd, data_offset, page_size, parent_fd, parent_off,
+                       parent_pages, pages_fd, slots_fd, &box->delta);
     if (rc != SQLITE_OK) {
         Py_DECREF(capsule);
         return open_failed(rc, "recording");
@@ -171,21 +220,11 @@ incremental_delta_result(PyObject *module, PyObject *capsule)
         return NULL;
     }
     DeltaResult r;
+    /* with the GIL held: the capsule cannot be closed meanwhile; the
+     * tables are our own files, read through their cache */
     delta_result(d, &r);
-    PyObject *manifest =
-        PyBytes_FromStringAndSize(NULL, r.page_count * PAGE_HASH_SIZE);
-    PyObject *slots =
-        PyBytes_FromStringAndSize(NULL, r.slots * sizeof(sqlite3_int64));
-    if (manifest == NULL || slots == NULL) {
-        Py_XDECREF(manifest);
-        Py_XDECREF(slots);
-        return NULL;
-    }
-    delta_manifest(d, (unsigned char *)PyBytes_AsString(manifest),
-                   r.page_count);
-    delta_slots(d, (sqlite3_int64 *)PyBytes_AsString(slots), r.slots);
     return Py_BuildValue(
-        "{s:i,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:O,s:i,s:s,s:N,s:N}",
+        "{s:i,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:O,s:i,s:s}",
         "page_size", r.page_size, "page_count", (long long)r.page_count,
         "kept", (long long)r.kept, "slots", (long long)r.slots, "writes",
         (long long)r.writes, "unchanged", (long long)r.unchanged, "poisoned",
@@ -193,56 +232,136 @@ incremental_delta_result(PyObject *module, PyObject *capsule)
         "unkept_reads", (long long)r.unkept_reads, "missing",
         (long long)r.missing, "first_missing", (long long)r.first_missing,
         "failed", r.failed ? Py_True : Py_False, "errno", r.os_errno,
-        "message", r.message, "manifest", manifest, "slot_pages", slots);
+        "message", r.message);
 }
 
-PyObject *
-incremental_overlay_open(PyObject *Py_UNUSED(module), PyObject *args)
+/* The most a _delta_manifest / _delta_slots / _chain_gather call or a
+ * _check_stored run takes: a window. */
+#define WINDOW_ENTRIES 65536
+
+static PyObject *
+delta_table_failed(Delta *d)
 {
-    const char *path;
-    int page_size;
-    long long page_count;
-    PyObject *fd_list, *file_of, *offset_of;
-    if (!PyArg_ParseTuple(args, "siLO!SS:_overlay_open", &path, &page_size,
-                          &page_count, &PyTuple_Type, &fd_list, &file_of,
-                          &offset_of)) {
+    DeltaResult r;
+    delta_result(d, &r);
+    errno = r.os_errno ? r.os_errno : EIO;
+    return PyErr_SetFromErrno(PyExc_OSError);
+}
+
+/* _delta_manifest(recording, first, count) -> bytes: count (at most
+ * WINDOW_ENTRIES) hashes of the manifest from page first.  With the GIL
+ * held, as all calls on a recording: it cannot be closed meanwhile. */
+PyObject *
+incremental_delta_manifest(PyObject *module, PyObject *args)
+{
+    PyObject *capsule;
+    long long first, count;
+    if (!PyArg_ParseTuple(args, "OLL:_delta_manifest", &capsule, &first,
+                          &count)) {
         return NULL;
     }
-    if (!valid_page_size(page_size) || page_count < 0
-        || PyBytes_Size(file_of) != page_count * (Py_ssize_t)sizeof(int)
-        || PyBytes_Size(offset_of)
-               != page_count * (Py_ssize_t)sizeof(sqlite3_int64)) {
-        PyErr_SetString(PyExc_ValueError, "inconsistent overlay map");
+    Delta *d = delta_of(module, capsule);
+    if (d == NULL) {
         return NULL;
     }
-    Py_ssize_t nfds = PyTuple_Size(fd_list);
-    int *fds = PyMem_Calloc((size_t)(nfds ? nfds : 1), sizeof(int));
-    if (fds == NULL) {
+    if (first < 1 || count < 0 || count > WINDOW_ENTRIES) {
+        PyErr_SetString(PyExc_ValueError, "pages out of range");
+        return NULL;
+    }
+    unsigned char *buf =
+        PyMem_Malloc((size_t)(count ? count : 1) * PAGE_HASH_SIZE);
+    if (buf == NULL) {
         return PyErr_NoMemory();
     }
-    for (Py_ssize_t i = 0; i < nfds; i++) {
-        fds[i] = (int)PyLong_AsLong(PyTuple_GetItem(fd_list, i));
-        if (fds[i] == -1 && PyErr_Occurred()) {
-            PyMem_Free(fds);
-            return NULL;
-        }
+    int rc = delta_manifest(d, buf, first, count);
+    PyObject *out =
+        rc < 0 ? delta_table_failed(d)
+               : PyBytes_FromStringAndSize((const char *)buf,
+                                           (Py_ssize_t)count * PAGE_HASH_SIZE);
+    PyMem_Free(buf);
+    return out;
+}
+
+/* _delta_slots(recording, start, count) -> bytes: the page each of count
+ * (at most WINDOW_ENTRIES) data slots from start holds, native int64s (0: a
+ * dead slot). */
+PyObject *
+incremental_delta_slots(PyObject *module, PyObject *args)
+{
+    PyObject *capsule;
+    long long start, count;
+    if (!PyArg_ParseTuple(args, "OLL:_delta_slots", &capsule, &start,
+                          &count)) {
+        return NULL;
+    }
+    Delta *d = delta_of(module, capsule);
+    if (d == NULL) {
+        return NULL;
+    }
+    if (start < 0 || count < 0 || count > WINDOW_ENTRIES) {
+        PyErr_SetString(PyExc_ValueError, "slots out of range");
+        return NULL;
+    }
+    sqlite3_int64 *buf =
+        PyMem_Malloc(sizeof(*buf) * (size_t)(count ? count : 1));
+    if (buf == NULL) {
+        return PyErr_NoMemory();
+    }
+    int rc = delta_slots(d, buf, start, count);
+    PyObject *out = rc < 0 ? delta_table_failed(d)
+                           : PyBytes_FromStringAndSize(
+                                 (const char *)buf, (Py_ssize_t)(count * 8));
+    PyMem_Free(buf);
+    return out;
+}
+
+/* _delta_slot_of(recording, pgno) -> int: the data slot of a kept page,
+ * or -1. */
+PyObject *
+incremental_delta_slot_of(PyObject *module, PyObject *args)
+{
+    PyObject *capsule;
+    long long pgno;
+    if (!PyArg_ParseTuple(args, "OL:_delta_slot_of", &capsule, &pgno)) {
+        return NULL;
+    }
+    Delta *d = delta_of(module, capsule);
+    if (d == NULL) {
+        return NULL;
+    }
+    if (pgno < 1) {
+        PyErr_SetString(PyExc_ValueError, "pages out of range");
+        return NULL;
+    }
+    return PyLong_FromLongLong(delta_slot_of(d, pgno));
+}
+
+/* _overlay_open(path, chain) -> capsule: the overlay of a chain's map
+ * (_chain_open); it holds a reference of its own to the map. */
+PyObject *
+incremental_overlay_open(PyObject *module, PyObject *args)
+{
+    const char *path;
+    PyObject *chain;
+    if (!PyArg_ParseTuple(args, "sO:_overlay_open", &path, &chain)) {
+        return NULL;
+    }
+    ChainMap *map = chain_of(module, chain);
+    if (map == NULL) {
+        return NULL;
     }
     OverlayBox *box = PyMem_Calloc(1, sizeof(*box));
-    if (box != NULL) {
-        box->fork_generation = fork_generation;
+    if (box == NULL) {
+        return PyErr_NoMemory();
     }
+    box->fork_generation = fork_generation;
     PyObject *capsule =
-        box ? PyCapsule_New(box, OVERLAY_CAPSULE, overlay_box_destroy) : NULL;
+        PyCapsule_New(box, OVERLAY_CAPSULE, overlay_box_destroy);
     if (capsule == NULL) {
         PyMem_Free(box);
-        PyMem_Free(fds);
-        return box ? NULL : PyErr_NoMemory();
+        return NULL;
     }
-    int rc = overlay_new(path, page_size, page_count, fds, (int)nfds,
-                         (const int *)PyBytes_AsString(file_of),
-                         (const sqlite3_int64 *)PyBytes_AsString(offset_of),
-                         &box->overlay);
-    PyMem_Free(fds);
+    int rc = overlay_new(path, map, &box->overlay);
     if (rc != SQLITE_OK) {
         Py_DECREF(capsule);
         return open_failed(rc, "overlay");
@@ -442,271 +561,259 @@ incremental_delta_read_source(PyObject *module, PyObject *args)
     return raise_sqlite_error(st, rc, why[0] ? why : NULL);
 }
 
-/* _gather_pages(fds, file_of, offset_of, page_size, first, count, manifest)
- * -> (bytes, bad)
+/* _chain_open(page_size, page_count, files, tip_manifest, scratch_fd)
+ * -> (chain, missing)
  *
- * Pages first .. first+count-1 of a chain (file_of: native ints, the index
- * into fds of the file holding each page, -1 for none: zeros; offset_of:
- * native int64s, where), read with pread -- a run of pages adjacent in one
- * file in one call -- and, when manifest is not None, each checked against
- * its 16 bytes there (a zero entry, the lock-byte page's, is not).  bad: the
- * first page (0-based in the run) whose hash differs, or -1; a short read
- * makes the first page missing bad.  The GIL is released while it reads
- * and hashes. */
+ * The map of a chain (deltashim.h, ChainMap): files is a tuple, oldest
+ * first, of (fd, data_offset, index_offset, stored) of each file; the tip
+ * is the last, its manifest at tip_manifest.  missing: the first page no
+ * file holds other than the lock-byte page, or 0.  OSError for a failed
+ * read or write (EIO: an index ended early); ValueError for an index
+ * naming page 0.  The GIL is released while it reads the indexes (all its
+ * arguments are C values by then). */
 PyObject *
-incremental_gather_pages(PyObject *Py_UNUSED(module), PyObject *args)
+incremental_chain_open(PyObject *Py_UNUSED(module), PyObject *args)
 {
-    PyObject *fd_list, *manifest_obj;
-    const char *fof_raw, *oof_raw, *want_raw = NULL;
-    Py_ssize_t fof_len, oof_len, want_len = 0;
-    int page_size;
-    long long first, count;
-    if (!PyArg_ParseTuple(args, "O!y#y#iLLO:_gather_pages", &PyTuple_Type,
-                          &fd_list, &fof_raw, &fof_len, &oof_raw, &oof_len,
-                          &page_size, &first, &count, &manifest_obj)) {
-        return NULL;
-    }
-    if (manifest_obj != Py_None) {
-        if (!PyBytes_Check(manifest_obj)) {
-            PyErr_SetString(PyExc_TypeError, "manifest must be bytes or None");
-            return NULL;
-        }
-        want_raw = PyBytes_AsString(manifest_obj);
-        want_len = PyBytes_Size(manifest_obj);
-    }
-    long long pages = fof_len / (Py_ssize_t)sizeof(int);
-    if (!valid_page_size(page_size) || first < 1 || count < 0
-        || first + count - 1 > pages
-        || fof_len != pages * (Py_ssize_t)sizeof(int)
-        || oof_len != pages * (Py_ssize_t)sizeof(sqlite3_int64)
-        || (want_raw != NULL && want_len < pages * PAGE_HASH_SIZE)) {
-        PyErr_SetString(PyExc_ValueError, "inconsistent page map");
-        return NULL;
-    }
-    Py_ssize_t nfds = PyTuple_Size(fd_list);
-    int *fds = PyMem_Calloc((size_t)(nfds ? nfds : 1), sizeof(int));
-    if (fds == NULL) {
-        return PyErr_NoMemory();
-    }
-    PyObject *result = NULL, *data = NULL;
-    for (Py_ssize_t i = 0; i < nfds; i++) {
-        fds[i] = (int)PyLong_AsLong(PyTuple_GetItem(fd_list, i));
-        if (fds[i] == -1 && PyErr_Occurred()) {
-            goto done;
-        }
-    }
-    /* file_of and offset_of are bytes (immutable): safe to read with the
-     * GIL released while the caller keeps its reference */
-    const int *fof = (const int *)fof_raw;
-    const sqlite3_int64 *oof = (const sqlite3_int64 *)oof_raw;
-    for (long long i = first - 1; i < first - 1 + count; i++) {
-        if (fof[i] < -1 || fof[i] >= nfds) {
-            PyErr_SetString(PyExc_ValueError, "inconsistent page map");
-            goto done;
-        }
-    }
-    data = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(count * page_size));
-    if (data == NULL) {
-        goto done;
-    }
-    unsigned char *out = (unsigned char *)PyBytes_AsString(data);
-    const unsigned char *want = (const unsigned char *)want_raw;
-    long long bad = -1;
-    int err = 0;
-    RELEASE_GIL("incremental_gather_pages");
-    static const unsigned char zero[PAGE_HASH_SIZE];
-    long long i = 0;
-    while (i < count) {
-        long long pg = first - 1 + i; /* 0-based */
-        int f = fof[pg];
-        long long n = 1;
-        if (f < 0) {
-            memset(out + i * page_size, 0, (size_t)page_size);
-        }
-        else {
-            while (i + n < count && fof[pg + n] == f
-                   && oof[pg + n] == oof[pg] + n * page_size) {
-                n++;
-            }
-            long long got = read_at(fds[f], out + i * page_size,
-                                    (size_t)(n * page_size), oof[pg]);
-            if (got < 0) {
-                err = errno ? errno : EIO;
-                break;
-            }
-            if (got < n * page_size) { /* short: the file was truncated */
-                bad = i + got / page_size;
-                break;
-            }
-        }
-        if (want != NULL) {
-            for (long long k = i; k < i + n; k++) {
-                const unsigned char *w =
-                    want + (first - 1 + k) * PAGE_HASH_SIZE;
-                if (memcmp(w, zero, PAGE_HASH_SIZE) == 0) {
-                    continue;
-                }
-                unsigned char h[PAGE_HASH_SIZE];
-                page_hash(out + k * page_size, (size_t)page_size, h);
-                if (memcmp(h, w, PAGE_HASH_SIZE) != 0) {
-                    bad = k;
-                    break;
-                }
-            }
-            if (bad >= 0) {
-                break;
-            }
-        }
-        i += n;
-    }
-    REACQUIRE_GIL();
-    if (err) {
-        errno = err;
-        PyErr_SetFromErrno(PyExc_OSError);
-        goto done;
-    }
-    result = Py_BuildValue("OL", data, bad);
-done:
-    Py_XDECREF(data);
-    PyMem_Free(fds);
-    return result;
-}
-
-/* _chain_map(page_count, page_size, files) -> (file_of, offset_of, missing)
- *
- * Where each page of a chain's tip lives: files is a list, oldest first, of
- * (index, data_offset), index the native u64 page numbers of that file's
- * stored pages in file order; a later file's page replaces an earlier's.
- * file_of (native ints, -1: no file holds it) and offset_of (native int64)
- * as bytes; missing: the first page no file holds other than the lock-byte
- * page, or 0.  ValueError for a page number of 0. */
-PyObject *
-incremental_chain_map(PyObject *Py_UNUSED(module), PyObject *args)
-{
-    long long page_count;
-    int page_size;
+    long long page_count, tip_manifest;
+    int page_size, scratch_fd;
     PyObject *files;
-    if (!PyArg_ParseTuple(args, "LiO!:_chain_map", &page_count, &page_size,
-                          &PyList_Type, &files)) {
+    if (!PyArg_ParseTuple(args, "iLO!Li:_chain_open", &page_size, &page_count,
+                          &PyTuple_Type, &files, &tip_manifest, &scratch_fd)) {
         return NULL;
     }
-    if (!valid_page_size(page_size) || page_count < 0
-        || page_count > PY_SSIZE_T_MAX / 8) {
-        PyErr_SetString(PyExc_ValueError, "bad page size or page count");
+    Py_ssize_t n = PyTuple_Size(files);
+    if (!valid_page_size(page_size) || page_count < 0 || n < 1
+        || n >= (1 << 23) || tip_manifest < 0) {
+        PyErr_SetString(PyExc_ValueError, "bad chain");
         return NULL;
     }
-    PyObject *fof_obj = PyBytes_FromStringAndSize(
-        NULL, (Py_ssize_t)(page_count * (long long)sizeof(int)));
-    PyObject *oof_obj = PyBytes_FromStringAndSize(
-        NULL, (Py_ssize_t)(page_count * (long long)sizeof(sqlite3_int64)));
-    if (fof_obj == NULL || oof_obj == NULL) {
-        Py_XDECREF(fof_obj);
-        Py_XDECREF(oof_obj);
-        return NULL;
+    int *fds = PyMem_Calloc((size_t)n, sizeof(int));
+    sqlite3_int64 *nums = PyMem_Calloc((size_t)n * 3, sizeof(sqlite3_int64));
+    ChainBox *box = PyMem_Calloc(1, sizeof(*box));
+    PyObject *capsule = NULL;
+    if (fds == NULL || nums == NULL || box == NULL) {
+        PyErr_NoMemory();
+        goto fail;
     }
-    int *fof = (int *)PyBytes_AsString(fof_obj);
-    sqlite3_int64 *oof = (sqlite3_int64 *)PyBytes_AsString(oof_obj);
-    for (long long i = 0; i < page_count; i++) {
-        fof[i] = -1;
-        oof[i] = 0;
-    }
-    Py_ssize_t n = PyList_Size(files);
-    for (Py_ssize_t f = 0; f < n; f++) {
-        const char *raw;
-        Py_ssize_t len;
-        long long data_offset;
-        if (!PyArg_ParseTuple(PyList_GetItem(files, f), "y#L:_chain_map", &raw,
-                              &len, &data_offset)) {
+    for (Py_ssize_t i = 0; i < n; i++) {
+        long long off, idx, stored;
+        if (!PyArg_ParseTuple(PyTuple_GetItem(files, i), "iLLL:_chain_open",
+                              &fds[i], &off, &idx, &stored)) {
             goto fail;
         }
-        if (len % 8 != 0 || f > INT_MAX) {
-            PyErr_SetString(PyExc_ValueError, "an index is not u64s");
+        if (off < 0 || idx < 0 || stored < 0) {
+            PyErr_SetString(PyExc_ValueError, "bad chain");
             goto fail;
         }
-        const unsigned long long *idx = (const unsigned long long *)raw;
-        for (Py_ssize_t k = 0; k < len / 8; k++) {
-            unsigned long long pgno = idx[k];
-            if (pgno < 1) {
-                PyErr_SetString(PyExc_ValueError, "page number 0 in an index");
-                goto fail;
-            }
-            if (pgno <= (unsigned long long)page_count) {
-                fof[pgno - 1] = (int)f;
-                oof[pgno - 1] = data_offset + (sqlite3_int64)k * page_size;
-            }
-        }
+        nums[i] = off;
+        nums[n + i] = idx;
+        nums[2 * n + i] = stored;
     }
-    long long lock = 0x40000000LL / page_size + 1, missing = 0;
-    for (long long i = 0; i < page_count; i++) {
-        if (fof[i] < 0 && i + 1 != lock) {
-            missing = i + 1;
-            break;
-        }
+    box->fork_generation = fork_generation;
+    capsule = PyCapsule_New(box, CHAIN_CAPSULE, chain_box_destroy);
+    if (capsule == NULL) {
+        goto fail;
     }
-    return Py_BuildValue("NNL", fof_obj, oof_obj, missing);
+    ChainBox *mine = box;
+    box = NULL; /* the capsule's now */
+    sqlite3_int64 missing = 0;
+    int err = 0, rc;
+    ChainMap *map = NULL;
+    RELEASE_GIL("incremental_chain_open");
+    rc = chain_map_new(page_size, page_count, (int)n, fds, nums, nums + n,
+                       nums + 2 * n, tip_manifest, scratch_fd, &map, &missing,
+                       &err);
+    REACQUIRE_GIL();
+    if (rc == SQLITE_CORRUPT) {
+        PyErr_SetString(PyExc_ValueError, "page number 0 in an index");
+    }
+    else if (rc == SQLITE_NOMEM) {
+        PyErr_NoMemory();
+    }
+    else if (rc != SQLITE_OK) {
+        raise_errno(err);
+    }
+    if (rc != SQLITE_OK) {
+        goto fail;
+    }
+    mine->map = map;
+    PyMem_Free(fds);
+    PyMem_Free(nums);
+    return Py_BuildValue("NL", capsule, (long long)missing);
 fail:
-    Py_DECREF(fof_obj);
-    Py_DECREF(oof_obj);
+    Py_XDECREF(capsule);
+    PyMem_Free(box);
+    PyMem_Free(fds);
+    PyMem_Free(nums);
     return NULL;
 }
 
-/* _check_stored(fd, index, data_offset, page_size, manifest, start, count)
- * -> int
+PyObject *
+incremental_chain_close(PyObject *Py_UNUSED(module), PyObject *capsule)
+{
+    ChainBox *box = PyCapsule_GetPointer(capsule, CHAIN_CAPSULE);
+    if (box == NULL) {
+        return NULL;
+    }
+    if (box->map != NULL) {
+        ChainMap *m = box->map;
+        box->map = NULL;
+        if (box->fork_generation == fork_generation) {
+            chain_map_unref(m);
+        }
+    }
+    Py_RETURN_NONE;
+}
+
+/* _chain_gather(chain, first, count, check) -> (bytes, bad)
  *
- * Stored pages start .. start+count-1 of one restore point (fd; index: the
- * native u64 page numbers of its stored pages, in file order; manifest:
- * its own), read with one pread and each checked against its manifest
- * entry (an entry of zeros -- the lock-byte page's, never stored -- is a
- * mismatch).  Returns -1, or the position (in the point's file order) of
- * the first page that does not match or could not be read whole (a
- * truncated file).  OSError for a failed read.  The GIL is released while
- * it reads and hashes. */
+ * Pages first .. first+count-1 (count at most WINDOW_ENTRIES) of the
+ * chain's tip, each from the newest file holding it (a run adjacent in one
+ * file read at once; zeros for none), each checked against the tip's
+ * manifest when check.  bad: the first page (0-based in the run) that does
+ * not match or could not be read whole, or -1.  OSError for a failed read.
+ * The GIL is released while it reads and hashes: a reference to the map is
+ * held meanwhile, so a close from another thread cannot free it. */
+PyObject *
+incremental_chain_gather(PyObject *module, PyObject *args)
+{
+    PyObject *capsule;
+    long long first, count;
+    int check;
+    if (!PyArg_ParseTuple(args, "OLLp:_chain_gather", &capsule, &first, &count,
+                          &check)) {
+        return NULL;
+    }
+    ChainMap *m = chain_of(module, capsule);
+    if (m == NULL) {
+        return NULL;
+    }
+    int P = 0;
+    sqlite3_int64 pages = 0;
+    chain_map_geometry(m, &P, &pages);
+    if (first < 1 || count < 0 || count > WINDOW_ENTRIES
+        || first + count - 1 > pages) {
+        PyErr_SetString(PyExc_ValueError, "pages out of range");
+        return NULL;
+    }
+    PyObject *data = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(count * P));
+    if (data == NULL) {
+        return NULL;
+    }
+    unsigned char *out = (unsigned char *)PyBytes_AsString(data);
+    sqlite3_int64 bad = -1;
+    int err = 0, rc;
+    chain_map_ref(m);
+    RELEASE_GIL("incremental_chain_gather");
+    rc = chain_map_gather(m, first, count, out, check, &bad, &err);
+    chain_map_unref(m);
+    REACQUIRE_GIL();
+    if (rc < 0) {
+        Py_DECREF(data);
+        return raise_errno(err);
+    }
+    return Py_BuildValue("NL", data, (long long)bad);
+}
+
+/* _chain_file_of(chain, pgno) -> int: the chain's file holding page pgno
+ * (-1: none). */
+PyObject *
+incremental_chain_file_of(PyObject *module, PyObject *args)
+{
+    PyObject *capsule;
+    long long pgno;
+    if (!PyArg_ParseTuple(args, "OL:_chain_file_of", &capsule, &pgno)) {
+        return NULL;
+    }
+    ChainMap *m = chain_of(module, capsule);
+    if (m == NULL) {
+        return NULL;
+    }
+    int P = 0;
+    sqlite3_int64 pages = 0;
+    chain_map_geometry(m, &P, &pages);
+    if (pgno < 1 || pgno > pages) {
+        PyErr_SetString(PyExc_ValueError, "pages out of range");
+        return NULL;
+    }
+    int file = -1;
+    sqlite3_int64 at;
+    if (chain_map_page(m, pgno, &file, &at) < 0) {
+        return raise_errno(EIO);
+    }
+    return PyLong_FromLong(file);
+}
+
+static sqlite3_uint64
+be64(const unsigned char *p)
+{
+    sqlite3_uint64 v = 0;
+    for (int i = 0; i < 8; i++) {
+        v = v << 8 | p[i];
+    }
+    return v;
+}
+
+/* _check_stored(fd, index_off, data_offset, page_size, manifest_off,
+ *               page_count, start, count) -> int
+ *
+ * Stored pages start .. start+count-1 (at most WINDOW_ENTRIES) of one
+ * restore point (fd), read with one pread, each checked against its own
+ * manifest entry -- the index and the manifest read where they lie in the
+ * file.  An entry of zeros (the lock-byte page's, never stored) or a page
+ * number outside the manifest is a mismatch.  Returns -1, or the position
+ * (in the point's file order) of the first page that does not match or
+ * could not be read whole (a truncated file).  OSError for a failed read.
+ * The GIL is released while it reads and hashes. */
 PyObject *
 incremental_check_stored(PyObject *Py_UNUSED(module), PyObject *args)
 {
     int fd, page_size;
-    const char *idx_raw, *want_raw;
-    Py_ssize_t idx_len, want_len;
-    long long data_offset, start, count;
-    if (!PyArg_ParseTuple(args, "iy#Liy#LL:_check_stored", &fd, &idx_raw,
-                          &idx_len, &data_offset, &page_size, &want_raw,
-                          &want_len, &start, &count)) {
+    long long index_off, data_offset, manifest_off, pages, start, count;
+    if (!PyArg_ParseTuple(args, "iLLiLLLL:_check_stored", &fd, &index_off,
+                          &data_offset, &page_size, &manifest_off, &pages,
+                          &start, &count)) {
         return NULL;
     }
-    long long stored = idx_len / 8;
-    long long pages = want_len / PAGE_HASH_SIZE;
-    if (!valid_page_size(page_size) || idx_len % 8 != 0 || start < 0
-        || count < 0 || start + count > stored || data_offset < 0) {
+    if (!valid_page_size(page_size) || start < 0 || count < 0
+        || count > WINDOW_ENTRIES || data_offset < 0 || index_off < 0
+        || manifest_off < 0 || pages < 0) {
         PyErr_SetString(PyExc_ValueError, "inconsistent page map");
         return NULL;
     }
-    const unsigned long long *idx = (const unsigned long long *)idx_raw;
-    for (long long k = start; k < start + count; k++) {
-        if (idx[k] < 1 || idx[k] > (unsigned long long)pages) {
-            PyErr_SetString(PyExc_ValueError, "inconsistent page map");
-            return NULL;
-        }
-    }
     unsigned char *buf = malloc((size_t)(count ? count : 1) * page_size);
-    if (buf == NULL) {
+    unsigned char *idx = malloc((size_t)(count ? count : 1) * 8);
+    if (buf == NULL || idx == NULL) {
+        free(buf);
+        free(idx);
         return PyErr_NoMemory();
     }
-    const unsigned char *want = (const unsigned char *)want_raw;
     static const unsigned char zero[PAGE_HASH_SIZE];
     long long bad = -1;
     int err = 0;
+    Table *manifest = NULL;
     RELEASE_GIL("incremental_check_stored");
+    manifest = table_new(fd, manifest_off, PAGE_HASH_SIZE, 0, 2);
+    long long igot =
+        read_at(fd, idx, (size_t)(count * 8), index_off + start * 8);
     long long got = read_at(fd, buf, (size_t)(count * page_size),
                             data_offset + start * page_size);
-    if (got < 0) {
+    if (manifest == NULL || igot < 0 || got < 0) {
         err = errno ? errno : EIO;
     }
     long long whole = got < 0 ? 0 : got / page_size;
+    if (igot >= 0 && igot / 8 < whole) {
+        whole = igot / 8;
+    }
     for (long long k = 0; !err && k < count; k++) {
-        const unsigned char *w = want + (idx[start + k] - 1) * PAGE_HASH_SIZE;
-        unsigned char h[PAGE_HASH_SIZE];
-        if (k >= whole) {
+        unsigned char w[PAGE_HASH_SIZE], h[PAGE_HASH_SIZE];
+        sqlite3_uint64 pgno = k < whole ? be64(idx + k * 8) : 0;
+        if (pgno < 1 || pgno > (sqlite3_uint64)pages) {
             bad = start + k;
+            break;
+        }
+        if (table_get(manifest, (sqlite3_int64)pgno - 1, w) < 0) {
+            err = table_errno(manifest);
             break;
         }
         page_hash(buf + k * page_size, (size_t)page_size, h);
@@ -716,88 +823,141 @@ incremental_check_stored(PyObject *Py_UNUSED(module), PyObject *args)
             break;
         }
     }
+    table_free(manifest);
     REACQUIRE_GIL();
     free(buf);
+    free(idx);
     if (err) {
-        errno = err;
-        return PyErr_SetFromErrno(PyExc_OSError);
+        return raise_errno(err);
     }
     return PyLong_FromLongLong(bad);
 }
 
-/* _check_inherited(manifest, parent, index, page_size) -> (what, page)
+/* _check_inherited(fd, manifest_off, page_count, index_off, stored,
+ *                  parent, page_size, scratch_fd) -> (what, page)
  *
  * The rule of a point's unstored pages (docs/incremental.md): every page
- * it does not store (index: the native u64 page numbers it stores) has its
- * parent's hash (parent: the parent's manifest, or None for a base), and a
- * page past the parent's end is stored unless it is the lock-byte page.
- * what: 0 all hold; 1 page is stored twice; 2 page is neither stored nor
- * its parent's.  A bit a page, no copy of either manifest. */
+ * it does not store has its parent's hash (parent: (fd, manifest_off,
+ * page_count) of the parent's file, or None for a base), and a page past
+ * the parent's end is stored unless it is the lock-byte page.  what: 0 all
+ * hold; 1 page is stored twice; 2 page is neither stored nor its parent's
+ * (or the index names a page the point does not have).  The set of stored
+ * pages is a bitmap in the scratch file (emptied first); both manifests
+ * are read where they lie.  OSError for a failed read or write.  The GIL
+ * is released while it works. */
 PyObject *
 incremental_check_inherited(PyObject *Py_UNUSED(module), PyObject *args)
 {
-    const char *mine_raw, *idx_raw, *theirs_raw = NULL;
-    Py_ssize_t mine_len, idx_len, theirs_len = 0;
+    int fd, page_size, scratch_fd;
+    long long manifest_off, count, index_off, stored;
     PyObject *parent;
-    int page_size;
-    if (!PyArg_ParseTuple(args, "y#Oy#i:_check_inherited", &mine_raw,
-                          &mine_len, &parent, &idx_raw, &idx_len,
-                          &page_size)) {
+    if (!PyArg_ParseTuple(args, "iLLLLOii:_check_inherited", &fd,
+                          &manifest_off, &count, &index_off, &stored, &parent,
+                          &page_size, &scratch_fd)) {
         return NULL;
     }
-    if (parent != Py_None) {
-        if (!PyBytes_Check(parent)) {
-            PyErr_SetString(PyExc_TypeError, "parent must be bytes or None");
-            return NULL;
-        }
-        theirs_raw = PyBytes_AsString(parent);
-        theirs_len = PyBytes_Size(parent);
+    int pfd = -1;
+    long long pman = 0, theirs = 0;
+    if (parent != Py_None
+        && !PyArg_ParseTuple(parent, "iLL:_check_inherited", &pfd, &pman,
+                             &theirs)) {
+        return NULL;
     }
-    if (!valid_page_size(page_size) || mine_len % PAGE_HASH_SIZE != 0
-        || theirs_len % PAGE_HASH_SIZE != 0 || idx_len % 8 != 0) {
+    if (!valid_page_size(page_size) || count < 0 || stored < 0 || theirs < 0
+        || manifest_off < 0 || index_off < 0 || pman < 0) {
         PyErr_SetString(PyExc_ValueError, "inconsistent manifests");
         return NULL;
     }
-    long long count = mine_len / PAGE_HASH_SIZE;
-    long long theirs = theirs_len / PAGE_HASH_SIZE;
-    long long inherited = count < theirs ? count : theirs;
-    long long lock = 0x40000000LL / page_size + 1;
-    unsigned char *stored = calloc((size_t)(count / 8 + 1), 1);
-    if (stored == NULL) {
+    unsigned char *buf = malloc(TABLE_BLOCK);
+    if (buf == NULL) {
         return PyErr_NoMemory();
     }
-    const unsigned long long *idx = (const unsigned long long *)idx_raw;
-    const unsigned char *m = (const unsigned char *)mine_raw;
-    const unsigned char *t = (const unsigned char *)theirs_raw;
-    int what = 0;
+    long long inherited = count < theirs ? count : theirs;
+    long long lock = 0x40000000LL / page_size + 1;
+    int what = 0, err = 0;
     long long page = 0;
-    for (Py_ssize_t k = 0; k < idx_len / 8; k++) {
-        unsigned long long p = idx[k];
-        if (p < 1 || p > (unsigned long long)count) {
-            what = 2; /* _read_point refuses these before: never here */
-            page = (long long)p;
-            break;
-        }
-        if (stored[p / 8] & (1u << (p % 8))) {
-            what = 1;
-            page = (long long)p;
-            break;
-        }
-        stored[p / 8] |= (unsigned char)(1u << (p % 8));
+    Table *bits = NULL, *mine = NULL, *their = NULL;
+    RELEASE_GIL("incremental_check_inherited");
+    if (ftruncate(scratch_fd, 0) < 0) { /* the bitmap starts empty */
+        err = errno ? errno : EIO;
     }
-    for (long long p = 1; what == 0 && p <= count; p++) {
-        if (stored[p / 8] & (1u << (p % 8))) {
+    if (!err) {
+        bits = table_new(scratch_fd, 0, 1, 1, 4);
+        mine = table_new(fd, manifest_off, PAGE_HASH_SIZE, 0, 4);
+        their =
+            inherited > 0 ? table_new(pfd, pman, PAGE_HASH_SIZE, 0, 4) : NULL;
+        if (bits == NULL || mine == NULL || (inherited > 0 && their == NULL)) {
+            err = errno ? errno : ENOMEM;
+        }
+    }
+    long long per = TABLE_BLOCK / 8;
+    for (long long k = 0; !err && what == 0 && k < stored; k += per) {
+        long long n = stored - k < per ? stored - k : per;
+        long long got = read_at(fd, buf, (size_t)(n * 8), index_off + k * 8);
+        if (got != n * 8) {
+            err = got < 0 && errno ? errno : EIO;
+            break;
+        }
+        for (long long j = 0; j < n; j++) {
+            sqlite3_uint64 p = be64(buf + j * 8);
+            unsigned char b;
+            if (p < 1 || p > (sqlite3_uint64)count) {
+                what = 2;
+                page = (long long)p;
+                break;
+            }
+            if (table_get(bits, (sqlite3_int64)(p / 8), &b) < 0) {
+                err = table_errno(bits);
+                break;
+            }
+            if (b & (1u << (p % 8))) {
+                what = 1;
+                page = (long long)p;
+                break;
+            }
+            b |= (unsigned char)(1u << (p % 8));
+            if (table_put(bits, (sqlite3_int64)(p / 8), &b) < 0) {
+                err = table_errno(bits);
+                break;
+            }
+        }
+    }
+    for (long long p = 1; !err && what == 0 && p <= count; p++) {
+        unsigned char b, m[PAGE_HASH_SIZE], t[PAGE_HASH_SIZE];
+        if (table_get(bits, p / 8, &b) < 0) {
+            err = table_errno(bits);
+            break;
+        }
+        if (b & (1u << (p % 8))) {
             continue;
         }
-        if (p <= inherited
-                ? memcmp(m + (p - 1) * PAGE_HASH_SIZE,
-                         t + (p - 1) * PAGE_HASH_SIZE, PAGE_HASH_SIZE)
-                      != 0
-                : p != lock) {
+        if (p > inherited) {
+            if (p != lock) {
+                what = 2;
+                page = p;
+            }
+            continue;
+        }
+        if (table_get(mine, p - 1, m) < 0) {
+            err = table_errno(mine);
+            break;
+        }
+        if (table_get(their, p - 1, t) < 0) {
+            err = table_errno(their);
+            break;
+        }
+        if (memcmp(m, t, PAGE_HASH_SIZE) != 0) {
             what = 2;
             page = p;
         }
     }
-    free(stored);
+    table_free(bits);
+    table_free(mine);
+    table_free(their);
+    REACQUIRE_GIL();
+    free(buf);
+    if (err) {
+        return raise_errno(err);
+    }
     return Py_BuildValue("iL", what, page);
 }

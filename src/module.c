@@ -44,7 +44,8 @@ static PyMethodDef module_methods[] = {
      "(seed 0), most significant byte first, as xxHash's tools print it."},
     {"_page_hash_parts", module_page_hash_parts, METH_O,
      "_page_hash_parts(parts) -> bytes\n\npage_hash(b\"\".join(parts)) "
-     "without joining them: parts is a list or tuple of bytes."},
+     "without joining them: parts is a list or tuple of bytes, or of "
+     "(fd, offset, length): that part of a file, read in blocks."},
     {"_page_hash_variants", module_page_hash_variants, METH_O,
      "_page_hash_variants(data) -> dict\n\nTests only: the hash by each "
      "long-input loop of this build."},
@@ -61,8 +62,13 @@ static PyMethodDef module_methods[] = {
     {"_check_pages", incremental_check_pages, METH_VARARGS, "Private."},
     {"_delta_read_source", incremental_delta_read_source, METH_VARARGS,
      "Private."},
-    {"_gather_pages", incremental_gather_pages, METH_VARARGS, "Private."},
-    {"_chain_map", incremental_chain_map, METH_VARARGS, "Private."},
+    {"_delta_manifest", incremental_delta_manifest, METH_VARARGS, "Private."},
+    {"_delta_slots", incremental_delta_slots, METH_VARARGS, "Private."},
+    {"_delta_slot_of", incremental_delta_slot_of, METH_VARARGS, "Private."},
+    {"_chain_open", incremental_chain_open, METH_VARARGS, "Private."},
+    {"_chain_close", incremental_chain_close, METH_O, "Private."},
+    {"_chain_gather", incremental_chain_gather, METH_VARARGS, "Private."},
+    {"_chain_file_of", incremental_chain_file_of, METH_VARARGS, "Private."},
     {"_check_stored", incremental_check_stored, METH_VARARGS, "Private."},
     {"_check_inherited", incremental_check_inherited, METH_VARARGS,
      "Private."},

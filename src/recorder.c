@@ -518,14 +518,42 @@ module_page_hash(PyObject *Py_UNUSED(module), PyObject *data)
     return PyBytes_FromStringAndSize((const char *)h, PAGE_HASH_SIZE);
 }
 
+/* Hash n bytes of fd from off into the stream, a block at a time.  0,
+ * or an errno (EIO: the file ended early). */
+static int
+hash_file_part(HashStream *stream, int fd, long long off, long long n,
+               unsigned char *buf, size_t size)
+{
+    while (n > 0) {
+        size_t want = n < (long long)size ? (size_t)n : size;
+        ssize_t r = pread(fd, buf, want, (off_t)off);
+        if (r < 0 && errno == EINTR) {
+            continue;
+        }
+        if (r < 0) {
+            return errno ? errno : EIO;
+        }
+        if (r == 0) {
+            return EIO;
+        }
+        hash_stream_update(stream, buf, (size_t)r);
+        off += r;
+        n -= r;
+    }
+    return 0;
+}
+
 /* _page_hash_parts(parts) -> bytes: page_hash(b"".join(parts)) without
  * the join (a manifest of 16 bytes a page is hashed where it lies).  parts:
- * a list or tuple of bytes, taken as a tuple first. */
+ * a list or tuple of bytes, or of (fd, offset, length) -- that part of a
+ * file, read in blocks of 64 KiB with the GIL released (OSError for a
+ * failed read; EIO when the file ends early). */
 PyObject *
 module_page_hash_parts(PyObject *Py_UNUSED(module), PyObject *parts)
 {
     static const char wrong[] =
-        "_page_hash_parts() takes a list or tuple of bytes";
+        "_page_hash_parts() takes a list or tuple of bytes or of (fd, "
+        "offset, length)";
     if (!PyList_Check(parts) && !PyTuple_Check(parts)) {
         PyErr_SetString(PyExc_TypeError, wrong);
         return NULL;
@@ -534,32 +562,56 @@ module_page_hash_parts(PyObject *Py_UNUSED(module), PyObject *parts)
     if (items == NULL) {
         return NULL;
     }
+    enum { BLOCK = 65536 };
     HashStream *stream = PyMem_Malloc(sizeof(*stream));
-    if (stream == NULL) {
+    unsigned char *buf = PyMem_Malloc(BLOCK);
+    if (stream == NULL || buf == NULL) {
+        PyMem_Free(stream);
+        PyMem_Free(buf);
         Py_DECREF(items);
         return PyErr_NoMemory();
     }
-    /* With the GIL held, and no Python code run meanwhile: a manifest (16
-     * bytes a page) hashes in a few milliseconds, and nothing here can
-     * block. */
+    /* Bytes are hashed with the GIL held (no Python code runs meanwhile);
+     * a file part is read and hashed with it released (the stream and
+     * the buffer are ours alone). */
     hash_stream_init(stream);
     Py_ssize_t count = PyTuple_Size(items);
     int ok = count >= 0;
     for (Py_ssize_t i = 0; ok && i < count; i++) {
         PyObject *part = PyTuple_GetItem(items, i); /* borrowed */
-        if (part == NULL || !PyBytes_Check(part)) {
-            if (part != NULL) {
-                PyErr_SetString(PyExc_TypeError, wrong);
-            }
+        if (part == NULL) {
             ok = 0;
             break;
         }
-        hash_stream_update(stream, PyBytes_AsString(part),
-                           (size_t)PyBytes_Size(part));
+        if (PyBytes_Check(part)) {
+            hash_stream_update(stream, PyBytes_AsString(part),
+                               (size_t)PyBytes_Size(part));
+            continue;
+        }
+        int fd;
+        long long off, n;
+        if (!PyTuple_Check(part)
+            || !PyArg_ParseTuple(part, "iLL", &fd, &off, &n) || off < 0
+            || n < 0) {
+            PyErr_Clear();
+            PyErr_SetString(PyExc_TypeError, wrong);
+            ok = 0;
+            break;
+        }
+        int err;
+        RELEASE_GIL("module_page_hash_parts");
+        err = hash_file_part(stream, fd, off, n, buf, BLOCK);
+        REACQUIRE_GIL();
+        if (err) {
+            errno = err;
+            PyErr_SetFromErrno(PyExc_OSError);
+            ok = 0;
+        }
     }
     unsigned char h[PAGE_HASH_SIZE];
     hash_stream_digest(stream, h);
     PyMem_Free(stream);
+    PyMem_Free(buf);
     Py_DECREF(items);
     if (!ok) {
         return NULL;

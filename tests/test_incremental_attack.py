@@ -245,11 +245,11 @@ def test_verify_and_restore_meeting_a_keep_merge_read_again(tmp_path, monkeypatc
     fired.clear()
     real_chain_files = inc._ChainFiles
 
-    def chain_files(chain):
+    def chain_files(chain, *args):
         if not fired:
             fired.append(1)
             scheduled_run()
-        return real_chain_files(chain)
+        return real_chain_files(chain, *args)
 
     monkeypatch.setattr(inc, "_ChainFiles", chain_files)
     inc.restore(bk, tmp_path / "r.db")

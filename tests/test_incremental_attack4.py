@@ -71,8 +71,8 @@ def test_restore_failing_to_open_the_chain_leaves_nothing(chain, monkeypatch):
     real = inc._ChainFiles
 
     class Failing(real):  # type: ignore[misc,valid-type]
-        def __init__(self, chain):
-            super().__init__(chain)
+        def __init__(self, chain, *args):
+            super().__init__(chain, *args)
             self.close()
             raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
 

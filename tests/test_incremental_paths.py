@@ -51,17 +51,41 @@ def record(src, folder, parent, direct):
     )
     path = os.path.join(folder, f"rec-{direct}.bin")
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    # the parent's manifest is read where it lies in a file
+    parent_path = os.path.join(folder, f"parent-{direct}.bin")
+    with open(parent_path, "wb") as f:
+        f.write(parent)
+    parent_fd = os.open(parent_path, os.O_RDONLY)
+    rec = None
     try:
-        rec = inc._Recording(str(folder), fd, 4096, page_size, parent)
+        rec = inc._Recording(
+            str(folder),
+            fd,
+            4096,
+            page_size,
+            (parent_fd, 0, len(parent) // 16) if parent else None,
+        )
         out = rec.run(conn, inc._RunOptions(-1, None, None), direct)
+        slots = inc.array.array("q")
+        for start in range(0, out["slots"], 1000):
+            n = min(1000, out["slots"] - start)
+            slots.frombytes(_c._delta_slots(rec.capsule, start, n))
         kept = {
             pgno: os.pread(fd, page_size, 4096 + slot * page_size)
-            for slot, pgno in enumerate(inc.array.array("q", out["slot_pages"]))
+            for slot, pgno in enumerate(slots)
             if pgno
         }
+        count = out["page_count"]
+        out["manifest"] = b"".join(
+            _c._delta_manifest(rec.capsule, first, min(1000, count - first + 1))
+            for first in range(1, count + 1, 1000)
+        )
     finally:
+        if rec is not None:
+            rec.close()
         conn.close()
         os.close(fd)
+        os.close(parent_fd)
     return kept, out
 
 
@@ -162,17 +186,8 @@ def flip(path, offset):
         f.write(bytes([b[0] ^ 0x10]))
 
 
-@pytest.fixture(params=["threaded", "in turn"])
-def check_mode(request, monkeypatch):
-    """The chain checked in a thread beside the copy, or first in the
-    calling thread (databases over THREADED_CHECK_PAGES)."""
-    if request.param == "in turn":
-        monkeypatch.setattr(inc, "THREADED_CHECK_PAGES", 0)
-    return request.param
-
-
-def test_both_check_modes_restore_identical_and_refuse_a_damaged_parent(
-    tmp_path, check_mode
+def test_the_chain_check_beside_the_copy_restores_identical_and_refuses_a_damaged_parent(
+    tmp_path,
 ):
     src = make_db(tmp_path / "src.db")
     folder = tmp_path / "bk"
@@ -191,7 +206,7 @@ def test_both_check_modes_restore_identical_and_refuse_a_damaged_parent(
     assert first.path in again.reason
 
 
-def test_a_damaged_page_a_later_point_replaced_is_still_refused(tmp_path, check_mode):
+def test_a_damaged_page_a_later_point_replaced_is_still_refused(tmp_path):
     folder, base, pgno = chain_with_a_replaced_page(tmp_path)
     P = base.info.page_size
     flip(base.info.path, base.offset_of(base.index.index(pgno)) + P // 2)
