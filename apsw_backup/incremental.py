@@ -796,6 +796,15 @@ def _parse_time(value: datetime | str) -> datetime:
 # -- streaming a chain's pages ---------------------------------------------
 
 
+def _scratch_error(exc: OSError, folder: str | None) -> OSError:
+    """exc, from writing a scratch file (a full disk), naming its folder:
+    the scratch file has no name of its own."""
+    if exc.errno is None or exc.filename is not None:
+        return exc
+    where = folder if folder is not None else tempfile.gettempdir()
+    return OSError(exc.errno, exc.strerror, where)
+
+
 def _scratch(folder: str | None) -> IO[bytes]:
     """An unnamed file of our own for a table that grows with the database
     (src/table.h): in folder -- the folder the run makes its file in -- or
@@ -806,10 +815,7 @@ def _scratch(folder: str | None) -> IO[bytes]:
     try:
         return tempfile.TemporaryFile(dir=folder, prefix=".apsw-backup-scratch-")
     except OSError as exc:
-        if exc.errno is None:
-            raise
-        where = folder if folder is not None else tempfile.gettempdir()
-        raise OSError(exc.errno, exc.strerror, where) from exc
+        raise _scratch_error(exc, folder) from exc
 
 
 class _ChainFiles:
@@ -849,6 +855,8 @@ class _ChainFiles:
                 raise _damaged(
                     tip.info.path, "damaged (an index names page 0)"
                 ) from None
+            except OSError as exc:  # its scratch file's folder (full): name it
+                raise _scratch_error(exc, scratch_dir) from exc
         except BaseException:
             self.close()
             raise
@@ -1959,11 +1967,22 @@ def _rotate(
 ) -> tuple[list[str], list[str]]:
     """Delete the oldest points of stem so that `keep` remain, never
     breaking a chain: whole older chains first, then the current chain's
-    base merged into its first delta."""
+    base merged into its first delta.  Nothing while a chain is broken
+    (IncrementalError)."""
     deleted: list[str] = []
     merged: list[str] = []
-    chains, _, _ = _chains(_of_source(_stems(folder).get(stem, []), source))
+    chains, problems, _ = _chains(_of_source(_stems(folder).get(stem, []), source))
     total = sum(len(c) for c in chains)
+    # A chain broken at a file (unreadable, missing a link) may still need
+    # the points before it -- an unreadable delta is its base's: rotation
+    # then deletes nothing, and says why.
+    broken = [p for p in problems if not getattr(p, "stray", False)]
+    if broken and total > keep:
+        raise IncrementalError(
+            f"--keep {keep} deleted nothing: the points of {stem!r} hold a "
+            f"broken chain, and rotation never deletes what it may still need "
+            f"({broken[0]}); repair or remove {broken[0].path!r}, then run again"
+        )
     while total > keep and len(chains) > 1:
         oldest = chains.pop(0)
         if total - len(oldest) < keep:
@@ -2806,10 +2825,13 @@ def _verify_pages(
             parent_fd = parent.open()
             theirs = (parent_fd, parent.manifest_off, parent.info.page_count)
         with _scratch(None) as bits:
-            what, pgno = _c._check_inherited(
-                fd, point.manifest_off, point.info.page_count, point.index_off,
-                stored, theirs, P, bits.fileno(),
-            )  # fmt: skip
+            try:
+                what, pgno = _c._check_inherited(
+                    fd, point.manifest_off, point.info.page_count, point.index_off,
+                    stored, theirs, P, bits.fileno(),
+                )  # fmt: skip
+            except OSError as exc:
+                raise _scratch_error(exc, None) from exc
     finally:
         os.close(fd)
         if parent_fd >= 0:

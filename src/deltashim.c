@@ -798,6 +798,12 @@ chain_map_new(int page_size, sqlite3_int64 page_count, int nfds,
             break;
         }
     }
+    /* written out now: later lookups only read, so a full disk under the
+     * scratch file can fail only here */
+    if (rc == SQLITE_OK && table_flush(m->map) < 0) {
+        *err = table_errno(m->map);
+        rc = SQLITE_IOERR;
+    }
     if (rc != SQLITE_OK) {
         chain_map_unref(m);
         return rc;

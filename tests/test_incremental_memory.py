@@ -184,3 +184,48 @@ def test_a_scratch_file_that_cannot_be_written_fails_the_run_cleanly(
     monkeypatch.undo()
     assert all(r.ok for r in inc.verify_folder(bk))
     inc.restore(bk, tmp_path / "new.db")
+
+
+class _FullScratch:
+    """_c with every write of a scratch table failing as on a full disk."""
+
+    def __getattr__(self, name):
+        value = getattr(_c, name)
+        if name not in ("_chain_open", "_check_inherited"):
+            return value
+
+        def full(*args):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        return full
+
+
+def test_a_full_disk_under_a_scratch_file_names_its_folder(tmp_path, monkeypatch):
+    """A scratch file has no name: a full disk under one is said of the
+    folder it is in (TMPDIR for a reader, DEST's folder for a new DEST)."""
+    src, bk = tmp_path / "src.db", tmp_path / "bk"
+    bk.mkdir()
+    make_db(src, 100)
+    inc.incremental(src, bk)
+    change(src)
+    inc.incremental(src, bk)
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setattr(inc.tempfile, "tempdir", str(tmp))
+    monkeypatch.setattr(inc, "_c", _FullScratch())
+    for call in (
+        lambda: inc.open_restore_point(bk),
+        lambda: inc.restore(bk, src, overwrite=True),
+        lambda: inc.verify_point(inc.list_points(bk)[-1].path),
+    ):
+        with pytest.raises(OSError) as caught:
+            call()
+        assert caught.value.errno == errno.ENOSPC
+        assert caught.value.filename == str(tmp)
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(OSError) as caught:
+        inc.restore(bk, out / "new.db")
+    assert caught.value.errno == errno.ENOSPC
+    assert caught.value.filename in (str(out), str(out / "new.db"))
+    assert os.listdir(out) == []

@@ -1,0 +1,63 @@
+"""From the blind attacks on the memory rework of incremental backups
+(docs/incremental.md, "Memory"): rotation and a chain it cannot read."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+
+from apsw_backup import incremental as inc
+
+
+def make(path):
+    db = sqlite3.connect(str(path))
+    db.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, b BLOB)")
+    db.executemany("INSERT INTO t(b) VALUES (randomblob(300))", [()] * 3000)
+    db.commit()
+    db.close()
+
+
+def change(path):
+    db = sqlite3.connect(str(path))
+    db.execute("UPDATE t SET b = randomblob(300) WHERE id % 211 = 0")
+    db.commit()
+    db.close()
+
+
+def test_keep_never_deletes_the_base_of_a_chain_with_an_unreadable_delta(
+    tmp_path, monkeypatch
+):
+    """--keep 1 with the first delta unreadable (EACCES) deleted the base
+    and kept its deltas: a chain without its base, for good."""
+    src, bk = tmp_path / "app.db", tmp_path / "bk"
+    bk.mkdir()
+    make(src)
+    points = [inc.incremental(src, bk).path]
+    for _ in range(3):
+        change(src)
+        made = inc.incremental(src, bk)
+        assert made.kind == "delta"
+        points.append(made.path)
+    unreadable = points[1]
+    real = inc._read_point
+
+    def read_point(path):
+        if path == unreadable:
+            raise inc.BrokenChainError(
+                f"restore point {path!r} cannot be read: it is not readable (EACCES)",
+                path,
+            )
+        return real(path)
+
+    monkeypatch.setattr(inc, "_read_point", read_point)
+    change(src)
+    with pytest.raises(inc.IncrementalError, match="deleted nothing") as caught:
+        inc.incremental(src, bk, keep=1)
+    assert unreadable in str(caught.value)
+    assert caught.value.kept_point  # the new point is made and kept
+    monkeypatch.undo()
+    for path in points:  # nothing of the old chain went
+        assert (bk / path.split("/")[-1]).exists()
+    assert all(r.ok for r in inc.verify_folder(bk))
+    inc.restore(points[-1], tmp_path / "r.db")
