@@ -2559,6 +2559,13 @@ def _restore_into_existing(
             progress=step,
         )
     after = os.stat(wal).st_size if os.path.exists(wal) else 0
+    if not after and _says_wal(target):
+        # The restore's connection was DEST's last: closing it, SQLite
+        # checkpointed and removed the -wal, whose size is no longer to be
+        # seen.  Every page passed through it in one transaction: a header
+        # of 32 bytes, a frame of 24 + page size bytes a page.
+        P = chain[-1].info.page_size
+        after = 32 + result.pages * (24 + P)
     return RestoreResult(
         point=chain[-1].info.path,
         dest=target,
@@ -2568,6 +2575,23 @@ def _restore_into_existing(
         writers_held=result.elapsed,
         wal_growth=max(0, after - before),
     )
+
+
+def _says_wal(path: str) -> bool:
+    """Whether the database file's header says WAL mode, read through
+    SQLite's own file handle (never a descriptor of ours: another
+    connection of this process may have it open); False if it cannot be
+    read."""
+    try:
+        conn = _c.Connection(path, _c.SQLITE_OPEN_READONLY)
+    except _c.Error:
+        return False
+    try:
+        return files.header_is_wal(conn.file_header())
+    except _c.Error:
+        return False
+    finally:
+        conn.close()
 
 
 class RestorePointConnection(_c.Connection):

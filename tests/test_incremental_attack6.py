@@ -61,3 +61,22 @@ def test_keep_never_deletes_the_base_of_a_chain_with_an_unreadable_delta(
         assert (bk / path.split("/")[-1]).exists()
     assert all(r.ok for r in inc.verify_folder(bk))
     inc.restore(points[-1], tmp_path / "r.db")
+
+
+def test_wal_growth_is_counted_when_sqlite_removed_the_wal_at_close(tmp_path):
+    """restore --overwrite into a WAL DEST nobody else had open: SQLite
+    removed the -wal as the restore's connection closed, and wal_growth
+    said 0 though the whole database had passed through it."""
+    src, bk = tmp_path / "app.db", tmp_path / "bk"
+    bk.mkdir()
+    make(src)
+    inc.incremental(src, bk)
+    dest = tmp_path / "dest.db"
+    db = sqlite3.connect(str(dest))
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("CREATE TABLE x(y)")
+    db.commit()
+    db.close()
+    result = inc.restore(bk, dest, overwrite=True)
+    assert not (tmp_path / "dest.db-wal").exists()
+    assert result.wal_growth >= dest.stat().st_size
