@@ -672,7 +672,6 @@ def _chain_to(point_path: str, folder: str) -> list[_Point]:
         base = _read_point(twin)  # an interrupted merge: the base stands for it
         if base.root == chain[0].root:
             chain = [base]
-    source_of = _sources(older + [target])
     unread: BrokenChainError | None = None
     while chain[0].info.kind != "base":
         child = chain[0]
@@ -695,11 +694,11 @@ def _chain_to(point_path: str, folder: str) -> list[_Point]:
         try:
             parent = _read_point(path)
         except BrokenChainError as exc:
-            if source_of.get(path, "") is not None:
-                raise
-            # Its source cannot be told: another database's damaged point,
-            # perhaps.  The chain goes on without it if an older point
-            # links; if none does, this file is the one to name.
+            # A file that cannot be read or is damaged (another database's
+            # point, a copy made by hand under another name): the chain goes
+            # on without it if an older point links -- as _chains() and so
+            # verify and the next run see it; if none does, this file is the
+            # one to name.
             unread = unread or exc
             continue
         if (

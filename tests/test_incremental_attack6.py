@@ -3,10 +3,13 @@
 
 from __future__ import annotations
 
+import re
 import sqlite3
+from datetime import datetime, timedelta
 
 import pytest
 
+import apsw_backup
 from apsw_backup import incremental as inc
 
 
@@ -80,3 +83,37 @@ def test_wal_growth_is_counted_when_sqlite_removed_the_wal_at_close(tmp_path):
     result = inc.restore(bk, dest, overwrite=True)
     assert not (tmp_path / "dest.db-wal").exists()
     assert result.wal_growth >= dest.stat().st_size
+
+
+def test_a_copy_of_a_point_under_another_name_breaks_no_chain_anywhere(tmp_path):
+    """A delta copied by hand under a name 1 microsecond later (between two
+    points): verify and the next run took it for a stray, but restore said
+    the chain was broken at it -- a point reported made that did not
+    restore.  All now agree: a stray breaks no chain."""
+    src, bk = tmp_path / "app.db", tmp_path / "bk"
+    bk.mkdir()
+    make(src)
+    inc.incremental(src, bk)
+    points = []
+    for _ in range(3):
+        change(src)
+        made = inc.incremental(src, bk)
+        assert made.kind == "delta"
+        points.append(made.path)
+    name = points[0].split("/")[-1]
+    stamp = re.search(r"\d{8}T\d{6}\.\d{6}Z", name)[0]
+    later = datetime.strptime(stamp, inc.STAMP) + timedelta(microseconds=1)
+    copy = bk / name.replace(stamp, later.strftime(inc.STAMP))
+    assert not copy.exists() and copy.name < points[1].split("/")[-1]
+    copy.write_bytes((bk / name).read_bytes())
+    change(src)
+    made = inc.incremental(src, bk)
+    assert made.kind == "delta" and not made.reason
+    reports = inc.verify_folder(bk)
+    assert any(str(copy) in str(r) for r in reports)  # seen, as a stray
+    inc.restore(made.path, tmp_path / "r.db")
+    inc.restore(bk, tmp_path / "r2.db")
+    apsw_backup.copy(str(src), str(tmp_path / "full.db"))
+    full = (tmp_path / "full.db").read_bytes()
+    assert (tmp_path / "r.db").read_bytes() == full
+    assert (tmp_path / "r2.db").read_bytes() == full
