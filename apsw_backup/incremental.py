@@ -327,10 +327,14 @@ def _read_point(path: str) -> _Point:
     except FileNotFoundError:
         raise BrokenChainError(f"restore point {path!r} is missing", path) from None
     except (PermissionError, IsADirectoryError) as exc:  # named, as unreadable
-        raise BrokenChainError(
+        error = BrokenChainError(
             f"restore point {path!r} cannot be read: it {files.os_cause(exc)}",
             path,
-        ) from None
+        )
+        # a list or a check goes on past it; restoring from it is an OS
+        # error (exit 1), not a damaged chain: _chain_for_reading()
+        error.os_error = exc  # type: ignore[attr-defined]
+        raise error from None
     try:
         return _read_open_point(path, fd)
     finally:
@@ -603,7 +607,7 @@ def _chains(
                 chains.append([])
                 continue
             before = (
-                f"the point before it, {tip.info.path!r},"
+                f"the point before it, {tip.info.path!r}"
                 if tip
                 else "nothing before it"
             )
@@ -717,6 +721,20 @@ def _chain_to(point_path: str, folder: str) -> list[_Point]:
         chain.insert(0, parent)
         unread = None  # linked past it: not of this chain
     return chain
+
+
+def _chain_for_reading(point: str) -> list[_Point]:
+    """_chain_to() for a restore or open_restore_point(): a point of the
+    chain that cannot be read for want of permission is the OSError it met
+    (exit 1, naming the file), not a broken chain (exit 3): nothing says it
+    is damaged."""
+    try:
+        return _chain_to(point, os.path.dirname(point))
+    except BrokenChainError as exc:
+        os_error = getattr(exc, "os_error", None)
+        if os_error is None:
+            raise
+        raise os_error from None
 
 
 def _resolve(backup: str | os.PathLike[str], at: datetime | str | None) -> str:
@@ -1643,6 +1661,7 @@ def incremental(
                 )
         try:
             chain, reason = _usable_chain(folder, stem, source_name, opts)
+            damaged: BrokenChainError | None = None  # found by the chain check
             page_size = _page_size_of(conn)
             if chain and chain[-1].info.page_size != page_size:
                 chain, reason = [], f"the page size changed to {page_size}"
@@ -1666,6 +1685,7 @@ def incremental(
                     opts, direct, before,
                 )  # fmt: skip
             except _DamagedChain as exc:
+                damaged = exc.cause
                 chain, parent = [], None
                 reason = f"the newest chain is damaged, a new base instead: {exc.cause}"
                 sequence = _next_sequence(folder, stem, source_name)
@@ -1724,7 +1744,9 @@ def incremental(
                     result.pages_written += base.info.stored_pages
                     result.chain_length = 1
             if keep is not None:
-                result.deleted, result.merged = _rotate(folder, stem, source_name, keep)
+                result.deleted, result.merged = _rotate(
+                    folder, stem, source_name, keep, damaged
+                )
                 for delta in result.merged:  # each merge wrote a base
                     try:
                         merged = _read_point(_twin_base(delta)).info
@@ -1962,12 +1984,14 @@ def _usable_chain(
 
 
 def _rotate(
-    folder: str, stem: str, source: str, keep: int
-) -> tuple[list[str], list[str]]:
+    folder: str, stem: str, source: str, keep: int,
+    damaged: BrokenChainError | None = None,
+) -> tuple[list[str], list[str]]:  # fmt: skip
     """Delete the oldest points of stem so that `keep` remain, never
     breaking a chain: whole older chains first, then the current chain's
     base merged into its first delta.  Nothing while a chain is broken
-    (IncrementalError)."""
+    (IncrementalError): a file that cannot be read or a missing link, or --
+    damaged -- a damaged page this run's check of the chain found."""
     deleted: list[str] = []
     merged: list[str] = []
     chains, problems, _ = _chains(_of_source(_stems(folder).get(stem, []), source))
@@ -1976,6 +2000,8 @@ def _rotate(
     # the points before it -- an unreadable delta is its base's: rotation
     # then deletes nothing, and says why.
     broken = [p for p in problems if not getattr(p, "stray", False)]
+    if damaged is not None:  # a page of it found damaged by this run's check
+        broken.insert(0, damaged)
     if broken and total > keep:
         raise IncrementalError(
             f"--keep {keep} deleted nothing: the points of {stem!r} hold a "
@@ -2104,7 +2130,7 @@ def _restore(
         files.check_no_stale_side_files(target)
     if _parse_name(point) is None and not point.endswith(SUFFIX):
         return _restore_plain(point, target, exists, keep_wal, timeout, progress)
-    chain = _chain_to(point, os.path.dirname(point))
+    chain = _chain_for_reading(point)
     if exists:
         _check_chain(chain)
         return _restore_into_existing(chain, target, started, timeout, progress)
@@ -2665,7 +2691,7 @@ def open_restore_point(
 
     def open_it() -> RestorePointConnection:
         point = _resolve(backup, at)
-        chain = _chain_to(point, os.path.dirname(point))
+        chain = _chain_for_reading(point)
         _check_chain(chain)
         return _open_overlay(chain, None)  # a reader: the temporary folder
 

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import re
 import sqlite3
 from datetime import datetime, timedelta
@@ -117,3 +119,68 @@ def test_a_copy_of_a_point_under_another_name_breaks_no_chain_anywhere(tmp_path)
     full = (tmp_path / "full.db").read_bytes()
     assert (tmp_path / "r.db").read_bytes() == full
     assert (tmp_path / "r2.db").read_bytes() == full
+
+
+@pytest.mark.parametrize("damaged", [2, 3])
+def test_keep_merges_nothing_in_a_chain_this_run_found_damaged(tmp_path, damaged):
+    """A flipped byte in a stored page of a delta: the run's check of the
+    chain found it and made a new base, but --keep then merged the damaged
+    chain's base and first delta away before failing at the damage."""
+    src, bk = tmp_path / "app.db", tmp_path / "bk"
+    bk.mkdir()
+    make(src)
+    points = [inc.incremental(src, bk).path]
+    for _ in range(4):
+        change(src)
+        made = inc.incremental(src, bk)
+        assert made.kind == "delta"
+        points.append(made.path)
+    point = inc._read_point(points[damaged])
+    with open(points[damaged], "r+b") as f:
+        f.seek(point.offset_of(0) + 200)
+        byte = f.read(1)
+        f.seek(point.offset_of(0) + 200)
+        f.write(bytes([byte[0] ^ 1]))
+    before = sorted(p.name for p in bk.iterdir())
+    change(src)
+    with pytest.raises(inc.IncrementalError, match="deleted nothing") as caught:
+        inc.incremental(src, bk, keep=2)
+    assert points[damaged] in str(caught.value)
+    kept = caught.value.kept_point
+    assert kept and kept.endswith(".base.apswb")
+    after = sorted(p.name for p in bk.iterdir())
+    assert after == sorted(before + [kept.split("/")[-1]])  # nothing went
+    inc.restore(points[damaged - 1], tmp_path / "r.db")
+    inc.restore(kept, tmp_path / "r2.db")
+
+
+def test_a_point_that_cannot_be_read_is_an_os_error_for_a_restore(
+    tmp_path, monkeypatch
+):
+    """EACCES opening the point to restore: a file-system error naming it
+    (exit 1), not a broken chain (exit 3) of an intact folder -- found by
+    the file-system fault harness."""
+    src, bk = tmp_path / "app.db", tmp_path / "bk"
+    bk.mkdir()
+    make(src)
+    inc.incremental(src, bk)
+    change(src)
+    delta = inc.incremental(src, bk).path
+    real = os.open
+
+    def refuse(path, *args, **kwargs):
+        if str(path) == delta:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", refuse)
+    for call in (
+        lambda: inc.restore(bk, tmp_path / "r.db"),
+        lambda: inc.open_restore_point(delta),
+    ):
+        with pytest.raises(PermissionError) as caught:
+            call()
+        assert caught.value.filename == delta
+    monkeypatch.undo()
+    assert not (tmp_path / "r.db").exists()
+    inc.restore(bk, tmp_path / "r.db")
