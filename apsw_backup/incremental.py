@@ -1027,6 +1027,9 @@ def _compact(capsule: Any, fd: int, data_offset: int, page_size: int,
     written once no page remains to move below where it goes."""
     out = 0
     for start, part in _slot_windows(capsule, slots):
+        if out == start and 0 not in part:  # nothing dead so far: none moves
+            out += len(part)
+            continue
         for k, pgno in enumerate(part):
             if not pgno:
                 continue
@@ -1038,7 +1041,7 @@ def _compact(capsule: Any, fd: int, data_offset: int, page_size: int,
     stored, written, page1 = out, 0, -1
     index_off = data_offset + stored * page_size
     for _, part in _slot_windows(capsule, slots):
-        live = array.array("Q", (pgno for pgno in part if pgno))
+        live = array.array("Q", part if 0 not in part else (p for p in part if p))
         if 1 in live:
             page1 = written + live.index(1)
         _write_all(fd, _index_to_bytes(live), index_off + 8 * written)
@@ -1491,11 +1494,11 @@ def _materialize(chain: list[_Point], folder: str, stem: str) -> _Point:
             out += len(data)
         index_off = data_offset + stored * P
         for start in range(0, stored, _WINDOW):
-            first = start + 1
-            part = [
-                p + (1 if p >= lock else 0)
-                for p in range(first, first + min(_WINDOW, stored - start))
-            ]
+            # positions start.. hold pages start+1.., one more past the
+            # lock-byte page
+            end = start + min(_WINDOW, stored - start)
+            part = array.array("Q", range(start + 1, min(end, lock - 1) + 1))
+            part.extend(range(max(start, lock - 1) + 2, end + 2))
             _write_all(new.fd, _index_to_bytes(part), index_off + 8 * start)
         manifest_off = index_off + 8 * stored
         for first in range(1, count + 1, _WINDOW):

@@ -423,7 +423,6 @@ PyObject *incremental_check_pages(PyObject *module, PyObject *args);
 PyObject *incremental_delta_read_source(PyObject *module, PyObject *args);
 PyObject *incremental_delta_manifest(PyObject *module, PyObject *args);
 PyObject *incremental_delta_slots(PyObject *module, PyObject *args);
-PyObject *incremental_delta_slot_of(PyObject *module, PyObject *args);
 PyObject *incremental_chain_open(PyObject *module, PyObject *args);
 PyObject *incremental_chain_close(PyObject *module, PyObject *capsule);
 PyObject *incremental_chain_gather(PyObject *module, PyObject *args);

@@ -684,16 +684,6 @@ chain_map_page(ChainMap *m, sqlite3_int64 pgno, int *file,
     return rc;
 }
 
-static sqlite3_uint64
-get8(const unsigned char *p)
-{
-    sqlite3_uint64 v = 0;
-    for (int i = 0; i < 8; i++) {
-        v = v << 8 | p[i];
-    }
-    return v;
-}
-
 /* Fill the map from file f's index (its mutex not needed: not shared
  * yet).  0, or an SQLite code with *err. */
 static int
@@ -710,7 +700,7 @@ map_file(ChainMap *m, int f, sqlite3_int64 index_off, sqlite3_int64 stored,
             return SQLITE_IOERR;
         }
         for (sqlite3_int64 j = 0; j < n; j++) {
-            sqlite3_uint64 pgno = get8(buf + j * 8);
+            sqlite3_uint64 pgno = table_be64(buf + j * 8);
             if (pgno < 1) {
                 return SQLITE_CORRUPT;
             }
@@ -1365,19 +1355,6 @@ delta_slots(Delta *d, sqlite3_int64 *out, sqlite3_int64 start,
     }
     pthread_mutex_unlock(&d->e.mutex);
     return rc;
-}
-
-sqlite3_int64
-delta_slot_of(Delta *d, sqlite3_int64 pgno)
-{
-    sqlite3_int64 slot = -1;
-    pthread_mutex_lock(&d->e.mutex);
-    Record r;
-    if (get_record(d, pgno, &r) == 0 && (r.state & 3) == P_KEPT) {
-        slot = r.slot;
-    }
-    pthread_mutex_unlock(&d->e.mutex);
-    return slot;
 }
 
 int

@@ -67,8 +67,6 @@ int delta_manifest(Delta *d, unsigned char *out, sqlite3_int64 first,
 /* Which page data slots start.. hold (0: a dead slot); 0 or -1 as above. */
 int delta_slots(Delta *d, sqlite3_int64 *out, sqlite3_int64 start,
                 sqlite3_int64 count);
-/* The data slot of page pgno, or -1 when it is not kept. */
-sqlite3_int64 delta_slot_of(Delta *d, sqlite3_int64 pgno);
 
 /* Record page pgno (page_size bytes) as if SQLite had written it there:
  * what the backup API would have written, read by the caller (the fast

@@ -12,56 +12,122 @@
 #include <string.h>
 #include <unistd.h>
 
-#define DELTA_CAPSULE "apsw_backup.Delta"
-#define OVERLAY_CAPSULE "apsw_backup.Overlay"
-#define CHAIN_CAPSULE "apsw_backup.ChainMap"
-
-/* A box remembers the fork generation it was made in: a forked child's
- * copy lets go of nothing (the objects' mutexes may have been held by
- * another thread of the parent at the fork). */
+/* The objects of deltashim.c handed to Python, each in a capsule holding a
+ * Box: one kind of box, one guard (box_object) and one release
+ * (box_release) for all three.  A box remembers the fork generation it was
+ * made in: a forked child's copy lets go of nothing (the objects' mutexes
+ * may have been held by another thread of the parent at the fork). */
 typedef struct {
-    Delta *delta;
-    unsigned long fork_generation;
-} DeltaBox;
-
-typedef struct {
-    Overlay *overlay;
-    unsigned long fork_generation;
-} OverlayBox;
+    const char *name;   /* the capsule's */
+    const char *what;   /* for ForkingViolationError */
+    const char *closed; /* for the ValueError of a closed one */
+    void (*release)(void *object);
+} BoxKind;
 
 typedef struct {
-    ChainMap *map;
+    void *object; /* NULL once closed */
+    const BoxKind *kind;
     unsigned long fork_generation;
-} ChainBox;
+} Box;
 
 static void
-chain_box_destroy(PyObject *capsule)
+release_delta(void *object)
 {
-    ChainBox *box = PyCapsule_GetPointer(capsule, CHAIN_CAPSULE);
+    delta_close(object);
+}
+
+static void
+release_overlay(void *object)
+{
+    overlay_close(object);
+}
+
+static void
+release_chain(void *object)
+{
+    chain_map_unref(object);
+}
+
+static const BoxKind DELTA_BOX = {"apsw_backup.Delta",
+                                  "an incremental backup's recording",
+                                  "the recording is closed", release_delta};
+static const BoxKind OVERLAY_BOX = {"apsw_backup.Overlay",
+                                    "a restore point's overlay",
+                                    "the overlay is closed", release_overlay};
+static const BoxKind CHAIN_BOX = {"apsw_backup.ChainMap",
+                                  "a restore point's chain",
+                                  "the chain is closed", release_chain};
+
+static void
+box_release(Box *box)
+{
+    void *object = box->object;
+    box->object = NULL;
+    if (object != NULL && box->fork_generation == fork_generation) {
+        box->kind->release(object);
+    }
+}
+
+static void
+box_destroy(PyObject *capsule)
+{
+    Box *box = PyCapsule_GetPointer(capsule, PyCapsule_GetName(capsule));
     if (box != NULL) {
-        if (box->map != NULL && box->fork_generation == fork_generation) {
-            chain_map_unref(box->map);
-        }
+        box_release(box);
         PyMem_Free(box);
     }
 }
 
-static ChainMap *
-chain_of(PyObject *module, PyObject *capsule)
+/* A capsule of kind holding an empty box (*out: the caller puts the object
+ * in once made), or NULL with an exception. */
+static PyObject *
+box_new(const BoxKind *kind, Box **out)
 {
-    ChainBox *box = PyCapsule_GetPointer(capsule, CHAIN_CAPSULE);
+    Box *box = PyMem_Calloc(1, sizeof(*box));
+    if (box == NULL) {
+        return PyErr_NoMemory();
+    }
+    box->kind = kind;
+    box->fork_generation = fork_generation;
+    PyObject *capsule = PyCapsule_New(box, kind->name, box_destroy);
+    if (capsule == NULL) {
+        PyMem_Free(box);
+        return NULL;
+    }
+    *out = box;
+    return capsule;
+}
+
+/* The object in a capsule of kind, or NULL with an exception: not such a
+ * capsule, made before a fork, or closed. */
+static void *
+box_object(PyObject *module, PyObject *capsule, const BoxKind *kind)
+{
+    Box *box = PyCapsule_GetPointer(capsule, kind->name);
     if (box == NULL) {
         return NULL;
     }
     if (box->fork_generation != fork_generation) {
-        raise_forked((ModuleState *)PyModule_GetState(module),
-                     "a restore point's chain");
+        raise_forked((ModuleState *)PyModule_GetState(module), kind->what);
         return NULL;
     }
-    if (box->map == NULL) {
-        PyErr_SetString(PyExc_ValueError, "the chain is closed");
+    if (box->object == NULL) {
+        PyErr_SetString(PyExc_ValueError, kind->closed);
     }
-    return box->map;
+    return box->object;
+}
+
+/* _delta_close, _overlay_close, _chain_close: let go of the object (once;
+ * again is a no-op). */
+static PyObject *
+box_close(PyObject *capsule, const BoxKind *kind)
+{
+    Box *box = PyCapsule_GetPointer(capsule, kind->name);
+    if (box == NULL) {
+        return NULL;
+    }
+    box_release(box);
+    Py_RETURN_NONE;
 }
 
 static PyObject *
@@ -69,48 +135,6 @@ raise_errno(int err)
 {
     errno = err ? err : EIO;
     return PyErr_SetFromErrno(PyExc_OSError);
-}
-
-static void
-delta_box_destroy(PyObject *capsule)
-{
-    DeltaBox *box = PyCapsule_GetPointer(capsule, DELTA_CAPSULE);
-    if (box != NULL) {
-        if (box->delta != NULL && box->fork_generation == fork_generation) {
-            delta_close(box->delta);
-        }
-        PyMem_Free(box);
-    }
-}
-
-static void
-overlay_box_destroy(PyObject *capsule)
-{
-    OverlayBox *box = PyCapsule_GetPointer(capsule, OVERLAY_CAPSULE);
-    if (box != NULL) {
-        if (box->overlay != NULL && box->fork_generation == fork_generation) {
-            overlay_close(box->overlay);
-        }
-        PyMem_Free(box);
-    }
-}
-
-static Delta *
-delta_of(PyObject *module, PyObject *capsule)
-{
-    DeltaBox *box = PyCapsule_GetPointer(capsule, DELTA_CAPSULE);
-    if (box == NULL) {
-        return NULL;
-    }
-    if (box->fork_generation != fork_generation) {
-        raise_forked((ModuleState *)PyModule_GetState(module),
-                     "an incremental backup's recording");
-        return NULL;
-    }
-    if (box->delta == NULL) {
-        PyErr_SetString(PyExc_ValueError, "the recording is closed");
-    }
-    return box->delta;
 }
 
 static int
@@ -176,46 +200,32 @@ incremental_delta_open(PyObject *Py_UNUSED(module), PyObject *args)
         PyErr_SetString(PyExc_ValueError, "bad page size or data offset");
         return NULL;
     }
-    DeltaBox *box = PyMem_Calloc(1, sizeof(*box));
-    if (box == NULL) {
-        return PyErr_NoMemory();
-    }
-    box->fork_generation = fork_generation;
-    PyObject *capsule = PyCapsule_New(box, DELTA_CAPSULE, delta_box_destroy);
+    Box *box;
+    PyObject *capsule = box_new(&DELTA_BOX, &box);
     if (capsule == NULL) {
-        PyMem_Free(box);
         return NULL;
     }
+    Delta *d = NULL;
     int rc = delta_new(path, fd, data_offset, page_size, parent_fd, parent_off,
-                       parent_pages, pages_fd, slots_fd, &box->delta);
+                       parent_pages, pages_fd, slots_fd, &d);
     if (rc != SQLITE_OK) {
         Py_DECREF(capsule);
         return open_failed(rc, "recording");
     }
+    box->object = d;
     return capsule;
 }
 
 PyObject *
 incremental_delta_close(PyObject *Py_UNUSED(module), PyObject *capsule)
 {
-    DeltaBox *box = PyCapsule_GetPointer(capsule, DELTA_CAPSULE);
-    if (box == NULL) {
-        return NULL;
-    }
-    if (box->delta != NULL) {
-        Delta *d = box->delta;
-        box->delta = NULL;
-        if (box->fork_generation == fork_generation) {
-            delta_close(d);
-        }
-    }
-    Py_RETURN_NONE;
+    return box_close(capsule, &DELTA_BOX);
 }
 
 PyObject *
 incremental_delta_result(PyObject *module, PyObject *capsule)
 {
-    Delta *d = delta_of(module, capsule);
+    Delta *d = box_object(module, capsule, &DELTA_BOX);
     if (d == NULL) {
         return NULL;
     }
@@ -260,7 +270,7 @@ incremental_delta_manifest(PyObject *module, PyObject *args)
                           &count)) {
         return NULL;
     }
-    Delta *d = delta_of(module, capsule);
+    Delta *d = box_object(module, capsule, &DELTA_BOX);
     if (d == NULL) {
         return NULL;
     }
@@ -294,7 +304,7 @@ incremental_delta_slots(PyObject *module, PyObject *args)
                           &count)) {
         return NULL;
     }
-    Delta *d = delta_of(module, capsule);
+    Delta *d = box_object(module, capsule, &DELTA_BOX);
     if (d == NULL) {
         return NULL;
     }
@@ -315,27 +325,6 @@ incremental_delta_slots(PyObject *module, PyObject *args)
     return out;
 }
 
-/* _delta_slot_of(recording, pgno) -> int: the data slot of a kept page,
- * or -1. */
-PyObject *
-incremental_delta_slot_of(PyObject *module, PyObject *args)
-{
-    PyObject *capsule;
-    long long pgno;
-    if (!PyArg_ParseTuple(args, "OL:_delta_slot_of", &capsule, &pgno)) {
-        return NULL;
-    }
-    Delta *d = delta_of(module, capsule);
-    if (d == NULL) {
-        return NULL;
-    }
-    if (pgno < 1) {
-        PyErr_SetString(PyExc_ValueError, "pages out of range");
-        return NULL;
-    }
-    return PyLong_FromLongLong(delta_slot_of(d, pgno));
-}
-
 /* _overlay_open(path, chain) -> capsule: the overlay of a chain's map
  * (_chain_open); it holds a reference of its own to the map. */
 PyObject *
@@ -346,44 +335,34 @@ incremental_overlay_open(PyObject *module, PyObject *args)
     if (!PyArg_ParseTuple(args, "sO:_overlay_open", &path, &chain)) {
         return NULL;
     }
-    ChainMap *map = chain_of(module, chain);
+    ChainMap *map = box_object(module, chain, &CHAIN_BOX);
     if (map == NULL) {
         return NULL;
     }
-    OverlayBox *box = PyMem_Calloc(1, sizeof(*box));
-    if (box == NULL) {
-        return PyErr_NoMemory();
-    }
-    box->fork_generation = fork_generation;
-    PyObject *capsule =
-        PyCapsule_New(box, OVERLAY_CAPSULE, overlay_box_destroy);
+    /* a reference of our own at once: box_new() may run the GC, and
+     * foreign code could close the chain's capsule meanwhile */
+    chain_map_ref(map);
+    Box *box;
+    PyObject *capsule = box_new(&OVERLAY_BOX, &box);
     if (capsule == NULL) {
-        PyMem_Free(box);
+        chain_map_unref(map);
         return NULL;
     }
-    int rc = overlay_new(path, map, &box->overlay);
+    Overlay *o = NULL;
+    int rc = overlay_new(path, map, &o); /* takes a reference of its own */
+    chain_map_unref(map);
     if (rc != SQLITE_OK) {
         Py_DECREF(capsule);
         return open_failed(rc, "overlay");
     }
+    box->object = o;
     return capsule;
 }
 
 PyObject *
 incremental_overlay_close(PyObject *Py_UNUSED(module), PyObject *capsule)
 {
-    OverlayBox *box = PyCapsule_GetPointer(capsule, OVERLAY_CAPSULE);
-    if (box == NULL) {
-        return NULL;
-    }
-    if (box->overlay != NULL) {
-        Overlay *o = box->overlay;
-        box->overlay = NULL;
-        if (box->fork_generation == fork_generation) {
-            overlay_close(o);
-        }
-    }
-    Py_RETURN_NONE;
+    return box_close(capsule, &OVERLAY_BOX);
 }
 
 /* _check_pages(data, page_size, expected) -> int: the index of the first
@@ -484,7 +463,7 @@ incremental_delta_read_source(PyObject *module, PyObject *args)
                           &page_count)) {
         return NULL;
     }
-    Delta *d = delta_of(module, capsule);
+    Delta *d = box_object(module, capsule, &DELTA_BOX);
     if (d == NULL) {
         return NULL;
     }
@@ -589,9 +568,8 @@ incremental_chain_open(PyObject *Py_UNUSED(module), PyObject *args)
     }
     int *fds = PyMem_Calloc((size_t)n, sizeof(int));
     sqlite3_int64 *nums = PyMem_Calloc((size_t)n * 3, sizeof(sqlite3_int64));
-    ChainBox *box = PyMem_Calloc(1, sizeof(*box));
     PyObject *capsule = NULL;
-    if (fds == NULL || nums == NULL || box == NULL) {
+    if (fds == NULL || nums == NULL) {
         PyErr_NoMemory();
         goto fail;
     }
@@ -609,13 +587,11 @@ incremental_chain_open(PyObject *Py_UNUSED(module), PyObject *args)
         nums[n + i] = idx;
         nums[2 * n + i] = stored;
     }
-    box->fork_generation = fork_generation;
-    capsule = PyCapsule_New(box, CHAIN_CAPSULE, chain_box_destroy);
+    Box *box;
+    capsule = box_new(&CHAIN_BOX, &box);
     if (capsule == NULL) {
         goto fail;
     }
-    ChainBox *mine = box;
-    box = NULL; /* the capsule's now */
     sqlite3_int64 missing = 0;
     int err = 0, rc;
     ChainMap *map = NULL;
@@ -636,13 +612,12 @@ incremental_chain_open(PyObject *Py_UNUSED(module), PyObject *args)
     if (rc != SQLITE_OK) {
         goto fail;
     }
-    mine->map = map;
+    box->object = map;
     PyMem_Free(fds);
     PyMem_Free(nums);
     return Py_BuildValue("NL", capsule, (long long)missing);
 fail:
     Py_XDECREF(capsule);
-    PyMem_Free(box);
     PyMem_Free(fds);
     PyMem_Free(nums);
     return NULL;
@@ -651,18 +626,7 @@ fail:
 PyObject *
 incremental_chain_close(PyObject *Py_UNUSED(module), PyObject *capsule)
 {
-    ChainBox *box = PyCapsule_GetPointer(capsule, CHAIN_CAPSULE);
-    if (box == NULL) {
-        return NULL;
-    }
-    if (box->map != NULL) {
-        ChainMap *m = box->map;
-        box->map = NULL;
-        if (box->fork_generation == fork_generation) {
-            chain_map_unref(m);
-        }
-    }
-    Py_RETURN_NONE;
+    return box_close(capsule, &CHAIN_BOX);
 }
 
 /* _chain_gather(chain, first, count, check) -> (bytes, bad)
@@ -684,26 +648,31 @@ incremental_chain_gather(PyObject *module, PyObject *args)
                           &check)) {
         return NULL;
     }
-    ChainMap *m = chain_of(module, capsule);
+    ChainMap *m = box_object(module, capsule, &CHAIN_BOX);
     if (m == NULL) {
         return NULL;
     }
+    /* a reference of our own at once: the allocation below may run the
+     * GC, and foreign code could close the capsule meanwhile */
+    chain_map_ref(m);
     int P = 0;
     sqlite3_int64 pages = 0;
     chain_map_geometry(m, &P, &pages);
+    PyObject *data = NULL;
     if (first < 1 || count < 0 || count > WINDOW_ENTRIES
         || first + count - 1 > pages) {
         PyErr_SetString(PyExc_ValueError, "pages out of range");
-        return NULL;
     }
-    PyObject *data = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(count * P));
+    else {
+        data = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(count * P));
+    }
     if (data == NULL) {
+        chain_map_unref(m);
         return NULL;
     }
     unsigned char *out = (unsigned char *)PyBytes_AsString(data);
     sqlite3_int64 bad = -1;
     int err = 0, rc;
-    chain_map_ref(m);
     RELEASE_GIL("incremental_chain_gather");
     rc = chain_map_gather(m, first, count, out, check, &bad, &err);
     chain_map_unref(m);
@@ -725,7 +694,7 @@ incremental_chain_file_of(PyObject *module, PyObject *args)
     if (!PyArg_ParseTuple(args, "OL:_chain_file_of", &capsule, &pgno)) {
         return NULL;
     }
-    ChainMap *m = chain_of(module, capsule);
+    ChainMap *m = box_object(module, capsule, &CHAIN_BOX);
     if (m == NULL) {
         return NULL;
     }
@@ -742,16 +711,6 @@ incremental_chain_file_of(PyObject *module, PyObject *args)
         return raise_errno(EIO);
     }
     return PyLong_FromLong(file);
-}
-
-static sqlite3_uint64
-be64(const unsigned char *p)
-{
-    sqlite3_uint64 v = 0;
-    for (int i = 0; i < 8; i++) {
-        v = v << 8 | p[i];
-    }
-    return v;
 }
 
 /* _check_stored(fd, index_off, data_offset, page_size, manifest_off,
@@ -807,7 +766,7 @@ incremental_check_stored(PyObject *Py_UNUSED(module), PyObject *args)
     }
     for (long long k = 0; !err && k < count; k++) {
         unsigned char w[PAGE_HASH_SIZE], h[PAGE_HASH_SIZE];
-        sqlite3_uint64 pgno = k < whole ? be64(idx + k * 8) : 0;
+        sqlite3_uint64 pgno = k < whole ? table_be64(idx + k * 8) : 0;
         if (pgno < 1 || pgno > (sqlite3_uint64)pages) {
             bad = start + k;
             break;
@@ -899,7 +858,7 @@ incremental_check_inherited(PyObject *Py_UNUSED(module), PyObject *args)
             break;
         }
         for (long long j = 0; j < n; j++) {
-            sqlite3_uint64 p = be64(buf + j * 8);
+            sqlite3_uint64 p = table_be64(buf + j * 8);
             unsigned char b;
             if (p < 1 || p > (sqlite3_uint64)count) {
                 what = 2;

@@ -64,7 +64,6 @@ static PyMethodDef module_methods[] = {
      "Private."},
     {"_delta_manifest", incremental_delta_manifest, METH_VARARGS, "Private."},
     {"_delta_slots", incremental_delta_slots, METH_VARARGS, "Private."},
-    {"_delta_slot_of", incremental_delta_slot_of, METH_VARARGS, "Private."},
     {"_chain_open", incremental_chain_open, METH_VARARGS, "Private."},
     {"_chain_close", incremental_chain_close, METH_O, "Private."},
     {"_chain_gather", incremental_chain_gather, METH_VARARGS, "Private."},

@@ -563,60 +563,70 @@ module_page_hash_parts(PyObject *Py_UNUSED(module), PyObject *parts)
         return NULL;
     }
     enum { BLOCK = 65536 };
+    typedef struct {
+        const char *data; /* a bytes part's (items keeps it), or NULL */
+        int fd;
+        long long off, n;
+    } Part;
+    Py_ssize_t count = PyTuple_Size(items);
+    Part *list = PyMem_Calloc((size_t)(count > 0 ? count : 1), sizeof(Part));
     HashStream *stream = PyMem_Malloc(sizeof(*stream));
     unsigned char *buf = PyMem_Malloc(BLOCK);
-    if (stream == NULL || buf == NULL) {
-        PyMem_Free(stream);
-        PyMem_Free(buf);
-        Py_DECREF(items);
-        return PyErr_NoMemory();
+    int ok = list != NULL && stream != NULL && buf != NULL;
+    if (!ok) {
+        PyErr_NoMemory();
     }
-    /* Bytes are hashed with the GIL held (no Python code runs meanwhile);
-     * a file part is read and hashed with it released (the stream and
-     * the buffer are ours alone). */
-    hash_stream_init(stream);
-    Py_ssize_t count = PyTuple_Size(items);
-    int ok = count >= 0;
+    /* 1: every part as C values (a conversion may run Python code) */
     for (Py_ssize_t i = 0; ok && i < count; i++) {
         PyObject *part = PyTuple_GetItem(items, i); /* borrowed */
         if (part == NULL) {
             ok = 0;
-            break;
         }
-        if (PyBytes_Check(part)) {
-            hash_stream_update(stream, PyBytes_AsString(part),
-                               (size_t)PyBytes_Size(part));
-            continue;
+        else if (PyBytes_Check(part)) {
+            list[i].data = PyBytes_AsString(part);
+            list[i].n = (long long)PyBytes_Size(part);
         }
-        int fd;
-        long long off, n;
-        if (!PyTuple_Check(part)
-            || !PyArg_ParseTuple(part, "iLL", &fd, &off, &n) || off < 0
-            || n < 0) {
+        else if (!PyTuple_Check(part)
+                 || !PyArg_ParseTuple(part, "iLL", &list[i].fd, &list[i].off,
+                                      &list[i].n)
+                 || list[i].off < 0 || list[i].n < 0) {
             PyErr_Clear();
             PyErr_SetString(PyExc_TypeError, wrong);
             ok = 0;
-            break;
-        }
-        int err;
-        RELEASE_GIL("module_page_hash_parts");
-        err = hash_file_part(stream, fd, off, n, buf, BLOCK);
-        REACQUIRE_GIL();
-        if (err) {
-            errno = err;
-            PyErr_SetFromErrno(PyExc_OSError);
-            ok = 0;
         }
     }
+    /* 2: hashed with the GIL released: the stream and the buffer are ours
+     * alone, the bytes immutable and kept by items, the descriptors the
+     * caller's */
+    int err = 0;
     unsigned char h[PAGE_HASH_SIZE];
-    hash_stream_digest(stream, h);
+    if (ok) {
+        RELEASE_GIL("module_page_hash_parts");
+        hash_stream_init(stream);
+        for (Py_ssize_t i = 0; !err && i < count; i++) {
+            if (list[i].data != NULL) {
+                hash_stream_update(stream, list[i].data, (size_t)list[i].n);
+            }
+            else {
+                err = hash_file_part(stream, list[i].fd, list[i].off,
+                                     list[i].n, buf, BLOCK);
+            }
+        }
+        hash_stream_digest(stream, h);
+        REACQUIRE_GIL();
+    }
+    PyMem_Free(list);
     PyMem_Free(stream);
     PyMem_Free(buf);
     Py_DECREF(items);
-    if (!ok) {
-        return NULL;
+    if (ok && err) {
+        errno = err;
+        PyErr_SetFromErrno(PyExc_OSError);
+        ok = 0;
     }
-    return PyBytes_FromStringAndSize((const char *)h, PAGE_HASH_SIZE);
+    /* 3: the result */
+    return ok ? PyBytes_FromStringAndSize((const char *)h, PAGE_HASH_SIZE)
+              : NULL;
 }
 
 /* _page_hash_variants(data) -> dict: the hash by each long-input loop this

@@ -207,18 +207,6 @@ table_put(Table *t, sqlite3_int64 i, const void *in)
 }
 
 int
-table_read(Table *t, sqlite3_int64 i, sqlite3_int64 count, void *out)
-{
-    unsigned char *o = out;
-    for (sqlite3_int64 k = 0; k < count; k++) {
-        if (table_get(t, i + k, o + k * t->size) < 0) {
-            return -1;
-        }
-    }
-    return 0;
-}
-
-int
 table_flush(Table *t)
 {
     for (int k = 0; k < t->nblocks; k++) {

@@ -31,9 +31,18 @@ Table *table_new(int fd, sqlite3_int64 base, int size, int writable,
 void table_free(Table *t); /* no write-back: flush first to keep it */
 int table_get(Table *t, sqlite3_int64 i, void *out);
 int table_put(Table *t, sqlite3_int64 i, const void *in);
-/* count entries from i, into or out of a caller's buffer */
-int table_read(Table *t, sqlite3_int64 i, sqlite3_int64 count, void *out);
 int table_flush(Table *t);
 int table_errno(const Table *t);
+
+/* An entry of a point's index as it lies in the file: a big-endian u64. */
+static inline sqlite3_uint64
+table_be64(const unsigned char *p)
+{
+    sqlite3_uint64 v = 0;
+    for (int i = 0; i < 8; i++) {
+        v = v << 8 | p[i];
+    }
+    return v;
+}
 
 #endif /* APSW_BACKUP_TABLE_H */

@@ -30,20 +30,27 @@ def change(path):
     db.close()
 
 
+def a_chain(tmp_path, deltas):
+    """app.db, its backup folder and the paths of a base and `deltas`
+    deltas made of it."""
+    src, bk = tmp_path / "app.db", tmp_path / "bk"
+    bk.mkdir()
+    make(src)
+    points = [inc.incremental(src, bk).path]
+    for _ in range(deltas):
+        change(src)
+        made = inc.incremental(src, bk)
+        assert made.kind == "delta"
+        points.append(made.path)
+    return src, bk, points
+
+
 def test_keep_never_deletes_the_base_of_a_chain_with_an_unreadable_delta(
     tmp_path, monkeypatch
 ):
     """--keep 1 with the first delta unreadable (EACCES) deleted the base
     and kept its deltas: a chain without its base, for good."""
-    src, bk = tmp_path / "app.db", tmp_path / "bk"
-    bk.mkdir()
-    make(src)
-    points = [inc.incremental(src, bk).path]
-    for _ in range(3):
-        change(src)
-        made = inc.incremental(src, bk)
-        assert made.kind == "delta"
-        points.append(made.path)
+    src, bk, points = a_chain(tmp_path, 3)
     unreadable = points[1]
     real = inc._read_point
 
@@ -92,16 +99,8 @@ def test_a_copy_of_a_point_under_another_name_breaks_no_chain_anywhere(tmp_path)
     points): verify and the next run took it for a stray, but restore said
     the chain was broken at it -- a point reported made that did not
     restore.  All now agree: a stray breaks no chain."""
-    src, bk = tmp_path / "app.db", tmp_path / "bk"
-    bk.mkdir()
-    make(src)
-    inc.incremental(src, bk)
-    points = []
-    for _ in range(3):
-        change(src)
-        made = inc.incremental(src, bk)
-        assert made.kind == "delta"
-        points.append(made.path)
+    src, bk, points = a_chain(tmp_path, 3)
+    points = points[1:]  # the deltas
     name = points[0].split("/")[-1]
     stamp = re.search(r"\d{8}T\d{6}\.\d{6}Z", name)[0]
     later = datetime.strptime(stamp, inc.STAMP) + timedelta(microseconds=1)
@@ -126,15 +125,7 @@ def test_keep_merges_nothing_in_a_chain_this_run_found_damaged(tmp_path, damaged
     """A flipped byte in a stored page of a delta: the run's check of the
     chain found it and made a new base, but --keep then merged the damaged
     chain's base and first delta away before failing at the damage."""
-    src, bk = tmp_path / "app.db", tmp_path / "bk"
-    bk.mkdir()
-    make(src)
-    points = [inc.incremental(src, bk).path]
-    for _ in range(4):
-        change(src)
-        made = inc.incremental(src, bk)
-        assert made.kind == "delta"
-        points.append(made.path)
+    src, bk, points = a_chain(tmp_path, 4)
     point = inc._read_point(points[damaged])
     with open(points[damaged], "r+b") as f:
         f.seek(point.offset_of(0) + 200)
@@ -160,12 +151,8 @@ def test_a_point_that_cannot_be_read_is_an_os_error_for_a_restore(
     """EACCES opening the point to restore: a file-system error naming it
     (exit 1), not a broken chain (exit 3) of an intact folder -- found by
     the file-system fault harness."""
-    src, bk = tmp_path / "app.db", tmp_path / "bk"
-    bk.mkdir()
-    make(src)
-    inc.incremental(src, bk)
-    change(src)
-    delta = inc.incremental(src, bk).path
+    src, bk, points = a_chain(tmp_path, 1)
+    delta = points[1]
     real = os.open
 
     def refuse(path, *args, **kwargs):
