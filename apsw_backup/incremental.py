@@ -156,6 +156,9 @@ class IncrementalResult:
     recording: dict[str, int] = dataclasses.field(default_factory=dict)
     deleted: list[str] = dataclasses.field(default_factory=list)
     merged: list[str] = dataclasses.field(default_factory=list)
+    # the new point's stored pages were read back from the disk and checked
+    # against their hashes (False: verify=False, --no-verify)
+    verified: bool = True
 
 
 @dataclasses.dataclass
@@ -1094,6 +1097,8 @@ class _RunOptions:
     timeout: float | None
     progress: Any
     started: float = dataclasses.field(default_factory=time.monotonic)
+    # the run's new point read back from the disk (incremental(verify=))
+    read_back: bool = True
 
     def left(self) -> float | None:
         """Seconds left before the run's deadline (None: no timeout)."""
@@ -1378,9 +1383,10 @@ def _write_point(source: _c.Connection, source_name: str, folder: str, stem: str
         root, size = _finish_file(new.fd, header, stored, count, parent_root, page_size)
         opts.check("writing the restore point")
         point = _read_written(new.path, final)
-        _read_back(new.fd, point, final, opts)
+        if opts.read_back:
+            _read_back(new.fd, point, final, opts)
+            opts.check("reading the restore point back")
         written = stored
-        opts.check("reading the restore point back")
         if before_publish is not None:
             before_publish(point, new.path)
         new.publish()
@@ -1579,6 +1585,7 @@ def incremental(
     progress: Callable[[int, int, int], Any] | None = None,
     pages: int = -1,
     quick_check: bool = False,
+    verify: bool = True,
 ) -> IncrementalResult:
     """Back source up into folder as one new restore point.
 
@@ -1603,7 +1610,17 @@ def incremental(
     the overlay) before it is put in place -- a structural check of the
     source as it was read, at the cost of a full backup's quick_check
     (docs/incremental.md, "Verification").
+    verify=False: the new point's pages are not read back from the disk (as
+    copy() without verify does not re-read its copy); the chain it extends
+    is still checked, since that decides whether a delta can be made.
     """
+    if not isinstance(verify, bool):
+        raise TypeError(f"verify must be True or False, not {verify!r}")
+    if quick_check and not verify:
+        raise ValueError(
+            "quick_check=True is a verification, and verify=False asks for "
+            "none: give one of them"
+        )
     if not isinstance(max_chain, int) or max_chain < 0:
         raise ValueError(f"max_chain must be an int >= 0, not {max_chain!r}")
     if not 0 < rebase_share:
@@ -1617,7 +1634,7 @@ def incremental(
             f"{type(pages).__name__}"
         )
     started = time.monotonic()
-    opts = _RunOptions(pages, timeout, progress, started)
+    opts = _RunOptions(pages, timeout, progress, started, verify)
     folder = os.path.abspath(os.fspath(folder))
     if not os.path.isdir(folder):
         if os.path.exists(folder):
@@ -1725,6 +1742,7 @@ def incremental(
             reason=reason if parent is None else "",
             restarts=restarts,
             recording=counts,
+            verified=verify,
         )
         # The point is in place: a failure from here on (the rebase, --keep)
         # leaves it there, complete, and says so (exc.kept_point).

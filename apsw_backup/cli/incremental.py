@@ -1,6 +1,7 @@
 """The incremental verbs (docs/incremental.md):
 
-    apsw-backup --incremental SOURCE FOLDER/ [--keep N] [--max-chain N] [--quick-check]
+    apsw-backup --incremental SOURCE FOLDER/ [--keep N] [--max-chain N]
+                [--quick-check | --no-verify]
     apsw-backup restore BACKUP DEST [--at TIMESTAMP] [--overwrite]
     apsw-backup list FOLDER
     apsw-backup verify FOLDER...      (checks every chain)
@@ -242,6 +243,12 @@ def _parse_incremental(argv: Sequence[str]) -> argparse.Namespace:
         "(a full backup's cost; every point is checked by its hashes anyway)",
     )
     add(
+        "--no-verify",
+        action="store_true",
+        help="do not read the new point's pages back from the disk (the chain "
+        "it extends is still checked)",
+    )
+    add(
         "--rebase-share",
         type=float,
         default=inc.REBASE_SHARE,
@@ -315,6 +322,12 @@ def _parse_verify(argv: Sequence[str]) -> argparse.Namespace:
 def _incremental(args: argparse.Namespace, interrupts: Interrupts) -> int:
     if args.max_chain < 0:
         raise Failure(EXIT_USAGE, "--max-chain must be >= 0", UsageError())
+    if args.quick_check and args.no_verify:
+        raise Failure(
+            EXIT_USAGE,
+            "--no-verify contradicts --quick-check (a verification): give one",
+            UsageError(),
+        )
 
     def progress(status: int, remaining: int, total: int) -> None:
         interrupts.check()
@@ -333,15 +346,18 @@ def _incremental(args: argparse.Namespace, interrupts: Interrupts) -> int:
         timeout=args.timeout,
         progress=progress,
         quick_check=args.quick_check,
+        verify=not args.no_verify,
     )
     if args.json:
         _print({"ok": True, "exit_code": EXIT_OK, "error": None, **vars(result)})
     else:
         why = f" ({result.reason})" if result.reason else ""
+        unread = "" if result.verified else "; not read back (--no-verify)"
         output.err(
             f"{result.kind} {result.path}: {result.pages_written} of "
             f"{result.page_count} pages, {result.bytes_written} bytes written "
             f"in {result.elapsed:.2f} s; chain of {result.chain_length}{why}"
+            f"{unread}"
         )
         for path in result.deleted:
             output.err(f"deleted {path}")
