@@ -1805,7 +1805,10 @@ def _before_publish(
 
     def check(point: _Point, temporary: str) -> None:
         if checker is not None:
-            checker.result()
+            try:
+                checker.result()
+            except BrokenChainError as exc:
+                raise _DamagedChain(exc) from None
         if not quick_check:
             return
         opts.check("running quick_check on the restore point")
@@ -1839,12 +1842,13 @@ class _DamagedChain(Exception):
 
 
 class _ChainCheck:
-    """_check_chain() of the chain a new delta extends, in a thread of its
-    own while the source is read (both mostly outside the GIL).  Its memory
+    """_check_chain() of a chain in a thread of its own (its reads and
+    hashes release the GIL): the chain a new delta extends while the source
+    is read, the chain a restore reads while DEST is written.  Its memory
     is a few windows, whatever the chain's size ("Memory" in
     docs/incremental.md)."""
 
-    def __init__(self, chain: list[_Point], opts: _RunOptions) -> None:
+    def __init__(self, chain: list[_Point], opts: _RunOptions | None) -> None:
         self.error: BaseException | None = None
         self.stop = False
         self.thread = threading.Thread(
@@ -1852,18 +1856,20 @@ class _ChainCheck:
         )
         self.thread.start()
 
-    def _run(self, chain: list[_Point], opts: _RunOptions) -> None:
+    def _run(self, chain: list[_Point], opts: _RunOptions | None) -> None:
         try:
             _check_chain(chain, opts, stop=lambda: self.stop)
         except BaseException as exc:  # raised by the caller's thread
             self.error = exc
 
     def result(self) -> None:
-        """Wait for the check; _DamagedChain if the chain is damaged, or the
-        check's own failure (its deadline passed, an OSError)."""
+        """Wait for the check; raise its failure: BrokenChainError naming the
+        damaged file, or the check's own (its deadline passed, an OSError)."""
         self.thread.join()
-        if isinstance(self.error, BrokenChainError):
-            raise _DamagedChain(self.error)
+        self.raise_if_failed()
+
+    def raise_if_failed(self) -> None:
+        """The check's failure if it has already failed (while it runs)."""
         if self.error is not None:
             raise self.error
 
@@ -2299,24 +2305,33 @@ def _restore_new(
             raise _cannot("target", target, exc) from exc
         raise _cannot("target's folder", os.path.dirname(target), exc) from exc
     pages: _ChainFiles | None = None
+    chain_check: _ChainCheck | None = None
     checker: _RestoreChecker | None = None
+    structure: _StructureCheck | None = None
     try:
         # inside: a failure opening the chain's files (EMFILE) discards the
         # temporary file too
         pages = _ChainFiles(chain, os.path.dirname(target))
         P = pages.page_size
-        # Three things at once: this thread writes the pages in order, each
-        # page from the newest file holding it and checked against the
-        # point's manifest; a second checks the whole chain (every stored
-        # page of every file against its manifest, the pages later points
-        # replaced too, and every unstored page's hash against its parent's)
-        # and then reads back from the disk, and checks, each slice of DEST once it
-        # has been written out.  Written out as it goes, as copy()
-        # does (files.Flusher): a restore never queues more than a few MiB
-        # of dirty data in front of other processes' fsyncs.
+        # Four things at once, one thread each.  This one writes the pages
+        # in order, each page from the newest file holding it and checked
+        # against the point's manifest.  _ChainCheck checks the whole chain
+        # (every stored page of every file against its manifest, the pages
+        # later points replaced too, and every unstored page's hash against
+        # its parent's).  _RestoreChecker reads back from the disk, and
+        # checks, each slice of DEST once it has been written out.
+        # _StructureCheck runs quick_check of the point through the
+        # overlay, which serves only pages matching the manifest: the same
+        # bytes DEST is proven to hold ("Restoring" in docs/incremental.md).
+        # Written out as it goes, as copy() does (files.Flusher): a restore
+        # never queues more than a few MiB of dirty data in front of other
+        # processes' fsyncs.
         flusher = files.Flusher(new.fd, FLUSH_EVERY)
+        chain_check = _ChainCheck(chain, None)
         checker = _RestoreChecker(chain, new.fd, P, target)
+        structure = _StructureCheck(chain, os.path.dirname(target), target)
         for pgno, n, data in pages.checked_runs():
+            chain_check.raise_if_failed()
             checker.raise_if_failed()
             _write_all(new.fd, data, (pgno - 1) * P)
             flusher.flush_if_grown()
@@ -2327,17 +2342,19 @@ def _restore_new(
         os.ftruncate(new.fd, pages.page_count * P)
         os.fsync(new.fd)
         checker.written_out(pages.page_count * P)
-        if chain[-1].info.wal:  # page 1 is rewritten: in turn
-            checker.finish()
-            if not keep_wal:
-                _say_rollback_journal(new.fd)
-            _check_database(new.path, keep_wal, target)
-        else:  # the rest of the read-back and quick_check side by side
-            _quick_check_while(new.path, target, checker.finish)
+        chain_check.result()  # a damaged file of the chain is said first
+        checker.finish()
+        if chain[-1].info.wal and not keep_wal:  # page 1 rewritten: in turn
+            _say_rollback_journal(new.fd)
+        structure.finish()
         _publish_restored(new, target)
     except BaseException as exc:
+        if structure is not None:
+            structure.abandon()
         if checker is not None:
             checker.abandon()
+        if chain_check is not None:
+            chain_check.abandon()
         new.discard()
         if isinstance(exc, OSError) and getattr(exc, "role", None) is None:
             raise _dest_error(exc, new.path, target) from exc
@@ -2387,9 +2404,9 @@ def _dest_error(exc: OSError, temporary: str, target: str) -> OSError:
 
 
 class _RestoreChecker:
-    """The checks of a restore into a new DEST that run beside the writing
-    (_restore_new): the whole chain, then DEST read back from the disk
-    slice by slice as it is written out."""
+    """The read-back of a restore into a new DEST, beside the writing
+    (_restore_new): DEST read back from the disk slice by slice as it is
+    written out, each page against the point's manifest."""
 
     def __init__(
         self,
@@ -2450,7 +2467,6 @@ class _RestoreChecker:
 
     def _run(self) -> None:
         try:
-            _check_chain(self.chain, stop=lambda: self.stop)
             while True:
                 with self.cond:
                     while (
@@ -2490,32 +2506,55 @@ class _RestoreChecker:
                 )
 
 
-def _quick_check_while(path: str, target: str, work: Callable[[], None]) -> None:
-    """quick_check of path in a thread of its own (SQLite releases the GIL)
-    while work() runs here; the first failure of either is raised."""
-    found: dict[str, Any] = {}
+class _StructureCheck:
+    """PRAGMA quick_check of a chain's tip, through the overlay, in a thread
+    of its own (SQLite releases the GIL) while the restore is written.  The
+    overlay serves only pages that match the point's manifest, and DEST is
+    read back and checked against the same manifest: quick_check of the
+    overlay is quick_check of DEST's bytes (bytes 18 and 19 of page 1, the
+    journal mode, aside), without waiting for DEST to be complete."""
 
-    def check() -> None:
+    def __init__(self, chain: list[_Point], scratch_dir: str, target: str) -> None:
+        self.target = target
+        self.rows: list[Any] = []
+        self.error: BaseException | None = None
+        self.conn = _open_overlay(chain, scratch_dir)
+        self.thread = threading.Thread(
+            target=self._run, name="apsw-backup restore quick_check"
+        )
         try:
-            conn = _c.Connection(path, _c.SQLITE_OPEN_READONLY)
-            try:
-                found["rows"] = [
-                    r[0] for r in conn.execute("PRAGMA main.quick_check").fetchall()
-                ]
-            finally:
-                conn.close()
-        except BaseException as exc:  # reported by the caller's thread
-            found["error"] = exc
+            self.thread.start()
+        except BaseException:
+            self.conn.close()
+            raise
 
-    thread = threading.Thread(target=check, name="apsw-backup quick_check")
-    thread.start()
-    try:
-        work()
-    finally:
-        thread.join()
-    if "error" in found:
-        raise found["error"]
-    _quick_check_result(found["rows"], target)
+    def _run(self) -> None:
+        try:
+            self.rows = [
+                r[0] for r in self.conn.execute("PRAGMA main.quick_check").fetchall()
+            ]
+        except BaseException as exc:  # reported by the caller's thread
+            self.error = exc
+
+    def _join(self) -> None:
+        self.thread.join()
+        self.conn.close()
+
+    def finish(self) -> None:
+        """Wait for quick_check; raise its failure, or IncrementalError for
+        anything but "ok"."""
+        self._join()
+        if self.error is not None:
+            raise self.error
+        _quick_check_result(self.rows, self.target)
+
+    def abandon(self) -> None:
+        """Stop quick_check (an interrupt lands only once its statement has
+        begun: again until the thread has ended) and let go of the overlay."""
+        while self.thread.is_alive():
+            self.conn.interrupt()
+            self.thread.join(0.01)
+        self._join()
 
 
 _UNREADABLE = re.compile(r"unable to get the page\. error code=(\d+)")
@@ -2557,22 +2596,6 @@ def _say_rollback_journal(fd: int) -> None:
     os.fsync(fd)
     if os.pread(fd, 2, 18) != b"\x01\x01":
         raise OSError(errno.EIO, "page 1's journal mode did not read back")
-
-
-def _check_database(path: str, keep_wal: bool, target: str) -> None:
-    conn = _c.Connection(path, _c.SQLITE_OPEN_READWRITE)
-    try:
-        if not keep_wal:
-            mode = conn.execute("PRAGMA main.journal_mode").fetchall()[0][0]
-            if str(mode).lower() == "wal":
-                conn.execute("PRAGMA main.journal_mode=DELETE").fetchall()
-        rows = [r[0] for r in conn.execute("PRAGMA main.quick_check").fetchall()]
-    finally:
-        conn.close()
-    for side in ("-wal", "-shm"):
-        if not keep_wal and os.path.lexists(path + side):
-            os.remove(path + side)
-    _quick_check_result(rows, target)
 
 
 def _restore_into_existing(

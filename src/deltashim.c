@@ -916,23 +916,20 @@ ofile_close(sqlite3_file *file)
 }
 
 /* One whole page into buf: from the newest file holding it, zeros for
- * none (the lock-byte page).  Page 1's WAL flag says rollback journal. */
+ * none (the lock-byte page), checked against the point's manifest -- the
+ * overlay serves no page that differs from what the point recorded (a
+ * file altered or truncated after the chain was checked: SQLITE_CORRUPT).
+ * Page 1's WAL flag says rollback journal. */
 static int
 ofile_read_page(Overlay *o, unsigned char *buf, sqlite3_int64 pgno)
 {
-    ChainMap *m = o->map;
-    int P = m->page_size;
-    int which;
-    sqlite3_int64 at;
-    if (chain_map_page(m, pgno, &which, &at) < 0) {
+    sqlite3_int64 bad;
+    int err;
+    if (chain_map_gather(o->map, pgno, 1, buf, 1, &bad, &err) < 0) {
         return SQLITE_IOERR_READ;
     }
-    if (which < 0) {
-        memset(buf, 0, (size_t)P);
-        return SQLITE_OK;
-    }
-    if (full_pread(m->fds[which], buf, (size_t)P, (off_t)at) != 1) {
-        return SQLITE_IOERR_READ;
+    if (bad >= 0) {
+        return SQLITE_CORRUPT;
     }
     if (pgno == 1 && buf[18] == 2 && buf[19] == 2) {
         buf[18] = buf[19] = 1; /* one file: no -wal to look for */

@@ -359,9 +359,23 @@ def test_damaged_base_that_passes_integrity_check_is_caught(tmp_path):
         f.write(bytes([b[0] ^ 1]))
     with pytest.raises(inc.BrokenChainError, match="page"):
         inc.open_restore_point(path)
+    # SQLite itself sees nothing wrong in a database with that byte flipped
+    pgno = point.index[position]
+    same = tmp_path / "same.db"
+    apsw_backup.copy(src, same)  # the bytes the point recorded
+    with open(same, "r+b") as f:
+        f.seek((pgno - 1) * P + P - 10)
+        b = f.read(1)
+        f.seek((pgno - 1) * P + P - 10)
+        f.write(bytes([b[0] ^ 1]))
+    check = sqlite3.connect(str(same))
+    assert check.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+    check.close()
+    # and the overlay serves no page that differs from the point's manifest
     chain = [inc._read_point(path)]
-    with inc._Overlay(chain) as conn:  # SQLite itself sees nothing wrong
-        assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+    with inc._Overlay(chain) as conn:
+        with pytest.raises(apsw_backup.CorruptError):
+            conn.execute("SELECT sum(length(v)) FROM t").fetchall()
     refused(folder, tmp_path, path, "altered")
 
 

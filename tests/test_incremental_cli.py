@@ -377,13 +377,13 @@ def test_restore_says_another_file_appeared_at_dest(
     # finding 8: DEST created by someone else while the restore was made
     _, folder, _ = points
     dest = tmp_path / "same.db"
-    real = inc._quick_check_while
+    real = inc._StructureCheck.finish
 
-    def meanwhile(path, target, work):
-        real(path, target, work)
+    def meanwhile(self):
+        real(self)
         dest.write_bytes(b"theirs")
 
-    monkeypatch.setattr(inc, "_quick_check_while", meanwhile)
+    monkeypatch.setattr(inc._StructureCheck, "finish", meanwhile)
     code, out = run_json(capsys, "restore", str(folder), str(dest))
     message = out["error"]["message"]
     assert code == 1 and ".partial" not in message
