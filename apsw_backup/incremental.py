@@ -2519,12 +2519,12 @@ class _StructureCheck:
         self.rows: list[Any] = []
         self.error: BaseException | None = None
         self.conn = _open_overlay(chain, scratch_dir)
-        self.thread = threading.Thread(
-            target=self._run, name="apsw-backup restore quick_check"
-        )
         try:
+            self.thread = threading.Thread(
+                target=self._run, name="apsw-backup restore quick_check"
+            )
             self.thread.start()
-        except BaseException:
+        except BaseException:  # no thread: the overlay is let go here
             self.conn.close()
             raise
 
