@@ -929,6 +929,7 @@ class _Copy:
         self._opts = options
         self._start = time.monotonic()
         self._steps = self._waits = self._pages = self._page_size = 0
+        self._committed = False  # the last step returned SQLITE_DONE
         self._wrote = (
             False  # a step ran: the target was written (in SQLite's transaction)
         )
@@ -1019,6 +1020,21 @@ class _Copy:
                 if self._opts.timeout is not None:
                     wait = min(wait, max(0.0, self._opts.timeout - self._elapsed()))
                 self._dst.roll_back(wait)
+
+    def say_if_committed(self, exc: BaseException) -> None:
+        """exc ends the copy once SQLite has committed it into an existing
+        target -- a KeyboardInterrupt raised as the last step returned, before
+        react() saw it: the target holds the complete copy, and exc says so
+        (target_state "complete"), unless it says what it holds already."""
+        if self._dst.new is not None:
+            return  # a new target is never put in place by then
+        backup = self._backup
+        try:
+            committed = backup is not None and bool(backup.done)
+        except _c.Error:  # closed by other code: its state is not known
+            committed = False
+        if committed or self._committed:
+            _say_target_state(exc, self._dst.file, "complete")
 
     def step(self) -> Outcome:
         """Take the snapshot if it is due, then copy the next pages.
@@ -1153,6 +1169,7 @@ class _Copy:
             # The last step committed the copy.  The backup and the snapshot
             # end before the callback, so whatever it does to the source (or
             # the target) is its own.
+            self._committed = True
             self._pages = total
             backup.finish()
             self._src.end_snapshot()
@@ -1707,6 +1724,9 @@ def _run_copy(job: _Copy) -> CopyResult:
         job.verify()
         job.publish()
         return job.result()
+    except BaseException as exc:
+        job.say_if_committed(exc)
+        raise
     finally:
         _UNDER_WAY.reset(token)
         job.close()

@@ -244,6 +244,14 @@ class _Point:
             raise _damaged(self.info.path, "truncated")
         return _index_from_bytes(data)
 
+    def shrunk(self, fd: int) -> bool:
+        """Whether the file behind fd is no longer the size it was read at
+        (cut short or rewritten while in use)."""
+        try:
+            return os.fstat(fd).st_size != self.info.size
+        except OSError:
+            return False
+
     # The whole index and manifest, for the tests only: the code reads
     # windows (tests/test_incremental_memory.py proves no run calls these).
     @property
@@ -261,6 +269,18 @@ class _Point:
             return self.hashes(fd, 1, self.info.page_count)
         finally:
             os.close(fd)
+
+
+def _read_failure(exc: OSError, opened: list[tuple[_Point, int]]) -> BaseException:
+    """What an OSError reading points' files (each with its descriptor)
+    means: damage, naming the file, if one of them changed size since it
+    was read (the OS's EIO for a file cut short under an open map); else
+    the OS's error naming the first of them (never DEST or a scratch
+    file, which it is not about)."""
+    for point, fd in opened:
+        if fd >= 0 and point.shrunk(fd):
+            return _damaged(point.info.path, "changed since it was first read")
+    return _named(exc, opened[0][0].info.path)
 
 
 def _index_from_bytes(data: bytes) -> array.array[int]:
@@ -653,6 +673,25 @@ def list_points(folder: str | os.PathLike[str]) -> list[RestorePoint]:
     return out
 
 
+def _unlisted(folder: str) -> list[tuple[str, str]]:
+    """The files of folder named like restore points that list_points()
+    leaves out, in name order, each with why: a point that cannot be read
+    (damaged, or not readable for want of permission), or a file that is
+    not one at all (empty, zeros, another program's).  `list` shows them
+    too, so that no file named as a point goes unseen."""
+    out = []
+    for path in _point_files(folder, everything=True):
+        if not _is_ours(path):
+            out.append((path, "named like a restore point but is not one "
+                        "(empty, or not in the format)"))  # fmt: skip
+            continue
+        try:
+            _read_point(path)
+        except BrokenChainError as exc:
+            out.append((path, str(exc)))
+    return out
+
+
 def _stamp(path: str) -> str:
     name = _parse_name(path)
     return name["stamp"] if name else ""
@@ -916,7 +955,11 @@ class _ChainFiles:
         per_chunk = max(1, _READ_RUN // P)
         for first in range(1, self.page_count + 1, per_chunk):
             n = min(per_chunk, self.page_count - first + 1)
-            data, bad = _c._chain_gather(self.map, first, n, check)
+            try:
+                data, bad = _c._chain_gather(self.map, first, n, check)
+            except OSError as exc:  # a file of the chain, not DEST
+                opened = list(zip(self.chain, self.fds, strict=True))
+                raise _read_failure(exc, opened[::-1]) from exc
             if bad >= 0:
                 pgno = first + bad
                 raise _damaged(
@@ -1614,8 +1657,20 @@ def incremental(
     copy() without verify does not re-read its copy); the chain it extends
     is still checked, since that decides whether a delta can be made.
     """
-    if not isinstance(verify, bool):
-        raise TypeError(f"verify must be True or False, not {verify!r}")
+    for name, flag in (("verify", verify), ("quick_check", quick_check)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be True or False, not {flag!r}")
+    for name, count in (("max_chain", max_chain), ("keep", keep)):
+        if isinstance(count, bool) or not isinstance(count, (int, type(None))):
+            raise TypeError(
+                f"{name} must be an int, not {type(count).__name__}"
+                + (" (keep=None keeps every point)" if name == "keep" else "")
+            )
+    if isinstance(rebase_share, bool) or not isinstance(rebase_share, (int, float)):
+        raise TypeError(
+            "rebase_share must be a number (the share of the base's size the "
+            f"deltas may reach), not {type(rebase_share).__name__}"
+        )
     if quick_check and not verify:
         raise ValueError(
             "quick_check=True is a verification, and verify=False asks for "
@@ -1623,7 +1678,7 @@ def incremental(
         )
     if not isinstance(max_chain, int) or max_chain < 0:
         raise ValueError(f"max_chain must be an int >= 0, not {max_chain!r}")
-    if not 0 < rebase_share:
+    if not 0 < rebase_share or rebase_share != rebase_share:
         raise ValueError(f"rebase_share must be > 0, not {rebase_share!r}")
     if keep is not None and (not isinstance(keep, int) or keep < 1):
         raise ValueError(f"keep must be an int >= 1 or None, not {keep!r}")
@@ -1635,7 +1690,13 @@ def incremental(
         )
     started = time.monotonic()
     opts = _RunOptions(pages, timeout, progress, started, verify)
-    folder = os.path.abspath(os.fspath(folder))
+    folder = os.fsdecode(os.fspath(folder))  # bytes as the OS gives names too
+    if not folder:
+        raise ValueError(
+            "the folder is an empty name: name the folder for the restore "
+            "points ('.' for the current one)"
+        )
+    folder = os.path.abspath(folder)
     if not os.path.isdir(folder):
         if os.path.exists(folder):
             raise NotADirectoryError(
@@ -1650,7 +1711,8 @@ def incremental(
         files.remove_stale(folder)
         own = not isinstance(source, _c.Connection)
         if own:
-            source_name = os.path.abspath(os.fspath(source))  # type: ignore[arg-type]
+            # bytes as the OS gives names too (os.fsdecode: round-trips)
+            source_name = os.path.abspath(os.fsdecode(os.fspath(source)))  # type: ignore[arg-type]
             _check_source_path(source_name)
             # SQLite resolves symbolic links: its side files are beside the
             # real file (copy()'s rule, from the name SQLite reports).
@@ -1680,7 +1742,7 @@ def incremental(
                     "an in-memory database has no file to back up incrementally"
                 )
         try:
-            chain, reason = _usable_chain(folder, stem, source_name, opts)
+            chain, reason, finished = _usable_chain(folder, stem, source_name, opts)
             damaged: BrokenChainError | None = None  # found by the chain check
             page_size = _page_size_of(conn)
             if chain and chain[-1].info.page_size != page_size:
@@ -1743,6 +1805,8 @@ def incremental(
             restarts=restarts,
             recording=counts,
             verified=verify,
+            # an interrupted merge's deltas, removed: their base stands for them
+            merged=finished,
         )
         # The point is in place: a failure from here on (the rebase, --keep)
         # leaves it there, complete, and says so (exc.kept_point).
@@ -1765,16 +1829,14 @@ def incremental(
                     result.pages_written += base.info.stored_pages
                     result.chain_length = 1
             if keep is not None:
-                result.deleted, result.merged = _rotate(
+                deleted, merged, bases = _rotate(
                     folder, stem, source_name, keep, damaged
                 )
-                for delta in result.merged:  # each merge wrote a base
-                    try:
-                        merged = _read_point(_twin_base(delta)).info
-                    except BrokenChainError:
-                        continue  # a later merge of this run took it in turn
-                    result.bytes_written += merged.size
-                    result.pages_written += merged.stored_pages
+                result.deleted += deleted
+                result.merged += merged
+                for base in bases:  # each merge wrote a whole base
+                    result.bytes_written += base.info.size
+                    result.pages_written += base.info.stored_pages
                 if result.path in result.merged:
                     # merged into a base of the same moment, which stands
                     # for it from now on: the result names that file
@@ -1988,48 +2050,66 @@ def _next_sequence(folder: str, stem: str, source: str) -> int:
 
 def _usable_chain(
     folder: str, stem: str, source_name: str, opts: _RunOptions | None = None
-) -> tuple[list[_Point], str]:
+) -> tuple[list[_Point], str, list[str]]:
+    """The chain a new delta would extend (or [] and why not), and the
+    deltas of an interrupted merge this call removed (a base of the same
+    moment stands for each: the run reports them merged)."""
     paths = _of_source(_stems(folder).get(stem, []), source_name)
     if not paths:
-        return [], "no restore point of this source yet"
+        return [], "no restore point of this source yet", []
     chains, problems, twins = _chains(paths)
+    finished = []
     for twin in twins:
         _remove(twin)  # its base is in place: finish the interrupted merge
+        finished.append(twin)
     newest = [p for p in paths if p not in twins][-1]
     if not chains or chains[-1][-1].info.path != newest:
         return (
             [],
             f"the newest restore point is unusable ({problems[-1] if problems else newest})",
+            finished,
         )
     chain = chains[-1]
     if os.path.abspath(chain[0].info.source) != os.path.abspath(source_name):
-        return [], f"the newest chain is of another source ({chain[0].info.source})"
+        return (
+            [],
+            f"the newest chain is of another source ({chain[0].info.source})",
+            finished,
+        )
     # Every page of the chain is checked against its manifest before a
     # delta is put in place on it (_ChainCheck, while the source is read): a
     # delta on a damaged parent could never be restored.
-    return chain, ""
+    return chain, "", finished
 
 
 def _rotate(
     folder: str, stem: str, source: str, keep: int,
     damaged: BrokenChainError | None = None,
-) -> tuple[list[str], list[str]]:  # fmt: skip
+) -> tuple[list[str], list[str], list[_Point]]:  # fmt: skip
     """Delete the oldest points of stem so that `keep` remain, never
     breaking a chain: whole older chains first, then the current chain's
     base merged into its first delta.  Nothing while a chain is broken
     (IncrementalError): a file that cannot be read or a missing link, or --
-    damaged -- a damaged page this run's check of the chain found."""
+    damaged -- a damaged page this run's check of the chain found.
+    (deleted, merged, the bases its merges wrote: each counts in what the
+    run wrote, the ones a later merge of the run took in turn too.)"""
     deleted: list[str] = []
     merged: list[str] = []
-    chains, problems, _ = _chains(_of_source(_stems(folder).get(stem, []), source))
+    written: list[_Point] = []  # the bases its merges wrote
+    paths = _of_source(_stems(folder).get(stem, []), source)
+    chains, problems, twins = _chains(paths)
     total = sum(len(c) for c in chains)
     # A chain broken at a file (unreadable, missing a link) may still need
     # the points before it -- an unreadable delta is its base's: rotation
-    # then deletes nothing, and says why.
+    # then deletes nothing, and says why.  Counted as --keep counts: every
+    # point of the source in the folder, the broken chain's too (a damaged
+    # older chain is no reason to keep more than N points in silence).
     broken = [p for p in problems if not getattr(p, "stray", False)]
     if damaged is not None:  # a page of it found damaged by this run's check
         broken.insert(0, damaged)
-    if broken and total > keep:
+    strays = sum(1 for p in problems if getattr(p, "stray", False))
+    present = len(paths) - strays - len(twins)
+    if broken and max(total, present) > keep:
         raise IncrementalError(
             f"--keep {keep} deleted nothing: the points of {stem!r} hold a "
             f"broken chain, and rotation never deletes what it may still need "
@@ -2053,13 +2133,14 @@ def _rotate(
             total -= 1
             continue
         base = _materialize(chain[:2], folder, stem)
+        written.append(base)
         _remove(chain[0].info.path)
         _remove(chain[1].info.path)
         deleted.append(chain[0].info.path)
         merged.append(chain[1].info.path)
         chains[0] = [base] + chain[2:]
         total -= 1
-    return deleted, merged
+    return deleted, merged, written
 
 
 # -- restore() and friends -------------------------------------------------
@@ -2126,7 +2207,18 @@ def _restore(
 ) -> RestoreResult:
     started = time.monotonic()
     point = _resolve(backup, at)
-    target = os.path.abspath(os.fspath(dest))
+    given = os.fsdecode(os.fspath(dest))
+    target = os.path.abspath(given)
+    if given.endswith(("/", os.sep)) and not os.path.isdir(target):
+        raise files.with_facts(
+            IsADirectoryError(
+                f"dest {given!r} ends with {os.sep!r}: it names a folder; give "
+                "the path of a database file (nothing was written)"
+            ),
+            role="target",
+            path=given,
+            target_state="not created",
+        )
     if os.path.isdir(target):
         raise files.with_facts(
             IsADirectoryError(
@@ -2308,6 +2400,7 @@ def _restore_new(
     chain_check: _ChainCheck | None = None
     checker: _RestoreChecker | None = None
     structure: _StructureCheck | None = None
+    reporting = False  # the caller's progress() runs
     try:
         # inside: a failure opening the chain's files (EMFILE) discards the
         # temporary file too
@@ -2337,7 +2430,9 @@ def _restore_new(
             flusher.flush_if_grown()
             checker.written_out(flusher.flushed)
             if progress is not None:
+                reporting = True
                 progress(pgno + n - 1, pages.page_count)
+                reporting = False
         files.check_owned()
         os.ftruncate(new.fd, pages.page_count * P)
         os.fsync(new.fd)
@@ -2356,12 +2451,40 @@ def _restore_new(
         if chain_check is not None:
             chain_check.abandon()
         new.discard()
+        if pages is not None:
+            pages.close()
+        damage = None if reporting else _damage_behind(exc, chain)
+        if damage is not None:
+            raise damage from exc
         if isinstance(exc, OSError) and getattr(exc, "role", None) is None:
             raise _dest_error(exc, new.path, target) from exc
         raise
     finally:
         if pages is not None:
             pages.close()
+
+
+def _damage_behind(exc: BaseException, chain: list[_Point]) -> BrokenChainError | None:
+    """The damage of the chain behind a restore's failure exc, if any.  A
+    damaged file surfaces in many forms -- SQLite's CorruptError from the
+    overlay, the OS's EIO from a file cut short, quick_check's complaint --
+    so a restore that fails for any reason but an interrupt, its deadline,
+    the chain's own verdict or the caller's progress() checks the whole
+    chain again from the start (as it stands now) and reports the file it
+    finds damaged: BrokenChainError naming it, exit 3, rather than an
+    error that names DEST or no file.  None: the chain is sound (the
+    failure is what it says), or could not be checked either."""
+    if not isinstance(exc, Exception) or isinstance(
+        exc, (BrokenChainError, DeadlineError)
+    ):
+        return None
+    try:
+        _check_chain(chain)
+    except BrokenChainError as damage:
+        return damage
+    except Exception:  # no better verdict than exc's
+        return None
+    return None
 
 
 def _publish_restored(new: files.NewFile, target: str) -> None:
@@ -2607,26 +2730,35 @@ def _restore_into_existing(
 ) -> RestoreResult:
     wal = target + "-wal"
     before = os.stat(wal).st_size if os.path.exists(wal) else 0
-    with _Overlay(chain) as conn:  # creates no file: the temporary folder
-        # the backup holds DEST's write lock from its first step to the end
-        step = None
-        if progress is not None:
-            report = progress
+    reporting = [False]  # the caller's progress() runs
+    try:
+        with _Overlay(chain) as conn:  # creates no file: the temporary folder
+            # the backup holds DEST's write lock from its first step to the end
+            step = None
+            if progress is not None:
+                report = progress
 
-            def step(status: int, remaining: int, total: int) -> None:
-                report(total - remaining, total)
+                def step(status: int, remaining: int, total: int) -> None:
+                    reporting[0] = True
+                    report(total - remaining, total)
+                    reporting[0] = False
 
-        # In steps when progress is given: its calls then come while the
-        # copy is in SQLite's transaction, where raising rolls DEST back
-        # (one whole-copy step would call it only once DEST is replaced).
-        result = copy(
-            conn,
-            target,
-            pages=_restore_step(chain[-1].info.page_count, progress),
-            timeout=timeout,
-            snapshot=False,
-            progress=step,
-        )
+            # In steps when progress is given: its calls then come while the
+            # copy is in SQLite's transaction, where raising rolls DEST back
+            # (one whole-copy step would call it only once DEST is replaced).
+            result = copy(
+                conn,
+                target,
+                pages=_restore_step(chain[-1].info.page_count, progress),
+                timeout=timeout,
+                snapshot=False,
+                progress=step,
+            )
+    except BaseException as exc:
+        damage = None if reporting[0] else _damage_behind(exc, chain)
+        if damage is not None:
+            raise damage from exc
+        raise
     after = os.stat(wal).st_size if os.path.exists(wal) else 0
     if not after and _says_wal(target):
         # The restore's connection was DEST's last: closing it, SQLite
@@ -2891,7 +3023,11 @@ def _verify_pages(
     parent_fd = -1
     try:
         # the manifest is still the one the root hash was checked against
-        if _file_root(fd, P, point.info.page_count, point.manifest_off) != point.root:
+        try:
+            root = _file_root(fd, P, point.info.page_count, point.manifest_off)
+        except OSError as exc:
+            raise _read_failure(exc, [(point, fd)]) from exc
+        if root != point.root:
             raise _damaged(point.info.path, "changed since it was first read")
         stored = point.info.stored_pages
         per_run = max(1, _READ_RUN // P)
@@ -2901,10 +3037,13 @@ def _verify_pages(
             if stop is not None and stop():
                 return
             count = min(per_run, stored - start)
-            bad = _c._check_stored(
-                fd, point.index_off, point.data_offset, P, point.manifest_off,
-                point.info.page_count, start, count,
-            )  # fmt: skip
+            try:
+                bad = _c._check_stored(
+                    fd, point.index_off, point.data_offset, P, point.manifest_off,
+                    point.info.page_count, start, count,
+                )  # fmt: skip
+            except OSError as exc:
+                raise _read_failure(exc, [(point, fd)]) from exc
             if bad >= 0:
                 pgno = point.positions(fd, bad, 1)[0]
                 raise _damaged(
@@ -2923,7 +3062,10 @@ def _verify_pages(
                     fd, point.manifest_off, point.info.page_count, point.index_off,
                     stored, theirs, P, bits.fileno(),
                 )  # fmt: skip
-            except OSError as exc:
+            except OSError as exc:  # a point cut short, or the scratch file
+                opened = [(point, fd)] + ([(parent, parent_fd)] if parent else [])
+                if any(p.shrunk(f) for p, f in opened):
+                    raise _read_failure(exc, opened) from exc
                 raise _scratch_error(exc, None) from exc
     finally:
         os.close(fd)

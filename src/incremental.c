@@ -179,13 +179,13 @@ incremental_vfs_names(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(arg))
 PyObject *
 incremental_delta_open(PyObject *Py_UNUSED(module), PyObject *args)
 {
-    const char *path;
+    PyObject *path; /* bytes, as os.fsencode(): any name the OS allows */
     int fd, page_size, pages_fd, slots_fd;
     long long data_offset;
     PyObject *parent;
-    if (!PyArg_ParseTuple(args, "siLiOii:_delta_open", &path, &fd,
-                          &data_offset, &page_size, &parent, &pages_fd,
-                          &slots_fd)) {
+    if (!PyArg_ParseTuple(args, "O&iLiOii:_delta_open", PyUnicode_FSConverter,
+                          &path, &fd, &data_offset, &page_size, &parent,
+                          &pages_fd, &slots_fd)) {
         return NULL;
     }
     int parent_fd = -1;
@@ -193,21 +193,26 @@ incremental_delta_open(PyObject *Py_UNUSED(module), PyObject *args)
     if (parent != Py_None
         && !PyArg_ParseTuple(parent, "iLL:_delta_open", &parent_fd,
                              &parent_off, &parent_pages)) {
+        Py_DECREF(path);
         return NULL;
     }
     if (!valid_page_size(page_size) || data_offset < 0 || parent_off < 0
         || parent_pages < 0) {
         PyErr_SetString(PyExc_ValueError, "bad page size or data offset");
+        Py_DECREF(path);
         return NULL;
     }
     Box *box;
     PyObject *capsule = box_new(&DELTA_BOX, &box);
     if (capsule == NULL) {
+        Py_DECREF(path);
         return NULL;
     }
+    const char *name = PyBytes_AsString(path); /* bytes: cannot fail */
     Delta *d = NULL;
-    int rc = delta_new(path, fd, data_offset, page_size, parent_fd, parent_off,
+    int rc = delta_new(name, fd, data_offset, page_size, parent_fd, parent_off,
                        parent_pages, pages_fd, slots_fd, &d);
+    Py_DECREF(path); /* delta_new() keeps a copy */
     if (rc != SQLITE_OK) {
         Py_DECREF(capsule);
         return open_failed(rc, "recording");
@@ -330,13 +335,15 @@ incremental_delta_slots(PyObject *module, PyObject *args)
 PyObject *
 incremental_overlay_open(PyObject *module, PyObject *args)
 {
-    const char *path;
+    PyObject *path; /* bytes, as os.fsencode(): any name the OS allows */
     PyObject *chain;
-    if (!PyArg_ParseTuple(args, "sO:_overlay_open", &path, &chain)) {
+    if (!PyArg_ParseTuple(args, "O&O:_overlay_open", PyUnicode_FSConverter,
+                          &path, &chain)) {
         return NULL;
     }
     ChainMap *map = box_object(module, chain, &CHAIN_BOX);
     if (map == NULL) {
+        Py_DECREF(path);
         return NULL;
     }
     /* a reference of our own at once: box_new() may run the GC, and
@@ -346,11 +353,14 @@ incremental_overlay_open(PyObject *module, PyObject *args)
     PyObject *capsule = box_new(&OVERLAY_BOX, &box);
     if (capsule == NULL) {
         chain_map_unref(map);
+        Py_DECREF(path);
         return NULL;
     }
     Overlay *o = NULL;
-    int rc = overlay_new(path, map, &o); /* takes a reference of its own */
+    /* takes a reference of its own to the map, a copy of the path */
+    int rc = overlay_new(PyBytes_AsString(path), map, &o);
     chain_map_unref(map);
+    Py_DECREF(path);
     if (rc != SQLITE_OK) {
         Py_DECREF(capsule);
         return open_failed(rc, "overlay");

@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 from collections.abc import Sequence
+from datetime import datetime, timezone
 from typing import Any
 
 import apsw_backup
@@ -136,6 +137,11 @@ def _refusal_words(exc: BaseException) -> str | None:
         )
     if role != "target" or state not in ("unchanged", "not created"):
         return None
+    if isinstance(exc, IsADirectoryError) and path.endswith(("/", os.sep)):
+        return (
+            f"DEST {path!r} ends with {os.sep!r}: it names a folder; give the "
+            "path of a database file. Nothing was written"
+        )
     if isinstance(exc, IsADirectoryError):
         return f"DEST {path!r} is a folder: give the path of a database file"
     if isinstance(exc, FileExistsError) and state == "unchanged":
@@ -465,17 +471,49 @@ def _list(args: argparse.Namespace) -> int:
                 "root": p.root,
                 "parent_root": p.parent_root,
                 "source": p.source,
+                "problem": None,
             }
         )
+    # Every file named like a point is shown: one that cannot be read as
+    # one is a row of its own, kind "?", with the problem (verify says more).
+    for path, problem in inc._unlisted(folder):
+        stamp = inc._parse_name(path)["stamp"]  # type: ignore[index]
+        try:
+            size: int | None = os.lstat(path).st_size
+        except OSError:
+            size = None
+        rows.append(
+            {
+                "path": path,
+                "time": datetime.strptime(stamp, inc.STAMP)
+                .replace(tzinfo=timezone.utc)
+                .isoformat()
+                .replace("+00:00", "Z"),
+                "kind": "?",
+                "size": size,
+                "database_size": None,
+                "pages_stored": None,
+                "chain": None,
+                "sequence": None,
+                "root": None,
+                "parent_root": None,
+                "source": None,
+                "problem": problem,
+            }
+        )
+    rows.sort(key=lambda r: (str(r["time"]), str(r["path"])))
     if args.json:
         _print({"ok": True, "exit_code": EXIT_OK, "error": None, "points": rows})
         return EXIT_OK
     output.out(f"{'time (UTC)':27} {'kind':5} {'size':>12} {'chain':>5}  file")
     for r in rows:
+        shown = {k: "?" if r[k] is None else str(r[k]) for k in ("size", "chain")}
         output.out(
-            f"{r['time']:27} {r['kind']:5} {r['size']:>12} {r['chain']:>5}  "
+            f"{r['time']:27} {r['kind']:5} {shown['size']:>12} {shown['chain']:>5}  "
             f"{os.path.basename(str(r['path']))}"
         )
+        if r["problem"]:
+            output.out(f"{'':27} ^ not listed as a restore point: {r['problem']}")
     return EXIT_OK
 
 
