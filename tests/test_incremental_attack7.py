@@ -336,3 +336,31 @@ def test_a_dest_ending_with_a_slash_names_a_folder(tmp_path):
         inc.restore(bk, str(tmp_path / "newdir") + "/")
     assert got.value.target_state == "not created"
     assert not (tmp_path / "newdir").exists()
+
+
+def test_a_signal_during_a_keep_merge_is_the_exit_status_once_it_is_done(
+    tmp_path, monkeypatch, capsys
+):
+    """SIGTERM while --keep merged: the merge finished (never cut short),
+    and the run exited 0 as if no signal had come."""
+    import json
+    import signal
+
+    from apsw_backup.cli import main
+
+    src, bk, points = a_chain(tmp_path, deltas=2)
+    real = inc._materialize
+
+    def materialize(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # noted by the command's handler
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(inc, "_materialize", materialize)
+    change(src)
+    code = main(["--incremental", str(src), str(bk), "--keep", "2", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 128 + signal.SIGTERM
+    assert out["exit_code"] == code and not out["ok"]
+    assert os.path.exists(out["kept_point"])
+    assert "interrupted after it was put in place" in out["error"]["message"]
+    assert len(points_in(bk)) == 2  # the merge was done

@@ -354,6 +354,20 @@ def _incremental(args: argparse.Namespace, interrupts: Interrupts) -> int:
         quick_check=args.quick_check,
         verify=not args.no_verify,
     )
+    if interrupts.signum:  # arrived once the point was in place (a merge)
+        stop = Interrupted(interrupts.signum)
+        stop.kept_point = result.path  # type: ignore[attr-defined]
+        done = "".join(
+            f"; {what} {', '.join(map(repr, paths))}"
+            for what, paths in (("deleted", result.deleted), ("merged", result.merged))
+            if paths
+        )
+        raise Failure(
+            128 + interrupts.signum,
+            f"interrupted after it was put in place (any rebase or --keep "
+            f"work under way was finished first){done}",
+            stop,
+        )
     if args.json:
         _print({"ok": True, "exit_code": EXIT_OK, "error": None, **vars(result)})
     else:
