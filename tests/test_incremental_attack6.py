@@ -10,24 +10,18 @@ import sqlite3
 from datetime import datetime, timedelta
 
 import pytest
+from incremental_helpers import change_blobs, make_blobs
 
 import apsw_backup
 from apsw_backup import incremental as inc
 
 
 def make(path):
-    db = sqlite3.connect(str(path))
-    db.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, b BLOB)")
-    db.executemany("INSERT INTO t(b) VALUES (randomblob(300))", [()] * 3000)
-    db.commit()
-    db.close()
+    make_blobs(path, 3000)
 
 
 def change(path):
-    db = sqlite3.connect(str(path))
-    db.execute("UPDATE t SET b = randomblob(300) WHERE id % 211 = 0")
-    db.commit()
-    db.close()
+    change_blobs(path, 211)
 
 
 def a_chain(tmp_path, deltas):

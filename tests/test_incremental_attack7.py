@@ -11,23 +11,17 @@ import subprocess
 import sys
 
 import pytest
+from incremental_helpers import change_blobs, flip, make_blobs
 
 from apsw_backup import incremental as inc
 
 
 def make(path, rows=3000):
-    db = sqlite3.connect(os.fsdecode(path))
-    db.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, b BLOB)")
-    db.executemany("INSERT INTO t(b) VALUES (randomblob(300))", [()] * rows)
-    db.commit()
-    db.close()
+    make_blobs(path, rows)
 
 
 def change(path):
-    db = sqlite3.connect(os.fsdecode(path))
-    db.execute("UPDATE t SET b = randomblob(300) WHERE id % 211 = 0")
-    db.commit()
-    db.close()
+    change_blobs(path, 211)
 
 
 def rows(path):
@@ -91,14 +85,6 @@ def a_chain(tmp_path, deltas=1, rows=3000):
         change(src)
         points.append(inc.incremental(src, bk).path)
     return src, bk, points
-
-
-def flip(path, offset):
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        byte = f.read(1)
-        f.seek(offset)
-        f.write(bytes([byte[0] ^ 0x40]))
 
 
 def page_one(points):

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import json
 import os
-import sqlite3
 
 import pytest
+from incremental_helpers import change_blobs, make_blobs
 
 import apsw_backup
 from apsw_backup import incremental as inc
@@ -17,18 +17,11 @@ from apsw_backup.cli import main
 
 
 def make(path):
-    db = sqlite3.connect(str(path))
-    db.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, b BLOB)")
-    db.executemany("INSERT INTO t(b) VALUES (randomblob(300))", [()] * 2000)
-    db.commit()
-    db.close()
+    make_blobs(path, 2000)
 
 
 def change(path):
-    db = sqlite3.connect(str(path))
-    db.execute("UPDATE t SET b = randomblob(300) WHERE id % 97 = 0")
-    db.commit()
-    db.close()
+    change_blobs(path, 97)
 
 
 @pytest.fixture

@@ -10,26 +10,18 @@ import sqlite3
 import threading
 
 import pytest
+from incremental_helpers import change_blobs, make_blobs
 
 import apsw_backup
 from apsw_backup import incremental as inc
 
 
 def make(path, rows=3000, wal=False):
-    db = sqlite3.connect(str(path))
-    if wal:
-        db.execute("PRAGMA journal_mode=WAL")
-    db.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, b BLOB)")
-    db.executemany("INSERT INTO t(b) VALUES (randomblob(300))", [()] * rows)
-    db.commit()
-    db.close()
+    make_blobs(path, rows, wal)
 
 
 def change(path):
-    db = sqlite3.connect(str(path))
-    db.execute("UPDATE t SET b = randomblob(300) WHERE id % 97 = 0")
-    db.commit()
-    db.close()
+    change_blobs(path, 97)
 
 
 def corrupt_structure(path):
