@@ -604,7 +604,10 @@ def _chains(
         if p.info.kind == "base":
             chains.append([p])
             dangling = None
-            _settle_unread(unread, problems, linked=True)
+            # A base links to nothing: it does not show that a file before
+            # it was not the older chain's newest point (unreadable, cut
+            # short), whose parents rotation must then keep.
+            _settle_unread(unread, problems, linked=False)
             continue
         if (p.info.created, p.root) in bases_at:
             twins.append(p.info.path)
@@ -715,8 +718,11 @@ def _chain_to(point_path: str, folder: str) -> list[_Point]:
     ]
     twin = _twin_base(target)
     if chain[0].info.kind == "delta" and os.path.exists(twin):
-        base = _read_point(twin)  # an interrupted merge: the base stands for it
-        if base.root == chain[0].root:
+        try:  # an interrupted merge: the base stands for it -- if it is one
+            base: _Point | None = _read_point(twin)
+        except BrokenChainError:
+            base = None  # another file at that name: the delta is the point
+        if base is not None and base.root == chain[0].root:
             chain = [base]
     unread: BrokenChainError | None = None
     while chain[0].info.kind != "base":
@@ -736,7 +742,22 @@ def _chain_to(point_path: str, folder: str) -> list[_Point]:
             and _stamp(older[-1]) == _stamp(path)
             and older[-1].endswith(".base" + SUFFIX)
         ):
-            path = older.pop()  # a merge's base stands for the delta of its time
+            # A merge's base stands for the delta of its time -- if it is
+            # one: it reads as a point and links as that delta would.  Any
+            # other file at that name is passed over for the delta.
+            twin_path = older.pop()
+            try:
+                merged: _Point | None = _read_point(twin_path)
+            except BrokenChainError:
+                merged = None
+            if (
+                merged is not None
+                and merged.root == child.parent_root
+                and merged.info.sequence + 1 == child.info.sequence
+            ):
+                chain.insert(0, merged)
+                unread = None
+                continue
         try:
             parent = _read_point(path)
         except BrokenChainError as exc:
@@ -1565,6 +1586,14 @@ def _materialize(chain: list[_Point], folder: str, stem: str) -> _Point:
         point = _read_written(new.path, final)
         _read_back(new.fd, point, final)
         new.publish()
+    except FileExistsError as exc:  # a file of another's at the base's name
+        new.discard()
+        raise IncrementalError(
+            f"the base that would stand for {tip.info.path!r} cannot be put in "
+            f"place: {final!r} already exists and is not that base (a file "
+            "made by hand or another program); nothing was overwritten or "
+            "deleted -- move that file away, then run again"
+        ) from exc
     except OSError as exc:  # a full disk...: name the point being written
         new.discard()
         raise _as_written(exc, new.path, final) from exc

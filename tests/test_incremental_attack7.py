@@ -350,3 +350,61 @@ def test_a_signal_during_a_keep_merge_is_the_exit_status_once_it_is_done(
     assert os.path.exists(out["kept_point"])
     assert "interrupted after it was put in place" in out["error"]["message"]
     assert len(points_in(bk)) == 2  # the merge was done
+
+
+@pytest.mark.parametrize("damage", ["truncated", "header"])
+def test_keep_never_deletes_the_parents_of_a_damaged_newest_delta(tmp_path, damage):
+    """The newest delta cut short (or its header damaged): the run made a
+    new base, and --keep 1 deleted the delta's base and middle delta as an
+    older chain -- the delta, once repaired, had no parents left."""
+    src, bk, points = a_chain(tmp_path, deltas=2)
+    newest = points[-1]
+    if damage == "truncated":
+        os.truncate(newest, os.path.getsize(newest) // 2)
+    else:
+        flip(newest, 12)  # the kind
+    change(src)
+    with pytest.raises(inc.IncrementalError, match="deleted nothing") as got:
+        inc.incremental(src, bk, keep=1)
+    made = got.value.kept_point
+    assert sorted(points_in(bk)) == sorted(os.path.basename(p) for p in points + [made])
+
+
+@pytest.mark.parametrize("stray", ["text", "copy of the base"])
+def test_a_stray_at_a_merge_base_s_name_is_passed_over(tmp_path, stray):
+    """A file at <stem>-<a delta's time>.base.apswb that is not the merge's
+    base: restore of that delta (and of the points after it) said the
+    chain was broken."""
+    src, bk, points = a_chain(tmp_path, deltas=2)
+    at = inc._twin_base(points[1])
+    if stray == "text":
+        with open(at, "w") as f:
+            f.write("not a restore point\n")
+    else:
+        with open(points[0], "rb") as f, open(at, "wb") as g:
+            g.write(f.read())
+    for point in points[1:]:
+        dest = tmp_path / f"r-{os.path.basename(point)}.db"
+        inc.restore(point, dest)
+        conn = inc.open_restore_point(point)
+        try:
+            got = conn.execute("SELECT id, b FROM t ORDER BY id").fetchall()
+        finally:
+            conn.close()
+        assert content(dest) == got
+    assert content(tmp_path / f"r-{os.path.basename(points[-1])}.db") == content(src)
+
+
+def test_a_merge_whose_base_name_is_taken_says_so(tmp_path):
+    """--keep merging a delta whose base name another file holds: a bare
+    'File exists (EEXIST): check it'."""
+    src, bk, points = a_chain(tmp_path, deltas=2)
+    at = inc._twin_base(points[1])
+    with open(at, "w") as f:
+        f.write("mine\n")
+    change(src)
+    with pytest.raises(inc.IncrementalError, match="already exists") as got:
+        inc.incremental(src, bk, keep=2)
+    assert at in str(got.value) and "move that file away" in str(got.value)
+    with open(at) as f:
+        assert f.read() == "mine\n"
