@@ -663,10 +663,32 @@ def _settle_unread(
     unread.clear()
 
 
+def _a_folder(folder: str | os.PathLike[str]) -> str:
+    """A reader's folder of restore points, as given (bytes as the OS gives
+    names too), or the error naming it and the cure."""
+    path = os.fsdecode(os.fspath(folder))
+    if not path:
+        raise ValueError("the folder is an empty name: name a folder of restore points")
+    if not os.path.isdir(path):
+        if os.path.exists(path):
+            raise NotADirectoryError(
+                errno.ENOTDIR,
+                f"{path!r} is not a folder: name the folder of restore points "
+                "(restore and verify also take a point's file)",
+                path,
+            )
+        raise FileNotFoundError(
+            errno.ENOENT,
+            f"the folder {path!r} does not exist: check the path",
+            path,
+        )
+    return path
+
+
 def list_points(folder: str | os.PathLike[str]) -> list[RestorePoint]:
     """Every restore point in folder, oldest first, as its header says; a
     point that cannot be read is left out (verify_folder() names it)."""
-    folder = os.fspath(folder)
+    folder = _a_folder(folder)
     out = []
     for path in _point_files(folder):
         try:
@@ -2952,7 +2974,7 @@ def verify_folder(folder: str | os.PathLike[str]) -> list[ChainReport]:
     every unstored page's hash against its parent's, and each link.  A
     check that met a point removed meanwhile by a run's --keep is made
     again (up to READ_TRIES times)."""
-    folder = os.path.abspath(os.fspath(folder))
+    folder = os.path.abspath(_a_folder(folder))
     for attempt in range(READ_TRIES):
         before = _listing(folder)
         reports = _verify_folder(folder)

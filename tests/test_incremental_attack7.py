@@ -408,3 +408,15 @@ def test_a_merge_whose_base_name_is_taken_says_so(tmp_path):
     assert at in str(got.value) and "move that file away" in str(got.value)
     with open(at) as f:
         assert f.read() == "mine\n"
+
+
+@pytest.mark.parametrize("reader", [inc.list_points, inc.verify_folder])
+def test_readers_name_a_folder_that_is_not_one(tmp_path, reader):
+    """A missing folder gave the bare '[Errno 2] No such file or directory'."""
+    with pytest.raises(FileNotFoundError, match="does not exist: check the path"):
+        reader(tmp_path / "nowhere")
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(NotADirectoryError, match="is not a folder"):
+        reader(tmp_path / "f")
+    with pytest.raises(ValueError, match="empty name"):
+        reader("")
