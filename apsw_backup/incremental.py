@@ -1638,8 +1638,16 @@ def _as_written(exc: OSError, temporary: str, final: str) -> OSError:
 def _read_written(path: str, final: str) -> _Point:
     """The point just written to path, read and checked as any point is,
     described under its final name: before it is renamed into place, so
-    that once it is there nothing can fail but the folder's fsync."""
-    point = _read_point(path)
+    that once it is there nothing can fail but the folder's fsync.  The
+    file cannot be opened (EACCES, EISDIR): the OS's error naming final --
+    a failure of this run, not a damaged chain."""
+    try:
+        point = _read_point(path)
+    except BrokenChainError as exc:
+        cause = getattr(exc, "os_error", None)
+        if cause is None:
+            raise
+        raise _as_written(cause, path, final) from None
     point.info = dataclasses.replace(point.info, path=final)
     return point
 

@@ -420,3 +420,36 @@ def test_readers_name_a_folder_that_is_not_one(tmp_path, reader):
         reader(tmp_path / "f")
     with pytest.raises(ValueError, match="empty name"):
         reader("")
+
+
+@pytest.mark.parametrize("when", ["point", "merge"])
+def test_a_new_file_this_run_cannot_reopen_is_its_failure_not_a_broken_chain(
+    tmp_path, monkeypatch, when
+):
+    """.ci/fsfaults, inc-keep, EACCES at the openat of a merge's temporary
+    file: exit 3, 'a broken chain', of an intact folder."""
+    src, bk, points = a_chain(tmp_path, deltas=2)
+    real = inc._read_point
+    calls = []
+
+    def read_point(path):
+        if path.endswith(".partial"):
+            calls.append(path)
+            if (when == "point") == (len(calls) == 1):
+                exc = PermissionError(13, "Permission denied", path)
+                error = inc.BrokenChainError(f"{path!r} cannot be read", path)
+                error.os_error = exc
+                raise error
+        return real(path)
+
+    monkeypatch.setattr(inc, "_read_point", read_point)
+    change(src)
+    with pytest.raises(PermissionError) as got:
+        inc.incremental(src, bk, keep=2)
+    assert ".partial" not in got.value.filename
+    assert got.value.filename.endswith(inc.SUFFIX)
+    if when == "merge":
+        assert os.path.exists(got.value.kept_point)
+    assert not [p for p in os.listdir(bk) if p.endswith(".partial")]
+    monkeypatch.setattr(inc, "_read_point", real)
+    assert all(r.ok for r in inc.verify_folder(bk))
