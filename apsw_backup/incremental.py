@@ -339,7 +339,17 @@ def _read_exact(fd: int, n: int, offset: int) -> bytes:
 
 
 def _parse_name(path: str) -> re.Match[str] | None:
-    return _NAME.fullmatch(os.path.basename(path))
+    """The parts of a restore point's name, or None: a name whose time is
+    no time (month 13, February 30) is not one -- it takes no part in any
+    listing, naming or choice, like any other file."""
+    name = _NAME.fullmatch(os.path.basename(path))
+    if name is None:
+        return None
+    try:
+        datetime.strptime(name["stamp"], STAMP)
+    except ValueError:
+        return None
+    return name
 
 
 def _read_point(path: str) -> _Point:
@@ -1512,13 +1522,23 @@ def _after_every_point(folder: str, stem: str, now: datetime) -> datetime:
     NTP, a VM resumed, a clock that ran ahead for one run).  Its name and
     header then say that moment, not the clock's."""
     newest = None
+    newest_path = ""
     for path in _stems(folder).get(stem, []):
         name = _parse_name(path)
         if name is not None:
             stamp = datetime.strptime(name["stamp"], STAMP).replace(tzinfo=timezone.utc)
-            newest = stamp if newest is None else max(newest, stamp)
+            if newest is None or stamp > newest:
+                newest, newest_path = stamp, path
     if newest is not None and now <= newest:
-        return newest + timedelta(microseconds=1)
+        try:
+            return newest + timedelta(microseconds=1)
+        except OverflowError:  # 9999-12-31T23:59:59.999999Z: nothing after it
+            raise IncrementalError(
+                f"{newest_path!r} is named at the last moment a name can say "
+                "(year 9999): no restore point can be named after it, and "
+                "names keep chain order. Move that file out of the folder, "
+                "then run again; nothing was kept"
+            ) from None
     return now
 
 
@@ -2119,7 +2139,14 @@ def _usable_chain(
     chains, problems, twins = _chains(paths)
     finished = []
     for twin in twins:
-        _remove(twin)  # its base is in place: finish the interrupted merge
+        # Its base is in place: finish the interrupted merge -- once that
+        # base is found sound page by page.  A damaged one is no stand-in:
+        # the delta stays (with its parents, the chain it is a link of).
+        try:
+            _verify_pages(_read_point(_twin_base(twin)), None)
+        except BrokenChainError:
+            continue
+        _remove(twin)
         finished.append(twin)
     newest = [p for p in paths if p not in twins][-1]
     if not chains or chains[-1][-1].info.path != newest:
@@ -2249,6 +2276,7 @@ def restore(
             raise TypeError(f"{name} must be True or False, not {type(flag).__name__}")
     if at is not None and not isinstance(at, (datetime, str)):
         _parse_time(at)  # its TypeError, before anything
+    backup = os.fsdecode(os.fspath(backup))  # bytes as the OS gives names too
     return _while_points_stay(
         _folder_of(backup),
         lambda: _restore(backup, dest, at, overwrite, keep_wal, timeout, progress),
@@ -2923,6 +2951,8 @@ def open_restore_point(
     """Open a restore point read-only, as a Connection (see restore() for
     backup and at).  The chain is checked as for restore(); pages are read
     from its files as SQLite asks for them.  Close it when done."""
+
+    backup = os.fsdecode(os.fspath(backup))  # bytes as the OS gives names too
 
     def open_it() -> RestorePointConnection:
         point = _resolve(backup, at)

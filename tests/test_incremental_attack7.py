@@ -453,3 +453,59 @@ def test_a_new_file_this_run_cannot_reopen_is_its_failure_not_a_broken_chain(
     assert not [p for p in os.listdir(bk) if p.endswith(".partial")]
     monkeypatch.setattr(inc, "_read_point", real)
     assert all(r.ok for r in inc.verify_folder(bk))
+
+
+def test_an_interrupted_merge_s_damaged_base_does_not_cost_its_delta(tmp_path):
+    """A merge killed with its base in place and the delta not yet removed,
+    the base then damaged: the next run removed the delta as finished
+    business -- the only sound link of the chain -- and the later points
+    could never be restored again."""
+    src, bk, points = a_chain(tmp_path, deltas=3)
+    base = inc._materialize([inc._read_point(p) for p in points[:2]], str(bk), "app")
+    p = inc._read_point(base.info.path)
+    flip(base.info.path, p.data_offset + 200)  # a page of the merged base
+    change(src)
+    inc.incremental(src, bk)  # a new base: the newest chain is damaged
+    assert os.path.exists(points[1])
+    os.remove(base.info.path)  # the cure the message gives
+    for point in points:
+        inc.restore(point, tmp_path / f"r-{os.path.basename(point)}.db")
+
+
+def test_a_point_named_at_the_end_of_time_is_named_not_a_traceback(tmp_path):
+    src, bk, points = a_chain(tmp_path)
+    last = bk / "app-99991231T235959.999999Z.base.apswb"
+    with open(points[0], "rb") as f, open(last, "wb") as g:
+        g.write(f.read())
+    change(src)
+    with pytest.raises(inc.IncrementalError, match="year 9999") as got:
+        inc.incremental(src, bk)
+    assert str(last) in str(got.value)
+
+
+def test_a_name_whose_time_is_no_time_is_not_a_point_name(tmp_path):
+    """Month 13 in a point-like name: list, --incremental and restore --at
+    failed with strptime's 'does not match format' (exit 2)."""
+    src, bk, points = a_chain(tmp_path)
+    odd = bk / "app-20261340T250000.000000Z.base.apswb"
+    with open(points[0], "rb") as f, open(odd, "wb") as g:
+        g.write(f.read())
+    change(src)
+    made = inc.incremental(src, bk)
+    assert made.kind == "delta"
+    assert [p.path for p in inc.list_points(bk)] == [*points, made.path]
+    inc.restore(bk, tmp_path / "r.db", at="2999-01-01T00:00:00Z")
+    assert content(tmp_path / "r.db") == content(src)
+    assert odd.exists()
+
+
+def test_the_readers_take_bytes_paths(tmp_path):
+    src, bk, points = a_chain(tmp_path)
+    b = os.fsencode(bk)
+    assert [p.path for p in inc.list_points(b)] == points
+    assert all(r.ok for r in inc.verify_folder(b))
+    inc.restore(b, tmp_path / "r.db")
+    inc.restore(os.fsencode(points[-1]), tmp_path / "r2.db")
+    conn = inc.open_restore_point(b)
+    conn.close()
+    assert content(tmp_path / "r.db") == content(tmp_path / "r2.db") == content(src)
