@@ -1923,7 +1923,9 @@ def incremental(
                     result.kind = "base"
                     kept = result.path
                 if result.merged:
-                    result.chain_length = len(_chain_to(result.path, folder))
+                    # a point it cannot read now (EACCES) is the OSError it
+                    # met (exit 1, kept_point), not a broken chain
+                    result.chain_length = len(_chain_for_reading(result.path))
         except BaseException as exc:
             exc.kept_point = kept  # type: ignore[attr-defined]
             raise

@@ -509,3 +509,33 @@ def test_the_readers_take_bytes_paths(tmp_path):
     conn = inc.open_restore_point(b)
     conn.close()
     assert content(tmp_path / "r.db") == content(tmp_path / "r2.db") == content(src)
+
+
+def test_a_point_unreadable_after_a_merge_is_an_os_error_not_a_broken_chain(
+    tmp_path, monkeypatch
+):
+    """.ci/fsfaults, inc-keep, EACCES at the openat of a point as the run
+    counted the chain after its merge: exit 3 (a broken chain) of an intact
+    folder."""
+    src, bk, points = a_chain(tmp_path, deltas=2)
+    real_rotate, real_read = inc._rotate, inc._read_point
+    rotated = []
+
+    def rotate(*args, **kwargs):
+        out = real_rotate(*args, **kwargs)
+        rotated.append(True)
+        return out
+
+    def read_point(path):
+        if rotated:
+            error = inc.BrokenChainError(f"{path!r} cannot be read", path)
+            error.os_error = PermissionError(13, "Permission denied", path)
+            raise error
+        return real_read(path)
+
+    monkeypatch.setattr(inc, "_rotate", rotate)
+    monkeypatch.setattr(inc, "_read_point", read_point)
+    change(src)
+    with pytest.raises(PermissionError) as got:
+        inc.incremental(src, bk, keep=2)
+    assert os.path.exists(got.value.kept_point)
