@@ -24,14 +24,6 @@ def change(path):
     change_blobs(path, 211)
 
 
-def rows(path):
-    db = sqlite3.connect(os.fsdecode(path))
-    try:
-        return db.execute("SELECT count(*), sum(length(b)) FROM t").fetchone()
-    finally:
-        db.close()
-
-
 def content(path):
     db = sqlite3.connect(os.fsdecode(path))
     try:
