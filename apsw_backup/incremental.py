@@ -2557,14 +2557,18 @@ def _damage_behind(exc: BaseException, chain: list[_Point]) -> BrokenChainError 
     """The damage of the chain behind a restore's failure exc, if any.  A
     damaged file surfaces in many forms -- SQLite's CorruptError from the
     overlay, the OS's EIO from a file cut short, quick_check's complaint --
-    so a restore that fails for any reason but an interrupt, its deadline,
-    the chain's own verdict or the caller's progress() checks the whole
+    so a restore that fails for any reason but an interrupt, its deadline
+    or timeout, the chain's own verdict, a failure that names DEST (its
+    lock, its disk) or the caller's progress() checks the whole
     chain again from the start (as it stands now) and reports the file it
     finds damaged: BrokenChainError naming it, exit 3, rather than an
     error that names DEST or no file.  None: the chain is sound (the
     failure is what it says), or could not be checked either."""
-    if not isinstance(exc, Exception) or isinstance(
-        exc, (BrokenChainError, DeadlineError)
+    if (
+        not isinstance(exc, Exception)
+        or isinstance(exc, (BrokenChainError, DeadlineError))
+        or getattr(exc, "gave_up", None) is not None  # its timeout: no more
+        or getattr(exc, "role", None) == "target"  # DEST's own failure
     ):
         return None
     try:

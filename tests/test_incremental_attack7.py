@@ -531,3 +531,28 @@ def test_a_point_unreadable_after_a_merge_is_an_os_error_not_a_broken_chain(
     with pytest.raises(PermissionError) as got:
         inc.incremental(src, bk, keep=2)
     assert os.path.exists(got.value.kept_point)
+
+
+def test_a_restore_that_gave_up_on_a_locked_dest_does_not_check_the_chain_again(
+    tmp_path, monkeypatch
+):
+    """A restore whose timeout passed (DEST's writer held it) spent a whole
+    second check of the chain after its deadline before saying so."""
+    src, bk, points = a_chain(tmp_path)
+    live = tmp_path / "live.db"
+    make(live, rows=10)
+    checks = []
+    real = inc._check_chain
+    monkeypatch.setattr(
+        inc, "_check_chain", lambda *a, **k: (checks.append(1), real(*a, **k))
+    )
+    writer = sqlite3.connect(str(live), isolation_level=None)
+    writer.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.raises(Exception) as got:
+            inc.restore(bk, live, overwrite=True, timeout=0.3)
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()
+    assert getattr(got.value, "gave_up", None) is not None, got.value
+    assert len(checks) == 1  # the one before the copy
